@@ -1,0 +1,76 @@
+//! Logging to stderr, filtered by `NSH_LOG` (`error`, `warn`, `info`,
+//! `debug`, `trace`; default `info`). Lines are prefixed with the tool's name
+//! so that the interleaved stderr of a pipeline stays readable.
+//!
+//! stdout belongs to tickets; nothing here ever writes to it.
+
+use std::io::Write;
+use std::sync::OnceLock;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    Error = 1,
+    Warn = 2,
+    Info = 3,
+    Debug = 4,
+    Trace = 5,
+}
+
+impl Level {
+    /// Parses an `NSH_LOG` value; unknown values mean the default, `info`.
+    pub fn parse(s: &str) -> Level {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "error" | "quiet" => Level::Error,
+            "warn" | "warning" => Level::Warn,
+            "debug" => Level::Debug,
+            "trace" => Level::Trace,
+            _ => Level::Info,
+        }
+    }
+}
+
+static MAX: OnceLock<Level> = OnceLock::new();
+static PROGRAM: OnceLock<String> = OnceLock::new();
+
+/// The current filter (from `NSH_LOG`, read once).
+pub fn max_level() -> Level {
+    *MAX.get_or_init(|| {
+        std::env::var("NSH_LOG")
+            .map(|v| Level::parse(&v))
+            .unwrap_or(Level::Info)
+    })
+}
+
+/// Sets the name printed before every line (the tool's name).
+pub fn set_program(name: &str) {
+    let _ = PROGRAM.set(name.to_string());
+}
+
+pub fn enabled(level: Level) -> bool {
+    level <= max_level()
+}
+
+#[doc(hidden)]
+pub fn write(level: Level, args: std::fmt::Arguments<'_>) {
+    if !enabled(level) {
+        return;
+    }
+    let program = PROGRAM.get().map(String::as_str).unwrap_or("nsh");
+    let tag = match level {
+        Level::Error => "error: ",
+        Level::Warn => "warning: ",
+        _ => "",
+    };
+    // One write per line, so that lines from several tools do not interleave.
+    let line = format!("{program}: {tag}{args}\n");
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
+}
+
+#[macro_export]
+macro_rules! log_error { ($($t:tt)*) => { $crate::log::write($crate::log::Level::Error, format_args!($($t)*)) } }
+#[macro_export]
+macro_rules! log_warn { ($($t:tt)*) => { $crate::log::write($crate::log::Level::Warn, format_args!($($t)*)) } }
+#[macro_export]
+macro_rules! log_info { ($($t:tt)*) => { $crate::log::write($crate::log::Level::Info, format_args!($($t)*)) } }
+#[macro_export]
+macro_rules! log_debug { ($($t:tt)*) => { $crate::log::write($crate::log::Level::Debug, format_args!($($t)*)) } }

@@ -1,0 +1,315 @@
+//! The ticket: one JSON object per line, passed from tool to tool.
+//!
+//! Each tool adds its own section and re-emits the ticket. Fields a tool does
+//! not know (a newer tool's section, a site's own annotations) are kept in
+//! `extra` maps and written back unchanged, so that tools of different versions
+//! and site scripts can be mixed in one pipeline.
+//!
+//! A ticket that carries `error` has failed at an earlier stage; later tools
+//! pass it through untouched and exit with the status that error implies.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::error::{Failure, Kind};
+
+/// The ticket format version this library writes and understands.
+pub const TICKET_VERSION: u32 = 1;
+
+/// Unknown fields, kept in their original order and re-emitted as they were.
+pub type Extra = Map<String, Value>;
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Ticket {
+    /// Format version; a ticket with a newer major version is refused.
+    pub v: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drv: Option<DrvSection>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<StoreSection>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub options: Option<BuildOptions>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub closure: Option<ClosureSection>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alloc: Option<AllocSection>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push: Option<PushSection>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<RunSection>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fetch: Option<FetchSection>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<TicketError>,
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+/// What the derivation is: written by `nsh-closure`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DrvSection {
+    /// The `.drv` store path.
+    pub path: String,
+    /// The derivation's `name`.
+    pub name: String,
+    /// The derivation's `system` (e.g. `x86_64-linux`).
+    pub system: String,
+    /// `requiredSystemFeatures`.
+    #[serde(default)]
+    pub features: Vec<String>,
+    /// Output name → output path (empty string for outputs whose path is not
+    /// known in advance, as for content-addressed derivations).
+    #[serde(default)]
+    pub outputs: BTreeMap<String, String>,
+    /// The outputs the caller wants (names).
+    #[serde(default)]
+    pub wanted: Vec<String>,
+    /// What the derivation asks of Slurm (`nshResources`), already validated.
+    #[serde(default, skip_serializing_if = "Resources::is_empty")]
+    pub resources: Resources,
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+/// A per-derivation resource request (`nshResources`), bounded by configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resources {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_mb: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_min: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gres: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub constraint: Option<String>,
+}
+
+impl Resources {
+    pub fn is_empty(&self) -> bool {
+        *self == Resources::default()
+    }
+}
+
+/// Where the local store is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoreSection {
+    /// The store directory (`/nix/store` unless configured otherwise).
+    pub dir: String,
+    /// The store URI local imports go to (`daemon`, `local`, `auto`, …).
+    pub uri: String,
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+/// Build options from the caller (Nix settings, when run by `nsh-hook`).
+/// Zero means "no limit", as in Nix.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BuildOptions {
+    #[serde(default)]
+    pub max_silent_time: u64,
+    #[serde(default)]
+    pub timeout: u64,
+    #[serde(default)]
+    pub max_log_size: u64,
+    #[serde(default)]
+    pub keep_failed: bool,
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+/// The input closure the node needs: written by `nsh-closure`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ClosureSection {
+    /// Store paths, closed under references, in dependency order
+    /// (a path comes after every path it refers to).
+    pub paths: Vec<String>,
+    /// Sum of the NAR sizes of `paths`.
+    pub nar_size: u64,
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+/// The Slurm job the build runs in: written by `nsh-alloc`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AllocSection {
+    /// The configured cluster name.
+    pub cluster: String,
+    /// `rest` or `cli`.
+    pub backend: String,
+    /// The Slurm job id.
+    pub job: u64,
+    /// The node the job runs on.
+    pub node: String,
+    /// The SSH destination for the node (`user@host`).
+    pub ssh: String,
+    /// The job's private work directory on the node.
+    pub work: String,
+    /// The SSH ControlMaster socket shared by the tools of this ticket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control: Option<String>,
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+/// What `nsh-push` moved.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PushSection {
+    pub copied: u64,
+    pub present: u64,
+    pub bytes: u64,
+    pub secs: f64,
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+/// How the build ended: written by `nsh-run`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunSection {
+    /// Nix's BuildResult status, in kebab case (`built`, `permanent-failure`, …).
+    pub status: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub error: String,
+    #[serde(default)]
+    pub times_built: u64,
+    #[serde(default)]
+    pub start: u64,
+    #[serde(default)]
+    pub stop: u64,
+    /// Output name → output path of what was built.
+    #[serde(default)]
+    pub built_outputs: BTreeMap<String, String>,
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+/// What `nsh-fetch` brought back.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FetchSection {
+    pub paths: Vec<String>,
+    pub bytes: u64,
+    #[serde(default)]
+    pub secs: f64,
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+/// A failure recorded in the ticket by the stage where it happened.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TicketError {
+    /// The tool/stage that failed: `closure`, `alloc`, `push`, `run`, `fetch`, `hook`.
+    pub stage: String,
+    pub kind: Kind,
+    pub message: String,
+}
+
+impl TicketError {
+    pub fn new(stage: &str, failure: &Failure) -> TicketError {
+        TicketError {
+            stage: stage.to_string(),
+            kind: failure.kind,
+            message: failure.message.clone(),
+        }
+    }
+}
+
+impl Ticket {
+    /// A fresh ticket of the current version.
+    pub fn new() -> Ticket {
+        Ticket {
+            v: TICKET_VERSION,
+            ..Ticket::default()
+        }
+    }
+
+    /// Parses one line. Empty or malformed lines, and tickets of another
+    /// format version, are bad input.
+    pub fn from_line(line: &str) -> Result<Ticket, Failure> {
+        let ticket: Ticket = serde_json::from_str(line.trim())
+            .map_err(|e| Failure::input(format!("not a ticket: {e}")))?;
+        if ticket.v != TICKET_VERSION {
+            return Err(Failure::input(format!(
+                "ticket version {} is not supported (this nsh reads version {TICKET_VERSION})",
+                ticket.v
+            )));
+        }
+        Ok(ticket)
+    }
+
+    /// One line of JSON, without the trailing newline.
+    pub fn to_line(&self) -> String {
+        // Serialising plain data to a String cannot fail.
+        serde_json::to_string(self).expect("a ticket always serialises")
+    }
+
+    /// Records a failure of `stage`.
+    pub fn fail(&mut self, stage: &str, failure: &Failure) {
+        self.error = Some(TicketError::new(stage, failure));
+    }
+
+    /// The `drv` section, or a bad-input failure naming the stage that should
+    /// have written it.
+    pub fn need_drv(&self) -> Result<&DrvSection, Failure> {
+        self.drv.as_ref().ok_or_else(|| {
+            Failure::input("the ticket has no `drv` section (run nsh-closure first)")
+        })
+    }
+
+    pub fn need_closure(&self) -> Result<&ClosureSection, Failure> {
+        self.closure.as_ref().ok_or_else(|| {
+            Failure::input("the ticket has no `closure` section (run nsh-closure first)")
+        })
+    }
+
+    pub fn need_alloc(&self) -> Result<&AllocSection, Failure> {
+        self.alloc.as_ref().ok_or_else(|| {
+            Failure::input("the ticket has no `alloc` section (run nsh-alloc first)")
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FULL: &str = r#"{"v":1,"drv":{"path":"/nix/store/0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a-hello.drv","name":"hello","system":"x86_64-linux","features":["big-parallel"],"outputs":{"out":"/nix/store/1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b-hello"},"wanted":["out"],"resources":{"cpus":4,"mem_mb":8192,"time_min":120}},"store":{"dir":"/nix/store","uri":"daemon"},"closure":{"paths":["/nix/store/2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c-bash"],"nar_size":123456},"alloc":{"cluster":"main","backend":"rest","job":4242,"node":"node7","ssh":"nixbuild@node7","work":"/tmp/nsh/4242"},"push":{"copied":3,"present":118,"bytes":1048576,"secs":0.41},"run":{"status":"built","times_built":1,"start":1795300000,"stop":1795300042,"built_outputs":{"out":"/nix/store/1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b-hello"}},"fetch":{"paths":["/nix/store/1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b-hello"],"bytes":52000,"secs":0.1}}"#;
+
+    #[test]
+    fn a_full_ticket_round_trips_byte_for_byte() {
+        let ticket = Ticket::from_line(FULL).unwrap();
+        assert_eq!(ticket.to_line(), FULL);
+    }
+
+    #[test]
+    fn unknown_fields_survive_at_every_level() {
+        let line = r#"{"v":1,"site":{"queue":"night"},"drv":{"path":"/p","name":"n","system":"s","future":[1,2]},"alloc":{"cluster":"c","backend":"cli","job":1,"node":"n1","ssh":"u@n1","work":"/w","reservation":"r1"}}"#;
+        let ticket = Ticket::from_line(line).unwrap();
+        let out: Value = serde_json::from_str(&ticket.to_line()).unwrap();
+        assert_eq!(out["site"]["queue"], "night");
+        assert_eq!(out["drv"]["future"], serde_json::json!([1, 2]));
+        assert_eq!(out["alloc"]["reservation"], "r1");
+    }
+
+    #[test]
+    fn errors_carry_stage_kind_and_message() {
+        let mut ticket = Ticket::new();
+        ticket.fail("alloc", &Failure::transient("slurmrestd: HTTP 503"));
+        let line = ticket.to_line();
+        assert_eq!(
+            line,
+            r#"{"v":1,"error":{"stage":"alloc","kind":"transient","message":"slurmrestd: HTTP 503"}}"#
+        );
+        assert_eq!(Ticket::from_line(&line).unwrap(), ticket);
+    }
+
+    #[test]
+    fn bad_lines_are_bad_input() {
+        for line in ["", "{", "[]", r#"{"v":2}"#, r#"{"drv":{}}"#] {
+            let err = Ticket::from_line(line).unwrap_err();
+            assert_eq!(err.kind, Kind::Input, "{line:?}");
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! Helpers for the cluster tests; see `tests/`.
