@@ -151,8 +151,20 @@ pub struct AllocSection {
     /// The SSH ControlMaster socket shared by the tools of this ticket.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub control: Option<String>,
+    /// Random per job; the job's end-of-request sentinel line carries it, so
+    /// that builder output cannot fake the end of a build.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub nonce: String,
+    /// The number of the request to hand to the job (1 for a fresh job;
+    /// higher when an allocation is reused).
+    #[serde(default = "first_request")]
+    pub request: u32,
     #[serde(flatten)]
     pub extra: Extra,
+}
+
+fn first_request() -> u32 {
+    1
 }
 
 /// What `nsh-push` moved.
@@ -275,7 +287,7 @@ impl Ticket {
 mod tests {
     use super::*;
 
-    const FULL: &str = r#"{"v":1,"drv":{"path":"/nix/store/0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a-hello.drv","name":"hello","system":"x86_64-linux","features":["big-parallel"],"outputs":{"out":"/nix/store/1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b-hello"},"wanted":["out"],"resources":{"cpus":4,"mem_mb":8192,"time_min":120}},"store":{"dir":"/nix/store","uri":"daemon"},"closure":{"paths":["/nix/store/2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c-bash"],"nar_size":123456},"alloc":{"cluster":"main","backend":"rest","job":4242,"node":"node7","ssh":"nixbuild@node7","work":"/tmp/nsh/4242"},"push":{"copied":3,"present":118,"bytes":1048576,"secs":0.41},"run":{"status":"built","times_built":1,"start":1795300000,"stop":1795300042,"built_outputs":{"out":"/nix/store/1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b-hello"}},"fetch":{"paths":["/nix/store/1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b-hello"],"bytes":52000,"secs":0.1}}"#;
+    const FULL: &str = r#"{"v":1,"drv":{"path":"/nix/store/0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a-hello.drv","name":"hello","system":"x86_64-linux","features":["big-parallel"],"outputs":{"out":"/nix/store/1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b-hello"},"wanted":["out"],"resources":{"cpus":4,"mem_mb":8192,"time_min":120}},"store":{"dir":"/nix/store","uri":"daemon"},"closure":{"paths":["/nix/store/2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c-bash"],"nar_size":123456},"alloc":{"cluster":"main","backend":"rest","job":4242,"node":"node7","ssh":"nixbuild@node7","work":"/tmp/nsh/nsh-4242","request":1},"push":{"copied":3,"present":118,"bytes":1048576,"secs":0.41},"run":{"status":"built","times_built":1,"start":1795300000,"stop":1795300042,"built_outputs":{"out":"/nix/store/1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b-hello"}},"fetch":{"paths":["/nix/store/1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b-hello"],"bytes":52000,"secs":0.1}}"#;
 
     #[test]
     fn a_full_ticket_round_trips_byte_for_byte() {
