@@ -14,7 +14,7 @@ use crate::exit::ExitStatus;
 use crate::ticket::Ticket;
 use crate::{log_debug, log_error};
 
-/// Runs `stage_fn` on every ticket read from `input`, writing results to `output`.
+/// Runs `stage_fn` on every ticket (it adds its section in place) read from `input`, writing results to `output`.
 ///
 /// * a line that is not a ticket is reported (bad input) and answered with an
 ///   error ticket that carries the line under `input`, so nothing is lost;
@@ -26,7 +26,7 @@ pub fn run_stage<R: BufRead, W: Write>(
     stage: &str,
     input: R,
     mut output: W,
-    mut stage_fn: impl FnMut(Ticket) -> Result<Ticket, (Ticket, Failure)>,
+    mut stage_fn: impl FnMut(&mut Ticket) -> Result<(), Failure>,
 ) -> ExitStatus {
     let mut status = ExitStatus::Ok;
     let mut note = |s: ExitStatus| {
@@ -63,15 +63,14 @@ pub fn run_stage<R: BufRead, W: Write>(
                 note(ExitStatus::of(err.kind));
                 ticket
             }
-            Ok(ticket) => match stage_fn(ticket) {
-                Ok(ticket) => ticket,
-                Err((mut ticket, failure)) => {
+            Ok(mut ticket) => {
+                if let Err(failure) = stage_fn(&mut ticket) {
                     log_error!("{failure}");
                     note(ExitStatus::of(failure.kind));
                     ticket.fail(stage, &failure);
-                    ticket
                 }
-            },
+                ticket
+            }
         };
         if let Err(e) = writeln!(output, "{}", out.to_line()).and_then(|()| output.flush()) {
             // The reader went away: nothing more can be reported on stdout.
@@ -83,26 +82,11 @@ pub fn run_stage<R: BufRead, W: Write>(
     status
 }
 
-/// Helper for stage functions that do not hand the ticket back on failure:
-/// `run_stage(.., |t| with_ticket(t, |t| { ...; Ok(()) }))`.
-pub fn with_ticket(
-    mut ticket: Ticket,
-    f: impl FnOnce(&mut Ticket) -> Result<(), Failure>,
-) -> Result<Ticket, (Ticket, Failure)> {
-    match f(&mut ticket) {
-        Ok(()) => Ok(ticket),
-        Err(failure) => Err((ticket, failure)),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn run(
-        input: &str,
-        f: impl FnMut(Ticket) -> Result<Ticket, (Ticket, Failure)>,
-    ) -> (ExitStatus, String) {
+    fn run(input: &str, f: impl FnMut(&mut Ticket) -> Result<(), Failure>) -> (ExitStatus, String) {
         let mut out = Vec::new();
         let status = run_stage("test", input.as_bytes(), &mut out, f);
         (status, String::from_utf8(out).unwrap())
@@ -111,10 +95,8 @@ mod tests {
     #[test]
     fn adds_a_section_and_keeps_the_rest() {
         let (status, out) = run("{\"v\":1,\"x\":1}\n\n{\"v\":1}\n", |t| {
-            with_ticket(t, |t| {
-                t.extra.insert("seen".into(), true.into());
-                Ok(())
-            })
+            t.extra.insert("seen".into(), true.into());
+            Ok(())
         });
         assert_eq!(status, ExitStatus::Ok);
         assert_eq!(
@@ -133,8 +115,8 @@ mod tests {
 
     #[test]
     fn a_failure_is_recorded_and_the_first_one_decides_the_status() {
-        let (status, out) = run("{\"v\":1}\n{\"v\":1}\n", |t| {
-            with_ticket(t, |_| Err(Failure::transient("node gone")))
+        let (status, out) = run("{\"v\":1}\n{\"v\":1}\n", |_| {
+            Err(Failure::transient("node gone"))
         });
         assert_eq!(status, ExitStatus::Transient);
         assert_eq!(out.lines().count(), 2);
@@ -145,7 +127,7 @@ mod tests {
 
     #[test]
     fn garbage_is_bad_input_and_not_lost() {
-        let (status, out) = run("hello\n", |t| Ok(t));
+        let (status, out) = run("hello\n", |_| Ok(()));
         assert_eq!(status, ExitStatus::BadInput);
         let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
         assert_eq!(v["input"], "hello");

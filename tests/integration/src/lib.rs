@@ -1,1 +1,138 @@
-//! Helpers for the cluster tests; see `tests/`.
+//! Helpers for the cluster tests: where the running test cluster is and how to
+//! reach it. The cluster is brought up by `tests/cluster/cluster up` (which
+//! `scripts/test` does); these tests fail, loudly, when it is not up.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The running test cluster, as `tests/cluster/cluster up` describes it in
+/// `$NSH_CLUSTER_DIR/env.json`.
+pub struct Cluster {
+    pub info: serde_json::Value,
+    pub dir: PathBuf,
+}
+
+impl Cluster {
+    pub fn get() -> Cluster {
+        let dir = PathBuf::from(
+            std::env::var("NSH_CLUSTER_DIR").unwrap_or_else(|_| "/tmp/nsh-cluster".into()),
+        );
+        let env_json = dir.join("env.json");
+        let text = std::fs::read_to_string(&env_json).unwrap_or_else(|e| {
+            panic!(
+                "the test cluster is not up ({}: {e}); run `tests/cluster/cluster up` \
+                 or `scripts/test`",
+                env_json.display()
+            )
+        });
+        assert!(
+            dir.join("ready").exists(),
+            "the test cluster in {} is not ready",
+            dir.display()
+        );
+        Cluster {
+            info: serde_json::from_str(&text).expect("env.json is JSON"),
+            dir,
+        }
+    }
+
+    fn s(&self, key: &str) -> String {
+        self.info[key]
+            .as_str()
+            .unwrap_or_else(|| panic!("env.json lacks {key}"))
+            .to_string()
+    }
+
+    pub fn rest_url(&self) -> String {
+        self.s("rest_url")
+    }
+    pub fn user(&self) -> String {
+        self.s("user")
+    }
+    pub fn token(&self) -> String {
+        std::fs::read_to_string(self.s("token_file"))
+            .expect("token file")
+            .trim()
+            .to_string()
+    }
+    pub fn ssh_config(&self) -> String {
+        self.s("ssh_config")
+    }
+    pub fn nsh_config(&self) -> String {
+        self.s("config")
+    }
+    pub fn nodes(&self) -> Vec<String> {
+        self.info["nodes"]
+            .as_object()
+            .expect("nodes")
+            .keys()
+            .cloned()
+            .collect()
+    }
+    /// The node that has Slurm feature `feature`.
+    pub fn node_with_feature(&self, feature: &str) -> String {
+        self.info["nodes"]
+            .as_object()
+            .expect("nodes")
+            .iter()
+            .find(|(_, n)| {
+                n["features"]
+                    .as_str()
+                    .unwrap_or("")
+                    .split(',')
+                    .any(|f| f == feature)
+            })
+            .map(|(name, _)| name.clone())
+            .unwrap_or_else(|| panic!("no node has feature {feature}"))
+    }
+
+    /// The environment a test process needs: Slurm's and Nix's configuration
+    /// for this cluster.
+    pub fn envs(&self) -> Vec<(String, String)> {
+        vec![
+            ("SLURM_CONF".into(), self.s("slurm_conf")),
+            ("NIX_CONF_DIR".into(), self.s("nix_conf_dir")),
+            ("NIX_SSHOPTS".into(), format!("-F {}", self.ssh_config())),
+            ("NSH_CONFIG".into(), self.nsh_config()),
+        ]
+    }
+
+    /// A command with the cluster's environment.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new(program);
+        cmd.envs(self.envs());
+        cmd
+    }
+
+    /// Runs `script` with `sh -c` on `node` over ssh as the build user.
+    pub fn ssh(&self, node: &str, script: &str) -> Output {
+        Command::new("ssh")
+            .args(["-F", &self.ssh_config(), node, script])
+            .output()
+            .expect("ssh runs")
+    }
+
+    /// Where `tests/cluster` is.
+    pub fn repo_root() -> &'static Path {
+        Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+    }
+}
+
+/// Runs a command, panicking with its stderr if it fails; returns stdout.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed with {}:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 output")
+}
+
+/// A salt that makes each test's derivations new, so that nothing is already built.
+pub fn unique_salt() -> String {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let t = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+    format!("{}-{}", t.as_nanos(), std::process::id())
+}
