@@ -17,6 +17,7 @@ pub mod exit;
 pub mod log;
 pub mod ticket;
 pub mod tool;
+pub mod wire;
 
 pub use error::{Failure, Kind, ResultExt};
 pub use exit::ExitStatus;
