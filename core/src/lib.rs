@@ -12,9 +12,12 @@
 //! Every tool's `main.rs` is a few lines that hand a stage function to
 //! [`tool::run_stage`].
 
+pub mod drv;
 pub mod error;
 pub mod exit;
 pub mod log;
+pub mod resources;
+pub mod store_path;
 pub mod ticket;
 pub mod tool;
 pub mod wire;
