@@ -32,10 +32,11 @@ pub fn copy_nar<R: Read, W: Write>(from: &mut R, to: &mut W) -> Result<u64, Wire
         max_string: MAX_TOKEN,
         max_list: 0,
     };
-    let mut r = WireReader::with_limits(&mut tee, limits);
-    expect(&mut r, NAR_MAGIC)?;
-    node(&mut r, 0)?;
-    drop(r);
+    {
+        let mut r = WireReader::with_limits(&mut tee, limits);
+        expect(&mut r, NAR_MAGIC)?;
+        node(&mut r, 0)?;
+    }
     tee.to.flush()?;
     Ok(tee.count)
 }
