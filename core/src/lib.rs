@@ -20,6 +20,7 @@ pub mod nar;
 pub mod resources;
 pub mod serve;
 pub mod serve_client;
+pub mod store;
 pub mod store_path;
 pub mod ticket;
 pub mod tool;

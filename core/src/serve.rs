@@ -14,6 +14,7 @@ use std::io::{self, Read, Write};
 
 use crate::drv::Drv;
 use crate::error::Failure;
+use crate::store_path::StoreDir;
 use crate::ticket::BuildOptions;
 use crate::wire::{WireError, WireReader, WireWriter};
 
@@ -392,8 +393,20 @@ pub struct BuildResult {
     /// Unix seconds.
     pub start_time: u64,
     pub stop_time: u64,
-    /// Output name → output path (protocol ≥ 2.6; empty before).
+    /// Output name → output path *base name* `<hash>-<name>` (protocol
+    /// ≥ 2.6; empty before). Nix 2.8 sends base names, others absolute
+    /// paths; [`BuildResult::output_paths`] gives absolute ones.
     pub built_outputs: BTreeMap<String, String>,
+}
+
+impl BuildResult {
+    /// Output name → absolute output path in `store_dir`.
+    pub fn output_paths(&self, store_dir: &StoreDir) -> BTreeMap<String, String> {
+        self.built_outputs
+            .iter()
+            .map(|(name, base)| (name.clone(), format!("{store_dir}/{base}")))
+            .collect()
+    }
 }
 
 pub fn read_build_result<R: Read>(
@@ -440,11 +453,11 @@ pub fn read_build_result<R: Read>(
 fn realisation_out_path(json: &str) -> Result<String, WireError> {
     let value: serde_json::Value = serde_json::from_str(json)
         .map_err(|e| WireError::Unexpected(format!("a built output is not JSON: {e}")))?;
-    value
+    let path = value
         .get("outPath")
         .and_then(|p| p.as_str())
-        .map(str::to_string)
-        .ok_or_else(|| WireError::Unexpected("a built output has no outPath".into()))
+        .ok_or_else(|| WireError::Unexpected("a built output has no outPath".into()))?;
+    Ok(path.rsplit('/').next().unwrap_or(path).to_string())
 }
 
 /// Writes a complete build request as a file: the client's half of a whole
@@ -533,7 +546,9 @@ mod tests {
         let result = read_build_result(&mut WireReader::new(&bytes[..]), 0x207).unwrap();
         assert_eq!(result.status, BuildStatus::Built);
         assert_eq!(result.stop_time - result.start_time, 42);
-        assert_eq!(result.built_outputs["out"], "/s/x-out");
+        assert_eq!(result.built_outputs["out"], "x-out");
+        let dir = StoreDir::new("/s").unwrap();
+        assert_eq!(result.output_paths(&dir)["out"], "/s/x-out");
         // Version 2.2: no times, no outputs.
         let old = [le(3), s("builder failed")].concat();
         let result = read_build_result(&mut WireReader::new(&old[..]), 0x202).unwrap();

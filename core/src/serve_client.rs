@@ -246,6 +246,21 @@ impl LocalServe {
         if !store_uri.is_empty() {
             command.arg("--store").arg(store_uri);
         }
+        let peer = if store_uri.is_empty() {
+            "the local store".to_string()
+        } else {
+            format!("the local store {store_uri}")
+        };
+        LocalServe::from_command(command, peer)
+    }
+
+    /// Starts `command` (a `nix-store --serve` of some kind: with its own
+    /// environment, or behind ssh) and says hello. Its stderr is inherited.
+    pub fn from_command(
+        mut command: Command,
+        peer: impl Into<String>,
+    ) -> Result<LocalServe, Failure> {
+        let program = command.get_program().to_string_lossy().into_owned();
         command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -256,26 +271,13 @@ impl LocalServe {
             } else {
                 Kind::Transient
             };
-            Failure::new(kind, format!("starting {}: {e}", program.display()))
+            Failure::new(kind, format!("starting {program}: {e}"))
         })?;
         let stdin = child.stdin.take().expect("piped");
         let stdout = child.stdout.take().expect("piped");
-        let peer = if store_uri.is_empty() {
-            "the local store".to_string()
-        } else {
-            format!("the local store {store_uri}")
-        };
-        match ServeClient::handshake(stdout, stdin, peer) {
-            Ok(client) => Ok(LocalServe {
-                child: ChildGuard(child),
-                client,
-            }),
-            Err(e) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                Err(e)
-            }
-        }
+        let child = ChildGuard(child);
+        let client = ServeClient::handshake(stdout, stdin, peer)?;
+        Ok(LocalServe { child, client })
     }
 
     /// Ends the conversation (closing the server's stdin) and waits for it.
