@@ -12,11 +12,19 @@
 //! Every tool's `main.rs` is a few lines that hand a stage function to
 //! [`tool::run_stage`].
 
+pub mod drv;
 pub mod error;
 pub mod exit;
 pub mod log;
+pub mod nar;
+pub mod resources;
+pub mod serve;
+pub mod serve_client;
+pub mod store;
+pub mod store_path;
 pub mod ticket;
 pub mod tool;
+pub mod wire;
 
 pub use error::{Failure, Kind, ResultExt};
 pub use exit::ExitStatus;

@@ -1,0 +1,311 @@
+//! A `nix-store --serve` client over any `Read` + `Write` pair: a local
+//! child process ([`LocalServe`]), an ssh child, or anything else that
+//! carries the bytes.
+//!
+//! NARs and export streams are streamed through, never held whole: the
+//! client parses just enough of them ([`crate::nar`]) to know where they end.
+
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::path::Path;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+
+use crate::drv::Drv;
+use crate::error::{Failure, Kind};
+use crate::nar;
+use crate::serve::{self, BuildResult, ExportTrailer, PathInfo};
+use crate::ticket::BuildOptions;
+use crate::wire::{WireError, WireReader, WireWriter};
+
+/// One conversation with a serve-protocol server.
+pub struct ServeClient<R: Read, W: Write> {
+    r: WireReader<BufReader<R>>,
+    w: WireWriter<BufWriter<W>>,
+    version: u64,
+    /// Who the server is, for messages (`local store`, `nixbuild@node1`).
+    peer: String,
+}
+
+/// One path of an export stream, as relayed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportedPath {
+    pub trailer: ExportTrailer,
+    pub nar_size: u64,
+}
+
+fn io_fail(peer: &str, what: &str, e: io::Error) -> Failure {
+    Failure::transient(format!("{peer}: {what}: {e}"))
+}
+
+impl<R: Read, W: Write> ServeClient<R, W> {
+    /// Says hello and agrees on a version.
+    pub fn handshake(reader: R, writer: W, peer: impl Into<String>) -> Result<Self, Failure> {
+        let peer = peer.into();
+        let mut w = WireWriter::new(BufWriter::new(writer));
+        let mut r = WireReader::new(BufReader::new(reader));
+        serve::write_hello(&mut w)
+            .and_then(|()| w.flush())
+            .map_err(|e| io_fail(&peer, "sending the serve-protocol hello", e))?;
+        let server = serve::read_server_hello(&mut r)
+            .and_then(serve::negotiate)
+            .map_err(|e| e.fail(format!("{peer}: serve-protocol handshake")))?;
+        serve::write_client_version(&mut w)
+            .and_then(|()| w.flush())
+            .map_err(|e| io_fail(&peer, "sending the client version", e))?;
+        Ok(ServeClient {
+            r,
+            w,
+            version: server,
+            peer,
+        })
+    }
+
+    /// The protocol version in use (the lower of the server's and ours).
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    fn send(
+        &mut self,
+        what: &str,
+        f: impl FnOnce(&mut WireWriter<BufWriter<W>>) -> io::Result<()>,
+    ) -> Result<(), Failure> {
+        f(&mut self.w)
+            .and_then(|()| self.w.flush())
+            .map_err(|e| io_fail(&self.peer, what, e))
+    }
+
+    fn recv<T>(
+        &mut self,
+        what: &str,
+        f: impl FnOnce(&mut WireReader<BufReader<R>>) -> Result<T, WireError>,
+    ) -> Result<T, Failure> {
+        f(&mut self.r).map_err(|e| e.fail(format!("{}: {what}", self.peer)))
+    }
+
+    /// The subset of `paths` that is valid in the server's store. With
+    /// `lock`, the server keeps temporary GC roots for them for the rest
+    /// of the session (so that they survive until we are done).
+    pub fn query_valid_paths<S: AsRef<str>>(
+        &mut self,
+        paths: &[S],
+        lock: bool,
+        substitute: bool,
+    ) -> Result<Vec<String>, Failure> {
+        self.send("QueryValidPaths", |w| {
+            serve::write_query_valid_paths(w, paths, lock, substitute)
+        })?;
+        self.recv("QueryValidPaths", |r| r.strings())
+    }
+
+    /// Information about the valid ones among `paths` (invalid paths are
+    /// left out).
+    pub fn query_path_infos<S: AsRef<str>>(
+        &mut self,
+        paths: &[S],
+    ) -> Result<Vec<PathInfo>, Failure> {
+        self.send("QueryPathInfos", |w| {
+            serve::write_query_path_infos(w, paths)
+        })?;
+        let version = self.version;
+        self.recv("QueryPathInfos", |r| serve::read_path_infos(r, version))
+    }
+
+    /// The closure of `paths` under references (a set, in no useful order).
+    pub fn query_closure<S: AsRef<str>>(
+        &mut self,
+        paths: &[S],
+        include_outputs: bool,
+    ) -> Result<Vec<String>, Failure> {
+        self.send("QueryClosure", |w| {
+            serve::write_query_closure(w, paths, include_outputs)
+        })?;
+        self.recv("QueryClosure", |r| r.strings())
+    }
+
+    /// Streams the NAR of `path` to `out`; returns its size.
+    pub fn dump_store_path(&mut self, path: &str, out: &mut impl Write) -> Result<u64, Failure> {
+        self.send("DumpStorePath", |w| serve::write_dump_store_path(w, path))?;
+        self.recv(&format!("the NAR of {path}"), |r| {
+            nar::copy_nar(r.get_mut(), out)
+        })
+    }
+
+    /// Streams `nix-store --export` of `paths` to `out` (ready for another
+    /// server's ImportPaths); returns what was in it.
+    pub fn export_paths<S: AsRef<str>>(
+        &mut self,
+        paths: &[S],
+        out: &mut impl Write,
+    ) -> Result<Vec<ExportedPath>, Failure> {
+        self.send("ExportPaths", |w| serve::write_export_paths(w, paths))?;
+        self.recv("the export stream", |r| copy_export_stream(r, out))
+    }
+
+    /// ImportPaths: relays the export stream read from `source` to the
+    /// server, then waits for its acknowledgement.
+    pub fn import_paths(&mut self, source: &mut impl Read) -> Result<Vec<ExportedPath>, Failure> {
+        self.send("ImportPaths", |w| w.u64(serve::Command::ImportPaths as u64))?;
+        let mut source = WireReader::new(source);
+        let peer = self.peer.clone();
+        let paths = copy_export_stream(&mut source, self.w.get_mut()).map_err(|e| match e {
+            // A failed write to the server (it went away) is transient; a
+            // malformed source is not.
+            WireError::Io(e) => io_fail(&peer, "sending the import stream", e),
+            other => other.fail("reading the export stream to import"),
+        })?;
+        self.send("ImportPaths", |_| Ok(()))?;
+        self.recv("ImportPaths", |r| serve::read_ack(r, "ImportPaths"))?;
+        Ok(paths)
+    }
+
+    /// AddToStoreNar: `info` describes the path, the NAR is read from `nar`
+    /// (exactly one NAR, streamed).
+    pub fn add_to_store_nar(
+        &mut self,
+        info: &PathInfo,
+        nar_source: &mut impl Read,
+    ) -> Result<u64, Failure> {
+        self.send("AddToStoreNar", |w| serve::write_add_to_store_nar(w, info))?;
+        let peer = self.peer.clone();
+        let size = nar::copy_nar(nar_source, self.w.get_mut()).map_err(|e| match e {
+            WireError::Io(e) => io_fail(&peer, "sending a NAR", e),
+            other => other.fail(format!("reading the NAR of {}", info.path)),
+        })?;
+        self.send("AddToStoreNar", |_| Ok(()))?;
+        self.recv("AddToStoreNar", |r| serve::read_ack(r, "AddToStoreNar"))?;
+        Ok(size)
+    }
+
+    /// BuildDerivation over a live connection (the build log goes to the
+    /// server's stderr).
+    pub fn build_derivation<S: AsRef<str>>(
+        &mut self,
+        drv: &Drv,
+        input_closure: &[S],
+        options: &BuildOptions,
+    ) -> Result<BuildResult, Failure> {
+        let version = self.version;
+        self.send("BuildDerivation", |w| {
+            serve::write_build_derivation(w, version, drv, input_closure, options)
+        })?;
+        self.recv("BuildDerivation", |r| serve::read_build_result(r, version))
+    }
+}
+
+/// Copies an export stream (`u64 1`, NAR, trailer … `u64 0`) from `r` to
+/// `out`, entry by entry.
+pub fn copy_export_stream<R: Read, W: Write>(
+    r: &mut WireReader<R>,
+    out: &mut W,
+) -> Result<Vec<ExportedPath>, WireError> {
+    let mut paths = Vec::new();
+    loop {
+        match r.u64()? {
+            0 => {
+                out.write_all(&0u64.to_le_bytes())?;
+                out.flush()?;
+                return Ok(paths);
+            }
+            1 => {
+                out.write_all(&1u64.to_le_bytes())?;
+                let nar_size = nar::copy_nar(r.get_mut(), out)?;
+                let trailer = serve::read_export_trailer(r)?;
+                serve::write_export_trailer(&mut WireWriter::new(&mut *out), &trailer)?;
+                paths.push(ExportedPath { trailer, nar_size });
+            }
+            n => {
+                return Err(WireError::Unexpected(format!(
+                    "export stream: expected 0 or 1 before an entry, got {n}"
+                )))
+            }
+        }
+    }
+}
+
+/// A `nix-store --serve` child process on this machine.
+pub struct LocalServe {
+    child: ChildGuard,
+    pub client: ServeClient<ChildStdout, ChildStdin>,
+}
+
+impl LocalServe {
+    /// Starts `<nix_bin_dir>/nix-store --serve [--write] [--store <uri>]`
+    /// (an empty `store_uri` means Nix's default store, an empty
+    /// `nix_bin_dir` the `nix-store` on PATH).
+    pub fn spawn(nix_bin_dir: &str, store_uri: &str, write: bool) -> Result<LocalServe, Failure> {
+        let program = if nix_bin_dir.is_empty() {
+            "nix-store".into()
+        } else {
+            Path::new(nix_bin_dir).join("nix-store")
+        };
+        let mut command = Command::new(&program);
+        command.arg("--serve");
+        if write {
+            command.arg("--write");
+        }
+        if !store_uri.is_empty() {
+            command.arg("--store").arg(store_uri);
+        }
+        let peer = if store_uri.is_empty() {
+            "the local store".to_string()
+        } else {
+            format!("the local store {store_uri}")
+        };
+        LocalServe::from_command(command, peer)
+    }
+
+    /// Starts `command` (a `nix-store --serve` of some kind: with its own
+    /// environment, or behind ssh) and says hello. Its stderr is inherited.
+    pub fn from_command(
+        mut command: Command,
+        peer: impl Into<String>,
+    ) -> Result<LocalServe, Failure> {
+        let program = command.get_program().to_string_lossy().into_owned();
+        command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = command.spawn().map_err(|e| {
+            let kind = if e.kind() == io::ErrorKind::NotFound {
+                Kind::Config
+            } else {
+                Kind::Transient
+            };
+            Failure::new(kind, format!("starting {program}: {e}"))
+        })?;
+        let stdin = child.stdin.take().expect("piped");
+        let stdout = child.stdout.take().expect("piped");
+        let child = ChildGuard(child);
+        let client = ServeClient::handshake(stdout, stdin, peer)?;
+        Ok(LocalServe { child, client })
+    }
+
+    /// Ends the conversation (closing the server's stdin) and waits for it.
+    pub fn finish(self) -> Result<(), Failure> {
+        let LocalServe { mut child, client } = self;
+        drop(client);
+        let status = child
+            .0
+            .wait()
+            .map_err(|e| Failure::transient(format!("waiting for nix-store --serve: {e}")))?;
+        if !status.success() {
+            return Err(Failure::transient(format!(
+                "nix-store --serve ended with {status}"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Kills and reaps the child if it is still running when dropped (an early
+/// return on error), so that no orphan or zombie is left behind.
+struct ChildGuard(Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}

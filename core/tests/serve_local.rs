@@ -1,0 +1,359 @@
+//! The serve-protocol client, the build request file and the input closure
+//! against the real `nix-store --serve` of this machine, each test in
+//! private stores of its own (`local?store=…&state=…`), so nothing touches
+//! /nix/store.
+
+use std::fs;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use nsh_core::serve::{self, BuildStatus, PathInfo};
+use nsh_core::serve_client::LocalServe;
+use nsh_core::store::{self, LocalStore};
+use nsh_core::ticket::BuildOptions;
+use nsh_core::Kind;
+
+/// Settings that make Nix work on a machine without /etc/nix/nix.conf,
+/// without a nixbld group and without network.
+const NIX_CONFIG: &str = "substituters =\nbuild-users-group =\nsandbox = false\n";
+
+struct TestStore {
+    dir: tempfile::TempDir,
+    uri: String,
+}
+
+impl TestStore {
+    fn new() -> TestStore {
+        let dir = tempfile::Builder::new()
+            .prefix("nsh-test-")
+            .tempdir()
+            .unwrap();
+        let d = dir.path().display();
+        let uri = format!("local?store={d}/store&state={d}/var&log={d}/log");
+        TestStore { dir, uri }
+    }
+
+    fn store_dir(&self) -> String {
+        format!("{}/store", self.dir.path().display())
+    }
+
+    fn nix(&self, program: &str) -> Command {
+        let mut command = Command::new(program);
+        command
+            .env("NIX_CONFIG", NIX_CONFIG)
+            .arg("--store")
+            .arg(&self.uri);
+        command
+    }
+
+    fn run(&self, program: &str, args: &[&str]) -> String {
+        let out = self
+            .nix(program)
+            .args(args)
+            .stderr(Stdio::inherit())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{program} {args:?} failed");
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    /// `nix-instantiate` of an expression; returns the .drv path.
+    fn instantiate(&self, expr: &str) -> String {
+        let file = self.dir.path().join(format!("e{}.nix", rand_suffix()));
+        fs::write(&file, expr).unwrap();
+        self.run("nix-instantiate", &[file.to_str().unwrap()])
+    }
+
+    fn realise(&self, drv: &str) -> Vec<String> {
+        self.run("nix-store", &["--realise", drv])
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    fn serve(&self, write: bool) -> LocalServe {
+        let mut command = self.nix("nix-store");
+        command.arg("--serve");
+        if write {
+            command.arg("--write");
+        }
+        LocalServe::from_command(command, format!("test store {}", self.uri)).unwrap()
+    }
+
+    fn local_store(&self) -> LocalStore {
+        LocalStore::new(&self.uri, "").unwrap()
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+const CHAIN: &str = r#"
+let
+  a = builtins.derivation { name = "a"; system = builtins.currentSystem; builder = "/bin/sh";
+        args = ["-c" "echo a > $out"]; };
+  b = builtins.derivation { name = "b"; system = builtins.currentSystem; builder = "/bin/sh";
+        outputs = ["out" "dev"];
+        args = ["-c" "echo ${a} > $out; echo dev > $dev"]; };
+in builtins.derivation { name = "c"; system = builtins.currentSystem; builder = "/bin/sh";
+     args = ["-c" "cat ${b} > $out; echo ${builtins.toFile "src" "hi"} >> $out"]; }
+"#;
+
+#[test]
+fn queries_dump_and_closure_over_one_process() {
+    let s = TestStore::new();
+    let c_drv = s.instantiate(CHAIN);
+    let store = s.local_store();
+    let drv = store.read_drv(&c_drv).unwrap();
+    let roots = store.input_roots(&drv).unwrap();
+    // c uses b.out (not b.dev) and the source file.
+    assert_eq!(roots.len(), 2, "{roots:?}");
+    assert!(roots.iter().any(|r| r.ends_with("-src")));
+    assert!(roots.iter().any(|r| r.ends_with("-b")));
+
+    // Nothing built yet: the missing input is named.
+    let mut serve = s.serve(false);
+    let err = store::input_closure(&mut serve.client, &roots).unwrap_err();
+    assert_eq!(err.kind, Kind::Input);
+    assert!(
+        err.message
+            .contains("1 input path(s) are not in the local store"),
+        "{}",
+        err.message
+    );
+    assert!(err.message.contains("-b"), "{}", err.message);
+    serve.finish().unwrap();
+
+    let b_drv = drv.input_drvs.keys().next().unwrap();
+    s.realise(&store.dir.render(b_drv));
+    let mut serve = s.serve(false);
+    let closure = store::input_closure(&mut serve.client, &roots).unwrap();
+    let names: Vec<&str> = closure.paths.iter().map(|p| &p[p.len() - 2..]).collect();
+    // a before b (b refers to a); the source anywhere.
+    let pos = |suffix: &str| names.iter().position(|n| *n == suffix).unwrap();
+    assert_eq!(closure.paths.len(), 3, "{:?}", closure.paths);
+    assert!(pos("-a") < pos("-b"));
+    let expected_size: u64 = closure.infos.iter().map(|i| i.nar_size).sum();
+    assert_eq!(closure.nar_size, expected_size);
+    assert!(closure.nar_size > 0);
+    let b_out = closure
+        .paths
+        .iter()
+        .find(|p| p.ends_with("-b"))
+        .unwrap()
+        .clone();
+    let b_info = closure.infos.iter().find(|i| i.path == b_out).unwrap();
+    assert!(b_info.references.iter().any(|r| r.ends_with("-a")));
+    assert!(b_info.nar_hash.starts_with("sha256:"));
+    assert!(b_info.deriver.ends_with("-b.drv"));
+
+    // Same answer as nix-store --query --requisites.
+    let mut requisites: Vec<String> = s
+        .run(
+            "nix-store",
+            &["--query", "--requisites", &roots[0], &roots[1]],
+        )
+        .lines()
+        .map(str::to_string)
+        .collect();
+    requisites.sort();
+    let mut ours = closure.paths.clone();
+    ours.sort();
+    assert_eq!(ours, requisites);
+
+    // DumpStorePath streams exactly what nix-store --dump gives.
+    let mut nar = Vec::new();
+    let size = serve.client.dump_store_path(&b_out, &mut nar).unwrap();
+    let dump = s
+        .nix("nix-store")
+        .args(["--dump", &b_out])
+        .output()
+        .unwrap();
+    assert_eq!(size, nar.len() as u64);
+    assert_eq!(nar, dump.stdout);
+    // The same connection still works afterwards.
+    let valid = serve
+        .client
+        .query_valid_paths(
+            &[
+                b_out.clone(),
+                format!("{}/00000000000000000000000000000000-x", s.store_dir()),
+            ],
+            false,
+            false,
+        )
+        .unwrap();
+    assert_eq!(valid, [b_out]);
+    serve.finish().unwrap();
+}
+
+#[test]
+fn export_then_import_and_add_to_store_nar() {
+    let from = TestStore::new();
+    // Another store with the same store dir is needed to import: the
+    // source's own dir is part of every path, so make the target share it
+    // by pointing `store=` at the source's dir and `real=` elsewhere.
+    let src_drv = from.instantiate(CHAIN);
+    let outs = from.realise(&src_drv);
+    let out = &outs[0];
+    let d = from.dir.path().display();
+    let to_dir = tempfile::tempdir().unwrap();
+    let t = to_dir.path().display();
+    let to_uri = format!("local?store={d}/store&real={t}/store&state={t}/var&log={t}/log");
+    let to_serve = |write: bool| {
+        let mut command = Command::new("nix-store");
+        command
+            .env("NIX_CONFIG", NIX_CONFIG)
+            .args(["--store", &to_uri, "--serve"]);
+        if write {
+            command.arg("--write");
+        }
+        LocalServe::from_command(command, "target store").unwrap()
+    };
+
+    let mut source = from.serve(false);
+    let closure = source.client.query_closure(std::slice::from_ref(out), false).unwrap();
+    let infos = source.client.query_path_infos(&closure).unwrap();
+    let infos = store::dependency_order(infos).unwrap();
+    // Export all but the top path, import them into the target.
+    let (top, rest) = infos.split_last().unwrap();
+    let rest_paths: Vec<String> = rest.iter().map(|i| i.path.clone()).collect();
+    let mut stream = Vec::new();
+    let exported = source
+        .client
+        .export_paths(&rest_paths, &mut stream)
+        .unwrap();
+    assert_eq!(exported.len(), rest_paths.len());
+    assert_eq!(exported[0].trailer.path, rest_paths[0]);
+
+    let mut target = to_serve(true);
+    let imported = target.client.import_paths(&mut &stream[..]).unwrap();
+    assert_eq!(imported, exported);
+    assert_eq!(
+        target
+            .client
+            .query_valid_paths(&rest_paths, true, false)
+            .unwrap(),
+        rest_paths
+    );
+
+    // The top path with AddToStoreNar, its NAR streamed from the source.
+    let mut nar = Vec::new();
+    source.client.dump_store_path(&top.path, &mut nar).unwrap();
+    let info = PathInfo { ..top.clone() };
+    let size = target
+        .client
+        .add_to_store_nar(&info, &mut &nar[..])
+        .unwrap();
+    assert_eq!(size, top.nar_size);
+    assert_eq!(
+        target
+            .client
+            .query_valid_paths(std::slice::from_ref(&top.path), false, false)
+            .unwrap(),
+        std::slice::from_ref(&top.path)
+    );
+    let there = target.client.query_path_infos(std::slice::from_ref(&top.path)).unwrap();
+    assert_eq!(there[0].nar_hash, top.nar_hash);
+    assert_eq!(there[0].references, top.references);
+    source.finish().unwrap();
+    target.finish().unwrap();
+}
+
+#[test]
+fn build_derivation_live_and_as_a_request_file() {
+    let s = TestStore::new();
+    let drv_path = s.instantiate(CHAIN);
+    let store = s.local_store();
+    let c = store.read_drv(&drv_path).unwrap();
+    let b_drv = store.dir.render(c.input_drvs.keys().next().unwrap());
+    let b = store.read_drv(&b_drv).unwrap();
+    let a_drv = store.dir.render(b.input_drvs.keys().next().unwrap());
+    let a = store.read_drv(&a_drv).unwrap();
+
+    // Live: build a (no inputs) over the connection.
+    let mut serve = s.serve(true);
+    let result = serve
+        .client
+        .build_derivation(&a, &[] as &[String], &BuildOptions::default())
+        .unwrap();
+    assert_eq!(result.status, BuildStatus::Built, "{}", result.error_msg);
+    let a_out = store.dir.render(a.outputs["out"].path.as_ref().unwrap());
+    assert_eq!(result.output_paths(&store.dir)["out"], a_out);
+    assert!(result.stop_time >= result.start_time && result.start_time > 0);
+    serve.finish().unwrap();
+
+    // As files: build b with its input closure, exactly as a node would:
+    // nix-store --serve --write < request > response.
+    let mut serve = s.serve(false);
+    let roots = store.input_roots(&b).unwrap();
+    let closure = store::input_closure(&mut serve.client, &roots).unwrap();
+    serve.finish().unwrap();
+    assert_eq!(closure.paths, std::slice::from_ref(&a_out));
+    let request = s.dir.path().join("request");
+    let response = s.dir.path().join("response");
+    let mut file = fs::File::create(&request).unwrap();
+    serve::write_build_request(&mut file, &b, &closure.paths, &BuildOptions::default()).unwrap();
+    file.flush().unwrap();
+    drop(file);
+    let log = s.dir.path().join("log");
+    let status = s
+        .nix("nix-store")
+        .args(["--serve", "--write"])
+        .stdin(fs::File::open(&request).unwrap())
+        .stdout(fs::File::create(&response).unwrap())
+        .stderr(fs::File::create(&log).unwrap())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let result = serve::read_build_response(fs::File::open(&response).unwrap()).unwrap();
+    assert_eq!(result.status, BuildStatus::Built, "{}", result.error_msg);
+    assert_eq!(
+        result.built_outputs.keys().collect::<Vec<_>>(),
+        ["dev", "out"]
+    );
+    for (name, path) in &result.output_paths(&store.dir) {
+        assert_eq!(
+            Some(path.clone()),
+            b.outputs[name].path.as_ref().map(|p| store.dir.render(p))
+        );
+        assert!(PathBuf::from(path).exists());
+    }
+
+    // A failing build: the status and message come back.
+    let bad = s.instantiate(r#"builtins.derivation { name = "bad"; system = builtins.currentSystem; builder = "/bin/sh"; args = ["-c" "echo oops >&2; exit 3"]; }"#);
+    let bad = store.read_drv(&bad).unwrap();
+    let mut serve = s.serve(true);
+    let result = serve
+        .client
+        .build_derivation(&bad, &[] as &[String], &BuildOptions::default())
+        .unwrap();
+    assert_eq!(result.status, BuildStatus::PermanentFailure);
+    assert!(
+        result.error_msg.contains("exit code 3"),
+        "{}",
+        result.error_msg
+    );
+    serve.finish().unwrap();
+}
+
+#[test]
+fn a_server_that_is_not_one_is_refused() {
+    let mut command = Command::new("sh");
+    command.args(["-c", "cat >/dev/null & printf 'NOTSERVE'"]);
+    let err = LocalServe::from_command(command, "sh").err().unwrap();
+    assert!(
+        err.message.contains("not a nix-store --serve server"),
+        "{}",
+        err.message
+    );
+    let command = Command::new("/nonexistent/nix-store");
+    assert_eq!(
+        LocalServe::from_command(command, "x").err().unwrap().kind,
+        Kind::Config
+    );
+}
