@@ -12,9 +12,11 @@
 //! Every tool's `main.rs` is a few lines that hand a stage function to
 //! [`tool::run_stage`].
 
+pub mod config;
 pub mod error;
 pub mod exit;
 pub mod log;
+pub mod slurm;
 pub mod ticket;
 pub mod tool;
 
