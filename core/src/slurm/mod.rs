@@ -76,3 +76,8 @@ impl FromStr for ApiVersion {
             .ok_or(())
     }
 }
+
+pub mod model;
+pub mod rest;
+
+pub use model::{JobInfo, JobRequest, JobState};
