@@ -81,3 +81,8 @@ pub mod model;
 pub mod rest;
 
 pub use model::{JobInfo, JobRequest, JobState};
+pub mod cli;
+pub mod client;
+pub mod http;
+
+pub use client::{RestClient, Slurm};

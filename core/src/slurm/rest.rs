@@ -192,9 +192,11 @@ pub fn server_release(body: &Value) -> Option<String> {
 /// The API versions an OpenAPI document (from [`OPENAPI_PATH`]) offers,
 /// among those nsh speaks, oldest first.
 pub fn offered_versions(openapi_text: &str) -> Vec<ApiVersion> {
+    // slurmrestd's JSON writer escapes slashes (`\/slurm\/v0.0.38\/ping\/`).
+    let text = openapi_text.replace("\\/", "/");
     ApiVersion::ALL
         .into_iter()
-        .filter(|v| openapi_text.contains(&format!("/slurm/{v}/")))
+        .filter(|v| text.contains(&format!("/slurm/{v}/")))
         .collect()
 }
 
@@ -485,9 +487,12 @@ mod tests {
 
     #[test]
     fn version_choice() {
-        let doc = r#"{"paths":{"/slurm/v0.0.40/ping/":{},"/slurm/v0.0.41/ping/":{},"/slurm/v0.0.99/ping/":{},"/slurmdb/v0.0.41/x":{}}}"#;
+        let doc = r#"{"paths":{"\/slurm\/v0.0.39\/ping\/":{},"/slurm/v0.0.40/ping/":{},"/slurm/v0.0.41/ping/":{},"/slurm/v0.0.99/ping/":{},"/slurmdb/v0.0.41/x":{}}}"#;
         let offered = offered_versions(doc);
-        assert_eq!(offered, [ApiVersion::V0040, ApiVersion::V0041]);
+        assert_eq!(
+            offered,
+            [ApiVersion::V0039, ApiVersion::V0040, ApiVersion::V0041]
+        );
         assert_eq!(choose_version(&offered), Some(ApiVersion::V0041));
         assert_eq!(choose_version(&[]), None);
     }
