@@ -223,6 +223,10 @@ pub struct Limits {
     pub max_time_min: Option<u32>,
     pub default_cpus: Option<u32>,
     pub default_mem_mb: Option<u64>,
+    /// Whether a derivation may ask for generic resources (`nshResources.gres`).
+    pub allow_gres: bool,
+    /// Whether a derivation may ask for node features (`nshResources.constraint`).
+    pub allow_constraint: bool,
 }
 
 /// What one `requiredSystemFeature` turns into in the Slurm request.
@@ -328,6 +332,10 @@ struct RawLimits {
     max_time: Option<NumberOrText>,
     default_cpus: Option<u32>,
     default_mem: Option<NumberOrText>,
+    #[serde(default)]
+    allow_gres: bool,
+    #[serde(default)]
+    allow_constraint: bool,
 }
 
 #[derive(Deserialize, Default)]
@@ -638,6 +646,8 @@ fn validate_cluster(
             .map(|v| parse_mem_mb(&v))
             .transpose()
             .map_err(|what| err("limits.default_mem", what))?,
+        allow_gres: rl.allow_gres,
+        allow_constraint: rl.allow_constraint,
     };
     for (key, value) in [
         ("limits.max_cpus", limits.max_cpus),
@@ -874,6 +884,7 @@ max_mem = "128G"
 max_time = "1-00:00:00"
 default_cpus = 2
 default_mem = 4096
+allow_gres = true
 [cluster.main.features]
 kvm = { constraint = "kvm" }
 gpu = { gres = "gpu:1", partition = "gpu" }
@@ -938,6 +949,8 @@ request_timeout = "5m"
                 max_time_min: Some(24 * 60),
                 default_cpus: Some(2),
                 default_mem_mb: Some(4096),
+                allow_gres: true,
+                allow_constraint: false,
             }
         );
         assert_eq!(main.features["gpu"].gres.as_deref(), Some("gpu:1"));

@@ -12,6 +12,7 @@
 //! Every tool's `main.rs` is a few lines that hand a stage function to
 //! [`tool::run_stage`].
 
+pub mod alloc;
 pub mod batch_script;
 pub mod config;
 pub mod error;
