@@ -6,15 +6,17 @@
 //! ticket's job.
 
 use std::collections::BTreeMap;
+use std::io::{BufRead, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::batch_script;
 use crate::config::{Cluster, Config};
 use crate::error::Failure;
+use crate::exit::ExitStatus;
 use crate::slurm::{JobInfo, JobRequest, Slurm};
 use crate::ticket::{AllocSection, BuildOptions, DrvSection, Resources, Ticket};
-use crate::{log_debug, log_info, log_warn};
+use crate::{log_debug, log_error, log_info, log_warn};
 
 /// Where a derivation goes and what Slurm is asked for (no script or
 /// environment yet).
@@ -487,6 +489,78 @@ pub fn cancel(
         .map_err(|f| f.context(format!("cluster {}", cluster.name)))?;
     alloc.extra.insert("cancelled".into(), true.into());
     Ok(())
+}
+
+/// `nsh-alloc --cancel`: every ticket read is written out again; those with
+/// an `alloc` section get their job cancelled first, failed tickets
+/// included. The status is that of the first failed ticket, else of the
+/// first cancel that failed.
+pub fn cancel_stage<R: BufRead, W: Write>(
+    config: Result<&Config, Failure>,
+    clusters: &mut Clusters,
+    input: R,
+    mut output: W,
+) -> ExitStatus {
+    let mut status = ExitStatus::Ok;
+    let mut note = |s: ExitStatus| {
+        if status == ExitStatus::Ok {
+            status = s;
+        }
+    };
+    for line in input.lines() {
+        let Ok(line) = line else {
+            note(ExitStatus::BadInput);
+            break;
+        };
+        if line.trim().is_empty() {
+            continue;
+        }
+        let out = match Ticket::from_line(&line) {
+            Err(failure) => {
+                log_error!("{failure}");
+                note(ExitStatus::of(failure.kind));
+                // Not a ticket: pass the line on as it came.
+                line
+            }
+            Ok(mut ticket) => {
+                if let Some(error) = &ticket.error {
+                    note(ExitStatus::of(error.kind));
+                }
+                let result = match &config {
+                    Ok(config) => cancel(config, clusters, &mut ticket),
+                    Err(failure) if ticket.alloc.is_some() => Err(failure.clone()),
+                    Err(_) => Ok(()),
+                };
+                if let Err(failure) = result {
+                    log_error!("{failure}");
+                    note(ExitStatus::of(failure.kind));
+                    if ticket.error.is_none() {
+                        ticket.fail("alloc", &failure);
+                    }
+                }
+                ticket.to_line()
+            }
+        };
+        if writeln!(output, "{out}")
+            .and_then(|()| output.flush())
+            .is_err()
+        {
+            note(ExitStatus::Transient);
+            break;
+        }
+    }
+    status
+}
+
+/// The times of an allocation as the ticket records them (`alloc.secs`).
+pub fn times_json(times: &AllocTimes) -> serde_json::Value {
+    let secs = |d: Duration| (d.as_secs_f64() * 1000.0).round() / 1000.0;
+    serde_json::json!({
+        "connect": secs(times.connect),
+        "submit": secs(times.submit),
+        "queued": secs(times.queued),
+        "polls": times.polls,
+    })
 }
 
 /// Installs SIGINT/SIGTERM/SIGHUP handlers that set the returned flag.
