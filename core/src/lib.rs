@@ -12,6 +12,9 @@
 //! Every tool's `main.rs` is a few lines that hand a stage function to
 //! [`tool::run_stage`].
 
+pub mod alloc;
+pub mod batch_script;
+pub mod config;
 pub mod drv;
 pub mod error;
 pub mod exit;
@@ -20,6 +23,7 @@ pub mod nar;
 pub mod resources;
 pub mod serve;
 pub mod serve_client;
+pub mod slurm;
 pub mod store;
 pub mod store_path;
 pub mod ticket;

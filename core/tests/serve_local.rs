@@ -216,7 +216,10 @@ fn export_then_import_and_add_to_store_nar() {
     };
 
     let mut source = from.serve(false);
-    let closure = source.client.query_closure(std::slice::from_ref(out), false).unwrap();
+    let closure = source
+        .client
+        .query_closure(std::slice::from_ref(out), false)
+        .unwrap();
     let infos = source.client.query_path_infos(&closure).unwrap();
     let infos = store::dependency_order(infos).unwrap();
     // Export all but the top path, import them into the target.
@@ -257,7 +260,10 @@ fn export_then_import_and_add_to_store_nar() {
             .unwrap(),
         std::slice::from_ref(&top.path)
     );
-    let there = target.client.query_path_infos(std::slice::from_ref(&top.path)).unwrap();
+    let there = target
+        .client
+        .query_path_infos(std::slice::from_ref(&top.path))
+        .unwrap();
     assert_eq!(there[0].nar_hash, top.nar_hash);
     assert_eq!(there[0].references, top.references);
     source.finish().unwrap();

@@ -1,0 +1,1149 @@
+//! The site configuration: which Slurm clusters nsh may use and how, how to
+//! reach the nodes over SSH, and where things are on the nodes.
+//!
+//! TOML, found at `--config FILE`, else `$NSH_CONFIG`, else
+//! `/etc/nsh/nsh.toml` ([`Config::locate`]). Loading is strict: an unknown key
+//! is an error (a typo must not silently fall back to a default), and every
+//! error names the file, the key and what was expected. All configuration
+//! errors are [`Kind::Config`] (exit 78).
+//!
+//! The Slurm token itself is never part of the configuration: only where to
+//! get it ([`TokenSource`]), read when needed into a [`Secret`] that does not
+//! print.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use serde::Deserialize;
+
+use crate::error::Failure;
+use crate::slurm::ApiVersion;
+
+/// Where the configuration is read from when no `--config` is given and
+/// `$NSH_CONFIG` is unset.
+pub const DEFAULT_PATH: &str = "/etc/nsh/nsh.toml";
+
+/// The loaded, validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The file it was read from (for messages).
+    pub path: PathBuf,
+    /// The clusters, by name, in name order.
+    pub clusters: BTreeMap<String, Cluster>,
+    pub ssh: Ssh,
+    pub remote: Remote,
+}
+
+/// How nsh talks to a cluster's Slurm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// slurmrestd over HTTP or a unix socket.
+    Rest,
+    /// `sbatch`, `squeue`/`scontrol`, `scancel` on this machine.
+    Cli,
+}
+
+impl Backend {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Backend::Rest => "rest",
+            Backend::Cli => "cli",
+        }
+    }
+}
+
+/// Where slurmrestd listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RestUrl {
+    /// `http://host:port` (the base; API paths are appended).
+    Http(String),
+    /// `unix:/path/to/socket`.
+    Unix(PathBuf),
+}
+
+impl fmt::Display for RestUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RestUrl::Http(url) => f.write_str(url),
+            RestUrl::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+/// Which slurmrestd API version to speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApiChoice {
+    /// The newest version both the server and nsh support, found by asking.
+    Auto,
+    Fixed(ApiVersion),
+}
+
+/// Where the Slurm JWT comes from. Read on use, never kept in the config.
+#[derive(Clone, PartialEq, Eq)]
+pub enum TokenSource {
+    /// A file holding the token (`SLURM_JWT=` prefix allowed).
+    File(PathBuf),
+    /// A command printing the token, e.g. `["scontrol","token","lifespan=3600"]`
+    /// (which prints `SLURM_JWT=<token>`).
+    Command(Vec<String>),
+}
+
+impl fmt::Debug for TokenSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TokenSource::File(path) => write!(f, "File({path:?})"),
+            TokenSource::Command(argv) => write!(f, "Command({argv:?})"),
+        }
+    }
+}
+
+/// A secret (the Slurm token): printing it, with `{:?}` or `{}`, shows
+/// `<redacted>`; only [`Secret::expose`] gives the value, for the one place
+/// that sends it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+    /// The value, to put in a request header. Never log or format it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl TokenSource {
+    /// Reads the token now. Failures are transient (a token file being
+    /// rotated, a token command failing): they name the file or command but
+    /// never contain token text.
+    pub fn read(&self) -> Result<Secret, Failure> {
+        let raw = match self {
+            TokenSource::File(path) => std::fs::read_to_string(path).map_err(|e| {
+                Failure::transient(format!(
+                    "reading the Slurm token file {}: {e}",
+                    path.display()
+                ))
+            })?,
+            TokenSource::Command(argv) => {
+                let output = Command::new(&argv[0])
+                    .args(&argv[1..])
+                    .stdin(Stdio::null())
+                    .stderr(Stdio::null())
+                    .output()
+                    .map_err(|e| {
+                        Failure::transient(format!("running the token command {argv:?}: {e}"))
+                    })?;
+                if !output.status.success() {
+                    return Err(Failure::transient(format!(
+                        "the token command {argv:?} failed ({})",
+                        output.status
+                    )));
+                }
+                String::from_utf8(output.stdout).map_err(|_| {
+                    Failure::transient(format!("the token command {argv:?} printed non-UTF-8"))
+                })?
+            }
+        };
+        let token = token_from_text(&raw);
+        if token.is_empty() {
+            return Err(Failure::transient(format!(
+                "{self:?} gave an empty Slurm token"
+            )));
+        }
+        Ok(Secret(token.to_string()))
+    }
+}
+
+/// The token in what a token file or `scontrol token` holds: the last
+/// non-empty line, without a `SLURM_JWT=` prefix.
+fn token_from_text(text: &str) -> &str {
+    let line = text
+        .lines()
+        .map(str::trim)
+        .rfind(|l| !l.is_empty())
+        .unwrap_or("");
+    line.strip_prefix("SLURM_JWT=").unwrap_or(line).trim()
+}
+
+/// One configured Slurm cluster.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cluster {
+    pub name: String,
+    pub backend: Backend,
+    /// slurmrestd's address (REST backend only).
+    pub url: Option<RestUrl>,
+    pub api: ApiChoice,
+    /// The Slurm user the token belongs to (sent as `X-SLURM-USER-NAME`).
+    pub user: Option<String>,
+    /// Where the token comes from; `None` where no token is needed (a unix
+    /// socket with `rest_auth/local`, or the CLI backend).
+    pub token: Option<TokenSource>,
+    pub partition: Option<String>,
+    pub account: Option<String>,
+    pub qos: Option<String>,
+    /// Nix system types the nodes build for (`x86_64-linux`).
+    pub systems: Vec<String>,
+    /// `requiredSystemFeatures` the cluster can satisfy.
+    pub supported_features: BTreeSet<String>,
+    /// Features a derivation must require to be built here.
+    pub mandatory_features: BTreeSet<String>,
+    /// How many nsh jobs may be queued or running at once.
+    pub max_jobs: u32,
+    /// The job time limit when neither the derivation nor the build timeout
+    /// says otherwise, in minutes.
+    pub time_limit_min: u32,
+    /// How long to wait for a submitted job to start running, in seconds.
+    pub queue_timeout_s: u64,
+    pub limits: Limits,
+    /// requiredSystemFeature → what to ask Slurm for.
+    pub features: BTreeMap<String, FeatureRequest>,
+}
+
+/// What a derivation may ask for with `nshResources`, and what it gets when
+/// it asks for nothing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub max_cpus: Option<u32>,
+    pub max_mem_mb: Option<u64>,
+    pub max_time_min: Option<u32>,
+    pub default_cpus: Option<u32>,
+    pub default_mem_mb: Option<u64>,
+    /// Whether a derivation may ask for generic resources (`nshResources.gres`).
+    pub allow_gres: bool,
+    /// Whether a derivation may ask for node features (`nshResources.constraint`).
+    pub allow_constraint: bool,
+}
+
+/// What one `requiredSystemFeature` turns into in the Slurm request.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeatureRequest {
+    /// A node feature (`sbatch --constraint`).
+    pub constraint: Option<String>,
+    /// A partition to submit to instead of the cluster's.
+    pub partition: Option<String>,
+    /// Generic resources (`sbatch --gres`), e.g. `gpu:1`.
+    pub gres: Option<String>,
+}
+
+/// How to reach the nodes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ssh {
+    /// The login user on the nodes; the cluster's `user` when unset.
+    pub user: Option<String>,
+    /// `ssh -i`.
+    pub identity: Option<PathBuf>,
+    /// `ssh -F`.
+    pub config_file: Option<PathBuf>,
+    /// Extra `-o` options, as `Key=Value`.
+    pub options: Vec<String>,
+}
+
+/// Where things are on the nodes, and how long the job waits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Remote {
+    /// Directory of the node's `nix-store`; empty: the node's PATH.
+    pub nix_bin_dir: String,
+    /// The node's store URI; empty: Nix's default.
+    pub store: String,
+    /// Parent of the jobs' work dirs on node-local disk.
+    pub work_root: String,
+    /// Seconds the job waits for its next request or `release`.
+    pub idle_timeout_s: u64,
+    /// Seconds the job waits for its first request.
+    pub request_timeout_s: u64,
+}
+
+impl Default for Remote {
+    fn default() -> Remote {
+        Remote {
+            nix_bin_dir: String::new(),
+            store: String::new(),
+            work_root: "/tmp/nsh".into(),
+            idle_timeout_s: 120,
+            request_timeout_s: 300,
+        }
+    }
+}
+
+const DEFAULT_MAX_JOBS: u32 = 64;
+const DEFAULT_TIME_LIMIT_MIN: u32 = 4 * 60;
+const DEFAULT_QUEUE_TIMEOUT_S: u64 = 3600;
+
+// --- The file as written: strict serde structs, validated into the above.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    cluster: BTreeMap<String, RawCluster>,
+    #[serde(default)]
+    ssh: RawSsh,
+    #[serde(default)]
+    remote: RawRemote,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    backend: Option<String>,
+    url: Option<String>,
+    api: Option<String>,
+    user: Option<String>,
+    token_file: Option<PathBuf>,
+    token_command: Option<Vec<String>>,
+    partition: Option<String>,
+    account: Option<String>,
+    qos: Option<String>,
+    systems: Option<Vec<String>>,
+    #[serde(default)]
+    supported_features: Vec<String>,
+    #[serde(default)]
+    mandatory_features: Vec<String>,
+    max_jobs: Option<u32>,
+    time_limit: Option<NumberOrText>,
+    queue_timeout: Option<NumberOrText>,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    features: BTreeMap<String, FeatureRequest>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_cpus: Option<u32>,
+    max_mem: Option<NumberOrText>,
+    max_time: Option<NumberOrText>,
+    default_cpus: Option<u32>,
+    default_mem: Option<NumberOrText>,
+    #[serde(default)]
+    allow_gres: bool,
+    #[serde(default)]
+    allow_constraint: bool,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawSsh {
+    user: Option<String>,
+    identity: Option<PathBuf>,
+    config_file: Option<PathBuf>,
+    #[serde(default)]
+    options: Vec<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRemote {
+    nix_bin_dir: Option<String>,
+    store: Option<String>,
+    work_root: Option<String>,
+    idle_timeout: Option<NumberOrText>,
+    request_timeout: Option<NumberOrText>,
+}
+
+/// A value that may be written as a number or a string (`90` or `"90m"`).
+#[derive(Deserialize, Clone)]
+#[serde(untagged)]
+enum NumberOrText {
+    Number(i64),
+    Text(String),
+}
+
+impl fmt::Display for NumberOrText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NumberOrText::Number(n) => write!(f, "{n}"),
+            NumberOrText::Text(s) => write!(f, "{s:?}"),
+        }
+    }
+}
+
+impl Config {
+    /// The file to read: `explicit` (`--config`), else `$NSH_CONFIG`, else
+    /// [`DEFAULT_PATH`].
+    pub fn locate(explicit: Option<&Path>) -> PathBuf {
+        if let Some(path) = explicit {
+            return path.to_path_buf();
+        }
+        match std::env::var_os("NSH_CONFIG") {
+            Some(path) if !path.is_empty() => PathBuf::from(path),
+            _ => PathBuf::from(DEFAULT_PATH),
+        }
+    }
+
+    /// Finds ([`Config::locate`]), reads and validates the configuration.
+    pub fn load(explicit: Option<&Path>) -> Result<Config, Failure> {
+        let path = Config::locate(explicit);
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            Failure::config(format!(
+                "reading the nsh configuration {}: {e} (give one with --config FILE or $NSH_CONFIG)",
+                path.display()
+            ))
+        })?;
+        Config::parse(&path, &text)
+    }
+
+    /// Parses and validates configuration text; `path` is only for messages.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, Failure> {
+        let file = path.display().to_string();
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            // toml's message names the line, shows it and says what was
+            // expected; keep it, minus its trailing newline.
+            Failure::config(format!("{file}: {}", e.to_string().trim_end()))
+        })?;
+        let err = |key: &str, what: String| Failure::config(format!("{file}: {key}: {what}"));
+
+        if raw.cluster.is_empty() {
+            return Err(err(
+                "cluster",
+                "no cluster is configured (expected at least one [cluster.NAME] table)".into(),
+            ));
+        }
+        let mut clusters = BTreeMap::new();
+        for (name, rc) in raw.cluster {
+            let cluster = validate_cluster(&name, rc, &|key, what| {
+                err(&format!("cluster.{name}.{key}"), what)
+            })?;
+            clusters.insert(name, cluster);
+        }
+
+        let ssh = Ssh {
+            user: raw.ssh.user,
+            identity: raw.ssh.identity,
+            config_file: raw.ssh.config_file,
+            options: raw.ssh.options,
+        };
+        for (i, option) in ssh.options.iter().enumerate() {
+            if !option.contains('=') || option.starts_with('-') {
+                return Err(err(
+                    &format!("ssh.options[{i}]"),
+                    format!(
+                        "{option:?} is not an ssh option; expected \"Key=Value\" (as for ssh -o)"
+                    ),
+                ));
+            }
+        }
+
+        let defaults = Remote::default();
+        let rr = raw.remote;
+        let remote = Remote {
+            nix_bin_dir: rr.nix_bin_dir.unwrap_or(defaults.nix_bin_dir),
+            store: rr.store.unwrap_or(defaults.store),
+            work_root: rr.work_root.unwrap_or(defaults.work_root),
+            idle_timeout_s: match rr.idle_timeout {
+                None => defaults.idle_timeout_s,
+                Some(v) => parse_seconds(&v).map_err(|what| err("remote.idle_timeout", what))?,
+            },
+            request_timeout_s: match rr.request_timeout {
+                None => defaults.request_timeout_s,
+                Some(v) => parse_seconds(&v).map_err(|what| err("remote.request_timeout", what))?,
+            },
+        };
+        if !remote.work_root.starts_with('/') {
+            return Err(err(
+                "remote.work_root",
+                format!("{:?} is not an absolute path", remote.work_root),
+            ));
+        }
+        if !remote.nix_bin_dir.is_empty() && !remote.nix_bin_dir.starts_with('/') {
+            return Err(err(
+                "remote.nix_bin_dir",
+                format!(
+                    "{:?} is not an absolute path (leave it empty for the node's PATH)",
+                    remote.nix_bin_dir
+                ),
+            ));
+        }
+
+        Ok(Config {
+            path: path.to_path_buf(),
+            clusters,
+            ssh,
+            remote,
+        })
+    }
+
+    /// The SSH login user for a cluster's nodes: `[ssh] user`, else the
+    /// cluster's `user`, else `None` (ssh's own default).
+    pub fn ssh_user<'a>(&'a self, cluster: &'a Cluster) -> Option<&'a str> {
+        self.ssh.user.as_deref().or(cluster.user.as_deref())
+    }
+}
+
+fn validate_cluster(
+    name: &str,
+    rc: RawCluster,
+    err: &dyn Fn(&str, String) -> Failure,
+) -> Result<Cluster, Failure> {
+    let backend = match rc.backend.as_deref() {
+        None | Some("rest") => Backend::Rest,
+        Some("cli") => Backend::Cli,
+        Some(other) => {
+            return Err(err(
+                "backend",
+                format!("{other:?}: expected \"rest\" or \"cli\""),
+            ))
+        }
+    };
+
+    let url = match rc.url.as_deref() {
+        None => None,
+        Some(url) => Some(parse_url(url).map_err(|what| err("url", what))?),
+    };
+    if backend == Backend::Rest && url.is_none() {
+        return Err(err(
+            "url",
+            "missing: the rest backend needs slurmrestd's address (\"http://host:6820\" or \"unix:/path\")".into(),
+        ));
+    }
+
+    let api = match rc.api.as_deref() {
+        None | Some("auto") => ApiChoice::Auto,
+        Some(v) => ApiChoice::Fixed(v.parse().map_err(|()| {
+            err(
+                "api",
+                format!("{v:?}: expected \"auto\" or one of \"v0.0.38\" … \"v0.0.45\""),
+            )
+        })?),
+    };
+
+    let token = match (rc.token_file, rc.token_command) {
+        (Some(_), Some(_)) => {
+            return Err(err(
+                "token_file",
+                "give token_file or token_command, not both".into(),
+            ))
+        }
+        (Some(path), None) => {
+            if !path.is_absolute() {
+                return Err(err(
+                    "token_file",
+                    format!("{} is not an absolute path", path.display()),
+                ));
+            }
+            Some(TokenSource::File(path))
+        }
+        (None, Some(argv)) => {
+            if argv.is_empty() || argv[0].is_empty() {
+                return Err(err(
+                    "token_command",
+                    "empty: expected a command as a list, e.g. [\"scontrol\", \"token\"]".into(),
+                ));
+            }
+            Some(TokenSource::Command(argv))
+        }
+        (None, None) => None,
+    };
+    if backend == Backend::Rest && matches!(url, Some(RestUrl::Http(_))) && token.is_none() {
+        return Err(err(
+            "token_file",
+            "missing: slurmrestd over HTTP needs a token (token_file or token_command)".into(),
+        ));
+    }
+    if backend == Backend::Rest && token.is_some() && rc.user.is_none() {
+        return Err(err(
+            "user",
+            "missing: the Slurm user the token belongs to (sent with the token)".into(),
+        ));
+    }
+
+    let systems = rc.systems.ok_or_else(|| {
+        err(
+            "systems",
+            "missing: expected the Nix systems the nodes build for, e.g. [\"x86_64-linux\"]".into(),
+        )
+    })?;
+    if systems.is_empty() {
+        return Err(err(
+            "systems",
+            "empty: expected at least one Nix system".into(),
+        ));
+    }
+
+    let supported_features: BTreeSet<String> = rc.supported_features.into_iter().collect();
+    let mandatory_features: BTreeSet<String> = rc.mandatory_features.into_iter().collect();
+    for feature in &mandatory_features {
+        if !supported_features.contains(feature) {
+            return Err(err(
+                "mandatory_features",
+                format!("{feature:?} is not in supported_features"),
+            ));
+        }
+    }
+    for (feature, request) in &rc.features {
+        if !supported_features.contains(feature) {
+            return Err(err(
+                &format!("features.{feature}"),
+                format!(
+                    "{feature:?} is not in supported_features, so no derivation could ask for it"
+                ),
+            ));
+        }
+        for (key, value) in [
+            ("constraint", &request.constraint),
+            ("partition", &request.partition),
+            ("gres", &request.gres),
+        ] {
+            if let Some(value) = value {
+                if !is_slurm_word(value) {
+                    return Err(err(
+                        &format!("features.{feature}.{key}"),
+                        format!(
+                            "{value:?}: expected a Slurm {key} (letters, digits, and _-.:,&|=*[]!)"
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+
+    let max_jobs = rc.max_jobs.unwrap_or(DEFAULT_MAX_JOBS);
+    if max_jobs == 0 {
+        return Err(err("max_jobs", "0: expected at least 1".into()));
+    }
+    let time_limit_min = match &rc.time_limit {
+        None => DEFAULT_TIME_LIMIT_MIN,
+        Some(v) => parse_minutes(v).map_err(|what| err("time_limit", what))?,
+    };
+    let queue_timeout_s = match &rc.queue_timeout {
+        None => DEFAULT_QUEUE_TIMEOUT_S,
+        Some(v) => parse_seconds(v).map_err(|what| err("queue_timeout", what))?,
+    };
+
+    let rl = rc.limits;
+    let limits = Limits {
+        max_cpus: rl.max_cpus,
+        max_mem_mb: rl
+            .max_mem
+            .map(|v| parse_mem_mb(&v))
+            .transpose()
+            .map_err(|what| err("limits.max_mem", what))?,
+        max_time_min: rl
+            .max_time
+            .map(|v| parse_minutes(&v))
+            .transpose()
+            .map_err(|what| err("limits.max_time", what))?,
+        default_cpus: rl.default_cpus,
+        default_mem_mb: rl
+            .default_mem
+            .map(|v| parse_mem_mb(&v))
+            .transpose()
+            .map_err(|what| err("limits.default_mem", what))?,
+        allow_gres: rl.allow_gres,
+        allow_constraint: rl.allow_constraint,
+    };
+    for (key, value) in [
+        ("limits.max_cpus", limits.max_cpus),
+        ("limits.default_cpus", limits.default_cpus),
+    ] {
+        if value == Some(0) {
+            return Err(err(key, "0: expected at least 1".into()));
+        }
+    }
+    if let (Some(default), Some(max)) = (limits.default_cpus, limits.max_cpus) {
+        if default > max {
+            return Err(err(
+                "limits.default_cpus",
+                format!("{default} is above limits.max_cpus = {max}"),
+            ));
+        }
+    }
+    if let (Some(default), Some(max)) = (limits.default_mem_mb, limits.max_mem_mb) {
+        if default > max {
+            return Err(err(
+                "limits.default_mem",
+                format!("{default} MB is above limits.max_mem = {max} MB"),
+            ));
+        }
+    }
+    if let Some(max) = limits.max_time_min {
+        if time_limit_min > max {
+            return Err(err(
+                "time_limit",
+                format!("{time_limit_min} minutes is above limits.max_time = {max} minutes"),
+            ));
+        }
+    }
+    for (key, value) in [
+        ("partition", &rc.partition),
+        ("account", &rc.account),
+        ("qos", &rc.qos),
+    ] {
+        if let Some(value) = value {
+            if !is_slurm_word(value) {
+                return Err(err(key, format!("{value:?}: expected a Slurm {key} name")));
+            }
+        }
+    }
+
+    Ok(Cluster {
+        name: name.to_string(),
+        backend,
+        url,
+        api,
+        user: rc.user,
+        token,
+        partition: rc.partition,
+        account: rc.account,
+        qos: rc.qos,
+        systems,
+        supported_features,
+        mandatory_features,
+        max_jobs,
+        time_limit_min,
+        queue_timeout_s,
+        limits,
+        features: rc.features,
+    })
+}
+
+fn parse_url(url: &str) -> Result<RestUrl, String> {
+    if let Some(path) = url.strip_prefix("unix:") {
+        let path = path.strip_prefix("//").unwrap_or(path);
+        if !path.starts_with('/') {
+            return Err(format!(
+                "{url:?}: expected \"unix:/absolute/path/to/socket\""
+            ));
+        }
+        return Ok(RestUrl::Unix(PathBuf::from(path)));
+    }
+    if let Some(rest) = url.strip_prefix("http://") {
+        let host = rest.split('/').next().unwrap_or("");
+        if host.is_empty() {
+            return Err(format!("{url:?}: no host; expected \"http://host:port\""));
+        }
+        return Ok(RestUrl::Http(url.trim_end_matches('/').to_string()));
+    }
+    if url.starts_with("https://") {
+        return Err(format!(
+            "{url:?}: https is not supported (slurmrestd speaks plain HTTP; put it behind a unix socket or a local proxy)"
+        ));
+    }
+    Err(format!(
+        "{url:?}: expected \"http://host:port\" or \"unix:/path/to/socket\""
+    ))
+}
+
+/// A Slurm name, option value or expression: nothing that could be taken
+/// for another option or word.
+fn is_slurm_word(s: &str) -> bool {
+    !s.is_empty()
+        && !s.starts_with('-')
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_-.:,&|=*[]!".contains(c))
+}
+
+/// A Slurm time limit in minutes: a plain number of minutes, `"90m"`,
+/// `"4h"`, `"2d"`, or Slurm's own `"MM"`, `"MM:SS"`, `"HH:MM:SS"`,
+/// `"D-HH"`, `"D-HH:MM"`, `"D-HH:MM:SS"`. Seconds round up.
+pub fn parse_minutes_text(s: &str) -> Option<u32> {
+    let s = s.trim();
+    let secs: u64 = if let Some(n) = unit_number(s) {
+        n
+    } else {
+        let (days, clock) = match s.split_once('-') {
+            Some((d, rest)) => (d.parse::<u64>().ok()?, Some(rest)),
+            None => (0, None),
+        };
+        let fields: Vec<u64> = match clock {
+            Some(rest) => rest
+                .split(':')
+                .map(|f| f.parse().ok())
+                .collect::<Option<_>>()?,
+            None => s
+                .split(':')
+                .map(|f| f.parse().ok())
+                .collect::<Option<_>>()?,
+        };
+        let clock_secs = match (clock.is_some(), fields.as_slice()) {
+            // D-HH, D-HH:MM, D-HH:MM:SS
+            (true, [h]) => h * 3600,
+            (true, [h, m]) => h * 3600 + m * 60,
+            (true, [h, m, sec]) => h * 3600 + m * 60 + sec,
+            // MM, MM:SS, HH:MM:SS
+            (false, [m]) => m * 60,
+            (false, [m, sec]) => m * 60 + sec,
+            (false, [h, m, sec]) => h * 3600 + m * 60 + sec,
+            _ => return None,
+        };
+        days * 86400 + clock_secs
+    };
+    u32::try_from(secs.div_ceil(60)).ok()
+}
+
+/// `"30s"`, `"10m"`, `"4h"`, `"2d"` in seconds.
+fn unit_number(s: &str) -> Option<u64> {
+    let (number, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit())?);
+    let n: u64 = number.parse().ok()?;
+    let factor = match unit {
+        "s" => 1,
+        "m" | "min" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return None,
+    };
+    n.checked_mul(factor)
+}
+
+fn parse_minutes(v: &NumberOrText) -> Result<u32, String> {
+    let minutes = match v {
+        NumberOrText::Number(n) => u32::try_from(*n).ok(),
+        NumberOrText::Text(s) => parse_minutes_text(s),
+    };
+    match minutes {
+        Some(m) if m > 0 => Ok(m),
+        _ => Err(format!(
+            "{v}: expected a time limit: minutes (90), \"90m\", \"4h\", \"2d\" or Slurm's \"D-HH:MM:SS\""
+        )),
+    }
+}
+
+fn parse_seconds(v: &NumberOrText) -> Result<u64, String> {
+    let secs = match v {
+        NumberOrText::Number(n) => u64::try_from(*n).ok(),
+        NumberOrText::Text(s) => unit_number(s.trim()),
+    };
+    match secs {
+        Some(s) if s > 0 => Ok(s),
+        _ => Err(format!(
+            "{v}: expected a duration: seconds (300), or \"30s\", \"10m\", \"1h\""
+        )),
+    }
+}
+
+/// Memory in MB: a plain number of MB, or `"512M"`, `"16G"`, `"1T"` (binary
+/// units, as Slurm reads them).
+pub fn parse_mem_mb_text(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let n: u64 = number.parse().ok()?;
+    let factor = match unit.to_ascii_uppercase().as_str() {
+        "" | "M" | "MB" => 1,
+        "G" | "GB" => 1024,
+        "T" | "TB" => 1024 * 1024,
+        _ => return None,
+    };
+    n.checked_mul(factor)
+}
+
+fn parse_mem_mb(v: &NumberOrText) -> Result<u64, String> {
+    let mb = match v {
+        NumberOrText::Number(n) => u64::try_from(*n).ok(),
+        NumberOrText::Text(s) => parse_mem_mb_text(s),
+    };
+    match mb {
+        Some(m) if m > 0 => Ok(m),
+        _ => Err(format!(
+            "{v}: expected memory: megabytes (2048), or \"512M\", \"16G\", \"1T\""
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Kind;
+
+    const FULL: &str = r#"
+[cluster.main]
+backend = "rest"
+url = "http://slurm-head:6820"
+api = "auto"
+user = "nixbuild"
+token_file = "/etc/nsh/slurm.jwt"
+partition = "build"
+account = "nix"
+qos = "normal"
+systems = ["x86_64-linux"]
+supported_features = ["big-parallel", "kvm", "gpu"]
+mandatory_features = []
+max_jobs = 64
+time_limit = "4h"
+queue_timeout = "10m"
+[cluster.main.limits]
+max_cpus = 32
+max_mem = "128G"
+max_time = "1-00:00:00"
+default_cpus = 2
+default_mem = 4096
+allow_gres = true
+[cluster.main.features]
+kvm = { constraint = "kvm" }
+gpu = { gres = "gpu:1", partition = "gpu" }
+
+[cluster.sock]
+url = "unix:/run/slurmrestd.sock"
+api = "v0.0.41"
+systems = ["aarch64-linux"]
+
+[cluster.old]
+backend = "cli"
+systems = ["x86_64-linux"]
+time_limit = 90
+
+[ssh]
+user = "nixbuild"
+identity = "/etc/nsh/id_ed25519"
+config_file = "/etc/nsh/ssh_config"
+options = ["StrictHostKeyChecking=yes"]
+
+[remote]
+nix_bin_dir = "/nix/var/nix/profiles/default/bin"
+store = ""
+work_root = "/scratch/nsh"
+idle_timeout = 60
+request_timeout = "5m"
+"#;
+
+    fn parse(text: &str) -> Result<Config, Failure> {
+        Config::parse(Path::new("/etc/nsh/nsh.toml"), text)
+    }
+
+    fn error(text: &str) -> String {
+        let failure = parse(text).unwrap_err();
+        assert_eq!(failure.kind, Kind::Config);
+        failure.message
+    }
+
+    const MINIMAL: &str = "[cluster.c]\nbackend = \"cli\"\nsystems = [\"x86_64-linux\"]\n";
+
+    #[test]
+    fn a_full_configuration() {
+        let config = parse(FULL).unwrap();
+        let main = &config.clusters["main"];
+        assert_eq!(main.backend, Backend::Rest);
+        assert_eq!(
+            main.url,
+            Some(RestUrl::Http("http://slurm-head:6820".into()))
+        );
+        assert_eq!(main.api, ApiChoice::Auto);
+        assert_eq!(
+            main.token,
+            Some(TokenSource::File("/etc/nsh/slurm.jwt".into()))
+        );
+        assert_eq!(main.time_limit_min, 240);
+        assert_eq!(main.queue_timeout_s, 600);
+        assert_eq!(
+            main.limits,
+            Limits {
+                max_cpus: Some(32),
+                max_mem_mb: Some(128 * 1024),
+                max_time_min: Some(24 * 60),
+                default_cpus: Some(2),
+                default_mem_mb: Some(4096),
+                allow_gres: true,
+                allow_constraint: false,
+            }
+        );
+        assert_eq!(main.features["gpu"].gres.as_deref(), Some("gpu:1"));
+        let sock = &config.clusters["sock"];
+        assert_eq!(sock.url, Some(RestUrl::Unix("/run/slurmrestd.sock".into())));
+        assert_eq!(sock.api, ApiChoice::Fixed(ApiVersion::V0041));
+        assert_eq!(sock.token, None);
+        assert_eq!(config.clusters["old"].time_limit_min, 90);
+        assert_eq!(config.remote.request_timeout_s, 300);
+        assert_eq!(config.remote.idle_timeout_s, 60);
+        assert_eq!(config.ssh_user(main), Some("nixbuild"));
+    }
+
+    #[test]
+    fn defaults() {
+        let config = parse(MINIMAL).unwrap();
+        assert_eq!(config.remote, Remote::default());
+        assert_eq!(config.ssh, Ssh::default());
+        let c = &config.clusters["c"];
+        assert_eq!(c.max_jobs, DEFAULT_MAX_JOBS);
+        assert_eq!(c.time_limit_min, DEFAULT_TIME_LIMIT_MIN);
+        assert_eq!(c.queue_timeout_s, DEFAULT_QUEUE_TIMEOUT_S);
+    }
+
+    #[test]
+    fn the_example_in_docs_is_valid() {
+        let text = include_str!("../../docs/nsh.toml.example");
+        let config = parse(text).unwrap();
+        assert!(!config.clusters.is_empty());
+    }
+
+    #[test]
+    fn time_limits() {
+        for (text, minutes) in [
+            ("90", Some(90)),
+            ("90m", Some(90)),
+            ("4h", Some(240)),
+            ("2d", Some(2880)),
+            ("30s", Some(1)),
+            ("10:30", Some(11)),
+            ("1:00:00", Some(60)),
+            ("1-00:00:00", Some(1440)),
+            ("1-2", Some(1560)),
+            ("1-2:30", Some(1590)),
+            ("", None),
+            ("4 h", None),
+            ("h", None),
+            ("1:2:3:4", None),
+            ("-5", None),
+        ] {
+            assert_eq!(parse_minutes_text(text), minutes, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn memory() {
+        assert_eq!(parse_mem_mb_text("2048"), Some(2048));
+        assert_eq!(parse_mem_mb_text("16G"), Some(16384));
+        assert_eq!(parse_mem_mb_text("1t"), Some(1 << 20));
+        assert_eq!(parse_mem_mb_text("1.5G"), None);
+        assert_eq!(parse_mem_mb_text("G"), None);
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let secret = Secret::new("eyJhbGciOi.secret");
+        assert_eq!(format!("{secret:?}"), "<redacted>");
+        assert_eq!(format!("{secret}"), "<redacted>");
+        assert_eq!(secret.expose(), "eyJhbGciOi.secret");
+    }
+
+    #[test]
+    fn tokens_from_files_and_commands() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("jwt");
+        std::fs::write(&file, "SLURM_JWT=abc.def\n").unwrap();
+        assert_eq!(
+            TokenSource::File(file.clone()).read().unwrap().expose(),
+            "abc.def"
+        );
+        std::fs::write(&file, "  xyz \n\n").unwrap();
+        assert_eq!(TokenSource::File(file).read().unwrap().expose(), "xyz");
+        let cmd = TokenSource::Command(vec!["echo".into(), "SLURM_JWT=t0k".into()]);
+        assert_eq!(cmd.read().unwrap().expose(), "t0k");
+        let failing = TokenSource::Command(vec!["false".into()])
+            .read()
+            .unwrap_err();
+        assert_eq!(failing.kind, Kind::Transient);
+        let missing = TokenSource::File(dir.path().join("nope"))
+            .read()
+            .unwrap_err();
+        assert!(missing.message.contains("nope"), "{}", missing.message);
+    }
+
+    #[test]
+    fn locate_prefers_the_explicit_path() {
+        assert_eq!(
+            Config::locate(Some(Path::new("/x/nsh.toml"))),
+            PathBuf::from("/x/nsh.toml")
+        );
+    }
+
+    #[test]
+    fn a_missing_file_is_a_config_error_naming_it() {
+        let failure = Config::load(Some(Path::new("/nonexistent/nsh.toml"))).unwrap_err();
+        assert_eq!(failure.kind, Kind::Config);
+        assert!(failure.message.contains("/nonexistent/nsh.toml"));
+    }
+
+    #[test]
+    fn errors_name_the_file_the_key_and_what_is_expected() {
+        let cases: &[(&str, String)] = &[
+            ("typo_in_a_cluster_key", format!("{MINIMAL}partiton = \"x\"\n")),
+            ("typo_in_a_section", format!("{MINIMAL}[remotee]\n")),
+            ("wrong_type", format!("{MINIMAL}max_jobs = \"many\"\n")),
+            ("no_cluster", "[ssh]\nuser = \"u\"\n".into()),
+            ("bad_backend", "[cluster.c]\nbackend = \"ssh\"\nsystems = [\"x\"]\n".into()),
+            ("rest_without_url", "[cluster.c]\nsystems = [\"x\"]\n".into()),
+            (
+                "https_url",
+                "[cluster.c]\nurl = \"https://h:6820\"\nsystems = [\"x\"]\n".into(),
+            ),
+            (
+                "http_without_token",
+                "[cluster.c]\nurl = \"http://h:6820\"\nuser = \"u\"\nsystems = [\"x\"]\n".into(),
+            ),
+            (
+                "token_without_user",
+                "[cluster.c]\nurl = \"http://h:6820\"\ntoken_file = \"/t\"\nsystems = [\"x\"]\n".into(),
+            ),
+            (
+                "both_token_sources",
+                "[cluster.c]\nurl = \"http://h:6820\"\nuser = \"u\"\ntoken_file = \"/t\"\ntoken_command = [\"scontrol\"]\nsystems = [\"x\"]\n".into(),
+            ),
+            (
+                "unknown_api",
+                "[cluster.c]\nurl = \"unix:/s\"\napi = \"v0.0.37\"\nsystems = [\"x\"]\n".into(),
+            ),
+            ("no_systems", "[cluster.c]\nbackend = \"cli\"\n".into()),
+            ("bad_time_limit", format!("{MINIMAL}time_limit = \"4 hours\"\n")),
+            ("bad_queue_timeout", format!("{MINIMAL}queue_timeout = -1\n")),
+            (
+                "mandatory_not_supported",
+                format!("{MINIMAL}mandatory_features = [\"kvm\"]\n"),
+            ),
+            (
+                "feature_map_not_supported",
+                format!("{MINIMAL}[cluster.c.features]\nkvm = {{ constraint = \"kvm\" }}\n"),
+            ),
+            (
+                "feature_map_unknown_key",
+                format!("{MINIMAL}supported_features = [\"kvm\"]\n[cluster.c.features]\nkvm = {{ constriant = \"kvm\" }}\n"),
+            ),
+            (
+                "feature_map_option_injection",
+                format!("{MINIMAL}supported_features = [\"kvm\"]\n[cluster.c.features]\nkvm = {{ constraint = \"--wrap=x\" }}\n"),
+            ),
+            ("bad_memory", format!("{MINIMAL}[cluster.c.limits]\nmax_mem = \"lots\"\n")),
+            (
+                "default_above_max",
+                format!("{MINIMAL}[cluster.c.limits]\nmax_cpus = 4\ndefault_cpus = 8\n"),
+            ),
+            (
+                "time_limit_above_max",
+                format!("{MINIMAL}time_limit = \"8h\"\n[cluster.c.limits]\nmax_time = \"4h\"\n"),
+            ),
+            ("relative_work_root", format!("{MINIMAL}[remote]\nwork_root = \"tmp\"\n")),
+            ("bad_ssh_option", format!("{MINIMAL}[ssh]\noptions = [\"-v\"]\n")),
+        ];
+        for (name, text) in cases {
+            let message = error(text);
+            assert!(
+                message.starts_with("/etc/nsh/nsh.toml: "),
+                "{name}: {message}"
+            );
+            insta::assert_snapshot!(*name, message);
+        }
+    }
+
+    #[test]
+    fn debug_output_never_contains_a_token() {
+        // The config holds only where the token is; make sure a Debug dump of
+        // a loaded config shows the path and nothing read from it.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("jwt");
+        std::fs::write(&file, "SLURM_JWT=very-secret").unwrap();
+        let text = format!(
+            "[cluster.c]\nurl = \"http://h:1\"\nuser = \"u\"\ntoken_file = \"{}\"\nsystems = [\"x\"]\n",
+            file.display()
+        );
+        let config = parse(&text).unwrap();
+        let secret = config.clusters["c"].token.as_ref().unwrap().read().unwrap();
+        let dump = format!("{config:?} {secret:?} {secret}");
+        assert!(!dump.contains("very-secret"), "{dump}");
+    }
+}

@@ -1,0 +1,272 @@
+//! The command-line backend, for sites without slurmrestd: `sbatch
+//! --parsable` (the script on stdin, every option its own argv word, no
+//! shell anywhere), `scontrol show job -o` for the state, `scancel`.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use super::model::{JobInfo, JobRequest};
+use crate::error::Failure;
+
+/// The sbatch options for `req` (without the program name).
+pub fn sbatch_args(req: &JobRequest) -> Vec<String> {
+    let mut args = vec![
+        "--parsable".to_string(),
+        format!("--job-name={}", req.name),
+        format!("--chdir={}", req.work_dir),
+        format!("--output={}", req.stdout),
+        format!("--error={}", req.stdout),
+        "--nodes=1".to_string(),
+        "--no-requeue".to_string(),
+        // The job gets exactly the environment sbatch runs with, which
+        // nsh sets to `req.env` (see `submit`).
+        "--export=ALL".to_string(),
+        format!("--time={}", req.time_min),
+    ];
+    for (option, value) in [
+        ("partition", &req.partition),
+        ("account", &req.account),
+        ("qos", &req.qos),
+        ("constraint", &req.constraint),
+        ("gres", &req.gres),
+    ] {
+        if let Some(value) = value {
+            args.push(format!("--{option}={value}"));
+        }
+    }
+    if let Some(cpus) = req.cpus {
+        args.push(format!("--cpus-per-task={cpus}"));
+    }
+    if let Some(mem) = req.mem_mb {
+        args.push(format!("--mem={mem}M"));
+    }
+    args
+}
+
+/// The job id in `sbatch --parsable`'s output: `jobid` or `jobid;cluster`.
+pub fn parse_sbatch_output(stdout: &str) -> Option<u64> {
+    let line = stdout.lines().map(str::trim).rfind(|l| !l.is_empty())?;
+    line.split(';').next()?.trim().parse().ok()
+}
+
+/// `scontrol show job -o ID`'s one line as a `JobInfo`.
+pub fn parse_scontrol(job: u64, line: &str) -> Result<JobInfo, Failure> {
+    let fields = scontrol_fields(line);
+    let state_word = fields.get("JobState").ok_or_else(|| {
+        Failure::transient(format!(
+            "scontrol show job {job}: no JobState in {:?}",
+            line.chars().take(200).collect::<String>()
+        ))
+    })?;
+    let (state, flags) = JobInfo::state_from_words(&[state_word.to_string()]);
+    let text = |k: &str| {
+        fields
+            .get(k)
+            .map(|s| s.trim())
+            .filter(|s| !s.is_empty() && *s != "None" && *s != "(null)")
+            .map(str::to_string)
+    };
+    let node = text("BatchHost").or_else(|| text("NodeList").filter(|n| !n.contains([',', '['])));
+    let exit_code = fields.get("ExitCode").and_then(|code| {
+        let (status, signal) = code.split_once(':')?;
+        let status: i64 = status.parse().ok()?;
+        let signal: i64 = signal.parse().ok()?;
+        Some(if signal > 0 { 128 + signal } else { status })
+    });
+    Ok(JobInfo {
+        id: fields
+            .get("JobId")
+            .and_then(|id| id.parse().ok())
+            .unwrap_or(job),
+        state,
+        flags,
+        reason: text("Reason"),
+        node,
+        exit_code: if state_is_over(&fields) {
+            exit_code
+        } else {
+            None
+        },
+        start: None,
+        end: None,
+    })
+}
+
+fn state_is_over(fields: &BTreeMap<&str, &str>) -> bool {
+    fields
+        .get("JobState")
+        .map(|s| JobInfo::state_from_words(&[s.to_string()]).0.is_finished())
+        .unwrap_or(false)
+}
+
+/// `Key=Value Key=Value …`. A value runs to the next ` Key=`, so values with
+/// spaces (`Reason=…`, `Command=…`) stay whole.
+fn scontrol_fields(line: &str) -> BTreeMap<&str, &str> {
+    let mut fields = BTreeMap::new();
+    let mut starts: Vec<usize> = Vec::new();
+    let bytes = line.as_bytes();
+    for (i, word) in line.split(' ').scan(0usize, |pos, w| {
+        let start = *pos;
+        *pos += w.len() + 1;
+        Some((start, w))
+    }) {
+        let is_key = word.split_once('=').is_some_and(|(k, _)| {
+            !k.is_empty()
+                && k.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b':')
+        });
+        if is_key && (i == 0 || bytes[i - 1] == b' ') {
+            starts.push(i);
+        }
+    }
+    for (n, &start) in starts.iter().enumerate() {
+        let end = starts.get(n + 1).map(|&e| e - 1).unwrap_or(line.len());
+        let field = line[start..end].trim_end();
+        if let Some((k, v)) = field.split_once('=') {
+            fields.entry(k).or_insert(v);
+        }
+    }
+    fields
+}
+
+/// Submits with `sbatch`. The job's environment is exactly `req.env` (plus
+/// `SLURM_CONF` when set here, so that sbatch finds the cluster).
+pub fn submit(req: &JobRequest) -> Result<u64, Failure> {
+    let mut command = Command::new(program("sbatch"));
+    command
+        .args(sbatch_args(req))
+        .env_clear()
+        .envs(req.env.iter().map(|(k, v)| (k, v)));
+    if let Some(conf) = std::env::var_os("SLURM_CONF") {
+        command.env("SLURM_CONF", conf);
+    }
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| Failure::transient(format!("running sbatch: {e}")))?;
+    let written = child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(req.script.as_bytes());
+    let output = child
+        .wait_with_output()
+        .map_err(|e| Failure::transient(format!("running sbatch: {e}")))?;
+    written.map_err(|e| Failure::transient(format!("writing the script to sbatch: {e}")))?;
+    if !output.status.success() {
+        return Err(Failure::transient(format!(
+            "sbatch failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        )));
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    parse_sbatch_output(&stdout)
+        .ok_or_else(|| Failure::transient(format!("sbatch printed no job id: {:?}", stdout.trim())))
+}
+
+/// The job's state from `scontrol show job -o`.
+pub fn job(job: u64) -> Result<JobInfo, Failure> {
+    let output = Command::new(program("scontrol"))
+        .args(["show", "job", "-o", &job.to_string()])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| Failure::transient(format!("running scontrol: {e}")))?;
+    if !output.status.success() {
+        return Err(Failure::transient(format!(
+            "scontrol show job {job} failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        )));
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = stdout.lines().find(|l| l.contains("JobId=")).unwrap_or("");
+    parse_scontrol(job, line)
+}
+
+/// Cancels with `scancel`. A job that already ended is not an error.
+pub fn cancel(job: u64) -> Result<(), Failure> {
+    let output = Command::new(program("scancel"))
+        .arg(job.to_string())
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| Failure::transient(format!("running scancel: {e}")))?;
+    if !output.status.success() {
+        return Err(Failure::transient(format!(
+            "scancel {job} failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+/// A Slurm command, looked up on PATH (resolved here so that a cleared child
+/// environment does not change which one runs).
+fn program(name: &str) -> std::path::PathBuf {
+    std::env::var_os("PATH")
+        .and_then(|path| {
+            std::env::split_paths(&path)
+                .map(|dir| dir.join(name))
+                .find(|p| p.is_file())
+        })
+        .unwrap_or_else(|| name.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::slurm::model::JobState;
+
+    #[test]
+    fn sbatch_argv() {
+        let req = JobRequest {
+            name: "nsh".into(),
+            script: "#!/bin/sh\n".into(),
+            env: vec![("PATH".into(), "/bin".into())],
+            partition: Some("build".into()),
+            constraint: Some("big".into()),
+            gres: Some("gpu:1".into()),
+            cpus: Some(2),
+            mem_mb: Some(1024),
+            time_min: 60,
+            work_dir: "/tmp".into(),
+            stdout: "/dev/null".into(),
+            ..JobRequest::default()
+        };
+        insta::assert_debug_snapshot!(sbatch_args(&req));
+    }
+
+    #[test]
+    fn sbatch_output() {
+        assert_eq!(parse_sbatch_output("42\n"), Some(42));
+        assert_eq!(parse_sbatch_output("42;main\n"), Some(42));
+        assert_eq!(parse_sbatch_output("Submitted batch job 42\n"), None);
+    }
+
+    #[test]
+    fn scontrol_lines() {
+        let running = "JobId=12 JobName=nsh UserId=nixbuild(999) GroupId=nixbuild(995) MCS_label=N/A Priority=4294901748 Nice=0 Account=(null) QOS=(null) JobState=RUNNING Reason=None Dependency=(null) Requeue=0 Restarts=0 BatchFlag=1 Reboot=0 ExitCode=0:0 RunTime=00:00:01 TimeLimit=01:00:00 NodeList=node2 BatchHost=node2 NumNodes=1 Command=(null) WorkDir=/tmp";
+        let job = parse_scontrol(12, running).unwrap();
+        assert!(job.is_running());
+        assert_eq!(job.node.as_deref(), Some("node2"));
+        assert_eq!(job.exit_code, None);
+        let pending = "JobId=13 JobName=nsh JobState=PENDING Reason=ReqNodeNotAvail,_UnavailableNodes:node2 Dependency=(null) ExitCode=0:0 NodeList=(null) BatchHost=(null)";
+        let job = parse_scontrol(13, pending).unwrap();
+        assert_eq!(job.state, JobState::Pending);
+        assert_eq!(
+            job.reason.as_deref(),
+            Some("ReqNodeNotAvail,_UnavailableNodes:node2")
+        );
+        assert_eq!(job.node, None);
+        let killed =
+            "JobId=14 JobState=CANCELLED Reason=None ExitCode=0:15 NodeList=node1 BatchHost=node1";
+        let job = parse_scontrol(14, killed).unwrap();
+        assert_eq!(job.state, JobState::Cancelled);
+        assert_eq!(job.exit_code, Some(143));
+        assert!(parse_scontrol(1, "slurm_load_jobs error: Invalid job id specified").is_err());
+    }
+}

@@ -1,0 +1,176 @@
+//! A Slurm client for one configured cluster, whichever backend it uses.
+
+use std::time::Instant;
+
+use super::http::{self, Method};
+use super::model::{JobInfo, JobRequest};
+use super::{cli, rest, ApiVersion};
+use crate::config::{ApiChoice, Backend, Cluster, RestUrl, TokenSource};
+use crate::error::Failure;
+use crate::log_debug;
+
+/// Talks to one cluster's Slurm.
+#[derive(Debug)]
+pub enum Slurm {
+    Rest(RestClient),
+    Cli,
+}
+
+impl Slurm {
+    /// Connects to the cluster: for REST, settles the API version (asking
+    /// the server when `api = "auto"`) and learns the server's release.
+    pub fn connect(cluster: &Cluster) -> Result<Slurm, Failure> {
+        match cluster.backend {
+            Backend::Cli => Ok(Slurm::Cli),
+            Backend::Rest => Ok(Slurm::Rest(RestClient::connect(cluster)?)),
+        }
+    }
+
+    pub fn submit(&self, req: &JobRequest) -> Result<u64, Failure> {
+        match self {
+            Slurm::Rest(client) => client.submit(req),
+            Slurm::Cli => cli::submit(req),
+        }
+    }
+
+    pub fn job(&self, job: u64) -> Result<JobInfo, Failure> {
+        match self {
+            Slurm::Rest(client) => client.job(job),
+            Slurm::Cli => cli::job(job),
+        }
+    }
+
+    pub fn cancel(&self, job: u64) -> Result<(), Failure> {
+        match self {
+            Slurm::Rest(client) => client.cancel(job),
+            Slurm::Cli => cli::cancel(job),
+        }
+    }
+}
+
+/// slurmrestd, at one address, speaking one API version.
+#[derive(Debug)]
+pub struct RestClient {
+    pub url: RestUrl,
+    pub version: ApiVersion,
+    /// The server's Slurm release (`22.05.8`), which decides the auth headers.
+    pub release: Option<String>,
+    user: Option<String>,
+    token: Option<TokenSource>,
+}
+
+impl RestClient {
+    pub fn connect(cluster: &Cluster) -> Result<RestClient, Failure> {
+        let url = cluster.url.clone().ok_or_else(|| {
+            Failure::config(format!(
+                "cluster {}: the rest backend needs a url",
+                cluster.name
+            ))
+        })?;
+        let mut client = RestClient {
+            url,
+            version: ApiVersion::V0038,
+            release: None,
+            user: cluster.user.clone(),
+            token: cluster.token.clone(),
+        };
+        let started = Instant::now();
+        client.version = match cluster.api {
+            ApiChoice::Fixed(v) => v,
+            ApiChoice::Auto => client.negotiate()?,
+        };
+        // The ping tells the release (for the auth headers) and that the
+        // server, slurmctld and the token all work, before anything is
+        // submitted.
+        let ping = client.call(Method::Get, &rest::ping_path(client.version), None)?;
+        let value = rest::check(
+            &format!("pinging slurmrestd ({})", client.version),
+            ping.status,
+            &ping.body,
+        )?;
+        client.release = rest::server_release(&value);
+        log_debug!(
+            "slurmrestd at {}: Slurm {}, API {} ({} ms)",
+            client.url,
+            client.release.as_deref().unwrap_or("?"),
+            client.version,
+            started.elapsed().as_millis()
+        );
+        Ok(client)
+    }
+
+    /// The newest API version both sides speak: from the server's OpenAPI
+    /// document, else by pinging each version, newest first.
+    fn negotiate(&self) -> Result<ApiVersion, Failure> {
+        match self.call(Method::Get, rest::OPENAPI_PATH, None) {
+            Ok(response) if response.status == 200 => {
+                if let Some(v) = rest::choose_version(&rest::offered_versions(&response.body)) {
+                    return Ok(v);
+                }
+            }
+            Ok(response) if matches!(response.status, 401 | 403) => {
+                rest::check(
+                    "asking slurmrestd for its API versions",
+                    response.status,
+                    &response.body,
+                )?;
+            }
+            Ok(_) => {}
+            Err(failure) => return Err(failure),
+        }
+        for v in ApiVersion::ALL.into_iter().rev() {
+            let response = self.call(Method::Get, &rest::ping_path(v), None)?;
+            match response.status {
+                404 => continue,
+                _ => {
+                    rest::check(
+                        &format!("pinging slurmrestd ({v})"),
+                        response.status,
+                        &response.body,
+                    )?;
+                    return Ok(v);
+                }
+            }
+        }
+        Err(Failure::transient(format!(
+            "slurmrestd at {} offers none of the API versions nsh speaks ({} … {})",
+            self.url,
+            ApiVersion::V0038,
+            ApiVersion::V0045
+        )))
+    }
+
+    fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&str>,
+    ) -> Result<http::Response, Failure> {
+        let headers = match &self.token {
+            // Re-read per call: tokens are rotated under a running nsh.
+            Some(source) => rest::auth_headers(
+                self.release.as_deref(),
+                self.user.as_deref(),
+                &source.read()?,
+            ),
+            None => Vec::new(),
+        };
+        http::request(&self.url, method, path, &headers, body)
+    }
+
+    pub fn submit(&self, req: &JobRequest) -> Result<u64, Failure> {
+        let body = rest::submit_body(self.version, req).to_string();
+        let response = self.call(Method::Post, &rest::submit_path(self.version), Some(&body))?;
+        rest::parse_submit(response.status, &response.body)
+    }
+
+    pub fn job(&self, job: u64) -> Result<JobInfo, Failure> {
+        let response = self.call(Method::Get, &rest::job_path(self.version, job), None)?;
+        rest::parse_job(job, response.status, &response.body)
+    }
+
+    pub fn cancel(&self, job: u64) -> Result<(), Failure> {
+        let response = self.call(Method::Delete, &rest::job_path(self.version, job), None)?;
+        rest::parse_cancel(job, response.status, &response.body)
+    }
+}

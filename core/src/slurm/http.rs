@@ -1,0 +1,319 @@
+//! HTTP to slurmrestd: ureq for `http://` URLs, and for `unix:/path` sockets
+//! a small HTTP/1.1 client (one request per connection, `Connection: close`),
+//! which is all slurmrestd's socket needs.
+//!
+//! Every failure is transient and names the address and what was being
+//! done; header values (the token) never appear in a message.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use crate::config::RestUrl;
+use crate::error::Failure;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Get,
+    Post,
+    Delete,
+}
+
+impl Method {
+    fn as_str(self) -> &'static str {
+        match self {
+            Method::Get => "GET",
+            Method::Post => "POST",
+            Method::Delete => "DELETE",
+        }
+    }
+}
+
+/// An answer: the HTTP status and the body as text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    pub status: u16,
+    pub body: String,
+}
+
+/// How long one request may take, connect to last byte.
+pub const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The most of a body nsh reads (slurmrestd's OpenAPI document is the
+/// biggest thing asked for, well under this).
+const MAX_BODY: u64 = 16 << 20;
+
+/// Sends one request. `body` is JSON (sent with its content type).
+pub fn request(
+    url: &RestUrl,
+    method: Method,
+    path: &str,
+    headers: &[(&'static str, String)],
+    body: Option<&str>,
+) -> Result<Response, Failure> {
+    let result = match url {
+        RestUrl::Http(base) => over_tcp(base, method, path, headers, body),
+        RestUrl::Unix(socket) => over_unix(socket, method, path, headers, body),
+    };
+    result.map_err(|e| {
+        Failure::transient(format!(
+            "slurmrestd at {url}: {} {path}: {e}",
+            method.as_str()
+        ))
+    })
+}
+
+fn over_tcp(
+    base: &str,
+    method: Method,
+    path: &str,
+    headers: &[(&'static str, String)],
+    body: Option<&str>,
+) -> Result<Response, String> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(TIMEOUT))
+        .build()
+        .into();
+    let url = format!("{base}{path}");
+    let response = match method {
+        Method::Get | Method::Delete => {
+            let mut req = if method == Method::Get {
+                agent.get(&url)
+            } else {
+                agent.delete(&url)
+            };
+            req = req.header("Accept", "application/json");
+            for (name, value) in headers {
+                req = req.header(*name, value);
+            }
+            req.call()
+        }
+        Method::Post => {
+            let mut req = agent
+                .post(&url)
+                .header("Accept", "application/json")
+                .header("Content-Type", "application/json");
+            for (name, value) in headers {
+                req = req.header(*name, value);
+            }
+            req.send(body.unwrap_or(""))
+        }
+    };
+    let mut response = response.map_err(describe_ureq_error)?;
+    let status = response.status().as_u16();
+    let body = response
+        .body_mut()
+        .with_config()
+        .limit(MAX_BODY)
+        .read_to_string()
+        .map_err(describe_ureq_error)?;
+    Ok(Response { status, body })
+}
+
+fn describe_ureq_error(e: ureq::Error) -> String {
+    match e {
+        ureq::Error::Io(io) => io.to_string(),
+        other => other.to_string(),
+    }
+}
+
+fn over_unix(
+    socket: &std::path::Path,
+    method: Method,
+    path: &str,
+    headers: &[(&'static str, String)],
+    body: Option<&str>,
+) -> Result<Response, String> {
+    let mut stream = UnixStream::connect(socket).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(TIMEOUT))
+        .and_then(|()| stream.set_write_timeout(Some(TIMEOUT)))
+        .map_err(|e| e.to_string())?;
+    let request = encode_request(method, path, headers, body);
+    stream.write_all(&request).map_err(|e| e.to_string())?;
+    let mut raw = Vec::new();
+    stream
+        .take(MAX_BODY + 65536)
+        .read_to_end(&mut raw)
+        .map_err(|e| e.to_string())?;
+    decode_response(&raw)
+}
+
+/// An HTTP/1.1 request for a unix socket.
+fn encode_request(
+    method: Method,
+    path: &str,
+    headers: &[(&'static str, String)],
+    body: Option<&str>,
+) -> Vec<u8> {
+    let mut head = format!(
+        "{} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nAccept: application/json\r\n",
+        method.as_str()
+    );
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    if let Some(body) = body {
+        head.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    head.push_str("\r\n");
+    let mut bytes = head.into_bytes();
+    if let Some(body) = body {
+        bytes.extend_from_slice(body.as_bytes());
+    }
+    bytes
+}
+
+/// Parses a whole HTTP/1.x response read until the server closed.
+fn decode_response(raw: &[u8]) -> Result<Response, String> {
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or("the answer is not HTTP (no end of headers)")?;
+    let head =
+        std::str::from_utf8(&raw[..split]).map_err(|_| "the answer's headers are not text")?;
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or("");
+    let status: u16 = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .filter(|_| status_line.starts_with("HTTP/1."))
+        .ok_or_else(|| format!("the answer is not HTTP: {status_line:?}"))?;
+    let mut chunked = false;
+    let mut length: Option<usize> = None;
+    for line in lines {
+        if let Some((name, value)) = line.split_once(':') {
+            let value = value.trim();
+            if name.eq_ignore_ascii_case("transfer-encoding") {
+                chunked = value.to_ascii_lowercase().contains("chunked");
+            } else if name.eq_ignore_ascii_case("content-length") {
+                length = value.parse().ok();
+            }
+        }
+    }
+    let rest = &raw[split + 4..];
+    let body = if chunked {
+        dechunk(rest)?
+    } else if let Some(n) = length {
+        rest.get(..n)
+            .ok_or("the connection closed before the whole answer came")?
+            .to_vec()
+    } else {
+        rest.to_vec()
+    };
+    let body = String::from_utf8(body).map_err(|_| "the answer's body is not UTF-8")?;
+    Ok(Response { status, body })
+}
+
+fn dechunk(mut data: &[u8]) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    loop {
+        let end = data
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .ok_or("a chunked answer ended early")?;
+        let size_text = std::str::from_utf8(&data[..end]).map_err(|_| "bad chunk size")?;
+        let size_text = size_text.split(';').next().unwrap_or("").trim();
+        let size = usize::from_str_radix(size_text, 16).map_err(|_| "bad chunk size")?;
+        data = &data[end + 2..];
+        if size == 0 {
+            return Ok(out);
+        }
+        let chunk = data.get(..size).ok_or("a chunked answer ended early")?;
+        out.extend_from_slice(chunk);
+        data = data.get(size + 2..).ok_or("a chunked answer ended early")?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    #[test]
+    fn decodes_plain_and_chunked_answers() {
+        let plain = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}";
+        assert_eq!(
+            decode_response(plain).unwrap(),
+            Response {
+                status: 200,
+                body: "{}".into()
+            }
+        );
+        let chunked = b"HTTP/1.1 500 Err\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;x\r\nde\r\n0\r\n\r\n";
+        assert_eq!(decode_response(chunked).unwrap().body, "abcde");
+        let until_close = b"HTTP/1.0 401 Unauthorized\r\n\r\nAuthentication failure";
+        assert_eq!(decode_response(until_close).unwrap().status, 401);
+        assert!(decode_response(b"SSH-2.0-OpenSSH\r\n").is_err());
+        assert!(decode_response(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n{}").is_err());
+    }
+
+    #[test]
+    fn requests_over_a_unix_socket() {
+        // A one-shot server on a real socket: checks what the client sends.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rest.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 4096];
+            // Read until the body (Content-Length 2) has arrived.
+            while !seen.ends_with(b"{}") {
+                let n = conn.read(&mut buf).unwrap();
+                assert!(n > 0);
+                seen.extend_from_slice(&buf[..n]);
+            }
+            conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n{\"job_id\":7}")
+                .unwrap();
+            String::from_utf8(seen).unwrap()
+        });
+        let url = RestUrl::Unix(path);
+        let headers = [("X-SLURM-USER-NAME", "u".to_string())];
+        let response = request(
+            &url,
+            Method::Post,
+            "/slurm/v0.0.38/job/submit",
+            &headers,
+            Some("{}"),
+        );
+        let seen = server.join().unwrap();
+        assert!(
+            seen.starts_with("POST /slurm/v0.0.38/job/submit HTTP/1.1\r\n"),
+            "{seen}"
+        );
+        assert!(seen.contains("X-SLURM-USER-NAME: u\r\n"));
+        assert!(seen.contains("Content-Type: application/json\r\n"));
+        assert!(seen.contains("Content-Length: 2\r\n"));
+        assert_eq!(response.unwrap().body, "{\"job_id\":7}");
+    }
+
+    #[test]
+    fn refused_connections_are_transient_and_name_the_address() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = RestUrl::Unix(dir.path().join("absent.sock"));
+        let secret = [("X-SLURM-USER-TOKEN", "sekrit".to_string())];
+        let failure = request(&url, Method::Get, "/x", &secret, None).unwrap_err();
+        assert_eq!(failure.kind, crate::Kind::Transient);
+        assert!(
+            failure.message.contains("absent.sock"),
+            "{}",
+            failure.message
+        );
+        assert!(!failure.message.contains("sekrit"));
+        // A TCP port nobody listens on.
+        let url = RestUrl::Http("http://127.0.0.1:9".into());
+        let failure = request(&url, Method::Get, "/x", &secret, None).unwrap_err();
+        assert!(
+            failure.message.contains("127.0.0.1:9"),
+            "{}",
+            failure.message
+        );
+        assert!(!failure.message.contains("sekrit"));
+    }
+}

@@ -1,0 +1,89 @@
+//! `nsh-alloc`: tickets in, tickets out with an `alloc` section: a Slurm job,
+//! running on a node that fits the derivation, waiting for its build request.
+//! `nsh-alloc --cancel` cancels the jobs of the tickets it reads.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use nsh_core::alloc::{self, AllocTimes, Clusters, LogProgress, Progress};
+use nsh_core::config::Config;
+use nsh_core::tool::run_stage;
+use nsh_core::ExitStatus;
+
+mod progress;
+
+/// Gets a Slurm job for each ticket read on stdin (one JSON object per line)
+/// and writes the ticket with `alloc: {cluster, backend, job, node, ssh, work,
+/// nonce, request}` to stdout once the job runs.
+///
+/// Exit status: 0 ok, 75 transient (Slurm unreachable, token refused, queue
+/// timeout, job ended before it ran), 65 no cluster fits the derivation,
+/// 78 bad configuration, 64 usage.
+#[derive(Parser)]
+#[command(name = "nsh-alloc", version)]
+struct Args {
+    /// The nsh configuration (default: $NSH_CONFIG, else /etc/nsh/nsh.toml).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Cancel the Slurm jobs of the tickets read (tickets pass through).
+    #[arg(long)]
+    cancel: bool,
+}
+
+fn main() -> ExitCode {
+    nsh_core::log::set_program("nsh-alloc");
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(e) => {
+            let usage = e.use_stderr();
+            let _ = e.print();
+            return if usage {
+                ExitStatus::Usage
+            } else {
+                ExitStatus::Ok
+            }
+            .into();
+        }
+    };
+    let stdin = std::io::stdin().lock();
+    let stdout = std::io::stdout().lock();
+    let config = Config::load(args.config.as_deref());
+    let mut clusters = Clusters::default();
+
+    if args.cancel {
+        return alloc::cancel_stage(
+            config.as_ref().map_err(Clone::clone),
+            &mut clusters,
+            stdin,
+            stdout,
+        )
+        .into();
+    }
+
+    let interrupted = alloc::interrupt_flag();
+    let mut progress: Box<dyn Progress> = if std::io::stderr().is_terminal() {
+        Box::new(progress::Spinner::new())
+    } else {
+        Box::new(LogProgress::new())
+    };
+    run_stage("alloc", stdin, stdout, |ticket| {
+        let config = config.as_ref().map_err(Clone::clone)?;
+        let mut times = AllocTimes::default();
+        let mut section = alloc::allocate(
+            config,
+            &mut clusters,
+            ticket,
+            progress.as_mut(),
+            interrupted,
+            &mut times,
+        )?;
+        section
+            .extra
+            .insert("secs".into(), alloc::times_json(&times));
+        ticket.alloc = Some(section);
+        Ok(())
+    })
+    .into()
+}
