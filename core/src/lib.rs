@@ -28,6 +28,7 @@ pub mod store;
 pub mod store_path;
 pub mod ticket;
 pub mod tool;
+pub mod transport;
 pub mod wire;
 
 pub use error::{Failure, Kind, ResultExt};
