@@ -14,6 +14,7 @@
 
 pub mod alloc;
 pub mod batch_script;
+pub mod closure;
 pub mod config;
 pub mod drv;
 pub mod error;

@@ -53,8 +53,10 @@ pub struct DrvSection {
     /// The `.drv` store path.
     pub path: String,
     /// The derivation's `name`.
+    #[serde(default)]
     pub name: String,
     /// The derivation's `system` (e.g. `x86_64-linux`).
+    #[serde(default)]
     pub system: String,
     /// `requiredSystemFeatures`.
     #[serde(default)]
