@@ -363,3 +363,42 @@ fn a_server_that_is_not_one_is_refused() {
         Kind::Config
     );
 }
+
+#[test]
+fn a_structured_attrs_derivation_builds_from_a_request_file() {
+    // __json must reach the node as it is in the .drv: the builder reads
+    // its output path from .attrs.json, which Nix writes from it.
+    let s = TestStore::new();
+    let drv_path = s.instantiate(
+        r#"builtins.derivation {
+             name = "sa"; system = builtins.currentSystem; builder = "/bin/sh";
+             __structuredAttrs = true; greeting = "hello from json";
+             args = [ "-c" "out=$(/bin/sed -n 's/.*\"out\":\"\\([^\"]*\\)\".*/\\1/p' .attrs.json); /bin/grep -o 'hello from json' .attrs.json > $out" ];
+           }"#,
+    );
+    let store = s.local_store();
+    let drv = store.read_drv(&drv_path).unwrap();
+    assert!(drv.structured_attrs);
+    assert!(drv.env.contains_key("__json"));
+    let request = s.dir.path().join("request");
+    let response = s.dir.path().join("response");
+    serve::write_build_request(
+        fs::File::create(&request).unwrap(),
+        &drv,
+        &[] as &[String],
+        &BuildOptions::default(),
+    )
+    .unwrap();
+    let status = s
+        .nix("nix-store")
+        .args(["--serve", "--write"])
+        .stdin(fs::File::open(&request).unwrap())
+        .stdout(fs::File::create(&response).unwrap())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let result = serve::read_build_response(fs::File::open(&response).unwrap()).unwrap();
+    assert_eq!(result.status, BuildStatus::Built, "{}", result.error_msg);
+    let out = &result.output_paths(&store.dir)["out"];
+    assert_eq!(fs::read_to_string(out).unwrap(), "hello from json\n");
+}

@@ -19,11 +19,20 @@ const NIX_CONFIG: &str = "substituters =\nbuild-users-group =\nsandbox = false\n
 struct Store {
     root: PathBuf,
     uri: String,
+    /// Held for the test's lifetime: another checkout's test run on the
+    /// same machine uses the same directory.
+    _lock: fs::File,
 }
 
 impl Store {
     fn new(test: &str) -> Store {
-        let root = PathBuf::from("/tmp/nsh-closure-test").join(test);
+        let base = PathBuf::from("/tmp/nsh-closure-test");
+        fs::create_dir_all(&base).unwrap();
+        let lock = fs::File::create(base.join(format!("{test}.lock"))).unwrap();
+        // SAFETY: flock on a file descriptor we own; blocks until free.
+        let locked = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) };
+        assert_eq!(locked, 0, "locking {test}.lock");
+        let root = base.join(test);
         if root.exists() {
             // Store paths are read-only directories: make them writable first.
             let _ = Command::new("chmod")
@@ -36,7 +45,11 @@ impl Store {
         fs::create_dir_all(&root).unwrap();
         let r = root.display();
         let uri = format!("local?store={r}/store&state={r}/var&log={r}/log");
-        Store { root, uri }
+        Store {
+            root,
+            uri,
+            _lock: lock,
+        }
     }
 
     fn nix(&self, program: &str, args: &[&str]) -> String {
