@@ -13,7 +13,7 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 
 use crate::error::Failure;
 use crate::exit::ExitStatus;
-use crate::serve_client::LocalServe;
+use crate::serve_client::ServeProcess;
 use crate::store::{self, LocalStore};
 use crate::ticket::{ClosureSection, DrvSection, StoreSection, Ticket};
 use crate::tool::run_stage;
@@ -62,7 +62,7 @@ pub fn run<R: BufRead, W: Write>(options: &ClosureOptions, stdin: R, stdout: W) 
 struct Session<'a> {
     options: &'a ClosureOptions,
     /// One serve process for the whole run, for one store URI.
-    serve: Option<(String, LocalServe)>,
+    serve: Option<(String, ServeProcess)>,
 }
 
 impl Session<'_> {
@@ -125,7 +125,7 @@ impl Session<'_> {
         Ok(())
     }
 
-    fn serve_for(&mut self, local: &LocalStore) -> Result<&mut LocalServe, Failure> {
+    fn serve_for(&mut self, local: &LocalStore) -> Result<&mut ServeProcess, Failure> {
         if self
             .serve
             .as_ref()

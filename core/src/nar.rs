@@ -26,7 +26,10 @@ const MAX_TOKEN: u64 = 4096;
 const MAX_DEPTH: usize = 256;
 
 /// Copies one NAR from `from` to `to`, returning its size in bytes.
-pub fn copy_nar<R: Read, W: Write>(from: &mut R, to: &mut W) -> Result<u64, WireError> {
+pub fn copy_nar<R: Read + ?Sized, W: Write + ?Sized>(
+    from: &mut R,
+    to: &mut W,
+) -> Result<u64, WireError> {
     let mut tee = Tee { from, to, count: 0 };
     let limits = Limits {
         max_string: MAX_TOKEN,
@@ -42,7 +45,7 @@ pub fn copy_nar<R: Read, W: Write>(from: &mut R, to: &mut W) -> Result<u64, Wire
 }
 
 /// Reads one NAR from `from` and discards it, returning its size.
-pub fn skip_nar<R: Read>(from: &mut R) -> Result<u64, WireError> {
+pub fn skip_nar<R: Read + ?Sized>(from: &mut R) -> Result<u64, WireError> {
     copy_nar(from, &mut io::sink())
 }
 
@@ -123,13 +126,13 @@ fn unexpected(want: &str, got: &[u8]) -> WireError {
 }
 
 /// Passes every byte read from `from` on to `to`.
-struct Tee<'a, R, W> {
+struct Tee<'a, R: ?Sized, W: ?Sized> {
     from: &'a mut R,
     to: &'a mut W,
     count: u64,
 }
 
-impl<R: Read, W: Write> Read for Tee<'_, R, W> {
+impl<R: Read + ?Sized, W: Write + ?Sized> Read for Tee<'_, R, W> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.from.read(buf)?;
         self.to.write_all(&buf[..n])?;

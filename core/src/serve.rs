@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 
 use crate::drv::Drv;
-use crate::error::Failure;
+use crate::error::{Failure, Kind};
 use crate::store_path::StoreDir;
 use crate::ticket::BuildOptions;
 use crate::wire::{WireError, WireReader, WireWriter};
@@ -371,6 +371,33 @@ impl BuildStatus {
         }
     }
 
+    /// What kind of failure this status is; `None` for success.
+    ///
+    /// TransientFailure is transient; TimedOut is timed out (Nix's own
+    /// "timed out" exit); everything else would fail the same way again.
+    /// MiscFailure is what a node answers when it lacks a required system
+    /// feature: a placement or configuration problem that retrying on the
+    /// same kind of node does not fix.
+    pub const fn failure_kind(self) -> Option<Kind> {
+        match self {
+            BuildStatus::Built
+            | BuildStatus::Substituted
+            | BuildStatus::AlreadyValid
+            | BuildStatus::ResolvesToAlreadyValid => None,
+            BuildStatus::TransientFailure => Some(Kind::Transient),
+            BuildStatus::TimedOut => Some(Kind::TimedOut),
+            BuildStatus::PermanentFailure
+            | BuildStatus::InputRejected
+            | BuildStatus::OutputRejected
+            | BuildStatus::CachedFailure
+            | BuildStatus::MiscFailure
+            | BuildStatus::DependencyFailed
+            | BuildStatus::LogLimitExceeded
+            | BuildStatus::NotDeterministic
+            | BuildStatus::NoSubstituters => Some(Kind::Permanent),
+        }
+    }
+
     /// Built, Substituted, AlreadyValid, ResolvesToAlreadyValid: the outputs exist.
     pub const fn is_success(self) -> bool {
         matches!(
@@ -569,6 +596,22 @@ mod tests {
             "resolves-to-already-valid"
         );
         assert!(BuildStatus::AlreadyValid.is_success() && !BuildStatus::TimedOut.is_success());
+        for status in BuildStatus::ALL {
+            assert_eq!(
+                status.is_success(),
+                status.failure_kind().is_none(),
+                "{status:?}"
+            );
+        }
+        assert_eq!(BuildStatus::TimedOut.failure_kind(), Some(Kind::TimedOut));
+        assert_eq!(
+            BuildStatus::TransientFailure.failure_kind(),
+            Some(Kind::Transient)
+        );
+        assert_eq!(
+            BuildStatus::MiscFailure.failure_kind(),
+            Some(Kind::Permanent)
+        );
     }
 
     #[test]

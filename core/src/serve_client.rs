@@ -1,5 +1,5 @@
 //! A `nix-store --serve` client over any `Read` + `Write` pair: a local
-//! child process ([`LocalServe`]), an ssh child, or anything else that
+//! child process ([`ServeProcess`]), an ssh child, or anything else that
 //! carries the bytes.
 //!
 //! NARs and export streams are streamed through, never held whole: the
@@ -17,6 +17,9 @@ use crate::ticket::BuildOptions;
 use crate::wire::{WireError, WireReader, WireWriter};
 
 /// One conversation with a serve-protocol server.
+///
+/// After a method fails, the conversation may be out of step (a NAR half
+/// read): drop the client rather than sending more.
 pub struct ServeClient<R: Read, W: Write> {
     r: WireReader<BufReader<R>>,
     w: WireWriter<BufWriter<W>>,
@@ -123,7 +126,11 @@ impl<R: Read, W: Write> ServeClient<R, W> {
     }
 
     /// Streams the NAR of `path` to `out`; returns its size.
-    pub fn dump_store_path(&mut self, path: &str, out: &mut impl Write) -> Result<u64, Failure> {
+    pub fn dump_store_path(
+        &mut self,
+        path: &str,
+        out: &mut (impl Write + ?Sized),
+    ) -> Result<u64, Failure> {
         self.send("DumpStorePath", |w| serve::write_dump_store_path(w, path))?;
         self.recv(&format!("the NAR of {path}"), |r| {
             nar::copy_nar(r.get_mut(), out)
@@ -135,7 +142,7 @@ impl<R: Read, W: Write> ServeClient<R, W> {
     pub fn export_paths<S: AsRef<str>>(
         &mut self,
         paths: &[S],
-        out: &mut impl Write,
+        out: &mut (impl Write + ?Sized),
     ) -> Result<Vec<ExportedPath>, Failure> {
         self.send("ExportPaths", |w| serve::write_export_paths(w, paths))?;
         self.recv("the export stream", |r| copy_export_stream(r, out))
@@ -156,6 +163,42 @@ impl<R: Read, W: Write> ServeClient<R, W> {
         self.send("ImportPaths", |_| Ok(()))?;
         self.recv("ImportPaths", |r| serve::read_ack(r, "ImportPaths"))?;
         Ok(paths)
+    }
+
+    /// ImportPaths with the export stream written straight to the server by
+    /// `write_stream` — typically another client's
+    /// `export_paths(paths, w)`, so that paths go from one store to another
+    /// without being held in memory.
+    pub fn import_paths_with(
+        &mut self,
+        write_stream: impl FnOnce(&mut dyn Write) -> Result<Vec<ExportedPath>, Failure>,
+    ) -> Result<Vec<ExportedPath>, Failure> {
+        self.send("ImportPaths", |w| w.u64(serve::Command::ImportPaths as u64))?;
+        let paths = write_stream(self.w.get_mut())?;
+        self.send("ImportPaths", |_| Ok(()))?;
+        self.recv("ImportPaths", |r| serve::read_ack(r, "ImportPaths"))?;
+        Ok(paths)
+    }
+
+    /// AddToStoreNar with the NAR written straight to the server by
+    /// `write_nar` — typically another client's `dump_store_path(path, w)`.
+    /// `write_nar` returns the NAR's size, which must be `info.nar_size`.
+    pub fn add_to_store_nar_with(
+        &mut self,
+        info: &PathInfo,
+        write_nar: impl FnOnce(&mut dyn Write) -> Result<u64, Failure>,
+    ) -> Result<u64, Failure> {
+        self.send("AddToStoreNar", |w| serve::write_add_to_store_nar(w, info))?;
+        let size = write_nar(self.w.get_mut())?;
+        if size != info.nar_size {
+            return Err(Failure::permanent(format!(
+                "{}: the NAR of {} has {size} bytes, its path info says {}",
+                self.peer, info.path, info.nar_size
+            )));
+        }
+        self.send("AddToStoreNar", |_| Ok(()))?;
+        self.recv("AddToStoreNar", |r| serve::read_ack(r, "AddToStoreNar"))?;
+        Ok(size)
     }
 
     /// AddToStoreNar: `info` describes the path, the NAR is read from `nar`
@@ -194,7 +237,7 @@ impl<R: Read, W: Write> ServeClient<R, W> {
 
 /// Copies an export stream (`u64 1`, NAR, trailer … `u64 0`) from `r` to
 /// `out`, entry by entry.
-pub fn copy_export_stream<R: Read, W: Write>(
+pub fn copy_export_stream<R: Read, W: Write + ?Sized>(
     r: &mut WireReader<R>,
     out: &mut W,
 ) -> Result<Vec<ExportedPath>, WireError> {
@@ -222,17 +265,23 @@ pub fn copy_export_stream<R: Read, W: Write>(
     }
 }
 
-/// A `nix-store --serve` child process on this machine.
-pub struct LocalServe {
+/// A `nix-store --serve` child process: on this machine
+/// ([`ServeProcess::spawn_local`]) or on a node through a transport's
+/// command ([`ServeProcess::from_command`] with `ssh … nix-store --serve --write`).
+pub struct ServeProcess {
     child: ChildGuard,
     pub client: ServeClient<ChildStdout, ChildStdin>,
 }
 
-impl LocalServe {
+impl ServeProcess {
     /// Starts `<nix_bin_dir>/nix-store --serve [--write] [--store <uri>]`
     /// (an empty `store_uri` means Nix's default store, an empty
     /// `nix_bin_dir` the `nix-store` on PATH).
-    pub fn spawn(nix_bin_dir: &str, store_uri: &str, write: bool) -> Result<LocalServe, Failure> {
+    pub fn spawn_local(
+        nix_bin_dir: &str,
+        store_uri: &str,
+        write: bool,
+    ) -> Result<ServeProcess, Failure> {
         let program = if nix_bin_dir.is_empty() {
             "nix-store".into()
         } else {
@@ -251,7 +300,7 @@ impl LocalServe {
         } else {
             format!("the local store {store_uri}")
         };
-        LocalServe::from_command(command, peer)
+        ServeProcess::from_command(command, peer)
     }
 
     /// Starts `command` (a `nix-store --serve` of some kind: with its own
@@ -259,7 +308,7 @@ impl LocalServe {
     pub fn from_command(
         mut command: Command,
         peer: impl Into<String>,
-    ) -> Result<LocalServe, Failure> {
+    ) -> Result<ServeProcess, Failure> {
         let program = command.get_program().to_string_lossy().into_owned();
         command
             .stdin(Stdio::piped())
@@ -277,12 +326,12 @@ impl LocalServe {
         let stdout = child.stdout.take().expect("piped");
         let child = ChildGuard(child);
         let client = ServeClient::handshake(stdout, stdin, peer)?;
-        Ok(LocalServe { child, client })
+        Ok(ServeProcess { child, client })
     }
 
     /// Ends the conversation (closing the server's stdin) and waits for it.
     pub fn finish(self) -> Result<(), Failure> {
-        let LocalServe { mut child, client } = self;
+        let ServeProcess { mut child, client } = self;
         drop(client);
         let status = child
             .0

@@ -2,7 +2,7 @@
 //! derivation's build needs.
 //!
 //! All queries for a derivation go over one `nix-store --serve` process
-//! ([`LocalServe`]): QueryValidPaths for the roots, QueryClosure, then one
+//! ([`ServeProcess`]): QueryValidPaths for the roots, QueryClosure, then one
 //! QueryPathInfos for the whole closure. Never one process per path.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use crate::drv::{self, Drv};
 use crate::error::Failure;
 use crate::serve::PathInfo;
-use crate::serve_client::{LocalServe, ServeClient};
+use crate::serve_client::{ServeClient, ServeProcess};
 use crate::store_path::{store_uri_param, StoreDir};
 
 /// The local store, as named by a Nix store URI (`""`/`auto`, `daemon`,
@@ -65,8 +65,8 @@ impl LocalStore {
     }
 
     /// Starts one serve-protocol conversation with this store.
-    pub fn serve(&self, write: bool) -> Result<LocalServe, Failure> {
-        LocalServe::spawn(&self.nix_bin_dir, &self.uri, write)
+    pub fn serve(&self, write: bool) -> Result<ServeProcess, Failure> {
+        ServeProcess::spawn_local(&self.nix_bin_dir, &self.uri, write)
     }
 
     /// What the build of `drv` needs as input before it is closed under

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use nsh_core::serve::{self, BuildStatus, PathInfo};
-use nsh_core::serve_client::LocalServe;
+use nsh_core::serve_client::ServeProcess;
 use nsh_core::store::{self, LocalStore};
 use nsh_core::ticket::BuildOptions;
 use nsh_core::Kind;
@@ -72,13 +72,13 @@ impl TestStore {
             .collect()
     }
 
-    fn serve(&self, write: bool) -> LocalServe {
+    fn serve(&self, write: bool) -> ServeProcess {
         let mut command = self.nix("nix-store");
         command.arg("--serve");
         if write {
             command.arg("--write");
         }
-        LocalServe::from_command(command, format!("test store {}", self.uri)).unwrap()
+        ServeProcess::from_command(command, format!("test store {}", self.uri)).unwrap()
     }
 
     fn local_store(&self) -> LocalStore {
@@ -212,7 +212,7 @@ fn export_then_import_and_add_to_store_nar() {
         if write {
             command.arg("--write");
         }
-        LocalServe::from_command(command, "target store").unwrap()
+        ServeProcess::from_command(command, "target store").unwrap()
     };
 
     let mut source = from.serve(false);
@@ -351,7 +351,7 @@ fn build_derivation_live_and_as_a_request_file() {
 fn a_server_that_is_not_one_is_refused() {
     let mut command = Command::new("sh");
     command.args(["-c", "cat >/dev/null & printf 'NOTSERVE'"]);
-    let err = LocalServe::from_command(command, "sh").err().unwrap();
+    let err = ServeProcess::from_command(command, "sh").err().unwrap();
     assert!(
         err.message.contains("not a nix-store --serve server"),
         "{}",
@@ -359,7 +359,7 @@ fn a_server_that_is_not_one_is_refused() {
     );
     let command = Command::new("/nonexistent/nix-store");
     assert_eq!(
-        LocalServe::from_command(command, "x").err().unwrap().kind,
+        ServeProcess::from_command(command, "x").err().unwrap().kind,
         Kind::Config
     );
 }
@@ -401,4 +401,66 @@ fn a_structured_attrs_derivation_builds_from_a_request_file() {
     assert_eq!(result.status, BuildStatus::Built, "{}", result.error_msg);
     let out = &result.output_paths(&store.dir)["out"];
     assert_eq!(fs::read_to_string(out).unwrap(), "hello from json\n");
+}
+
+#[test]
+fn paths_stream_from_one_store_to_another() {
+    // The way nsh-push and nsh-fetch move paths: one client's export or
+    // dump written straight into another's import or AddToStoreNar.
+    let from = TestStore::new();
+    let outs = from.realise(&from.instantiate(CHAIN));
+    let d = from.dir.path().display();
+    let to_dir = tempfile::tempdir().unwrap();
+    let t = to_dir.path().display();
+    let to_uri = format!("local?store={d}/store&real={t}/store&state={t}/var&log={t}/log");
+    let mut command = Command::new("nix-store");
+    command
+        .env("NIX_CONFIG", NIX_CONFIG)
+        .args(["--store", &to_uri, "--serve", "--write"]);
+    let mut target = ServeProcess::from_command(command, "target store").unwrap();
+    let mut source = from.serve(false);
+
+    let closure = source.client.query_closure(&outs, false).unwrap();
+    let infos = store::dependency_order(source.client.query_path_infos(&closure).unwrap()).unwrap();
+    let (top, rest) = infos.split_last().unwrap();
+    let rest_paths: Vec<String> = rest.iter().map(|i| i.path.clone()).collect();
+    let imported = target
+        .client
+        .import_paths_with(|w| source.client.export_paths(&rest_paths, w))
+        .unwrap();
+    assert_eq!(imported.len(), rest_paths.len());
+    let size = target
+        .client
+        .add_to_store_nar_with(top, |w| source.client.dump_store_path(&top.path, w))
+        .unwrap();
+    assert_eq!(size, top.nar_size);
+    let all: Vec<String> = infos.iter().map(|i| i.path.clone()).collect();
+    let mut valid = target.client.query_valid_paths(&all, false, false).unwrap();
+    valid.sort();
+    let mut want = all.clone();
+    want.sort();
+    assert_eq!(valid, want);
+    // Files arrived intact.
+    for path in &all {
+        let there = PathBuf::from(format!("{t}/store")).join(path.rsplit('/').next().unwrap());
+        let here = PathBuf::from(path);
+        if here.is_file() {
+            assert_eq!(fs::read(&there).unwrap(), fs::read(&here).unwrap());
+        }
+    }
+    // A size that does not match the path info is refused.
+    let wrong = PathInfo {
+        nar_size: top.nar_size + 8,
+        path: format!("{d}/store/00000000000000000000000000000000-wrong"),
+        ..top.clone()
+    };
+    let err = target
+        .client
+        .add_to_store_nar_with(&wrong, |w| source.client.dump_store_path(&top.path, w))
+        .unwrap_err();
+    assert!(
+        err.message.contains("its path info says"),
+        "{}",
+        err.message
+    );
 }
