@@ -85,6 +85,20 @@ impl Session<'_> {
         let local = LocalStore::new(&uri, &self.options.nix_bin_dir)?;
         let drv = local.read_drv(&drv_path)?;
         let wanted = drv.wanted_outputs(&wanted)?;
+        // The derivation's facts go in first, so that a ticket that fails
+        // on its inputs still says what the derivation is.
+        let old_drv = ticket.drv.take().unwrap_or_default();
+        ticket.drv = Some(DrvSection {
+            extra: old_drv.extra,
+            ..drv.section(wanted)
+        });
+        let store_extra = ticket.store.take().map(|s| s.extra).unwrap_or_default();
+        ticket.store = Some(StoreSection {
+            dir: local.dir.to_string(),
+            uri,
+            extra: store_extra,
+        });
+
         let roots = local.input_roots(&drv)?;
         log_debug!("{drv_path}: {} input roots", roots.len());
 
@@ -105,17 +119,6 @@ impl Session<'_> {
             closure.nar_size
         );
 
-        let old_drv = ticket.drv.take().unwrap_or_default();
-        ticket.drv = Some(DrvSection {
-            extra: old_drv.extra,
-            ..drv.section(wanted)
-        });
-        let store_extra = ticket.store.take().map(|s| s.extra).unwrap_or_default();
-        ticket.store = Some(StoreSection {
-            dir: local.dir.to_string(),
-            uri,
-            extra: store_extra,
-        });
         let closure_extra = ticket.closure.take().map(|c| c.extra).unwrap_or_default();
         ticket.closure = Some(ClosureSection {
             paths: closure.paths,
