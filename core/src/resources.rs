@@ -8,16 +8,19 @@
 //! {"cpus": 8, "mem": "16G", "time": "2h", "gres": "gpu:1", "constraint": "avx512"}
 //! ```
 //!
-//! * `mem`: a number of MiB, or a number with a unit `K`, `M`, `G`, `T`
-//!   (binary, as Slurm counts them; `GB`/`GiB` spellings accepted);
-//! * `time`: a number of minutes, or units `s`, `m`, `h`, `d` in descending
-//!   order (`"90m"`, `"1h30m"`, `"2d"`), rounded up to whole minutes.
+//! * `mem`: a number of MiB, or `"512M"`, `"16G"`, `"1T"` (binary units, as
+//!   Slurm reads them);
+//! * `time`: a number of minutes, or `"90m"`, `"4h"`, `"2d"`, or Slurm's
+//!   `"MM:SS"`, `"HH:MM:SS"`, `"D-HH:MM:SS"`, rounded up to whole minutes.
 //!
-//! [`parse`] checks only syntax; [`bound`] checks a request against the
-//! cluster's limits (nsh-alloc calls it, once it knows the cluster).
+//! The same notation as the site configuration's limits.
+//!
+//! [`parse`] checks only syntax; the cluster's limits are applied by
+//! [`crate::alloc`], once the cluster is known.
 
 use serde_json::Value;
 
+use crate::config;
 use crate::error::Failure;
 use crate::ticket::Resources;
 
@@ -63,89 +66,37 @@ pub fn parse(value: &Value) -> Result<Resources, Failure> {
     Ok(resources)
 }
 
+// Sizes and durations are written as in the site configuration (one
+// notation for admins and derivation authors): `config`'s parsers.
+
 /// A memory size in MiB.
 fn parse_mem(value: &Value) -> Result<u64, String> {
-    let bad = || format!("mem must be MiB or a size like \"8G\", not {value}");
     let mb = match value {
-        Value::Number(n) => n.as_u64().ok_or_else(bad)?,
-        Value::String(s) => {
-            let s = s.trim();
-            let digits = s.len() - s.trim_start_matches(|c: char| c.is_ascii_digit()).len();
-            let (number, unit) = s.split_at(digits);
-            let number: u64 = number.parse().map_err(|_| bad())?;
-            let unit = unit.trim().to_ascii_uppercase();
-            let unit = unit
-                .strip_suffix("IB")
-                .or_else(|| unit.strip_suffix('B'))
-                .unwrap_or(&unit);
-            match unit {
-                "K" => number.div_ceil(1024),
-                "" | "M" => number,
-                "G" => number.checked_mul(1024).ok_or_else(bad)?,
-                "T" => number.checked_mul(1024 * 1024).ok_or_else(bad)?,
-                _ => return Err(bad()),
-            }
-        }
-        _ => return Err(bad()),
+        Value::Number(n) => n.as_u64(),
+        Value::String(s) => config::parse_mem_mb_text(s),
+        _ => None,
     };
-    if mb == 0 {
-        return Err(bad());
+    match mb {
+        Some(mb) if mb > 0 => Ok(mb),
+        _ => Err(format!(
+            "mem must be MiB (2048) or a size like \"512M\", \"16G\", \"1T\", not {value}"
+        )),
     }
-    Ok(mb)
 }
 
-/// A duration in whole minutes (rounded up).
+/// A duration in whole minutes (seconds round up).
 fn parse_time(value: &Value) -> Result<u32, String> {
-    let bad =
-        || format!("time must be minutes or a duration like \"2h\" or \"1h30m\", not {value}");
-    let seconds: u64 = match value {
-        Value::Number(n) => n.as_u64().and_then(|m| m.checked_mul(60)).ok_or_else(bad)?,
-        Value::String(s) => {
-            let s = s.trim();
-            if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
-                s.parse::<u64>()
-                    .ok()
-                    .and_then(|m| m.checked_mul(60))
-                    .ok_or_else(bad)?
-            } else {
-                let mut total: u64 = 0;
-                let mut rest = s;
-                // Units must come in descending order, each at most once.
-                let mut last_unit = u64::MAX;
-                while !rest.is_empty() {
-                    let digits =
-                        rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len();
-                    if digits == 0 {
-                        return Err(bad());
-                    }
-                    let number: u64 = rest[..digits].parse().map_err(|_| bad())?;
-                    let unit = match rest[digits..].chars().next() {
-                        Some('d') => 86400,
-                        Some('h') => 3600,
-                        Some('m') => 60,
-                        Some('s') => 1,
-                        _ => return Err(bad()),
-                    };
-                    if unit >= last_unit {
-                        return Err(bad());
-                    }
-                    last_unit = unit;
-                    total = number
-                        .checked_mul(unit)
-                        .and_then(|n| total.checked_add(n))
-                        .ok_or_else(bad)?;
-                    rest = &rest[digits + 1..];
-                }
-                total
-            }
-        }
-        _ => return Err(bad()),
+    let minutes = match value {
+        Value::Number(n) => n.as_u64().and_then(|m| u32::try_from(m).ok()),
+        Value::String(s) => config::parse_minutes_text(s),
+        _ => None,
     };
-    let minutes = seconds.div_ceil(60);
-    if minutes == 0 || minutes > u32::MAX as u64 {
-        return Err(bad());
+    match minutes {
+        Some(m) if m > 0 => Ok(m),
+        _ => Err(format!(
+            "time must be minutes (90) or a duration like \"90m\", \"4h\", \"2d\", \"D-HH:MM:SS\", not {value}"
+        )),
     }
-    Ok(minutes as u32)
 }
 
 /// A Slurm gres or constraint expression: letters, digits and `extra`.
@@ -167,48 +118,6 @@ fn slurm_word(key: &str, value: &Value, extra: &str) -> Result<String, String> {
     Ok(text.to_string())
 }
 
-/// What a cluster allows a single derivation to ask for; `None` = no limit.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ResourceLimits {
-    pub max_cpus: Option<u32>,
-    pub max_mem_mb: Option<u64>,
-    pub max_time_min: Option<u32>,
-    /// Whether derivations may ask for gres / constraints of their own.
-    pub allow_gres: bool,
-    pub allow_constraint: bool,
-}
-
-/// Checks `request` against `limits`: a request above a limit is bad input
-/// (the derivation asks for more than the cluster gives), naming the limit.
-pub fn bound(request: &Resources, limits: &ResourceLimits) -> Result<(), Failure> {
-    fn over<T: PartialOrd + std::fmt::Display>(
-        what: &str,
-        asked: Option<T>,
-        max: Option<T>,
-    ) -> Result<(), Failure> {
-        match (asked, max) {
-            (Some(asked), Some(max)) if asked > max => Err(Failure::input(format!(
-                "nshResources: {what} {asked} is above the cluster's limit of {max}"
-            ))),
-            _ => Ok(()),
-        }
-    }
-    over("cpus", request.cpus, limits.max_cpus)?;
-    over("mem (MiB)", request.mem_mb, limits.max_mem_mb)?;
-    over("time (minutes)", request.time_min, limits.max_time_min)?;
-    if request.gres.is_some() && !limits.allow_gres {
-        return Err(Failure::input(
-            "nshResources: gres is not allowed on this cluster",
-        ));
-    }
-    if request.constraint.is_some() && !limits.allow_constraint {
-        return Err(Failure::input(
-            "nshResources: constraint is not allowed on this cluster",
-        ));
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -216,7 +125,7 @@ mod tests {
 
     #[test]
     fn parses_every_field() {
-        let r = parse(&json!({"cpus": 8, "mem": "16G", "time": "1h30m", "gres": "gpu:a100:1", "constraint": "avx512&ib"})).unwrap();
+        let r = parse(&json!({"cpus": 8, "mem": "16G", "time": "1:30:00", "gres": "gpu:a100:1", "constraint": "avx512&ib"})).unwrap();
         assert_eq!(
             r,
             Resources {
@@ -238,9 +147,7 @@ mod tests {
             ("512M", 512),
             ("8G", 8192),
             ("8GB", 8192),
-            ("8GiB", 8192),
             ("1T", 1 << 20),
-            ("1536K", 2),
             ("100", 100),
         ] {
             assert_eq!(parse_mem(&json!(mem)), Ok(mb), "{mem}");
@@ -249,7 +156,7 @@ mod tests {
             ("2h", 120),
             ("90m", 90),
             ("1d", 1440),
-            ("1h30m", 90),
+            ("1-00:30", 1470),
             ("61s", 2),
             ("45", 45),
         ] {
@@ -265,7 +172,7 @@ mod tests {
             (json!({"cpus": "4"}), "cpus must be a positive integer"),
             (json!({"mem": "8X"}), "mem must be"),
             (json!({"mem": 0}), "mem must be"),
-            (json!({"time": "30m2h"}), "time must be"),
+            (json!({"time": "1h30m"}), "time must be"),
             (json!({"time": "h"}), "time must be"),
             (json!({"time": "0m"}), "time must be"),
             (json!({"gres": "gpu:1; rm -rf /"}), "has ';'"),
@@ -279,26 +186,5 @@ mod tests {
             assert!(err.message.starts_with("nshResources: "), "{}", err.message);
             assert!(err.message.contains(why), "{value}: {}", err.message);
         }
-    }
-
-    #[test]
-    fn bounds() {
-        let limits = ResourceLimits {
-            max_cpus: Some(16),
-            max_mem_mb: Some(65536),
-            max_time_min: None,
-            allow_gres: false,
-            allow_constraint: true,
-        };
-        let ok =
-            parse(&json!({"cpus": 16, "mem": "64G", "time": "30d", "constraint": "x"})).unwrap();
-        assert!(bound(&ok, &limits).is_ok());
-        let err = bound(&parse(&json!({"cpus": 17})).unwrap(), &limits).unwrap_err();
-        assert_eq!(
-            err.message,
-            "nshResources: cpus 17 is above the cluster's limit of 16"
-        );
-        let err = bound(&parse(&json!({"gres": "gpu:1"})).unwrap(), &limits).unwrap_err();
-        assert!(err.message.contains("gres is not allowed"));
     }
 }
