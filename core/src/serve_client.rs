@@ -358,3 +358,108 @@ impl Drop for ChildGuard {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn le(n: u64) -> Vec<u8> {
+        n.to_le_bytes().to_vec()
+    }
+
+    fn s(text: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        WireWriter::new(&mut out).string(text).unwrap();
+        out
+    }
+
+    /// A whole conversation, byte for byte: what the client sends given
+    /// what a 2.8 server answers.
+    #[test]
+    fn a_conversation_transcript() {
+        let nar = {
+            let mut out = Vec::new();
+            nar::write::nar(
+                &mut out,
+                &nar::write::Node::Regular {
+                    executable: false,
+                    contents: b"hi",
+                },
+            )
+            .unwrap();
+            out
+        };
+        let server = [
+            le(serve::SERVE_MAGIC_2),
+            le(0x207),
+            // QueryValidPaths → one valid
+            le(1),
+            s("/s/a"),
+            // QueryClosure → two
+            le(2),
+            s("/s/a"),
+            s("/s/b"),
+            // DumpStorePath → the NAR
+            nar.clone(),
+        ]
+        .concat();
+        let mut sent = Vec::new();
+        {
+            let mut client = ServeClient::handshake(&server[..], &mut sent, "test").unwrap();
+            assert_eq!(client.version(), 0x207);
+            let valid = client
+                .query_valid_paths(&["/s/a", "/s/x"], true, false)
+                .unwrap();
+            assert_eq!(valid, ["/s/a"]);
+            let closure = client.query_closure(&["/s/a"], false).unwrap();
+            assert_eq!(closure, ["/s/a", "/s/b"]);
+            let mut dumped = Vec::new();
+            client.dump_store_path("/s/a", &mut dumped).unwrap();
+            assert_eq!(dumped, nar);
+            // The server has nothing more to say: a clean, transient error.
+            let err = client.query_closure(&["/s/a"], false).unwrap_err();
+            assert_eq!(err.kind, Kind::Transient);
+            assert!(
+                err.message.starts_with("test: QueryClosure: "),
+                "{}",
+                err.message
+            );
+        }
+        let expected = [
+            le(serve::SERVE_MAGIC_1),
+            le(serve::CLIENT_VERSION),
+            le(1),
+            le(1),
+            le(0),
+            le(2),
+            s("/s/a"),
+            s("/s/x"),
+            le(7),
+            le(0),
+            le(1),
+            s("/s/a"),
+            le(3),
+            s("/s/a"),
+            le(7),
+            le(0),
+            le(1),
+            s("/s/a"),
+        ]
+        .concat();
+        assert_eq!(sent, expected);
+    }
+
+    #[test]
+    fn a_server_of_another_major_version_is_refused() {
+        let server = [le(serve::SERVE_MAGIC_2), le(0x307)].concat();
+        let err = ServeClient::handshake(&server[..], Vec::new(), "node1")
+            .err()
+            .unwrap();
+        assert_eq!(err.kind, Kind::Permanent);
+        assert!(
+            err.message.contains("serve protocol 3.7"),
+            "{}",
+            err.message
+        );
+    }
+}

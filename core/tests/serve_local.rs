@@ -464,3 +464,63 @@ fn paths_stream_from_one_store_to_another() {
         err.message
     );
 }
+
+#[test]
+fn fixed_output_derivations_build_from_request_files() {
+    // The output's hashAlgo/hash strings must reach the node exactly as in
+    // the .drv, or the node computes another output path, or rejects the
+    // output. Flat (sha256) and recursive (r:sha256) both.
+    let s = TestStore::new();
+    let sample = s.dir.path().join("sample");
+    fs::write(&sample, "hello\n").unwrap();
+    let nar_hash = s.run("nix-hash", &["--type", "sha256", sample.to_str().unwrap()]);
+    let flat_hash = s.run(
+        "nix-hash",
+        &["--type", "sha256", "--flat", sample.to_str().unwrap()],
+    );
+    let store = s.local_store();
+    for (mode, hash) in [("flat", &flat_hash), ("recursive", &nar_hash)] {
+        let drv_path = s.instantiate(&format!(
+            r#"builtins.derivation {{
+                 name = "fixed-{mode}"; system = builtins.currentSystem; builder = "/bin/sh";
+                 outputHashMode = "{mode}"; outputHashAlgo = "sha256"; outputHash = "{hash}";
+                 args = [ "-c" "echo hello > $out" ];
+               }}"#
+        ));
+        let drv = store.read_drv(&drv_path).unwrap();
+        let out = &drv.outputs["out"];
+        let algo = if mode == "flat" { "sha256" } else { "r:sha256" };
+        assert_eq!(
+            (out.hash_algo.as_str(), out.hash.as_str()),
+            (algo, hash.as_str())
+        );
+        let request = s.dir.path().join(format!("request-{mode}"));
+        let response = s.dir.path().join(format!("response-{mode}"));
+        serve::write_build_request(
+            fs::File::create(&request).unwrap(),
+            &drv,
+            &[] as &[String],
+            &BuildOptions::default(),
+        )
+        .unwrap();
+        let status = s
+            .nix("nix-store")
+            .args(["--serve", "--write"])
+            .stdin(fs::File::open(&request).unwrap())
+            .stdout(fs::File::create(&response).unwrap())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let result = serve::read_build_response(fs::File::open(&response).unwrap()).unwrap();
+        assert_eq!(
+            result.status,
+            BuildStatus::Built,
+            "{mode}: {}",
+            result.error_msg
+        );
+        assert_eq!(
+            result.output_paths(&store.dir)["out"],
+            store.dir.render(out.path.as_ref().unwrap())
+        );
+    }
+}
