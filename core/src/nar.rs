@@ -26,11 +26,19 @@ const MAX_TOKEN: u64 = 4096;
 const MAX_DEPTH: usize = 256;
 
 /// Copies one NAR from `from` to `to`, returning its size in bytes.
+///
+/// `from` should be buffered (NAR tokens are read 8 bytes at a time); `to`
+/// need not be: writes are gathered here.
 pub fn copy_nar<R: Read + ?Sized, W: Write + ?Sized>(
     from: &mut R,
     to: &mut W,
 ) -> Result<u64, WireError> {
-    let mut tee = Tee { from, to, count: 0 };
+    let mut to = io::BufWriter::with_capacity(64 * 1024, to);
+    let mut tee = Tee {
+        from,
+        to: &mut to,
+        count: 0,
+    };
     let limits = Limits {
         max_string: MAX_TOKEN,
         max_list: 0,
