@@ -16,7 +16,7 @@ use nsh_core::Kind;
 
 /// Settings that make Nix work on a machine without /etc/nix/nix.conf,
 /// without a nixbld group and without network.
-const NIX_CONFIG: &str = "substituters =\nbuild-users-group =\nsandbox = false\n";
+const NIX_CONFIG: &str = "substituters =\nbuild-users-group =\nsandbox = false\nbuilders =\n";
 
 struct TestStore {
     dir: tempfile::TempDir,
@@ -350,7 +350,7 @@ fn build_derivation_live_and_as_a_request_file() {
 #[test]
 fn a_server_that_is_not_one_is_refused() {
     let mut command = Command::new("sh");
-    command.args(["-c", "cat >/dev/null & printf 'NOTSERVE'"]);
+    command.args(["-c", "printf NOTSERVE; cat >/dev/null"]);
     let err = ServeProcess::from_command(command, "sh").err().unwrap();
     assert!(
         err.message.contains("not a nix-store --serve server"),

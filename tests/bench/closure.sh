@@ -18,7 +18,8 @@ ROOT=$BENCH_DIR/n$N
 URI="local?store=$ROOT/store&state=$ROOT/var&log=$ROOT/log"
 export NIX_CONFIG='substituters =
 build-users-group =
-sandbox = false'
+sandbox = false
+builders ='
 export NSH_LOG=error
 HERE=$(cd "$(dirname "$0")/../.." && pwd)
 NSH_CLOSURE=${NSH_CLOSURE:-$HERE/target/release/nsh-closure}

@@ -14,7 +14,7 @@ use std::process::Command;
 use assert_cmd::cargo::CommandCargoExt;
 use serde_json::Value;
 
-const NIX_CONFIG: &str = "substituters =\nbuild-users-group =\nsandbox = false\n";
+const NIX_CONFIG: &str = "substituters =\nbuild-users-group =\nsandbox = false\nbuilders =\n";
 
 struct Store {
     root: PathBuf,
