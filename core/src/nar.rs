@@ -303,7 +303,57 @@ mod tests {
         );
     }
 
+    /// An owned tree, for generating NARs.
+    #[derive(Debug, Clone)]
+    enum Tree {
+        File(bool, Vec<u8>),
+        Link(String),
+        Dir(std::collections::BTreeMap<String, Tree>),
+    }
+
+    fn borrow(tree: &Tree) -> Node<'_> {
+        match tree {
+            Tree::File(executable, contents) => Node::Regular {
+                executable: *executable,
+                contents,
+            },
+            Tree::Link(target) => Node::Symlink { target },
+            Tree::Dir(entries) => Node::Directory(
+                entries
+                    .iter()
+                    .map(|(n, t)| (n.as_str(), borrow(t)))
+                    .collect(),
+            ),
+        }
+    }
+
+    fn tree() -> impl Strategy<Value = Tree> {
+        let leaf = prop_oneof![
+            (any::<bool>(), proptest::collection::vec(any::<u8>(), 0..40))
+                .prop_map(|(x, c)| Tree::File(x, c)),
+            "[a-z/.]{1,20}".prop_map(Tree::Link),
+        ];
+        leaf.prop_recursive(4, 32, 5, |inner| {
+            proptest::collection::btree_map("[a-z0-9_]{1,8}", inner, 0..5).prop_map(Tree::Dir)
+        })
+    }
+
     proptest! {
+        #[test]
+        fn generated_nars_are_copied_exactly(t in tree(), tail in proptest::collection::vec(any::<u8>(), 0..16)) {
+            let mut bytes = Vec::new();
+            nar(&mut bytes, &borrow(&t)).unwrap();
+            let stream = [&bytes[..], &tail].concat();
+            let mut input = &stream[..];
+            let mut copy = Vec::new();
+            prop_assert_eq!(copy_nar(&mut input, &mut copy).unwrap(), bytes.len() as u64);
+            prop_assert_eq!(copy, bytes.clone());
+            prop_assert_eq!(input, &tail[..]);
+            // Any cut is an error.
+            let cut = bytes.len() / 2;
+            prop_assert!(skip_nar(&mut &bytes[..cut]).is_err());
+        }
+
         #[test]
         fn arbitrary_bytes_never_panic(tail in proptest::collection::vec(any::<u8>(), 0..256)) {
             let _ = skip_nar(&mut &tail[..]);

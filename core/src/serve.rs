@@ -712,4 +712,17 @@ mod tests {
         let err = read_build_response(&le(SERVE_MAGIC_2)[..]).unwrap_err();
         assert_eq!(err.kind, crate::Kind::Transient);
     }
+
+    proptest::proptest! {
+        /// Decoders given arbitrary bytes return an error or a value, never
+        /// panic, whatever version is in use.
+        #[test]
+        fn decoders_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512), minor in 0u64..10) {
+            let version = 0x200 | minor;
+            let _ = read_path_infos(&mut WireReader::new(&bytes[..]), version);
+            let _ = read_build_result(&mut WireReader::new(&bytes[..]), version);
+            let _ = read_export_trailer(&mut WireReader::new(&bytes[..]));
+            let _ = read_build_response(&bytes[..]);
+        }
+    }
 }
