@@ -83,6 +83,7 @@ impl Session<'_> {
         };
 
         let local = LocalStore::new(&uri, &self.options.nix_bin_dir)?;
+        let drv_path = resolve_link(&local, &drv_path);
         let drv = local.read_drv(&drv_path)?;
         let wanted = drv.wanted_outputs(&wanted)?;
         // The derivation's facts go in first, so that a ticket that fails
@@ -140,6 +141,26 @@ impl Session<'_> {
             self.serve = Some((local.uri.clone(), local.serve(false)?));
         }
         Ok(&mut self.serve.as_mut().expect("just set").1)
+    }
+}
+
+/// A path outside the store that is a symlink into it (a GC root made by
+/// `nix-instantiate --add-root`) stands for the store path it points to.
+/// Anything else is returned as it is, to be judged by the store.
+fn resolve_link(local: &LocalStore, path: &str) -> String {
+    let in_store = path.starts_with(&format!("{}/", local.dir));
+    if in_store || local.real_dir().as_os_str() != local.dir.as_str() {
+        return path.to_string();
+    }
+    match std::fs::canonicalize(path) {
+        Ok(target) => match target.to_str() {
+            Some(target) if target.starts_with(&format!("{}/", local.dir)) => {
+                log_debug!("{path} is {target}");
+                target.to_string()
+            }
+            _ => path.to_string(),
+        },
+        Err(_) => path.to_string(),
     }
 }
 

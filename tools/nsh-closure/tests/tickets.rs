@@ -138,6 +138,12 @@ fn no_inputs_multiple_outputs_features_and_resources() {
     let (status, tickets) = s.closure(&[&drv], "");
     assert_eq!(status, 0);
     insta::assert_json_snapshot!(tickets);
+    // A GC root pointing at the derivation stands for it.
+    let link = s.root.join("multi.drv");
+    std::os::unix::fs::symlink(&drv, &link).unwrap();
+    let (status, linked) = s.closure(&[link.to_str().unwrap()], "");
+    assert_eq!(status, 0);
+    assert_eq!(linked, tickets);
     // --wanted picks outputs; an unknown one is bad input.
     let (status, tickets) = s.closure(&["--wanted", "dev,out", &drv], "");
     assert_eq!(status, 0);
