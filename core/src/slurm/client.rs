@@ -87,7 +87,22 @@ impl RestClient {
             &format!("pinging slurmrestd ({})", client.version),
             ping.status,
             &ping.body,
-        )?;
+        )
+        .map_err(|failure| {
+            // slurmrestd 22.05 does not check tokens itself: slurmctld
+            // refuses a bad one, and the ping then fails like this.
+            let release = serde_json::from_str(&ping.body)
+                .ok()
+                .and_then(|v| rest::server_release(&v));
+            if ping.status == 500 && release.is_some_and(|r| r.starts_with("22.05")) {
+                Failure::transient(format!(
+                    "{} (Slurm 22.05 answers this way when slurmctld refuses the token: check the cluster's token_file/token_command and user)",
+                    failure.message
+                ))
+            } else {
+                failure
+            }
+        })?;
         client.release = rest::server_release(&value);
         log_debug!(
             "slurmrestd at {}: Slurm {}, API {} ({} ms)",
