@@ -560,6 +560,7 @@ pub fn times_json(times: &AllocTimes) -> serde_json::Value {
         "submit": secs(times.submit),
         "queued": secs(times.queued),
         "polls": times.polls,
+        "polling": secs(times.polling),
     })
 }
 

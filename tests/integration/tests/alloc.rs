@@ -298,7 +298,7 @@ fn nothing_fits_and_bad_config() {
         .contains("partiton"));
 }
 
-/// Fills the big node (jobs without --mem get all of a node's memory here),
+/// Fills the big node (a job asking for all of its 8 CPUs),
 /// then: a second job hits the queue timeout (75, cancelled), a third is
 /// interrupted by SIGTERM while pending (cancelled).
 #[test]
