@@ -364,3 +364,70 @@ fn queue_timeout_and_signals_cancel_the_pending_job() {
     let (status, _, _) = run(&c, None, &["--cancel"], holder.trim());
     assert_eq!(status, 0);
 }
+
+/// slurmrestd on a unix socket with `rest_auth/local` (no token: the
+/// socket's peer credentials say who is asking), started here as the build
+/// user, and nsh-alloc as the same user talking HTTP/1.1 over the socket.
+#[test]
+fn rest_over_a_unix_socket_with_local_auth() {
+    use std::os::unix::process::CommandExt;
+    let c = Cluster::get();
+    let user = c.user();
+    let id = |flag: &str| -> u32 {
+        run_ok(Command::new("id").args([flag, &user]))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let dir = shared_tempdir();
+    std::os::unix::fs::chown(dir.path(), Some(id("-u")), Some(id("-g"))).unwrap();
+    let socket = dir.path().join("rest.sock");
+    let mut slurmrestd = c
+        .command("slurmrestd")
+        .args(["-a", "rest_auth/local", "-s", "openapi/v0.0.38"])
+        .arg(format!("unix:{}", socket.display()))
+        .uid(id("-u"))
+        .gid(id("-g"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("slurmrestd starts");
+    let start = Instant::now();
+    while !socket.exists() {
+        assert!(start.elapsed() < Duration::from_secs(10), "no socket");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let config = config_with(&c, dir.path(), "unix.toml", |t| {
+        t.lines()
+            .filter(|l| !l.starts_with("token_file"))
+            .map(|l| {
+                if l.starts_with("url") {
+                    format!("url = \"unix:{}\"", socket.display())
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    });
+    let (status, stdout, stderr) = run(&c, Some(&user), &["--config", &config], &ticket(&["big"]));
+    let (cancel_status, _, cancel_stderr) = run(
+        &c,
+        Some(&user),
+        &["--config", &config, "--cancel"],
+        stdout.trim(),
+    );
+    let _ = slurmrestd.kill();
+    let _ = slurmrestd.wait();
+    assert_eq!(status, 0, "{stderr}");
+    assert_eq!(cancel_status, 0, "{cancel_stderr}");
+    let t = parse(&stdout);
+    assert_eq!(t["alloc"]["node"], c.node_with_feature("big").as_str());
+    await_state(
+        &c,
+        t["alloc"]["job"].as_u64().unwrap(),
+        &["CANCELLED"],
+        Duration::from_secs(10),
+    );
+}
