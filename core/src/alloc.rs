@@ -466,7 +466,8 @@ fn wait_running(
 }
 
 /// Cancels the job of a ticket that has an `alloc` section (also a failed
-/// ticket: that is when it matters most) and marks it `alloc.cancelled`.
+/// ticket: that is when it matters most), closes the ticket's ssh
+/// ControlMaster if it has one, and marks it `alloc.cancelled`.
 pub fn cancel(
     config: &Config,
     clusters: &mut Clusters,
@@ -484,9 +485,14 @@ pub fn cancel(
         ))
     })?;
     let slurm = clusters.get(cluster)?;
-    slurm
+    let cancelled = slurm
         .cancel(alloc.job)
-        .map_err(|f| f.context(format!("cluster {}", cluster.name)))?;
+        .map_err(|f| f.context(format!("cluster {}", cluster.name)));
+    // The tools' shared ssh connection to the node has nothing left to do.
+    if alloc.control.is_some() {
+        crate::transport::Ssh::for_alloc(alloc, &config.ssh).stop_master();
+    }
+    cancelled?;
     alloc.extra.insert("cancelled".into(), true.into());
     Ok(())
 }

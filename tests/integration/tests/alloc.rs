@@ -187,8 +187,41 @@ fn rest_cancel_ends_the_job_and_removes_its_work_dir() {
     let node = t["alloc"]["node"].as_str().unwrap().to_string();
     let work = t["alloc"]["work"].as_str().unwrap().to_string();
 
-    let (status, out, stderr) = run(&c, None, &["--cancel"], stdout.trim());
+    // A ControlMaster as the other tools would have left it.
+    let dir = shared_tempdir();
+    let control = dir.path().join("cm");
+    let master = Command::new("ssh")
+        .args([
+            "-F",
+            &c.ssh_config(),
+            "-o",
+            "ControlMaster=yes",
+            "-o",
+            "ControlPersist=60",
+        ])
+        .arg("-o")
+        .arg(format!("ControlPath={}", control.display()))
+        .args(["-f", "-N", &node])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(master.success());
+    assert!(control.exists());
+    let mut t = t;
+    t["alloc"]["control"] = Value::String(control.display().to_string());
+
+    let (status, out, stderr) = run(&c, None, &["--cancel"], &t.to_string());
     assert_eq!(status, 0, "{stderr}");
+    let start = Instant::now();
+    while control.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the ControlMaster stays"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let cancelled = parse(&out);
     assert_eq!(cancelled["alloc"]["cancelled"], true);
     assert_eq!(cancelled["alloc"]["job"], job);
