@@ -189,3 +189,141 @@ impl RestClient {
         rest::parse_cancel(job, response.status, &response.body)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixListener;
+    use std::path::Path;
+    use std::sync::{Arc, Mutex};
+
+    /// A stand-in slurmrestd on a unix socket that serves `routes`
+    /// (method + path → status + body), 404 for anything else, and records
+    /// the requests it saw. For the version-negotiation logic only; the real
+    /// server is exercised by the cluster tests.
+    fn server(socket: &Path, routes: Vec<(&'static str, u16, String)>) -> Arc<Mutex<Vec<String>>> {
+        let listener = UnixListener::bind(socket).unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let mut conn = conn.unwrap();
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if conn.read(&mut byte).unwrap() == 0 {
+                        break;
+                    }
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8(head).unwrap();
+                let line = head.lines().next().unwrap_or("").to_string();
+                let request = line
+                    .rsplit_once(' ')
+                    .map(|(r, _)| r.to_string())
+                    .unwrap_or_default();
+                log.lock().unwrap().push(head.clone());
+                let (status, body) = routes
+                    .iter()
+                    .find(|(r, _, _)| *r == request)
+                    .map(|(_, s, b)| (*s, b.clone()))
+                    .unwrap_or((404, "Unable find requested URL.".into()));
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: Close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        seen
+    }
+
+    fn cluster(socket: &Path, extra: &str) -> Cluster {
+        let text = format!(
+            "[cluster.c]\nurl = \"unix:{}\"\nsystems = [\"x86_64-linux\"]\n{extra}",
+            socket.display()
+        );
+        Config::parse(Path::new("t.toml"), &text).unwrap().clusters["c"].clone()
+    }
+
+    const PING_2511: &str = r#"{"meta":{"slurm":{"release":"25.11.2"}},"errors":[],"pings":[]}"#;
+
+    #[test]
+    fn without_an_openapi_document_the_newest_answering_ping_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("s");
+        let seen = server(
+            &socket,
+            vec![
+                ("GET /slurm/v0.0.43/ping/", 200, PING_2511.into()),
+                ("GET /slurm/v0.0.42/ping/", 200, PING_2511.into()),
+            ],
+        );
+        let client = RestClient::connect(&cluster(&socket, "")).unwrap();
+        assert_eq!(client.version, ApiVersion::V0043);
+        assert_eq!(client.release.as_deref(), Some("25.11.2"));
+        let seen = seen.lock().unwrap();
+        let lines: Vec<&str> = seen.iter().map(|h| h.lines().next().unwrap()).collect();
+        assert_eq!(
+            lines,
+            [
+                "GET /openapi/v3 HTTP/1.1",
+                "GET /slurm/v0.0.45/ping/ HTTP/1.1",
+                "GET /slurm/v0.0.44/ping/ HTTP/1.1",
+                "GET /slurm/v0.0.43/ping/ HTTP/1.1",
+                "GET /slurm/v0.0.43/ping/ HTTP/1.1",
+            ]
+        );
+    }
+
+    #[test]
+    fn the_openapi_document_decides_and_tokens_go_by_release() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("s");
+        let token = dir.path().join("jwt");
+        std::fs::write(&token, "SLURM_JWT=tok\n").unwrap();
+        let doc = r#"{"paths":{"\/slurm\/v0.0.41\/ping\/":{},"\/slurm\/v0.0.42\/ping\/":{}}}"#;
+        let seen = server(
+            &socket,
+            vec![
+                ("GET /openapi/v3", 200, doc.into()),
+                ("GET /slurm/v0.0.42/ping/", 200, PING_2511.into()),
+                ("GET /slurm/v0.0.42/job/7", 200, r#"{"jobs":[{"job_id":7,"job_state":["PENDING"],"state_reason":"Priority"}],"errors":[]}"#.into()),
+            ],
+        );
+        let extra = format!("user = \"u\"\ntoken_file = \"{}\"\n", token.display());
+        let client = RestClient::connect(&cluster(&socket, &extra)).unwrap();
+        assert_eq!(client.version, ApiVersion::V0042);
+        let job = client.job(7).unwrap();
+        assert_eq!(job.reason.as_deref(), Some("Priority"));
+        let seen = seen.lock().unwrap();
+        // Before the release is known: user and token; after (25.11): token only.
+        assert!(
+            seen[0].contains("X-SLURM-USER-NAME: u\r\n")
+                && seen[0].contains("X-SLURM-USER-TOKEN: tok\r\n")
+        );
+        let last = seen.last().unwrap();
+        assert!(last.starts_with("GET /slurm/v0.0.42/job/7 "));
+        assert!(
+            last.contains("X-SLURM-USER-TOKEN: tok\r\n") && !last.contains("X-SLURM-USER-NAME")
+        );
+    }
+
+    #[test]
+    fn a_fixed_version_the_server_lacks_is_transient() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("s");
+        server(&socket, vec![]);
+        let failure = RestClient::connect(&cluster(&socket, "api = \"v0.0.40\"\n")).unwrap_err();
+        assert_eq!(failure.kind, crate::Kind::Transient);
+        assert!(failure.message.contains("HTTP 404"), "{}", failure.message);
+        let failure = RestClient::connect(&cluster(&socket, "")).unwrap_err();
+        assert!(
+            failure.message.contains("offers none of the API versions"),
+            "{}",
+            failure.message
+        );
+    }
+}
