@@ -194,50 +194,15 @@ impl RestClient {
 mod tests {
     use super::*;
     use crate::config::Config;
-    use std::io::{Read, Write};
-    use std::os::unix::net::UnixListener;
     use std::path::Path;
     use std::sync::{Arc, Mutex};
 
-    /// A stand-in slurmrestd on a unix socket that serves `routes`
-    /// (method + path → status + body), 404 for anything else, and records
-    /// the requests it saw. For the version-negotiation logic only; the real
-    /// server is exercised by the cluster tests.
     fn server(socket: &Path, routes: Vec<(&'static str, u16, String)>) -> Arc<Mutex<Vec<String>>> {
-        let listener = UnixListener::bind(socket).unwrap();
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let log = seen.clone();
-        std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                let mut conn = conn.unwrap();
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if conn.read(&mut byte).unwrap() == 0 {
-                        break;
-                    }
-                    head.push(byte[0]);
-                }
-                let head = String::from_utf8(head).unwrap();
-                let line = head.lines().next().unwrap_or("").to_string();
-                let request = line
-                    .rsplit_once(' ')
-                    .map(|(r, _)| r.to_string())
-                    .unwrap_or_default();
-                log.lock().unwrap().push(head.clone());
-                let (status, body) = routes
-                    .iter()
-                    .find(|(r, _, _)| *r == request)
-                    .map(|(_, s, b)| (*s, b.clone()))
-                    .unwrap_or((404, "Unable find requested URL.".into()));
-                let _ = write!(
-                    conn,
-                    "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: Close\r\n\r\n{body}",
-                    body.len()
-                );
-            }
-        });
-        seen
+        let routes = routes
+            .into_iter()
+            .map(|(r, status, body)| (r, vec![(status, body)]))
+            .collect();
+        crate::slurm::test_server::serve(socket, routes)
     }
 
     fn cluster(socket: &Path, extra: &str) -> Cluster {
