@@ -11,14 +11,18 @@ use std::sync::{Arc, Mutex};
 
 /// Request line without the protocol (`GET /slurm/v0.0.42/job/7`) → the
 /// answers to give, in turn; the last one repeats. Anything else: 404.
-pub type Routes = Vec<(&'static str, Vec<(u16, String)>)>;
+pub type Routes = Vec<(&'static str, Vec<Answer>)>;
+
+/// An HTTP status and a body.
+pub type Answer = (u16, String);
 
 /// Starts serving on `socket`; returns the request heads seen so far.
 pub fn serve(socket: &Path, routes: Routes) -> Arc<Mutex<Vec<String>>> {
     let listener = UnixListener::bind(socket).unwrap();
     let seen = Arc::new(Mutex::new(Vec::new()));
     let log = seen.clone();
-    let mut routes: HashMap<&'static str, (Vec<(u16, String)>, usize)> =
+    // Each route's answers and the index of the next one to give.
+    let mut routes: HashMap<&'static str, (Vec<Answer>, usize)> =
         routes.into_iter().map(|(k, v)| (k, (v, 0))).collect();
     std::thread::spawn(move || {
         for conn in listener.incoming() {
