@@ -37,6 +37,12 @@ set -u
 W="${NSH_WORK_ROOT:?}/nsh-${SLURM_JOB_ID:?}"
 umask 077
 mkdir -p -m 0700 "$W" || exit 75
+# The work dir may have been made by the tools already (same account); one
+# made by anybody else, or a symlink, is not used.
+if [ -L "$W" ] || [ ! -O "$W" ]; then
+    echo "nsh: $W is not this job's own directory" >&2
+    exit 75
+fi
 
 cleanup() {
     rm -rf "$W"
@@ -387,6 +393,35 @@ mod tests {
         let (status, _) = job.finish(Duration::from_secs(3));
         assert_eq!(status, 143);
         assert!(!work.exists());
+    }
+
+    #[test]
+    fn a_planted_symlink_is_not_followed() {
+        let elsewhere = tempfile::tempdir().unwrap();
+        std::fs::write(elsewhere.path().join("keep"), "x").unwrap();
+        // W is a symlink before the job starts.
+        let root = tempfile::tempdir().unwrap();
+        let work_root = root.path().join("work");
+        std::fs::create_dir(&work_root).unwrap();
+        std::os::unix::fs::symlink(elsewhere.path(), work_root.join("nsh-42")).unwrap();
+        let script = root.path().join("job.sh");
+        std::fs::write(&script, SCRIPT).unwrap();
+        let out = Command::new("sh")
+            .arg(&script)
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .env("SLURM_JOB_ID", "42")
+            .env("NSH_WORK_ROOT", &work_root)
+            .env("NSH_NONCE", "n")
+            .env("NSH_REQUEST_TIMEOUT", "1")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(75));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("is not this job's own directory"));
+        assert!(
+            elsewhere.path().join("keep").exists(),
+            "the target is left alone"
+        );
     }
 
     #[test]
