@@ -366,6 +366,9 @@ pub fn allocate(
     interrupted: &AtomicBool,
     times: &mut AllocTimes,
 ) -> Result<AllocSection, Failure> {
+    if interrupted.load(Ordering::SeqCst) {
+        return Err(Failure::transient("interrupted before submitting a job"));
+    }
     let drv = ticket.need_drv()?;
     let placement = place(config, drv, ticket.options.as_ref())?;
     let cluster = &config.clusters[&placement.cluster];
@@ -422,6 +425,7 @@ fn wait_running(
 ) -> Result<JobInfo, Failure> {
     let queued = Instant::now();
     let timeout = Duration::from_secs(cluster.queue_timeout_s);
+    let mut failed_polls = 0;
     loop {
         if interrupted.load(Ordering::SeqCst) {
             return Err(Failure::transient(
@@ -429,9 +433,24 @@ fn wait_running(
             ));
         }
         let polled = Instant::now();
-        let info = slurm.job(job)?;
+        let answer = slurm.job(job);
         times.polls += 1;
         times.polling += polled.elapsed();
+        let info = match answer {
+            Ok(info) => {
+                failed_polls = 0;
+                info
+            }
+            // A hiccup (slurmctld busy, a dropped connection) should not
+            // throw away a queued job; several in a row end the wait.
+            Err(failure) if failed_polls + 1 < MAX_FAILED_POLLS => {
+                failed_polls += 1;
+                log_warn!("job {job}: {failure} (will ask again)");
+                sleep_unless(interrupted, poll_interval(times.polls));
+                continue;
+            }
+            Err(failure) => return Err(failure),
+        };
         if info.is_running() {
             times.queued = queued.elapsed();
             return Ok(info);
@@ -454,19 +473,27 @@ fn wait_running(
             )));
         }
         progress.waiting(job, &info, waited);
-        // Sleep in small steps so that a signal is acted on at once.
-        let until = Instant::now() + poll_interval(times.polls).min(timeout - waited);
-        while Instant::now() < until {
-            if interrupted.load(Ordering::SeqCst) {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        sleep_unless(
+            interrupted,
+            poll_interval(times.polls).min(timeout - waited),
+        );
+    }
+}
+
+/// How many state queries in a row may fail before the wait gives up.
+const MAX_FAILED_POLLS: u32 = 3;
+
+/// Sleeps in small steps, so that a signal is acted on at once.
+fn sleep_unless(interrupted: &AtomicBool, duration: Duration) {
+    let until = Instant::now() + duration;
+    while Instant::now() < until && !interrupted.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
 /// Cancels the job of a ticket that has an `alloc` section (also a failed
-/// ticket: that is when it matters most) and marks it `alloc.cancelled`.
+/// ticket: that is when it matters most), closes the ticket's ssh
+/// ControlMaster if it has one, and marks it `alloc.cancelled`.
 pub fn cancel(
     config: &Config,
     clusters: &mut Clusters,
@@ -484,9 +511,14 @@ pub fn cancel(
         ))
     })?;
     let slurm = clusters.get(cluster)?;
-    slurm
+    let cancelled = slurm
         .cancel(alloc.job)
-        .map_err(|f| f.context(format!("cluster {}", cluster.name)))?;
+        .map_err(|f| f.context(format!("cluster {}", cluster.name)));
+    // The tools' shared ssh connection to the node has nothing left to do.
+    if alloc.control.is_some() {
+        crate::transport::Ssh::for_alloc(alloc, &config.ssh).stop_master();
+    }
+    cancelled?;
     alloc.extra.insert("cancelled".into(), true.into());
     Ok(())
 }
@@ -560,6 +592,7 @@ pub fn times_json(times: &AllocTimes) -> serde_json::Value {
         "submit": secs(times.submit),
         "queued": secs(times.queued),
         "polls": times.polls,
+        "polling": secs(times.polling),
     })
 }
 
@@ -761,6 +794,157 @@ kvm = { constraint = "kvm" }
             let failure = place(&config(), &drv, None).unwrap_err();
             assert_eq!(failure.kind, crate::Kind::Input);
             insta::assert_snapshot!(name, failure.message);
+        }
+    }
+
+    mod waiting {
+        use super::*;
+        use crate::slurm::test_server;
+        use std::sync::{Arc, Mutex};
+
+        struct Recorder(Vec<String>);
+        impl Progress for Recorder {
+            fn waiting(&mut self, _job: u64, info: &JobInfo, _waited: Duration) {
+                self.0.push(describe_wait(info));
+            }
+            fn done(&mut self) {
+                self.0.push("done".into());
+            }
+        }
+
+        fn job(state: &str, reason: &str, node: &str) -> (u16, String) {
+            (
+                200,
+                serde_json::json!({"jobs": [{"job_id": 7, "job_state": [state],
+                    "state_reason": reason, "batch_host": node}], "errors": []})
+                .to_string(),
+            )
+        }
+
+        /// Runs `allocate` against a scripted server answering `states` to
+        /// the job queries; returns the result, the progress seen and the
+        /// request lines the server got.
+        fn run(
+            states: Vec<(u16, String)>,
+            interrupted: bool,
+        ) -> (Result<AllocSection, Failure>, Vec<String>, Vec<String>) {
+            let dir = tempfile::tempdir().unwrap();
+            let socket = dir.path().join("rest.sock");
+            let ping = r#"{"meta":{"slurm":{"release":"24.05.8"}},"errors":[]}"#;
+            let seen: Arc<Mutex<Vec<String>>> = test_server::serve(
+                &socket,
+                vec![
+                    ("GET /slurm/v0.0.41/ping/", vec![(200, ping.into())]),
+                    (
+                        "POST /slurm/v0.0.41/job/submit",
+                        vec![(200, r#"{"job_id":7,"errors":[]}"#.into())],
+                    ),
+                    ("GET /slurm/v0.0.41/job/7", states),
+                    (
+                        "DELETE /slurm/v0.0.41/job/7",
+                        vec![(200, r#"{"errors":[]}"#.into())],
+                    ),
+                ],
+            );
+            let text = format!(
+                "[cluster.c]\nurl = \"unix:{}\"\napi = \"v0.0.41\"\nsystems = [\"x86_64-linux\"]\nqueue_timeout = 1\n[ssh]\nuser = \"nb\"\n",
+                socket.display()
+            );
+            let config = Config::parse(Path::new("t.toml"), &text).unwrap();
+            let mut ticket = Ticket::new();
+            ticket.drv = Some(drv("x86_64-linux", &[], Resources::default()));
+            let mut progress = Recorder(Vec::new());
+            let flag = AtomicBool::new(interrupted);
+            let result = allocate(
+                &config,
+                &mut Clusters::default(),
+                &ticket,
+                &mut progress,
+                &flag,
+                &mut AllocTimes::default(),
+            );
+            let lines = seen
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|h| h.lines().next().unwrap_or("").to_string())
+                .collect();
+            (result, progress.0, lines)
+        }
+
+        #[test]
+        fn reports_pending_reasons_until_it_runs() {
+            let (result, progress, lines) = run(
+                vec![
+                    job("PENDING", "Priority", ""),
+                    job("PENDING", "Resources", ""),
+                    job("RUNNING", "None", "node5"),
+                ],
+                false,
+            );
+            let alloc = result.unwrap();
+            assert_eq!(
+                (alloc.job, alloc.node.as_str(), alloc.ssh.as_str()),
+                (7, "node5", "nb@node5")
+            );
+            assert_eq!(alloc.work, "/tmp/nsh/nsh-7");
+            assert_eq!(
+                progress,
+                ["PENDING (Priority)", "PENDING (Resources)", "done"]
+            );
+            assert!(!lines.iter().any(|l| l.starts_with("DELETE")));
+        }
+
+        #[test]
+        fn the_queue_timeout_cancels() {
+            let (result, _, lines) = run(vec![job("PENDING", "Resources", "")], false);
+            let failure = result.unwrap_err();
+            assert_eq!(failure.kind, crate::Kind::Transient);
+            insta::assert_snapshot!("queue_timeout", failure.message);
+            assert_eq!(
+                lines.last().unwrap(),
+                "DELETE /slurm/v0.0.41/job/7 HTTP/1.1"
+            );
+        }
+
+        #[test]
+        fn a_job_that_ends_before_running_is_transient_with_its_state() {
+            let (result, _, _) = run(vec![job("NODE_FAIL", "None", "node5")], false);
+            insta::assert_snapshot!("ended_before_running", result.unwrap_err().message);
+        }
+
+        #[test]
+        fn a_failed_state_query_is_asked_again() {
+            let error = (
+                500,
+                r#"{"errors":[{"error":"slurmctld busy"}]}"#.to_string(),
+            );
+            let (result, _, _) = run(vec![error, job("RUNNING", "None", "node5")], false);
+            assert_eq!(result.unwrap().node, "node5");
+            let error = (
+                500,
+                r#"{"errors":[{"error":"slurmctld busy"}]}"#.to_string(),
+            );
+            let (result, _, lines) = run(vec![error], false);
+            assert!(result
+                .unwrap_err()
+                .message
+                .contains("HTTP 500: slurmctld busy"));
+            assert_eq!(
+                lines
+                    .iter()
+                    .filter(|l| l.starts_with("GET /slurm/v0.0.41/job/7"))
+                    .count(),
+                3
+            );
+            assert!(lines.last().unwrap().starts_with("DELETE"));
+        }
+
+        #[test]
+        fn interrupted_submits_nothing() {
+            let (result, _, lines) = run(vec![job("RUNNING", "None", "n")], true);
+            assert!(result.unwrap_err().message.contains("interrupted"));
+            assert!(!lines.iter().any(|l| l.starts_with("POST")));
         }
     }
 

@@ -37,6 +37,12 @@ set -u
 W="${NSH_WORK_ROOT:?}/nsh-${SLURM_JOB_ID:?}"
 umask 077
 mkdir -p -m 0700 "$W" || exit 75
+# The work dir may have been made by the tools already (same account); one
+# made by anybody else, or a symlink, is not used.
+if [ -L "$W" ] || [ ! -O "$W" ]; then
+    echo "nsh: $W is not this job's own directory" >&2
+    exit 75
+fi
 
 cleanup() {
     rm -rf "$W"
@@ -65,8 +71,12 @@ await() {
         [ -e "$W/release" ] && return 1
         [ "$ticks" -le 0 ] && return 2
         if [ "$have_inotify" = 1 ]; then
-            inotifywait -qq -t 1 -e moved_to -e create -e close_write "$W" >/dev/null 2>&1
-            ticks=$(( ticks - 10 ))
+            inotifywait -qq -t 1 -e moved_to -e create "$W" >/dev/null 2>&1
+            case $? in
+                0|2) ticks=$(( ticks - 10 )) ;;
+                # Not usable here (no watches left, …): poll instead.
+                *) have_inotify=0 ;;
+            esac
         else
             sleep 0.1
             ticks=$(( ticks - 1 ))
@@ -198,6 +208,11 @@ mod tests {
         std::fs::write(&fake, FAKE_NIX_STORE).unwrap();
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        if extra_env.iter().any(|(k, _)| *k == "FAKE_INOTIFY") {
+            let fake = bin.join("inotifywait");
+            std::fs::write(&fake, "#!/bin/sh\nexit 1\n").unwrap();
+            std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
         let script = root.path().join("job.sh");
         std::fs::write(&script, SCRIPT).unwrap();
         let work_root = root.path().join("work");
@@ -205,7 +220,7 @@ mod tests {
         command
             .arg(&script)
             .env_clear()
-            .env("PATH", "/usr/bin:/bin")
+            .env("PATH", format!("{}:/usr/bin:/bin", bin.display()))
             .env("SLURM_JOB_ID", "42")
             .env("NSH_WORK_ROOT", &work_root)
             .env("NSH_NONCE", "n0nce")
@@ -342,6 +357,23 @@ mod tests {
     }
 
     #[test]
+    fn a_broken_inotifywait_falls_back_to_polling() {
+        // An inotifywait that fails at once must neither spin the timeout
+        // away nor stop requests from being seen.
+        let job = start(2, 5, &[("FAKE_INOTIFY", "1")]);
+        let work = job.work.clone();
+        let started = Instant::now();
+        std::thread::sleep(Duration::from_millis(1200));
+        assert!(work.exists(), "the job gave up early");
+        job.put("request.1", "R");
+        job.wait_for(&work.join("status.1"), Duration::from_secs(2));
+        assert!(started.elapsed() < Duration::from_secs(2));
+        job.put("release", "");
+        let (status, _) = job.finish(Duration::from_secs(2));
+        assert_eq!(status, 0);
+    }
+
+    #[test]
     fn release_before_any_request_ends_the_job() {
         let job = start(5, 5, &[]);
         let work = job.work.clone();
@@ -361,6 +393,35 @@ mod tests {
         let (status, _) = job.finish(Duration::from_secs(3));
         assert_eq!(status, 143);
         assert!(!work.exists());
+    }
+
+    #[test]
+    fn a_planted_symlink_is_not_followed() {
+        let elsewhere = tempfile::tempdir().unwrap();
+        std::fs::write(elsewhere.path().join("keep"), "x").unwrap();
+        // W is a symlink before the job starts.
+        let root = tempfile::tempdir().unwrap();
+        let work_root = root.path().join("work");
+        std::fs::create_dir(&work_root).unwrap();
+        std::os::unix::fs::symlink(elsewhere.path(), work_root.join("nsh-42")).unwrap();
+        let script = root.path().join("job.sh");
+        std::fs::write(&script, SCRIPT).unwrap();
+        let out = Command::new("sh")
+            .arg(&script)
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .env("SLURM_JOB_ID", "42")
+            .env("NSH_WORK_ROOT", &work_root)
+            .env("NSH_NONCE", "n")
+            .env("NSH_REQUEST_TIMEOUT", "1")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(75));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("is not this job's own directory"));
+        assert!(
+            elsewhere.path().join("keep").exists(),
+            "the target is left alone"
+        );
     }
 
     #[test]

@@ -87,7 +87,22 @@ impl RestClient {
             &format!("pinging slurmrestd ({})", client.version),
             ping.status,
             &ping.body,
-        )?;
+        )
+        .map_err(|failure| {
+            // slurmrestd 22.05 does not check tokens itself: slurmctld
+            // refuses a bad one, and the ping then fails like this.
+            let release = serde_json::from_str(&ping.body)
+                .ok()
+                .and_then(|v| rest::server_release(&v));
+            if ping.status == 500 && release.is_some_and(|r| r.starts_with("22.05")) {
+                Failure::transient(format!(
+                    "{} (Slurm 22.05 answers this way when slurmctld refuses the token: check the cluster's token_file/token_command and user)",
+                    failure.message
+                ))
+            } else {
+                failure
+            }
+        })?;
         client.release = rest::server_release(&value);
         log_debug!(
             "slurmrestd at {}: Slurm {}, API {} ({} ms)",
@@ -172,5 +187,108 @@ impl RestClient {
     pub fn cancel(&self, job: u64) -> Result<(), Failure> {
         let response = self.call(Method::Delete, &rest::job_path(self.version, job), None)?;
         rest::parse_cancel(job, response.status, &response.body)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use std::path::Path;
+    use std::sync::{Arc, Mutex};
+
+    fn server(socket: &Path, routes: Vec<(&'static str, u16, String)>) -> Arc<Mutex<Vec<String>>> {
+        let routes = routes
+            .into_iter()
+            .map(|(r, status, body)| (r, vec![(status, body)]))
+            .collect();
+        crate::slurm::test_server::serve(socket, routes)
+    }
+
+    fn cluster(socket: &Path, extra: &str) -> Cluster {
+        let text = format!(
+            "[cluster.c]\nurl = \"unix:{}\"\nsystems = [\"x86_64-linux\"]\n{extra}",
+            socket.display()
+        );
+        Config::parse(Path::new("t.toml"), &text).unwrap().clusters["c"].clone()
+    }
+
+    const PING_2511: &str = r#"{"meta":{"slurm":{"release":"25.11.2"}},"errors":[],"pings":[]}"#;
+
+    #[test]
+    fn without_an_openapi_document_the_newest_answering_ping_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("s");
+        let seen = server(
+            &socket,
+            vec![
+                ("GET /slurm/v0.0.43/ping/", 200, PING_2511.into()),
+                ("GET /slurm/v0.0.42/ping/", 200, PING_2511.into()),
+            ],
+        );
+        let client = RestClient::connect(&cluster(&socket, "")).unwrap();
+        assert_eq!(client.version, ApiVersion::V0043);
+        assert_eq!(client.release.as_deref(), Some("25.11.2"));
+        let seen = seen.lock().unwrap();
+        let lines: Vec<&str> = seen.iter().map(|h| h.lines().next().unwrap()).collect();
+        assert_eq!(
+            lines,
+            [
+                "GET /openapi/v3 HTTP/1.1",
+                "GET /slurm/v0.0.45/ping/ HTTP/1.1",
+                "GET /slurm/v0.0.44/ping/ HTTP/1.1",
+                "GET /slurm/v0.0.43/ping/ HTTP/1.1",
+                "GET /slurm/v0.0.43/ping/ HTTP/1.1",
+            ]
+        );
+    }
+
+    #[test]
+    fn the_openapi_document_decides_and_tokens_go_by_release() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("s");
+        let token = dir.path().join("jwt");
+        std::fs::write(&token, "SLURM_JWT=tok\n").unwrap();
+        let doc = r#"{"paths":{"\/slurm\/v0.0.41\/ping\/":{},"\/slurm\/v0.0.42\/ping\/":{}}}"#;
+        let seen = server(
+            &socket,
+            vec![
+                ("GET /openapi/v3", 200, doc.into()),
+                ("GET /slurm/v0.0.42/ping/", 200, PING_2511.into()),
+                ("GET /slurm/v0.0.42/job/7", 200, r#"{"jobs":[{"job_id":7,"job_state":["PENDING"],"state_reason":"Priority"}],"errors":[]}"#.into()),
+            ],
+        );
+        let extra = format!("user = \"u\"\ntoken_file = \"{}\"\n", token.display());
+        let client = RestClient::connect(&cluster(&socket, &extra)).unwrap();
+        assert_eq!(client.version, ApiVersion::V0042);
+        let job = client.job(7).unwrap();
+        assert_eq!(job.reason.as_deref(), Some("Priority"));
+        let seen = seen.lock().unwrap();
+        // Before the release is known: user and token; after (25.11): token only.
+        assert!(
+            seen[0].contains("X-SLURM-USER-NAME: u\r\n")
+                && seen[0].contains("X-SLURM-USER-TOKEN: tok\r\n")
+        );
+        let last = seen.last().unwrap();
+        assert!(last.starts_with("GET /slurm/v0.0.42/job/7 "));
+        assert!(
+            last.contains("X-SLURM-USER-TOKEN: tok\r\n") && !last.contains("X-SLURM-USER-NAME")
+        );
+    }
+
+    #[test]
+    fn a_fixed_version_the_server_lacks_is_transient() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("s");
+        server(&socket, vec![]);
+        let failure = RestClient::connect(&cluster(&socket, "api = \"v0.0.40\"\n")).unwrap_err();
+        assert_eq!(failure.kind, crate::Kind::Transient);
+        assert!(failure.message.contains("HTTP 404"), "{}", failure.message);
+        let failure = RestClient::connect(&cluster(&socket, "")).unwrap_err();
+        assert!(
+            failure.message.contains("offers none of the API versions"),
+            "{}",
+            failure.message
+        );
     }
 }

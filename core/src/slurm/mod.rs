@@ -84,5 +84,7 @@ pub use model::{JobInfo, JobRequest, JobState};
 pub mod cli;
 pub mod client;
 pub mod http;
+#[cfg(test)]
+pub(crate) mod test_server;
 
 pub use client::{RestClient, Slurm};

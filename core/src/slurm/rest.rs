@@ -391,9 +391,12 @@ fn as_u64(v: &Value) -> Option<u64> {
 /// `exit_code` as an int (v0.0.38), a no_val object (v0.0.39), or the
 /// verbose `{status, return_code, signal}` object (v0.0.40+). A job killed by
 /// a signal reports 128 + signal, as a shell would.
+///
+/// The int and no_val forms carry the raw wait(2) status, not the exit
+/// code: Slurm 22.05 reports `exit 3` as 768 (seen on the test cluster).
 fn exit_code(v: &Value) -> Option<i64> {
     match v {
-        Value::Number(n) => n.as_i64(),
+        Value::Number(n) => n.as_i64().map(from_wait_status),
         Value::Object(o) if o.contains_key("return_code") || o.contains_key("status") => {
             let signalled = o
                 .get("status")
@@ -412,8 +415,18 @@ fn exit_code(v: &Value) -> Option<i64> {
             }
             o.get("return_code").and_then(as_u64).map(|n| n as i64)
         }
-        Value::Object(_) => as_u64(v).map(|n| n as i64),
+        Value::Object(_) => as_u64(v).map(|n| from_wait_status(n as i64)),
         _ => None,
+    }
+}
+
+/// A wait(2) status as a shell reports it: the exit code, or 128 + signal.
+fn from_wait_status(status: i64) -> i64 {
+    let signal = status & 0x7f;
+    if signal != 0 {
+        128 + signal
+    } else {
+        (status >> 8) & 0xff
     }
 }
 
@@ -518,11 +531,12 @@ mod tests {
 
     #[test]
     fn job_states_of_every_shape() {
-        let v38 = r#"{"jobs":[{"job_id":7,"job_state":"RUNNING","batch_host":"node2","nodes":"node2","exit_code":0,"state_reason":"None","start_time":1700000000,"end_time":1700003600}]}"#;
+        let v38 = r#"{"jobs":[{"job_id":7,"job_state":"RUNNING","batch_host":"node2","nodes":"node2","exit_code":768,"state_reason":"None","start_time":1700000000,"end_time":1700003600}]}"#;
         let job = parse_job(7, 200, v38).unwrap();
         assert!(job.is_running());
         assert_eq!(job.node.as_deref(), Some("node2"));
         assert_eq!(job.reason, None);
+        assert_eq!(job.exit_code, Some(3));
         let v40 = r#"{"jobs":[{"job_id":7,"job_state":["COMPLETED","COMPLETING"],"batch_host":"n1","exit_code":{"status":["SIGNALED"],"return_code":{"set":true,"infinite":false,"number":0},"signal":{"id":{"set":true,"infinite":false,"number":9},"name":"KILL"}},"start_time":{"set":true,"infinite":false,"number":5}}]}"#;
         let job = parse_job(7, 200, v40).unwrap();
         assert_eq!(job.state, JobState::Completed);

@@ -1,0 +1,466 @@
+//! `nsh-alloc` against the real test cluster: REST (slurmrestd 22.05,
+//! v0.0.38, JWT) and CLI backends, placement by feature, release, cancel,
+//! queue timeout, signals, a refused token, and no token in any output.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use nsh_cluster_tests::{run_ok, Cluster};
+use serde_json::Value;
+
+/// The nsh-alloc binary of this workspace, built if needed.
+fn nsh_alloc() -> PathBuf {
+    let root = Cluster::repo_root();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    run_ok(
+        Command::new(cargo)
+            .current_dir(root)
+            .args(["build", "--quiet", "-p", "nsh-alloc"]),
+    );
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    target.join("debug").join("nsh-alloc")
+}
+
+fn ticket(features: &[&str]) -> String {
+    serde_json::json!({"v": 1, "drv": {
+        "path": "/nix/store/00000000000000000000000000000000-alloc-test.drv",
+        "name": "alloc-test",
+        "system": "x86_64-linux",
+        "features": features,
+    }})
+    .to_string()
+}
+
+/// Runs nsh-alloc (as `user`, when given) with `stdin`; `(status, stdout, stderr)`.
+fn run(c: &Cluster, user: Option<&str>, args: &[&str], stdin: &str) -> (i32, String, String) {
+    let child = spawn(c, user, args, stdin);
+    finish(child)
+}
+
+fn spawn(c: &Cluster, user: Option<&str>, args: &[&str], stdin: &str) -> std::process::Child {
+    let binary = nsh_alloc();
+    let mut command = match user {
+        Some(user) => {
+            let mut command = Command::new("runuser");
+            command.args(["-u", user, "--"]).arg(&binary);
+            command
+        }
+        None => Command::new(&binary),
+    };
+    command
+        .envs(c.envs())
+        .args(args)
+        .current_dir("/")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = command.spawn().expect("nsh-alloc runs");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{stdin}\n").as_bytes())
+        .unwrap();
+    child
+}
+
+fn finish(child: std::process::Child) -> (i32, String, String) {
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = child.wait_with_output().unwrap();
+    (
+        status.code().unwrap_or(-1),
+        String::from_utf8(stdout).unwrap(),
+        String::from_utf8(stderr).unwrap(),
+    )
+}
+
+fn parse(stdout: &str) -> Value {
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout:?}"))
+}
+
+/// The job's state word from `scontrol show job`.
+fn job_state(c: &Cluster, job: u64) -> String {
+    let out = run_ok(
+        c.command("scontrol")
+            .args(["show", "job", "-o", &job.to_string()]),
+    );
+    out.split_whitespace()
+        .find_map(|w| w.strip_prefix("JobState="))
+        .unwrap_or("?")
+        .to_string()
+}
+
+fn await_state(c: &Cluster, job: u64, want: &[&str], within: Duration) -> String {
+    let start = Instant::now();
+    loop {
+        let state = job_state(c, job);
+        if want.contains(&state.as_str()) {
+            return state;
+        }
+        assert!(
+            start.elapsed() < within,
+            "job {job} is {state}, not one of {want:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn exists_on(c: &Cluster, node: &str, path: &str) -> bool {
+    let out = c.ssh(node, &format!("test -d '{path}' && stat -c %a '{path}'"));
+    out.status.success()
+}
+
+/// A copy of the cluster's nsh.toml with `edit` applied, readable by the
+/// build user.
+fn config_with(c: &Cluster, dir: &Path, name: &str, edit: impl Fn(String) -> String) -> String {
+    let text = std::fs::read_to_string(c.nsh_config()).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, edit(text)).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    path.display().to_string()
+}
+
+fn shared_tempdir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+#[test]
+fn rest_lands_on_the_big_node_and_release_ends_the_job() {
+    let c = Cluster::get();
+    let (status, stdout, stderr) = run(&c, None, &[], &ticket(&["big"]));
+    assert_eq!(status, 0, "{stderr}");
+    let token = c.token();
+    let token = token.trim_start_matches("SLURM_JWT=");
+    assert!(!stdout.contains(token) && !stderr.contains(token));
+    let t = parse(&stdout);
+    let alloc = &t["alloc"];
+    let job = alloc["job"].as_u64().unwrap();
+    let node = alloc["node"].as_str().unwrap();
+    assert_eq!(alloc["backend"], "rest");
+    assert_eq!(node, c.node_with_feature("big"));
+    assert_eq!(alloc["ssh"], format!("{}@{node}", c.user()));
+    assert_eq!(alloc["request"], 1);
+    assert_eq!(alloc["nonce"].as_str().unwrap().len(), 32);
+    let work = alloc["work"].as_str().unwrap();
+    assert_eq!(work, format!("/tmp/nsh/nsh-{job}"));
+    assert_eq!(job_state(&c, job), "RUNNING");
+
+    // The job made its private work dir on the node, and waits.
+    let start = Instant::now();
+    while !exists_on(&c, node, work) {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{work} never appeared on {node}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mode = c.ssh(node, &format!("stat -c %a {work}"));
+    assert_eq!(String::from_utf8_lossy(&mode.stdout).trim(), "700");
+
+    // `release` ends it: COMPLETED, work dir gone.
+    let out = c.ssh(
+        node,
+        &format!("touch {work}/release.tmp && mv {work}/release.tmp {work}/release"),
+    );
+    assert!(out.status.success());
+    await_state(&c, job, &["COMPLETED"], Duration::from_secs(10));
+    assert!(!exists_on(&c, node, work));
+}
+
+#[test]
+fn rest_cancel_ends_the_job_and_removes_its_work_dir() {
+    let c = Cluster::get();
+    let (status, stdout, stderr) = run(&c, None, &[], &ticket(&[]));
+    assert_eq!(status, 0, "{stderr}");
+    let t = parse(&stdout);
+    let job = t["alloc"]["job"].as_u64().unwrap();
+    let node = t["alloc"]["node"].as_str().unwrap().to_string();
+    let work = t["alloc"]["work"].as_str().unwrap().to_string();
+
+    // A ControlMaster as the other tools would have left it.
+    let dir = shared_tempdir();
+    let control = dir.path().join("cm");
+    let master = Command::new("ssh")
+        .args([
+            "-F",
+            &c.ssh_config(),
+            "-o",
+            "ControlMaster=yes",
+            "-o",
+            "ControlPersist=60",
+        ])
+        .arg("-o")
+        .arg(format!("ControlPath={}", control.display()))
+        .args(["-f", "-N", &node])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(master.success());
+    assert!(control.exists());
+    let mut t = t;
+    t["alloc"]["control"] = Value::String(control.display().to_string());
+
+    let (status, out, stderr) = run(&c, None, &["--cancel"], &t.to_string());
+    assert_eq!(status, 0, "{stderr}");
+    let start = Instant::now();
+    while control.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the ControlMaster stays"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let cancelled = parse(&out);
+    assert_eq!(cancelled["alloc"]["cancelled"], true);
+    assert_eq!(cancelled["alloc"]["job"], job);
+    await_state(&c, job, &["CANCELLED"], Duration::from_secs(10));
+    let start = Instant::now();
+    while exists_on(&c, &node, &work) {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{work} stays on {node}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn cli_backend_as_the_build_user() {
+    let c = Cluster::get();
+    let dir = shared_tempdir();
+    let config = config_with(&c, dir.path(), "cli.toml", |t| {
+        t.replace("backend = \"rest\"", "backend = \"cli\"")
+    });
+    let user = c.user();
+    let (status, stdout, stderr) = run(&c, Some(&user), &["--config", &config], &ticket(&["big"]));
+    assert_eq!(status, 0, "{stderr}");
+    let t = parse(&stdout);
+    assert_eq!(t["alloc"]["backend"], "cli");
+    assert_eq!(t["alloc"]["node"], c.node_with_feature("big").as_str());
+    let job = t["alloc"]["job"].as_u64().unwrap();
+    assert_eq!(job_state(&c, job), "RUNNING");
+    let owner = run_ok(
+        c.command("squeue")
+            .args(["-h", "-o", "%u", "-j", &job.to_string()]),
+    );
+    assert_eq!(owner.trim(), user);
+
+    let (status, _, stderr) = run(
+        &c,
+        Some(&user),
+        &["--config", &config, "--cancel"],
+        stdout.trim(),
+    );
+    assert_eq!(status, 0, "{stderr}");
+    await_state(&c, job, &["CANCELLED"], Duration::from_secs(10));
+}
+
+#[test]
+fn a_refused_token_is_transient_and_never_printed() {
+    let c = Cluster::get();
+    let dir = shared_tempdir();
+    let canary = "nsh-canary-token-5f1d2c";
+    let token_file = dir.path().join("bad.jwt");
+    std::fs::write(&token_file, format!("SLURM_JWT={canary}\n")).unwrap();
+    let config = config_with(&c, dir.path(), "bad-token.toml", |t| {
+        t.lines()
+            .map(|l| {
+                if l.starts_with("token_file") {
+                    format!("token_file = \"{}\"", token_file.display())
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    });
+    let (status, stdout, stderr) = run(&c, None, &["--config", &config], &ticket(&[]));
+    assert_eq!(status, 75, "{stderr}");
+    assert!(
+        !stdout.contains(canary) && !stderr.contains(canary),
+        "{stdout}{stderr}"
+    );
+    let t = parse(&stdout);
+    let message = t["error"]["message"].as_str().unwrap();
+    assert_eq!(t["error"]["kind"], "transient");
+    assert!(message.contains("HTTP 500"), "{message}");
+    assert!(message.contains("refuses the token"), "{message}");
+
+    // And slurmrestd not there at all.
+    let config = config_with(&c, dir.path(), "down.toml", |t| {
+        t.replace("127.0.0.1:6820", "127.0.0.1:9")
+    });
+    let (status, stdout, _) = run(&c, None, &["--config", &config], &ticket(&[]));
+    assert_eq!(status, 75);
+    assert!(parse(&stdout)["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("Connection refused"));
+}
+
+#[test]
+fn nothing_fits_and_bad_config() {
+    let c = Cluster::get();
+    let (status, stdout, _) = run(&c, None, &[], &ticket(&["kvm"]));
+    assert_eq!(status, 65);
+    assert!(parse(&stdout)["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("does not support kvm"));
+    let dir = shared_tempdir();
+    let config = config_with(&c, dir.path(), "typo.toml", |t| {
+        t.replace("partition =", "partiton =")
+    });
+    let (status, stdout, _) = run(&c, None, &["--config", &config], &ticket(&[]));
+    assert_eq!(status, 78);
+    assert!(parse(&stdout)["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("partiton"));
+}
+
+/// Fills the big node (a job asking for all of its 8 CPUs),
+/// then: a second job hits the queue timeout (75, cancelled), a third is
+/// interrupted by SIGTERM while pending (cancelled).
+#[test]
+fn queue_timeout_and_signals_cancel_the_pending_job() {
+    let c = Cluster::get();
+    let dir = shared_tempdir();
+    let config = config_with(&c, dir.path(), "full.toml", |t| {
+        t.replace(
+            "time_limit = \"1h\"",
+            "time_limit = \"1h\"\nqueue_timeout = 2\n[cluster.test.limits]\ndefault_cpus = 8",
+        )
+    });
+    let (status, holder, stderr) = run(&c, None, &["--config", &config], &ticket(&["big"]));
+    assert_eq!(status, 0, "{stderr}");
+
+    let job_of = |message: &str| -> u64 {
+        let after = message
+            .split(" job ")
+            .nth(1)
+            .expect("the message names the job");
+        after.split(':').next().unwrap().trim().parse().unwrap()
+    };
+
+    let started = Instant::now();
+    let (status, stdout, stderr) = run(&c, None, &["--config", &config], &ticket(&["big"]));
+    assert_eq!(status, 75, "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let message = parse(&stdout)["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        message.contains("PENDING") && message.contains("queue timeout of 2 s"),
+        "{message}"
+    );
+    assert!(
+        stderr.contains("PENDING"),
+        "pending reasons are reported: {stderr}"
+    );
+    await_state(&c, job_of(&message), &["CANCELLED"], Duration::from_secs(5));
+
+    let slow = config_with(&c, dir.path(), "slow.toml", |t| {
+        t.replace(
+            "time_limit = \"1h\"",
+            "time_limit = \"1h\"\nqueue_timeout = 600\n[cluster.test.limits]\ndefault_cpus = 8",
+        )
+    });
+    let child = spawn(&c, None, &["--config", &slow], &ticket(&["big"]));
+    std::thread::sleep(Duration::from_millis(1500));
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let interrupted = Instant::now();
+    let (status, stdout, _) = finish(child);
+    assert!(interrupted.elapsed() < Duration::from_secs(2));
+    assert_eq!(status, 75);
+    let message = parse(&stdout)["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(message.contains("interrupted"), "{message}");
+    await_state(&c, job_of(&message), &["CANCELLED"], Duration::from_secs(5));
+
+    let (status, _, _) = run(&c, None, &["--cancel"], holder.trim());
+    assert_eq!(status, 0);
+}
+
+/// slurmrestd on a unix socket with `rest_auth/local` (no token: the
+/// socket's peer credentials say who is asking), started here as the build
+/// user, and nsh-alloc as the same user talking HTTP/1.1 over the socket.
+#[test]
+fn rest_over_a_unix_socket_with_local_auth() {
+    use std::os::unix::process::CommandExt;
+    let c = Cluster::get();
+    let user = c.user();
+    let id = |flag: &str| -> u32 {
+        run_ok(Command::new("id").args([flag, &user]))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let dir = shared_tempdir();
+    std::os::unix::fs::chown(dir.path(), Some(id("-u")), Some(id("-g"))).unwrap();
+    let socket = dir.path().join("rest.sock");
+    let mut slurmrestd = c
+        .command("slurmrestd")
+        .args(["-a", "rest_auth/local", "-s", "openapi/v0.0.38"])
+        .arg(format!("unix:{}", socket.display()))
+        .uid(id("-u"))
+        .gid(id("-g"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("slurmrestd starts");
+    let start = Instant::now();
+    while !socket.exists() {
+        assert!(start.elapsed() < Duration::from_secs(10), "no socket");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let config = config_with(&c, dir.path(), "unix.toml", |t| {
+        t.lines()
+            .filter(|l| !l.starts_with("token_file"))
+            .map(|l| {
+                if l.starts_with("url") {
+                    format!("url = \"unix:{}\"", socket.display())
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    });
+    let (status, stdout, stderr) = run(&c, Some(&user), &["--config", &config], &ticket(&["big"]));
+    let (cancel_status, _, cancel_stderr) = run(
+        &c,
+        Some(&user),
+        &["--config", &config, "--cancel"],
+        stdout.trim(),
+    );
+    let _ = slurmrestd.kill();
+    let _ = slurmrestd.wait();
+    assert_eq!(status, 0, "{stderr}");
+    assert_eq!(cancel_status, 0, "{cancel_stderr}");
+    let t = parse(&stdout);
+    assert_eq!(t["alloc"]["node"], c.node_with_feature("big").as_str());
+    await_state(
+        &c,
+        t["alloc"]["job"].as_u64().unwrap(),
+        &["CANCELLED"],
+        Duration::from_secs(10),
+    );
+}
