@@ -17,6 +17,7 @@ pub mod batch_script;
 pub mod config;
 pub mod drv;
 pub mod error;
+pub mod hook_proto;
 pub mod exit;
 pub mod log;
 pub mod nar;
