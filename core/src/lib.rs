@@ -18,6 +18,7 @@ pub mod config;
 pub mod drv;
 pub mod error;
 pub mod exit;
+pub mod hook_config;
 pub mod hook_decision;
 pub mod hook_proto;
 pub mod log;
