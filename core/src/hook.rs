@@ -168,12 +168,11 @@ fn run(verbosity: Verbosity) -> i32 {
         }
     };
     let local = LocalCaps::from_settings(&settings);
-    let setup = HookConfig::load(&HookConfig::locate()).and_then(|config| {
-        let stages = match &config.pipeline {
-            Some(argv) => Stages::Command(argv.clone()),
-            None => Stages::tools_in(&own_dir()?)?,
-        };
-        Ok((config, stages))
+    let config = HookConfig::load(&HookConfig::locate());
+    // Without the pipeline nsh builds nothing, but a fallback hook still may.
+    let stages = config.as_ref().ok().map(|config| match &config.pipeline {
+        Some(argv) => Ok(Stages::Command(argv.clone())),
+        None => own_dir().and_then(|dir| Stages::tools_in(&dir)),
     });
     let mut fallback: Option<Fallback> = None;
     let mut reported_setup_error = false;
@@ -187,8 +186,8 @@ fn run(verbosity: Verbosity) -> i32 {
                 return EXIT_MISC;
             }
         };
-        let (config, stages) = match &setup {
-            Ok(setup) => setup,
+        let config = match &config {
+            Ok(config) => config,
             Err(failure) => {
                 if !reported_setup_error {
                     ui.msg(
@@ -201,9 +200,24 @@ fn run(verbosity: Verbosity) -> i32 {
                 continue;
             }
         };
+        let stages = match stages.as_ref().expect("set when the config is") {
+            Ok(stages) => Some(stages),
+            Err(failure) => {
+                if !reported_setup_error {
+                    ui.msg(Verbosity::Error, format!("nsh-hook: {failure}"));
+                    reported_setup_error = true;
+                }
+                None
+            }
+        };
         let slots = SlotDir::new(&config.slots_dir);
-        match decide_and_lock(&config.clusters, &local, &t, &slots, &ui) {
+        let decision = match stages {
+            Some(_) => decide_and_lock(&config.clusters, &local, &t, &slots, &ui),
+            None => Locked::Decline,
+        };
+        match decision {
             Locked::Accepted(cluster, slot) => {
+                let stages = stages.expect("accepted only with a pipeline");
                 ui.reply(&Reply::Accept {
                     machine: format!("slurm://{}", cluster.name),
                 });
@@ -230,6 +244,7 @@ fn run(verbosity: Verbosity) -> i32 {
             }
             Locked::Postpone => ui.reply(&Reply::Postpone),
             Locked::Decline => match &config.fallback {
+                None if stages.is_none() => ui.reply(&Reply::DeclinePermanently),
                 None => ui.reply(&Reply::Decline),
                 Some(argv) => {
                     match ask_fallback(&mut fallback, argv, verbosity, &settings, &t, log_fd.as_ref(), &ui) {
@@ -706,7 +721,7 @@ fn watchdog_main(args: &[String]) -> i32 {
 struct Fallback {
     child: Child,
     stdin: ChildStdin,
-    output: BufReader<io::PipeReader>,
+    output: BufReader<File>,
 }
 
 /// Hands the `try` to the fallback hook (started on first use, given the
@@ -722,7 +737,7 @@ fn ask_fallback(
     ui: &Ui,
 ) -> Result<bool, Failure> {
     if slot.is_none() {
-        let (read, write) = io::pipe()
+        let (read, write) = pipeline::pipe()
             .map_err(|e| Failure::transient(format!("creating a pipe: {e}")))?;
         let mut cmd = Command::new(&argv[0]);
         cmd.args(&argv[1..])

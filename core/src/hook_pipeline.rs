@@ -9,8 +9,9 @@
 //! The build log (the daemon's fd 4) is handed, as fd 4 with
 //! `NSH_LOG_FD=4`, to `nsh-run` (or the pipeline command) only.
 
+use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -79,7 +80,11 @@ impl Stages {
 /// What the pipeline reports while it runs.
 pub enum Event {
     /// Stage `stage` (its program name) wrote this ticket.
-    Ticket { stage: String, last: bool, ticket: Ticket },
+    Ticket {
+        stage: String,
+        last: bool,
+        ticket: Box<Ticket>,
+    },
     /// A line a stage wrote to stderr.
     Stderr(String),
 }
@@ -141,7 +146,7 @@ pub fn run(
 ) -> Result<Outcome, Failure> {
     let (tx, rx) = mpsc::channel::<Message>();
     let (err_read, err_write) =
-        std::io::pipe().or_fail(Kind::Transient, || "creating a pipe for the stages' stderr")?;
+        pipe().or_fail(Kind::Transient, || "creating a pipe for the stages' stderr")?;
 
     let mut children: Vec<(String, Child)> = Vec::new();
     let mut spawn_failure = None;
@@ -210,17 +215,19 @@ pub fn run(
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
+                // Seen by the hook before the next stage gets it: a signal
+                // arriving meanwhile still finds the latest `alloc`.
+                let _ = tx.send(Message::Line {
+                    stage: name.clone(),
+                    last,
+                    line: line.clone(),
+                });
                 if let Some(w) = next.as_mut() {
                     if writeln!(w, "{line}").and_then(|()| w.flush()).is_err() {
                         // The next stage is gone; keep draining this one.
                         next = None;
                     }
                 }
-                let _ = tx.send(Message::Line {
-                    stage: name.clone(),
-                    last,
-                    line,
-                });
             }
             drop(next);
             let _ = tx.send(Message::Eof { last });
@@ -300,7 +307,7 @@ fn handle(
                     observe(&Event::Ticket {
                         stage,
                         last,
-                        ticket,
+                        ticket: Box::new(ticket),
                     });
                 }
                 Err(e) => observe(&Event::Stderr(format!(
@@ -311,6 +318,17 @@ fn handle(
         Message::Eof { last } => *last_eof |= last,
         Message::Stderr(line) => observe(&Event::Stderr(line)),
     }
+}
+
+/// A pipe, both ends close-on-exec (`std::io::pipe` needs Rust 1.87).
+pub fn pipe() -> std::io::Result<(File, File)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills two new descriptors that we then own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fresh descriptors, owned by nothing else.
+    Ok(unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) })
 }
 
 /// SIGTERM to every child still running, SIGKILL after a grace period.
