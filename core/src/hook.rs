@@ -118,7 +118,7 @@ pub fn main(argv: Vec<String>) -> i32 {
                  Nix runs it as `nsh-hook <verbosity>` and speaks the build-hook protocol\n\
                  on its stdin/stderr.\n\n\
                  configuration: $NSH_CONFIG, else {}",
-                crate::hook_config::DEFAULT_CONFIG
+                crate::config::DEFAULT_PATH
             );
             return 0;
         }
@@ -168,7 +168,7 @@ fn run(verbosity: Verbosity) -> i32 {
         }
     };
     let local = LocalCaps::from_settings(&settings);
-    let config = HookConfig::load(&HookConfig::locate());
+    let config = HookConfig::load();
     // Without the pipeline nsh builds nothing, but a fallback hook still may.
     let stages = config.as_ref().ok().map(|config| match &config.pipeline {
         Some(argv) => Ok(Stages::Command(argv.clone())),
@@ -247,7 +247,15 @@ fn run(verbosity: Verbosity) -> i32 {
                 None if stages.is_none() => ui.reply(&Reply::DeclinePermanently),
                 None => ui.reply(&Reply::Decline),
                 Some(argv) => {
-                    match ask_fallback(&mut fallback, argv, verbosity, &settings, &t, log_fd.as_ref(), &ui) {
+                    match ask_fallback(
+                        &mut fallback,
+                        argv,
+                        verbosity,
+                        &settings,
+                        &t,
+                        log_fd.as_ref(),
+                        &ui,
+                    ) {
                         Ok(true) => {
                             let fb = fallback.take().expect("asked");
                             return relay_fallback(fb, input);
@@ -485,7 +493,10 @@ fn build(
     if let Stages::Command(argv) = stages {
         progress.switch(Some((
             ActivityType::Build,
-            format!("building '{}' on slurm://{} ({})", t.drv_path, cluster.name, argv[0]),
+            format!(
+                "building '{}' on slurm://{} ({})",
+                t.drv_path, cluster.name, argv[0]
+            ),
             vec![
                 t.drv_path.clone().into(),
                 format!("slurm://{}", cluster.name).into(),
@@ -548,14 +559,15 @@ pub fn verdict(
     outcome: &Outcome,
     valid: impl FnOnce(&[String], &str) -> Result<bool, Failure>,
 ) -> (i32, Option<String>) {
-    let failed_stage = outcome
-        .statuses
-        .iter()
-        .find(|(_, s)| *s != Some(0))
-        .map(|(name, s)| match s {
-            Some(code) => format!("{name} exited with status {code}"),
-            None => format!("{name} was killed"),
-        });
+    let failed_stage =
+        outcome
+            .statuses
+            .iter()
+            .find(|(_, s)| *s != Some(0))
+            .map(|(name, s)| match s {
+                Some(code) => format!("{name} exited with status {code}"),
+                None => format!("{name} was killed"),
+            });
     let Some(ticket) = &outcome.final_ticket else {
         return (
             EXIT_MISC,
@@ -583,7 +595,10 @@ pub fn verdict(
         return (EXIT_MISC, Some(stage));
     }
     let Some(drv) = &ticket.drv else {
-        return (EXIT_MISC, Some("the final ticket has no `drv` section".into()));
+        return (
+            EXIT_MISC,
+            Some("the final ticket has no `drv` section".into()),
+        );
     };
     let mut paths = Vec::new();
     for name in &drv.wanted {
@@ -737,17 +752,15 @@ fn ask_fallback(
     ui: &Ui,
 ) -> Result<bool, Failure> {
     if slot.is_none() {
-        let (read, write) = pipeline::pipe()
-            .map_err(|e| Failure::transient(format!("creating a pipe: {e}")))?;
+        let (read, write) =
+            pipeline::pipe().map_err(|e| Failure::transient(format!("creating a pipe: {e}")))?;
         let mut cmd = Command::new(&argv[0]);
         cmd.args(&argv[1..])
             .arg((verbosity as u8).to_string())
             .stdin(Stdio::piped())
-            .stdout(Stdio::from(
-                write
-                    .try_clone()
-                    .map_err(|e| Failure::transient(format!("creating a pipe: {e}")))?,
-            ))
+            .stdout(Stdio::from(write.try_clone().map_err(|e| {
+                Failure::transient(format!("creating a pipe: {e}"))
+            })?))
             .stderr(Stdio::from(write));
         if let Some(fd) = log_fd {
             use std::os::fd::AsRawFd;

@@ -39,9 +39,9 @@ impl ClusterCaps {
     pub fn fits(&self, system: &str, features: &[String]) -> bool {
         self.max_jobs > 0
             && self.systems.iter().any(|s| s == system)
-            && features.iter().all(|f| {
-                self.supported_features.contains(f) || self.mandatory_features.contains(f)
-            })
+            && features
+                .iter()
+                .all(|f| self.supported_features.contains(f) || self.mandatory_features.contains(f))
             && self.mandatory_features.iter().all(|m| features.contains(m))
     }
 }
@@ -95,7 +95,9 @@ pub enum DeclineReason {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     /// Build it on this cluster (an index into the clusters given).
-    Accept { cluster: usize },
+    Accept {
+        cluster: usize,
+    },
     /// It fits, every slot is taken and the daemon cannot build it: ask again later.
     Postpone,
     Decline(DeclineReason),
@@ -143,7 +145,13 @@ pub fn decide(
 mod tests {
     use super::*;
 
-    fn caps(name: &str, systems: &[&str], supported: &[&str], mandatory: &[&str], max_jobs: u32) -> ClusterCaps {
+    fn caps(
+        name: &str,
+        systems: &[&str],
+        supported: &[&str],
+        mandatory: &[&str],
+        max_jobs: u32,
+    ) -> ClusterCaps {
         let v = |l: &[&str]| l.iter().map(|s| s.to_string()).collect();
         ClusterCaps {
             name: name.into(),
@@ -184,18 +192,66 @@ mod tests {
     fn the_decision_table() {
         let cases: Vec<(&str, Try, [u32; 4])> = vec![
             ("plain x86", try_(true, "x86_64-linux", &[]), [0, 0, 0, 0]),
-            ("supported feature", try_(true, "x86_64-linux", &["kvm"]), [0, 0, 0, 0]),
-            ("mandatory feature required", try_(true, "x86_64-linux", &["cuda"]), [0, 0, 0, 0]),
-            ("mandatory plus unsupported", try_(true, "x86_64-linux", &["cuda", "kvm"]), [0, 0, 0, 0]),
-            ("unsupported feature", try_(true, "x86_64-linux", &["nixos-test"]), [0, 0, 0, 0]),
-            ("other system", try_(true, "aarch64-linux", &[]), [0, 0, 0, 0]),
-            ("unknown system", try_(true, "mips-linux", &[]), [0, 0, 0, 0]),
-            ("disabled cluster only", try_(false, "riscv64-linux", &[]), [0, 0, 0, 0]),
-            ("busy, local can build", try_(true, "x86_64-linux", &[]), [2, 0, 0, 0]),
-            ("busy, local slots full", try_(false, "x86_64-linux", &[]), [2, 0, 0, 0]),
-            ("busy, local lacks feature", try_(true, "x86_64-linux", &["kvm"]), [2, 0, 0, 0]),
-            ("busy, local lacks system", try_(true, "aarch64-linux", &[]), [0, 0, 8, 0]),
-            ("one slot left", try_(true, "x86_64-linux", &[]), [1, 0, 0, 0]),
+            (
+                "supported feature",
+                try_(true, "x86_64-linux", &["kvm"]),
+                [0, 0, 0, 0],
+            ),
+            (
+                "mandatory feature required",
+                try_(true, "x86_64-linux", &["cuda"]),
+                [0, 0, 0, 0],
+            ),
+            (
+                "mandatory plus unsupported",
+                try_(true, "x86_64-linux", &["cuda", "kvm"]),
+                [0, 0, 0, 0],
+            ),
+            (
+                "unsupported feature",
+                try_(true, "x86_64-linux", &["nixos-test"]),
+                [0, 0, 0, 0],
+            ),
+            (
+                "other system",
+                try_(true, "aarch64-linux", &[]),
+                [0, 0, 0, 0],
+            ),
+            (
+                "unknown system",
+                try_(true, "mips-linux", &[]),
+                [0, 0, 0, 0],
+            ),
+            (
+                "disabled cluster only",
+                try_(false, "riscv64-linux", &[]),
+                [0, 0, 0, 0],
+            ),
+            (
+                "busy, local can build",
+                try_(true, "x86_64-linux", &[]),
+                [2, 0, 0, 0],
+            ),
+            (
+                "busy, local slots full",
+                try_(false, "x86_64-linux", &[]),
+                [2, 0, 0, 0],
+            ),
+            (
+                "busy, local lacks feature",
+                try_(true, "x86_64-linux", &["kvm"]),
+                [2, 0, 0, 0],
+            ),
+            (
+                "busy, local lacks system",
+                try_(true, "aarch64-linux", &[]),
+                [0, 0, 8, 0],
+            ),
+            (
+                "one slot left",
+                try_(true, "x86_64-linux", &[]),
+                [1, 0, 0, 0],
+            ),
         ];
         let mut table = String::new();
         for (name, t, loads) in cases {
@@ -216,7 +272,10 @@ mod tests {
             caps("b", &["x86_64-linux"], &[], &[], 10),
         ];
         let t = try_(true, "x86_64-linux", &[]);
-        assert_eq!(decide(&two, &local(), &t, |_| 0), Decision::Accept { cluster: 0 });
+        assert_eq!(
+            decide(&two, &local(), &t, |_| 0),
+            Decision::Accept { cluster: 0 }
+        );
         // a: 1/2 = 0.5, b: 4/10 = 0.4 → b.
         assert_eq!(
             decide(&two, &local(), &t, |i| [1, 4][i]),
@@ -232,16 +291,24 @@ mod tests {
     #[test]
     fn loads_are_asked_only_for_fitting_clusters() {
         let mut asked = vec![];
-        decide(&clusters(), &local(), &try_(true, "aarch64-linux", &[]), |i| {
-            asked.push(i);
-            0
-        });
+        decide(
+            &clusters(),
+            &local(),
+            &try_(true, "aarch64-linux", &[]),
+            |i| {
+                asked.push(i);
+                0
+            },
+        );
         assert_eq!(asked, vec![2]);
     }
 
     #[test]
     fn unknown_local_system_assumes_the_daemon_can_build() {
-        let partial = LocalCaps { systems: None, features: vec![] };
+        let partial = LocalCaps {
+            systems: None,
+            features: vec![],
+        };
         let t = try_(true, "x86_64-linux", &[]);
         assert!(partial.can_build_now(&t));
         assert!(!partial.can_build_now(&try_(false, "x86_64-linux", &[])));
@@ -254,7 +321,11 @@ mod tests {
         let settings = Settings::read(&mut &bytes[..]).unwrap();
         let local = LocalCaps::from_settings(&settings);
         assert_eq!(local.systems.as_ref().unwrap()[0], "x86_64-linux");
-        assert!(local.systems.as_ref().unwrap().contains(&"i686-linux".to_string()));
+        assert!(local
+            .systems
+            .as_ref()
+            .unwrap()
+            .contains(&"i686-linux".to_string()));
         assert_eq!(local.features, vec!["big-parallel"]);
     }
 }

@@ -23,7 +23,13 @@ use crate::error::{Failure, Kind, ResultExt};
 use crate::ticket::Ticket;
 
 /// The default pipeline, in order.
-pub const TOOLS: [&str; 5] = ["nsh-closure", "nsh-alloc", "nsh-push", "nsh-run", "nsh-fetch"];
+pub const TOOLS: [&str; 5] = [
+    "nsh-closure",
+    "nsh-alloc",
+    "nsh-push",
+    "nsh-run",
+    "nsh-fetch",
+];
 /// The tool that writes the build log.
 pub const LOG_WRITER: &str = "nsh-run";
 /// The fd number the log writer gets, as in Nix's hook protocol.
@@ -208,7 +214,11 @@ pub fn run(
     let first_stdin = stdins[0].take();
     for i in 0..count {
         let stdout = children[i].1.stdout.take().expect("piped");
-        let mut next = if i + 1 < count { stdins[i + 1].take() } else { None };
+        let mut next = if i + 1 < count {
+            stdins[i + 1].take()
+        } else {
+            None
+        };
         let name = children[i].0.clone();
         let last = i + 1 == count;
         let tx = tx.clone();
@@ -280,8 +290,14 @@ pub fn run(
 }
 
 enum Message {
-    Line { stage: String, last: bool, line: String },
-    Eof { last: bool },
+    Line {
+        stage: String,
+        last: bool,
+        line: String,
+    },
+    Eof {
+        last: bool,
+    },
     Stderr(String),
 }
 

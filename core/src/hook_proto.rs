@@ -70,7 +70,11 @@ mod hook_wire {
     use super::*;
 
     /// Reads exactly `buf.len()` bytes; a clean EOF before any byte is `Ok(false)`.
-    fn read_full(r: &mut impl Read, buf: &mut [u8], what: &'static str) -> Result<bool, ProtoError> {
+    fn read_full(
+        r: &mut impl Read,
+        buf: &mut [u8],
+        what: &'static str,
+    ) -> Result<bool, ProtoError> {
         let mut filled = 0;
         while filled < buf.len() {
             match r.read(&mut buf[filled..]) {
@@ -85,7 +89,10 @@ mod hook_wire {
     }
 
     /// A u64, or `None` on EOF exactly at a message boundary.
-    pub fn read_u64_or_eof(r: &mut impl Read, what: &'static str) -> Result<Option<u64>, ProtoError> {
+    pub fn read_u64_or_eof(
+        r: &mut impl Read,
+        what: &'static str,
+    ) -> Result<Option<u64>, ProtoError> {
         let mut buf = [0u8; 8];
         if read_full(r, &mut buf, what)? {
             Ok(Some(u64::from_le_bytes(buf)))
@@ -596,18 +603,14 @@ mod tests {
         assert_eq!(settings.system(), Some("x86_64-linux"));
         assert_eq!(settings.max_silent_time(), 0);
         assert!(!settings.keep_failed());
-        assert_eq!(
-            settings.get("build-hook"),
-            Some("/tmp/hookcap/decline.sh")
-        );
+        assert_eq!(settings.get("build-hook"), Some("/tmp/hookcap/decline.sh"));
         let request = Request::read(&mut r).unwrap();
         assert_eq!(
             request,
             Request::Try(Try {
                 am_willing: true,
                 needed_system: "x86_64-linux".into(),
-                drv_path: "/nix/store/ln651pxapnxq10gd3b4gp2pk710hl9qj-nsh-hook-dep.drv"
-                    .into(),
+                drv_path: "/nix/store/ln651pxapnxq10gd3b4gp2pk710hl9qj-nsh-hook-dep.drv".into(),
                 required_features: vec![],
             })
         );
@@ -660,7 +663,9 @@ mod tests {
     #[test]
     fn a_partial_settings_dump_falls_back_to_defaults() {
         let mut settings = Settings::default();
-        settings.values.insert("max-silent-time".into(), "60".into());
+        settings
+            .values
+            .insert("max-silent-time".into(), "60".into());
         let bytes = settings.to_bytes();
         let read = Settings::read(&mut &bytes[..]).unwrap();
         assert_eq!(read.max_silent_time(), 60);
@@ -707,39 +712,37 @@ mod tests {
 
     #[test]
     fn log_lines() {
-        insta::assert_snapshot!(
-            [
-                LogLine::Msg {
-                    level: Verbosity::Error,
-                    msg: "nsh: slurmrestd: HTTP 503\nretry later".into()
-                },
-                LogLine::Start {
-                    id: 7,
-                    level: Verbosity::Info,
-                    kind: ActivityType::Build,
-                    text: "building on node1 (Slurm job 42)".into(),
-                    parent: 0,
-                    fields: vec![
-                        "/nix/store/x-a.drv".into(),
-                        "node1 (job 42)".into(),
-                        1.into(),
-                        1.into()
-                    ],
-                },
-                LogLine::Result {
-                    id: 8,
-                    kind: ResultType::Progress,
-                    fields: vec![1.into(), 3.into(), 0.into(), 0.into()]
-                },
-                LogLine::Stop { id: 7 },
-                LogLine::SetPhase {
-                    phase: "buildPhase".into()
-                },
-            ]
-            .iter()
-            .map(LogLine::to_line)
-            .collect::<String>()
-        );
+        insta::assert_snapshot!([
+            LogLine::Msg {
+                level: Verbosity::Error,
+                msg: "nsh: slurmrestd: HTTP 503\nretry later".into()
+            },
+            LogLine::Start {
+                id: 7,
+                level: Verbosity::Info,
+                kind: ActivityType::Build,
+                text: "building on node1 (Slurm job 42)".into(),
+                parent: 0,
+                fields: vec![
+                    "/nix/store/x-a.drv".into(),
+                    "node1 (job 42)".into(),
+                    1.into(),
+                    1.into()
+                ],
+            },
+            LogLine::Result {
+                id: 8,
+                kind: ResultType::Progress,
+                fields: vec![1.into(), 3.into(), 0.into(), 0.into()]
+            },
+            LogLine::Stop { id: 7 },
+            LogLine::SetPhase {
+                phase: "buildPhase".into()
+            },
+        ]
+        .iter()
+        .map(LogLine::to_line)
+        .collect::<String>());
     }
 
     #[test]

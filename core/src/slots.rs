@@ -70,7 +70,9 @@ fn try_lock(path: &Path) -> Result<Try, Failure> {
         .truncate(false)
         .mode(0o600)
         .open(path)
-        .or_fail(Kind::Config, || format!("opening the slot lock {}", path.display()))?;
+        .or_fail(Kind::Config, || {
+            format!("opening the slot lock {}", path.display())
+        })?;
     // SAFETY: flock on a descriptor we own, no memory involved.
     let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if rc == 0 {
@@ -184,7 +186,10 @@ mod tests {
         let slots = SlotDir::new(tmp.path());
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         while slots.load("main", 1).unwrap() == 0 {
-            assert!(std::time::Instant::now() < deadline, "flock never took the lock");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "flock never took the lock"
+            );
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
         assert!(slots.acquire("main", 1).unwrap().is_none());

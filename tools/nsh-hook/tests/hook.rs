@@ -80,7 +80,7 @@ impl Site {
             "#!/bin/sh\n# --check-validity: every path exists\nwhile [ $# -gt 0 ]; do case $1 in --store) shift 2;; --*) shift;; *) [ -e \"$1\" ] || exit 1; shift;; esac; done\n",
         );
         let config = format!(
-            "[cluster.main]\nsystems = [\"x86_64-linux\"]\nsupported_features = [\"big-parallel\"]\nmax_jobs = {max_jobs}\n\n\
+            "[cluster.main]\nbackend = \"cli\"\nsystems = [\"x86_64-linux\"]\nsupported_features = [\"big-parallel\"]\nmax_jobs = {max_jobs}\n\n\
              [hook]\nslots_dir = \"{}\"\nnix_bin_dir = \"{}\"\n{hook_section}\n",
             site.path("slots").display(),
             site.bin().display(),
@@ -131,7 +131,10 @@ impl Site {
         );
         self.script(
             "nsh-push",
-            &format!("{TOOL_PRELUDE}{}", add(r#""push":{"copied":2,"present":0,"bytes":9,"secs":0.1}"#)),
+            &format!(
+                "{TOOL_PRELUDE}{}",
+                add(r#""push":{"copied":2,"present":0,"bytes":9,"secs":0.1}"#)
+            ),
         );
         self.script(
             "nsh-run",
@@ -191,7 +194,12 @@ impl Site {
         let mut child = self.spawn();
         child.stdin.take().unwrap().write_all(input).unwrap();
         let mut stderr = String::new();
-        child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut stderr)
+            .unwrap();
         let status = wait_for(&mut child, Duration::from_secs(30)).expect("the hook did not exit");
         (status, stderr)
     }
@@ -256,7 +264,10 @@ fn declines_what_no_cluster_fits_and_exits_at_eof() {
 #[test]
 fn postpones_when_every_slot_is_taken_and_the_daemon_cannot_build() {
     let site = Site::new("", 1);
-    let _held = SlotDir::new(site.path("slots")).acquire("main", 1).unwrap().unwrap();
+    let _held = SlotDir::new(site.path("slots"))
+        .acquire("main", 1)
+        .unwrap()
+        .unwrap();
     let (code, stderr) = site.run(&cat(&[
         &settings(),
         &try_(false, "x86_64-linux", &[]),
@@ -278,7 +289,13 @@ fn a_broken_configuration_declines_permanently_and_says_why() {
     let msg = &nix_lines(lines[0])[0];
     assert_eq!(msg["action"], "msg");
     assert_eq!(msg["level"], 0);
-    assert!(msg["msg"].as_str().unwrap().contains("nsh.toml: cluster.main"), "{msg}");
+    assert!(
+        msg["msg"]
+            .as_str()
+            .unwrap()
+            .contains("nsh.toml: TOML parse error at line 2"),
+        "{msg}"
+    );
     assert_eq!(lines[1], "# decline-permanently");
 }
 
@@ -299,25 +316,45 @@ fn accepts_and_runs_the_tools_with_the_log_on_fd_4_of_nsh_run_only() {
     assert_eq!(first["drv"]["path"], DRV);
     assert_eq!(first["drv"]["name"], "hello");
     assert_eq!(first["drv"]["wanted"], serde_json::json!(["out"]));
-    assert_eq!(first["drv"]["features"], serde_json::json!(["big-parallel"]));
-    assert_eq!(first["store"], serde_json::json!({"dir": "/nix/store", "uri": "auto"}));
+    assert_eq!(
+        first["drv"]["features"],
+        serde_json::json!(["big-parallel"])
+    );
+    assert_eq!(
+        first["store"],
+        serde_json::json!({"dir": "/nix/store", "uri": "auto"})
+    );
     assert_eq!(
         first["options"],
         serde_json::json!({"max_silent_time": 7, "timeout": 3600, "max_log_size": 0, "keep_failed": true})
     );
     // Each stage got the previous one's ticket.
-    assert!(site.read("seen-nsh-fetch").contains(r#""run":{"status":"built"}"#));
+    assert!(site
+        .read("seen-nsh-fetch")
+        .contains(r#""run":{"status":"built"}"#));
 
     assert_eq!(site.read("build.log"), "hello from the build\n");
-    assert_eq!(site.read("fds"), "nsh-run fd4 4\n", "only nsh-run gets fd 4; no tool gets the hook's stderr");
-    assert!(site.read("env").lines().all(|l| l.ends_with("cluster=main")));
+    assert_eq!(
+        site.read("fds"),
+        "nsh-run fd4 4\n",
+        "only nsh-run gets fd 4; no tool gets the hook's stderr"
+    );
+    assert!(site
+        .read("env")
+        .lines()
+        .all(|l| l.ends_with("cluster=main")));
 
     // Progress: one activity per stage, each stopped.
     let lines = nix_lines(&stderr);
     let starts: Vec<(u64, String)> = lines
         .iter()
         .filter(|l| l["action"] == "start")
-        .map(|l| (l["type"].as_u64().unwrap(), l["text"].as_str().unwrap().to_string()))
+        .map(|l| {
+            (
+                l["type"].as_u64().unwrap(),
+                l["text"].as_str().unwrap().to_string(),
+            )
+        })
         .collect();
     assert_eq!(
         starts,
@@ -363,8 +400,11 @@ fn the_exit_status_follows_the_final_ticket() {
     ] {
         let _ = fs::remove_file(site.out());
         fs::write(site.path("mode"), mode).unwrap();
-        let (code, stderr) =
-            site.run(&cat(&[&settings(), &try_(true, "x86_64-linux", &[]), &accepted()]));
+        let (code, stderr) = site.run(&cat(&[
+            &settings(),
+            &try_(true, "x86_64-linux", &[]),
+            &accepted(),
+        ]));
         assert_eq!(code, want, "{mode}: {stderr}");
         assert!(stderr.contains(said), "{mode}: {stderr}");
         assert_eq!(site.read("build.log"), "log line\n", "{mode}");
@@ -378,7 +418,11 @@ fn start_hanging_build(site: &Site) -> Child {
     let mut child = site.spawn();
     let mut stdin = child.stdin.take().unwrap();
     stdin
-        .write_all(&cat(&[&settings(), &try_(true, "x86_64-linux", &[]), &accepted()]))
+        .write_all(&cat(&[
+            &settings(),
+            &try_(true, "x86_64-linux", &[]),
+            &accepted(),
+        ]))
         .unwrap();
     // Keep stdin open, as the daemon may.
     std::mem::forget(stdin);
@@ -386,7 +430,9 @@ fn start_hanging_build(site: &Site) -> Child {
     let mut line = String::new();
     stderr.read_line(&mut line).unwrap();
     assert_eq!(line, "# accept\n");
-    eventually("nsh-run to start", Duration::from_secs(10), || site.path("run-pid").exists());
+    eventually("nsh-run to start", Duration::from_secs(10), || {
+        site.path("run-pid").exists()
+    });
     // Drain the rest so the hook never blocks on a full pipe.
     std::thread::spawn(move || {
         let mut sink = String::new();
@@ -403,13 +449,23 @@ fn sigterm_stops_the_pipeline_cancels_the_job_and_exits_within_2s() {
     let started = Instant::now();
     unsafe { libc::kill(hook.id() as i32, libc::SIGTERM) };
     let code = wait_for(&mut hook, Duration::from_secs(5)).expect("the hook did not exit");
-    assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
     assert_eq!(code, 1);
     let cancelled: Value = serde_json::from_str(site.read("cancelled").trim()).unwrap();
     assert_eq!(cancelled["alloc"]["job"], 4242);
-    assert!(!Path::new(&format!("/proc/{run_pid}")).exists(), "nsh-run still runs");
+    assert!(
+        !Path::new(&format!("/proc/{run_pid}")).exists(),
+        "nsh-run still runs"
+    );
     // The slot is free again.
-    assert!(SlotDir::new(site.path("slots")).acquire("main", 1).unwrap().is_some());
+    assert!(SlotDir::new(site.path("slots"))
+        .acquire("main", 1)
+        .unwrap()
+        .is_some());
 }
 
 #[test]
@@ -422,9 +478,11 @@ fn a_killed_hook_leaves_the_cancel_to_its_watchdog() {
     // As the daemon does: SIGKILL to the hook's process group.
     unsafe { libc::kill(-(hook.id() as i32), libc::SIGKILL) };
     let _ = hook.wait();
-    eventually("the watchdog to cancel the job", Duration::from_secs(10), || {
-        site.read("cancelled").contains("4242")
-    });
+    eventually(
+        "the watchdog to cancel the job",
+        Duration::from_secs(10),
+        || site.read("cancelled").contains("4242"),
+    );
 }
 
 #[test]
