@@ -61,31 +61,24 @@ impl From<ProtoError> for Failure {
     }
 }
 
-/// The worker-protocol framing the hook needs: u64 little-endian, strings
-/// padded to 8 bytes, string lists. Bounded reads.
-///
-/// To be replaced by the shared `wire` module when it lands on main (it
-/// implements the same framing for the serve protocol).
+/// The framing ([`crate::wire`]) as the hook uses it: bounded reads with the
+/// hook's limits, errors as [`ProtoError`], and EOF told apart when it falls
+/// exactly between two messages (the daemon's way of saying "no more work").
 mod hook_wire {
     use super::*;
+    use crate::wire::{Limits, WireError, WireReader, WireWriter};
 
-    /// Reads exactly `buf.len()` bytes; a clean EOF before any byte is `Ok(false)`.
-    fn read_full(
-        r: &mut impl Read,
-        buf: &mut [u8],
-        what: &'static str,
-    ) -> Result<bool, ProtoError> {
-        let mut filled = 0;
-        while filled < buf.len() {
-            match r.read(&mut buf[filled..]) {
-                Ok(0) if filled == 0 => return Ok(false),
-                Ok(0) => return Err(ProtoError::Truncated(what)),
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(ProtoError::Io(e)),
-            }
+    const LIMITS: Limits = Limits {
+        max_string: MAX_STRING,
+        max_list: MAX_LIST,
+    };
+
+    fn proto_error(e: WireError, what: &'static str) -> ProtoError {
+        match e {
+            WireError::Eof => ProtoError::Truncated(what),
+            WireError::Io(e) => ProtoError::Io(e),
+            other => ProtoError::Malformed(format!("{what}: {other}")),
         }
-        Ok(true)
     }
 
     /// A u64, or `None` on EOF exactly at a message boundary.
@@ -94,79 +87,48 @@ mod hook_wire {
         what: &'static str,
     ) -> Result<Option<u64>, ProtoError> {
         let mut buf = [0u8; 8];
-        if read_full(r, &mut buf, what)? {
-            Ok(Some(u64::from_le_bytes(buf)))
-        } else {
-            Ok(None)
+        let mut filled = 0;
+        while filled < buf.len() {
+            match r.read(&mut buf[filled..]) {
+                Ok(0) if filled == 0 => return Ok(None),
+                Ok(0) => return Err(ProtoError::Truncated(what)),
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(ProtoError::Io(e)),
+            }
         }
+        Ok(Some(u64::from_le_bytes(buf)))
     }
 
     pub fn read_u64(r: &mut impl Read, what: &'static str) -> Result<u64, ProtoError> {
-        read_u64_or_eof(r, what)?.ok_or(ProtoError::Truncated(what))
-    }
-
-    pub fn read_bytes(r: &mut impl Read, what: &'static str) -> Result<Vec<u8>, ProtoError> {
-        let len = read_u64(r, what)?;
-        if len > MAX_STRING {
-            return Err(ProtoError::Malformed(format!(
-                "{what}: a string of {len} bytes (at most {MAX_STRING} accepted)"
-            )));
-        }
-        // Grows with what actually arrives: a huge announced length on a
-        // short stream costs nothing.
-        let mut bytes = Vec::new();
-        r.by_ref()
-            .take(len)
-            .read_to_end(&mut bytes)
-            .map_err(ProtoError::Io)?;
-        if bytes.len() as u64 != len {
-            return Err(ProtoError::Truncated(what));
-        }
-        let pad = (8 - (len % 8) as usize) % 8;
-        let mut padding = [0u8; 8];
-        if pad > 0 && !read_full(r, &mut padding[..pad], what)? {
-            return Err(ProtoError::Truncated(what));
-        }
-        if padding.iter().any(|&b| b != 0) {
-            return Err(ProtoError::Malformed(format!("{what}: non-zero padding")));
-        }
-        Ok(bytes)
+        WireReader::with_limits(r, LIMITS)
+            .u64()
+            .map_err(|e| proto_error(e, what))
     }
 
     pub fn read_string(r: &mut impl Read, what: &'static str) -> Result<String, ProtoError> {
-        String::from_utf8(read_bytes(r, what)?)
-            .map_err(|_| ProtoError::Malformed(format!("{what}: not UTF-8")))
+        WireReader::with_limits(r, LIMITS)
+            .string()
+            .map_err(|e| proto_error(e, what))
     }
 
     pub fn read_strings(r: &mut impl Read, what: &'static str) -> Result<Vec<String>, ProtoError> {
-        let count = read_u64(r, what)?;
-        if count > MAX_LIST {
-            return Err(ProtoError::Malformed(format!(
-                "{what}: a list of {count} strings (at most {MAX_LIST} accepted)"
-            )));
-        }
-        let mut list = Vec::new();
-        for _ in 0..count {
-            list.push(read_string(r, what)?);
-        }
-        Ok(list)
+        WireReader::with_limits(r, LIMITS)
+            .strings()
+            .map_err(|e| proto_error(e, what))
     }
 
+    // Writing to a Vec cannot fail.
     pub fn write_u64(w: &mut Vec<u8>, n: u64) {
-        w.extend_from_slice(&n.to_le_bytes());
+        WireWriter::new(w).u64(n).expect("writing to memory");
     }
 
     pub fn write_string(w: &mut Vec<u8>, s: &str) {
-        write_u64(w, s.len() as u64);
-        w.extend_from_slice(s.as_bytes());
-        w.resize(w.len() + (8 - s.len() % 8) % 8, 0);
+        WireWriter::new(w).string(s).expect("writing to memory");
     }
 
     pub fn write_strings(w: &mut Vec<u8>, list: &[String]) {
-        write_u64(w, list.len() as u64);
-        for s in list {
-            write_string(w, s);
-        }
+        WireWriter::new(w).strings(list).expect("writing to memory");
     }
 }
 
@@ -751,7 +713,7 @@ mod tests {
         // Every prefix of a real transcript either parses or errors cleanly.
         for cut in 0..full.len() {
             let mut r = &full[..cut];
-            if let Ok(_) = Settings::read(&mut r) {
+            if Settings::read(&mut r).is_ok() {
                 match Request::read(&mut r) {
                     Ok(Request::Try(_)) => {
                         let _ = Accepted::read(&mut r);
