@@ -491,18 +491,11 @@ fn build(
         current: None,
     };
     if let Stages::Command(argv) = stages {
+        // Nix already shows "building '…' on 'slurm://<cluster>'"; say how.
         progress.switch(Some((
-            ActivityType::Build,
-            format!(
-                "building '{}' on slurm://{} ({})",
-                t.drv_path, cluster.name, argv[0]
-            ),
-            vec![
-                t.drv_path.clone().into(),
-                format!("slurm://{}", cluster.name).into(),
-                1.into(),
-                1.into(),
-            ],
+            ActivityType::Unknown,
+            format!("nsh: running the pipeline {}", argv[0]),
+            vec![],
         )));
     }
     let env = [("NSH_CLUSTER", cluster.name.clone())];
