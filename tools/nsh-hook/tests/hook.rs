@@ -142,7 +142,9 @@ impl Site {
                 "{TOOL_PRELUDE}echo 'hello from the build' >&\"${{NSH_LOG_FD:-2}}\"\n{}",
                 add(r#""run":{"status":"built"}"#).replacen(
                     "echo \"$t\" | sed",
-                    "if [ -e \"$T/hang\" ]; then echo $$ > \"$T/run-pid\"; exec sleep 60; fi\necho \"$t\" | sed",
+                    "if [ -e \"$T/hang\" ]; then echo $$ > \"$T/run-pid\"; exec sleep 60; fi\n\
+                     if [ -e \"$T/fail-run\" ]; then echo \"$t\" | sed 's|}$|,\"error\":{\"stage\":\"run\",\"kind\":\"permanent\",\"message\":\"builder failed\"}}|'; exit 1; fi\n\
+                     echo \"$t\" | sed",
                     1
                 )
             ),
@@ -167,6 +169,7 @@ impl Site {
         cmd.arg("3")
             .env("NSH_CONFIG", self.path("nsh.toml"))
             .env("T", self.dir.path())
+            .env("NSH_BIN_DIR", self.bin())
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -522,4 +525,77 @@ fn a_fallback_that_declines_is_declined_and_nsh_still_takes_what_fits() {
     let (code, stderr) = site.run(&cat(&[&settings(), &try_(true, "aarch64-linux", &[])]));
     assert_eq!(stderr, "# decline\n");
     assert_eq!(code, 0);
+}
+
+fn hook_sh_site() -> Site {
+    let site = Site::new("", 1);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../hook.sh.example");
+    site.add_hook_key(&format!("pipeline = [\"{}\"]", script.display()));
+    site
+}
+
+#[test]
+fn hook_sh_example_as_the_pipeline_command() {
+    let site = hook_sh_site();
+    let (code, stderr) = site.run(&cat(&[
+        &settings(),
+        &try_(true, "x86_64-linux", &[]),
+        &accepted(),
+    ]));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(site.read("seen-nsh-fetch").contains(r#""push":{"#));
+    assert_eq!(site.read("build.log"), "hello from the build\n");
+    let fd4: Vec<String> = site
+        .read("fds")
+        .lines()
+        .filter(|l| l.contains("fd4"))
+        .map(String::from)
+        .collect();
+    assert_eq!(fd4, vec!["nsh-run fd4 4"], "only nsh-run keeps the log fd");
+    assert_eq!(site.read("cancelled"), "", "a good build is not cancelled");
+}
+
+#[test]
+fn hook_sh_example_cancels_the_job_when_the_build_fails() {
+    let site = hook_sh_site();
+    fs::write(site.path("fail-run"), "").unwrap();
+    let (code, stderr) = site.run(&cat(&[
+        &settings(),
+        &try_(true, "x86_64-linux", &[]),
+        &accepted(),
+    ]));
+    assert_eq!(code, 100, "{stderr}");
+    assert!(
+        stderr.contains("run failed (permanent): builder failed"),
+        "{stderr}"
+    );
+    assert!(site.read("cancelled").contains(r#""job":4242"#));
+    assert_eq!(
+        site.read("seen-nsh-fetch"),
+        "",
+        "no stage after the failed one"
+    );
+}
+
+#[test]
+fn hook_sh_example_cancels_the_job_on_sigterm_within_2s() {
+    let site = hook_sh_site();
+    let mut hook = start_hanging_build(&site);
+    let run_pid: i32 = site.read("run-pid").trim().parse().unwrap();
+    let started = Instant::now();
+    unsafe { libc::kill(hook.id() as i32, libc::SIGTERM) };
+    let code = wait_for(&mut hook, Duration::from_secs(5)).expect("the hook did not exit");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(code, 1);
+    eventually("the script to cancel", Duration::from_secs(2), || {
+        site.read("cancelled").contains(r#""job":4242"#)
+    });
+    assert!(
+        !Path::new(&format!("/proc/{run_pid}")).exists(),
+        "nsh-run still runs"
+    );
 }
