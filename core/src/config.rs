@@ -296,6 +296,9 @@ struct RawConfig {
     ssh: RawSsh,
     #[serde(default)]
     remote: RawRemote,
+    /// `[hook]`: read and validated by `crate::hook_config`.
+    #[serde(default, rename = "hook")]
+    _hook: Option<toml::Table>,
 }
 
 #[derive(Deserialize)]

@@ -1,0 +1,410 @@
+//! Running the build pipeline for `nsh-hook`: the nsh-* tools connected
+//! through the hook (so it sees every intermediate ticket), or one configured
+//! pipeline command (a site's script) that reads the first ticket and writes
+//! the final one.
+//!
+//! Descriptors: every child gets pipes for stdin, stdout and stderr, never
+//! the hook's own fds 1 and 2 (the daemon waits for EOF on those, and a
+//! long-lived grandchild such as an ssh ControlMaster must not hold them).
+//! The build log (the daemon's fd 4) is handed, as fd 4 with
+//! `NSH_LOG_FD=4`, to `nsh-run` (or the pipeline command) only.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use crate::error::{Failure, Kind, ResultExt};
+use crate::ticket::Ticket;
+
+/// The default pipeline, in order.
+pub const TOOLS: [&str; 5] = [
+    "nsh-closure",
+    "nsh-alloc",
+    "nsh-push",
+    "nsh-run",
+    "nsh-fetch",
+];
+/// The tool that writes the build log.
+pub const LOG_WRITER: &str = "nsh-run";
+/// The fd number the log writer gets, as in Nix's hook protocol.
+pub const LOG_FD: i32 = 4;
+
+/// What to run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stages {
+    /// The nsh-* tools (absolute paths, in [`TOOLS`] order).
+    Tools(Vec<PathBuf>),
+    /// A pipeline command (argv): ticket in on stdin, final ticket out on stdout.
+    Command(Vec<String>),
+}
+
+impl Stages {
+    /// The nsh-* tools in `dir`; a bad-config failure naming the first missing one.
+    pub fn tools_in(dir: &Path) -> Result<Stages, Failure> {
+        let mut paths = Vec::new();
+        for tool in TOOLS {
+            let path = dir.join(tool);
+            if !path.is_file() {
+                return Err(Failure::config(format!(
+                    "{} not found (the nsh tools are expected next to nsh-hook, or set hook.pipeline)",
+                    path.display()
+                )));
+            }
+            paths.push(path);
+        }
+        Ok(Stages::Tools(paths))
+    }
+
+    fn commands(&self) -> Vec<(String, Command, bool)> {
+        match self {
+            Stages::Tools(paths) => paths
+                .iter()
+                .map(|p| {
+                    let name = p
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    let gets_log = name == LOG_WRITER;
+                    (name, Command::new(p), gets_log)
+                })
+                .collect(),
+            Stages::Command(argv) => {
+                let mut cmd = Command::new(&argv[0]);
+                cmd.args(&argv[1..]);
+                vec![(argv[0].clone(), cmd, true)]
+            }
+        }
+    }
+}
+
+/// What the pipeline reports while it runs.
+pub enum Event {
+    /// Stage `stage` (its program name) wrote this ticket.
+    Ticket {
+        stage: String,
+        last: bool,
+        ticket: Box<Ticket>,
+    },
+    /// A line a stage wrote to stderr.
+    Stderr(String),
+}
+
+/// How the pipeline ended.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// The last ticket the last stage wrote.
+    pub final_ticket: Option<Ticket>,
+    /// The latest ticket with an `alloc` section, from any stage.
+    pub latest_alloc: Option<Ticket>,
+    /// Each stage's exit status (`None`: killed by a signal or not reaped).
+    pub statuses: Vec<(String, Option<i32>)>,
+    /// The signal that interrupted the hook, if one did.
+    pub interrupted_by: Option<i32>,
+}
+
+static SIGNALLED: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn on_signal(signal: libc::c_int) {
+    SIGNALLED.store(signal, Ordering::SeqCst);
+}
+
+/// SIGTERM, SIGINT and SIGHUP set a flag the pipeline loop polls.
+pub fn install_signal_handlers() {
+    for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        // SAFETY: the handler only stores to an atomic (async-signal-safe).
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_signal as *const () as usize;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(signal, &action, std::ptr::null_mut());
+        }
+    }
+}
+
+/// The signal received so far, if any.
+pub fn signalled() -> Option<i32> {
+    match SIGNALLED.load(Ordering::SeqCst) {
+        0 => None,
+        s => Some(s),
+    }
+}
+
+/// How long the children get between SIGTERM and SIGKILL.
+const STOP_GRACE: Duration = Duration::from_millis(700);
+/// How long to wait for the last stage's stdout to close after every stage
+/// exited (a grandchild may hold it).
+const EOF_GRACE: Duration = Duration::from_millis(500);
+
+/// Runs the pipeline on `ticket`. `env` is set for every stage; `log_fd`
+/// becomes fd 4 of the log writer. `observe` sees every event, on this thread.
+pub fn run(
+    stages: &Stages,
+    ticket: &Ticket,
+    env: &[(&str, String)],
+    log_fd: Option<BorrowedFd<'_>>,
+    mut observe: impl FnMut(&Event),
+) -> Result<Outcome, Failure> {
+    let (tx, rx) = mpsc::channel::<Message>();
+    let (err_read, err_write) =
+        pipe().or_fail(Kind::Transient, || "creating a pipe for the stages' stderr")?;
+
+    let mut children: Vec<(String, Child)> = Vec::new();
+    let mut spawn_failure = None;
+    let commands = stages.commands();
+    let count = commands.len();
+    for (name, mut cmd, gets_log) in commands {
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(match err_write.try_clone() {
+                Ok(w) => Stdio::from(w),
+                Err(_) => Stdio::null(),
+            });
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.env_remove("NSH_LOG_FD");
+        if let (true, Some(fd)) = (gets_log, log_fd) {
+            let raw = fd.as_raw_fd();
+            cmd.env("NSH_LOG_FD", LOG_FD.to_string());
+            // SAFETY: dup2 is async-signal-safe; the new fd 4 is not close-on-exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::dup2(raw, LOG_FD) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        match cmd.spawn() {
+            Ok(child) => children.push((name, child)),
+            Err(e) => {
+                spawn_failure = Some(Failure::config(format!("starting {name}: {e}")));
+                break;
+            }
+        }
+    }
+    drop(err_write);
+    if let Some(failure) = spawn_failure {
+        stop(&mut children);
+        return Err(failure);
+    }
+
+    // stderr of every stage → events (not joined: a grandchild may keep it open).
+    {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err_read).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(Message::Stderr(line)).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+
+    // stage i's stdout → (observe) → stage i+1's stdin.
+    let mut stdins: Vec<_> = children.iter_mut().map(|(_, c)| c.stdin.take()).collect();
+    let first_stdin = stdins[0].take();
+    for i in 0..count {
+        let stdout = children[i].1.stdout.take().expect("piped");
+        let mut next = if i + 1 < count {
+            stdins[i + 1].take()
+        } else {
+            None
+        };
+        let name = children[i].0.clone();
+        let last = i + 1 == count;
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                // Seen by the hook before the next stage gets it: a signal
+                // arriving meanwhile still finds the latest `alloc`.
+                let _ = tx.send(Message::Line {
+                    stage: name.clone(),
+                    last,
+                    line: line.clone(),
+                });
+                if let Some(w) = next.as_mut() {
+                    if writeln!(w, "{line}").and_then(|()| w.flush()).is_err() {
+                        // The next stage is gone; keep draining this one.
+                        next = None;
+                    }
+                }
+            }
+            drop(next);
+            let _ = tx.send(Message::Eof { last });
+        });
+    }
+    drop(tx);
+    if let Some(mut w) = first_stdin {
+        // One small line into an empty pipe: this does not block.
+        let _ = writeln!(w, "{}", ticket.to_line());
+    }
+
+    let mut outcome = Outcome::default();
+    let mut last_eof = false;
+    let mut all_exited_at: Option<Instant> = None;
+    let mut statuses: Vec<Option<Option<i32>>> = vec![None; count];
+    loop {
+        match rx.recv_timeout(Duration::from_millis(50)) {
+            Ok(message) => handle(message, &mut outcome, &mut last_eof, &mut observe),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => last_eof = true,
+        }
+        if let Some(signal) = signalled() {
+            outcome.interrupted_by = Some(signal);
+            stop(&mut children);
+            break;
+        }
+        for (i, (_, child)) in children.iter_mut().enumerate() {
+            if statuses[i].is_none() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    statuses[i] = Some(status.code());
+                }
+            }
+        }
+        if statuses.iter().all(Option::is_some) {
+            let since = *all_exited_at.get_or_insert_with(Instant::now);
+            if last_eof || since.elapsed() > EOF_GRACE {
+                break;
+            }
+        }
+    }
+    while let Ok(message) = rx.try_recv() {
+        handle(message, &mut outcome, &mut last_eof, &mut observe);
+    }
+    outcome.statuses = children
+        .iter()
+        .zip(statuses)
+        .map(|((name, _), s)| (name.clone(), s.flatten()))
+        .collect();
+    Ok(outcome)
+}
+
+enum Message {
+    Line {
+        stage: String,
+        last: bool,
+        line: String,
+    },
+    Eof {
+        last: bool,
+    },
+    Stderr(String),
+}
+
+fn handle(
+    message: Message,
+    outcome: &mut Outcome,
+    last_eof: &mut bool,
+    observe: &mut impl FnMut(&Event),
+) {
+    match message {
+        Message::Line { stage, last, line } => {
+            if line.trim().is_empty() {
+                return;
+            }
+            match Ticket::from_line(&line) {
+                Ok(ticket) => {
+                    if ticket.alloc.is_some() {
+                        outcome.latest_alloc = Some(ticket.clone());
+                    }
+                    if last {
+                        outcome.final_ticket = Some(ticket.clone());
+                    }
+                    observe(&Event::Ticket {
+                        stage,
+                        last,
+                        ticket: Box::new(ticket),
+                    });
+                }
+                Err(e) => observe(&Event::Stderr(format!(
+                    "{stage}: error: wrote a line that is not a ticket: {e}"
+                ))),
+            }
+        }
+        Message::Eof { last } => *last_eof |= last,
+        Message::Stderr(line) => observe(&Event::Stderr(line)),
+    }
+}
+
+/// A pipe, both ends close-on-exec (`std::io::pipe` needs Rust 1.87).
+pub fn pipe() -> std::io::Result<(File, File)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills two new descriptors that we then own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fresh descriptors, owned by nothing else.
+    Ok(unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) })
+}
+
+/// SIGTERM to every child still running, SIGKILL after a grace period.
+pub fn stop(children: &mut [(String, Child)]) {
+    for (_, child) in children.iter_mut() {
+        if let Ok(None) = child.try_wait() {
+            // SAFETY: kill(2) on a child we have not reaped yet.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        }
+    }
+    let deadline = Instant::now() + STOP_GRACE;
+    for (_, child) in children.iter_mut() {
+        loop {
+            match child.try_wait() {
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Ok(None) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                _ => break,
+            }
+        }
+    }
+}
+
+/// Runs `program args…` with `input` on stdin and no output, for at most
+/// `limit`; its exit status, or a failure.
+pub fn run_bounded(
+    program: &Path,
+    args: &[&str],
+    input: &str,
+    limit: Duration,
+) -> Result<i32, Failure> {
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .or_fail(Kind::Config, || format!("starting {}", program.display()))?;
+    if let Some(mut w) = child.stdin.take() {
+        let _ = writeln!(w, "{input}");
+    }
+    let deadline = Instant::now() + limit;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Ok(status.code().unwrap_or(-1)),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(Failure::timed_out(format!(
+                    "{} did not finish within {:?}",
+                    program.display(),
+                    limit
+                )));
+            }
+        }
+    }
+}

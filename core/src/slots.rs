@@ -1,0 +1,211 @@
+//! Per-cluster build slots, as `flock` locks on files
+//! `<root>/<cluster>/<n>.lock` (n = 0 … max_jobs−1), like the slot locks of
+//! Nix's own `build-remote`.
+//!
+//! A slot is held by the accepting `nsh-hook` for the life of the build. The
+//! kernel drops a `flock` when the last descriptor of its open file goes, so
+//! a crashed or killed hook frees its slot with no clean-up step; the lock
+//! files themselves stay and are reused. The descriptor is close-on-exec, so
+//! no child of the hook keeps the slot after the hook is gone.
+
+use std::fs::{self, File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::error::{Failure, Kind, ResultExt};
+
+/// The default slot directory.
+pub const DEFAULT_SLOTS_DIR: &str = "/run/nsh/slots";
+
+/// A directory of per-cluster slot locks.
+#[derive(Debug, Clone)]
+pub struct SlotDir {
+    root: PathBuf,
+}
+
+/// One held slot; dropping it frees the slot.
+#[derive(Debug)]
+pub struct Slot {
+    _file: File,
+    path: PathBuf,
+    index: u32,
+}
+
+impl Slot {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+}
+
+/// A cluster name is a path component here: keep it to a safe alphabet.
+pub fn check_cluster_name(name: &str) -> Result<(), Failure> {
+    let ok = !name.is_empty()
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Failure::config(format!(
+            "cluster name {name:?}: use letters, digits, `.`, `_` and `-` only"
+        )))
+    }
+}
+
+enum Try {
+    Locked(File),
+    Busy,
+}
+
+fn try_lock(path: &Path) -> Result<Try, Failure> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .or_fail(Kind::Config, || {
+            format!("opening the slot lock {}", path.display())
+        })?;
+    // SAFETY: flock on a descriptor we own, no memory involved.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        return Ok(Try::Locked(file));
+    }
+    let err = std::io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EWOULDBLOCK) => Ok(Try::Busy),
+        _ => Err(Failure::config(format!(
+            "locking the slot {}: {err}",
+            path.display()
+        ))),
+    }
+}
+
+impl SlotDir {
+    pub fn new(root: impl Into<PathBuf>) -> SlotDir {
+        SlotDir { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn cluster_dir(&self, cluster: &str) -> Result<PathBuf, Failure> {
+        check_cluster_name(cluster)?;
+        let dir = self.root.join(cluster);
+        if !dir.is_dir() {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(&dir)
+                .or_fail(Kind::Config, || {
+                    format!("creating the slot directory {}", dir.display())
+                })?;
+        }
+        Ok(dir)
+    }
+
+    /// How many of the cluster's `max_jobs` slots are held right now.
+    /// (A snapshot: another hook may take or free one the next moment;
+    /// [`SlotDir::acquire`] is what decides.)
+    pub fn load(&self, cluster: &str, max_jobs: u32) -> Result<u32, Failure> {
+        let dir = self.cluster_dir(cluster)?;
+        let mut busy = 0;
+        for n in 0..max_jobs {
+            let path = dir.join(format!("{n}.lock"));
+            match try_lock(&path)? {
+                Try::Busy => busy += 1,
+                Try::Locked(file) => drop(file),
+            }
+        }
+        Ok(busy)
+    }
+
+    /// Takes the first free slot of the cluster, or `None` if all are held.
+    pub fn acquire(&self, cluster: &str, max_jobs: u32) -> Result<Option<Slot>, Failure> {
+        let dir = self.cluster_dir(cluster)?;
+        for index in 0..max_jobs {
+            let path = dir.join(format!("{index}.lock"));
+            if let Try::Locked(file) = try_lock(&path)? {
+                return Ok(Some(Slot {
+                    _file: file,
+                    path,
+                    index,
+                }));
+            }
+        }
+        Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_taken_in_order_and_freed_on_drop() {
+        let tmp = tempfile::tempdir().unwrap();
+        let slots = SlotDir::new(tmp.path().join("slots"));
+        assert_eq!(slots.load("main", 2).unwrap(), 0);
+        let a = slots.acquire("main", 2).unwrap().unwrap();
+        assert_eq!(a.index(), 0);
+        assert_eq!(slots.load("main", 2).unwrap(), 1);
+        let b = slots.acquire("main", 2).unwrap().unwrap();
+        assert_eq!(b.index(), 1);
+        assert!(slots.acquire("main", 2).unwrap().is_none());
+        assert_eq!(slots.load("main", 2).unwrap(), 2);
+        // Clusters are independent.
+        assert!(slots.acquire("other", 1).unwrap().is_some());
+        drop(a);
+        assert_eq!(slots.load("main", 2).unwrap(), 1);
+        assert_eq!(slots.acquire("main", 2).unwrap().unwrap().index(), 0);
+        assert!(b.path().ends_with("main/1.lock"));
+    }
+
+    #[test]
+    fn a_killed_holder_frees_its_slot() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("main");
+        fs::create_dir_all(&dir).unwrap();
+        let lock = dir.join("0.lock");
+        // flock(1) holds the lock in another process until it is killed
+        // (`-o`: the command it runs does not inherit the lock).
+        let mut holder = std::process::Command::new("flock")
+            .arg("-o")
+            .arg(&lock)
+            .args(["sleep", "30"])
+            .spawn()
+            .unwrap();
+        let slots = SlotDir::new(tmp.path());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while slots.load("main", 1).unwrap() == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "flock never took the lock"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(slots.acquire("main", 1).unwrap().is_none());
+        holder.kill().unwrap();
+        holder.wait().unwrap();
+        // No clean-up step: the kernel dropped the lock with the process.
+        assert!(slots.acquire("main", 1).unwrap().is_some());
+    }
+
+    #[test]
+    fn cluster_names_are_path_safe() {
+        for bad in ["", ".", "..", "a/b", ".hidden", "a b"] {
+            assert!(check_cluster_name(bad).is_err(), "{bad:?}");
+        }
+        for good in ["main", "gpu-2", "a.b_c"] {
+            check_cluster_name(good).unwrap();
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! `nsh-hook` under the real Nix 2.8: `nix-build --option build-hook` on the
+//! local store and through the test cluster's nix-daemon. The pipeline is
+//! `tests/hook/build-here.sh`, which builds on this machine and registers the
+//! outputs the way nsh-fetch must (the daemon holds their locks), so these
+//! tests prove that Nix accepts the hook's side of the protocol: the accept,
+//! the inputs and wanted outputs read, the log on fd 4, the exit statuses and
+//! outputs valid at exit. (The builds on the cluster's nodes come with the
+//! other tools.)
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use nsh_cluster_tests::{run_ok, unique_salt, Cluster};
+
+/// `target/<profile>/nsh-hook`, built by `cargo test --workspace`.
+fn nsh_hook() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let hook = exe.parent().unwrap().parent().unwrap().join("nsh-hook");
+    assert!(
+        hook.exists(),
+        "{} is missing: build it (cargo build -p nsh-hook, or cargo test --workspace)",
+        hook.display()
+    );
+    hook
+}
+
+struct Site {
+    dir: tempfile::TempDir,
+}
+
+impl Site {
+    fn new() -> Site {
+        let dir = tempfile::tempdir().unwrap();
+        let site = Site { dir };
+        fs::create_dir_all(site.path("conf")).unwrap();
+        fs::write(
+            site.path("conf/nix.conf"),
+            "substituters =\nsandbox = false\nbuild-users-group =\nexperimental-features = nix-command\n",
+        )
+        .unwrap();
+        let pipeline = Cluster::repo_root().join("tests/integration/tests/hook/build-here.sh");
+        fs::write(
+            site.path("nsh.toml"),
+            format!(
+                "[cluster.main]\nbackend = \"cli\"\nsystems = [\"{}\"]\nmax_jobs = 4\n\n\
+                 [hook]\npipeline = [\"{}\"]\nslots_dir = \"{}\"\n",
+                current_system(),
+                pipeline.display(),
+                site.path("slots").display()
+            ),
+        )
+        .unwrap();
+        // What the daemon runs: its own environment is not the test's.
+        let wrapper = site.path("hook");
+        fs::write(
+            &wrapper,
+            format!(
+                "#!/bin/sh\nexport NSH_CONFIG={} NSH_TEST_RECORD={} NIX_CONF_DIR={} PATH=/usr/bin:/bin\nexec {} \"$@\"\n",
+                site.path("nsh.toml").display(),
+                site.path("record").display(),
+                site.path("conf").display(),
+                nsh_hook().display()
+            ),
+        )
+        .unwrap();
+        fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755)).unwrap();
+        site
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// A derivation `top` depending on `dep`; `top` fails when `fail`.
+    fn dag(&self, salt: &str, fail: bool) -> PathBuf {
+        let expr = format!(
+            r#"let mk = name: script: derivation {{
+                 inherit name; system = builtins.currentSystem; builder = "/bin/sh";
+                 PATH = "/usr/bin:/bin"; args = ["-c" script]; }};
+               dep = mk "nsh-hook-dep-{salt}" "echo building dep; echo dep > $out";
+             in mk "nsh-hook-top-{salt}" "echo building top; {} cat ${{dep}} > $out""#,
+            if fail {
+                "echo about to fail; exit 3;"
+            } else {
+                ""
+            }
+        );
+        let file = self.path(&format!("dag-{salt}.nix"));
+        fs::write(&file, expr).unwrap();
+        file
+    }
+
+    fn nix_build(&self, file: &Path, extra: &[&str]) -> Output {
+        Command::new("nix-build")
+            .arg(file)
+            .args(["--no-out-link", "--option", "build-hook"])
+            .arg(self.path("hook"))
+            .args(extra)
+            .env("NIX_CONF_DIR", self.path("conf"))
+            .env_remove("NIX_REMOTE")
+            .output()
+            .expect("nix-build runs")
+    }
+
+    /// The derivations the pipeline built, by name, in order.
+    fn built_by_the_hook(&self) -> Vec<String> {
+        fs::read_to_string(self.path("record"))
+            .unwrap_or_default()
+            .lines()
+            .map(|drv| {
+                let base = drv.rsplit('/').next().unwrap_or(drv);
+                // `<hash>-nsh-hook-top-<salt>.drv` → `top`
+                base.split('-').nth(3).unwrap_or(base).to_string()
+            })
+            .collect()
+    }
+}
+
+fn current_system() -> String {
+    run_ok(Command::new("nix-instantiate").args(["--eval", "-E", "builtins.currentSystem"]))
+        .trim()
+        .trim_matches('"')
+        .to_string()
+}
+
+fn read_log(drv_file: &Path, conf: &Path) -> String {
+    let drv = run_ok(
+        Command::new("nix-instantiate")
+            .arg(drv_file)
+            .env("NIX_CONF_DIR", conf),
+    );
+    run_ok(
+        Command::new("nix-store")
+            .args(["--read-log", drv.trim()])
+            .env("NIX_CONF_DIR", conf),
+    )
+}
+
+fn check_built(site: &Site, file: &Path, out: &Output) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "nix-build failed:\n{stderr}");
+    assert!(stderr.contains("on 'slurm://main'"), "{stderr}");
+    assert_eq!(site.built_by_the_hook(), vec!["dep", "top"], "{stderr}");
+    let result = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    run_ok(Command::new("nix-store").args(["--verify-path", &result]));
+    assert_eq!(fs::read_to_string(&result).unwrap(), "dep\n");
+    // `nix log`: what the pipeline wrote to fd 4.
+    assert!(read_log(file, &site.path("conf")).contains("building top"));
+}
+
+#[test]
+fn nix_build_on_the_local_store_builds_a_dag_through_the_hook() {
+    let site = Site::new();
+    let file = site.dag(&unique_salt(), false);
+    let out = site.nix_build(&file, &[]);
+    check_built(&site, &file, &out);
+}
+
+#[test]
+fn nix_build_through_the_daemon_builds_a_dag_through_the_hook() {
+    // The test cluster's nix-daemon (root is a trusted user there, so the
+    // client's build-hook applies).
+    let _cluster = Cluster::get();
+    let site = Site::new();
+    let file = site.dag(&unique_salt(), false);
+    let out = site.nix_build(&file, &["--store", "daemon"]);
+    check_built(&site, &file, &out);
+}
+
+#[test]
+fn a_failing_derivation_fails_the_build_with_its_log() {
+    let site = Site::new();
+    let file = site.dag(&unique_salt(), true);
+    let out = site.nix_build(&file, &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert_eq!(site.built_by_the_hook(), vec!["dep", "top"], "{stderr}");
+    assert!(stderr.contains("about to fail"), "{stderr}");
+    assert!(
+        stderr.contains("the builder failed"),
+        "the hook's @nix msg names the failure: {stderr}"
+    );
+    assert!(read_log(&file, &site.path("conf")).contains("about to fail"));
+}

@@ -1,0 +1,601 @@
+//! `nsh-hook` driven as the Nix daemon drives it: real protocol bytes on
+//! stdin, fd 4 open as the build log, replies and `@nix` lines read back from
+//! stderr. The pipeline is made of small shell scripts (fake nsh-* tools, or
+//! a pipeline command) that record what they saw, so these tests check the
+//! hook's own logic: decline/postpone/accept, the log on fd 4 and to whom it
+//! goes, exit statuses, signals, the watchdog and the fallback relay.
+
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nsh_core::hook_proto::{Accepted, Settings, Try};
+use nsh_core::slots::SlotDir;
+use serde_json::Value;
+
+const DRV: &str = "/nix/store/1cj0fhkr5qn18x1zz61vdjrb58cfnzp5-hello.drv";
+
+fn settings() -> Vec<u8> {
+    let mut s = Settings::default();
+    for (k, v) in [
+        ("store", "auto"),
+        ("system", "x86_64-linux"),
+        ("system-features", "big-parallel"),
+        ("max-silent-time", "7"),
+        ("timeout", "3600"),
+        ("keep-failed", "true"),
+        ("access-tokens", "github.com=SECRET-TOKEN"),
+    ] {
+        s.values.insert(k.into(), v.into());
+    }
+    s.to_bytes()
+}
+
+fn try_(am_willing: bool, system: &str, features: &[&str]) -> Vec<u8> {
+    Try {
+        am_willing,
+        needed_system: system.into(),
+        drv_path: DRV.into(),
+        required_features: features.iter().map(|f| f.to_string()).collect(),
+    }
+    .to_bytes()
+}
+
+fn accepted() -> Vec<u8> {
+    Accepted {
+        inputs: vec!["/nix/store/vh2m0g9jsj81vrkr4m2sq2jz375ykp01-dep".into()],
+        wanted_outputs: vec!["out".into()],
+    }
+    .to_bytes()
+}
+
+/// A directory with the hook (copied, so that its fake tools sit next to
+/// it), the config, the build-log file and the scripts' records.
+struct Site {
+    dir: tempfile::TempDir,
+}
+
+const TOOL_PRELUDE: &str = r#"#!/bin/sh
+me=$(basename "$0")
+# Which descriptors this tool got: fd 4 (the build log) and whether its
+# stderr is the hook's (it must not be).
+if [ -e /proc/$$/fd/4 ]; then echo "$me fd4 ${NSH_LOG_FD:-unset}" >> "$T/fds"; fi
+if [ "$(readlink /proc/$$/fd/2)" = "$(readlink /proc/$PPID/fd/2)" ]; then echo "$me shares-stderr" >> "$T/fds"; fi
+echo "$me cluster=$NSH_CLUSTER" >> "$T/env"
+"#;
+
+impl Site {
+    fn new(hook_section: &str, max_jobs: u32) -> Site {
+        let dir = tempfile::tempdir().unwrap();
+        let site = Site { dir };
+        fs::create_dir_all(site.bin()).unwrap();
+        fs::copy(assert_cmd::cargo::cargo_bin("nsh-hook"), site.hook()).unwrap();
+        site.script(
+            "nix-store",
+            "#!/bin/sh\n# --check-validity: every path exists\nwhile [ $# -gt 0 ]; do case $1 in --store) shift 2;; --*) shift;; *) [ -e \"$1\" ] || exit 1; shift;; esac; done\n",
+        );
+        let config = format!(
+            "[cluster.main]\nbackend = \"cli\"\nsystems = [\"x86_64-linux\"]\nsupported_features = [\"big-parallel\"]\nmax_jobs = {max_jobs}\n\n\
+             [hook]\nslots_dir = \"{}\"\nnix_bin_dir = \"{}\"\n{hook_section}\n",
+            site.path("slots").display(),
+            site.bin().display(),
+        );
+        fs::write(site.path("nsh.toml"), config).unwrap();
+        site.fake_tools();
+        site
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+    fn bin(&self) -> PathBuf {
+        self.path("bin")
+    }
+    fn hook(&self) -> PathBuf {
+        self.bin().join("nsh-hook")
+    }
+    fn out(&self) -> PathBuf {
+        self.path("out-hello")
+    }
+
+    fn script(&self, name: &str, body: &str) -> PathBuf {
+        let path = self.bin().join(name);
+        fs::write(&path, body).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    /// The five nsh-* tools as scripts that add their section with sed.
+    fn fake_tools(&self) {
+        let add = |section: &str| {
+            format!("read -r t\necho \"$t\" >> \"$T/seen-$me\"\necho \"$t\" | sed 's|}}$|,{section}}}|'\n")
+        };
+        let out = self.out().display().to_string();
+        self.script(
+            "nsh-closure",
+            &format!(
+                "{TOOL_PRELUDE}read -r t\necho \"$t\" > \"$T/seen-$me\"\necho \"$t\" | sed 's|\"outputs\":{{}}|\"outputs\":{{\"out\":\"{out}\"}}|; s|}}$|,\"closure\":{{\"paths\":[\"/nix/store/a\",\"/nix/store/b\"],\"nar_size\":9}}}}|'\n"
+            ),
+        );
+        self.script(
+            "nsh-alloc",
+            &format!(
+                "{TOOL_PRELUDE}if [ \"$1\" = --cancel ]; then cat >> \"$T/cancelled\"; exit 0; fi\n{}",
+                add(r#""alloc":{"cluster":"main","backend":"cli","job":4242,"node":"node1","ssh":"nixbuild@node1","work":"/tmp/nsh/nsh-4242","request":1}"#)
+            ),
+        );
+        self.script(
+            "nsh-push",
+            &format!(
+                "{TOOL_PRELUDE}{}",
+                add(r#""push":{"copied":2,"present":0,"bytes":9,"secs":0.1}"#)
+            ),
+        );
+        self.script(
+            "nsh-run",
+            &format!(
+                "{TOOL_PRELUDE}echo 'hello from the build' >&\"${{NSH_LOG_FD:-2}}\"\n{}",
+                add(r#""run":{"status":"built"}"#).replacen(
+                    "echo \"$t\" | sed",
+                    "if [ -e \"$T/hang\" ]; then echo $$ > \"$T/run-pid\"; exec sleep 60; fi\n\
+                     if [ -e \"$T/fail-run\" ]; then echo \"$t\" | sed 's|}$|,\"error\":{\"stage\":\"run\",\"kind\":\"permanent\",\"message\":\"builder failed\"}}|'; exit 1; fi\n\
+                     echo \"$t\" | sed",
+                    1
+                )
+            ),
+        );
+        self.script(
+            "nsh-fetch",
+            &format!(
+                "{TOOL_PRELUDE}touch {out}\n{}",
+                add(r#""fetch":{"paths":[],"bytes":0}"#)
+            ),
+        );
+    }
+
+    /// Starts the hook as the daemon would: argv [nsh-hook, 3], fd 4 = the
+    /// log file, stdin/stderr piped.
+    fn spawn(&self) -> Child {
+        let log = fs::File::create(self.path("build.log")).unwrap();
+        let log_fd = log.as_raw_fd();
+        let mut cmd = Command::new(self.hook());
+        // As the daemon starts it: its own process group (setsid, there).
+        cmd.process_group(0);
+        cmd.arg("3")
+            .env("NSH_CONFIG", self.path("nsh.toml"))
+            .env("T", self.dir.path())
+            .env("NSH_BIN_DIR", self.bin())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        unsafe {
+            cmd.pre_exec(move || {
+                // dup2 onto itself would keep close-on-exec: clear it instead.
+                let rc = if log_fd == 4 {
+                    libc::fcntl(4, libc::F_SETFD, 0)
+                } else {
+                    libc::dup2(log_fd, 4)
+                };
+                if rc < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().unwrap();
+        drop(log);
+        child
+    }
+
+    /// Runs the hook on `input` (then EOF); returns (exit code, stderr).
+    fn run(&self, input: &[u8]) -> (i32, String) {
+        let mut child = self.spawn();
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        let mut stderr = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut stderr)
+            .unwrap();
+        let status = wait_for(&mut child, Duration::from_secs(30)).expect("the hook did not exit");
+        (status, stderr)
+    }
+
+    /// Adds a line to `[hook]` (the config's last table).
+    fn add_hook_key(&self, line: &str) {
+        let config = fs::read_to_string(self.path("nsh.toml")).unwrap() + line + "\n";
+        fs::write(self.path("nsh.toml"), config).unwrap();
+    }
+
+    fn read(&self, name: &str) -> String {
+        fs::read_to_string(self.path(name)).unwrap_or_default()
+    }
+}
+
+fn wait_for(child: &mut Child, limit: Duration) -> Option<i32> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status.code().unwrap_or(-1));
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn eventually(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn nix_lines(stderr: &str) -> Vec<Value> {
+    stderr
+        .lines()
+        .filter_map(|l| l.strip_prefix("@nix "))
+        .map(|j| serde_json::from_str(j).expect("valid @nix JSON"))
+        .collect()
+}
+
+fn cat(parts: &[&[u8]]) -> Vec<u8> {
+    parts.concat()
+}
+
+#[test]
+fn declines_what_no_cluster_fits_and_exits_at_eof() {
+    let site = Site::new("", 2);
+    let (code, stderr) = site.run(&cat(&[
+        &settings(),
+        &try_(true, "aarch64-linux", &[]),
+        &try_(true, "x86_64-linux", &["kvm"]),
+    ]));
+    assert_eq!(stderr, "# decline\n# decline\n");
+    assert_eq!(code, 0);
+}
+
+#[test]
+fn postpones_when_every_slot_is_taken_and_the_daemon_cannot_build() {
+    let site = Site::new("", 1);
+    let _held = SlotDir::new(site.path("slots"))
+        .acquire("main", 1)
+        .unwrap()
+        .unwrap();
+    let (code, stderr) = site.run(&cat(&[
+        &settings(),
+        &try_(false, "x86_64-linux", &[]),
+        // With a free local slot, the daemon builds it itself.
+        &try_(true, "x86_64-linux", &[]),
+    ]));
+    assert_eq!(stderr, "# postpone\n# decline\n");
+    assert_eq!(code, 0);
+}
+
+#[test]
+fn a_broken_configuration_declines_permanently_and_says_why() {
+    let site = Site::new("", 1);
+    fs::write(site.path("nsh.toml"), "[cluster.main]\nsystems = 3\n").unwrap();
+    let (code, stderr) = site.run(&cat(&[&settings(), &try_(true, "x86_64-linux", &[])]));
+    assert_eq!(code, 0);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 2, "{stderr}");
+    let msg = &nix_lines(lines[0])[0];
+    assert_eq!(msg["action"], "msg");
+    assert_eq!(msg["level"], 0);
+    assert!(
+        msg["msg"]
+            .as_str()
+            .unwrap()
+            .contains("nsh.toml: TOML parse error at line 2"),
+        "{msg}"
+    );
+    assert_eq!(lines[1], "# decline-permanently");
+}
+
+#[test]
+fn accepts_and_runs_the_tools_with_the_log_on_fd_4_of_nsh_run_only() {
+    let site = Site::new("", 2);
+    let (code, stderr) = site.run(&cat(&[
+        &settings(),
+        &try_(false, "x86_64-linux", &["big-parallel"]),
+        &accepted(),
+    ]));
+    assert!(stderr.starts_with("# accept\nslurm://main\n"), "{stderr}");
+    assert_eq!(code, 0, "{stderr}");
+    assert!(!stderr.contains("SECRET"));
+
+    // The first ticket, as the hook made it.
+    let first: Value = serde_json::from_str(site.read("seen-nsh-closure").trim()).unwrap();
+    assert_eq!(first["drv"]["path"], DRV);
+    assert_eq!(first["drv"]["name"], "hello");
+    assert_eq!(first["drv"]["wanted"], serde_json::json!(["out"]));
+    assert_eq!(
+        first["drv"]["features"],
+        serde_json::json!(["big-parallel"])
+    );
+    assert_eq!(
+        first["store"],
+        serde_json::json!({"dir": "/nix/store", "uri": "auto"})
+    );
+    assert_eq!(
+        first["options"],
+        serde_json::json!({"max_silent_time": 7, "timeout": 3600, "max_log_size": 0, "keep_failed": true})
+    );
+    // Each stage got the previous one's ticket.
+    assert!(site
+        .read("seen-nsh-fetch")
+        .contains(r#""run":{"status":"built"}"#));
+
+    assert_eq!(site.read("build.log"), "hello from the build\n");
+    assert_eq!(
+        site.read("fds"),
+        "nsh-run fd4 4\n",
+        "only nsh-run gets fd 4; no tool gets the hook's stderr"
+    );
+    assert!(site
+        .read("env")
+        .lines()
+        .all(|l| l.ends_with("cluster=main")));
+
+    // Progress: one activity per stage, each stopped.
+    let lines = nix_lines(&stderr);
+    let starts: Vec<(u64, String)> = lines
+        .iter()
+        .filter(|l| l["action"] == "start")
+        .map(|l| {
+            (
+                l["type"].as_u64().unwrap(),
+                l["text"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        starts,
+        vec![
+            (0, "waiting for a Slurm allocation on main".into()),
+            (103, "copying 2 paths to node1 (Slurm job 4242)".into()),
+            (105, format!("building '{DRV}' on node1 (Slurm job 4242)")),
+            (103, "copying outputs from node1 (Slurm job 4242)".into()),
+        ]
+    );
+    let stops = lines.iter().filter(|l| l["action"] == "stop").count();
+    assert_eq!(stops, 4);
+    // A successful build is not cancelled.
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(site.read("cancelled"), "");
+}
+
+#[test]
+fn the_exit_status_follows_the_final_ticket() {
+    let site = Site::new("", 1);
+    let out = site.out().display().to_string();
+    let pipeline = site.script(
+        "pipeline.sh",
+        &format!(
+            "#!/bin/sh\nread -r t\necho 'log line' >&\"$NSH_LOG_FD\"\n\
+             t=$(echo \"$t\" | sed 's|\"outputs\":{{}}|\"outputs\":{{\"out\":\"{out}\"}}|')\n\
+             case $(cat \"$T/mode\") in\n\
+             ok) touch {out}; echo \"$t\";;\n\
+             missing) echo \"$t\";;\n\
+             permanent|timed-out|transient) echo \"$t\" | sed \"s|}}\\$|,\\\"error\\\":{{\\\"stage\\\":\\\"run\\\",\\\"kind\\\":\\\"$(cat \"$T/mode\")\\\",\\\"message\\\":\\\"boom\\\"}}}}|\"; exit 1;;\n\
+             silent) exit 75;;\n\
+             esac\n"
+        ),
+    );
+    site.add_hook_key(&format!("pipeline = [\"{}\"]", pipeline.display()));
+    for (mode, want, said) in [
+        ("ok", 0, ""),
+        ("missing", 1, "not valid in the local store"),
+        ("permanent", 100, "run failed (permanent): boom"),
+        ("timed-out", 101, "run failed (timed-out): boom"),
+        ("transient", 1, "run failed (transient): boom"),
+        ("silent", 1, "wrote no final ticket"),
+    ] {
+        let _ = fs::remove_file(site.out());
+        fs::write(site.path("mode"), mode).unwrap();
+        let (code, stderr) = site.run(&cat(&[
+            &settings(),
+            &try_(true, "x86_64-linux", &[]),
+            &accepted(),
+        ]));
+        assert_eq!(code, want, "{mode}: {stderr}");
+        assert!(stderr.contains(said), "{mode}: {stderr}");
+        assert_eq!(site.read("build.log"), "log line\n", "{mode}");
+    }
+}
+
+/// Starts an accepted build whose nsh-run hangs; returns the hook once the
+/// build is under way.
+fn start_hanging_build(site: &Site) -> Child {
+    fs::write(site.path("hang"), "").unwrap();
+    let mut child = site.spawn();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin
+        .write_all(&cat(&[
+            &settings(),
+            &try_(true, "x86_64-linux", &[]),
+            &accepted(),
+        ]))
+        .unwrap();
+    // Keep stdin open, as the daemon may.
+    std::mem::forget(stdin);
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    assert_eq!(line, "# accept\n");
+    eventually("nsh-run to start", Duration::from_secs(10), || {
+        site.path("run-pid").exists()
+    });
+    // Drain the rest so the hook never blocks on a full pipe.
+    std::thread::spawn(move || {
+        let mut sink = String::new();
+        let _ = stderr.read_to_string(&mut sink);
+    });
+    child
+}
+
+#[test]
+fn sigterm_stops_the_pipeline_cancels_the_job_and_exits_within_2s() {
+    let site = Site::new("", 1);
+    let mut hook = start_hanging_build(&site);
+    let run_pid: i32 = site.read("run-pid").trim().parse().unwrap();
+    let started = Instant::now();
+    unsafe { libc::kill(hook.id() as i32, libc::SIGTERM) };
+    let code = wait_for(&mut hook, Duration::from_secs(5)).expect("the hook did not exit");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(code, 1);
+    let cancelled: Value = serde_json::from_str(site.read("cancelled").trim()).unwrap();
+    assert_eq!(cancelled["alloc"]["job"], 4242);
+    assert!(
+        !Path::new(&format!("/proc/{run_pid}")).exists(),
+        "nsh-run still runs"
+    );
+    // The slot is free again.
+    assert!(SlotDir::new(site.path("slots"))
+        .acquire("main", 1)
+        .unwrap()
+        .is_some());
+}
+
+#[test]
+fn a_killed_hook_leaves_the_cancel_to_its_watchdog() {
+    let site = Site::new("", 1);
+    let mut hook = start_hanging_build(&site);
+    eventually("nsh-alloc's ticket to pass", Duration::from_secs(5), || {
+        site.read("seen-nsh-run").contains("4242")
+    });
+    // As the daemon does: SIGKILL to the hook's process group.
+    unsafe { libc::kill(-(hook.id() as i32), libc::SIGKILL) };
+    let _ = hook.wait();
+    eventually(
+        "the watchdog to cancel the job",
+        Duration::from_secs(10),
+        || site.read("cancelled").contains("4242"),
+    );
+}
+
+#[test]
+fn a_declined_try_goes_to_the_fallback_hook_which_is_then_relayed() {
+    let site = Site::new("", 1);
+    let fallback = site.script(
+        "fallback.sh",
+        "#!/bin/sh\necho \"$@\" > \"$T/fallback-argv\"\nls -l /proc/$$/fd > \"$T/fallback-fds\"\nprintf '# accept\\nssh://builder\\n' >&2\n\
+         cat > \"$T/fallback-stdin\"\necho '@nix {\"action\":\"msg\",\"level\":3,\"msg\":\"built remotely\"}' >&2\n\
+         echo 'remote log' >&4\nexit 100\n",
+    );
+    site.add_hook_key(&format!("fallback = [\"{}\"]", fallback.display()));
+    let try_bytes = try_(true, "aarch64-linux", &[]);
+    let (code, stderr) = site.run(&cat(&[&settings(), &try_bytes, &accepted()]));
+    assert_eq!(
+        stderr,
+        "# accept\nssh://builder\n@nix {\"action\":\"msg\",\"level\":3,\"msg\":\"built remotely\"}\n"
+    );
+    assert_eq!(code, 100, "the fallback's exit status is the hook's");
+    assert_eq!(site.read("fallback-argv"), "3\n");
+    assert_eq!(
+        fs::read(site.path("fallback-stdin")).unwrap(),
+        cat(&[&settings(), &try_bytes, &accepted()]),
+        "the fallback saw exactly what the daemon sent"
+    );
+    assert_eq!(site.read("build.log"), "remote log\n");
+}
+
+#[test]
+fn a_fallback_that_declines_is_declined_and_nsh_still_takes_what_fits() {
+    let site = Site::new("", 1);
+    let fallback = site.script(
+        "fallback.sh",
+        "#!/bin/sh\nprintf '# decline\\n' >&2\ncat > \"$T/fallback-stdin\"\n",
+    );
+    site.add_hook_key(&format!("fallback = [\"{}\"]", fallback.display()));
+    let (code, stderr) = site.run(&cat(&[&settings(), &try_(true, "aarch64-linux", &[])]));
+    assert_eq!(stderr, "# decline\n");
+    assert_eq!(code, 0);
+}
+
+fn hook_sh_site() -> Site {
+    let site = Site::new("", 1);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../hook.sh.example");
+    site.add_hook_key(&format!("pipeline = [\"{}\"]", script.display()));
+    site
+}
+
+#[test]
+fn hook_sh_example_as_the_pipeline_command() {
+    let site = hook_sh_site();
+    let (code, stderr) = site.run(&cat(&[
+        &settings(),
+        &try_(true, "x86_64-linux", &[]),
+        &accepted(),
+    ]));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(site.read("seen-nsh-fetch").contains(r#""push":{"#));
+    assert_eq!(site.read("build.log"), "hello from the build\n");
+    let fd4: Vec<String> = site
+        .read("fds")
+        .lines()
+        .filter(|l| l.contains("fd4"))
+        .map(String::from)
+        .collect();
+    assert_eq!(fd4, vec!["nsh-run fd4 4"], "only nsh-run keeps the log fd");
+    assert_eq!(site.read("cancelled"), "", "a good build is not cancelled");
+}
+
+#[test]
+fn hook_sh_example_cancels_the_job_when_the_build_fails() {
+    let site = hook_sh_site();
+    fs::write(site.path("fail-run"), "").unwrap();
+    let (code, stderr) = site.run(&cat(&[
+        &settings(),
+        &try_(true, "x86_64-linux", &[]),
+        &accepted(),
+    ]));
+    assert_eq!(code, 100, "{stderr}");
+    assert!(
+        stderr.contains("run failed (permanent): builder failed"),
+        "{stderr}"
+    );
+    assert!(site.read("cancelled").contains(r#""job":4242"#));
+    assert_eq!(
+        site.read("seen-nsh-fetch"),
+        "",
+        "no stage after the failed one"
+    );
+}
+
+#[test]
+fn hook_sh_example_cancels_the_job_on_sigterm_within_2s() {
+    let site = hook_sh_site();
+    let mut hook = start_hanging_build(&site);
+    let run_pid: i32 = site.read("run-pid").trim().parse().unwrap();
+    let started = Instant::now();
+    unsafe { libc::kill(hook.id() as i32, libc::SIGTERM) };
+    let code = wait_for(&mut hook, Duration::from_secs(5)).expect("the hook did not exit");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(code, 1);
+    eventually("the script to cancel", Duration::from_secs(2), || {
+        site.read("cancelled").contains(r#""job":4242"#)
+    });
+    assert!(
+        !Path::new(&format!("/proc/{run_pid}")).exists(),
+        "nsh-run still runs"
+    );
+}
