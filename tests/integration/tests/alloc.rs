@@ -464,3 +464,63 @@ fn rest_over_a_unix_socket_with_local_auth() {
         Duration::from_secs(10),
     );
 }
+
+/// The job on a real node runs the node's own `nix-store --serve --write`
+/// on a request file: here only the serve-protocol greeting, to which
+/// nix-store answers with its own magic and version, then ends (EOF). Then
+/// the sentinel with the ticket's nonce, the status file, and release.
+#[test]
+fn the_job_serves_a_request_with_the_nodes_nix_store() {
+    let c = Cluster::get();
+    let (status, stdout, stderr) = run(&c, None, &[], &ticket(&[]));
+    assert_eq!(status, 0, "{stderr}");
+    let t = parse(&stdout);
+    let node = t["alloc"]["node"].as_str().unwrap();
+    let work = t["alloc"]["work"].as_str().unwrap();
+    let nonce = t["alloc"]["nonce"].as_str().unwrap();
+    let job = t["alloc"]["job"].as_u64().unwrap();
+
+    // SERVE_MAGIC_1, protocol 2.5, as little-endian u64s.
+    let mut request = Vec::new();
+    request.extend_from_slice(&0x390c_9debu64.to_le_bytes());
+    request.extend_from_slice(&0x205u64.to_le_bytes());
+    let mut put = Command::new("ssh")
+        .args(["-F", &c.ssh_config(), node])
+        .arg(format!(
+            "mkdir -p -m 0700 {work} && cat > {work}/request.1.tmp && mv {work}/request.1.tmp {work}/request.1"
+        ))
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    put.stdin.take().unwrap().write_all(&request).unwrap();
+    assert!(put.wait().unwrap().success());
+
+    let start = Instant::now();
+    let status_file = format!("{work}/status.1");
+    loop {
+        let out = c.ssh(node, &format!("cat {status_file} 2>/dev/null"));
+        if out.status.success() {
+            assert_eq!(String::from_utf8_lossy(&out.stdout), "0\n");
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "no status.1");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = c.ssh(node, &format!("tail -n 1 {work}/log.1"));
+    assert_eq!(
+        String::from_utf8_lossy(&log.stdout),
+        format!("@nsh-end {nonce} 0\n")
+    );
+    let response = c.ssh(node, &format!("od -An -tx1 -N8 {work}/response.1"));
+    // SERVE_MAGIC_2 = 0x5452eecb, little-endian.
+    assert_eq!(
+        String::from_utf8_lossy(&response.stdout)
+            .split_whitespace()
+            .collect::<Vec<_>>(),
+        ["cb", "ee", "52", "54", "00", "00", "00", "00"]
+    );
+    let out = c.ssh(node, &format!("touch {work}/release"));
+    assert!(out.status.success());
+    await_state(&c, job, &["COMPLETED"], Duration::from_secs(10));
+}
