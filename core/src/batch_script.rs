@@ -35,21 +35,26 @@ pub const SCRIPT: &str = r#"#!/bin/sh
 set -u
 
 W="${NSH_WORK_ROOT:?}/nsh-${SLURM_JOB_ID:?}"
+owned=0
+cleanup() {
+    if [ "$owned" = 1 ]; then
+        rm -rf "$W"
+    fi
+}
+# Traps first: a scancel right after the start must not leave W behind.
+trap 'cleanup; exit 143' TERM
+trap 'cleanup; exit 129' HUP
+trap 'cleanup; exit 130' INT
+
 umask 077
 mkdir -p -m 0700 "$W" || exit 75
 # The work dir may have been made by the tools already (same account); one
-# made by anybody else, or a symlink, is not used.
+# made by anybody else, or a symlink, is not used (nor removed).
 if [ -L "$W" ] || [ ! -O "$W" ]; then
     echo "nsh: $W is not this job's own directory" >&2
     exit 75
 fi
-
-cleanup() {
-    rm -rf "$W"
-}
-trap 'cleanup; exit 143' TERM
-trap 'cleanup; exit 129' HUP
-trap 'cleanup; exit 130' INT
+owned=1
 
 if [ -n "${NSH_NIX_BIN:-}" ]; then
     nix_store="$NSH_NIX_BIN/nix-store"
@@ -388,6 +393,9 @@ mod tests {
         let job = start(30, 30, &[]);
         let work = job.work.clone();
         job.wait_for(&work, Duration::from_secs(5));
+        // Past the few builtins between mkdir and taking ownership: this is
+        // about a job that is waiting for its request.
+        std::thread::sleep(Duration::from_millis(200));
         // SAFETY: plain kill(2) on our own child.
         unsafe { libc::kill(job.child.id() as i32, libc::SIGTERM) };
         let (status, _) = job.finish(Duration::from_secs(3));
