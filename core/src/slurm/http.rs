@@ -70,11 +70,7 @@ fn over_tcp(
     headers: &[(&'static str, String)],
     body: Option<&str>,
 ) -> Result<Response, String> {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(TIMEOUT))
-        .build()
-        .into();
+    let agent = agent();
     let url = format!("{base}{path}");
     let response = match method {
         Method::Get | Method::Delete => {
@@ -109,6 +105,19 @@ fn over_tcp(
         .read_to_string()
         .map_err(describe_ureq_error)?;
     Ok(Response { status, body })
+}
+
+/// One agent per process, so that the state queries of a wait reuse their
+/// connection to slurmrestd.
+fn agent() -> &'static ureq::Agent {
+    static AGENT: std::sync::OnceLock<ureq::Agent> = std::sync::OnceLock::new();
+    AGENT.get_or_init(|| {
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(TIMEOUT))
+            .build()
+            .into()
+    })
 }
 
 fn describe_ureq_error(e: ureq::Error) -> String {
