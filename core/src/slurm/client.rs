@@ -57,6 +57,8 @@ pub struct RestClient {
     pub release: Option<String>,
     user: Option<String>,
     token: Option<TokenSource>,
+    /// The server refused the user name header next to the token.
+    token_only: std::cell::Cell<bool>,
 }
 
 impl RestClient {
@@ -73,6 +75,7 @@ impl RestClient {
             release: None,
             user: cluster.user.clone(),
             token: cluster.token.clone(),
+            token_only: std::cell::Cell::new(false),
         };
         let started = Instant::now();
         client.version = match cluster.api {
@@ -161,16 +164,28 @@ impl RestClient {
         path: &str,
         body: Option<&str>,
     ) -> Result<http::Response, Failure> {
-        let headers = match &self.token {
-            // Re-read per call: tokens are rotated under a running nsh.
-            Some(source) => rest::auth_headers(
-                self.release.as_deref(),
-                self.user.as_deref(),
-                &source.read()?,
-            ),
-            None => Vec::new(),
+        let Some(source) = &self.token else {
+            return http::request(&self.url, method, path, &[], body);
         };
-        http::request(&self.url, method, path, &headers, body)
+        // Re-read per call: tokens are rotated under a running nsh.
+        let token = source.read()?;
+        let user = if self.token_only.get() {
+            None
+        } else {
+            self.user.as_deref()
+        };
+        let headers = rest::auth_headers(self.release.as_deref(), user, &token);
+        let response = http::request(&self.url, method, path, &headers, body)?;
+        // Until the release is known both headers go out, as 22.05 needs;
+        // should a later server refuse the pair, the token alone is tried
+        // (and kept to).
+        let sent_user = headers.iter().any(|(name, _)| *name == "X-SLURM-USER-NAME");
+        if response.status == 401 && sent_user {
+            self.token_only.set(true);
+            let headers = rest::auth_headers(self.release.as_deref(), None, &token);
+            return http::request(&self.url, method, path, &headers, body);
+        }
+        Ok(response)
     }
 
     pub fn submit(&self, req: &JobRequest) -> Result<u64, Failure> {
@@ -274,6 +289,35 @@ mod tests {
         assert!(
             last.contains("X-SLURM-USER-TOKEN: tok\r\n") && !last.contains("X-SLURM-USER-NAME")
         );
+    }
+
+    #[test]
+    fn a_server_refusing_the_user_header_gets_the_token_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("s");
+        let token = dir.path().join("jwt");
+        std::fs::write(&token, "tok").unwrap();
+        let doc = r#"{"paths":{"/slurm/v0.0.44/ping/":{}}}"#;
+        let seen = crate::slurm::test_server::serve(
+            &socket,
+            vec![
+                (
+                    "GET /openapi/v3",
+                    vec![(401, "Authentication failure".into()), (200, doc.into())],
+                ),
+                ("GET /slurm/v0.0.44/ping/", vec![(200, PING_2511.into())]),
+            ],
+        );
+        let extra = format!("user = \"u\"\ntoken_file = \"{}\"\n", token.display());
+        let client = RestClient::connect(&cluster(&socket, &extra)).unwrap();
+        assert_eq!(client.version, ApiVersion::V0044);
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 3);
+        assert!(seen[0].contains("X-SLURM-USER-NAME: u"));
+        assert!(
+            !seen[1].contains("X-SLURM-USER-NAME") && seen[1].contains("X-SLURM-USER-TOKEN: tok")
+        );
+        assert!(!seen[2].contains("X-SLURM-USER-NAME"));
     }
 
     #[test]
