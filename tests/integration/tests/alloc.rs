@@ -524,3 +524,55 @@ fn the_job_serves_a_request_with_the_nodes_nix_store() {
     assert!(out.status.success());
     await_state(&c, job, &["COMPLETED"], Duration::from_secs(10));
 }
+
+/// What the derivation asks for (`nshResources`) and Nix's build timeout
+/// reach Slurm as asked, through both backends.
+#[test]
+fn resources_and_time_limits_reach_slurm() {
+    let c = Cluster::get();
+    let dir = shared_tempdir();
+    let cli = config_with(&c, dir.path(), "cli.toml", |t| {
+        t.replace("backend = \"rest\"", "backend = \"cli\"")
+    });
+    let user = c.user();
+    let with_resources = serde_json::json!({"v": 1, "drv": {
+        "path": "/nix/store/00000000000000000000000000000000-res.drv", "name": "res",
+        "system": "x86_64-linux", "features": [],
+        "resources": {"cpus": 2, "mem_mb": 1024, "time_min": 30}}})
+    .to_string();
+    let with_timeout = serde_json::json!({"v": 1, "options": {"timeout": 3600}, "drv": {
+        "path": "/nix/store/00000000000000000000000000000000-res.drv", "name": "res",
+        "system": "x86_64-linux", "features": []}})
+    .to_string();
+    for (config, as_user) in [(None, None), (Some(cli.as_str()), Some(user.as_str()))] {
+        let args: Vec<&str> = config.map(|c| vec!["--config", c]).unwrap_or_default();
+        for (ticket, want) in [
+            (
+                &with_resources,
+                ["NumCPUs=2", "mem=1G", "TimeLimit=00:30:00"],
+            ),
+            // 60 minutes of build timeout + 10 for the rest; Slurm's defaults
+            // (1 CPU, DefMemPerCPU=512) otherwise.
+            (
+                &with_timeout,
+                ["NumCPUs=1", "mem=512M", "TimeLimit=01:10:00"],
+            ),
+        ] {
+            let (status, stdout, stderr) = run(&c, as_user, &args, ticket);
+            assert_eq!(status, 0, "{stderr}");
+            let t = parse(&stdout);
+            let job = t["alloc"]["job"].as_u64().unwrap();
+            let shown = run_ok(
+                c.command("scontrol")
+                    .args(["show", "job", "-o", &job.to_string()]),
+            );
+            let mut cancel_args = args.clone();
+            cancel_args.push("--cancel");
+            let (status, _, _) = run(&c, as_user, &cancel_args, stdout.trim());
+            assert_eq!(status, 0);
+            for want in want {
+                assert!(shown.contains(want), "{:?}: no {want} in {shown}", config);
+            }
+        }
+    }
+}
