@@ -983,6 +983,8 @@ request_timeout = "5m"
         let text = include_str!("../../docs/nsh.toml.example");
         let config = parse(text).unwrap();
         assert!(!config.clusters.is_empty());
+        // The hook's own reading of the same file ([hook]).
+        crate::hook_config::HookConfig::parse(Path::new("nsh.toml.example"), text).unwrap();
     }
 
     #[test]
