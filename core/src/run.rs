@@ -777,3 +777,314 @@ fn unix_now() -> u64 {
         .map(|d| d.as_secs())
         .unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    const NONCE: &str = "0123abcd";
+
+    fn lines(events: &[LogEvent]) -> Vec<String> {
+        events
+            .iter()
+            .map(|e| match e {
+                LogEvent::Line(l) => String::from_utf8_lossy(l).into_owned(),
+                LogEvent::End(s) => format!("<end {s}>"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn lines_are_whole_across_chunks_and_the_response_follows_the_sentinel() {
+        let mut s = LogSplitter::new(NONCE);
+        let mut events = s.push(b"one\ntw");
+        events.extend(s.push(b"o\n\nthree"));
+        assert_eq!(lines(&events), ["one", "two", ""]);
+        assert_eq!(s.end(), None);
+        let events = s.push(b" and more\n@nsh-end 0123abcd 0\n\x01\x00\n\xff");
+        assert_eq!(lines(&events), ["three and more", "<end 0>"]);
+        assert_eq!(s.end(), Some(0));
+        assert_eq!(s.response(), b"\x01\x00\n\xff");
+        let log = "one\ntwo\n\nthree and more\n@nsh-end 0123abcd 0\n";
+        assert_eq!(s.log_bytes(), log.len() as u64);
+        // Bytes after the end are response bytes, never lines.
+        assert!(s.push(b"x\ny\n").is_empty());
+        assert_eq!(s.response(), b"\x01\x00\n\xffx\ny\n");
+    }
+
+    #[test]
+    fn a_fake_sentinel_is_just_log() {
+        let mut s = LogSplitter::new(NONCE);
+        let events = s.push(b"@nsh-end guessed 0\n@nsh-end 0123abcd\n@nsh-end 0123abcd x\n");
+        assert_eq!(
+            lines(&events),
+            ["@nsh-end guessed 0", "@nsh-end 0123abcd", "@nsh-end 0123abcd x"]
+        );
+        assert_eq!(s.end(), None);
+    }
+
+    #[test]
+    fn a_last_line_without_newline_is_kept_before_the_sentinel() {
+        let mut s = LogSplitter::new(NONCE);
+        let events = s.push(b"no newline@nsh-end 0123abcd 137\n");
+        assert_eq!(lines(&events), ["no newline", "<end 137>"]);
+    }
+
+    #[test]
+    fn a_broken_stream_leaves_its_partial_line() {
+        let mut s = LogSplitter::new(NONCE);
+        assert_eq!(lines(&s.push(b"a\nhalf")), ["a"]);
+        assert_eq!(s.log_bytes(), 6);
+        assert_eq!(s.take_partial(), Some(b"half".to_vec()));
+        assert_eq!(s.take_partial(), None);
+    }
+
+    fn alloc() -> AllocSection {
+        AllocSection {
+            cluster: "test".into(),
+            job: 42,
+            node: "node1".into(),
+            ..AllocSection::default()
+        }
+    }
+
+    fn info(state: JobState, node: Option<&str>) -> JobInfo {
+        JobInfo {
+            id: 42,
+            state,
+            flags: vec![],
+            reason: None,
+            node: node.map(String::from),
+            exit_code: None,
+            start: None,
+            end: None,
+        }
+    }
+
+    #[test]
+    fn which_jobs_are_gone() {
+        let a = alloc();
+        assert_eq!(job_gone(&a, &info(JobState::Running, Some("node1"))), None);
+        assert_eq!(
+            job_gone(&a, &info(JobState::Suspended, Some("node1"))),
+            None
+        );
+        let gone = |state, node| job_gone(&a, &info(state, node)).expect("gone");
+        assert_eq!(
+            gone(JobState::NodeFail, Some("node1")),
+            "Slurm job 42 on node1 ended: its node failed (NODE_FAIL)"
+        );
+        assert!(gone(JobState::Timeout, None).contains("time limit"));
+        assert!(gone(JobState::Cancelled, None).contains("cancelled"));
+        assert!(gone(JobState::Preempted, None).contains("preempted"));
+        assert!(gone(JobState::Pending, None).contains("requeued"));
+        assert!(gone(JobState::Completed, None).contains("ended (COMPLETED)"));
+        assert!(gone(JobState::Running, Some("node2")).contains("now runs on node2"));
+    }
+
+    fn result(status: BuildStatus, msg: &str) -> BuildResult {
+        BuildResult {
+            status,
+            error_msg: msg.into(),
+            times_built: 1,
+            is_non_deterministic: false,
+            start_time: 10,
+            stop_time: 20,
+            built_outputs: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn outcomes() {
+        let kind = |status| {
+            build_outcome(&result(status, "why"), "/s/x.drv", "node1")
+                .err()
+                .map(|f| f.kind)
+        };
+        for ok in [
+            BuildStatus::Built,
+            BuildStatus::Substituted,
+            BuildStatus::AlreadyValid,
+            BuildStatus::ResolvesToAlreadyValid,
+        ] {
+            assert_eq!(kind(ok), None, "{ok:?}");
+        }
+        assert_eq!(kind(BuildStatus::TimedOut), Some(Kind::TimedOut));
+        assert_eq!(kind(BuildStatus::TransientFailure), Some(Kind::Transient));
+        for failed in [
+            BuildStatus::PermanentFailure,
+            BuildStatus::InputRejected,
+            BuildStatus::OutputRejected,
+            BuildStatus::CachedFailure,
+            BuildStatus::MiscFailure,
+            BuildStatus::DependencyFailed,
+            BuildStatus::LogLimitExceeded,
+            BuildStatus::NotDeterministic,
+            BuildStatus::NoSubstituters,
+        ] {
+            assert_eq!(kind(failed), Some(Kind::Permanent), "{failed:?}");
+        }
+        let failure = build_outcome(
+            &result(
+                BuildStatus::PermanentFailure,
+                "builder for '/s/x.drv' failed with exit code 3\n",
+            ),
+            "/s/x.drv",
+            "node1 (job 42)",
+        )
+        .unwrap_err();
+        assert_eq!(
+            failure.message,
+            "build of /s/x.drv failed (permanent-failure) on node1 (job 42): \
+             builder for '/s/x.drv' failed with exit code 3"
+        );
+    }
+
+    #[test]
+    fn the_run_section_lists_outputs_only_for_success() {
+        let dir = crate::store_path::StoreDir::new("/s").unwrap();
+        let mut built = result(BuildStatus::Built, "");
+        built
+            .built_outputs
+            .insert("out".into(), "aaaa-x".into());
+        let drv_outputs: BTreeMap<String, String> = [
+            ("out".to_string(), "/s/aaaa-x".to_string()),
+            ("dev".to_string(), "/s/bbbb-x-dev".to_string()),
+        ]
+        .into();
+        let section = run_section(&built, &dir, &drv_outputs, 5, 25);
+        assert_eq!(section.status, "built");
+        assert_eq!((section.start, section.stop), (10, 20));
+        assert_eq!(section.built_outputs, drv_outputs);
+        let mut failed = result(BuildStatus::PermanentFailure, "boom\n");
+        failed.start_time = 0;
+        failed.stop_time = 0;
+        let section = run_section(&failed, &dir, &drv_outputs, 5, 25);
+        assert_eq!(section.error, "boom");
+        assert_eq!((section.start, section.stop), (5, 25));
+        assert!(section.built_outputs.is_empty());
+    }
+
+    /// The follower script under the local sh, on a work dir the test plays
+    /// the job in.
+    struct Follow {
+        child: Child,
+        out: std::thread::JoinHandle<Vec<u8>>,
+    }
+
+    fn follow_local(work: &Path, offset: u64, request: &[u8]) -> Follow {
+        let mut child = Command::new("sh")
+            .args(["-c", FOLLOW_SCRIPT, "sh"])
+            .arg(work)
+            .args(["1", &offset.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(request).unwrap();
+        let mut stdout = child.stdout.take().unwrap();
+        let out = std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            stdout.read_to_end(&mut buf).unwrap();
+            buf
+        });
+        Follow { child, out }
+    }
+
+    impl Follow {
+        fn finish(mut self) -> (i32, Vec<u8>) {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                if let Some(status) = self.child.try_wait().unwrap() {
+                    return (status.code().unwrap_or(-1), self.out.join().unwrap());
+                }
+                assert!(Instant::now() < deadline, "the follower did not end");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    fn wait_for(path: &Path) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !path.exists() {
+            assert!(Instant::now() < deadline, "{} did not appear", path.display());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn append(path: &Path, bytes: &[u8]) {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .unwrap()
+            .write_all(bytes)
+            .unwrap();
+    }
+
+    #[test]
+    fn the_follower_writes_the_request_streams_the_log_then_the_response() {
+        let dir = tempfile::tempdir().unwrap();
+        let work = dir.path().join("nsh-7");
+        // The work dir comes a moment after the follower starts, as with a
+        // job that has just begun.
+        let follow = follow_local(&work, 0, b"REQUEST\x00BYTES");
+        std::thread::sleep(Duration::from_millis(300));
+        std::fs::create_dir(&work).unwrap();
+        wait_for(&work.join("request.1"));
+        assert_eq!(
+            std::fs::read(work.join("request.1")).unwrap(),
+            b"REQUEST\x00BYTES"
+        );
+        assert!(!work.join("request.1.tmp").exists());
+        let log = work.join("log.1");
+        let mut expected = Vec::new();
+        for i in 0..2000 {
+            let line = format!("line {i}\n");
+            append(&log, line.as_bytes());
+            expected.extend_from_slice(line.as_bytes());
+            if i % 500 == 0 {
+                std::thread::sleep(Duration::from_millis(150));
+            }
+        }
+        append(&log, b"@nsh-end n 0\n");
+        expected.extend_from_slice(b"@nsh-end n 0\n");
+        std::fs::write(work.join("response.1"), b"RESPONSE").unwrap();
+        std::fs::write(work.join("status.1"), b"0\n").unwrap();
+        expected.extend_from_slice(b"RESPONSE");
+        let (status, out) = follow.finish();
+        assert_eq!(status, 0);
+        assert_eq!(out, expected);
+    }
+
+    #[test]
+    fn a_reconnected_follower_resumes_and_does_not_rewrite_the_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let work = dir.path().join("nsh-8");
+        std::fs::create_dir(&work).unwrap();
+        std::fs::write(work.join("request.1"), b"FIRST").unwrap();
+        std::fs::write(work.join("log.1"), b"0123456789\n@nsh-end n 1\n").unwrap();
+        std::fs::write(work.join("response.1"), b"R").unwrap();
+        std::fs::write(work.join("status.1"), b"1\n").unwrap();
+        let (status, out) = follow_local(&work, 4, b"SECOND").finish();
+        assert_eq!(status, 0);
+        assert_eq!(out, b"456789\n@nsh-end n 1\nR");
+        assert_eq!(std::fs::read(work.join("request.1")).unwrap(), b"FIRST");
+    }
+
+    #[test]
+    fn a_vanished_work_dir_ends_the_follower_with_3() {
+        let dir = tempfile::tempdir().unwrap();
+        let work = dir.path().join("nsh-9");
+        std::fs::create_dir(&work).unwrap();
+        let follow = follow_local(&work, 0, b"REQ");
+        wait_for(&work.join("request.1"));
+        append(&work.join("log.1"), b"building\n");
+        std::thread::sleep(Duration::from_millis(300));
+        std::fs::remove_dir_all(&work).unwrap();
+        let (status, out) = follow.finish();
+        assert_eq!(status, 3);
+        assert_eq!(out, b"building\n");
+    }
+}
