@@ -444,6 +444,7 @@ impl Runner<'_> {
             Ok(info) => {
                 if let Some(gone) = job_gone(&alloc, &info) {
                     release(&ssh, &alloc);
+                    cancel_if_requeued(slurm, &info);
                     let message = format!(
                         "{gone}; the build's result ({}) is not trusted",
                         result.status.name()
@@ -554,6 +555,7 @@ fn follow(
                         Ok(info) => {
                             if let Some(gone) = job_gone(alloc, &info) {
                                 follower.stop();
+                                cancel_if_requeued(slurm, &info);
                                 return Err(Failure::transient(gone));
                             }
                         }
@@ -602,7 +604,10 @@ fn follow(
             (FollowExit::Failed(why), _) => {
                 let alive = match slurm.job(alloc.job) {
                     Ok(info) => match job_gone(alloc, &info) {
-                        Some(gone) => return Err(Failure::transient(gone)),
+                        Some(gone) => {
+                            cancel_if_requeued(slurm, &info);
+                            return Err(Failure::transient(gone));
+                        }
                         None => true,
                     },
                     Err(_) => false,
@@ -621,6 +626,19 @@ fn follow(
                 std::thread::sleep(Duration::from_secs(1));
             }
         }
+    }
+}
+
+/// A job that failed under the build but is not over (requeued after a
+/// node failure, now pending or running elsewhere) would only wait for a
+/// request that never comes: cancel it. Best effort.
+fn cancel_if_requeued(slurm: &Slurm, info: &JobInfo) {
+    if info.state.is_finished() {
+        return;
+    }
+    match slurm.cancel(info.id) {
+        Ok(()) => log_info!("cancelled job {}, which Slurm requeued", info.id),
+        Err(e) => log_warn!("cancelling the requeued job {}: {e}", info.id),
     }
 }
 
@@ -819,7 +837,11 @@ mod tests {
         let events = s.push(b"@nsh-end guessed 0\n@nsh-end 0123abcd\n@nsh-end 0123abcd x\n");
         assert_eq!(
             lines(&events),
-            ["@nsh-end guessed 0", "@nsh-end 0123abcd", "@nsh-end 0123abcd x"]
+            [
+                "@nsh-end guessed 0",
+                "@nsh-end 0123abcd",
+                "@nsh-end 0123abcd x"
+            ]
         );
         assert_eq!(s.end(), None);
     }
@@ -945,9 +967,7 @@ mod tests {
     fn the_run_section_lists_outputs_only_for_success() {
         let dir = crate::store_path::StoreDir::new("/s").unwrap();
         let mut built = result(BuildStatus::Built, "");
-        built
-            .built_outputs
-            .insert("out".into(), "aaaa-x".into());
+        built.built_outputs.insert("out".into(), "aaaa-x".into());
         let drv_outputs: BTreeMap<String, String> = [
             ("out".to_string(), "/s/aaaa-x".to_string()),
             ("dev".to_string(), "/s/bbbb-x-dev".to_string()),
@@ -1008,7 +1028,11 @@ mod tests {
     fn wait_for(path: &Path) {
         let deadline = Instant::now() + Duration::from_secs(5);
         while !path.exists() {
-            assert!(Instant::now() < deadline, "{} did not appear", path.display());
+            assert!(
+                Instant::now() < deadline,
+                "{} did not appear",
+                path.display()
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
