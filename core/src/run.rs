@@ -517,6 +517,47 @@ fn follow(
 ) -> Result<Ended, Failure> {
     let mut splitter = LogSplitter::new(&alloc.nonce);
     let mut last_lines: Vec<String> = Vec::new();
+    let followed = follow_to_end(
+        ssh,
+        slurm,
+        alloc,
+        request,
+        log,
+        check_every,
+        interrupted,
+        &mut splitter,
+        &mut last_lines,
+    );
+    match followed {
+        Ok(status) => Ok(Ended {
+            status,
+            response: splitter.response().to_vec(),
+            last_lines,
+        }),
+        Err(failure) => {
+            // The log broke off mid-line: that line is still worth showing.
+            if let Some(partial) = splitter.take_partial() {
+                log.line(&partial);
+            }
+            Err(failure)
+        }
+    }
+}
+
+/// [`follow`]'s loop; the serve process's exit status once the sentinel
+/// and the whole response are in.
+#[allow(clippy::too_many_arguments)]
+fn follow_to_end(
+    ssh: &Ssh,
+    slurm: &Slurm,
+    alloc: &AllocSection,
+    request: &[u8],
+    log: &mut LogSink,
+    check_every: Duration,
+    interrupted: &AtomicBool,
+    splitter: &mut LogSplitter,
+    last_lines: &mut Vec<String>,
+) -> Result<i32, Failure> {
     let mut reconnects = 0;
     let mut next_check = Instant::now() + check_every;
     loop {
@@ -539,7 +580,7 @@ fn follow(
                     for event in splitter.push(&chunk) {
                         match event {
                             LogEvent::Line(line) => {
-                                remember(&mut last_lines, &line);
+                                remember(last_lines, &line);
                                 log.line(&line);
                             }
                             LogEvent::End(status) => log_debug!("sentinel: status {status}"),
@@ -567,22 +608,10 @@ fn follow(
                 Err(RecvTimeoutError::Disconnected) => break follower.finish(),
             }
         };
-        if let Some(partial) = splitter.take_partial() {
-            if splitter.end().is_none() {
-                // The stream broke mid-line: keep it for the reconnect, which
-                // resumes after it; show it now.
-                remember(&mut last_lines, &partial);
-                log.line(&partial);
-            }
-        }
+        // A line the stream broke off in stays in the splitter: the
+        // reconnected follower resumes right after its last byte.
         match (outcome, splitter.end()) {
-            (FollowExit::Done, Some(status)) => {
-                return Ok(Ended {
-                    status,
-                    response: splitter.response().to_vec(),
-                    last_lines,
-                })
-            }
+            (FollowExit::Done, Some(status)) => return Ok(status),
             (FollowExit::Done, None) => {
                 return Err(Failure::transient(format!(
                     "the log of request {} on {} ended without the job's end mark",

@@ -497,3 +497,63 @@ fn a_node_whose_slurmd_dies_mid_build_is_transient_and_nothing_is_built() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+#[test]
+fn losing_ssh_mid_build_reconnects_and_loses_no_line() {
+    let _shared = shared();
+    let c = Cluster::get();
+    let drv = sh_drv(
+        &c,
+        "nsh-run-ssh-lost",
+        &["out"],
+        "i=0; while [ $i -lt 40 ]; do echo \"tick $i\"; /bin/sleep 0.1; i=$((i + 1)); done; \
+         echo x >$out",
+    );
+    let (mut ticket, job) = allocate(&c, &bare_ticket(&c, &drv, Value::Null));
+    let control = std::env::temp_dir().join(format!("nsh-run-test-{}.ssh", job.id));
+    ticket["alloc"]["control"] = json!(control);
+    let mut run = start_run(&c, &ticket);
+    run.wait_for_line("tick 5", Duration::from_secs(20));
+    // The shared connection goes away under the follower.
+    run_ok(
+        std::process::Command::new("ssh")
+            .args(["-F", &c.ssh_config(), "-o"])
+            .arg(format!("ControlPath={}", control.display()))
+            .args(["-O", "exit", ticket["alloc"]["ssh"].as_str().unwrap()]),
+    );
+    let (status, ticket, stderr) = run.finish(Duration::from_secs(60));
+    assert_eq!(status, 0, "{stderr}");
+    assert!(stderr.contains("reconnecting"), "{stderr}");
+    assert_eq!(ticket["run"]["status"], "built");
+    let ticks: Vec<&str> = stderr.lines().filter(|l| l.starts_with("tick ")).collect();
+    let expected: Vec<String> = (0..40).map(|i| format!("tick {i}")).collect();
+    assert_eq!(ticks, expected, "every line once, in order");
+    drop(job);
+}
+
+#[test]
+fn sigterm_stops_nsh_run_at_once_as_transient() {
+    let _shared = shared();
+    let c = Cluster::get();
+    let drv = sh_drv(
+        &c,
+        "nsh-run-interrupted",
+        &["out"],
+        "echo started; /bin/sleep 60; echo x >$out",
+    );
+    let (ticket, job) = allocate(&c, &bare_ticket(&c, &drv, Value::Null));
+    let mut run = start_run(&c, &ticket);
+    run.wait_for_line("started", Duration::from_secs(20));
+    run_ok(std::process::Command::new("kill").args(["-TERM", &run.child.id().to_string()]));
+    let (status, ticket, stderr) = run.finish(Duration::from_secs(2));
+    assert_eq!(status, 75, "{stderr}");
+    assert_eq!(ticket["error"]["kind"], "transient");
+    assert!(
+        ticket["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("interrupted"),
+        "{ticket}"
+    );
+    drop(job);
+}
