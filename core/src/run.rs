@@ -36,7 +36,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crate::alloc::Clusters;
 use crate::config::Config;
 use crate::error::{Failure, ResultExt};
-use crate::serve::{self, BuildResult, BuildStatus};
+use crate::serve::{self, BuildResult};
 use crate::slurm::{JobInfo, JobState, Slurm};
 use crate::store::LocalStore;
 use crate::ticket::{AllocSection, RunSection, Ticket};
@@ -278,13 +278,8 @@ pub fn job_gone(alloc: &AllocSection, info: &JobInfo) -> Option<String> {
 /// `max-silent-time`): timed out. Everything else is the build's own
 /// failure: permanent.
 pub fn build_outcome(result: &BuildResult, what: &str, place: &str) -> Result<(), Failure> {
-    if result.status.is_success() {
+    let Some(kind) = result.status.failure_kind() else {
         return Ok(());
-    }
-    let kind = match result.status {
-        BuildStatus::TimedOut => Kind::TimedOut,
-        BuildStatus::TransientFailure => Kind::Transient,
-        _ => Kind::Permanent,
     };
     let message = result.error_msg.trim();
     let message = if message.is_empty() {
@@ -828,6 +823,7 @@ fn unix_now() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::serve::BuildStatus;
     use std::path::Path;
 
     const NONCE: &str = "0123abcd";

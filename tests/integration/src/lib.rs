@@ -180,47 +180,12 @@ pub fn instantiate(c: &Cluster, expr: &str) -> String {
     .to_string()
 }
 
-/// The output paths of a `.drv`, by output name.
-pub fn drv_outputs(c: &Cluster, drv: &str) -> serde_json::Map<String, serde_json::Value> {
-    let text = run_ok(c.command("nix").args([
-        "--extra-experimental-features",
-        "nix-command",
-        "show-derivation",
-        drv,
-    ]));
-    let shown: serde_json::Value = serde_json::from_str(&text).expect("show-derivation JSON");
-    shown[drv]["outputs"]
-        .as_object()
-        .expect("outputs")
-        .iter()
-        .map(|(name, o)| (name.clone(), o["path"].clone()))
-        .collect()
-}
-
-/// A ticket as `nsh-closure` writes it, for a derivation without inputs
-/// (builder `/bin/sh`, which every node has outside its store), with build
-/// `options` (`null` for none).
-pub fn bare_ticket(c: &Cluster, drv: &str, options: serde_json::Value) -> serde_json::Value {
-    let outputs = drv_outputs(c, drv);
-    let name = drv
-        .rsplit('/')
-        .next()
-        .and_then(|b| b.split_once('-'))
-        .map(|(_, n)| n.trim_end_matches(".drv").to_string())
-        .expect("a store path");
-    let mut ticket = serde_json::json!({
-        "v": 1,
-        "drv": {
-            "path": drv,
-            "name": name,
-            "system": "x86_64-linux",
-            "features": [],
-            "outputs": outputs,
-            "wanted": outputs.keys().collect::<Vec<_>>(),
-        },
-        "store": {"dir": "/nix/store", "uri": "auto"},
-        "closure": {"paths": [], "nar_size": 0},
-    });
+/// The ticket `nsh-closure` writes for `drv`, with build `options` added
+/// (`null` for none).
+pub fn closure_ticket(c: &Cluster, drv: &str, options: serde_json::Value) -> serde_json::Value {
+    let text = run_ok(c.command(nsh_tool("nsh-closure")).arg(drv));
+    let mut ticket: serde_json::Value =
+        serde_json::from_str(text.trim()).expect("nsh-closure writes a ticket");
     if !options.is_null() {
         ticket["options"] = options;
     }

@@ -9,7 +9,7 @@ use std::sync::{RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use nsh_cluster_tests::{
-    bare_ticket, instantiate, nsh_tool, pipe_ticket, run_ok, slurm_cmd, unique_salt, Cluster,
+    closure_ticket, instantiate, nsh_tool, pipe_ticket, run_ok, slurm_cmd, unique_salt, Cluster,
 };
 use serde_json::{json, Value};
 
@@ -21,8 +21,9 @@ fn shared() -> RwLockReadGuard<'static, ()> {
     NODES.read().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A derivation whose builder is `/bin/sh -c <script>` (no inputs; the
-/// builder has no PATH, so commands are named by absolute path).
+/// A derivation whose builder is `/bin/sh -c <script>`: no inputs, so
+/// nothing needs pushing (`/bin/sh` is on every node outside its store).
+/// The builder has no PATH: commands are named by absolute path.
 fn sh_drv(c: &Cluster, name: &str, outputs: &[&str], script: &str) -> String {
     let outputs: Vec<String> = outputs.iter().map(|o| format!("{o:?}")).collect();
     instantiate(
@@ -189,7 +190,7 @@ fn a_multi_output_build() {
         "read host </proc/sys/kernel/hostname; echo \"hello from $host\"; \
          echo a >$out; echo b >$dev",
     );
-    let (ticket, job) = allocate(&c, &bare_ticket(&c, &drv, Value::Null));
+    let (ticket, job) = allocate(&c, &closure_ticket(&c, &drv, Value::Null));
     let (status, ticket, stderr) = pipe_ticket(&c, "nsh-run", &[], &ticket);
     assert_eq!(status, 0, "{stderr}");
     assert!(
@@ -226,7 +227,7 @@ fn a_failing_build_reports_nix_error_and_its_log_and_leaves_the_node_clean() {
         &["out"],
         "echo 'about to fail' >&2; echo 'last words'; exit 3",
     );
-    let (ticket, job) = allocate(&c, &bare_ticket(&c, &drv, Value::Null));
+    let (ticket, job) = allocate(&c, &closure_ticket(&c, &drv, Value::Null));
     let (status, ticket, stderr) = pipe_ticket(&c, "nsh-run", &[], &ticket);
     assert_eq!(status, 1, "{stderr}");
     assert!(stderr.contains("\nabout to fail\n"), "{stderr}");
@@ -267,7 +268,7 @@ fn a_hundred_thousand_lines_arrive_in_order_on_the_log_fd() {
         "i=0; while [ $i -lt 100000 ]; do echo \"line $i\"; i=$((i + 1)); done; \
          printf 'no newline at the end'; echo done >$out",
     );
-    let (ticket, job) = allocate(&c, &bare_ticket(&c, &drv, Value::Null));
+    let (ticket, job) = allocate(&c, &closure_ticket(&c, &drv, Value::Null));
     let log = tempfile_path("chatty.log");
     let started = Instant::now();
     // The log goes to fd 3, as nsh-hook passes Nix's fd 4.
@@ -323,7 +324,7 @@ fn a_silent_build_is_stopped_by_max_silent_time() {
         &["out"],
         "echo 'going quiet'; exec /bin/sleep 120",
     );
-    let (ticket, job) = allocate(&c, &bare_ticket(&c, &drv, json!({"max_silent_time": 3})));
+    let (ticket, job) = allocate(&c, &closure_ticket(&c, &drv, json!({"max_silent_time": 3})));
     let started = Instant::now();
     let (status, ticket, stderr) = pipe_ticket(&c, "nsh-run", &[], &ticket);
     assert_eq!(status, 101, "{stderr}");
@@ -351,7 +352,7 @@ fn a_build_timeout_is_enforced_and_the_job_time_limit_covers_it() {
         &["out"],
         "while :; do echo tick; /bin/sleep 1; done",
     );
-    let (ticket, job) = allocate(&c, &bare_ticket(&c, &drv, json!({"timeout": 4})));
+    let (ticket, job) = allocate(&c, &closure_ticket(&c, &drv, json!({"timeout": 4})));
     // 4 s rounds up to a minute, plus nsh-alloc's 10-minute margin.
     let limit = slurm_cmd(&c, "squeue", &["-h", "-j", &job.id.to_string(), "-o", "%l"]);
     assert_eq!(String::from_utf8_lossy(&limit.stdout).trim(), "11:00");
@@ -374,7 +375,7 @@ fn a_job_cancelled_mid_build_is_transient() {
         &["out"],
         "echo started; /bin/sleep 120; echo x >$out",
     );
-    let (ticket, job) = allocate(&c, &bare_ticket(&c, &drv, Value::Null));
+    let (ticket, job) = allocate(&c, &closure_ticket(&c, &drv, Value::Null));
     let mut run = start_run(&c, &ticket);
     run.wait_for_line("started", Duration::from_secs(20));
     run_ok(c.command("scancel").arg(job.id.to_string()));
@@ -419,7 +420,7 @@ fn a_node_whose_slurmd_dies_mid_build_is_transient_and_nothing_is_built() {
         &["out"],
         "echo started; /bin/sleep 300; echo x >$out",
     );
-    let (ticket, job) = allocate(&c, &bare_ticket(&c, &drv, Value::Null));
+    let (ticket, job) = allocate(&c, &closure_ticket(&c, &drv, Value::Null));
     let node = job.node.clone();
     let mut run = start_run(&c, &ticket);
     run.wait_for_line("started", Duration::from_secs(20));
@@ -509,7 +510,7 @@ fn losing_ssh_mid_build_reconnects_and_loses_no_line() {
         "i=0; while [ $i -lt 40 ]; do echo \"tick $i\"; /bin/sleep 0.1; i=$((i + 1)); done; \
          echo x >$out",
     );
-    let (mut ticket, job) = allocate(&c, &bare_ticket(&c, &drv, Value::Null));
+    let (mut ticket, job) = allocate(&c, &closure_ticket(&c, &drv, Value::Null));
     let control = std::env::temp_dir().join(format!("nsh-run-test-{}.ssh", job.id));
     ticket["alloc"]["control"] = json!(control);
     let mut run = start_run(&c, &ticket);
@@ -541,7 +542,7 @@ fn sigterm_stops_nsh_run_at_once_as_transient() {
         &["out"],
         "echo started; /bin/sleep 60; echo x >$out",
     );
-    let (ticket, job) = allocate(&c, &bare_ticket(&c, &drv, Value::Null));
+    let (ticket, job) = allocate(&c, &closure_ticket(&c, &drv, Value::Null));
     let mut run = start_run(&c, &ticket);
     run.wait_for_line("started", Duration::from_secs(20));
     run_ok(std::process::Command::new("kill").args(["-TERM", &run.child.id().to_string()]));
