@@ -582,25 +582,25 @@ fn follow_to_end(
                         }
                     }
                 }
-                Err(RecvTimeoutError::Timeout) => {
-                    if Instant::now() < next_check {
-                        continue;
-                    }
-                    next_check = Instant::now() + check_every;
-                    match slurm.job(alloc.job) {
-                        Ok(info) => {
-                            if let Some(gone) = job_gone(alloc, &info) {
-                                follower.stop();
-                                cancel_if_requeued(slurm, &info);
-                                return Err(Failure::transient(gone));
-                            }
-                        }
-                        // The controller being slow or briefly away is no
-                        // reason to give up a build that runs.
-                        Err(e) => log_warn!("looking at Slurm job {}: {e}", alloc.job),
-                    }
-                }
+                Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break follower.finish(),
+            }
+            // Also while the log streams: a chatty build on a failed node
+            // must not hide that its job is gone.
+            if Instant::now() >= next_check {
+                next_check = Instant::now() + check_every;
+                match slurm.job(alloc.job) {
+                    Ok(info) => {
+                        if let Some(gone) = job_gone(alloc, &info) {
+                            follower.stop();
+                            cancel_if_requeued(slurm, &info);
+                            return Err(Failure::transient(gone));
+                        }
+                    }
+                    // The controller being slow or briefly away is no
+                    // reason to give up a build that runs.
+                    Err(e) => log_warn!("looking at Slurm job {}: {e}", alloc.job),
+                }
             }
         };
         // A line the stream broke off in stays in the splitter: the

@@ -418,7 +418,8 @@ fn a_node_whose_slurmd_dies_mid_build_is_transient_and_nothing_is_built() {
         &c,
         "nsh-run-node-fails",
         &["out"],
-        "echo started; /bin/sleep 300; echo x >$out",
+        // Chatty: the job is watched also while the log streams.
+        "echo started; while :; do echo tick; /bin/sleep 0.1; done",
     );
     let (ticket, job) = allocate(&c, &closure_ticket(&c, &drv, Value::Null));
     let node = job.node.clone();
