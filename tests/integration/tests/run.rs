@@ -559,3 +559,54 @@ fn sigterm_stops_nsh_run_at_once_as_transient() {
     );
     drop(job);
 }
+
+#[test]
+fn max_log_size_stops_a_build_that_says_too_much() {
+    let _shared = shared();
+    let c = Cluster::get();
+    let drv = sh_drv(
+        &c,
+        "nsh-run-verbose",
+        &["out"],
+        "while :; do echo 'far too much to say'; done",
+    );
+    let (ticket, job) = allocate(&c, &closure_ticket(&c, &drv, json!({"max_log_size": 4096})));
+    let (status, ticket, stderr) = pipe_ticket(&c, "nsh-run", &[], &ticket);
+    assert_eq!(status, 1, "{stderr}");
+    assert_eq!(ticket["run"]["status"], "log-limit-exceeded", "{ticket}");
+    assert!(stderr.matches("far too much to say").count() < 1000);
+    assert_job_ends_clean(&c, &job, Duration::from_secs(10));
+}
+
+#[test]
+fn keep_failed_keeps_the_build_directory_on_the_node() {
+    let _shared = shared();
+    let c = Cluster::get();
+    let marker = format!("evidence-{}", unique_salt());
+    let drv = sh_drv(
+        &c,
+        "nsh-run-keep-failed",
+        &["out"],
+        &format!("echo {marker} >evidence; echo \"kept in $PWD\"; exit 1"),
+    );
+    let (ticket, job) = allocate(&c, &closure_ticket(&c, &drv, json!({"keep_failed": true})));
+    let (status, ticket, stderr) = pipe_ticket(&c, "nsh-run", &[], &ticket);
+    assert_eq!(status, 1, "{stderr}");
+    assert!(
+        stderr.contains(&format!("kept on {} (keep-failed)", job.node)),
+        "{stderr}"
+    );
+    let build_dir = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("kept in "))
+        .expect("the builder printed its directory")
+        .to_string();
+    let out = c.ssh(
+        &job.node,
+        &format!("cat {build_dir}/evidence && rm -rf {build_dir}"),
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), marker);
+    // nsh's own work dir goes all the same: the log is already with the user.
+    assert_job_ends_clean(&c, &job, Duration::from_secs(10));
+    drop(ticket);
+}
