@@ -27,6 +27,7 @@ pub mod hook_proto;
 pub mod log;
 pub mod nar;
 pub mod resources;
+pub mod run;
 pub mod serve;
 pub mod serve_client;
 pub mod slots;

@@ -136,3 +136,96 @@ pub fn unique_salt() -> String {
     let t = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
     format!("{}-{}", t.as_nanos(), std::process::id())
 }
+
+/// The path of an nsh tool's binary (`nsh-alloc`, `nsh-run`, …), built from
+/// this workspace first (once per test process) so that a test never runs a
+/// stale one. Cargo gives a test only its own crate's binaries, hence this.
+pub fn nsh_tool(name: &str) -> PathBuf {
+    use std::sync::OnceLock;
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        let root = Cluster::repo_root();
+        let tools: Vec<String> = std::fs::read_dir(root.join("tools"))
+            .expect("tools/")
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().join("Cargo.toml").exists())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(root).arg("build").arg("--quiet");
+        for tool in &tools {
+            cmd.args(["-p", tool]);
+        }
+        run_ok(&mut cmd);
+        match std::env::var_os("CARGO_TARGET_DIR") {
+            Some(dir) => PathBuf::from(dir).join("debug"),
+            None => root.join("target/debug"),
+        }
+    });
+    let path = dir.join(name);
+    assert!(path.exists(), "{} was not built", path.display());
+    path
+}
+
+/// Instantiates a Nix expression in the login node's store; returns the
+/// `.drv` path.
+pub fn instantiate(c: &Cluster, expr: &str) -> String {
+    run_ok(
+        c.command("nix-instantiate")
+            .args(["--expr", expr])
+            .stderr(std::process::Stdio::piped()),
+    )
+    .trim()
+    .to_string()
+}
+
+/// The ticket `nsh-closure` writes for `drv`, with build `options` added
+/// (`null` for none).
+pub fn closure_ticket(c: &Cluster, drv: &str, options: serde_json::Value) -> serde_json::Value {
+    let text = run_ok(c.command(nsh_tool("nsh-closure")).arg(drv));
+    let mut ticket: serde_json::Value =
+        serde_json::from_str(text.trim()).expect("nsh-closure writes a ticket");
+    if !options.is_null() {
+        ticket["options"] = options;
+    }
+    ticket
+}
+
+/// Pipes one ticket through an nsh tool; returns (exit code, ticket out,
+/// stderr).
+pub fn pipe_ticket(
+    c: &Cluster,
+    tool: &str,
+    args: &[&str],
+    ticket: &serde_json::Value,
+) -> (i32, serde_json::Value, String) {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = c
+        .command(nsh_tool(tool))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{tool}: {e}"));
+    writeln!(child.stdin.take().unwrap(), "{ticket}").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8(out.stdout).expect("utf-8 ticket");
+    let ticket = serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("{tool} wrote no ticket ({e}): {stdout:?}"));
+    (
+        out.status.code().unwrap_or(-1),
+        ticket,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Runs `scontrol`/`squeue`/`scancel` … with the cluster's Slurm configuration.
+pub fn slurm_cmd(c: &Cluster, program: &str, args: &[&str]) -> Output {
+    c.command(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"))
+}

@@ -1,0 +1,99 @@
+//! `nsh-run`: tickets in, tickets out with a `run` section: the build handed
+//! to the ticket's waiting Slurm job, its log forwarded live, its result read.
+
+use std::fs::File;
+use std::os::fd::FromRawFd;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use nsh_core::alloc::{self, Clusters};
+use nsh_core::config::Config;
+use nsh_core::run::{LogSink, Runner, JOB_CHECK_INTERVAL};
+use nsh_core::tool::run_stage;
+use nsh_core::ExitStatus;
+
+/// Builds each ticket's derivation (read on stdin, one JSON object per line,
+/// with `drv`, `closure` and `alloc` sections) in its Slurm job, forwards the
+/// build log as it is written, and writes the ticket with
+/// `run: {status, error, times_built, start, stop, built_outputs}` to stdout.
+///
+/// Exit status: 0 built or already valid, 1 the build failed, 101 it timed
+/// out (Nix's `timeout` / `max-silent-time`), 75 transient (the job died:
+/// node failure, preemption, cancelled, Slurm time limit; ssh lost),
+/// 65 bad ticket, 78 bad configuration, 64 usage.
+#[derive(Parser)]
+#[command(name = "nsh-run", version)]
+struct Args {
+    /// The nsh configuration (default: $NSH_CONFIG, else /etc/nsh/nsh.toml).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Write the build log to this open file descriptor instead of stderr
+    /// (nsh-hook passes Nix's fd 4). Default: $NSH_LOG_FD, else stderr.
+    #[arg(long, value_name = "FD")]
+    log_fd: Option<i32>,
+}
+
+fn main() -> ExitCode {
+    nsh_core::log::set_program("nsh-run");
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(e) => {
+            let usage = e.use_stderr();
+            let _ = e.print();
+            return if usage {
+                ExitStatus::Usage
+            } else {
+                ExitStatus::Ok
+            }
+            .into();
+        }
+    };
+    let log_fd = match args.log_fd {
+        Some(fd) => Some(fd),
+        None => match std::env::var("NSH_LOG_FD") {
+            Ok(v) if !v.is_empty() => match v.parse() {
+                Ok(fd) => Some(fd),
+                Err(_) => {
+                    eprintln!("nsh-run: NSH_LOG_FD={v:?} is not a file descriptor number");
+                    return ExitStatus::Usage.into();
+                }
+            },
+            _ => None,
+        },
+    };
+    let log = match log_fd {
+        None => LogSink::Stderr,
+        Some(fd) => {
+            // SAFETY: fcntl(F_GETFD) only asks whether fd is open.
+            if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+                eprintln!("nsh-run: log fd {fd}: not an open file descriptor");
+                return ExitStatus::Usage.into();
+            }
+            // SAFETY: fd is open and given to us to write the log to; this
+            // process owns it from here on.
+            LogSink::Fd(unsafe { File::from_raw_fd(fd) })
+        }
+    };
+    let config = Config::load(args.config.as_deref());
+    let interrupted = alloc::interrupt_flag();
+    let mut runner = None;
+    let mut log = Some(log);
+    run_stage(
+        "run",
+        std::io::stdin().lock(),
+        std::io::stdout().lock(),
+        |ticket| {
+            let config = config.as_ref().map_err(Clone::clone)?;
+            let runner = runner.get_or_insert_with(|| Runner {
+                config,
+                clusters: Clusters::default(),
+                log: log.take().expect("made once"),
+                job_check_interval: JOB_CHECK_INTERVAL,
+                interrupted,
+            });
+            runner.run(ticket)
+        },
+    )
+    .into()
+}
