@@ -344,7 +344,15 @@ fn queue_timeout_and_signals_cancel_the_pending_job() {
             "time_limit = \"1h\"\nqueue_timeout = 2\n[cluster.test.limits]\ndefault_cpus = 8",
         )
     });
-    let (status, holder, stderr) = run(&c, None, &["--config", &config], &ticket(&["big"]));
+    // The holder itself may have to wait for other jobs on the big node to
+    // end: it gets the ordinary queue timeout.
+    let patient = config_with(&c, dir.path(), "holder.toml", |t| {
+        t.replace(
+            "time_limit = \"1h\"",
+            "time_limit = \"1h\"\n[cluster.test.limits]\ndefault_cpus = 8",
+        )
+    });
+    let (status, holder, stderr) = run(&c, None, &["--config", &patient], &ticket(&["big"]));
     assert_eq!(status, 0, "{stderr}");
 
     let job_of = |message: &str| -> u64 {
