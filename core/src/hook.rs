@@ -33,7 +33,7 @@ use crate::hook_pipeline::{self as pipeline, Event, Outcome, Stages};
 use crate::hook_proto::{
     Accepted, ActivityType, Field, LogLine, Reply, ReplyWord, Request, Settings, Try, Verbosity,
 };
-use crate::slots::{Slot, SlotDir};
+use crate::slots::{LockTable, Slot, SlotDir};
 use crate::ticket::{BuildOptions, DrvSection, StoreSection, Ticket};
 
 /// Nix's exit statuses for a hook (≤ 2.28 and Lix distinguish these).
@@ -212,7 +212,10 @@ fn run(verbosity: Verbosity) -> i32 {
         };
         let slots = SlotDir::new(&config.slots_dir);
         let decision = match stages {
-            Some(_) => decide_and_lock(&config.clusters, &local, &t, &slots, &ui),
+            Some(_) => decide_and_lock(&config.clusters, &local, &t, &slots).unwrap_or_else(|e| {
+                ui.msg(Verbosity::Error, format!("nsh-hook: {e}"));
+                Locked::Decline
+            }),
             None => Locked::Decline,
         };
         match decision {
@@ -283,7 +286,9 @@ fn own_dir() -> Result<PathBuf, Failure> {
     Ok(exe.parent().map(Path::to_path_buf).unwrap_or_default())
 }
 
-enum Locked<'c> {
+/// The decision with its slot taken.
+pub enum Locked<'c> {
+    /// Build on this cluster; the slot is held until dropped.
     Accepted(&'c ClusterCaps, Slot),
     Postpone,
     Decline,
@@ -291,48 +296,54 @@ enum Locked<'c> {
 
 /// The decision, then the slot lock it needs. Another hook may take the
 /// slot between counting and locking: the cluster is then counted full and
-/// the decision made again.
-fn decide_and_lock<'c>(
+/// the decision made again. Slots are counted only when more than one
+/// cluster fits (with one, taking a slot is the count).
+pub fn decide_and_lock<'c>(
     clusters: &'c [ClusterCaps],
     local: &LocalCaps,
     t: &Try,
     slots: &SlotDir,
-    ui: &Ui,
-) -> Locked<'c> {
+) -> Result<Locked<'c>, Failure> {
+    let fitting = clusters
+        .iter()
+        .filter(|c| c.fits(&t.needed_system, &t.required_features))
+        .count();
     let mut full = vec![false; clusters.len()];
+    let mut table: Option<LockTable> = None;
     for _ in 0..=clusters.len() {
         let mut slot_error = None;
         let decision = decide(clusters, local, t, |i| {
             let c = &clusters[i];
             if full[i] {
-                return c.max_jobs;
-            }
-            slots.load(&c.name, c.max_jobs).unwrap_or_else(|e| {
-                slot_error = Some(e);
                 c.max_jobs
-            })
+            } else if fitting == 1 {
+                0
+            } else {
+                let table = table.get_or_insert_with(LockTable::read);
+                slots
+                    .load_in(table, &c.name, c.max_jobs)
+                    .unwrap_or_else(|e| {
+                        slot_error = Some(e);
+                        c.max_jobs
+                    })
+            }
         });
         if let Some(e) = slot_error {
-            ui.msg(Verbosity::Error, format!("nsh-hook: {e}"));
-            return Locked::Decline;
+            return Err(e);
         }
         match decision {
             Decision::Accept { cluster } => {
                 let c = &clusters[cluster];
-                match slots.acquire(&c.name, c.max_jobs) {
-                    Ok(Some(slot)) => return Locked::Accepted(c, slot),
-                    Ok(None) => full[cluster] = true,
-                    Err(e) => {
-                        ui.msg(Verbosity::Error, format!("nsh-hook: {e}"));
-                        return Locked::Decline;
-                    }
+                match slots.acquire(&c.name, c.max_jobs)? {
+                    Some(slot) => return Ok(Locked::Accepted(c, slot)),
+                    None => full[cluster] = true,
                 }
             }
-            Decision::Postpone => return Locked::Postpone,
-            Decision::Decline(_) => return Locked::Decline,
+            Decision::Postpone => return Ok(Locked::Postpone),
+            Decision::Decline(_) => return Ok(Locked::Decline),
         }
     }
-    Locked::Postpone
+    Ok(Locked::Postpone)
 }
 
 /// The first ticket, from the `try`, what the daemon sent after accept and

@@ -8,9 +8,10 @@
 //! files themselves stay and are reused. The descriptor is close-on-exec, so
 //! no child of the hook keeps the slot after the hook is gone.
 
+use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, DirEntryExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::error::{Failure, Kind, ResultExt};
@@ -88,6 +89,59 @@ fn try_lock(path: &Path) -> Result<Try, Failure> {
     }
 }
 
+/// The inode numbers of files with a granted `flock` (not waiters), from
+/// `/proc/locks` lines like `1: FLOCK  ADVISORY  WRITE 12593 fe:00:5382153 0 EOF`.
+/// Inode numbers only: on overlay file systems the device in the lock table
+/// is not the one `stat` shows, and a rare false match only makes the
+/// estimate high.
+/// A snapshot of the kernel's `flock` table (see [`SlotDir::load`]).
+#[derive(Debug, Clone, Default)]
+pub struct LockTable {
+    held: Option<HashSet<u64>>,
+}
+
+impl LockTable {
+    pub fn read() -> LockTable {
+        LockTable {
+            held: fs::read_to_string("/proc/locks")
+                .ok()
+                .map(|t| parse_lock_table(&t)),
+        }
+    }
+}
+
+fn parse_lock_table(table: &str) -> HashSet<u64> {
+    table
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace().skip(1);
+            if fields.next()? != "FLOCK" {
+                return None; // POSIX locks, and `->` waiters
+            }
+            let id = fields.nth(3)?;
+            id.rsplit(':').next()?.parse().ok()
+        })
+        .collect()
+}
+
+/// Slot files `<n>.lock` (n < max_jobs) in `dir` whose inode is in `held`.
+fn count_held(dir: &Path, max_jobs: u32, held: &HashSet<u64>) -> u32 {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_suffix(".lock"))
+                .and_then(|n| n.parse::<u32>().ok())
+                .is_some_and(|n| n < max_jobs)
+        })
+        .filter(|e| held.contains(&e.ino()))
+        .count() as u32
+}
+
 impl SlotDir {
     pub fn new(root: impl Into<PathBuf>) -> SlotDir {
         SlotDir { root: root.into() }
@@ -112,11 +166,28 @@ impl SlotDir {
         Ok(dir)
     }
 
-    /// How many of the cluster's `max_jobs` slots are held right now.
-    /// (A snapshot: another hook may take or free one the next moment;
-    /// [`SlotDir::acquire`] is what decides.)
+    /// How many of the cluster's `max_jobs` slots are held right now: an
+    /// estimate for choosing the least loaded cluster (another hook may take
+    /// or free one the next moment; [`SlotDir::acquire`] is what decides).
+    ///
+    /// Read from the kernel's lock table (`/proc/locks`) against the lock
+    /// files' inode numbers: two reads whatever `max_jobs` is, where trying
+    /// each lock costs an open and a flock per slot. Falls back to trying
+    /// when the lock table cannot be read.
     pub fn load(&self, cluster: &str, max_jobs: u32) -> Result<u32, Failure> {
+        self.load_in(&LockTable::read(), cluster, max_jobs)
+    }
+
+    /// [`SlotDir::load`] with a lock table read once for several clusters.
+    pub fn load_in(&self, table: &LockTable, cluster: &str, max_jobs: u32) -> Result<u32, Failure> {
         let dir = self.cluster_dir(cluster)?;
+        match &table.held {
+            Some(held) => Ok(count_held(&dir, max_jobs, held)),
+            None => self.load_by_trying(&dir, max_jobs),
+        }
+    }
+
+    fn load_by_trying(&self, dir: &Path, max_jobs: u32) -> Result<u32, Failure> {
         let mut busy = 0;
         for n in 0..max_jobs {
             let path = dir.join(format!("{n}.lock"));
@@ -128,10 +199,24 @@ impl SlotDir {
         Ok(busy)
     }
 
-    /// Takes the first free slot of the cluster, or `None` if all are held.
+    /// Takes a free slot of the cluster, or `None` if all are held. The
+    /// scan starts at a slot chosen from the process id, so that concurrent
+    /// hooks (and a busy cluster) find a free slot in a few tries instead of
+    /// all trying the low ones first.
     pub fn acquire(&self, cluster: &str, max_jobs: u32) -> Result<Option<Slot>, Failure> {
+        self.acquire_from(cluster, max_jobs, std::process::id())
+    }
+
+    /// [`SlotDir::acquire`], scanning from slot `start % max_jobs`.
+    pub fn acquire_from(
+        &self,
+        cluster: &str,
+        max_jobs: u32,
+        start: u32,
+    ) -> Result<Option<Slot>, Failure> {
         let dir = self.cluster_dir(cluster)?;
-        for index in 0..max_jobs {
+        for k in 0..max_jobs {
+            let index = (start % max_jobs + k) % max_jobs;
             let path = dir.join(format!("{index}.lock"));
             if let Try::Locked(file) = try_lock(&path)? {
                 return Ok(Some(Slot {
@@ -154,10 +239,10 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let slots = SlotDir::new(tmp.path().join("slots"));
         assert_eq!(slots.load("main", 2).unwrap(), 0);
-        let a = slots.acquire("main", 2).unwrap().unwrap();
+        let a = slots.acquire_from("main", 2, 0).unwrap().unwrap();
         assert_eq!(a.index(), 0);
         assert_eq!(slots.load("main", 2).unwrap(), 1);
-        let b = slots.acquire("main", 2).unwrap().unwrap();
+        let b = slots.acquire_from("main", 2, 0).unwrap().unwrap();
         assert_eq!(b.index(), 1);
         assert!(slots.acquire("main", 2).unwrap().is_none());
         assert_eq!(slots.load("main", 2).unwrap(), 2);
@@ -165,7 +250,10 @@ mod tests {
         assert!(slots.acquire("other", 1).unwrap().is_some());
         drop(a);
         assert_eq!(slots.load("main", 2).unwrap(), 1);
-        assert_eq!(slots.acquire("main", 2).unwrap().unwrap().index(), 0);
+        assert_eq!(
+            slots.acquire_from("main", 2, 1).unwrap().unwrap().index(),
+            0
+        );
         assert!(b.path().ends_with("main/1.lock"));
     }
 
@@ -207,6 +295,33 @@ mod tests {
             );
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
+    }
+
+    #[test]
+    fn the_lock_table_and_trying_agree() {
+        let tmp = tempfile::tempdir().unwrap();
+        let slots = SlotDir::new(tmp.path());
+        let held: Vec<_> = (0..5)
+            .map(|_| slots.acquire_from("main", 16, 3).unwrap().unwrap())
+            .collect();
+        let dir = tmp.path().join("main");
+        assert_eq!(slots.load_by_trying(&dir, 16).unwrap(), 5);
+        assert_eq!(slots.load("main", 16).unwrap(), 5);
+        // Slots beyond max_jobs are not counted (held 3..8; max 6 → 3, 4, 5).
+        assert_eq!(slots.load("main", 6).unwrap(), 3);
+        drop(held);
+        assert_eq!(slots.load("main", 16).unwrap(), 0);
+    }
+
+    #[test]
+    fn the_lock_table_format() {
+        let table = "1: FLOCK  ADVISORY  WRITE 12593 fe:00:5382153 0 EOF\n\
+                     2: POSIX  ADVISORY  WRITE 11749 fe:00:77 0 EOF\n\
+                     3: FLOCK  ADVISORY  READ 11609 00:2f:10133507 0 EOF\n\
+                     3: -> FLOCK  ADVISORY  WRITE 11610 00:2f:42 0 EOF\n\
+                     garbage\n";
+        let held = parse_lock_table(table);
+        assert_eq!(held, HashSet::from([5382153, 10133507]));
     }
 
     #[test]
