@@ -173,6 +173,16 @@ slots_dir = "/tmp/slots"
     }
 
     #[test]
+    fn the_documented_example_parses() {
+        let text = include_str!("../../docs/nsh.toml.example");
+        let config = HookConfig::parse(Path::new("nsh.toml.example"), text).unwrap();
+        assert_eq!(config.slots_dir, PathBuf::from("/run/nsh/slots"));
+        assert_eq!(config.pipeline.unwrap(), vec!["/etc/nsh/hook.sh"]);
+        assert_eq!(config.fallback.unwrap(), vec!["/usr/libexec/nix/build-remote"]);
+        assert!(!config.clusters.is_empty());
+    }
+
+    #[test]
     fn errors_name_the_file_and_key() {
         const C: &str = "[cluster.main]\nbackend = \"cli\"\nsystems = [\"x86_64-linux\"]\n";
         for (text, wanted) in [
