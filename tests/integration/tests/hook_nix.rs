@@ -32,6 +32,11 @@ struct Site {
 
 impl Site {
     fn new() -> Site {
+        Site::with(&current_system(), "")
+    }
+
+    /// A site whose one cluster builds `system`, with more `[hook]` keys.
+    fn with(system: &str, hook_keys: &str) -> Site {
         let dir = tempfile::tempdir().unwrap();
         let site = Site { dir };
         fs::create_dir_all(site.path("conf")).unwrap();
@@ -44,9 +49,8 @@ impl Site {
         fs::write(
             site.path("nsh.toml"),
             format!(
-                "[cluster.main]\nbackend = \"cli\"\nsystems = [\"{}\"]\nmax_jobs = 4\n\n\
-                 [hook]\npipeline = [\"{}\"]\nslots_dir = \"{}\"\n",
-                current_system(),
+                "[cluster.main]\nbackend = \"cli\"\nsystems = [\"{system}\"]\nmax_jobs = 4\n\n\
+                 [hook]\npipeline = [\"{}\"]\nslots_dir = \"{}\"\n{hook_keys}\n",
                 pipeline.display(),
                 site.path("slots").display()
             ),
@@ -183,4 +187,59 @@ fn a_failing_derivation_fails_the_build_with_its_log() {
         "the hook's @nix msg names the failure: {stderr}"
     );
     assert!(read_log(&file, &site.path("conf")).contains("about to fail"));
+}
+
+#[test]
+fn what_nsh_declines_goes_to_nix_own_hook_which_builds_on_a_node() {
+    let c = Cluster::get();
+    // nsh's only cluster builds another system: every try is declined and
+    // handed to Nix's build-remote, which has node1 as an ssh builder.
+    let site = Site::with(
+        "riscv64-linux",
+        "fallback = [\"/usr/libexec/nix/build-remote\"]",
+    );
+    let salt = unique_salt();
+    let file = site.path("remote.nix");
+    fs::write(
+        &file,
+        format!(
+            r#"builtins.derivation {{
+                 name = "nsh-hook-fallback-{salt}";
+                 system = builtins.currentSystem;
+                 builder = "/bin/sh";
+                 args = [ "-c" "read h < /proc/sys/kernel/hostname; echo $h > $out" ];
+               }}"#
+        ),
+    )
+    .unwrap();
+    let out = Command::new("nix-build")
+        .arg(&file)
+        .args([
+            "--no-out-link",
+            "--max-jobs",
+            "0",
+            "--builders",
+            "ssh://node1",
+        ])
+        .args(["--option", "build-hook"])
+        .arg(site.path("hook"))
+        .envs(c.envs())
+        .env("NIX_CONF_DIR", site.path("conf"))
+        .env_remove("NIX_REMOTE")
+        .output()
+        .expect("nix-build runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "nix-build failed:\n{stderr}");
+    let result = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert_eq!(
+        fs::read_to_string(&result).unwrap().trim(),
+        "node1",
+        "{stderr}"
+    );
+    assert!(stderr.contains("ssh://node1"), "{stderr}");
+    assert!(
+        site.built_by_the_hook().is_empty(),
+        "nsh's pipeline must not run"
+    );
+    run_ok(Command::new("nix-store").args(["--verify-path", &result]));
 }
