@@ -152,7 +152,8 @@ impl Site {
         self.script(
             "nsh-fetch",
             &format!(
-                "{TOOL_PRELUDE}touch {out}\n{}",
+                "{TOOL_PRELUDE}touch {out}\n\
+                 if [ -e \"$T/linger\" ]; then sleep 30 & echo $! > \"$T/linger-pid\"; fi\n{}",
                 add(r#""fetch":{"paths":[],"bytes":0}"#)
             ),
         );
@@ -373,6 +374,26 @@ fn accepts_and_runs_the_tools_with_the_log_on_fd_4_of_nsh_run_only() {
     // A successful build is not cancelled.
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(site.read("cancelled"), "");
+}
+
+#[test]
+fn a_lingering_grandchild_does_not_keep_the_daemon_waiting() {
+    let site = Site::new("", 1);
+    // nsh-fetch leaves a process behind that holds its stdout and stderr.
+    fs::write(site.path("linger"), "").unwrap();
+    let started = Instant::now();
+    let (code, stderr) = site.run(&cat(&[
+        &settings(),
+        &try_(true, "x86_64-linux", &[]),
+        &accepted(),
+    ]));
+    let took = started.elapsed();
+    if let Ok(pid) = site.read("linger-pid").trim().parse::<i32>() {
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    assert_eq!(code, 0, "{stderr}");
+    // `run` read the hook's stderr to EOF: the grandchild never had it.
+    assert!(took < Duration::from_secs(5), "took {took:?}");
 }
 
 #[test]
