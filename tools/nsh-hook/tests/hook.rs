@@ -620,3 +620,29 @@ fn hook_sh_example_cancels_the_job_on_sigterm_within_2s() {
         "nsh-run still runs"
     );
 }
+
+#[test]
+fn garbage_from_the_daemon_is_a_clean_error() {
+    let site = Site::new("", 1);
+    let real = cat(&[&settings(), &try_(true, "x86_64-linux", &[]), &accepted()]);
+    let mut huge_string = settings();
+    huge_string.extend_from_slice(&u64::MAX.to_le_bytes());
+    for input in [
+        b"hello, hook\n".to_vec(),
+        vec![0xff; 64],
+        real[..real.len() / 2].to_vec(),
+        real[..settings().len() + 5].to_vec(),
+        huge_string,
+    ] {
+        let started = Instant::now();
+        let (code, stderr) = site.run(&input);
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(code == 1 || code == 0, "{code}: {stderr}");
+        for line in stderr.lines() {
+            assert!(
+                line.starts_with("@nix ") || line.starts_with("# "),
+                "only protocol lines on stderr: {line:?}"
+            );
+        }
+    }
+}
