@@ -243,3 +243,118 @@ fn what_nsh_declines_goes_to_nix_own_hook_which_builds_on_a_node() {
     );
     run_ok(Command::new("nix-store").args(["--verify-path", &result]));
 }
+
+/// The real nsh-closure and nsh-alloc (next to a copy of nsh-hook), and an
+/// nsh-push that records its ticket and hangs, as a build would.
+fn site_with_real_alloc(c: &Cluster) -> Site {
+    let site = Site::new();
+    let bin = site.path("bin");
+    fs::create_dir_all(&bin).unwrap();
+    let target = nsh_hook().parent().unwrap().to_path_buf();
+    for tool in ["nsh-hook", "nsh-closure", "nsh-alloc"] {
+        let built = target.join(tool);
+        assert!(
+            built.exists(),
+            "{} is missing: cargo build --workspace",
+            built.display()
+        );
+        fs::copy(&built, bin.join(tool)).unwrap();
+    }
+    let script = |name: &str, body: &str| {
+        let path = bin.join(name);
+        fs::write(&path, body).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+    };
+    script(
+        "nsh-push",
+        &format!(
+            "#!/bin/sh\nread -r t\necho \"$t\" > {}\nexec sleep 120\n",
+            site.path("pushed").display()
+        ),
+    );
+    script("nsh-run", "#!/bin/sh\ncat\n");
+    script("nsh-fetch", "#!/bin/sh\ncat\n");
+    let config = fs::read_to_string(c.nsh_config()).unwrap()
+        + &format!(
+            "\n[hook]\nslots_dir = \"{}\"\n",
+            site.path("slots").display()
+        );
+    fs::write(site.path("nsh.toml"), config).unwrap();
+    fs::write(
+        site.path("hook"),
+        format!(
+            "#!/bin/sh\nexport NSH_CONFIG={}\nexec {} \"$@\"\n",
+            site.path("nsh.toml").display(),
+            bin.join("nsh-hook").display()
+        ),
+    )
+    .unwrap();
+    site
+}
+
+fn in_squeue(c: &Cluster, job: u64) -> bool {
+    let out = run_ok(
+        c.command("squeue")
+            .args(["-h", "-j", &job.to_string(), "-o", "%T"]),
+    );
+    !out.trim().is_empty()
+}
+
+#[test]
+fn ctrl_c_on_nix_build_leaves_no_job_in_squeue() {
+    use std::os::unix::process::CommandExt;
+    use std::time::{Duration, Instant};
+
+    let c = Cluster::get();
+    let site = site_with_real_alloc(&c);
+    let file = site.path("cancel.nix");
+    fs::write(
+        &file,
+        format!(
+            r#"derivation {{ name = "nsh-hook-cancel-{}"; system = builtins.currentSystem;
+                 builder = "/bin/sh"; args = ["-c" "echo hi > $out"]; }}"#,
+            unique_salt()
+        ),
+    )
+    .unwrap();
+    let mut nix_build = Command::new("nix-build")
+        .arg(&file)
+        .args(["--no-out-link", "--option", "build-hook"])
+        .arg(site.path("hook"))
+        .envs(c.envs())
+        .env_remove("NIX_REMOTE")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        // Its own process group, as a shell gives a foreground job.
+        .process_group(0)
+        .spawn()
+        .unwrap();
+
+    // Wait until the job runs and the build is under way (nsh-push got the ticket).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let ticket: serde_json::Value = loop {
+        if let Ok(text) = fs::read_to_string(site.path("pushed")) {
+            if let Ok(ticket) = serde_json::from_str(text.trim()) {
+                break ticket;
+            }
+        }
+        assert!(Instant::now() < deadline, "the job never started");
+        assert!(
+            nix_build.try_wait().unwrap().is_none(),
+            "nix-build ended early"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let job = ticket["alloc"]["job"].as_u64().expect("alloc.job");
+    assert!(in_squeue(&c, job), "job {job} should be running");
+
+    // Ctrl-C: SIGINT to nix-build's process group. Nix kills the hook's
+    // process group; the watchdog cancels the job.
+    unsafe { libc::kill(-(nix_build.id() as i32), libc::SIGINT) };
+    let _ = nix_build.wait();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while in_squeue(&c, job) {
+        assert!(Instant::now() < deadline, "job {job} is still in squeue");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
