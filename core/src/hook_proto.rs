@@ -373,7 +373,7 @@ impl Reply {
     }
 
     /// Parses a reply as the daemon would (for the fallback hook's answers).
-    /// `next_line` is the line after `# accept` (the machine name).
+    /// After `# accept` the next line is the machine name; the caller reads it.
     pub fn parse(line: &str) -> Option<ReplyWord> {
         match line.trim_end_matches('\n') {
             "# accept" => Some(ReplyWord::Accept),
