@@ -178,7 +178,10 @@ slots_dir = "/tmp/slots"
         let config = HookConfig::parse(Path::new("nsh.toml.example"), text).unwrap();
         assert_eq!(config.slots_dir, PathBuf::from("/run/nsh/slots"));
         assert_eq!(config.pipeline.unwrap(), vec!["/etc/nsh/hook.sh"]);
-        assert_eq!(config.fallback.unwrap(), vec!["/usr/libexec/nix/build-remote"]);
+        assert_eq!(
+            config.fallback.unwrap(),
+            vec!["/usr/libexec/nix/build-remote"]
+        );
         assert!(!config.clusters.is_empty());
     }
 
