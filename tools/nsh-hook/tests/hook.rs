@@ -646,3 +646,20 @@ fn garbage_from_the_daemon_is_a_clean_error() {
         }
     }
 }
+
+#[test]
+fn help_and_version() {
+    let help = assert_cmd::Command::cargo_bin("nsh-hook")
+        .unwrap()
+        .arg("--help")
+        .assert()
+        .success();
+    let out = String::from_utf8_lossy(&help.get_output().stdout).to_string();
+    assert!(out.contains("build-hook"), "{out}");
+    assert_cmd::Command::cargo_bin("nsh-hook")
+        .unwrap()
+        .arg("--version")
+        .assert()
+        .success()
+        .stdout(predicates::str::starts_with("nsh-hook "));
+}
