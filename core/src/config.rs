@@ -483,6 +483,19 @@ impl Config {
         })
     }
 
+    /// Keeps only the cluster `name` (for a caller that already chose it,
+    /// as `nsh-hook` does when it takes a slot on that cluster).
+    pub fn restrict_to_cluster(&mut self, name: &str) -> Result<(), Failure> {
+        if !self.clusters.contains_key(name) {
+            return Err(Failure::config(format!(
+                "{}: there is no [cluster.{name}] (asked for by --cluster / NSH_CLUSTER)",
+                self.path.display()
+            )));
+        }
+        self.clusters.retain(|n, _| n == name);
+        Ok(())
+    }
+
     /// The SSH login user for a cluster's nodes: `[ssh] user`, else the
     /// cluster's `user`, else `None` (ssh's own default).
     pub fn ssh_user<'a>(&'a self, cluster: &'a Cluster) -> Option<&'a str> {
@@ -965,6 +978,18 @@ request_timeout = "5m"
         assert_eq!(config.remote.request_timeout_s, 300);
         assert_eq!(config.remote.idle_timeout_s, 60);
         assert_eq!(config.ssh_user(main), Some("nixbuild"));
+    }
+
+    #[test]
+    fn restricting_to_a_cluster() {
+        let text = "[cluster.a]\nbackend = \"cli\"\nsystems = [\"x\"]\n\
+                    [cluster.b]\nbackend = \"cli\"\nsystems = [\"x\"]\n";
+        let mut config = parse(text).unwrap();
+        config.restrict_to_cluster("b").unwrap();
+        assert_eq!(config.clusters.keys().collect::<Vec<_>>(), ["b"]);
+        let err = config.restrict_to_cluster("c").unwrap_err();
+        assert_eq!(err.kind, Kind::Config);
+        assert!(err.message.contains("[cluster.c]"), "{err}");
     }
 
     #[test]

@@ -30,6 +30,10 @@ struct Args {
     /// Cancel the Slurm jobs of the tickets read (tickets pass through).
     #[arg(long)]
     cancel: bool,
+    /// Use only this configured cluster (nsh-hook sets NSH_CLUSTER to the
+    /// cluster whose slot it took).
+    #[arg(long, value_name = "NAME", env = "NSH_CLUSTER")]
+    cluster: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -49,7 +53,12 @@ fn main() -> ExitCode {
     };
     let stdin = std::io::stdin().lock();
     let stdout = std::io::stdout().lock();
-    let config = Config::load(args.config.as_deref());
+    let config = Config::load(args.config.as_deref()).and_then(|mut config| {
+        if let Some(name) = &args.cluster {
+            config.restrict_to_cluster(name)?;
+        }
+        Ok(config)
+    });
     let mut clusters = Clusters::default();
 
     if args.cancel {

@@ -70,6 +70,11 @@ fn main() -> ExitCode {
                 eprintln!("nsh-run: log fd {fd}: not an open file descriptor");
                 return ExitStatus::Usage.into();
             }
+            // The build log must reach no child of ours (an ssh master
+            // started here outlives us, and the daemon waits for EOF on the
+            // log): close it on exec.
+            // SAFETY: fcntl(F_SETFD) on an fd we checked is open.
+            unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
             // SAFETY: fd is open and given to us to write the log to; this
             // process owns it from here on.
             LogSink::Fd(unsafe { File::from_raw_fd(fd) })
