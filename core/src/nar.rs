@@ -149,6 +149,183 @@ impl<R: Read + ?Sized, W: Write + ?Sized> Read for Tee<'_, R, W> {
     }
 }
 
+/// Unpacks one NAR read from `from` into a new file system object at `dest`
+/// (which must not exist), with the metadata Nix gives store paths: files
+/// 0444 (0555 if executable), directories 0555, every mtime 1. File contents
+/// are streamed. Returns the NAR's size.
+///
+/// Directory entries must come in strictly increasing order, as Nix writes
+/// them (so that a NAR has one canonical form and names cannot repeat).
+/// On an error, whatever was created under `dest` is left for the caller to
+/// remove.
+pub fn unpack<R: Read>(from: &mut R, dest: &std::path::Path) -> Result<u64, WireError> {
+    let mut counting = Counter { from, count: 0 };
+    let limits = Limits {
+        max_string: MAX_TOKEN,
+        max_list: 0,
+    };
+    {
+        let mut r = WireReader::with_limits(&mut counting, limits);
+        expect(&mut r, NAR_MAGIC)?;
+        unpack_node(&mut r, dest, 0)?;
+    }
+    Ok(counting.count)
+}
+
+fn unpack_node<R: Read>(
+    r: &mut WireReader<R>,
+    path: &std::path::Path,
+    depth: usize,
+) -> Result<(), WireError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    if depth > MAX_DEPTH {
+        return Err(WireError::Unexpected(format!(
+            "NAR nests deeper than {MAX_DEPTH} directories"
+        )));
+    }
+    let fs_error = |what: &str, e: io::Error| {
+        WireError::Io(io::Error::new(
+            e.kind(),
+            format!("{what} {}: {e}", path.display()),
+        ))
+    };
+    expect(r, "(")?;
+    expect(r, "type")?;
+    match token(r)?.as_slice() {
+        b"regular" => {
+            let mut tag = token(r)?;
+            let executable = tag == b"executable";
+            if executable {
+                expect(r, "")?;
+                tag = token(r)?;
+            }
+            if tag != b"contents" {
+                return Err(unexpected("contents", &tag));
+            }
+            let len = r.u64()?;
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| fs_error("creating", e))?;
+            let copied = io::copy(&mut r.get_mut().take(len), &mut file).map_err(|e| {
+                // A read error is the stream's; a write error the disk's.
+                fs_error("writing", e)
+            })?;
+            if copied < len {
+                return Err(WireError::Eof);
+            }
+            r.padding(len)?;
+            let mode = if executable { 0o555 } else { 0o444 };
+            file.set_permissions(std::fs::Permissions::from_mode(mode))
+                .map_err(|e| fs_error("chmod", e))?;
+            drop(file);
+            set_mtime_1(path).map_err(|e| fs_error("setting the mtime of", e))?;
+            expect(r, ")")
+        }
+        b"symlink" => {
+            expect(r, "target")?;
+            let target = token(r)?;
+            use std::os::unix::ffi::OsStrExt;
+            std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(&target), path)
+                .map_err(|e| fs_error("creating the symlink", e))?;
+            set_mtime_1(path).map_err(|e| fs_error("setting the mtime of", e))?;
+            expect(r, ")")
+        }
+        b"directory" => {
+            std::fs::create_dir(path).map_err(|e| fs_error("creating", e))?;
+            let mut previous: Option<Vec<u8>> = None;
+            loop {
+                let tag = token(r)?;
+                match tag.as_slice() {
+                    b")" => break,
+                    b"entry" => {
+                        expect(r, "(")?;
+                        expect(r, "name")?;
+                        let name = token(r)?;
+                        if name.is_empty()
+                            || name == b"."
+                            || name == b".."
+                            || name.contains(&b'/')
+                            || name.contains(&0)
+                        {
+                            return Err(WireError::Unexpected(format!(
+                                "NAR entry has an invalid name {:?}",
+                                String::from_utf8_lossy(&name)
+                            )));
+                        }
+                        if previous.as_ref().is_some_and(|p| *p >= name) {
+                            return Err(WireError::Unexpected(format!(
+                                "NAR entries are not in order at {:?}",
+                                String::from_utf8_lossy(&name)
+                            )));
+                        }
+                        expect(r, "node")?;
+                        use std::os::unix::ffi::OsStrExt;
+                        let child = path.join(std::ffi::OsStr::from_bytes(&name));
+                        unpack_node(r, &child, depth + 1)?;
+                        expect(r, ")")?;
+                        previous = Some(name);
+                    }
+                    other => return Err(unexpected("entry or )", other)),
+                }
+            }
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o555))
+                .map_err(|e| fs_error("chmod", e))?;
+            set_mtime_1(path).map_err(|e| fs_error("setting the mtime of", e))?;
+            Ok(())
+        }
+        other => Err(unexpected("regular, symlink or directory", other)),
+    }
+}
+
+/// Sets atime and mtime to 1 (the epoch plus one second, as in the store),
+/// without following a symlink.
+fn set_mtime_1(path: &std::path::Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL in a path"))?;
+    let times = [
+        libc::timespec {
+            tv_sec: 1,
+            tv_nsec: 0,
+        },
+        libc::timespec {
+            tv_sec: 1,
+            tv_nsec: 0,
+        },
+    ];
+    // SAFETY: a valid C string and two timespecs, as utimensat requires.
+    let rc = unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c_path.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Counts the bytes read.
+struct Counter<'a, R> {
+    from: &'a mut R,
+    count: u64,
+}
+
+impl<R: Read> Read for Counter<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.from.read(buf)?;
+        self.count += n as u64;
+        Ok(n)
+    }
+}
+
 /// Writes a NAR (for tests and for small paths built in memory): `entries`
 /// are written with the same framing the parser reads.
 pub mod write {
@@ -336,6 +513,99 @@ mod tests {
         leaf.prop_recursive(4, 32, 5, |inner| {
             proptest::collection::btree_map("[a-z0-9_]{1,8}", inner, 0..5).prop_map(Tree::Dir)
         })
+    }
+
+    #[test]
+    fn unpack_then_dump_gives_the_same_nar() {
+        // Entries sorted, as Nix writes them (`sample` is not).
+        let mut nar = Vec::new();
+        let big = vec![7u8; 100_003];
+        write::nar(
+            &mut nar,
+            &Node::Directory(vec![
+                (
+                    "big",
+                    Node::Regular {
+                        executable: false,
+                        contents: &big,
+                    },
+                ),
+                (
+                    "bin",
+                    Node::Directory(vec![(
+                        "hello",
+                        Node::Regular {
+                            executable: true,
+                            contents: b"#!/bin/sh\n",
+                        },
+                    )]),
+                ),
+                (
+                    "link",
+                    Node::Symlink {
+                        target: "bin/hello",
+                    },
+                ),
+            ]),
+        )
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("out");
+        let mut stream = [&nar[..], b"REST"].concat();
+        let mut input = &stream[..];
+        assert_eq!(unpack(&mut input, &dest).unwrap(), nar.len() as u64);
+        assert_eq!(input, b"REST");
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let meta = std::fs::symlink_metadata(dest.join("bin/hello")).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o7777, 0o555);
+        assert_eq!(meta.mtime(), 1);
+        let meta = std::fs::symlink_metadata(dest.join("big")).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o7777, 0o444);
+        assert_eq!(
+            std::fs::symlink_metadata(dest.join("link"))
+                .unwrap()
+                .mtime(),
+            1
+        );
+        assert_eq!(
+            std::fs::metadata(&dest).unwrap().permissions().mode() & 0o7777,
+            0o555
+        );
+        let dumped = std::process::Command::new("nix-store")
+            .arg("--dump")
+            .arg(&dest)
+            .output()
+            .expect("nix-store is needed for this test");
+        assert!(dumped.status.success());
+        assert_eq!(dumped.stdout, nar);
+        // A cut stream is an error.
+        stream.truncate(nar.len() / 2);
+        let dest2 = dir.path().join("cut");
+        assert!(unpack(&mut &stream[..], &dest2).is_err());
+        // Make the trees removable for the temp dir's cleanup.
+        for p in [&dest, &dest.join("bin"), &dest2] {
+            let _ = std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755));
+        }
+    }
+
+    #[test]
+    fn unpack_refuses_unordered_entries() {
+        let mut out = Vec::new();
+        let leaf = || Node::Regular {
+            executable: false,
+            contents: b"x",
+        };
+        nar(
+            &mut out,
+            &Node::Directory(vec![("b", leaf()), ("a", leaf())]),
+        )
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let err = unpack(&mut &out[..], &dir.path().join("d")).unwrap_err();
+        assert!(err.to_string().contains("not in order"), "{err}");
+        use std::os::unix::fs::PermissionsExt;
+        let _ =
+            std::fs::set_permissions(dir.path().join("d"), std::fs::Permissions::from_mode(0o755));
     }
 
     proptest! {

@@ -148,6 +148,23 @@ impl<R: Read, W: Write> ServeClient<R, W> {
         self.recv("the export stream", |r| copy_export_stream(r, out))
     }
 
+    /// Sends ExportPaths and hands back the server's output, positioned at
+    /// the start of the export stream, for a caller that relays or unpacks
+    /// it itself. The caller must read the whole stream (up to its closing
+    /// `u64 0`) before the next command.
+    pub fn start_export<S: AsRef<str>>(
+        &mut self,
+        paths: &[S],
+    ) -> Result<&mut BufReader<R>, Failure> {
+        self.send("ExportPaths", |w| serve::write_export_paths(w, paths))?;
+        Ok(self.r.get_mut())
+    }
+
+    /// Who the server is, for messages.
+    pub fn peer(&self) -> &str {
+        &self.peer
+    }
+
     /// ImportPaths: relays the export stream read from `source` to the
     /// server, then waits for its acknowledgement.
     pub fn import_paths(&mut self, source: &mut impl Read) -> Result<Vec<ExportedPath>, Failure> {

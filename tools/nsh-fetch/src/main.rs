@@ -1,0 +1,77 @@
+//! `nsh-fetch`: tickets in, tickets out with a `fetch` section: the built
+//! outputs copied from the node into the local store, then the job released.
+//! The logic is [`nsh_core::fetch`].
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use nsh_core::config::Config;
+use nsh_core::fetch::{self, FetchOptions, ImportMethod};
+use nsh_core::tool::run_stage;
+use nsh_core::transfer::progress_for_stderr;
+use nsh_core::ExitStatus;
+
+/// Copies the outputs of each ticket's build (`run.built_outputs`, else the
+/// wanted outputs of `drv`) and the part of their closure the local store
+/// lacks from the node into the local store, writes `W/release` on the node
+/// so that the job ends, closes the ssh connection, and writes the ticket
+/// with `fetch: {paths, bytes, secs}` to stdout.
+///
+/// Works while the Nix daemon holds the outputs' locks (as it does while a
+/// build hook runs).
+///
+/// Exit status: 0 ok, 1 the node does not have the outputs or sent corrupt
+/// data, 75 transient (ssh refused, connection dropped, after one retry),
+/// 65 bad input, 78 bad configuration, 64 usage.
+#[derive(Parser)]
+#[command(name = "nsh-fetch", version)]
+struct Args {
+    /// The nsh configuration (default: $NSH_CONFIG, else /etc/nsh/nsh.toml).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// How paths become valid locally: `held-locks` (NIX_HELD_LOCKS +
+    /// nix-store --import; Nix <= 2.28, Lix), `load-db` (unpack, canonicalise,
+    /// nix-store --load-db; every version), `auto` (by the local Nix version).
+    #[arg(long, value_name = "METHOD", default_value = "auto",
+          value_parser = |s: &str| ImportMethod::parse(s).ok_or("expected held-locks, load-db or auto"))]
+    import_method: ImportMethod,
+    /// Leave the job running and the ssh connection open (no release).
+    #[arg(long)]
+    keep_job: bool,
+}
+
+fn main() -> ExitCode {
+    nsh_core::log::set_program("nsh-fetch");
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(e) => {
+            let usage = e.use_stderr();
+            let _ = e.print();
+            return if usage {
+                ExitStatus::Usage
+            } else {
+                ExitStatus::Ok
+            }
+            .into();
+        }
+    };
+    let config = Config::load(args.config.as_deref());
+    let options = FetchOptions {
+        method: args.import_method,
+        keep_job: args.keep_job,
+    };
+    let mut progress = progress_for_stderr("fetched");
+    run_stage(
+        "fetch",
+        std::io::stdin().lock(),
+        std::io::stdout().lock(),
+        |ticket| {
+            let config = config.as_ref().map_err(Clone::clone)?;
+            let section = fetch::fetch(ticket, config, &options, progress.as_mut())?;
+            ticket.fetch = Some(section);
+            Ok(())
+        },
+    )
+    .into()
+}

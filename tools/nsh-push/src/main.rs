@@ -1,0 +1,64 @@
+//! `nsh-push`: tickets in, tickets out with a `push` section: the input
+//! closure the node lacks, copied into its store. The logic is
+//! [`nsh_core::push`].
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use nsh_core::config::Config;
+use nsh_core::push::{self, LocalSource};
+use nsh_core::tool::run_stage;
+use nsh_core::transfer::progress_for_stderr;
+use nsh_core::ExitStatus;
+
+/// Copies into the allocated node's store the paths of `closure` it lacks,
+/// for each ticket read on stdin (one JSON object per line), and writes the
+/// ticket with `push: {copied, present, bytes, secs}` to stdout.
+///
+/// Exit status: 0 ok, 75 transient (ssh refused, connection dropped, after
+/// one retry), 65 bad input (a path not in the local store, no closure or
+/// alloc section), 78 bad configuration, 64 usage.
+#[derive(Parser)]
+#[command(name = "nsh-push", version)]
+struct Args {
+    /// The nsh configuration (default: $NSH_CONFIG, else /etc/nsh/nsh.toml).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Where the NARs come from: one local `nix-store --serve` (serve) or a
+    /// `nix-store --export` process (export).
+    #[arg(long, value_name = "serve|export", default_value = "serve",
+          value_parser = |s: &str| LocalSource::parse(s).ok_or("expected serve or export"))]
+    source: LocalSource,
+}
+
+fn main() -> ExitCode {
+    nsh_core::log::set_program("nsh-push");
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(e) => {
+            let usage = e.use_stderr();
+            let _ = e.print();
+            return if usage {
+                ExitStatus::Usage
+            } else {
+                ExitStatus::Ok
+            }
+            .into();
+        }
+    };
+    let config = Config::load(args.config.as_deref());
+    let mut progress = progress_for_stderr("pushed");
+    run_stage(
+        "push",
+        std::io::stdin().lock(),
+        std::io::stdout().lock(),
+        |ticket| {
+            let config = config.as_ref().map_err(Clone::clone)?;
+            let section = push::push(ticket, config, args.source, progress.as_mut())?;
+            ticket.push = Some(section);
+            Ok(())
+        },
+    )
+    .into()
+}
