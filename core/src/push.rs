@@ -73,6 +73,12 @@ pub fn push(
     let mut alloc = ticket.need_alloc()?.clone();
     let store_uri = ticket.store.as_ref().map_or("", |s| s.uri.as_str());
     let local = LocalStore::new(store_uri, "")?;
+    for path in &closure {
+        local
+            .dir
+            .parse(path)
+            .map_err(|e| e.context("ticket closure.paths"))?;
+    }
 
     let mut attempt = 0;
     let outcome = loop {

@@ -1,0 +1,560 @@
+//! `nsh-push` and `nsh-fetch` against the cluster's real nodes: real paths
+//! built in the local store, copied into node1's own store over ssh and back,
+//! with the daemon's output locks held, with corrupt data, and with the
+//! connection killed in the middle of a copy.
+//!
+//! The tools run as processes (`target/<profile>/nsh-push`, built with
+//! `cargo build -p nsh-push -p nsh-fetch` when missing). No Slurm job is
+//! needed: the tickets' `alloc` sections are made by hand.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use nsh_cluster_tests::{run_ok, unique_salt, Cluster};
+use serde_json::{json, Value};
+
+const NODE: &str = "node1";
+
+/// `target/<profile>/<name>`, next to this test's own executable.
+fn tool(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    let dir = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .to_path_buf();
+    BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let release = dir.ends_with("release");
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-q", "-p", "nsh-push", "-p", "nsh-fetch"])
+            .current_dir(Cluster::repo_root());
+        if release {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("cargo runs");
+        assert!(status.success(), "building nsh-push and nsh-fetch failed");
+    });
+    dir.join(name)
+}
+
+/// The paths of `nix-build`'s result, closed under references, in
+/// dependency order (nix-store -qR lists dependencies first).
+fn closure_of(c: &Cluster, path: &str) -> Vec<String> {
+    run_ok(c.command("nix-store").args(["-qR", path]))
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
+/// Two paths, `b` referring to `a`; `b` holds `size` random bytes.
+fn two_paths_expr(salt: &str, size: u64) -> String {
+    format!(
+        r#"let a = builtins.derivation {{
+             name = "nsh-pf-a-{salt}"; system = builtins.currentSystem;
+             builder = "/bin/sh"; PATH = "/usr/bin:/bin";
+             args = [ "-c" "echo {salt} > $out" ];
+           }};
+           in builtins.derivation {{
+             name = "nsh-pf-b-{salt}"; system = builtins.currentSystem;
+             builder = "/bin/sh"; PATH = "/usr/bin:/bin";
+             args = [ "-c" "mkdir $out; echo ${{a}} > $out/ref; head -c {size} /dev/urandom > $out/data" ];
+           }}"#
+    )
+}
+
+/// Builds locally; returns the closure of `b` in dependency order.
+fn build_locally(c: &Cluster, salt: &str, size: u64) -> Vec<String> {
+    let out = run_ok(c.command("nix-build").args([
+        "--no-out-link",
+        "-E",
+        &two_paths_expr(salt, size),
+    ]));
+    closure_of(c, out.trim())
+}
+
+/// Builds on the node; returns `b`'s path (valid only there).
+fn build_on_node(c: &Cluster, salt: &str, size: u64) -> String {
+    let expr = two_paths_expr(salt, size);
+    let out = c.ssh(
+        NODE,
+        &format!(
+            "nix-build --no-out-link -E {}",
+            nsh_core::transport::shell_quote(&expr)
+        ),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+fn job_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    u64::from(std::process::id()) * 100 + n + 900_000_000
+}
+
+fn ticket(closure: &[String], outputs: Option<&str>, job: u64) -> Value {
+    let mut t = json!({
+        "v": 1,
+        "store": {"dir": "/nix/store", "uri": "local"},
+        "closure": {"paths": closure, "nar_size": 0},
+        "alloc": {"cluster": "test", "backend": "rest", "job": job, "node": NODE,
+                  "ssh": NODE, "work": format!("/tmp/nsh/nsh-{job}")},
+    });
+    if let Some(out) = outputs {
+        t["drv"] = json!({"path": "/nix/store/00000000000000000000000000000000-x.drv",
+                          "name": "x", "system": "x86_64-linux",
+                          "outputs": {"out": out}, "wanted": ["out"]});
+    }
+    t
+}
+
+fn spawn_tool(c: &Cluster, name: &str, args: &[&str], ticket: &Value) -> Child {
+    let mut child = c
+        .command(tool(name))
+        .args(args)
+        .env("NSH_LOG", "debug")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    let mut stdin = child.stdin.take().unwrap();
+    writeln!(stdin, "{ticket}").unwrap();
+    child
+}
+
+/// Runs a tool on one ticket; returns (exit code, ticket out, stderr).
+fn run_tool(c: &Cluster, name: &str, args: &[&str], ticket: &Value) -> (i32, Value, String) {
+    let out = wait_bounded(spawn_tool(c, name, args, ticket), Duration::from_secs(120));
+    parse(out)
+}
+
+fn parse(out: Output) -> (i32, Value, String) {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let line = String::from_utf8_lossy(&out.stdout).into_owned();
+    let ticket = serde_json::from_str(line.trim())
+        .unwrap_or_else(|e| panic!("not a ticket ({e}): {line:?}; stderr:\n{stderr}"));
+    (out.status.code().unwrap_or(-1), ticket, stderr)
+}
+
+/// Waits for `child`, killing it (and failing) after `limit`: a deadlock
+/// must fail the test, not hang it.
+fn wait_bounded(mut child: Child, limit: Duration) -> Output {
+    let deadline = Instant::now() + limit;
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "still running after {limit:?} (deadlock?); stderr:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn node_valid(c: &Cluster, paths: &[String]) -> bool {
+    c.ssh(NODE, &format!("nix-store --check-validity {}", paths.join(" ")))
+        .status
+        .success()
+}
+
+fn node_verified(c: &Cluster, paths: &[String]) -> bool {
+    let out = c.ssh(NODE, &format!("nix-store --verify-path {}", paths.join(" ")));
+    out.status.success()
+}
+
+fn local_valid(c: &Cluster, paths: &[String]) -> bool {
+    c.command("nix-store")
+        .arg("--check-validity")
+        .args(paths)
+        .stderr(Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+}
+
+fn close_master(ticket: &Value) {
+    if let Some(control) = ticket["alloc"]["control"].as_str() {
+        let _ = Command::new("ssh")
+            .args(["-o", &format!("ControlPath={control}"), "-O", "exit", NODE])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+#[test]
+fn push_copies_what_is_missing_and_a_repush_moves_nothing() {
+    let c = Cluster::get();
+    let closure = build_locally(&c, &unique_salt(), 2_000_000);
+    assert_eq!(closure.len(), 2);
+    assert!(!node_valid(&c, &closure));
+
+    let t = ticket(&closure, None, job_id());
+    let (code, out, stderr) = run_tool(&c, "nsh-push", &[], &t);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(out["push"]["copied"], 2, "{out}");
+    assert_eq!(out["push"]["present"], 0);
+    assert!(out["push"]["bytes"].as_u64().unwrap() > 2_000_000);
+    assert!(out["alloc"]["control"].is_string(), "the master is recorded");
+    assert!(node_valid(&c, &closure) && node_verified(&c, &closure));
+
+    // Again, over the master the first push left: nothing moves, fast.
+    let started = Instant::now();
+    let (code, again, stderr) = run_tool(&c, "nsh-push", &[], &out);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(again["push"]["copied"], 0);
+    assert_eq!(again["push"]["present"], 2);
+    assert_eq!(again["push"]["bytes"], 0);
+    assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+    close_master(&again);
+}
+
+#[test]
+fn push_from_an_export_process_works_too() {
+    let c = Cluster::get();
+    let closure = build_locally(&c, &unique_salt(), 100_000);
+    let t = ticket(&closure, None, job_id());
+    let (code, out, stderr) = run_tool(&c, "nsh-push", &["--source", "export"], &t);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(out["push"]["copied"], 2);
+    assert!(node_valid(&c, &closure) && node_verified(&c, &closure));
+    close_master(&out);
+}
+
+#[test]
+fn a_path_missing_locally_is_bad_input_naming_it() {
+    let c = Cluster::get();
+    let mut closure = build_locally(&c, &unique_salt(), 10);
+    let absent = format!("/nix/store/{}-nsh-absent", "0".repeat(32));
+    closure.push(absent.clone());
+    let t = ticket(&closure, None, job_id());
+    let (code, out, _) = run_tool(&c, "nsh-push", &[], &t);
+    assert_eq!(code, 65, "{out}");
+    let message = out["error"]["message"].as_str().unwrap();
+    assert!(message.contains(&absent), "{message}");
+    assert_eq!(out["error"]["stage"], "push");
+    close_master(&out);
+}
+
+#[test]
+fn an_unreachable_node_is_transient_after_a_retry() {
+    let c = Cluster::get();
+    let closure = build_locally(&c, &unique_salt(), 10);
+    let mut t = ticket(&closure, None, job_id());
+    t["alloc"]["ssh"] = json!("nixbuild@10.231.0.99");
+    let started = Instant::now();
+    let mut cmd = c.command(tool("nsh-push"));
+    // Fail fast: the unreachable address would otherwise take ssh's
+    // ConnectTimeout twice.
+    let config = std::fs::read_to_string(c.nsh_config()).unwrap();
+    let dir = tempfile_dir();
+    let file = dir.join("nsh.toml");
+    std::fs::write(
+        &file,
+        config.replace("[ssh]\n", "[ssh]\noptions = [\"ConnectTimeout=1\"]\n"),
+    )
+    .unwrap();
+    cmd.args(["--config", file.to_str().unwrap()]);
+    let out = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map(|mut child| {
+            use std::io::Write;
+            writeln!(child.stdin.take().unwrap(), "{t}").unwrap();
+            wait_bounded(child, Duration::from_secs(60))
+        })
+        .unwrap();
+    let (code, out, stderr) = parse(out);
+    assert_eq!(code, 75, "{out}");
+    assert!(stderr.contains("trying again"), "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(30));
+}
+
+fn tempfile_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("nsh-pf-{}", unique_salt()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn two_pushes_of_the_same_paths_copy_them_once() {
+    let c = Cluster::get();
+    let closure = build_locally(&c, &unique_salt(), 20_000_000);
+    let first = spawn_tool(&c, "nsh-push", &[], &ticket(&closure, None, job_id()));
+    let second = spawn_tool(&c, "nsh-push", &[], &ticket(&closure, None, job_id()));
+    let (c1, t1, e1) = parse(wait_bounded(first, Duration::from_secs(120)));
+    let (c2, t2, e2) = parse(wait_bounded(second, Duration::from_secs(120)));
+    assert_eq!((c1, c2), (0, 0), "{e1}\n{e2}");
+    let copied = t1["push"]["copied"].as_u64().unwrap() + t2["push"]["copied"].as_u64().unwrap();
+    assert_eq!(copied, 2, "{t1}\n{t2}");
+    assert!(node_valid(&c, &closure));
+    close_master(&t1);
+    close_master(&t2);
+}
+
+/// The pids of `parent`'s ssh children that carry a serve conversation (not
+/// the short-lived `ssh -O check` or the master being started).
+fn serve_connections(parent: u32) -> Vec<u32> {
+    children_named(parent, "ssh")
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains("--serve"))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+/// The pids of `parent`'s children whose command is `name`.
+fn children_named(parent: u32, name: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid …
+        let Some((comm, rest)) = stat.split_once(") ") else {
+            continue;
+        };
+        let comm = comm.split_once(" (").map_or("", |(_, c)| c);
+        let ppid: u32 = rest
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+        if ppid == parent && comm == name {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+fn kill9(pid: u32) {
+    let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+}
+
+/// The store directory entries on the node whose names contain `part`.
+fn node_entries(c: &Cluster, part: &str) -> Vec<String> {
+    let out = c.ssh(NODE, "ls -a /nix/store");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(part))
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn a_connection_killed_mid_copy_leaves_no_partial_path_and_a_repush_completes() {
+    let c = Cluster::get();
+    let salt = unique_salt();
+    let closure = build_locally(&c, &salt, 256 << 20);
+    let big = closure.last().unwrap().clone();
+
+    // Kill the ssh that carries the stream once, early: the retry completes.
+    let t = ticket(&closure, None, job_id());
+    let child = spawn_tool(&c, "nsh-push", &[], &t);
+    let pid = child.id();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let victim = loop {
+        if let Some(&p) = serve_connections(pid).first() {
+            break p;
+        }
+        assert!(Instant::now() < deadline, "nsh-push never started ssh");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    kill9(victim);
+    let (code, out, stderr) = parse(wait_bounded(child, Duration::from_secs(120)));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("trying again"), "the copy was not cut:\n{stderr}");
+    assert!(node_valid(&c, &closure) && node_verified(&c, &closure));
+    close_master(&out);
+
+    // Kill every connection it makes: it gives up with 75, and the node
+    // has no trace of the path it was sending.
+    let closure = build_locally(&c, &format!("{salt}-2"), 256 << 20);
+    let big2 = closure.last().unwrap().clone();
+    assert_ne!(big, big2);
+    let t = ticket(&closure, None, job_id());
+    let mut child = spawn_tool(&c, "nsh-push", &[], &t);
+    let pid = child.id();
+    let mut killed = 0;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "nsh-push does not give up");
+        for p in serve_connections(pid) {
+            // Let it start sending, so the cut is mid-stream.
+            std::thread::sleep(Duration::from_millis(300));
+            kill9(p);
+            killed += 1;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (code, out, stderr) = parse(child.wait_with_output().unwrap());
+    assert!(killed >= 2, "{stderr}");
+    assert_eq!(code, 75, "{stderr}");
+    assert_eq!(out["error"]["kind"], "transient");
+    let name = big2.rsplit('/').next().unwrap();
+    assert!(!node_valid(&c, &[big2.clone()]));
+    assert_eq!(
+        node_entries(&c, name),
+        Vec::<String>::new(),
+        "a partial path was left on the node"
+    );
+
+    // And a push now completes.
+    let (code, out, stderr) = run_tool(&c, "nsh-push", &[], &out_without_error(out));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(node_valid(&c, &closure) && node_verified(&c, &closure));
+    close_master(&out);
+}
+
+fn out_without_error(mut ticket: Value) -> Value {
+    ticket.as_object_mut().unwrap().remove("error");
+    ticket
+}
+
+/// Holds `<path>.lock` the way the Nix daemon does while a hook runs.
+struct HeldLock(Child);
+
+impl HeldLock {
+    fn take(path: &str) -> HeldLock {
+        let lock = format!("{path}.lock");
+        let child = Command::new("flock")
+            .args([&lock, "sleep", "300"])
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        // Wait until the lock is really held.
+        loop {
+            let free = Command::new("flock")
+                .args(["-n", &lock, "true"])
+                .status()
+                .unwrap()
+                .success();
+            if !free {
+                return HeldLock(child);
+            }
+            assert!(Instant::now() < deadline, "could not take {lock}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn still_held(&self, path: &str) -> bool {
+        !Command::new("flock")
+            .args(["-n", &format!("{path}.lock"), "true"])
+            .status()
+            .unwrap()
+            .success()
+    }
+}
+
+impl Drop for HeldLock {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn fetch_with_a_held_lock(method: &str) {
+    let c = Cluster::get();
+    let salt = unique_salt();
+    let out_path = build_on_node(&c, &salt, 1_000_000);
+    let job = job_id();
+    let work = format!("/tmp/nsh/nsh-{job}");
+    assert!(c.ssh(NODE, &format!("mkdir -p {work}")).status.success());
+    assert!(!local_valid(&c, &[out_path.clone()]));
+
+    let lock = HeldLock::take(&out_path);
+    let t = ticket(&[], Some(&out_path), job);
+    let (code, out, stderr) = run_tool(&c, "nsh-fetch", &["--import-method", method], &t);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(lock.still_held(&out_path), "the test's lock was not held throughout");
+    drop(lock);
+    assert!(stderr.contains(method), "{stderr}");
+
+    // The output and the reference it needs (`a`) are valid and intact here.
+    let closure = closure_of(&c, &out_path);
+    assert_eq!(closure.len(), 2);
+    assert_eq!(out["fetch"]["paths"].as_array().unwrap().len(), 2, "{out}");
+    assert!(out["fetch"]["bytes"].as_u64().unwrap() > 1_000_000);
+    run_ok(c.command("nix-store").arg("--verify-path").args(&closure));
+    let data = std::fs::read(format!("{out_path}/data")).unwrap();
+    assert_eq!(data.len(), 1_000_000);
+
+    // The job was released and the connection closed.
+    assert!(c.ssh(NODE, &format!("test -e {work}/release")).status.success());
+    let control = out["alloc"]["control"].as_str().unwrap();
+    assert!(!Path::new(control).exists(), "the ssh master is still open");
+    let _ = c.ssh(NODE, &format!("rm -rf {work}"));
+
+    // Fetching again finds everything present.
+    let (code, again, stderr) = run_tool(&c, "nsh-fetch", &["--keep-job"], &t);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(again["fetch"]["paths"], json!([]));
+    close_master(&again);
+}
+
+#[test]
+fn fetch_with_held_locks_does_not_deadlock() {
+    fetch_with_a_held_lock("held-locks");
+}
+
+#[test]
+fn fetch_with_load_db_does_not_deadlock() {
+    fetch_with_a_held_lock("load-db");
+}
+
+/// The node's copy of `b` is corrupted after it was built (same size,
+/// other bytes): the node refuses to finish exporting it; nothing of it may
+/// appear locally, whichever import method.
+#[test]
+fn a_corrupt_path_on_the_node_leaves_nothing_behind() {
+    let c = Cluster::get();
+    for method in ["held-locks", "load-db"] {
+        let salt = unique_salt();
+        let out_path = build_on_node(&c, &salt, 300_000);
+        let corrupt = c.ssh(
+            NODE,
+            &format!(
+                "chmod u+w {out_path} {out_path}/data && \
+                 printf XXXXXXXX | dd of={out_path}/data bs=1 seek=1000 conv=notrunc 2>/dev/null && \
+                 chmod a-w {out_path}/data {out_path}"
+            ),
+        );
+        assert!(corrupt.status.success());
+        let t = ticket(&[], Some(&out_path), job_id());
+        let (code, out, stderr) = run_tool(&c, "nsh-fetch", &["--import-method", method], &t);
+        assert_ne!(code, 0, "{method}: {stderr}");
+        assert!(out["error"].is_object());
+        assert!(!local_valid(&c, &[out_path.clone()]), "{method}");
+        let name = out_path.rsplit('/').next().unwrap();
+        let leftovers: Vec<String> = std::fs::read_dir("/nix/store")
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(name) && !n.ends_with(".lock") || n.starts_with(".nsh-fetch-"))
+            .collect();
+        assert_eq!(leftovers, Vec::<String>::new(), "{method}: {stderr}");
+        close_master(&out);
+    }
+}
