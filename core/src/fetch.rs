@@ -167,6 +167,7 @@ pub fn fetch(
         chosen => chosen,
     };
     let direct = LocalStore::new(&direct_store_uri(&store_uri)?, "")?;
+    check_writable(&direct.real_dir())?;
 
     let mut attempt = 0;
     let outcome = loop {
@@ -269,6 +270,24 @@ pub fn direct_store_uri(uri: &str) -> Result<String, Failure> {
         )));
     }
     Ok("local".into())
+}
+
+/// Both import methods write the store directly; without the right to,
+/// Nix would fall back to the daemon, which takes the output locks again.
+fn check_writable(real_dir: &Path) -> Result<(), Failure> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(real_dir.as_os_str().as_bytes())
+        .map_err(|_| Failure::config(format!("{}: a NUL in the path", real_dir.display())))?;
+    // SAFETY: a valid C string.
+    if unsafe { libc::access(c_path.as_ptr(), libc::W_OK) } != 0 {
+        return Err(Failure::config(format!(
+            "cannot write the local store {} directly ({}); nsh-fetch imports outputs \
+             while the daemon holds their locks, which needs the store owner (root)",
+            real_dir.display(),
+            io::Error::last_os_error()
+        )));
+    }
+    Ok(())
 }
 
 /// One attempt: returns (paths copied, NAR bytes).
@@ -842,6 +861,129 @@ mod tests {
         let hex = format!("sha256:{}", transfer::hex(&digest));
         assert_eq!(decode_nar_hash(&hex).unwrap(), digest);
         assert!(decode_nar_hash("sha256:zz").is_err());
+    }
+
+    /// An export stream of one path whose NAR is `contents` as a file.
+    fn one_entry_stream(path: &str, contents: &[u8]) -> (Vec<u8>, PathInfo) {
+        let mut nar_bytes = Vec::new();
+        nar::write::nar(
+            &mut nar_bytes,
+            &nar::write::Node::Regular {
+                executable: false,
+                contents,
+            },
+        )
+        .unwrap();
+        let digest: [u8; 32] = Sha256::digest(&nar_bytes).into();
+        let mut stream = 1u64.to_le_bytes().to_vec();
+        stream.extend_from_slice(&nar_bytes);
+        let trailer = serve::ExportTrailer {
+            path: path.into(),
+            references: vec![],
+            deriver: String::new(),
+        };
+        serve::write_export_trailer(&mut WireWriter::new(&mut stream), &trailer).unwrap();
+        stream.extend_from_slice(&0u64.to_le_bytes());
+        let info = PathInfo {
+            path: path.into(),
+            nar_size: nar_bytes.len() as u64,
+            nar_hash: format!("sha256:{}", transfer::nix_base32(&digest)),
+            ..PathInfo::default()
+        };
+        (stream, info)
+    }
+
+    fn expected(info: PathInfo) -> Expected {
+        Expected {
+            outputs: [info.path.clone()].into(),
+            infos: [(info.path.clone(), info)].into(),
+        }
+    }
+
+    fn relay(stream: &[u8], expected: &Expected) -> (Result<Vec<String>, Failure>, Vec<u8>) {
+        let mut out = Hashing::new(Vec::new());
+        let result = relay_checked(
+            &mut WireReader::new(stream),
+            &mut out,
+            expected,
+            &mut transfer::NoProgress,
+        );
+        (result, out.inner)
+    }
+
+    #[test]
+    fn a_good_entry_is_relayed_unchanged() {
+        let (stream, info) = one_entry_stream("/nix/store/aaaa-x", b"hello");
+        let (result, out) = relay(&stream, &expected(info));
+        assert_eq!(result.unwrap(), ["/nix/store/aaaa-x"]);
+        assert_eq!(out, stream);
+    }
+
+    #[test]
+    fn a_bad_hash_stops_the_entry_before_its_trailer() {
+        let (stream, info) = one_entry_stream("/nix/store/aaaa-x", b"hello");
+        let (bad_stream, _) = one_entry_stream("/nix/store/aaaa-x", b"hellp");
+        let (result, out) = relay(&bad_stream, &expected(info));
+        let err = result.unwrap_err();
+        assert!(err.message.contains("NAR hash mismatch"), "{}", err.message);
+        assert_eq!(err.kind, Kind::Permanent);
+        // The importer never saw the trailer, which is what makes it register
+        // the path.
+        let magic = serve::EXPORT_MAGIC.to_le_bytes();
+        assert!(!out.windows(8).any(|w| w == magic));
+        assert!(out.len() < stream.len());
+    }
+
+    #[test]
+    fn a_truncated_stream_is_transient_and_stops_before_the_trailer() {
+        let (stream, info) = one_entry_stream("/nix/store/aaaa-x", b"hello world");
+        let cut = &stream[..stream.len() / 2];
+        let (result, out) = relay(cut, &expected(info));
+        assert_eq!(result.unwrap_err().kind, Kind::Transient);
+        let magic = serve::EXPORT_MAGIC.to_le_bytes();
+        assert!(!out.windows(8).any(|w| w == magic));
+    }
+
+    #[test]
+    fn a_path_not_asked_for_is_refused() {
+        let (stream, _) = one_entry_stream("/nix/store/bbbb-evil", b"hello");
+        let (_, info) = one_entry_stream("/nix/store/aaaa-x", b"hello");
+        let (result, _) = relay(&stream, &expected(info));
+        assert!(result.unwrap_err().message.contains("not asked for"));
+    }
+
+    #[test]
+    fn load_db_unpacks_verifies_and_cleans_up() {
+        // The unpacking half of load-db against a scratch "store dir"; the
+        // registration half needs a real store (cluster tests).
+        let dir = tempfile::tempdir().unwrap();
+        let (stream, info) = one_entry_stream("/nix/store/aaaa-x", b"hello");
+        let (bad_stream, _) = one_entry_stream("/nix/store/aaaa-x", b"hellp");
+        let temp = dir.path().join(".nsh-fetch-test");
+        let mut r = WireReader::new(&bad_stream[..]);
+        assert_eq!(r.u64().unwrap(), 1);
+        let mut reader = HashingReader {
+            inner: r.get_mut(),
+            hasher: Sha256::new(),
+        };
+        let size = nar::unpack(&mut reader, &temp).unwrap();
+        let digest: [u8; 32] = reader.hasher.finalize().into();
+        let trailer = serve::read_export_trailer(&mut r).unwrap();
+        let expected = expected(info);
+        assert!(expected.check(&trailer, &digest, size).is_err());
+        remove_tree(&temp).unwrap();
+        assert!(!temp.exists());
+        let mut r = WireReader::new(&stream[..]);
+        r.u64().unwrap();
+        let mut reader = HashingReader {
+            inner: r.get_mut(),
+            hasher: Sha256::new(),
+        };
+        let size = nar::unpack(&mut reader, &temp).unwrap();
+        let digest: [u8; 32] = reader.hasher.finalize().into();
+        let trailer = serve::read_export_trailer(&mut r).unwrap();
+        assert!(expected.check(&trailer, &digest, size).is_ok());
+        assert_eq!(std::fs::read(&temp).unwrap(), b"hello");
     }
 
     #[test]
