@@ -68,11 +68,11 @@ fn two_paths_expr(salt: &str, size: u64) -> String {
 
 /// Builds locally; returns the closure of `b` in dependency order.
 fn build_locally(c: &Cluster, salt: &str, size: u64) -> Vec<String> {
-    let out = run_ok(c.command("nix-build").args([
-        "--no-out-link",
-        "-E",
-        &two_paths_expr(salt, size),
-    ]));
+    let out =
+        run_ok(
+            c.command("nix-build")
+                .args(["--no-out-link", "-E", &two_paths_expr(salt, size)]),
+        );
     closure_of(c, out.trim())
 }
 
@@ -167,13 +167,19 @@ fn wait_bounded(mut child: Child, limit: Duration) -> Output {
 }
 
 fn node_valid(c: &Cluster, paths: &[String]) -> bool {
-    c.ssh(NODE, &format!("nix-store --check-validity {}", paths.join(" ")))
-        .status
-        .success()
+    c.ssh(
+        NODE,
+        &format!("nix-store --check-validity {}", paths.join(" ")),
+    )
+    .status
+    .success()
 }
 
 fn node_verified(c: &Cluster, paths: &[String]) -> bool {
-    let out = c.ssh(NODE, &format!("nix-store --verify-path {}", paths.join(" ")));
+    let out = c.ssh(
+        NODE,
+        &format!("nix-store --verify-path {}", paths.join(" ")),
+    );
     out.status.success()
 }
 
@@ -209,7 +215,10 @@ fn push_copies_what_is_missing_and_a_repush_moves_nothing() {
     assert_eq!(out["push"]["copied"], 2, "{out}");
     assert_eq!(out["push"]["present"], 0);
     assert!(out["push"]["bytes"].as_u64().unwrap() > 2_000_000);
-    assert!(out["alloc"]["control"].is_string(), "the master is recorded");
+    assert!(
+        out["alloc"]["control"].is_string(),
+        "the master is recorded"
+    );
     assert!(node_valid(&c, &closure) && node_verified(&c, &closure));
 
     // Again, over the master the first push left: nothing moves, fast.
@@ -219,7 +228,11 @@ fn push_copies_what_is_missing_and_a_repush_moves_nothing() {
     assert_eq!(again["push"]["copied"], 0);
     assert_eq!(again["push"]["present"], 2);
     assert_eq!(again["push"]["bytes"], 0);
-    assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
     close_master(&again);
 }
 
@@ -385,7 +398,10 @@ fn a_connection_killed_mid_copy_leaves_no_partial_path_and_a_repush_completes() 
     kill9(victim);
     let (code, out, stderr) = parse(wait_bounded(child, Duration::from_secs(120)));
     assert_eq!(code, 0, "{stderr}");
-    assert!(stderr.contains("trying again"), "the copy was not cut:\n{stderr}");
+    assert!(
+        stderr.contains("trying again"),
+        "the copy was not cut:\n{stderr}"
+    );
     assert!(node_valid(&c, &closure) && node_verified(&c, &closure));
     close_master(&out);
 
@@ -414,7 +430,7 @@ fn a_connection_killed_mid_copy_leaves_no_partial_path_and_a_repush_completes() 
     assert_eq!(code, 75, "{stderr}");
     assert_eq!(out["error"]["kind"], "transient");
     let name = big2.rsplit('/').next().unwrap();
-    assert!(!node_valid(&c, &[big2.clone()]));
+    assert!(!node_valid(&c, std::slice::from_ref(&big2)));
     assert_eq!(
         node_entries(&c, name),
         Vec::<String>::new(),
@@ -439,10 +455,12 @@ struct HeldLock(Child);
 impl HeldLock {
     fn take(path: &str) -> HeldLock {
         let lock = format!("{path}.lock");
-        let child = Command::new("flock")
-            .args([&lock, "sleep", "300"])
-            .spawn()
-            .unwrap();
+        let held = HeldLock(
+            Command::new("flock")
+                .args([&lock, "sleep", "300"])
+                .spawn()
+                .unwrap(),
+        );
         let deadline = Instant::now() + Duration::from_secs(5);
         // Wait until the lock is really held.
         loop {
@@ -452,7 +470,7 @@ impl HeldLock {
                 .unwrap()
                 .success();
             if !free {
-                return HeldLock(child);
+                return held;
             }
             assert!(Instant::now() < deadline, "could not take {lock}");
             std::thread::sleep(Duration::from_millis(10));
@@ -482,13 +500,16 @@ fn fetch_with_a_held_lock(method: &str) {
     let job = job_id();
     let work = format!("/tmp/nsh/nsh-{job}");
     assert!(c.ssh(NODE, &format!("mkdir -p {work}")).status.success());
-    assert!(!local_valid(&c, &[out_path.clone()]));
+    assert!(!local_valid(&c, std::slice::from_ref(&out_path)));
 
     let lock = HeldLock::take(&out_path);
     let t = ticket(&[], Some(&out_path), job);
     let (code, out, stderr) = run_tool(&c, "nsh-fetch", &["--import-method", method], &t);
     assert_eq!(code, 0, "{stderr}");
-    assert!(lock.still_held(&out_path), "the test's lock was not held throughout");
+    assert!(
+        lock.still_held(&out_path),
+        "the test's lock was not held throughout"
+    );
     drop(lock);
     assert!(stderr.contains(method), "{stderr}");
 
@@ -502,7 +523,10 @@ fn fetch_with_a_held_lock(method: &str) {
     assert_eq!(data.len(), 1_000_000);
 
     // The job was released and the connection closed.
-    assert!(c.ssh(NODE, &format!("test -e {work}/release")).status.success());
+    assert!(c
+        .ssh(NODE, &format!("test -e {work}/release"))
+        .status
+        .success());
     let control = out["alloc"]["control"].as_str().unwrap();
     assert!(!Path::new(control).exists(), "the ssh master is still open");
     let _ = c.ssh(NODE, &format!("rm -rf {work}"));
@@ -546,13 +570,18 @@ fn a_corrupt_path_on_the_node_leaves_nothing_behind() {
         let (code, out, stderr) = run_tool(&c, "nsh-fetch", &["--import-method", method], &t);
         assert_ne!(code, 0, "{method}: {stderr}");
         assert!(out["error"].is_object());
-        assert!(!local_valid(&c, &[out_path.clone()]), "{method}");
+        assert!(
+            !local_valid(&c, std::slice::from_ref(&out_path)),
+            "{method}"
+        );
         let name = out_path.rsplit('/').next().unwrap();
         let leftovers: Vec<String> = std::fs::read_dir("/nix/store")
             .unwrap()
             .flatten()
             .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with(name) && !n.ends_with(".lock") || n.starts_with(".nsh-fetch-"))
+            .filter(|n| {
+                n.starts_with(name) && !n.ends_with(".lock") || n.starts_with(".nsh-fetch-")
+            })
             .collect();
         assert_eq!(leftovers, Vec::<String>::new(), "{method}: {stderr}");
         close_master(&out);
