@@ -10,10 +10,12 @@
 let
   step = name: deps: extra: builtins.derivation ({
     inherit name salt deps;
+    PATH = "/usr/bin:/bin";
     system = builtins.currentSystem;
     builder = "/bin/sh";
     args = [ "-c" ''
       read host < /proc/sys/kernel/hostname
+      echo "$name: building on $host, inputs: $deps"
       {
         echo "$name: built on $host"
         for d in $deps; do cat "$d"; done

@@ -1,0 +1,140 @@
+//! The whole of nsh under the real Nix 2.8, the real Slurm and the real node
+//! stores: `nix-build --option build-hook nsh-hook` with the nsh-* tools next
+//! to it. Every derivation of a DAG is built in a Slurm job on a compute node
+//! (each output records the host it was built on), the one that requires the
+//! `big` system feature on the node that has the Slurm feature `big`; Nix
+//! stores the remote build log; a failing derivation fails the build with
+//! its log. Both on the local store and through the cluster's nix-daemon.
+
+use std::process::Output;
+
+use nsh_cluster_tests::{nsh_tool, run_ok, unique_salt, Cluster};
+
+/// `nix-build` of `tests/demo/dag.nix` (or `expr`) with nsh-hook as the hook
+/// and no local build slots: every build must go to the cluster.
+fn nix_build(c: &Cluster, salt: &str, expr: Option<&str>, through_daemon: bool) -> Output {
+    let hook = nsh_tool("nsh-hook");
+    let mut cmd = c.command("nix-build");
+    match expr {
+        Some(expr) => cmd.args(["-E", expr]),
+        None => cmd
+            .arg(Cluster::repo_root().join("tests/demo/dag.nix"))
+            .args(["--argstr", "salt", salt]),
+    };
+    cmd.args(["--no-out-link", "--max-jobs", "0", "--option", "build-hook"])
+        .arg(&hook);
+    if through_daemon {
+        cmd.args(["--store", "daemon"]);
+    }
+    cmd.env_remove("NIX_REMOTE");
+    cmd.output().expect("nix-build runs")
+}
+
+fn builds_the_dag_on_the_nodes(through_daemon: bool) {
+    let c = Cluster::get();
+    let salt = unique_salt();
+    let out = nix_build(&c, &salt, None, through_daemon);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "nix-build failed:\n{stderr}");
+    let result = String::from_utf8_lossy(&out.stdout).trim().to_string();
+
+    // Where each derivation was built, as the outputs recorded it.
+    let text = std::fs::read_to_string(&result).unwrap();
+    let mut places: Vec<&str> = text.lines().collect();
+    places.sort();
+    places.dedup();
+    let big = c.node_with_feature("big");
+    let nodes = c.nodes();
+    let mut names = Vec::new();
+    for line in &places {
+        let (name, host) = line.split_once(": built on ").expect(line);
+        assert!(
+            nodes.iter().any(|n| n == host),
+            "{name} was built on {host}, not on a node: {text}"
+        );
+        if name == "nsh-demo-heavy" {
+            assert_eq!(host, big, "the `big` derivation went to the wrong node");
+        }
+        names.push(name);
+    }
+    assert_eq!(
+        names,
+        [
+            "nsh-demo-heavy",
+            "nsh-demo-left",
+            "nsh-demo-result",
+            "nsh-demo-right",
+            "nsh-demo-source"
+        ]
+    );
+    // Nix showed which job and node each went to.
+    assert!(
+        stderr.contains(&format!("on {big} (Slurm job ")),
+        "{stderr}"
+    );
+
+    // Nix stored the log the builder wrote on the node.
+    let mut log = c.command("nix-store");
+    if through_daemon {
+        log.args(["--store", "daemon"]);
+    }
+    let log = run_ok(log.args(["--read-log", &result]));
+    assert!(log.contains("nsh-demo-result: building on "), "{log}");
+
+    // The outputs are valid in the local store (not only present).
+    run_ok(c.command("nix-store").args(["--check-validity", &result]));
+}
+
+#[test]
+fn a_dag_builds_on_the_nodes_from_the_local_store() {
+    builds_the_dag_on_the_nodes(false);
+}
+
+#[test]
+fn a_dag_builds_on_the_nodes_through_the_daemon() {
+    builds_the_dag_on_the_nodes(true);
+}
+
+fn a_failing_derivation_fails_the_build_with_its_log(through_daemon: bool) {
+    let c = Cluster::get();
+    let salt = unique_salt();
+    let expr = format!(
+        r#"builtins.derivation {{
+             name = "nsh-e2e-fails-{salt}";
+             system = builtins.currentSystem;
+             builder = "/bin/sh";
+             args = [ "-c" "echo about to fail on purpose; exit 3" ];
+           }}"#
+    );
+    let out = nix_build(&c, &salt, Some(&expr), through_daemon);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // Nix's own status for a failed build: 100 on a local store; through
+    // the daemon Nix 2.8 reports every failure as 1, built locally or not.
+    let expected = if through_daemon { 1 } else { 100 };
+    assert_eq!(out.status.code(), Some(expected), "{stderr}");
+    assert!(stderr.contains("about to fail on purpose"), "{stderr}");
+    assert!(stderr.contains("exit code 3"), "{stderr}");
+    // The job ends by itself (nsh-run released it): none is left behind.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let queue = run_ok(c.command("squeue").args(["-h", "-o", "%j %T"]));
+        if !queue.contains(&format!("nsh-e2e-fails-{salt}")) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a job was left behind: {queue}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_failing_derivation_fails_the_build_with_its_log_on_the_local_store() {
+    a_failing_derivation_fails_the_build_with_its_log(false);
+}
+
+#[test]
+fn a_failing_derivation_fails_the_build_with_its_log_through_the_daemon() {
+    a_failing_derivation_fails_the_build_with_its_log(true);
+}
