@@ -246,15 +246,18 @@ fn push_copies_what_is_missing_and_a_repush_moves_nothing() {
 }
 
 #[test]
-fn push_from_an_export_process_works_too() {
+fn every_push_method_copies_the_closure() {
     let c = Cluster::get();
-    let closure = build_locally(&c, &unique_salt(), 100_000);
-    let t = ticket(&closure, None, job_id());
-    let (code, out, stderr) = run_tool(&c, "nsh-push", &["--source", "export"], &t);
-    assert_eq!(code, 0, "{stderr}");
-    assert_eq!(out["push"]["copied"], 2);
-    assert!(node_valid(&c, &closure) && node_verified(&c, &closure));
-    close_master(&out);
+    for method in ["import-export", "add-to-store-nar"] {
+        let closure = build_locally(&c, &unique_salt(), 100_000);
+        let t = ticket(&closure, None, job_id());
+        let (code, out, stderr) = run_tool(&c, "nsh-push", &["--method", method], &t);
+        assert_eq!(code, 0, "{method}: {stderr}");
+        assert_eq!(out["push"]["copied"], 2, "{method}");
+        assert!(out["push"]["bytes"].as_u64().unwrap() > 100_000);
+        assert!(node_valid(&c, &closure) && node_verified(&c, &closure));
+        close_master(&out);
+    }
 }
 
 #[test]
