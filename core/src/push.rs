@@ -8,8 +8,9 @@
 //!
 //! The stream comes from the local store as an export stream and is relayed
 //! as it arrives, never held whole: by default from a local
-//! `nix-store --serve` (ExportPaths), or from a `nix-store --export` process
-//! ([`LocalSource`]); both were measured, see `docs/benchmarks.md`.
+//! `nix-store --serve` (ExportPaths), or from a `nix-store --export` process;
+//! AddToStoreNar per path is the third [`Method`]. All three were measured:
+//! `docs/benchmarks.md`.
 //!
 //! Two pushes to the same node that need the same missing path must copy it
 //! once: "query + import" runs under a per-node flock, so the second push
@@ -20,37 +21,56 @@
 //! leaves nothing invalid registered; the push is retried once, then fails
 //! as transient (75).
 
-use std::collections::BTreeSet;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufReader, Read, Write};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::error::{Failure, Kind, ResultExt};
+use crate::nar;
+use crate::serve::{self, PathInfo};
 use crate::serve_client::ServeProcess;
 use crate::store::LocalStore;
 use crate::ticket::{AllocSection, PushSection, Ticket};
-use crate::transfer::{self, Counting, FileLock, TransferProgress};
+use crate::transfer::{self, FileLock, TransferProgress};
 use crate::transport::{Ssh, Transport};
+use crate::wire::{WireError, WireReader, WireWriter};
 use crate::{log_info, log_warn};
 
-/// Where the NARs come from on this machine.
+/// How the missing paths travel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum LocalSource {
-    /// ExportPaths over the local `nix-store --serve` that also answers the
-    /// validity query: one process.
+pub enum Method {
+    /// One ImportPaths stream for all paths, read from ExportPaths of the
+    /// local `nix-store --serve` that also answered the path-info query.
     #[default]
-    Serve,
-    /// A `nix-store --export <paths>` process.
-    Export,
+    Import,
+    /// One ImportPaths stream, read from a `nix-store --export` process.
+    ImportExport,
+    /// AddToStoreNar per path (one acknowledgement each), the NAR read
+    /// from DumpStorePath of the local `nix-store --serve`. The node
+    /// streams each NAR to disk, where ImportPaths on Nix 2.8 holds it in
+    /// memory first.
+    AddToStoreNar,
 }
 
-impl LocalSource {
-    pub fn parse(s: &str) -> Option<LocalSource> {
+impl Method {
+    pub fn parse(s: &str) -> Option<Method> {
         match s {
-            "serve" => Some(LocalSource::Serve),
-            "export" => Some(LocalSource::Export),
+            "import" => Some(Method::Import),
+            "import-export" => Some(Method::ImportExport),
+            "add-to-store-nar" => Some(Method::AddToStoreNar),
             _ => None,
+        }
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Method::Import => "import",
+            Method::ImportExport => "import-export",
+            Method::AddToStoreNar => "add-to-store-nar",
         }
     }
 }
@@ -65,7 +85,7 @@ const RETRY_PAUSE: Duration = Duration::from_secs(1);
 pub fn push(
     ticket: &mut Ticket,
     config: &Config,
-    source: LocalSource,
+    method: Method,
     progress: &mut dyn TransferProgress,
 ) -> Result<PushSection, Failure> {
     let started = Instant::now();
@@ -82,7 +102,7 @@ pub fn push(
 
     let mut attempt = 0;
     let outcome = loop {
-        match push_once(&closure, &mut alloc, config, &local, source, progress) {
+        match push_once(&closure, &mut alloc, config, &local, method, progress) {
             Err(failure) if failure.kind == Kind::Transient && attempt < RETRIES => {
                 attempt += 1;
                 log_warn!("{failure}; trying again");
@@ -110,7 +130,7 @@ fn push_once(
     alloc: &mut AllocSection,
     config: &Config,
     local: &LocalStore,
-    source: LocalSource,
+    method: Method,
     progress: &mut dyn TransferProgress,
 ) -> Result<(u64, u64), Failure> {
     if closure.is_empty() {
@@ -164,16 +184,13 @@ fn push_once(
     );
     progress.begin(missing.len() as u64, total);
 
-    let imported = match source {
-        LocalSource::Serve => {
+    let infos: BTreeMap<&str, &PathInfo> = infos.iter().map(|i| (i.path.as_str(), i)).collect();
+    let sent = match method {
+        Method::Import => {
             let stream = local_serve.client.start_export(&missing)?;
-            let mut counting = Counting {
-                inner: stream,
-                progress: &mut *progress,
-            };
-            remote.client.import_paths(&mut counting)?
+            relay_import(&mut remote, stream, progress)?
         }
-        LocalSource::Export => {
+        Method::ImportExport => {
             let mut child = export_command(local, &missing)
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
@@ -181,41 +198,182 @@ fn push_once(
                 .spawn()
                 .or_fail(Kind::Transient, || "starting nix-store --export")?;
             let stdout = child.stdout.take().expect("piped");
-            let mut counting = Counting {
-                inner: std::io::BufReader::with_capacity(1 << 16, stdout),
-                progress: &mut *progress,
-            };
-            let result = remote.client.import_paths(&mut counting);
+            let result = relay_import(
+                &mut remote,
+                BufReader::with_capacity(1 << 16, stdout),
+                progress,
+            );
             if result.is_err() {
                 let _ = child.kill();
             }
             let status = child.wait();
-            let imported = result?;
+            let sent = result?;
             let status = status.or_fail(Kind::Transient, || "waiting for nix-store --export")?;
             if !status.success() {
                 return Err(Failure::transient(format!(
                     "nix-store --export ended with {status}"
                 )));
             }
-            imported
+            sent
+        }
+        Method::AddToStoreNar => {
+            let mut sent = Vec::with_capacity(missing.len());
+            for path in &missing {
+                let info = infos[path];
+                let local_client = &mut local_serve.client;
+                let progress = &mut *progress;
+                let peer = remote.client.peer().to_string();
+                remote.client.add_to_store_nar_with(info, |w| {
+                    let mut to = WriteSide {
+                        inner: w,
+                        failed: false,
+                    };
+                    let mut counting = CountingWriter {
+                        inner: &mut to,
+                        progress: &mut *progress,
+                    };
+                    let result = local_client.dump_store_path(path, &mut counting);
+                    match result {
+                        // The write side failed: the node went away, not the
+                        // local store.
+                        Err(e) if to.failed => Err(Failure::transient(format!(
+                            "{peer}: sending the NAR of {path}: {}",
+                            e.message.rsplit(": ").next().unwrap_or_default()
+                        ))),
+                        other => other,
+                    }
+                })?;
+                progress.path_done();
+                sent.push(path.to_string());
+            }
+            sent
         }
     };
-    for _ in &imported {
-        progress.path_done();
-    }
     progress.end();
     remote.finish()?;
     local_serve.finish()?;
-    let sent: BTreeSet<&str> = imported.iter().map(|p| p.trailer.path.as_str()).collect();
+    let sent: BTreeSet<String> = sent.into_iter().collect();
     if let Some(lost) = missing.iter().find(|p| !sent.contains(**p)) {
         return Err(Failure::permanent(format!(
             "the local export stream did not carry {lost}"
         )));
     }
     Ok((
-        imported.len() as u64,
-        imported.iter().map(|p| p.nar_size).sum(),
+        missing.len() as u64,
+        missing.iter().map(|p| infos[p].nar_size).sum(),
     ))
+}
+
+/// ImportPaths on `remote`, the export stream relayed from `source` entry
+/// by entry (so that progress can count paths). Returns the paths sent.
+fn relay_import<R: Read>(
+    remote: &mut ServeProcess,
+    source: R,
+    progress: &mut dyn TransferProgress,
+) -> Result<Vec<String>, Failure> {
+    let peer = remote.client.peer().to_string();
+    // Bytes are counted as they are read, paths as their entries end: both
+    // report to the same progress.
+    let progress = RefCell::new(progress);
+    let mut source = WireReader::new(SharedCounting {
+        inner: source,
+        progress: &progress,
+    });
+    let mut sent = Vec::new();
+    remote.client.import_paths_with(|w| {
+        let mut to = WriteSide {
+            inner: w,
+            failed: false,
+        };
+        let result = relay_entries(&mut source, &mut to, |path| {
+            progress.borrow_mut().path_done();
+            sent.push(path);
+        });
+        result.map_err(|e| match e {
+            WireError::Io(e) if to.failed => {
+                Failure::transient(format!("{peer}: sending the import stream: {e}"))
+            }
+            other => other.fail("reading the local export stream"),
+        })?;
+        Ok(Vec::new())
+    })?;
+    Ok(sent)
+}
+
+/// Copies an export stream entry by entry, calling `entry_done` with each
+/// path once its entry is through.
+fn relay_entries<R: Read, W: Write>(
+    r: &mut WireReader<R>,
+    out: &mut W,
+    mut entry_done: impl FnMut(String),
+) -> Result<(), WireError> {
+    loop {
+        match r.u64()? {
+            0 => {
+                out.write_all(&0u64.to_le_bytes())?;
+                return Ok(out.flush()?);
+            }
+            1 => {
+                out.write_all(&1u64.to_le_bytes())?;
+                nar::copy_nar(r.get_mut(), out)?;
+                let trailer = serve::read_export_trailer(r)?;
+                serve::write_export_trailer(&mut WireWriter::new(&mut *out), &trailer)?;
+                entry_done(trailer.path);
+            }
+            n => {
+                return Err(WireError::Unexpected(format!(
+                    "export stream: expected 0 or 1 before an entry, got {n}"
+                )))
+            }
+        }
+    }
+}
+
+/// A reader that reports the bytes it passes to a shared progress.
+struct SharedCounting<'a, 'p, R> {
+    inner: R,
+    progress: &'a RefCell<&'p mut dyn TransferProgress>,
+}
+
+impl<R: Read> Read for SharedCounting<'_, '_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.progress.borrow_mut().bytes(n as u64);
+        Ok(n)
+    }
+}
+
+/// Remembers whether a write failed, to tell the node going away from the
+/// local source failing.
+struct WriteSide<'a> {
+    inner: &'a mut dyn Write,
+    failed: bool,
+}
+
+impl Write for WriteSide<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.inner.write(buf).inspect_err(|_| self.failed = true)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush().inspect_err(|_| self.failed = true)
+    }
+}
+
+/// Reports the bytes written to a progress.
+struct CountingWriter<'a, 'p> {
+    inner: &'a mut dyn Write,
+    progress: &'p mut dyn TransferProgress,
+}
+
+impl Write for CountingWriter<'_, '_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.progress.bytes(n as u64);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 fn export_command(local: &LocalStore, paths: &[&str]) -> Command {

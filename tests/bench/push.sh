@@ -108,7 +108,7 @@ job=$((RANDOM * 1000 + 800000000))
 sshopts="-F $state/ssh/config"
 
 wipe
-timed "nsh-push (source: local nix-store --serve)" nsh_push $((job + 1))
+timed "nsh-push (ImportPaths from nix-store --serve)" nsh_push $((job + 1))
 check nsh-push
 jq -e --argjson n "$count" '.push.copied == $n' "$work/out" > /dev/null ||
     { echo "bench: nsh-push did not copy every path: $(cat "$work/out")" >&2; exit 1; }
@@ -117,9 +117,14 @@ jq -e '.push.bytes == 0' "$work/out" > /dev/null || { echo "bench: re-push moved
 close_master $((job + 1))
 
 wipe
-timed "nsh-push --source export (nix-store --export)" nsh_push $((job + 2)) --source export
-check "nsh-push --source export"
+timed "nsh-push --method import-export" nsh_push $((job + 2)) --method import-export
+check "nsh-push --method import-export"
 close_master $((job + 2))
+
+wipe
+timed "nsh-push --method add-to-store-nar" nsh_push $((job + 3)) --method add-to-store-nar
+check "nsh-push --method add-to-store-nar"
+close_master $((job + 3))
 
 wipe
 timed "nix-copy-closure --to" env NIX_SSHOPTS="$sshopts" nix-copy-closure --to "$node" "$out"

@@ -3,8 +3,8 @@
 //! with the daemon's output locks held, with corrupt data, and with the
 //! connection killed in the middle of a copy.
 //!
-//! The tools run as processes (`target/<profile>/nsh-push`, built with
-//! `cargo build -p nsh-push -p nsh-fetch` when missing). No Slurm job is
+//! The tools run as processes (`target/<profile>/nsh-push`, built here with
+//! `cargo build -p nsh-push -p nsh-fetch …`). No Slurm job is
 //! needed: the tickets' `alloc` sections are made by hand.
 
 use std::path::{Path, PathBuf};
@@ -16,6 +16,14 @@ use nsh_cluster_tests::{run_ok, unique_salt, Cluster};
 use serde_json::{json, Value};
 
 const NODE: &str = "node1";
+/// The pipeline, in order.
+const TOOLS: [&str; 5] = [
+    "nsh-closure",
+    "nsh-alloc",
+    "nsh-push",
+    "nsh-run",
+    "nsh-fetch",
+];
 
 /// `target/<profile>/<name>`, next to this test's own executable.
 fn tool(name: &str) -> PathBuf {
@@ -30,7 +38,8 @@ fn tool(name: &str) -> PathBuf {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let release = dir.ends_with("release");
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-q", "-p", "nsh-push", "-p", "nsh-fetch"])
+        cmd.args(["build", "-q"])
+            .args(TOOLS.iter().flat_map(|t| ["-p", t]))
             .current_dir(Cluster::repo_root());
         if release {
             cmd.arg("--release");
@@ -237,15 +246,18 @@ fn push_copies_what_is_missing_and_a_repush_moves_nothing() {
 }
 
 #[test]
-fn push_from_an_export_process_works_too() {
+fn every_push_method_copies_the_closure() {
     let c = Cluster::get();
-    let closure = build_locally(&c, &unique_salt(), 100_000);
-    let t = ticket(&closure, None, job_id());
-    let (code, out, stderr) = run_tool(&c, "nsh-push", &["--source", "export"], &t);
-    assert_eq!(code, 0, "{stderr}");
-    assert_eq!(out["push"]["copied"], 2);
-    assert!(node_valid(&c, &closure) && node_verified(&c, &closure));
-    close_master(&out);
+    for method in ["import-export", "add-to-store-nar"] {
+        let closure = build_locally(&c, &unique_salt(), 100_000);
+        let t = ticket(&closure, None, job_id());
+        let (code, out, stderr) = run_tool(&c, "nsh-push", &["--method", method], &t);
+        assert_eq!(code, 0, "{method}: {stderr}");
+        assert_eq!(out["push"]["copied"], 2, "{method}");
+        assert!(out["push"]["bytes"].as_u64().unwrap() > 100_000);
+        assert!(node_valid(&c, &closure) && node_verified(&c, &closure));
+        close_master(&out);
+    }
 }
 
 #[test]
@@ -585,5 +597,81 @@ fn a_corrupt_path_on_the_node_leaves_nothing_behind() {
             .collect();
         assert_eq!(leftovers, Vec::<String>::new(), "{method}: {stderr}");
         close_master(&out);
+    }
+}
+
+/// `nsh-closure DRV | nsh-alloc | nsh-push | nsh-run | nsh-fetch` with a real
+/// Slurm job: the input built here is pushed, the build runs on a node, the
+/// output comes back valid, and the job ends once nsh-fetch released it.
+#[test]
+fn the_whole_pipeline_builds_on_a_node_and_the_job_ends() {
+    let c = Cluster::get();
+    let salt = unique_salt();
+    let expr = format!(
+        r#"let a = builtins.derivation {{
+             name = "nsh-pf-in-{salt}"; system = builtins.currentSystem;
+             builder = "/bin/sh"; PATH = "/usr/bin:/bin";
+             args = [ "-c" "head -c 100000 /dev/urandom > $out" ];
+           }};
+           in builtins.derivation {{
+             name = "nsh-pf-out-{salt}"; system = builtins.currentSystem;
+             builder = "/bin/sh"; PATH = "/usr/bin:/bin";
+             args = [ "-c" "mkdir $out; cp ${{a}} $out/copy; cat /proc/sys/kernel/hostname > $out/host" ];
+           }}"#
+    );
+    let drv = run_ok(c.command("nix-instantiate").args(["-E", &expr]))
+        .trim()
+        .to_string();
+    // Build the input here (only the input: the output is the cluster's job).
+    let input_drv = run_ok(c.command("nix-store").args(["-q", "--references", &drv]))
+        .lines()
+        .find(|l| l.ends_with(".drv"))
+        .unwrap()
+        .to_string();
+    let input = run_ok(c.command("nix-store").args(["-r", &input_drv]))
+        .trim()
+        .to_string();
+
+    let script = TOOLS
+        .iter()
+        .map(|t| tool(t).display().to_string())
+        .collect::<Vec<_>>()
+        .join(" | ");
+    // nsh-closure takes the .drv as its argument.
+    let first = tool("nsh-closure").display().to_string();
+    let mut cmd = c.command("sh");
+    cmd.args(["-c", &script.replacen(&first, &format!("{first} {drv}"), 1)])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let out = wait_bounded(cmd.spawn().unwrap(), Duration::from_secs(180));
+    let (code, ticket, stderr) = parse(out);
+    assert_eq!(code, 0, "{ticket}\n{stderr}");
+    assert_eq!(ticket["push"]["copied"], 1, "{ticket}");
+    assert_eq!(ticket["run"]["status"], "built");
+    let output = ticket["drv"]["outputs"]["out"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(ticket["fetch"]["paths"], json!([output]));
+    run_ok(c.command("nix-store").args(["--verify-path", &output]));
+    let node = ticket["alloc"]["node"].as_str().unwrap();
+    let host = std::fs::read_to_string(format!("{output}/host")).unwrap();
+    assert_eq!(host.trim(), node);
+    assert_eq!(
+        std::fs::read(format!("{output}/copy")).unwrap(),
+        std::fs::read(&input).unwrap()
+    );
+
+    // Released: the job ends at once rather than after its idle timeout.
+    let job = ticket["alloc"]["job"].as_u64().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let state = run_ok(c.command("squeue").args(["-h", "-j", &job, "-o", "%T"]));
+        if state.trim().is_empty() || state.contains("COMPLET") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "job {job} still {state}");
+        std::thread::sleep(Duration::from_millis(200));
     }
 }

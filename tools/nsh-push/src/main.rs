@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use nsh_core::config::Config;
-use nsh_core::push::{self, LocalSource};
+use nsh_core::push::{self, Method};
 use nsh_core::tool::run_stage;
 use nsh_core::transfer::progress_for_stderr;
 use nsh_core::ExitStatus;
@@ -25,11 +25,14 @@ struct Args {
     /// The nsh configuration (default: $NSH_CONFIG, else /etc/nsh/nsh.toml).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Where the NARs come from: one local `nix-store --serve` (serve) or a
-    /// `nix-store --export` process (export).
-    #[arg(long, value_name = "serve|export", default_value = "serve",
-          value_parser = |s: &str| LocalSource::parse(s).ok_or("expected serve or export"))]
-    source: LocalSource,
+    /// How the missing paths travel: `import` (one ImportPaths stream fed
+    /// by the local nix-store --serve; the fastest), `import-export` (fed by
+    /// a nix-store --export process), `add-to-store-nar` (AddToStoreNar per
+    /// path; the node writes each NAR to disk as it arrives rather than
+    /// holding it in memory first, as ImportPaths does on Nix 2.8).
+    #[arg(long, value_name = "METHOD", default_value = "import",
+          value_parser = |s: &str| Method::parse(s).ok_or("expected import, import-export or add-to-store-nar"))]
+    method: Method,
 }
 
 fn main() -> ExitCode {
@@ -55,7 +58,7 @@ fn main() -> ExitCode {
         std::io::stdout().lock(),
         |ticket| {
             let config = config.as_ref().map_err(Clone::clone)?;
-            let section = push::push(ticket, config, args.source, progress.as_mut())?;
+            let section = push::push(ticket, config, args.method, progress.as_mut())?;
             ticket.push = Some(section);
             Ok(())
         },
