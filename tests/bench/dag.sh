@@ -32,7 +32,8 @@
 #   Slurm's own queue time (alloc.secs.queued), push.bytes and fetch.bytes;
 # * bytes and paths moved: paths that appeared in each node's store (NAR
 #   sizes, queried on the node) and the outputs copied back;
-# * peak memory (max RSS, GNU time) of nsh-hook and of each nsh tool.
+# * peak memory (VmHWM at exit, tests/bench/peak-rss.c) of nsh-hook, each
+#   nsh tool and the nix-store and ssh processes they start.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")/../.." && pwd)
@@ -56,7 +57,7 @@ if [ -z "${NSH_CONFIG:-}" ]; then
     . /tmp/nsh-cluster/env
 fi
 missing=
-[ -x /usr/bin/time ] || missing="$missing time"
+command -v cc > /dev/null || missing="$missing gcc"
 [ -x $PY ] || missing="$missing python3"
 if [ -n "$missing" ]; then
     say "installing$missing"
@@ -111,33 +112,21 @@ prepare_nsh() {
     for t in $tools; do
         [ -x "$NSH_BIN/$t" ] || { say "$NSH_BIN/$t is missing: the nsh modes are skipped"; return 1; }
     done
-    local bin=$BENCH_DIR/nsh-bin
-    mkdir -p "$bin"
-    # The hook finds the tools next to its own executable: a copy, not a link.
-    cp "$NSH_BIN/nsh-hook" "$bin/nsh-hook"
-    for t in nsh-closure nsh-alloc nsh-push nsh-run nsh-fetch; do
-        printf '#!/bin/sh\nexec /usr/bin/time -a -o "$BENCH_RSS" -f "%s %%M %%e" %s "$@"\n' \
-            "$t" "$NSH_BIN/$t" > "$bin/$t"
-        chmod +x "$bin/$t"
-    done
-    # The configuration: the cluster's, with the slot locks kept here.
-    cp "$NSH_CONFIG" "$BENCH_DIR/nsh.toml"
-    if grep -q '^\[hook\]' "$BENCH_DIR/nsh.toml"; then
-        sed -i "/^\[hook\]/a slots_dir = \"$BENCH_DIR/slots\"" "$BENCH_DIR/nsh.toml"
-    else
-        printf '\n[hook]\nslots_dir = "%s"\n' "$BENCH_DIR/slots" >> "$BENCH_DIR/nsh.toml"
-    fi
+    # Peak memory: every process of the hook's tree records its own VmHWM.
+    cc -shared -fPIC -O2 -o "$BENCH_DIR/peak-rss.so" "$HERE/tests/bench/peak-rss.c" \
+        || { say "cc failed: the nsh modes are skipped"; return 1; }
     NSH_OK=1
 }
 
-# The build hook as Nix (or the daemon, with its own environment) runs it.
-# BENCH_MODE_DIR is fixed per mode by rewriting the wrapper.
-write_hook() {
+# The build hook as Nix (or the daemon, with its own environment) runs it:
+# the ticket log and the peak-memory log go to the mode's directory.
+write_hook() { # dir
     cat > "$BENCH_DIR/nsh-hook" <<EOF
 #!/bin/sh
-export NSH_CONFIG=$BENCH_DIR/nsh.toml NSH_TICKET_LOG=$1/tickets.jsonl BENCH_RSS=$1/rss NSH_LOG=warn
+export NSH_CONFIG=$NSH_CONFIG NSH_TICKET_LOG=$1/tickets.jsonl NSH_LOG=warn
+export BENCH_RSS=$1/rss LD_PRELOAD=$BENCH_DIR/peak-rss.so
 export PATH=/usr/local/bin:/usr/bin:/bin NIX_CONF_DIR=$NIX_CONF_DIR
-exec /usr/bin/time -a -o $1/rss -f "nsh-hook %M %e" $BENCH_DIR/nsh-bin/nsh-hook "\$@"
+exec $NSH_BIN/nsh-hook "\$@"
 EOF
     chmod +x "$BENCH_DIR/nsh-hook"
 }
@@ -150,12 +139,15 @@ snapshot_nodes() { # dir tag
     local n
     for n in $NODES; do node_paths "$n" > "$1/$n.$2"; done
 }
-# Paths new on each node since the snapshot: "node path narSize" lines.
+# This run's paths that appeared on each node since the snapshot: "node path
+# narSize" lines. Only names with the run's salt count: other users of the
+# test cluster may be adding paths to the node stores at the same time.
 new_on_nodes() { # dir
-    local n
+    local n salt
+    salt=$(cat "$1/salt")
     for n in $NODES; do
         node_paths "$n" > "$1/$n.after"
-        comm -13 "$1/$n.before" "$1/$n.after" | sed 's|^|/nix/store/|' > "$1/$n.new"
+        comm -13 "$1/$n.before" "$1/$n.after" | grep -- "-$salt$" | sed 's|^|/nix/store/|' > "$1/$n.new" || true
         [ -s "$1/$n.new" ] || continue
         "${SSH[@]}" "$n" 'xargs nix-store --query --size' < "$1/$n.new" \
             | paste -d' ' "$1/$n.new" - | sed "s|^|$n |"
@@ -310,6 +302,9 @@ def builds(d):
             out[drv] = (machine, t0, float(stamp))
     return out
 
+RSS_ORDER = ["nsh-hook", "nsh-hook--watchdog", "nsh-closure", "nsh-alloc", "nsh-push", "nsh-run",
+             "nsh-fetch", "nix-store", "ssh"]
+
 def small(drv):
     return "-dag-s" in drv
 
@@ -332,8 +327,9 @@ for mode in modes:
         outputs = {}
         if os.path.exists(os.path.join(d, "output-sizes")):
             for l in open(os.path.join(d, "output-sizes")):
-                p, size = l.split()
-                outputs[p] = int(size)
+                w = l.split()
+                if len(w) == 2:
+                    outputs[w[0]] = int(w[1])
         # Which node built what (nsh: from the tickets; Nix: from its log).
         built_on = set()
         tickets = [json.loads(l) for l in open(os.path.join(d, "tickets.jsonl")) if l.strip()]
@@ -391,17 +387,19 @@ for mode in modes:
                           ["total", "closure", "alloc", "queued", "push", "run", "fetch", "valid", "excl"])
         split_rows.append(f"| {mode} | {len(parts['total'])} | {cols} | {per_node} |")
 
-    # Peak memory.
+    # Peak memory (kB per process, at exit).
     rss = {}
     if os.path.exists(os.path.join(d, "rss")):
         for l in open(os.path.join(d, "rss")):
             w = l.split()
-            if len(w) == 3 and w[0].startswith("nsh-") and w[1].isdigit():
-                rss.setdefault(w[0], []).append(int(w[1]))
+            if len(w) == 2 and w[1].isdigit():
+                # nix-store --serve / --import / --check-validity: one column.
+                name = "nix-store" if w[0].startswith("nix-store") else w[0]
+                rss.setdefault(name, []).append(int(w[1]))
     if rss:
-        order = ["nsh-hook", "nsh-closure", "nsh-alloc", "nsh-push", "nsh-run", "nsh-fetch"]
         rss_rows.append(f"| {mode} | " + " | ".join(
-            f"{max(rss[t]) / 1024:.1f} ({len(rss[t])})" if t in rss else "—" for t in order) + " |")
+            f"{max(rss[t]) / 1024:.1f} / {med(rss[t]) / 1024:.1f} ({len(rss[t])})" if t in rss else "—"
+            for t in RSS_ORDER) + " |")
 
 print("Wall time, and per build Nix's own \"building '…' on '…'\" activity: hook accepts → outputs valid locally (seconds).\n")
 print("| mode | result | wall (s) | builds | small: median | mean | max | large: median | machines |")
@@ -425,9 +423,10 @@ if split_rows:
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     print("\n".join(split_rows))
 if rss_rows:
-    print("\nPeak memory (max RSS over all runs, MiB; in brackets, how many runs).\n")
-    print("| mode | nsh-hook | nsh-closure | nsh-alloc | nsh-push | nsh-run | nsh-fetch |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("\nPeak memory: each process's own VmHWM at exit, MiB, max / median (number of processes). "
+          "`nix-store` and `ssh` are the processes the tools start.\n")
+    print("| mode | " + " | ".join(RSS_ORDER) + " |")
+    print("|---|" + "---:|" * len(RSS_ORDER))
     print("\n".join(rss_rows))
 PY
 cat "$BENCH_DIR/report.md"
