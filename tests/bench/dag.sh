@@ -18,7 +18,8 @@
 # depending on 3 of the layer before; BIG_MB (30) MiB per large output (three
 # of them, one needing the feature `big`, which only node2 has); JOBS (8)
 # builds at a time in every mode (= Nix's slots on the two nodes, 4 each, and
-# the cluster's max_jobs); NSH_BIN (default: target/release of this repo,
+# the cluster's max_jobs); NSH_LOG (warn) for the tools, whose lines land,
+# time-stamped, in each mode's nix.log; NSH_BIN (default: target/release of this repo,
 # built if missing) holds the nsh-* tools.
 #
 # What is measured, per mode:
@@ -123,7 +124,7 @@ prepare_nsh() {
 write_hook() { # dir
     cat > "$BENCH_DIR/nsh-hook" <<EOF
 #!/bin/sh
-export NSH_CONFIG=$NSH_CONFIG NSH_TICKET_LOG=$1/tickets.jsonl NSH_LOG=warn
+export NSH_CONFIG=$NSH_CONFIG NSH_TICKET_LOG=$1/tickets.jsonl NSH_LOG=${NSH_LOG:-warn}
 export BENCH_RSS=$1/rss LD_PRELOAD=$BENCH_DIR/peak-rss.so
 export PATH=/usr/local/bin:/usr/bin:/bin NIX_CONF_DIR=$NIX_CONF_DIR
 exec $NSH_BIN/nsh-hook "\$@"
@@ -279,6 +280,24 @@ def fmt(x, digits=2):
 def mib(n):
     return f"{n / 1048576:.1f}"
 
+def connects(d):
+    """Nix's ssh builder opens its connection before it accepts: the
+    "connecting to 'ssh://…'" activities, in seconds."""
+    starts, out = {}, []
+    for line in open(os.path.join(d, "nix.log")):
+        stamp, _, rest = line.partition(" ")
+        if not rest.startswith("@nix "):
+            continue
+        try:
+            ev = json.loads(rest[5:])
+        except ValueError:
+            continue
+        if ev.get("action") == "start" and ev.get("text", "").startswith("connecting to 'ssh://"):
+            starts[ev["id"]] = float(stamp)
+        elif ev.get("action") == "stop" and ev["id"] in starts:
+            out.append(float(stamp) - starts.pop(ev["id"]))
+    return out
+
 def builds(d):
     """Nix's own build activities: drv → (machine, start, stop)."""
     starts, out = {}, {}
@@ -308,7 +327,7 @@ RSS_ORDER = ["nsh-hook", "nsh-hook--watchdog", "nsh-closure", "nsh-alloc", "nsh-
 def small(drv):
     return "-dag-s" in drv
 
-rows, split_rows, rss_rows, moved_rows = [], [], [], []
+rows, split_rows, rss_rows, moved_rows, connect_rows = [], [], [], [], []
 for mode in modes:
     d = os.path.join(bench, mode)
     t0, t1 = map(float, open(os.path.join(d, "wall")).read().split())
@@ -317,6 +336,9 @@ for mode in modes:
     durs = [s1 - s0 for drv, (_, s0, s1) in b.items() if small(drv)]
     big = [s1 - s0 for drv, (_, s0, s1) in b.items() if not small(drv)]
     machines = sorted({m or "local" for m, _, _ in b.values()})
+    conn = connects(d)
+    if conn:
+        connect_rows.append(f"| {mode} | {len(conn)} | {fmt(med(conn), 3)} | {fmt(mean(conn), 3)} | {fmt(max(conn), 3)} |")
     rows.append(f"| {mode} | {'ok' if status == '0' else 'FAILED ' + status} | {t1 - t0:.1f} | {len(b)} | "
                 f"{fmt(med(durs))} | {fmt(mean(durs))} | {fmt(max(durs) if durs else float('nan'))} | "
                 f"{fmt(med(big))} | {', '.join(machines)} |")
@@ -405,6 +427,12 @@ print("Wall time, and per build Nix's own \"building '…' on '…'\" activity: 
 print("| mode | result | wall (s) | builds | small: median | mean | max | large: median | machines |")
 print("|---|---|---:|---:|---:|---:|---:|---:|---|")
 print("\n".join(rows))
+if connect_rows:
+    print("\nNix's ssh builder connects (ssh handshake, `nix-store --serve` started on the node) *before* it "
+          "accepts a build, so that time is not in the figures above; nsh connects after (in push or run).\n")
+    print("| mode | connections | median (s) | mean (s) | max (s) |")
+    print("|---|---:|---:|---:|---:|")
+    print("\n".join(connect_rows))
 if moved_rows:
     print("\nPaths / MiB moved. *Pushed*: paths that appeared in the node stores and are not outputs of this DAG "
           "(NAR sizes queried on the nodes); *built there*: outputs that appeared on a node; *fetched*: "
