@@ -52,10 +52,11 @@ die() { echo "dag.sh: $*" >&2; exit 1; }
 say() { echo "dag.sh: $*" >&2; }
 
 [ "$(id -u)" = 0 ] || die "run it as root (it uses the test cluster's nix-daemon and node stores)"
-if [ -z "${NSH_CONFIG:-}" ]; then
-    [ -f /tmp/nsh-cluster/env ] || die "the test cluster is not up: tests/cluster/cluster up"
-    # shellcheck disable=SC1091
-    . /tmp/nsh-cluster/env
+if [ -z "${NSH_CONFIG:-}" ] || [ -z "${NSH_TEST_SSH_CONFIG:-}" ]; then
+    env_file=${NSH_CLUSTER_DIR:-/tmp/nsh-cluster}/env
+    [ -f "$env_file" ] || die "the test cluster is not up ($env_file is missing): tests/cluster/cluster up"
+    # shellcheck disable=SC1090
+    . "$env_file"
 fi
 missing=
 command -v cc > /dev/null || missing="$missing gcc"
@@ -203,9 +204,12 @@ run_mode() { # mode
     case $mode in
         *-rebuild)
             # Everything present on the nodes; the outputs gone locally.
-            dag_outputs "$dir" > "$dir/outputs"
-            xargs nix-store --delete < "$dir/outputs" > /dev/null 2>&1 \
-                || die "$mode: could not delete the outputs of the first build locally"
+            # (Only those that exist: the first build may have failed part-way.)
+            dag_outputs "$dir" | while read -r p; do [ ! -e "$p" ] || echo "$p"; done > "$dir/outputs"
+            if [ -s "$dir/outputs" ]; then
+                xargs nix-store --delete < "$dir/outputs" > /dev/null 2>&1 \
+                    || die "$mode: could not delete the outputs of the first build locally"
+            fi
             ;;
     esac
     local remote=
