@@ -510,9 +510,13 @@ fn build(
         )));
     }
     let env = [("NSH_CLUSTER", cluster.name.clone())];
+    let mut timing = TicketLog::from_env();
     let result = pipeline::run(stages, &ticket, &env, log_fd.map(|f| f.as_fd()), |event| {
-        if let (Event::Ticket { ticket, .. }, Some(w)) = (event, watchdog.as_mut()) {
-            if ticket.alloc.is_some() {
+        if let Event::Ticket { stage, ticket, .. } = event {
+            if let Some(log) = timing.as_mut() {
+                log.stage_done(stage);
+            }
+            if let (Some(w), true) = (watchdog.as_mut(), ticket.alloc.is_some()) {
                 w.update(ticket);
             }
         }
@@ -540,12 +544,18 @@ fn build(
                 }
             }
         }
+        if let Some(log) = timing {
+            log.append(&outcome, EXIT_MISC, ui);
+        }
         // Otherwise the watchdog cancels when this process is gone.
         return EXIT_MISC;
     }
     let (code, message) = verdict(&outcome, |paths, uri| {
         outputs_valid(config.nix_bin_dir.as_deref(), uri, paths)
     });
+    if let Some(log) = timing {
+        log.append(&outcome, code, ui);
+    }
     if let Some(message) = message {
         ui.msg(Verbosity::Error, format!("nsh-hook: {message}"));
     }
@@ -555,6 +565,82 @@ fn build(
         }
     }
     code
+}
+
+/// `NSH_TICKET_LOG=FILE` in the hook's environment: after each build, the
+/// final ticket (else the latest one with `alloc`) is appended to FILE as
+/// one JSON line, with a `hook` section the hook adds from its own clock:
+/// `accepted` (Unix time, seconds), `stages` (each stage's name → seconds
+/// from accept until it wrote its ticket), `secs` (accept → outputs checked
+/// valid, or the failure seen) and `exit` (the hook's exit status). It is for
+/// measuring (tests/bench/dag.sh) and auditing; a failure to write it is only
+/// logged, never fails a build.
+pub const TICKET_LOG_ENV: &str = "NSH_TICKET_LOG";
+
+struct TicketLog {
+    path: PathBuf,
+    accepted: std::time::SystemTime,
+    clock: std::time::Instant,
+    stages: serde_json::Map<String, serde_json::Value>,
+}
+
+impl TicketLog {
+    fn from_env() -> Option<TicketLog> {
+        let path = std::env::var_os(TICKET_LOG_ENV).filter(|p| !p.is_empty())?;
+        Some(TicketLog {
+            path: PathBuf::from(path),
+            accepted: std::time::SystemTime::now(),
+            clock: std::time::Instant::now(),
+            stages: serde_json::Map::new(),
+        })
+    }
+
+    fn since_accept(&self) -> serde_json::Value {
+        // Milliseconds are plenty; shorter lines.
+        let secs = (self.clock.elapsed().as_secs_f64() * 1000.0).round() / 1000.0;
+        serde_json::json!(secs)
+    }
+
+    fn stage_done(&mut self, stage: &str) {
+        let at = self.since_accept();
+        self.stages.insert(stage.to_string(), at);
+    }
+
+    fn append(self, outcome: &Outcome, exit: i32, ui: &Ui) {
+        let Some(mut ticket) = outcome
+            .final_ticket
+            .clone()
+            .or_else(|| outcome.latest_alloc.clone())
+        else {
+            return;
+        };
+        let accepted = self
+            .accepted
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        let secs = self.since_accept();
+        ticket.extra.insert(
+            "hook".into(),
+            serde_json::json!({"accepted": accepted, "stages": self.stages, "secs": secs, "exit": exit}),
+        );
+        let line = format!("{}\n", ticket.to_line());
+        // One write of the whole line with O_APPEND: concurrent hooks'
+        // lines do not interleave.
+        let written = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .and_then(|mut f| f.write_all(line.as_bytes()));
+        if let Err(e) = written {
+            ui.msg(
+                Verbosity::Warn,
+                format!(
+                    "nsh-hook: writing the ticket log {}: {e}",
+                    self.path.display()
+                ),
+            );
+        }
+    }
 }
 
 /// The exit status and the message for the user, from how the pipeline ended.

@@ -171,6 +171,7 @@ impl Site {
             .env("NSH_CONFIG", self.path("nsh.toml"))
             .env("T", self.dir.path())
             .env("NSH_BIN_DIR", self.bin())
+            .env("NSH_TICKET_LOG", self.path("tickets.jsonl"))
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -371,6 +372,42 @@ fn accepts_and_runs_the_tools_with_the_log_on_fd_4_of_nsh_run_only() {
     );
     let stops = lines.iter().filter(|l| l["action"] == "stop").count();
     assert_eq!(stops, 4);
+
+    // NSH_TICKET_LOG: the final ticket, with the hook's own clock.
+    let logged: Vec<Value> = site
+        .read("tickets.jsonl")
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(logged.len(), 1, "{logged:?}");
+    let ticket = &logged[0];
+    assert_eq!(ticket["drv"]["path"], DRV);
+    assert_eq!(ticket["fetch"]["bytes"], 0);
+    let hook = &ticket["hook"];
+    assert_eq!(hook["exit"], 0);
+    let stages = hook["stages"].as_object().unwrap();
+    let names: Vec<&str> = stages.keys().map(String::as_str).collect();
+    assert_eq!(
+        names,
+        [
+            "nsh-closure",
+            "nsh-alloc",
+            "nsh-push",
+            "nsh-run",
+            "nsh-fetch"
+        ]
+    );
+    let at = |s: &str| stages[s].as_f64().unwrap();
+    assert!(at("nsh-closure") <= at("nsh-alloc") && at("nsh-run") <= at("nsh-fetch"));
+    assert!(at("nsh-fetch") <= hook["secs"].as_f64().unwrap());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        (now - hook["accepted"].as_f64().unwrap()).abs() < 60.0,
+        "{hook}"
+    );
     // A successful build is not cancelled.
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(site.read("cancelled"), "");
@@ -433,6 +470,18 @@ fn the_exit_status_follows_the_final_ticket() {
         assert!(stderr.contains(said), "{mode}: {stderr}");
         assert_eq!(site.read("build.log"), "log line\n", "{mode}");
     }
+    // NSH_TICKET_LOG: one line per build that wrote a ticket, with the
+    // hook's exit status.
+    let exits: Vec<i64> = site
+        .read("tickets.jsonl")
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["hook"]["exit"]
+                .as_i64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(exits, [0, 1, 100, 101, 1]);
 }
 
 /// Starts an accepted build whose nsh-run hangs; returns the hook once the
