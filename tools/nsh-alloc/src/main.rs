@@ -10,7 +10,6 @@ use clap::Parser;
 use nsh_core::alloc::{self, AllocTimes, Clusters, LogProgress, Progress};
 use nsh_core::config::Config;
 use nsh_core::tool::run_stage;
-use nsh_core::ExitStatus;
 
 mod progress;
 
@@ -37,20 +36,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    nsh_core::log::set_program("nsh-alloc");
-    let args = match Args::try_parse() {
-        Ok(args) => args,
-        Err(e) => {
-            let usage = e.use_stderr();
-            let _ = e.print();
-            return if usage {
-                ExitStatus::Usage
-            } else {
-                ExitStatus::Ok
-            }
-            .into();
-        }
-    };
+    let args: Args = nsh_core::tool::start("nsh-alloc");
     let stdin = std::io::stdin().lock();
     let stdout = std::io::stdout().lock();
     let config = Config::load(args.config.as_deref()).and_then(|mut config| {

@@ -37,18 +37,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    let args = match Args::try_parse() {
-        Ok(args) => args,
-        Err(e) => {
-            // --help and --version end here too, successfully.
-            let _ = e.print();
-            return if e.use_stderr() {
-                ExitStatus::Usage.into()
-            } else {
-                ExitCode::SUCCESS
-            };
-        }
-    };
+    let args: Args = nsh_core::tool::start("nsh-closure");
     // nsh-closure needs nothing from the configuration today (the local
     // store comes from --store or the ticket); a file named with --config is
     // still checked, so that a broken one is reported at the first stage.

@@ -10,7 +10,6 @@ use nsh_core::config::Config;
 use nsh_core::fetch::{self, FetchOptions, ImportMethod};
 use nsh_core::tool::run_stage;
 use nsh_core::transfer::progress_for_stderr;
-use nsh_core::ExitStatus;
 
 /// Copies the outputs of each ticket's build (`run.built_outputs`, else the
 /// wanted outputs of `drv`) and the part of their closure the local store
@@ -42,20 +41,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    nsh_core::log::set_program("nsh-fetch");
-    let args = match Args::try_parse() {
-        Ok(args) => args,
-        Err(e) => {
-            let usage = e.use_stderr();
-            let _ = e.print();
-            return if usage {
-                ExitStatus::Usage
-            } else {
-                ExitStatus::Ok
-            }
-            .into();
-        }
-    };
+    let args: Args = nsh_core::tool::start("nsh-fetch");
     let config = Config::load(args.config.as_deref());
     let options = FetchOptions {
         method: args.import_method,

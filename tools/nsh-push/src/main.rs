@@ -10,7 +10,6 @@ use nsh_core::config::Config;
 use nsh_core::push::{self, Method};
 use nsh_core::tool::run_stage;
 use nsh_core::transfer::progress_for_stderr;
-use nsh_core::ExitStatus;
 
 /// Copies into the allocated node's store the paths of `closure` it lacks,
 /// for each ticket read on stdin (one JSON object per line), and writes the
@@ -36,20 +35,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    nsh_core::log::set_program("nsh-push");
-    let args = match Args::try_parse() {
-        Ok(args) => args,
-        Err(e) => {
-            let usage = e.use_stderr();
-            let _ = e.print();
-            return if usage {
-                ExitStatus::Usage
-            } else {
-                ExitStatus::Ok
-            }
-            .into();
-        }
-    };
+    let args: Args = nsh_core::tool::start("nsh-push");
     let config = Config::load(args.config.as_deref());
     let mut progress = progress_for_stderr("pushed");
     run_stage(

@@ -35,20 +35,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    nsh_core::log::set_program("nsh-run");
-    let args = match Args::try_parse() {
-        Ok(args) => args,
-        Err(e) => {
-            let usage = e.use_stderr();
-            let _ = e.print();
-            return if usage {
-                ExitStatus::Usage
-            } else {
-                ExitStatus::Ok
-            }
-            .into();
-        }
-    };
+    let args: Args = nsh_core::tool::start("nsh-run");
     let log_fd = match args.log_fd {
         Some(fd) => Some(fd),
         None => match std::env::var("NSH_LOG_FD") {
