@@ -281,11 +281,11 @@ pub fn build_outcome(result: &BuildResult, what: &str, place: &str) -> Result<()
     let Some(kind) = result.status.failure_kind() else {
         return Ok(());
     };
-    let message = result.error_msg.trim();
+    let message = plain_text(&result.error_msg);
     let message = if message.is_empty() {
         result.status.name()
     } else {
-        message
+        &message
     };
     Err(Failure::new(
         kind,
@@ -294,6 +294,29 @@ pub fn build_outcome(result: &BuildResult, what: &str, place: &str) -> Result<()
             result.status.name()
         ),
     ))
+}
+
+/// Nix's error text without the terminal colour codes Nix puts in it (it
+/// goes into tickets, logs and Nix's own messages, where they are noise).
+pub fn plain_text(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut chars = message.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI sequences: ESC [ parameters… final byte in @..~.
+            if chars.clone().next() == Some('[') {
+                chars.next();
+                for c in chars.by_ref() {
+                    if ('@'..='~').contains(&c) {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out.trim().to_string()
 }
 
 /// The `run` section for a BuildResult. Outputs Nix did not list (an
@@ -318,7 +341,7 @@ pub fn run_section(
     }
     RunSection {
         status: result.status.name().to_string(),
-        error: result.error_msg.trim().to_string(),
+        error: plain_text(&result.error_msg),
         times_built: result.times_built,
         start: if result.start_time > 0 {
             result.start_time
@@ -1135,5 +1158,17 @@ mod tests {
         let (status, out) = follow.finish();
         assert_eq!(status, 3);
         assert_eq!(out, b"building\n");
+    }
+
+    #[test]
+    fn colour_codes_are_taken_out_of_nix_messages() {
+        assert_eq!(
+            plain_text(
+                "builder for '\u{1b}[35;1m/nix/store/x.drv\u{1b}[0m' failed with exit code 3\n"
+            ),
+            "builder for '/nix/store/x.drv' failed with exit code 3"
+        );
+        assert_eq!(plain_text("plain"), "plain");
+        assert_eq!(plain_text("cut \u{1b}["), "cut");
     }
 }
