@@ -96,8 +96,10 @@ serve() {
     fi
     n=$1
     shift
+    # The builder gets as many cores as Slurm gave the job (NIX_BUILD_CORES).
     NIX_CONFIG="${NIX_CONFIG:+$NIX_CONFIG
-}system-features = ${NSH_SYSTEM_FEATURES:-}" \
+}system-features = ${NSH_SYSTEM_FEATURES:-}
+cores = ${SLURM_CPUS_ON_NODE:-0}" \
         "$nix_store" "$@" --serve --write \
         < "$W/request.$n" > "$W/response.$n" 2> "$W/log.$n"
     status=$?
@@ -291,7 +293,7 @@ mod tests {
 
     #[test]
     fn serves_one_request_then_waits_for_release() {
-        let job = start(5, 5, &[]);
+        let job = start(5, 5, &[("SLURM_CPUS_ON_NODE", "3")]);
         let work = job.work.clone();
         let mode = {
             job.wait_for(&work, Duration::from_secs(5));
@@ -312,7 +314,7 @@ mod tests {
         let log = std::fs::read_to_string(work.join("log.1")).unwrap();
         assert_eq!(
             log,
-            "args: --serve --write\nconfig: system-features = kvm big\n@nsh-end n0nce 0\n"
+            "args: --serve --write\nconfig: system-features = kvm big\ncores = 3\n@nsh-end n0nce 0\n"
         );
         // Still alive (waiting for release), then gone promptly on release.
         std::thread::sleep(Duration::from_millis(300));

@@ -138,3 +138,23 @@ fn a_failing_derivation_fails_the_build_with_its_log_on_the_local_store() {
 fn a_failing_derivation_fails_the_build_with_its_log_through_the_daemon() {
     a_failing_derivation_fails_the_build_with_its_log(true);
 }
+
+#[test]
+fn the_builder_gets_the_cores_slurm_gave_the_job() {
+    let c = Cluster::get();
+    let salt = unique_salt();
+    let expr = format!(
+        r#"builtins.derivation {{
+             name = "nsh-e2e-cores-{salt}";
+             system = builtins.currentSystem;
+             builder = "/bin/sh";
+             nshResources = builtins.toJSON {{ cpus = 3; }};
+             args = [ "-c" "echo $NIX_BUILD_CORES > $out" ];
+           }}"#
+    );
+    let out = nix_build(&c, &salt, Some(&expr), false);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let result = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert_eq!(std::fs::read_to_string(&result).unwrap().trim(), "3");
+}
