@@ -32,6 +32,8 @@ pub const TOOLS: [&str; 5] = [
 ];
 /// The tool that writes the build log.
 pub const LOG_WRITER: &str = "nsh-run";
+/// The tool that submits the Slurm job and waits in the queue.
+pub const QUEUE_WAITER: &str = "nsh-alloc";
 /// The fd number the log writer gets, as in Nix's hook protocol.
 pub const LOG_FD: i32 = 4;
 
@@ -181,6 +183,9 @@ pub fn run(
                     Ok(())
                 });
             }
+        }
+        if name == QUEUE_WAITER {
+            outlive_the_group_kill(&mut cmd);
         }
         match cmd.spawn() {
             Ok(child) => children.push((name, child)),
@@ -370,6 +375,33 @@ pub fn stop(children: &mut [(String, Child)]) {
                 _ => break,
             }
         }
+    }
+}
+
+/// The daemon ends a build it no longer wants (another one failed, the user
+/// pressed ^C) with SIGKILL to the hook's process group. The watchdog learns
+/// of a Slurm job only from nsh-alloc's ticket, so a job nsh-alloc has
+/// submitted but is still waiting for would be left to its request timeout
+/// (minutes, holding a node's CPUs). So nsh-alloc gets a process group of its
+/// own, which that SIGKILL misses, and SIGTERM when the hook is gone, on
+/// which it cancels its job and exits. (The parent-death signal follows the
+/// spawning thread: `run` is called on the hook's main thread.)
+fn outlive_the_group_kill(cmd: &mut Command) {
+    let hook = std::process::id();
+    // SAFETY: setpgid, prctl and getppid are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setpgid(0, 0) < 0
+                || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong) < 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The hook died before the prctl: no signal will come.
+            if libc::getppid() as u32 != hook {
+                return Err(std::io::Error::other("nsh-hook is gone"));
+            }
+            Ok(())
+        });
     }
 }
 

@@ -125,7 +125,11 @@ impl Site {
         self.script(
             "nsh-alloc",
             &format!(
-                "{TOOL_PRELUDE}if [ \"$1\" = --cancel ]; then cat >> \"$T/cancelled\"; exit 0; fi\n{}",
+                "{TOOL_PRELUDE}if [ \"$1\" = --cancel ]; then cat >> \"$T/cancelled\"; exit 0; fi\n\
+                 if [ -e \"$T/hang-alloc\" ]; then\n\
+                 trap 'kill $! 2>/dev/null; echo TERM >> \"$T/alloc-term\"; exit 75' TERM\n\
+                 echo $$ > \"$T/alloc-pid\"; sleep 30 & wait $!; exit 1\n\
+                 fi\n{}",
                 add(r#""alloc":{"cluster":"main","backend":"cli","job":4242,"node":"node1","ssh":"nixbuild@node1","work":"/tmp/nsh/nsh-4242","request":1}"#)
             ),
         );
@@ -556,6 +560,32 @@ fn a_killed_hook_leaves_the_cancel_to_its_watchdog() {
         Duration::from_secs(10),
         || site.read("cancelled").contains("4242"),
     );
+}
+
+#[test]
+fn a_hook_killed_while_nsh_alloc_waits_leaves_nsh_alloc_to_cancel_its_job() {
+    let site = Site::new("", 1);
+    fs::write(site.path("hang-alloc"), "").unwrap();
+    let mut hook = site.spawn();
+    let mut stdin = hook.stdin.take().unwrap();
+    stdin
+        .write_all(&cat(&[
+            &settings(),
+            &try_(true, "x86_64-linux", &[]),
+            &accepted(),
+        ]))
+        .unwrap();
+    std::mem::forget(stdin);
+    eventually("nsh-alloc to wait", Duration::from_secs(10), || {
+        site.path("alloc-pid").exists()
+    });
+    // As the daemon does: SIGKILL to the hook's process group, while no
+    // ticket has told the watchdog of a job.
+    unsafe { libc::kill(-(hook.id() as i32), libc::SIGKILL) };
+    let _ = hook.wait();
+    eventually("nsh-alloc to get SIGTERM", Duration::from_secs(5), || {
+        site.read("alloc-term") == "TERM\n"
+    });
 }
 
 #[test]
