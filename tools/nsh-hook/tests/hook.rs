@@ -193,7 +193,18 @@ impl Site {
                 Ok(())
             });
         }
-        let child = cmd.spawn().unwrap();
+        // ETXTBSY: another test thread forked while this site's copy of the
+        // hook was still open for writing; that fd closes when its child execs.
+        let mut tries = 0;
+        let child = loop {
+            match cmd.spawn() {
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 50 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                result => break result.unwrap(),
+            }
+        };
         drop(log);
         child
     }
