@@ -83,18 +83,29 @@ check() {
         { echo "bench: $1 left the closure incomplete on $node" >&2; exit 1; }
 }
 
-declare -a rows
+# Every command runs ROUNDS times (interleaved, so that the machine's other
+# load spreads over all of them); the table shows the median and the best.
+rounds=${ROUNDS:-3}
+declare -A times
+declare -a names
 timed() { # name command...
     local name=$1; shift
     local start end
     start=$(date +%s.%N)
     "$@" > "$work/out" 2> "$work/err" || { cat "$work/err" >&2; exit 1; }
     end=$(date +%s.%N)
-    local secs mbs
-    secs=$(echo "$end - $start" | bc)
+    [ -n "${times[$name]:-}" ] || names+=("$name")
+    times[$name]="${times[$name]:-} $(echo "$end - $start" | bc)"
+}
+
+row() { # name
+    local name=$1 sorted median best mbs
+    sorted=$(tr ' ' '\n' <<< "${times[$name]}" | grep . | sort -g)
+    best=$(head -1 <<< "$sorted")
+    median=$(sed -n "$(( ($(wc -l <<< "$sorted") + 1) / 2 ))p" <<< "$sorted")
     mbs=-
-    case $name in *again*) ;; *) mbs=$(echo "scale=1; $bytes / 1048576 / $secs" | bc) ;; esac
-    rows+=("$(printf '| %-46s | %8.2f | %8s |' "$name" "$secs" "$mbs")")
+    case $name in *again*) ;; *) mbs=$(echo "scale=1; $bytes / 1048576 / $median" | bc) ;; esac
+    printf '| %-46s | %8.2f | %8.2f | %8s |\n' "$name" "$median" "$best" "$mbs"
 }
 
 close_master() { ssh -o "ControlPath=/tmp/nsh-$(id -u)/test-$1" -O exit "$node" 2>/dev/null || true; }
@@ -104,44 +115,47 @@ nsh_push() { # job [args]
     ticket "$job" | NSH_LOG=warn "$push_bin" "$@"
 }
 
-job=$((RANDOM * 1000 + 800000000))
 sshopts="-F $state/ssh/config"
 
-wipe
-timed "nsh-push (ImportPaths from nix-store --serve)" nsh_push $((job + 1))
-check nsh-push
-jq -e --argjson n "$count" '.push.copied == $n' "$work/out" > /dev/null ||
-    { echo "bench: nsh-push did not copy every path: $(cat "$work/out")" >&2; exit 1; }
-timed "nsh-push again (all present)" nsh_push $((job + 1))
-jq -e '.push.bytes == 0' "$work/out" > /dev/null || { echo "bench: re-push moved bytes" >&2; exit 1; }
-close_master $((job + 1))
+for round in $(seq "$rounds"); do
+    echo "round $round of $rounds" >&2
+    job=$((RANDOM * 1000 + 800000000))
 
-wipe
-timed "nsh-push --method import-export" nsh_push $((job + 2)) --method import-export
-check "nsh-push --method import-export"
-close_master $((job + 2))
+    wipe
+    timed "nsh-push (ImportPaths from nix-store --serve)" nsh_push $((job + 1))
+    check nsh-push
+    jq -e --argjson n "$count" '.push.copied == $n' "$work/out" > /dev/null ||
+        { echo "bench: nsh-push did not copy every path: $(cat "$work/out")" >&2; exit 1; }
+    timed "nsh-push again (all present)" nsh_push $((job + 1))
+    jq -e '.push.bytes == 0' "$work/out" > /dev/null || { echo "bench: re-push moved bytes" >&2; exit 1; }
+    close_master $((job + 1))
 
-wipe
-timed "nsh-push --method add-to-store-nar" nsh_push $((job + 3)) --method add-to-store-nar
-check "nsh-push --method add-to-store-nar"
-close_master $((job + 3))
+    wipe
+    timed "nsh-push --method import-export" nsh_push $((job + 2)) --method import-export
+    check "nsh-push --method import-export"
+    close_master $((job + 2))
 
-wipe
-timed "nix-copy-closure --to" env NIX_SSHOPTS="$sshopts" nix-copy-closure --to "$node" "$out"
-check nix-copy-closure
-timed "nix-copy-closure --to again (all present)" env NIX_SSHOPTS="$sshopts" nix-copy-closure --to "$node" "$out"
+    wipe
+    timed "nsh-push --method add-to-store-nar" nsh_push $((job + 3)) --method add-to-store-nar
+    check "nsh-push --method add-to-store-nar"
+    close_master $((job + 3))
 
-wipe
-timed "nix copy --to ssh://" env NIX_SSHOPTS="$sshopts" nix copy --to "ssh://$node" "$out"
-check "nix copy"
-timed "nix copy --to ssh:// again (all present)" env NIX_SSHOPTS="$sshopts" nix copy --to "ssh://$node" "$out"
+    wipe
+    timed "nix-copy-closure --to" env NIX_SSHOPTS="$sshopts" nix-copy-closure --to "$node" "$out"
+    check nix-copy-closure
+    timed "nix-copy-closure --to again (all present)" env NIX_SSHOPTS="$sshopts" nix-copy-closure --to "$node" "$out"
 
+    wipe
+    timed "nix copy --to ssh://" env NIX_SSHOPTS="$sshopts" nix copy --to "ssh://$node" "$out"
+    check "nix copy"
+    timed "nix copy --to ssh:// again (all present)" env NIX_SSHOPTS="$sshopts" nix copy --to "ssh://$node" "$out"
+done
 wipe
 
 echo
-echo "closure: $count paths, $(echo "scale=1; $bytes / 1048576" | bc) MiB NAR; node $node; $(date -u '+%Y-%m-%d %H:%M UTC')"
+echo "closure: $count paths, $(echo "scale=1; $bytes / 1048576" | bc) MiB NAR; node $node; $rounds rounds; $(date -u '+%Y-%m-%d %H:%M UTC')"
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -sr), $(nix-store --version 2>/dev/null)"
 echo
-echo "| what                                           |     secs |    MiB/s |"
-echo "|------------------------------------------------|---------:|---------:|"
-printf '%s\n' "${rows[@]}"
+echo "| what                                           | median s |   best s | MiB/s (median) |"
+echo "|------------------------------------------------|---------:|---------:|---------:|"
+for name in "${names[@]}"; do row "$name"; done
