@@ -233,16 +233,69 @@ fn release(alloc: &AllocSection, config: &Config) {
 }
 
 fn local_method(local: &LocalStore) -> Result<ImportMethod, Failure> {
-    let out = Command::new(nix_tool(local, "nix-store"))
+    let line = local_nix_version(local)?;
+    let method = method_for_version(&line);
+    log_info!("local Nix is {line:?}: importing with {}", method.name());
+    Ok(method)
+}
+
+/// `nix-store --version`, remembered per binary (its path, size and mtime)
+/// in the caller's private nsh directory: the hook runs nsh-fetch once per
+/// build, and the probe is a process start each time.
+fn local_nix_version(local: &LocalStore) -> Result<String, Failure> {
+    let program = nix_tool(local, "nix-store");
+    let key = resolve_program(&program).and_then(|path| {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(&path).ok()?;
+        Some(format!(
+            "{}\t{}\t{}",
+            path.display(),
+            meta.len(),
+            meta.mtime()
+        ))
+    });
+    let cache = crate::transport::control_dir()
+        .ok()
+        .map(|dir| dir.join("nix-store-version"));
+    if let (Some(key), Some(cache)) = (&key, &cache) {
+        if let Ok(text) = std::fs::read_to_string(cache) {
+            if let Some(line) = text
+                .strip_prefix(key.as_str())
+                .and_then(|t| t.strip_prefix('\t'))
+            {
+                return Ok(line.trim().to_string());
+            }
+        }
+    }
+    let out = Command::new(&program)
         .arg("--version")
         .stdin(Stdio::null())
         .stderr(Stdio::null())
         .output()
-        .or_fail(Kind::Config, || "running nix-store --version")?;
+        .or_fail(Kind::Config, || {
+            format!("running {} --version", program.display())
+        })?;
     let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    let method = method_for_version(&line);
-    log_info!("local Nix is {line:?}: importing with {}", method.name());
-    Ok(method)
+    if let (Some(key), Some(cache), true) = (&key, &cache, out.status.success()) {
+        // Temp + rename: concurrent fetches never read half a line.
+        let temp = cache.with_extension(format!("tmp{}", std::process::id()));
+        if std::fs::write(&temp, format!("{key}\t{line}\n")).is_ok() {
+            let _ = std::fs::rename(&temp, cache);
+        }
+    }
+    Ok(line)
+}
+
+/// Where `program` is: itself when it has a `/`, else found on PATH.
+fn resolve_program(program: &Path) -> Option<PathBuf> {
+    if program.components().count() > 1 {
+        return Some(program.to_path_buf());
+    }
+    std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join(program))
+            .find(|candidate| candidate.is_file())
+    })
 }
 
 fn nix_tool(local: &LocalStore, tool: &str) -> PathBuf {

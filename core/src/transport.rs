@@ -234,8 +234,9 @@ pub fn shell_quote(word: &str) -> String {
     }
 }
 
-/// A private directory for control sockets.
-fn control_dir() -> Result<PathBuf, Failure> {
+/// A private directory for control sockets (and the tools' other small
+/// per-user state).
+pub fn control_dir() -> Result<PathBuf, Failure> {
     let dir = match std::env::var_os("XDG_RUNTIME_DIR") {
         Some(d) if !d.is_empty() => PathBuf::from(d).join("nsh"),
         _ => PathBuf::from(format!("/tmp/nsh-{}", euid())),

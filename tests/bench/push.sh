@@ -129,6 +129,9 @@ for round in $(seq "$rounds"); do
     timed "nsh-push again (all present)" nsh_push $((job + 1))
     jq -e '.push.bytes == 0' "$work/out" > /dev/null || { echo "bench: re-push moved bytes" >&2; exit 1; }
     close_master $((job + 1))
+    # As nsh-hook runs it today: a new job, so a new ssh connection.
+    timed "nsh-push again (all present, new ssh connection)" nsh_push $((job + 4))
+    close_master $((job + 4))
 
     wipe
     timed "nsh-push --method import-export" nsh_push $((job + 2)) --method import-export
