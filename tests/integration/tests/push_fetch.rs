@@ -309,6 +309,7 @@ fn an_unreachable_node_is_transient_after_a_retry() {
     assert_eq!(code, 75, "{out}");
     assert!(stderr.contains("trying again"), "{stderr}");
     assert!(started.elapsed() < Duration::from_secs(30));
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 fn tempfile_dir() -> PathBuf {
@@ -674,4 +675,86 @@ fn the_whole_pipeline_builds_on_a_node_and_the_job_ends() {
         assert!(Instant::now() < deadline, "job {job} still {state}");
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// A node whose `nix-store` flips one byte of what it sends, after the
+/// handshake and the queries, inside the output's file data: Nix on the node
+/// sees nothing wrong, so only nsh-fetch's own hash check can catch it. The
+/// wrapper is configured as `[remote] nix_bin_dir` (the node sees the host's
+/// /tmp).
+#[test]
+fn a_nar_corrupted_in_transit_is_refused_by_hash_and_leaves_nothing() {
+    let c = Cluster::get();
+    let dir = tempfile_dir();
+    let flip = dir.join("flip.py");
+    std::fs::write(
+        &flip,
+        "import os, sys\n\
+         at = int(sys.argv[1]); seen = 0\n\
+         while True:\n\
+         \x20   chunk = os.read(0, 65536)\n\
+         \x20   if not chunk: break\n\
+         \x20   if seen <= at < seen + len(chunk):\n\
+         \x20       i = at - seen; chunk = chunk[:i] + bytes([chunk[i] ^ 0xff]) + chunk[i + 1:]\n\
+         \x20   seen += len(chunk)\n\
+         \x20   sys.stdout.buffer.write(chunk); sys.stdout.buffer.flush()\n",
+    )
+    .unwrap();
+    let wrapper = dir.join("nix-store");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\n/usr/bin/nix-store \"$@\" | python3 {} 200000\n",
+            flip.display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    for (path, mode) in [(&dir, 0o755), (&flip, 0o644), (&wrapper, 0o755)] {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    let config = std::fs::read_to_string(c.nsh_config()).unwrap();
+    let config = config.replace(
+        "nix_bin_dir = \"\"",
+        &format!("nix_bin_dir = \"{}\"", dir.display()),
+    );
+    assert!(config.contains(&dir.display().to_string()), "{config}");
+    let config_file = dir.join("nsh.toml");
+    std::fs::write(&config_file, config).unwrap();
+
+    for method in ["held-locks", "load-db"] {
+        let out_path = build_on_node(&c, &unique_salt(), 1_000_000);
+        let t = ticket(&[], Some(&out_path), job_id());
+        let (code, out, stderr) = run_tool(
+            &c,
+            "nsh-fetch",
+            &[
+                "--config",
+                config_file.to_str().unwrap(),
+                "--import-method",
+                method,
+            ],
+            &t,
+        );
+        assert_eq!(code, 1, "{method}: {out}\n{stderr}");
+        let message = out["error"]["message"].as_str().unwrap();
+        assert!(message.contains("NAR hash mismatch"), "{method}: {message}");
+        assert!(message.contains(&out_path), "{method}: {message}");
+        assert!(
+            !local_valid(&c, std::slice::from_ref(&out_path)),
+            "{method}"
+        );
+        let name = out_path.rsplit('/').next().unwrap();
+        let leftovers: Vec<String> = std::fs::read_dir("/nix/store")
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| {
+                n.starts_with(name) && !n.ends_with(".lock") || n.starts_with(".nsh-fetch-")
+            })
+            .collect();
+        assert_eq!(leftovers, Vec::<String>::new(), "{method}");
+        close_master(&out);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
