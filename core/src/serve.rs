@@ -518,15 +518,7 @@ mod tests {
     use crate::drv;
     use crate::store_path::{StoreDir, StorePath};
 
-    fn le(n: u64) -> Vec<u8> {
-        n.to_le_bytes().to_vec()
-    }
-
-    fn s(text: &str) -> Vec<u8> {
-        let mut out = Vec::new();
-        WireWriter::new(&mut out).string(text).unwrap();
-        out
-    }
+    use crate::wire::test_bytes::{le, s};
 
     #[test]
     fn query_valid_paths_bytes() {

@@ -380,15 +380,7 @@ impl Drop for ChildGuard {
 mod tests {
     use super::*;
 
-    fn le(n: u64) -> Vec<u8> {
-        n.to_le_bytes().to_vec()
-    }
-
-    fn s(text: &str) -> Vec<u8> {
-        let mut out = Vec::new();
-        WireWriter::new(&mut out).string(text).unwrap();
-        out
-    }
+    use crate::wire::test_bytes::{le, s};
 
     /// A whole conversation, byte for byte: what the client sends given
     /// what a 2.8 server answers.

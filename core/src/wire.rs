@@ -277,6 +277,24 @@ impl<W: Write> WireWriter<W> {
     }
 }
 
+/// Wire bytes spelled out, for byte-exact transcripts in tests.
+#[cfg(test)]
+pub(crate) mod test_bytes {
+    use super::WireWriter;
+
+    /// A u64 as it goes on the wire.
+    pub fn le(n: u64) -> Vec<u8> {
+        n.to_le_bytes().to_vec()
+    }
+
+    /// A string as it goes on the wire: length, bytes, padding.
+    pub fn s(text: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        WireWriter::new(&mut out).string(text).unwrap();
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
