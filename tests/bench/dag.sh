@@ -135,7 +135,8 @@ EOF
 
 # --- the node stores ---------------------------------------------------------
 node_paths() { # node → the store's valid-looking entries, sorted
-    "${SSH[@]}" "$1" 'ls /nix/store' | grep -v -e '^\.' -e '\.lock$' | sort
+    # (A fresh node's store is empty: grep then finds nothing, which is fine.)
+    "${SSH[@]}" "$1" 'ls /nix/store' | { grep -v -e '^\.' -e '\.lock$' || true; } | sort
 }
 snapshot_nodes() { # dir tag
     local n
