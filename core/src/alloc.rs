@@ -16,7 +16,7 @@ use crate::error::Failure;
 use crate::exit::ExitStatus;
 use crate::slurm::{JobInfo, JobRequest, Slurm};
 use crate::ticket::{AllocSection, BuildOptions, DrvSection, Resources, Ticket};
-use crate::{log_debug, log_error, log_info, log_warn};
+use crate::{log_debug, log_info, log_warn};
 
 /// Where a derivation goes and what Slurm is asked for (no script or
 /// environment yet).
@@ -531,57 +531,15 @@ pub fn cancel_stage<R: BufRead, W: Write>(
     config: Result<&Config, Failure>,
     clusters: &mut Clusters,
     input: R,
-    mut output: W,
+    output: W,
 ) -> ExitStatus {
-    let mut status = ExitStatus::Ok;
-    let mut note = |s: ExitStatus| {
-        if status == ExitStatus::Ok {
-            status = s;
-        }
-    };
-    for line in input.lines() {
-        let Ok(line) = line else {
-            note(ExitStatus::BadInput);
-            break;
-        };
-        if line.trim().is_empty() {
-            continue;
-        }
-        let out = match Ticket::from_line(&line) {
-            Err(failure) => {
-                log_error!("{failure}");
-                note(ExitStatus::of(failure.kind));
-                // Not a ticket: pass the line on as it came.
-                line
-            }
-            Ok(mut ticket) => {
-                if let Some(error) = &ticket.error {
-                    note(ExitStatus::of(error.kind));
-                }
-                let result = match &config {
-                    Ok(config) => cancel(config, clusters, &mut ticket),
-                    Err(failure) if ticket.alloc.is_some() => Err(failure.clone()),
-                    Err(_) => Ok(()),
-                };
-                if let Err(failure) = result {
-                    log_error!("{failure}");
-                    note(ExitStatus::of(failure.kind));
-                    if ticket.error.is_none() {
-                        ticket.fail("alloc", &failure);
-                    }
-                }
-                ticket.to_line()
-            }
-        };
-        if writeln!(output, "{out}")
-            .and_then(|()| output.flush())
-            .is_err()
-        {
-            note(ExitStatus::Transient);
-            break;
-        }
-    }
-    status
+    crate::tool::run_cleanup_stage("alloc", input, output, |ticket| match &config {
+        Ok(config) => cancel(config, clusters, ticket),
+        // A configuration that cannot be read matters only for a ticket
+        // whose job would need it.
+        Err(failure) if ticket.alloc.is_some() => Err(failure.clone()),
+        Err(_) => Ok(()),
+    })
 }
 
 /// The times of an allocation as the ticket records them (`alloc.secs`).

@@ -44,7 +44,37 @@ pub fn start<A: clap::Parser>(program: &str) -> A {
 pub fn run_stage<R: BufRead, W: Write>(
     stage: &str,
     input: R,
+    output: W,
+    stage_fn: impl FnMut(&mut Ticket) -> Result<(), Failure>,
+) -> ExitStatus {
+    run_tickets(stage, input, output, FailedTickets::PassOn, stage_fn)
+}
+
+/// Like [`run_stage`], for a clean-up step (`nsh-alloc --cancel`) that must
+/// also act on tickets that failed earlier: `cleanup_fn` sees every ticket.
+/// A failed ticket keeps its first error and its status; a clean-up failure
+/// is recorded only in a ticket that had none.
+pub fn run_cleanup_stage<R: BufRead, W: Write>(
+    stage: &str,
+    input: R,
+    output: W,
+    cleanup_fn: impl FnMut(&mut Ticket) -> Result<(), Failure>,
+) -> ExitStatus {
+    run_tickets(stage, input, output, FailedTickets::Visit, cleanup_fn)
+}
+
+/// What the loop does with a ticket that already carries an `error`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum FailedTickets {
+    PassOn,
+    Visit,
+}
+
+fn run_tickets<R: BufRead, W: Write>(
+    stage: &str,
+    input: R,
     mut output: W,
+    failed_tickets: FailedTickets,
     mut stage_fn: impl FnMut(&mut Ticket) -> Result<(), Failure>,
 ) -> ExitStatus {
     let mut status = ExitStatus::Ok;
@@ -76,29 +106,46 @@ pub fn run_stage<R: BufRead, W: Write>(
                     .insert("input".into(), serde_json::Value::String(line.clone()));
                 ticket
             }
-            Ok(ticket) if ticket.error.is_some() => {
-                let err = ticket.error.as_ref().expect("checked");
-                log_debug!("passing on a ticket that failed at {}", err.stage);
-                note(ExitStatus::of(err.kind));
-                ticket
-            }
             Ok(mut ticket) => {
+                if let Some(err) = &ticket.error {
+                    note(ExitStatus::of(err.kind));
+                    if failed_tickets == FailedTickets::PassOn {
+                        log_debug!("passing on a ticket that failed at {}", err.stage);
+                        if emit(&mut output, &ticket) {
+                            continue;
+                        }
+                        note(ExitStatus::of(Kind::Transient));
+                        break;
+                    }
+                }
                 if let Err(failure) = stage_fn(&mut ticket) {
                     log_error!("{failure}");
                     note(ExitStatus::of(failure.kind));
-                    ticket.fail(stage, &failure);
+                    if ticket.error.is_none() {
+                        ticket.fail(stage, &failure);
+                    }
                 }
                 ticket
             }
         };
-        if let Err(e) = writeln!(output, "{}", out.to_line()).and_then(|()| output.flush()) {
-            // The reader went away: nothing more can be reported on stdout.
-            log_error!("writing the ticket to stdout: {e}");
+        if !emit(&mut output, &out) {
             note(ExitStatus::of(Kind::Transient));
             break;
         }
     }
     status
+}
+
+/// Writes one ticket line; false when the reader went away (then nothing
+/// more can be reported on stdout).
+fn emit(output: &mut impl Write, ticket: &Ticket) -> bool {
+    match writeln!(output, "{}", ticket.to_line()).and_then(|()| output.flush()) {
+        Ok(()) => true,
+        Err(e) => {
+            log_error!("writing the ticket to stdout: {e}");
+            false
+        }
+    }
 }
 
 #[cfg(test)]
@@ -151,5 +198,30 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
         assert_eq!(v["input"], "hello");
         assert_eq!(v["error"]["kind"], "input");
+    }
+
+    #[test]
+    fn a_cleanup_stage_sees_failed_tickets_and_keeps_their_first_error() {
+        let failed = r#"{"v":1,"error":{"stage":"run","kind":"timed-out","message":"slow"}}"#;
+        let mut seen = 0;
+        let mut out = Vec::new();
+        let status = run_cleanup_stage(
+            "alloc",
+            format!("{failed}\n{{\"v\":1}}\n").as_bytes(),
+            &mut out,
+            |_| {
+                seen += 1;
+                Err(Failure::transient("cancel failed"))
+            },
+        );
+        assert_eq!(seen, 2);
+        assert_eq!(status, ExitStatus::TimedOut);
+        let out = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines[0], failed);
+        assert!(
+            lines[1].contains(r#""stage":"alloc","kind":"transient""#),
+            "{out}"
+        );
     }
 }
