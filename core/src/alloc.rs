@@ -404,6 +404,8 @@ pub fn allocate(
     Ok(AllocSection {
         cluster: cluster.name.clone(),
         backend: cluster.backend.as_str().to_string(),
+        api: slurm.api_version().map(|v| v.to_string()),
+        slurm: slurm.release().map(str::to_string),
         job,
         work: batch_script::work_dir(&config.remote.work_root, job),
         node,

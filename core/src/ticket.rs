@@ -142,6 +142,12 @@ pub struct AllocSection {
     pub cluster: String,
     /// `rest` or `cli`.
     pub backend: String,
+    /// The slurmrestd API version spoken (`v0.0.42`; REST only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api: Option<String>,
+    /// The Slurm release the server reported (`24.11.5`; REST only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slurm: Option<String>,
     /// The Slurm job id.
     pub job: u64,
     /// The node the job runs on.

@@ -46,6 +46,33 @@ impl Slurm {
             Slurm::Cli => cli::cancel(job),
         }
     }
+
+    /// The slurmrestd API version in use (`None` for the CLI).
+    pub fn api_version(&self) -> Option<ApiVersion> {
+        match self {
+            Slurm::Rest(client) => Some(client.version),
+            Slurm::Cli => None,
+        }
+    }
+
+    /// The server's Slurm release, when it said (slurmrestd's ping).
+    pub fn release(&self) -> Option<&str> {
+        match self {
+            Slurm::Rest(client) => client.release.as_deref(),
+            Slurm::Cli => None,
+        }
+    }
+}
+
+/// A server whose versions are all unknown to nsh: a configuration matter
+/// (upgrade nsh, or point `url` at a server that speaks an older version).
+fn none_known(url: &RestUrl, offered: &[String]) -> Failure {
+    let known: Vec<&str> = ApiVersion::ALL.iter().map(|v| v.as_str()).collect();
+    Failure::config(format!(
+        "slurmrestd at {url} offers API {}; this nsh speaks {}",
+        offered.join(", "),
+        known.join(", ")
+    ))
 }
 
 /// slurmrestd, at one address, speaking one API version.
@@ -124,6 +151,10 @@ impl RestClient {
             Ok(response) if response.status == 200 => {
                 if let Some(v) = rest::choose_version(&rest::offered_versions(&response.body)) {
                     return Ok(v);
+                }
+                let offered = rest::offered_version_names(&response.body);
+                if !offered.is_empty() {
+                    return Err(none_known(&self.url, &offered));
                 }
             }
             Ok(response) if matches!(response.status, 401 | 403) => {
@@ -318,6 +349,23 @@ mod tests {
             !seen[1].contains("X-SLURM-USER-NAME") && seen[1].contains("X-SLURM-USER-TOKEN: tok")
         );
         assert!(!seen[2].contains("X-SLURM-USER-NAME"));
+    }
+
+    #[test]
+    fn a_server_offering_only_unknown_versions_is_a_config_error_naming_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("s");
+        let doc = r#"{"paths":{"\/slurm\/v0.0.46\/ping\/":{},"\/slurm\/v0.0.47\/ping\/":{}}}"#;
+        server(&socket, vec![("GET /openapi/v3", 200, doc.into())]);
+        let failure = RestClient::connect(&cluster(&socket, "")).unwrap_err();
+        assert_eq!(failure.kind, crate::Kind::Config);
+        assert!(
+            failure
+                .message
+                .contains("offers API v0.0.46, v0.0.47; this nsh speaks v0.0.38, v0.0.39"),
+            "{}",
+            failure.message
+        );
     }
 
     #[test]

@@ -192,12 +192,37 @@ pub fn server_release(body: &Value) -> Option<String> {
 /// The API versions an OpenAPI document (from [`OPENAPI_PATH`]) offers,
 /// among those nsh speaks, oldest first.
 pub fn offered_versions(openapi_text: &str) -> Vec<ApiVersion> {
+    offered_version_names(openapi_text)
+        .iter()
+        .filter_map(|name| name.parse().ok())
+        .collect()
+}
+
+/// Every `/slurm/vX.Y.Z/` version an OpenAPI document names, known to nsh
+/// or not, oldest first (for messages: what the server offers).
+pub fn offered_version_names(openapi_text: &str) -> Vec<String> {
     // slurmrestd's JSON writer escapes slashes (`\/slurm\/v0.0.38\/ping\/`).
     let text = openapi_text.replace("\\/", "/");
-    ApiVersion::ALL
-        .into_iter()
-        .filter(|v| text.contains(&format!("/slurm/{v}/")))
-        .collect()
+    let mut names: Vec<String> = text
+        .match_indices("/slurm/v")
+        .filter_map(|(at, _)| {
+            let rest = &text[at + "/slurm/".len()..];
+            let end = rest.find('/')?;
+            let name = &rest[..end];
+            let numeric = name[1..]
+                .split('.')
+                .all(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()));
+            numeric.then(|| name.to_string())
+        })
+        .collect();
+    names.sort_by_key(|name| {
+        name[1..]
+            .split('.')
+            .map(|part| part.parse::<u32>().unwrap_or(0))
+            .collect::<Vec<_>>()
+    });
+    names.dedup();
+    names
 }
 
 /// The newest version in `offered`.
@@ -252,9 +277,11 @@ pub fn check(what: &str, status: u16, body: &str) -> Result<Value, Failure> {
     };
     match status {
         200..=299 => {}
-        401 | 403 => {
+        // 511: slurmctld refused the credential slurmrestd passed on
+        // (Slurm ≥ 23.11 says "Protocol authentication error", error 1007).
+        401 | 403 | 511 => {
             return Err(Failure::transient(format!(
-                "{what}: slurmrestd refused the token (HTTP {status}{}{}): check the cluster's token_file/token_command and user",
+                "{what}: Slurm refused the token (HTTP {status}{}{}): check the cluster's token_file/token_command and user",
                 plain(),
                 if slurm_says.is_empty() { String::new() } else { format!(": {slurm_says}") }
             )))
@@ -519,6 +546,15 @@ mod tests {
         insta::assert_snapshot!("error_500", failure.message);
         let failure = check("asking", 401, "Authentication failure").unwrap_err();
         insta::assert_snapshot!("error_401", failure.message);
+        // What 24.11 and 26.05 answer a submit with a token slurmctld refuses.
+        let failure = check(
+            "submitting the job",
+            511,
+            r#"{"errors":[{"error":"Protocol authentication error","error_number":1007,"description":"Batch job submission failed"}]}"#,
+        )
+        .unwrap_err();
+        assert_eq!(failure.kind, crate::Kind::Transient);
+        insta::assert_snapshot!("error_511", failure.message);
         let failure = check(
             "asking",
             200,
@@ -527,6 +563,17 @@ mod tests {
         .unwrap_err();
         assert_eq!(failure.message, "asking: bad: error 1");
         assert!(check("asking", 200, "<html>").is_err());
+    }
+
+    #[test]
+    fn offered_versions_known_or_not() {
+        let doc = r#"{"paths":{"\/slurm\/v0.0.42\/ping\/":{},"\/slurm\/v0.0.46\/ping\/":{},"/slurm/v0.0.9/jobs/":{},"/slurmdb/v0.0.42/jobs/":{},"/slurm/vX/ping":{}}}"#;
+        assert_eq!(offered_version_names(doc), ["v0.0.9", "v0.0.42", "v0.0.46"]);
+        assert_eq!(offered_versions(doc), [ApiVersion::V0042]);
+        assert_eq!(
+            choose_version(&offered_versions(doc)),
+            Some(ApiVersion::V0042)
+        );
     }
 
     #[test]

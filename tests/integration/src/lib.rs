@@ -137,35 +137,84 @@ pub fn unique_salt() -> String {
     format!("{}-{}", t.as_nanos(), std::process::id())
 }
 
-/// The path of an nsh tool's binary (`nsh-alloc`, `nsh-run`, …), built from
-/// this workspace first (once per test process) so that a test never runs a
-/// stale one. Cargo gives a test only its own crate's binaries, hence this.
+/// The path of an nsh tool's binary (`nsh-alloc`, `nsh-run`, …):
+/// `target/<profile>/<name>`, next to this test's own executable, as
+/// `cargo test --workspace` builds it (Cargo gives a test only its own
+/// crate's binaries, hence this). Tests never build: on a stack's machine
+/// a build would link against that stack's C library, and the binary would
+/// then fail on an older stack (`scripts/test` builds once, on the host).
 pub fn nsh_tool(name: &str) -> PathBuf {
-    use std::sync::OnceLock;
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    let dir = BUILT.get_or_init(|| {
-        let root = Cluster::repo_root();
-        let tools: Vec<String> = std::fs::read_dir(root.join("tools"))
-            .expect("tools/")
-            .filter_map(|e| e.ok())
-            .filter(|e| e.path().join("Cargo.toml").exists())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect();
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.current_dir(root).arg("build").arg("--quiet");
-        for tool in &tools {
-            cmd.args(["-p", tool]);
-        }
-        run_ok(&mut cmd);
-        match std::env::var_os("CARGO_TARGET_DIR") {
-            Some(dir) => PathBuf::from(dir).join("debug"),
-            None => root.join("target/debug"),
-        }
-    });
+    let exe = std::env::current_exe().expect("the test's own path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/<test>");
     let path = dir.join(name);
-    assert!(path.exists(), "{} was not built", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace first (cargo test --workspace, or scripts/test)",
+        path.display()
+    );
     path
+}
+
+/// A copy of `binary` that any user may run, for tests that run a tool as
+/// the build account (`runuser`): the checkout itself may lie under a
+/// directory only root can enter (`/root` is 0700).
+pub fn runnable_by_anyone(binary: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("nsh-test-bin-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a directory for the copy");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let name = binary.file_name().expect("a binary's file name");
+    let copy = dir.join(name);
+    // Copied under a temporary name and renamed: a test thread that forks
+    // meanwhile never holds the final name open for writing (ETXTBSY).
+    let temp = dir.join(format!(
+        "{}.tmp{:?}",
+        name.to_string_lossy(),
+        std::thread::current().id()
+    ));
+    std::fs::copy(binary, &temp).expect("copying the binary");
+    std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::rename(&temp, &copy).expect("renaming the copy");
+    copy
+}
+
+/// Which versions this stack runs (`tests/cluster/cluster` env.json).
+impl Cluster {
+    /// The stack's name (`bookworm`, `trixie`, `sid`).
+    pub fn stack(&self) -> String {
+        self.s("stack")
+    }
+    /// The login side's Nix version (`2.34.8`).
+    pub fn nix_version(&self) -> String {
+        self.s("nix_version")
+    }
+    /// The Slurm release (`24.11.5`).
+    pub fn slurm_version(&self) -> String {
+        self.s("slurm_version")
+    }
+    /// The OpenAPI plugin slurmrestd runs with (`openapi/slurmctld`, or
+    /// `openapi/v0.0.38` on 22.05).
+    pub fn rest_plugin(&self) -> String {
+        self.s("rest_plugin")
+    }
+    /// The data_parser versions slurmrestd serves, oldest first.
+    pub fn rest_versions(&self) -> Vec<String> {
+        self.info["rest_versions"]
+            .as_array()
+            .expect("rest_versions")
+            .iter()
+            .map(|v| v.as_str().expect("a version").to_string())
+            .collect()
+    }
+}
+
+/// `(major, minor)` of a version like `2.34.8`.
+pub fn major_minor(version: &str) -> (u32, u32) {
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
 }
 
 /// Instantiates a Nix expression in the login node's store; returns the

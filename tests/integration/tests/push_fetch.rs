@@ -9,7 +9,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use nsh_cluster_tests::{run_ok, unique_salt, Cluster};
@@ -25,29 +24,8 @@ const TOOLS: [&str; 5] = [
     "nsh-fetch",
 ];
 
-/// `target/<profile>/<name>`, next to this test's own executable.
 fn tool(name: &str) -> PathBuf {
-    static BUILT: OnceLock<()> = OnceLock::new();
-    let dir = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .and_then(Path::parent)
-        .unwrap()
-        .to_path_buf();
-    BUILT.get_or_init(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let release = dir.ends_with("release");
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-q"])
-            .args(TOOLS.iter().flat_map(|t| ["-p", t]))
-            .current_dir(Cluster::repo_root());
-        if release {
-            cmd.arg("--release");
-        }
-        let status = cmd.status().expect("cargo runs");
-        assert!(status.success(), "building nsh-push and nsh-fetch failed");
-    });
-    dir.join(name)
+    nsh_cluster_tests::nsh_tool(name)
 }
 
 /// The paths of `nix-build`'s result, closed under references, in
