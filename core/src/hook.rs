@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::check::probe;
 use crate::error::{Failure, Kind};
 use crate::hook_config::HookConfig;
 use crate::hook_decision::{decide, ClusterCaps, Decision, LocalCaps};
@@ -186,6 +187,13 @@ fn run(verbosity: Verbosity) -> i32 {
                 return EXIT_MISC;
             }
         };
+        // `nsh-hook --check` asking whether the daemon's hook is nsh:
+        // answered before anything else, a broken configuration included.
+        if let Some(nonce) = probe::probe_nonce(&t) {
+            answer_probe(&nonce, &settings, config.as_ref(), &ui);
+            ui.reply(&Reply::Decline);
+            continue;
+        }
         let config = match &config {
             Ok(config) => config,
             Err(failure) => {
@@ -276,6 +284,29 @@ fn run(verbosity: Verbosity) -> i32 {
                 }
             },
         }
+    }
+}
+
+/// Leaves this hook's marker for the probe `nonce` (see [`probe`]) and says
+/// so: the daemon relays the hook's messages to the client that asked, so
+/// the check learns that the hook is nsh even when the marker cannot be
+/// written (and why).
+fn answer_probe(nonce: &str, settings: &Settings, loaded: Result<&HookConfig, &Failure>, ui: &Ui) {
+    let marker = probe::Marker::of_this_hook(nonce, settings.get("build-hook"), loaded);
+    let dir = probe::probe_dir();
+    let whom = format!("nsh-hook {} at {}", marker.version, marker.exe);
+    match probe::leave_marker(&dir, &marker) {
+        Ok(()) => ui.msg(
+            Verbosity::Info,
+            format!(
+                "{whom}: the --check probe {nonce}: marker left in {}",
+                dir.display()
+            ),
+        ),
+        Err(failure) => ui.msg(
+            Verbosity::Warn,
+            format!("{whom}: the --check probe {nonce}: no marker: {failure}"),
+        ),
     }
 }
 
