@@ -34,8 +34,16 @@ pub fn check(config: &Config, cluster: &Cluster, timeout: Duration) -> Vec<Line>
             lines.push(check_accounting(&slurm, what, name, &partitions, &scope));
         }
     }
+    // A partition Slurm does not know has failed already: what goes there
+    // cannot be checked.
+    let known = |name: &String| partitions.iter().any(|p| &p.name == name);
     for (feature, request) in &cluster.features {
         let partition = request.partition.as_ref().or(cluster.partition.as_ref());
+        if let Some(name) = partition.filter(|name| !known(name)) {
+            let detail = format!("not checked: partition {name} is unknown");
+            lines.push(Line::warn(&scope, &format!("feature {feature}"), detail));
+            continue;
+        }
         let in_partition = nodes_of(&nodes, partition.map(String::as_str));
         lines.push(check_feature(
             feature,
@@ -44,6 +52,14 @@ pub fn check(config: &Config, cluster: &Cluster, timeout: Duration) -> Vec<Line>
             &in_partition,
             &scope,
         ));
+    }
+    if let Some(name) = cluster.partition.as_ref().filter(|name| !known(name)) {
+        lines.push(Line::warn(
+            &scope,
+            "ssh",
+            format!("not tried: partition {name} is unknown"),
+        ));
+        return lines;
     }
     let in_partition = nodes_of(&nodes, cluster.partition.as_deref());
     lines.push(check_ssh(config, cluster, &in_partition, timeout, &scope));
@@ -64,7 +80,11 @@ fn reach_slurm(
                 .map(|p| executable(p).map_err(|f| Failure::transient(f.message)))
                 .collect();
             match found {
-                Ok(paths) => lines.push(Line::ok(scope, "commands", list(&paths))),
+                Ok(paths) => {
+                    // The jobs are this user's: sbatch submits as whoever runs it.
+                    let detail = format!("{}; jobs run as {}", list(&paths), this_user());
+                    lines.push(Line::ok(scope, "commands", detail));
+                }
                 Err(failure) => {
                     lines.push(Line::fail(scope, "commands", failure));
                     return None;
@@ -356,6 +376,22 @@ fn check_ssh(
         ),
     };
     line.timed(started)
+}
+
+/// This process's user name (its uid when it has none).
+fn this_user() -> String {
+    // SAFETY: getuid cannot fail; getpwuid's answer is read at once, before
+    // another call could overwrite it (the doctor looks users up nowhere else).
+    unsafe {
+        let uid = libc::getuid();
+        let entry = libc::getpwuid(uid);
+        if entry.is_null() || (*entry).pw_name.is_null() {
+            return format!("uid {uid}");
+        }
+        std::ffi::CStr::from_ptr((*entry).pw_name)
+            .to_string_lossy()
+            .into_owned()
+    }
 }
 
 fn list(paths: &[std::path::PathBuf]) -> String {

@@ -195,13 +195,23 @@ fn check_config(path: &Path, source: ConfigSource) -> (Vec<Line>, Option<(Config
     const SCOPE: &str = "config";
     let named = format!("{} (from {source})", path.display());
     let loaded = std::fs::read_to_string(path)
-        .map_err(|e| Failure::config(format!("{named}: {e}")))
+        .map_err(|e| Failure::config(format!("{}: {e}", path.display())))
         .and_then(|text| Ok((Config::parse(path, &text)?, HookConfig::parse(path, &text)?)));
     let (config, hook) = match loaded {
         Ok(loaded) => loaded,
         Err(failure) => {
-            let failure = Failure::config(format!("{named}: {}", failure.message));
-            return (vec![Line::fail(SCOPE, "file", failure)], None);
+            // The parser's messages start with the path: say why it was read.
+            let message = match failure
+                .message
+                .strip_prefix(&format!("{}: ", path.display()))
+            {
+                Some(rest) => format!("{named}: {rest}"),
+                None => failure.message,
+            };
+            return (
+                vec![Line::fail(SCOPE, "file", Failure::config(message))],
+                None,
+            );
         }
     };
     let names: Vec<&str> = config.clusters.keys().map(String::as_str).collect();

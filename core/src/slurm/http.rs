@@ -141,6 +141,7 @@ fn agent() -> &'static ureq::Agent {
 fn describe_ureq_error(e: ureq::Error) -> String {
     match e {
         ureq::Error::Io(io) => io.to_string(),
+        ureq::Error::Timeout(_) => format!("no answer within {} s", timeout().as_secs_f64()),
         other => other.to_string(),
     }
 }

@@ -110,18 +110,21 @@ fn write_table(out: &mut impl Write, lines: &[Line], code: i32) -> std::io::Resu
         "{:scope_w$}  {:check_w$}  {:6}  DETAIL",
         "SCOPE", "CHECK", "RESULT"
     )?;
+    // A detail of several lines (a TOML error with its excerpt) stays in
+    // its column.
+    let indent = format!("\n{}", " ".repeat(scope_w + check_w + 12));
     for line in lines {
         let secs = line
             .secs
             .map(|s| format!(" [{s:.2} s]"))
             .unwrap_or_default();
+        let detail = format!("{}{secs}", line.detail).replace('\n', &indent);
         writeln!(
             out,
-            "{:scope_w$}  {:check_w$}  {:6}  {}{secs}",
+            "{:scope_w$}  {:check_w$}  {:6}  {detail}",
             line.scope,
             line.check,
             line.status.word(),
-            line.detail
         )?;
     }
     writeln!(out, "{}", summary(lines, code))

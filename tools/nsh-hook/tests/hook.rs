@@ -176,6 +176,7 @@ impl Site {
             .env("T", self.dir.path())
             .env("NSH_BIN_DIR", self.bin())
             .env("NSH_TICKET_LOG", self.path("tickets.jsonl"))
+            .env("NSH_PROBE_DIR", self.path("probe"))
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -597,6 +598,99 @@ fn a_hook_killed_while_nsh_alloc_waits_leaves_nsh_alloc_to_cancel_its_job() {
     eventually("nsh-alloc to get SIGTERM", Duration::from_secs(5), || {
         site.read("alloc-term") == "TERM\n"
     });
+}
+
+const PROBE_NONCE: &str = "5f0c2a9e8b7d6c5e4f3a2b1c0d9e8f7a";
+
+/// The `try` of `nsh-hook --check`'s probe derivation.
+fn probe_try() -> Vec<u8> {
+    let name = format!("nsh-probe-{PROBE_NONCE}");
+    Try {
+        am_willing: false,
+        needed_system: "x86_64-linux".into(),
+        drv_path: format!("/nix/store/9wz4rz0z6nxsdmyyq3amsirnkbm7yhgv-{name}.drv"),
+        required_features: vec![name],
+    }
+    .to_bytes()
+}
+
+#[test]
+fn the_check_probe_is_declined_with_a_marker_even_with_a_broken_configuration() {
+    let site = Site::new("", 1);
+    fs::create_dir(site.path("probe")).unwrap();
+    fs::set_permissions(site.path("probe"), fs::Permissions::from_mode(0o700)).unwrap();
+    for broken in [false, true] {
+        if broken {
+            fs::write(site.path("nsh.toml"), "[cluster.main]\nsystems = 3\n").unwrap();
+        }
+        let after_accept = if broken { vec![] } else { accepted() };
+        let (code, stderr) = site.run(&cat(&[
+            &settings(),
+            &probe_try(),
+            &try_(true, "x86_64-linux", &["big-parallel"]),
+            &after_accept,
+        ]));
+        assert_eq!(code, 0, "{stderr}");
+        let lines: Vec<&str> = stderr.lines().collect();
+        // The probe: a message and a decline; then the next try as usual.
+        let said = &nix_lines(lines[0])[0];
+        assert_eq!(said["level"], 3, "{said}");
+        assert!(
+            said["msg"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("probe {PROBE_NONCE}: marker left")),
+            "{said}"
+        );
+        assert_eq!(lines[1], "# decline");
+        let marker: Value =
+            serde_json::from_str(&site.read(&format!("probe/{PROBE_NONCE}.json"))).unwrap();
+        fs::remove_file(site.path(&format!("probe/{PROBE_NONCE}.json"))).unwrap();
+        assert_eq!(marker["exe"], site.hook().display().to_string());
+        assert_eq!(
+            marker["config"],
+            site.path("nsh.toml").display().to_string()
+        );
+        assert_eq!(marker["config_source"], "$NSH_CONFIG");
+        assert_eq!(
+            marker["build_hook"],
+            Value::Null,
+            "this dump has no build-hook"
+        );
+        if broken {
+            assert!(
+                marker["config_error"]
+                    .as_str()
+                    .unwrap()
+                    .contains("nsh.toml"),
+                "{marker}"
+            );
+            assert_eq!(lines.last().unwrap(), &"# decline-permanently", "{stderr}");
+        } else {
+            assert_eq!(marker["config_error"], Value::Null);
+            assert!(lines[2].starts_with("# accept"), "{stderr}");
+        }
+    }
+}
+
+#[test]
+fn a_probe_marker_is_never_written_into_a_directory_others_can_reach() {
+    let site = Site::new("", 1);
+    fs::create_dir(site.path("probe")).unwrap();
+    fs::set_permissions(site.path("probe"), fs::Permissions::from_mode(0o755)).unwrap();
+    let (code, stderr) = site.run(&cat(&[&settings(), &probe_try()]));
+    assert_eq!(code, 0);
+    let said = &nix_lines(&stderr)[0];
+    assert_eq!(said["level"], 1, "a warning: {said}");
+    assert!(
+        said["msg"]
+            .as_str()
+            .unwrap()
+            .contains("no marker: the probe directory"),
+        "{said}"
+    );
+    assert!(stderr.ends_with("# decline\n"), "{stderr}");
+    assert!(!site.path(&format!("probe/{PROBE_NONCE}.json")).exists());
 }
 
 #[test]
