@@ -340,6 +340,18 @@ pub fn run_probe(nix_bin: &Path) -> Result<Seen, Failure> {
             .map(str::to_string);
     }
     seen.marker = probe::take_marker(&dir, &nonce)?;
+    // The daemon locked the output it did not build and left the lock file.
+    let outputs = nix(
+        nix_bin,
+        "nix-store",
+        &["--query", "--outputs", &drv],
+        left(),
+    );
+    if let Ok(out) = &outputs {
+        for path in String::from_utf8_lossy(&out.stdout).lines() {
+            remove_stale_lock(Path::new(&format!("{}.lock", path.trim())));
+        }
+    }
     let deleted = nix(nix_bin, "nix-store", &["--delete", &drv], left());
     seen.left_behind = match deleted {
         Ok(out) if out.status.success() => None,
@@ -351,6 +363,24 @@ pub fn run_probe(nix_bin: &Path) -> Result<Seen, Failure> {
     };
     realised?;
     Ok(seen)
+}
+
+/// Removes a lock file nobody holds, as Nix does (`deleteLockFile`): taken,
+/// unlinked, then marked stale with a byte, so that a process that opened
+/// it meanwhile knows to start again. Only the probe's own output lock.
+fn remove_stale_lock(path: &Path) {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    let Ok(mut file) = std::fs::OpenOptions::new().write(true).open(path) else {
+        return;
+    };
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return;
+    }
+    if std::fs::remove_file(path).is_ok() {
+        let _ = file.write_all(b"d");
+    }
 }
 
 /// Runs a Nix command against the daemon, with none of this user's settings.
