@@ -42,7 +42,8 @@ pub const EXIT_PERMANENT: i32 = 100;
 pub const EXIT_TIMED_OUT: i32 = 101;
 pub const EXIT_MISC: i32 = 1;
 
-/// How long the hook itself waits for `nsh-alloc --cancel` after a signal.
+/// How long the hook itself waits for `nsh-alloc --cancel` after a signal
+/// when it has no watchdog to do it.
 const CANCEL_IN_HOOK: Duration = Duration::from_millis(1000);
 /// How long the watchdog waits for it.
 const CANCEL_IN_WATCHDOG: Duration = Duration::from_secs(60);
@@ -440,6 +441,7 @@ impl Progress<'_> {
     fn on_event(&mut self, event: &Event) {
         match event {
             Event::Stderr(line) => relay_stderr_line(self.ui, line),
+            Event::Interrupted(_) => self.switch(None),
             Event::Ticket { stage, ticket, .. } => {
                 if ticket.error.is_some() {
                     self.switch(None);
@@ -551,6 +553,11 @@ fn build(
                 w.update(ticket);
             }
         }
+        if let (Event::Interrupted(_), Some(w)) = (event, watchdog.as_mut()) {
+            // Before the stages are stopped, and from outside the hook's
+            // process group, which Nix 2.35 kills 500 ms after its SIGTERM.
+            w.cancel_now();
+        }
         progress.on_event(event);
     });
     progress.switch(None);
@@ -566,19 +573,25 @@ fn build(
             Verbosity::Error,
             format!("nsh-hook: interrupted by signal {signal}; cancelling the build"),
         );
-        if let (Some(tool), Some(ticket)) = (&alloc_tool, &outcome.latest_alloc) {
-            let cancelled =
-                pipeline::run_bounded(tool, &["--cancel"], &ticket.to_line(), CANCEL_IN_HOOK);
-            if matches!(cancelled, Ok(0)) {
-                if let Some(w) = watchdog.take() {
-                    w.disarm();
+        match watchdog {
+            // It is cancelling already and has every ticket seen since; the
+            // hook exits without waiting for it, well within the 500 ms Nix
+            // 2.35 gives it.
+            Some(w) => w.hand_over(),
+            None => {
+                if let (Some(tool), Some(ticket)) = (&alloc_tool, &outcome.latest_alloc) {
+                    let _ = pipeline::run_bounded(
+                        tool,
+                        &["--cancel"],
+                        &ticket.to_line(),
+                        CANCEL_IN_HOOK,
+                    );
                 }
             }
         }
         if let Some(log) = timing {
             log.append(&outcome, EXIT_MISC, ui);
         }
-        // Otherwise the watchdog cancels when this process is gone.
         return EXIT_MISC;
     }
     let (code, message) = verdict(&outcome, |paths, uri| {
@@ -780,7 +793,8 @@ fn outputs_valid(nix_bin_dir: Option<&Path>, uri: &str, paths: &[String]) -> Res
 
 /// A process in its own session that cancels the Slurm job if the hook
 /// disappears before saying it is done. It reads, on stdin, one line per
-/// update: the latest ticket with `alloc`, or `done`.
+/// update: the latest ticket with `alloc`; `cancel` (the hook was told to
+/// stop: cancel now); `done` (nothing to cancel).
 struct Watchdog {
     child: Child,
     stdin: ChildStdin,
@@ -817,6 +831,16 @@ impl Watchdog {
         drop(self.stdin);
         let _ = self.child.wait();
     }
+
+    fn cancel_now(&mut self) {
+        let _ = writeln!(self.stdin, "cancel");
+    }
+
+    /// No more updates: the watchdog cancels what it has not cancelled yet,
+    /// on its own, and exits.
+    fn hand_over(self) {
+        drop(self.stdin);
+    }
 }
 
 /// `nsh-hook --watchdog <nsh-alloc>`: see [`Watchdog`].
@@ -831,23 +855,38 @@ fn watchdog_main(args: &[String]) -> i32 {
         libc::signal(libc::SIGHUP, libc::SIG_IGN);
         libc::signal(libc::SIGPIPE, libc::SIG_IGN);
     }
-    let mut latest: Option<String> = None;
-    for line in io::stdin().lock().lines() {
-        let Ok(line) = line else { break };
-        if line == "done" {
-            return 0;
-        }
-        if !line.trim().is_empty() {
-            latest = Some(line);
-        }
-    }
-    if let Some(ticket) = latest {
+    let cancel = |ticket: &str| {
         let _ = pipeline::run_bounded(
             Path::new(alloc_tool),
             &["--cancel"],
-            &ticket,
+            ticket,
             CANCEL_IN_WATCHDOG,
         );
+    };
+    let mut latest: Option<String> = None;
+    let mut cancelled: Option<String> = None;
+    for line in io::stdin().lock().lines() {
+        let Ok(line) = line else { break };
+        match line.trim() {
+            "done" => return 0,
+            "" => {}
+            "cancel" => {
+                if let Some(ticket) = latest
+                    .as_deref()
+                    .filter(|t| cancelled.as_deref() != Some(*t))
+                {
+                    cancel(ticket);
+                    cancelled = Some(ticket.to_string());
+                }
+            }
+            _ => latest = Some(line),
+        }
+    }
+    // The hook is gone without saying it is done; a ticket that came after
+    // a `cancel` (nsh-alloc's job started as the hook was stopped) is
+    // cancelled too.
+    if let Some(ticket) = latest.filter(|t| cancelled.as_ref() != Some(t)) {
+        cancel(&ticket);
     }
     0
 }

@@ -544,6 +544,10 @@ fn sigterm_stops_the_pipeline_cancels_the_job_and_exits_within_2s() {
         started.elapsed()
     );
     assert_eq!(code, 1);
+    // By the watchdog, told at the signal, outside the hook's group.
+    eventually("the job to be cancelled", Duration::from_secs(2), || {
+        site.read("cancelled").contains(r#""job":4242"#)
+    });
     let cancelled: Value = serde_json::from_str(site.read("cancelled").trim()).unwrap();
     assert_eq!(cancelled["alloc"]["job"], 4242);
     assert!(
@@ -572,6 +576,49 @@ fn a_killed_hook_leaves_the_cancel_to_its_watchdog() {
         Duration::from_secs(10),
         || site.read("cancelled").contains("4242"),
     );
+}
+
+/// The processes whose environment has this site's `T` (every stage, the
+/// watchdog and what they start).
+fn processes_of(site: &Site) -> Vec<String> {
+    let needle = format!("T={}", site.dir.path().display());
+    fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|pid| pid.bytes().all(|b| b.is_ascii_digit()))
+        .filter(|pid| {
+            fs::read(format!("/proc/{pid}/environ"))
+                .map(|env| env.split(|&b| b == 0).any(|v| v == needle.as_bytes()))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+#[test]
+fn nix_2_35_stopping_the_hook_cancels_the_job_and_leaves_nothing() {
+    let site = Site::new("", 1);
+    let mut hook = start_hanging_build(&site);
+    eventually("nsh-alloc's ticket to pass", Duration::from_secs(5), || {
+        site.read("seen-nsh-run").contains("4242")
+    });
+    // As Nix 2.35 does: SIGTERM to the group, SIGKILL 500 ms later if the
+    // hook is still there.
+    let group = -(hook.id() as i32);
+    unsafe { libc::kill(group, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_millis(500);
+    while hook.try_wait().unwrap().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if hook.try_wait().unwrap().is_none() {
+        unsafe { libc::kill(group, libc::SIGKILL) };
+    }
+    let _ = hook.wait();
+    eventually("the job to be cancelled", Duration::from_secs(5), || {
+        site.read("cancelled").contains(r#""job":4242"#)
+    });
+    eventually("every process to end", Duration::from_secs(5), || {
+        processes_of(&site).is_empty()
+    });
 }
 
 #[test]
