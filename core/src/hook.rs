@@ -32,7 +32,8 @@ use crate::hook_config::HookConfig;
 use crate::hook_decision::{decide, ClusterCaps, Decision, LocalCaps};
 use crate::hook_pipeline::{self as pipeline, Event, Outcome, Stages};
 use crate::hook_proto::{
-    Accepted, ActivityType, Field, LogLine, Reply, ReplyWord, Request, Settings, Try, Verbosity,
+    Accepted, ActivityType, Field, LogLine, NixDefaults, Reply, ReplyWord, Request, Settings, Try,
+    Verbosity,
 };
 use crate::slots::{LockTable, Slot, SlotDir};
 use crate::ticket::{BuildOptions, DrvSection, StoreSection, Ticket};
@@ -169,7 +170,7 @@ fn run(verbosity: Verbosity) -> i32 {
             return EXIT_MISC;
         }
     };
-    let local = LocalCaps::from_settings(&settings);
+    let local = LocalCaps::from_settings(&settings, &NixDefaults::of_this_machine());
     let config = HookConfig::load();
     // Without the pipeline nsh builds nothing, but a fallback hook still may.
     let stages = config.as_ref().ok().map(|config| match &config.pipeline {

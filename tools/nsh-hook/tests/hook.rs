@@ -28,6 +28,7 @@ fn settings() -> Vec<u8> {
         ("system-features", "big-parallel"),
         ("max-silent-time", "7"),
         ("timeout", "3600"),
+        ("max-build-log-size", "65536"),
         ("keep-failed", "true"),
         ("access-tokens", "github.com=SECRET-TOKEN"),
     ] {
@@ -320,6 +321,62 @@ fn a_broken_configuration_declines_permanently_and_says_why() {
     assert_eq!(lines[1], "# decline-permanently");
 }
 
+/// Lix 2.91–2.93 dump only the overridden settings: here none at all, the
+/// dump being its end marker alone.
+#[test]
+fn a_lix_dump_without_settings_gets_nix_defaults() {
+    let site = Site::new("", 1);
+    let no_settings = 0u64.to_le_bytes();
+    let (code, stderr) = site.run(&cat(&[
+        &no_settings,
+        &try_(false, "x86_64-linux", &["big-parallel"]),
+        &accepted(),
+    ]));
+    assert!(stderr.starts_with("# accept\nslurm://main\n"), "{stderr}");
+    assert_eq!(code, 0, "{stderr}");
+    let first: Value = serde_json::from_str(site.read("seen-nsh-closure").trim()).unwrap();
+    assert_eq!(
+        first["store"],
+        serde_json::json!({"dir": "/nix/store", "uri": "auto"})
+    );
+    assert_eq!(
+        first["options"],
+        serde_json::json!({"max_silent_time": 0, "timeout": 0, "max_log_size": 0, "keep_failed": false})
+    );
+    // Every slot taken: by Nix's defaults this daemon builds x86_64-linux
+    // with big-parallel itself, so the try is declined; postponed only when
+    // the daemon has no free slot.
+    if cfg!(all(target_arch = "x86_64", target_os = "linux")) {
+        let _held = SlotDir::new(site.path("slots"))
+            .acquire("main", 1)
+            .unwrap()
+            .unwrap();
+        let (code, stderr) = site.run(&cat(&[
+            &no_settings,
+            &try_(true, "x86_64-linux", &["big-parallel"]),
+            &try_(false, "x86_64-linux", &["big-parallel"]),
+        ]));
+        assert_eq!((code, stderr.as_str()), (0, "# decline\n# postpone\n"));
+    }
+}
+
+/// Every setting, as Nix 2.34.8 dumped them (122), then its try and accept.
+#[test]
+fn a_real_nix_2_34_dump_of_every_setting() {
+    let site = Site::new("", 1);
+    let transcript = include_bytes!("../../../core/tests/fixtures/hook/nix-2.34-accept.bin");
+    let (_, stderr) = site.run(transcript);
+    assert!(stderr.starts_with("# accept\nslurm://main\n"), "{stderr}");
+    let first: Value = serde_json::from_str(site.read("seen-nsh-closure").trim()).unwrap();
+    assert_eq!(first["drv"]["name"], "nsh-hook-top");
+    assert_eq!(first["drv"]["wanted"], serde_json::json!(["doc", "out"]));
+    assert_eq!(first["store"]["uri"], "auto");
+    assert_eq!(
+        first["options"],
+        serde_json::json!({"max_silent_time": 0, "timeout": 0, "max_log_size": 0, "keep_failed": false})
+    );
+}
+
 #[test]
 fn accepts_and_runs_the_tools_with_the_log_on_fd_4_of_nsh_run_only() {
     let site = Site::new("", 2);
@@ -347,7 +404,7 @@ fn accepts_and_runs_the_tools_with_the_log_on_fd_4_of_nsh_run_only() {
     );
     assert_eq!(
         first["options"],
-        serde_json::json!({"max_silent_time": 7, "timeout": 3600, "max_log_size": 0, "keep_failed": true})
+        serde_json::json!({"max_silent_time": 7, "timeout": 3600, "max_log_size": 65536, "keep_failed": true})
     );
     // Each stage got the previous one's ticket.
     assert!(site
