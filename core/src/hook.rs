@@ -120,6 +120,8 @@ pub fn main(argv: Vec<String>) -> i32 {
                  usage: set Nix's `build-hook` to the absolute path of nsh-hook;\n\
                  Nix runs it as `nsh-hook <verbosity>` and speaks the build-hook protocol\n\
                  on its stdin/stderr.\n\n\
+                 nsh-hook --check [--help]: check the installation on the running system\n\
+                 (configuration, clusters, the daemon's build hook).\n\n\
                  configuration: $NSH_CONFIG, else {}",
                 crate::config::DEFAULT_PATH
             );
