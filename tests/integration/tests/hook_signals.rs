@@ -67,6 +67,30 @@ impl Drop for HoldPartition<'_> {
     }
 }
 
+/// What the daemon writes to a hook that accepts `drv`: the settings, the
+/// `try`, the inputs and the wanted output.
+fn handshake(drv: &str) -> Vec<u8> {
+    let mut settings = Settings::default();
+    for (k, v) in [
+        ("store", "auto"),
+        ("system", "x86_64-linux"),
+        ("max-silent-time", "0"),
+    ] {
+        settings.values.insert(k.into(), v.into());
+    }
+    let the_try = Try {
+        am_willing: false,
+        needed_system: "x86_64-linux".into(),
+        drv_path: drv.into(),
+        required_features: vec![],
+    };
+    let accepted = Accepted {
+        inputs: vec![],
+        wanted_outputs: vec!["out".into()],
+    };
+    [settings.to_bytes(), the_try.to_bytes(), accepted.to_bytes()].concat()
+}
+
 /// The hook, started as the daemon starts it.
 struct RunningHook {
     child: Child,
@@ -114,27 +138,7 @@ fn start_hook(
     let mut child = cmd.spawn().unwrap();
     drop(log_file);
     let mut stdin = child.stdin.take().unwrap();
-    let mut settings = Settings::default();
-    for (k, v) in [
-        ("store", "auto"),
-        ("system", "x86_64-linux"),
-        ("max-silent-time", "0"),
-    ] {
-        settings.values.insert(k.into(), v.into());
-    }
-    let the_try = Try {
-        am_willing: false,
-        needed_system: "x86_64-linux".into(),
-        drv_path: drv.into(),
-        required_features: vec![],
-    };
-    let accepted = Accepted {
-        inputs: vec![],
-        wanted_outputs: vec!["out".into()],
-    };
-    stdin
-        .write_all(&[settings.to_bytes(), the_try.to_bytes(), accepted.to_bytes()].concat())
-        .unwrap();
+    stdin.write_all(&handshake(drv)).unwrap();
     let (tx, rx) = mpsc::channel();
     let stderr = child.stderr.take().unwrap();
     std::thread::spawn(move || {
@@ -247,6 +251,39 @@ fn eventually(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
     }
 }
 
+/// Waits until the build reaches `stage`; the Slurm job.
+fn reach(c: &Cluster, hook: &mut RunningHook, stage: Stage, name: &str) -> u64 {
+    match stage {
+        Stage::WaitingForAllocation => {
+            let job_name = format!("nsh-{name}");
+            let mut job = None;
+            eventually("the job to be queued", Duration::from_secs(30), || {
+                let out = slurm_cmd(c, "squeue", &["-h", "-n", &job_name, "-o", "%i %T"]);
+                let text = String::from_utf8_lossy(&out.stdout).to_string();
+                job = text
+                    .split_whitespace()
+                    .next()
+                    .and_then(|id| id.parse::<u64>().ok());
+                text.contains("PENDING")
+            });
+            job.unwrap()
+        }
+        Stage::Building => {
+            let job = hook.wait_for_line(Duration::from_secs(60), |line| {
+                let text = line.split("(Slurm job ").nth(1)?;
+                line.contains("building '")
+                    .then(|| text.split(')').next()?.parse::<u64>().ok())?
+            });
+            eventually("the builder to start", Duration::from_secs(60), || {
+                fs::read_to_string(&hook.log)
+                    .unwrap_or_default()
+                    .contains("started")
+            });
+            job
+        }
+    }
+}
+
 /// Starts a build through the hook, lets it reach `stage`, stops the hook
 /// `how`, and checks that the job is cancelled and nothing is left.
 fn stop_at(stage: Stage, how: Stop) {
@@ -279,35 +316,7 @@ fn stop_at(stage: Stage, how: Stop) {
     );
     let tag = format!("{name}-{}", std::process::id());
     let mut hook = start_hook(&c, dir.path(), &config, &drv, &tag);
-    let job = match stage {
-        Stage::WaitingForAllocation => {
-            let job_name = format!("nsh-{name}");
-            let mut job = None;
-            eventually("the job to be queued", Duration::from_secs(30), || {
-                let out = slurm_cmd(&c, "squeue", &["-h", "-n", &job_name, "-o", "%i %T"]);
-                let text = String::from_utf8_lossy(&out.stdout).to_string();
-                job = text
-                    .split_whitespace()
-                    .next()
-                    .and_then(|id| id.parse::<u64>().ok());
-                text.contains("PENDING")
-            });
-            job.unwrap()
-        }
-        Stage::Building => {
-            let job = hook.wait_for_line(Duration::from_secs(60), |line| {
-                let text = line.split("(Slurm job ").nth(1)?;
-                line.contains("building '")
-                    .then(|| text.split(')').next()?.parse::<u64>().ok())?
-            });
-            eventually("the builder to start", Duration::from_secs(60), || {
-                fs::read_to_string(&hook.log)
-                    .unwrap_or_default()
-                    .contains("started")
-            });
-            job
-        }
-    };
+    let job = reach(&c, &mut hook, stage, &name);
     assert!(in_squeue(&c, job), "job {job} should be in squeue");
     let stopped = Instant::now();
     hook.stop(how);
