@@ -517,8 +517,20 @@ pub fn cancel(
         .cancel(alloc.job)
         .map_err(|f| f.context(format!("cluster {}", cluster.name)));
     // The tools' shared ssh connection to the node has nothing left to do.
-    if alloc.control.is_some() {
-        crate::transport::Ssh::for_alloc(alloc, &config.ssh).stop_master();
+    // The ticket may not name it: a push with nothing to copy opens no
+    // connection, and nsh-run, which then does, records it only in the
+    // ticket it writes after the build; so the master's usual socket
+    // (`<cluster>-<job>` in this user's control directory) is closed too.
+    let mut with_master = alloc.clone();
+    if with_master.control.is_none() {
+        with_master.control = crate::transport::control_dir()
+            .ok()
+            .map(|dir| dir.join(format!("{}-{}", alloc.cluster, alloc.job)))
+            .filter(|socket| socket.exists())
+            .map(|socket| socket.display().to_string());
+    }
+    if with_master.control.is_some() {
+        crate::transport::Ssh::for_alloc(&with_master, &config.ssh).stop_master();
     }
     cancelled?;
     alloc.extra.insert("cancelled".into(), true.into());

@@ -378,16 +378,49 @@ impl fmt::Display for NumberOrText {
     }
 }
 
+/// Why a configuration file was the one read (for `nsh-hook --check` and
+/// messages): which of the three places named it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigSource {
+    /// `--config FILE`.
+    Flag,
+    /// `$NSH_CONFIG`.
+    Env,
+    /// Neither: [`DEFAULT_PATH`].
+    Default,
+}
+
+impl ConfigSource {
+    pub const fn describe(self) -> &'static str {
+        match self {
+            ConfigSource::Flag => "--config",
+            ConfigSource::Env => "$NSH_CONFIG",
+            ConfigSource::Default => "the default path",
+        }
+    }
+}
+
+impl fmt::Display for ConfigSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.describe())
+    }
+}
+
 impl Config {
     /// The file to read: `explicit` (`--config`), else `$NSH_CONFIG`, else
     /// [`DEFAULT_PATH`].
     pub fn locate(explicit: Option<&Path>) -> PathBuf {
+        Config::locate_with_source(explicit).0
+    }
+
+    /// [`Config::locate`], and which of the three places named the file.
+    pub fn locate_with_source(explicit: Option<&Path>) -> (PathBuf, ConfigSource) {
         if let Some(path) = explicit {
-            return path.to_path_buf();
+            return (path.to_path_buf(), ConfigSource::Flag);
         }
         match std::env::var_os("NSH_CONFIG") {
-            Some(path) if !path.is_empty() => PathBuf::from(path),
-            _ => PathBuf::from(DEFAULT_PATH),
+            Some(path) if !path.is_empty() => (PathBuf::from(path), ConfigSource::Env),
+            _ => (PathBuf::from(DEFAULT_PATH), ConfigSource::Default),
         }
     }
 

@@ -26,12 +26,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::check::probe;
 use crate::error::{Failure, Kind};
 use crate::hook_config::HookConfig;
 use crate::hook_decision::{decide, ClusterCaps, Decision, LocalCaps};
 use crate::hook_pipeline::{self as pipeline, Event, Outcome, Stages};
 use crate::hook_proto::{
-    Accepted, ActivityType, Field, LogLine, Reply, ReplyWord, Request, Settings, Try, Verbosity,
+    Accepted, ActivityType, Field, LogLine, NixDefaults, Reply, ReplyWord, Request, Settings, Try,
+    Verbosity,
 };
 use crate::slots::{LockTable, Slot, SlotDir};
 use crate::ticket::{BuildOptions, DrvSection, StoreSection, Ticket};
@@ -41,7 +43,8 @@ pub const EXIT_PERMANENT: i32 = 100;
 pub const EXIT_TIMED_OUT: i32 = 101;
 pub const EXIT_MISC: i32 = 1;
 
-/// How long the hook itself waits for `nsh-alloc --cancel` after a signal.
+/// How long the hook itself waits for `nsh-alloc --cancel` after a signal
+/// when it has no watchdog to do it.
 const CANCEL_IN_HOOK: Duration = Duration::from_millis(1000);
 /// How long the watchdog waits for it.
 const CANCEL_IN_WATCHDOG: Duration = Duration::from_secs(60);
@@ -117,6 +120,8 @@ pub fn main(argv: Vec<String>) -> i32 {
                  usage: set Nix's `build-hook` to the absolute path of nsh-hook;\n\
                  Nix runs it as `nsh-hook <verbosity>` and speaks the build-hook protocol\n\
                  on its stdin/stderr.\n\n\
+                 nsh-hook --check [--help]: check the installation on the running system\n\
+                 (configuration, clusters, the daemon's build hook).\n\n\
                  configuration: $NSH_CONFIG, else {}",
                 crate::config::DEFAULT_PATH
             );
@@ -167,7 +172,7 @@ fn run(verbosity: Verbosity) -> i32 {
             return EXIT_MISC;
         }
     };
-    let local = LocalCaps::from_settings(&settings);
+    let local = LocalCaps::from_settings(&settings, &NixDefaults::of_this_machine());
     let config = HookConfig::load();
     // Without the pipeline nsh builds nothing, but a fallback hook still may.
     let stages = config.as_ref().ok().map(|config| match &config.pipeline {
@@ -186,6 +191,13 @@ fn run(verbosity: Verbosity) -> i32 {
                 return EXIT_MISC;
             }
         };
+        // `nsh-hook --check` asking whether the daemon's hook is nsh:
+        // answered before anything else, a broken configuration included.
+        if let Some(nonce) = probe::probe_nonce(&t) {
+            answer_probe(&nonce, &settings, config.as_ref(), &ui);
+            ui.reply(&Reply::Decline);
+            continue;
+        }
         let config = match &config {
             Ok(config) => config,
             Err(failure) => {
@@ -276,6 +288,29 @@ fn run(verbosity: Verbosity) -> i32 {
                 }
             },
         }
+    }
+}
+
+/// Leaves this hook's marker for the probe `nonce` (see [`probe`]) and says
+/// so: the daemon relays the hook's messages to the client that asked, so
+/// the check learns that the hook is nsh even when the marker cannot be
+/// written (and why).
+fn answer_probe(nonce: &str, settings: &Settings, loaded: Result<&HookConfig, &Failure>, ui: &Ui) {
+    let marker = probe::Marker::of_this_hook(nonce, settings.get("build-hook"), loaded);
+    let dir = probe::probe_dir();
+    let whom = format!("nsh-hook {} at {}", marker.version, marker.exe);
+    match probe::leave_marker(&dir, &marker) {
+        Ok(()) => ui.msg(
+            Verbosity::Info,
+            format!(
+                "{whom}: the --check probe {nonce}: marker left in {}",
+                dir.display()
+            ),
+        ),
+        Err(failure) => ui.msg(
+            Verbosity::Warn,
+            format!("{whom}: the --check probe {nonce}: no marker: {failure}"),
+        ),
     }
 }
 
@@ -409,6 +444,7 @@ impl Progress<'_> {
     fn on_event(&mut self, event: &Event) {
         match event {
             Event::Stderr(line) => relay_stderr_line(self.ui, line),
+            Event::Interrupted(_) => self.switch(None),
             Event::Ticket { stage, ticket, .. } => {
                 if ticket.error.is_some() {
                     self.switch(None);
@@ -520,6 +556,11 @@ fn build(
                 w.update(ticket);
             }
         }
+        if let (Event::Interrupted(_), Some(w)) = (event, watchdog.as_mut()) {
+            // Before the stages are stopped, and from outside the hook's
+            // process group, which Nix 2.35 kills 500 ms after its SIGTERM.
+            w.cancel_now();
+        }
         progress.on_event(event);
     });
     progress.switch(None);
@@ -535,19 +576,25 @@ fn build(
             Verbosity::Error,
             format!("nsh-hook: interrupted by signal {signal}; cancelling the build"),
         );
-        if let (Some(tool), Some(ticket)) = (&alloc_tool, &outcome.latest_alloc) {
-            let cancelled =
-                pipeline::run_bounded(tool, &["--cancel"], &ticket.to_line(), CANCEL_IN_HOOK);
-            if matches!(cancelled, Ok(0)) {
-                if let Some(w) = watchdog.take() {
-                    w.disarm();
+        match watchdog {
+            // It is cancelling already and has every ticket seen since; the
+            // hook exits without waiting for it, well within the 500 ms Nix
+            // 2.35 gives it.
+            Some(w) => w.hand_over(),
+            None => {
+                if let (Some(tool), Some(ticket)) = (&alloc_tool, &outcome.latest_alloc) {
+                    let _ = pipeline::run_bounded(
+                        tool,
+                        &["--cancel"],
+                        &ticket.to_line(),
+                        CANCEL_IN_HOOK,
+                    );
                 }
             }
         }
         if let Some(log) = timing {
             log.append(&outcome, EXIT_MISC, ui);
         }
-        // Otherwise the watchdog cancels when this process is gone.
         return EXIT_MISC;
     }
     let (code, message) = verdict(&outcome, |paths, uri| {
@@ -749,7 +796,8 @@ fn outputs_valid(nix_bin_dir: Option<&Path>, uri: &str, paths: &[String]) -> Res
 
 /// A process in its own session that cancels the Slurm job if the hook
 /// disappears before saying it is done. It reads, on stdin, one line per
-/// update: the latest ticket with `alloc`, or `done`.
+/// update: the latest ticket with `alloc`; `cancel` (the hook was told to
+/// stop: cancel now); `done` (nothing to cancel).
 struct Watchdog {
     child: Child,
     stdin: ChildStdin,
@@ -786,6 +834,16 @@ impl Watchdog {
         drop(self.stdin);
         let _ = self.child.wait();
     }
+
+    fn cancel_now(&mut self) {
+        let _ = writeln!(self.stdin, "cancel");
+    }
+
+    /// No more updates: the watchdog cancels what it has not cancelled yet,
+    /// on its own, and exits.
+    fn hand_over(self) {
+        drop(self.stdin);
+    }
 }
 
 /// `nsh-hook --watchdog <nsh-alloc>`: see [`Watchdog`].
@@ -800,23 +858,38 @@ fn watchdog_main(args: &[String]) -> i32 {
         libc::signal(libc::SIGHUP, libc::SIG_IGN);
         libc::signal(libc::SIGPIPE, libc::SIG_IGN);
     }
-    let mut latest: Option<String> = None;
-    for line in io::stdin().lock().lines() {
-        let Ok(line) = line else { break };
-        if line == "done" {
-            return 0;
-        }
-        if !line.trim().is_empty() {
-            latest = Some(line);
-        }
-    }
-    if let Some(ticket) = latest {
+    let cancel = |ticket: &str| {
         let _ = pipeline::run_bounded(
             Path::new(alloc_tool),
             &["--cancel"],
-            &ticket,
+            ticket,
             CANCEL_IN_WATCHDOG,
         );
+    };
+    let mut latest: Option<String> = None;
+    let mut cancelled: Option<String> = None;
+    for line in io::stdin().lock().lines() {
+        let Ok(line) = line else { break };
+        match line.trim() {
+            "done" => return 0,
+            "" => {}
+            "cancel" => {
+                if let Some(ticket) = latest
+                    .as_deref()
+                    .filter(|t| cancelled.as_deref() != Some(*t))
+                {
+                    cancel(ticket);
+                    cancelled = Some(ticket.to_string());
+                }
+            }
+            _ => latest = Some(line),
+        }
+    }
+    // The hook is gone without saying it is done; a ticket that came after
+    // a `cancel` (nsh-alloc's job started as the hook was stopped) is
+    // cancelled too.
+    if let Some(ticket) = latest.filter(|t| cancelled.as_ref() != Some(t)) {
+        cancel(&ticket);
     }
     0
 }

@@ -68,7 +68,12 @@ struct RawHook {
 impl HookConfig {
     /// `$NSH_CONFIG`, else the default path (the hook's argv is Nix's).
     pub fn load() -> Result<HookConfig, Failure> {
-        let path = Config::locate(None);
+        HookConfig::load_from(None)
+    }
+
+    /// `explicit` (`nsh-hook --check --config FILE`), else as [`HookConfig::load`].
+    pub fn load_from(explicit: Option<&Path>) -> Result<HookConfig, Failure> {
+        let path = Config::locate(explicit);
         let text = std::fs::read_to_string(&path).map_err(|e| {
             Failure::config(format!(
                 "reading the nsh configuration {}: {e} (set $NSH_CONFIG in the daemon's environment)",

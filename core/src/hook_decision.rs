@@ -16,7 +16,7 @@
 //!   right now, else decline;
 //! * nothing fits: decline.
 
-use crate::hook_proto::{Settings, Try};
+use crate::hook_proto::{NixDefaults, Settings, Try};
 
 /// What a cluster can build: the part of its configuration the hook decides on.
 /// (`nsh_core::config` converts a cluster's section into this.)
@@ -49,22 +49,25 @@ impl ClusterCaps {
 /// What the daemon itself can build, from its settings.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct LocalCaps {
-    /// `system` and `extra-platforms`; `None` when the settings dump did not
-    /// say (Lix's partial dumps).
-    pub systems: Option<Vec<String>>,
+    /// `system` and `extra-platforms`.
+    pub systems: Vec<String>,
     /// `system-features`.
     pub features: Vec<String>,
 }
 
 impl LocalCaps {
-    pub fn from_settings(settings: &Settings) -> LocalCaps {
+    /// From the dump; a setting it leaves out (Lix's partial dumps) has
+    /// Nix's default. One that is there but empty is empty.
+    pub fn from_settings(settings: &Settings, defaults: &NixDefaults) -> LocalCaps {
+        let list = |name: &str, default: &[String]| match settings.get(name) {
+            Some(value) => value.split_whitespace().map(str::to_string).collect(),
+            None => default.to_vec(),
+        };
+        let mut systems = vec![settings.system().unwrap_or(&defaults.system).to_string()];
+        systems.extend(list("extra-platforms", &defaults.extra_platforms));
         LocalCaps {
-            systems: settings.system().map(|system| {
-                let mut systems = vec![system.to_string()];
-                systems.extend(settings.extra_platforms());
-                systems
-            }),
-            features: settings.system_features(),
+            systems,
+            features: list("system-features", &defaults.system_features),
         }
     }
 
@@ -72,10 +75,7 @@ impl LocalCaps {
     /// local slot is free).
     pub fn can_build_now(&self, t: &Try) -> bool {
         t.am_willing
-            && self
-                .systems
-                .as_ref()
-                .is_none_or(|systems| systems.contains(&t.needed_system))
+            && self.systems.contains(&t.needed_system)
             && t.required_features
                 .iter()
                 .all(|f| self.features.contains(f))
@@ -173,7 +173,7 @@ mod tests {
 
     fn local() -> LocalCaps {
         LocalCaps {
-            systems: Some(vec!["x86_64-linux".into(), "i686-linux".into()]),
+            systems: vec!["x86_64-linux".into(), "i686-linux".into()],
             features: vec!["big-parallel".into()],
         }
     }
@@ -304,28 +304,47 @@ mod tests {
     }
 
     #[test]
-    fn unknown_local_system_assumes_the_daemon_can_build() {
-        let partial = LocalCaps {
-            systems: None,
-            features: vec![],
-        };
-        let t = try_(true, "x86_64-linux", &[]);
-        assert!(partial.can_build_now(&t));
-        assert!(!partial.can_build_now(&try_(false, "x86_64-linux", &[])));
-        assert!(!partial.can_build_now(&try_(true, "x86_64-linux", &["kvm"])));
+    fn a_partial_dump_takes_nix_defaults_for_what_it_leaves_out() {
+        let defaults = NixDefaults::for_system("x86_64-linux", false);
+        let mut settings = Settings::default();
+        let local = LocalCaps::from_settings(&settings, &defaults);
+        assert_eq!(local.systems, ["x86_64-linux", "i686-linux"]);
+        assert_eq!(
+            local.features,
+            ["nixos-test", "benchmark", "big-parallel", "uid-range"]
+        );
+        assert!(local.can_build_now(&try_(true, "i686-linux", &["big-parallel"])));
+        assert!(!local.can_build_now(&try_(true, "aarch64-linux", &[])));
+        assert!(!local.can_build_now(&try_(true, "x86_64-linux", &["kvm"])));
+        // Set but empty is empty, not the default.
+        settings
+            .values
+            .insert("system-features".into(), String::new());
+        settings
+            .values
+            .insert("system".into(), "aarch64-linux".into());
+        let local = LocalCaps::from_settings(&settings, &defaults);
+        assert_eq!(local.systems, ["aarch64-linux", "i686-linux"]);
+        assert!(local.features.is_empty());
+        let kvm = NixDefaults::for_system("x86_64-linux", true);
+        assert!(kvm.system_features.contains(&"kvm".to_string()));
+        let darwin = NixDefaults::for_system("aarch64-darwin", true);
+        assert_eq!(
+            darwin.system_features,
+            ["nixos-test", "benchmark", "big-parallel"]
+        );
+        assert!(darwin.extra_platforms.is_empty());
     }
 
     #[test]
     fn local_caps_from_a_real_settings_dump() {
         let bytes: &[u8] = include_bytes!("../tests/fixtures/hook/nix-2.8-accept.bin");
         let settings = Settings::read(&mut &bytes[..]).unwrap();
-        let local = LocalCaps::from_settings(&settings);
-        assert_eq!(local.systems.as_ref().unwrap()[0], "x86_64-linux");
-        assert!(local
-            .systems
-            .as_ref()
-            .unwrap()
-            .contains(&"i686-linux".to_string()));
+        // Every setting is in a Nix dump: the defaults are not used.
+        let elsewhere = NixDefaults::for_system("riscv64-linux", true);
+        let local = LocalCaps::from_settings(&settings, &elsewhere);
+        assert_eq!(local.systems[0], "x86_64-linux");
+        assert!(local.systems.contains(&"i686-linux".to_string()));
         assert_eq!(local.features, vec!["big-parallel"]);
     }
 }

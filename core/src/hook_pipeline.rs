@@ -95,6 +95,11 @@ pub enum Event {
     },
     /// A line a stage wrote to stderr.
     Stderr(String),
+    /// The hook got this signal. Every ticket written before it has been
+    /// seen; the stages are stopped next. (Nix 2.35 sends the hook's group
+    /// SIGTERM and SIGKILL 500 ms later: what must outlive the hook, the
+    /// job's cancel, is started here.)
+    Interrupted(i32),
 }
 
 /// How the pipeline ended.
@@ -266,6 +271,10 @@ pub fn run(
         }
         if let Some(signal) = signalled() {
             outcome.interrupted_by = Some(signal);
+            while let Ok(message) = rx.try_recv() {
+                handle(message, &mut outcome, &mut last_eof, &mut observe);
+            }
+            observe(&Event::Interrupted(signal));
             stop(&mut children);
             break;
         }

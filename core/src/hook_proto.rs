@@ -137,8 +137,9 @@ use hook_wire::*;
 /// The daemon's settings, as dumped to the hook: name → value (lists
 /// space-joined, booleans `true`/`false`).
 ///
-/// Nix sends every setting; Lix ≥ 2.92 only the overridden ones, so every
-/// accessor falls back to Nix's default. Values may be secret
+/// Nix sends every setting; Lix 2.91–2.93 only the overridden ones, so
+/// every accessor falls back to Nix's default (and [`NixDefaults`] has the
+/// machine-dependent ones). Values may be secret
 /// (`access-tokens`): never log or display the map.
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct Settings {
@@ -201,9 +202,10 @@ impl Settings {
     pub fn timeout(&self) -> u64 {
         self.get_u64("timeout")
     }
-    /// `max-log-size` in bytes, 0 = no limit.
+    /// `max-build-log-size` in bytes, 0 = no limit. (Nix has always dumped
+    /// it under this name; `max-log-size` is only the CLI flag `--max-log-size`.)
     pub fn max_log_size(&self) -> u64 {
-        self.get_u64("max-log-size")
+        self.get_u64("max-build-log-size")
     }
     /// `keep-failed`.
     pub fn keep_failed(&self) -> bool {
@@ -244,6 +246,65 @@ impl Settings {
         }
         write_u64(&mut out, 0);
         out
+    }
+}
+
+/// What a daemon assumes for the settings a partial dump leaves out (Lix
+/// 2.91–2.93 send only the overridden ones): Nix's defaults on this machine,
+/// by Nix's own rules (`Settings::getDefaultSystemFeatures` and
+/// `getDefaultExtraPlatforms` in libstore/globals.cc).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NixDefaults {
+    /// `system`: the platform the daemon was built for.
+    pub system: String,
+    pub extra_platforms: Vec<String>,
+    pub system_features: Vec<String>,
+}
+
+impl NixDefaults {
+    /// For a daemon of `system` (`kvm`: whether `/dev/kvm` is usable there).
+    /// The `x86_64-v*-linux` levels Nix adds from the CPU are left out: no
+    /// cluster is ever asked for them that would not also be asked for
+    /// `x86_64-linux`.
+    pub fn for_system(system: &str, kvm: bool) -> NixDefaults {
+        let linux = system.ends_with("-linux");
+        let mut features: Vec<String> = ["nixos-test", "benchmark", "big-parallel"]
+            .map(String::from)
+            .to_vec();
+        if linux {
+            features.push("uid-range".into());
+        }
+        if linux && kvm {
+            features.push("kvm".into());
+        }
+        NixDefaults {
+            system: system.to_string(),
+            extra_platforms: match system {
+                "x86_64-linux" => vec!["i686-linux".into()],
+                _ => vec![],
+            },
+            system_features: features,
+        }
+    }
+
+    /// The defaults of a daemon on this machine: the platform nsh was built
+    /// for, spelt as Nix spells it, and `kvm` if `/dev/kvm` is usable.
+    pub fn of_this_machine() -> NixDefaults {
+        let arch = match std::env::consts::ARCH {
+            "x86" => "i686",
+            "arm" => "armv7l",
+            "powerpc64" if cfg!(target_endian = "little") => "powerpc64le",
+            other => other,
+        };
+        let os = match std::env::consts::OS {
+            "macos" => "darwin",
+            other => other,
+        };
+        let kvm = std::ffi::CString::new("/dev/kvm").is_ok_and(|path| {
+            // SAFETY: access(2) on a NUL-terminated path.
+            unsafe { libc::access(path.as_ptr(), libc::R_OK | libc::W_OK) == 0 }
+        });
+        NixDefaults::for_system(&format!("{arch}-{os}"), kvm)
     }
 }
 
@@ -555,6 +616,7 @@ mod tests {
 
     const DECLINE: &[u8] = include_bytes!("../tests/fixtures/hook/nix-2.8-decline.bin");
     const ACCEPT: &[u8] = include_bytes!("../tests/fixtures/hook/nix-2.8-accept.bin");
+    const ACCEPT_2_34: &[u8] = include_bytes!("../tests/fixtures/hook/nix-2.34-accept.bin");
 
     #[test]
     fn a_real_nix_2_8_decline_transcript() {
@@ -620,6 +682,90 @@ mod tests {
         again.extend(t.to_bytes());
         again.extend(accepted.to_bytes());
         assert_eq!(again, ACCEPT);
+    }
+
+    #[test]
+    fn a_real_nix_2_34_accept_transcript() {
+        let mut r = ACCEPT_2_34;
+        let settings = Settings::read(&mut r).unwrap();
+        assert_eq!(settings.values.len(), 122);
+        assert_eq!(settings.store(), "auto");
+        assert_eq!(settings.system(), Some("x86_64-linux"));
+        assert_eq!(settings.get("max-build-log-size"), Some("0"));
+        assert_eq!(settings.get("max-log-size"), None, "not a setting's name");
+        assert_eq!(settings.system_features(), vec!["big-parallel"]);
+        let Request::Try(t) = Request::read(&mut r).unwrap() else {
+            panic!("expected a try")
+        };
+        assert!(t.drv_path.ends_with("-nsh-hook-top.drv"));
+        assert_eq!(t.required_features, vec!["big-parallel"]);
+        let accepted = Accepted::read(&mut r).unwrap();
+        assert_eq!(accepted.wanted_outputs, vec!["doc", "out"]);
+        assert!(r.is_empty());
+        let mut again = settings.to_bytes();
+        again.extend(t.to_bytes());
+        again.extend(accepted.to_bytes());
+        assert_eq!(again, ACCEPT_2_34, "byte for byte");
+    }
+
+    /// Lix 2.91–2.93 dump only the settings that were overridden (its
+    /// nix.conf counts as defaults): here the daemon's NIX_CONFIG gave
+    /// `build-hook` and a trusted client `--max-log-size` and
+    /// `--option keep-failed true`. Then one try, the accept's inputs and
+    /// outputs. Written word by word as the daemon writes them.
+    #[test]
+    fn a_lix_dump_of_only_the_overridden_settings() {
+        use crate::wire::test_bytes::{le, s};
+        let drv = "/nix/store/1cj0fhkr5qn18x1zz61vdjrb58cfnzp5-hello.drv";
+        let transcript = [
+            le(1),
+            s("build-hook"),
+            s("/usr/local/bin/nsh-hook"),
+            le(1),
+            s("keep-failed"),
+            s("true"),
+            le(1),
+            s("max-build-log-size"),
+            s("1048576"),
+            le(0),
+            s("try"),
+            le(1),
+            s("x86_64-linux"),
+            s(drv),
+            le(0),
+            le(1),
+            s("/nix/store/vh2m0g9jsj81vrkr4m2sq2jz375ykp01-dep"),
+            le(1),
+            s("out"),
+        ]
+        .concat();
+        let mut r = &transcript[..];
+        let settings = Settings::read(&mut r).unwrap();
+        assert_eq!(settings.values.len(), 3);
+        // What the dump left out is Nix's default.
+        assert_eq!(settings.store(), "auto");
+        assert_eq!(settings.system(), None);
+        assert_eq!((settings.max_silent_time(), settings.timeout()), (0, 0));
+        // What it has is used.
+        assert_eq!(settings.max_log_size(), 1 << 20);
+        assert!(settings.keep_failed());
+        let Request::Try(t) = Request::read(&mut r).unwrap() else {
+            panic!("expected a try")
+        };
+        assert_eq!((t.drv_path.as_str(), t.am_willing), (drv, true));
+        assert!(t.required_features.is_empty());
+        let accepted = Accepted::read(&mut r).unwrap();
+        assert_eq!(accepted.wanted_outputs, vec!["out"]);
+        assert!(r.is_empty());
+        let mut again = settings.to_bytes();
+        again.extend(t.to_bytes());
+        again.extend(accepted.to_bytes());
+        assert_eq!(again, transcript, "byte for byte");
+        // Nothing overridden at all: the dump is its end marker alone.
+        let empty = le(0);
+        let settings = Settings::read(&mut &empty[..]).unwrap();
+        assert!(settings.values.is_empty());
+        assert_eq!(settings.to_bytes(), empty);
     }
 
     #[test]

@@ -14,6 +14,7 @@
 
 pub mod alloc;
 pub mod batch_script;
+pub mod check;
 pub mod closure;
 pub mod config;
 pub mod drv;

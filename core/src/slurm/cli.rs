@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use super::model::{JobInfo, JobRequest};
+use super::model::{JobInfo, JobRequest, NodeInfo, PartitionInfo};
 use crate::error::Failure;
 
 /// The sbatch options for `req` (without the program name).
@@ -204,6 +204,127 @@ pub fn cancel(job: u64) -> Result<(), Failure> {
     Ok(())
 }
 
+/// The `sinfo` format [`nodes`] asks for: one line per node and partition.
+pub const SINFO_FORMAT: &str = "%N|%T|%f|%G|%P";
+
+/// Every node, from `sinfo -h -N -o SINFO_FORMAT` (a node in two partitions
+/// is two lines; the default partition has a `*`).
+pub fn parse_sinfo(stdout: &str) -> Vec<NodeInfo> {
+    let mut nodes: Vec<NodeInfo> = Vec::new();
+    for line in stdout.lines() {
+        let fields: Vec<&str> = line.trim().split('|').collect();
+        let [name, state, features, gres, partition] = fields[..] else {
+            continue;
+        };
+        let at = match nodes.iter().position(|n| n.name == name) {
+            Some(at) => at,
+            None => {
+                nodes.push(NodeInfo {
+                    name: name.to_string(),
+                    // `down*`: not responding; `drained+` …: flags.
+                    state: state
+                        .split('+')
+                        .map(|s| s.trim_end_matches(['*', '~', '#', '!', '%', '$', '@', '^', '-']))
+                        .map(str::to_ascii_lowercase)
+                        .collect(),
+                    features: PartitionInfo::list(features),
+                    gres: NodeInfo::gres_names(gres),
+                    partitions: Vec::new(),
+                });
+                nodes.len() - 1
+            }
+        };
+        nodes[at]
+            .partitions
+            .push(partition.trim_end_matches('*').to_string());
+    }
+    nodes
+}
+
+/// Every node, from `sinfo`.
+pub fn nodes() -> Result<Vec<NodeInfo>, Failure> {
+    let stdout = run_query("sinfo", &["-h", "-N", "-o", SINFO_FORMAT])?;
+    Ok(parse_sinfo(&stdout))
+}
+
+/// `scontrol show partition -o NAME`'s line; `None` when there is none.
+pub fn parse_partition_line(name: &str, line: &str) -> Option<PartitionInfo> {
+    let fields = scontrol_fields(line);
+    if fields.get("PartitionName") != Some(&name) {
+        return None;
+    }
+    let get = |k: &str| fields.get(k).copied().unwrap_or("");
+    Some(PartitionInfo {
+        name: name.to_string(),
+        nodes: get("Nodes").to_string(),
+        state: get("State").to_string(),
+        allow_accounts: PartitionInfo::allow_list(get("AllowAccounts")),
+        deny_accounts: PartitionInfo::list(get("DenyAccounts")),
+        allow_qos: PartitionInfo::allow_list(get("AllowQos")),
+        deny_qos: PartitionInfo::list(get("DenyQos")),
+    })
+}
+
+/// A partition from `scontrol show partition`; `None` when Slurm does not
+/// know it ("Partition NAME not found", exit 1).
+pub fn partition(name: &str) -> Result<Option<PartitionInfo>, Failure> {
+    match run_query("scontrol", &["show", "partition", "-o", name]) {
+        Ok(stdout) => Ok(stdout.lines().find_map(|l| parse_partition_line(name, l))),
+        Err(failure) if failure.message.contains("not found") => Ok(None),
+        Err(failure) => Err(failure),
+    }
+}
+
+/// Whether the accounting database knows account (`what` = `account`) or
+/// `qos` `name`: `None` when `sacctmgr` cannot tell (no slurmdbd).
+pub fn slurmdb_entry(what: &str, name: &str) -> Result<Option<bool>, Failure> {
+    let name_filter = format!("name={name}");
+    let format = if what == "qos" {
+        "format=name"
+    } else {
+        "format=account"
+    };
+    match run_query(
+        "sacctmgr",
+        &["-n", "-P", "show", what, &name_filter, format],
+    ) {
+        Ok(stdout) => Ok(Some(stdout.lines().any(|l| l.trim() == name))),
+        Err(_) => Ok(None),
+    }
+}
+
+/// How long a query command ([`nodes`], [`partition`], [`slurmdb_entry`])
+/// may run, in ms (0: as long as it takes; `nsh-hook --check` sets a few
+/// seconds).
+static QUERY_TIMEOUT_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Bounds every query command of this process (see [`QUERY_TIMEOUT_MS`]).
+pub fn set_query_timeout(limit: std::time::Duration) {
+    let ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX).max(1);
+    QUERY_TIMEOUT_MS.store(ms, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Runs a Slurm query command; its stdout, or a failure with its stderr.
+fn run_query(name: &str, args: &[&str]) -> Result<String, Failure> {
+    let mut command = Command::new(program(name));
+    command.args(args).stdin(Stdio::null());
+    let output = match QUERY_TIMEOUT_MS.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => command.output(),
+        ms => crate::check::output_within(&mut command, std::time::Duration::from_millis(ms)),
+    }
+    .map_err(|e| Failure::transient(format!("running {name}: {e}")))?;
+    if !output.status.success() {
+        return Err(Failure::transient(format!(
+            "{name} {} failed ({}): {}{}",
+            args.join(" "),
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim(),
+            String::from_utf8_lossy(&output.stdout).trim()
+        )));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
 /// A Slurm command, looked up on PATH (resolved here so that a cleared child
 /// environment does not change which one runs).
 fn program(name: &str) -> std::path::PathBuf {
@@ -268,5 +389,31 @@ mod tests {
         assert_eq!(job.state, JobState::Cancelled);
         assert_eq!(job.exit_code, Some(143));
         assert!(parse_scontrol(1, "slurm_load_jobs error: Invalid job id specified").is_err());
+    }
+
+    #[test]
+    fn sinfo_lines() {
+        // `sinfo -h -N -o '%N|%T|%f|%G|%P'` on the test cluster (22.05), plus a
+        // node in two partitions that is down and not responding.
+        let out = "node1|idle|(null)|(null)|build*\nnode2|idle|big|gpu:2|build*\nnode3|down*|(null)|(null)|build*\nnode3|down*|(null)|(null)|gpu\n";
+        let nodes = parse_sinfo(out);
+        assert_eq!(nodes.len(), 3);
+        assert_eq!(nodes[0].features, Vec::<String>::new());
+        assert_eq!(nodes[1].features, ["big"]);
+        assert_eq!(nodes[1].gres, ["gpu"]);
+        assert_eq!(nodes[2].partitions, ["build", "gpu"]);
+        assert_eq!(nodes[2].state, ["down"]);
+        assert!(!nodes[2].is_usable() && nodes[0].is_usable());
+    }
+
+    #[test]
+    fn scontrol_partition_lines() {
+        let line = "PartitionName=build AllowGroups=ALL AllowAccounts=ALL AllowQos=normal,high AllocNodes=ALL Default=YES QoS=N/A DenyAccounts=guests Nodes=node[1-2] State=UP TotalCPUs=16";
+        let p = parse_partition_line("build", line).unwrap();
+        assert_eq!((p.nodes.as_str(), p.state.as_str()), ("node[1-2]", "UP"));
+        assert_eq!(p.allow_accounts, None);
+        assert_eq!(p.deny_accounts, ["guests"]);
+        assert_eq!(p.allow_qos.unwrap(), ["normal", "high"]);
+        assert_eq!(parse_partition_line("other", line), None);
     }
 }

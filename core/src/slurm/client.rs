@@ -3,7 +3,7 @@
 use std::time::Instant;
 
 use super::http::{self, Method};
-use super::model::{JobInfo, JobRequest};
+use super::model::{JobInfo, JobRequest, NodeInfo, PartitionInfo};
 use super::{cli, rest, ApiVersion};
 use crate::config::{ApiChoice, Backend, Cluster, RestUrl, TokenSource};
 use crate::error::Failure;
@@ -62,6 +62,33 @@ impl Slurm {
             Slurm::Cli => None,
         }
     }
+
+    /// Every node (for `nsh-hook --check`). Through slurmrestd this is the
+    /// first request slurmctld authenticates: from Slurm 23.02 on, a ping
+    /// passes with any token.
+    pub fn nodes(&self) -> Result<Vec<NodeInfo>, Failure> {
+        match self {
+            Slurm::Rest(client) => client.nodes(),
+            Slurm::Cli => cli::nodes(),
+        }
+    }
+
+    /// A partition; `None` when Slurm does not know it.
+    pub fn partition(&self, name: &str) -> Result<Option<PartitionInfo>, Failure> {
+        match self {
+            Slurm::Rest(client) => client.partition(name),
+            Slurm::Cli => cli::partition(name),
+        }
+    }
+
+    /// Whether the accounting database knows an account (`what` =
+    /// `account`) or a `qos`; `None` when it cannot be asked (no slurmdbd).
+    pub fn slurmdb_entry(&self, what: &str, name: &str) -> Result<Option<bool>, Failure> {
+        match self {
+            Slurm::Rest(client) => client.slurmdb_entry(what, name),
+            Slurm::Cli => cli::slurmdb_entry(what, name),
+        }
+    }
 }
 
 /// A server whose versions are all unknown to nsh: a configuration matter
@@ -110,8 +137,10 @@ impl RestClient {
             ApiChoice::Auto => client.negotiate()?,
         };
         // The ping tells the release (for the auth headers) and that the
-        // server, slurmctld and the token all work, before anything is
-        // submitted.
+        // server and slurmctld answer, before anything is submitted. The
+        // token it checks only on 22.05: from 23.02 on a ping passes with any
+        // token (seen on 24.11 and 26.05), and a refused one shows at the
+        // first request slurmctld authenticates (HTTP 511, error 1007).
         let ping = client.call(Method::Get, &rest::ping_path(client.version), None)?;
         let value = rest::check(
             &format!("pinging slurmrestd ({})", client.version),
@@ -233,6 +262,56 @@ impl RestClient {
     pub fn cancel(&self, job: u64) -> Result<(), Failure> {
         let response = self.call(Method::Delete, &rest::job_path(self.version, job), None)?;
         rest::parse_cancel(job, response.status, &response.body)
+    }
+
+    pub fn nodes(&self) -> Result<Vec<NodeInfo>, Failure> {
+        let response = self.call(Method::Get, &rest::nodes_path(self.version), None)?;
+        rest::parse_nodes(response.status, &response.body)
+            .map_err(|f| self.explain_refusal(f, response.status))
+    }
+
+    pub fn partition(&self, name: &str) -> Result<Option<PartitionInfo>, Failure> {
+        let path = rest::partition_path(self.version, name);
+        let response = self.call(Method::Get, &path, None)?;
+        rest::parse_partition(name, response.status, &response.body)
+            .map_err(|f| self.explain_refusal(f, response.status))
+    }
+
+    pub fn slurmdb_entry(&self, what: &str, name: &str) -> Result<Option<bool>, Failure> {
+        if self.version == ApiVersion::V0038 {
+            return Ok(None);
+        }
+        let response = self.call(
+            Method::Get,
+            &rest::slurmdb_path(self.version, what, name),
+            None,
+        )?;
+        rest::parse_slurmdb_entry(what, name, response.status, &response.body)
+    }
+
+    /// A refused token, as each release says it: 22.05 answers 500 (with
+    /// "Unspecified error"), 24.11 and later 511 "Protocol authentication
+    /// error".
+    fn explain_refusal(&self, failure: Failure, status: u16) -> Failure {
+        let refused = status == 511
+            || failure.message.contains("Protocol authentication error")
+            || (status == 500
+                && self
+                    .release
+                    .as_deref()
+                    .is_some_and(|r| r.starts_with("22.05"))
+                && failure.message.contains("Unspecified error"));
+        if refused && self.token.is_some() {
+            Failure::new(
+                failure.kind,
+                format!(
+                    "{} (slurmctld refused the token: check the cluster's token_file/token_command and user)",
+                    failure.message
+                ),
+            )
+        } else {
+            failure
+        }
     }
 }
 

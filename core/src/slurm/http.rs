@@ -39,6 +39,24 @@ pub struct Response {
 /// How long one request may take, connect to last byte.
 pub const TIMEOUT: Duration = Duration::from_secs(30);
 
+/// A shorter limit than [`TIMEOUT`] for this whole process, in ms (0: none).
+static TIMEOUT_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Sets how long every request of this process may take, instead of
+/// [`TIMEOUT`] (`nsh-hook --check` waits a few seconds, not 30). Call it
+/// before the first request: the TCP agent is made once.
+pub fn set_timeout(limit: Duration) {
+    let ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX).max(1);
+    TIMEOUT_MS.store(ms, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn timeout() -> Duration {
+    match TIMEOUT_MS.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => TIMEOUT,
+        ms => Duration::from_millis(ms),
+    }
+}
+
 /// The most of a body nsh reads (slurmrestd's OpenAPI document is the
 /// biggest thing asked for, well under this).
 const MAX_BODY: u64 = 16 << 20;
@@ -114,7 +132,7 @@ fn agent() -> &'static ureq::Agent {
     AGENT.get_or_init(|| {
         ureq::Agent::config_builder()
             .http_status_as_error(false)
-            .timeout_global(Some(TIMEOUT))
+            .timeout_global(Some(timeout()))
             .build()
             .into()
     })
@@ -123,6 +141,7 @@ fn agent() -> &'static ureq::Agent {
 fn describe_ureq_error(e: ureq::Error) -> String {
     match e {
         ureq::Error::Io(io) => io.to_string(),
+        ureq::Error::Timeout(_) => format!("no answer within {} s", timeout().as_secs_f64()),
         other => other.to_string(),
     }
 }
@@ -136,8 +155,8 @@ fn over_unix(
 ) -> Result<Response, String> {
     let mut stream = UnixStream::connect(socket).map_err(|e| e.to_string())?;
     stream
-        .set_read_timeout(Some(TIMEOUT))
-        .and_then(|()| stream.set_write_timeout(Some(TIMEOUT)))
+        .set_read_timeout(Some(timeout()))
+        .and_then(|()| stream.set_write_timeout(Some(timeout())))
         .map_err(|e| e.to_string())?;
     let request = encode_request(method, path, headers, body);
     stream.write_all(&request).map_err(|e| e.to_string())?;

@@ -187,6 +187,89 @@ impl JobInfo {
     }
 }
 
+/// A compute node, as `nsh-hook --check` needs it: where it is, what it has.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub name: String,
+    /// Slurm's state words, lower case (`idle`, `mixed`, `down`, `drain`, …).
+    pub state: Vec<String>,
+    /// Node features (`AvailableFeatures`).
+    pub features: Vec<String>,
+    /// Generic resource names (`gpu` of `gpu:a100:2(S:0)`).
+    pub gres: Vec<String>,
+    pub partitions: Vec<String>,
+}
+
+impl NodeInfo {
+    /// Whether the node can take a job now or soon (not down, drained or
+    /// failing): the one the check's ssh should try first.
+    pub fn is_usable(&self) -> bool {
+        const BAD: [&str; 7] = [
+            "down",
+            "drain",
+            "drained",
+            "draining",
+            "fail",
+            "failing",
+            "not_responding",
+        ];
+        !self.state.is_empty() && !self.state.iter().any(|s| BAD.contains(&s.as_str()))
+    }
+
+    /// The names in a gres list: `gpu:a100:2(S:0),mps:100` → `gpu`, `mps`.
+    pub fn gres_names(spec: &str) -> Vec<String> {
+        spec.split(',')
+            .map(|g| g.split([':', '(']).next().unwrap_or("").trim().to_string())
+            .filter(|g| !g.is_empty() && g != "(null)")
+            .collect()
+    }
+}
+
+/// A partition, as `nsh-hook --check` needs it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PartitionInfo {
+    pub name: String,
+    /// Its nodes as Slurm writes them (`node[1-2]`).
+    pub nodes: String,
+    /// `UP`, `DOWN`, `DRAIN`, `INACTIVE`.
+    pub state: String,
+    /// `None`: every account (or QOS) may use it.
+    pub allow_accounts: Option<Vec<String>>,
+    pub deny_accounts: Vec<String>,
+    pub allow_qos: Option<Vec<String>>,
+    pub deny_qos: Vec<String>,
+}
+
+impl PartitionInfo {
+    /// Slurm's comma lists, where `ALL` (or nothing) means no restriction.
+    pub fn allow_list(text: &str) -> Option<Vec<String>> {
+        let list = Self::list(text);
+        (!list.is_empty() && !list.iter().any(|a| a == "ALL")).then_some(list)
+    }
+
+    pub fn list(text: &str) -> Vec<String> {
+        text.split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty() && *a != "(null)")
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Why `name` may not use this partition as an account (`what` =
+    /// "account") or QOS, if it may not.
+    pub fn refuses(allow: &Option<Vec<String>>, deny: &[String], name: &str) -> Option<String> {
+        if deny.iter().any(|d| d == name) {
+            return Some(format!("denied ({})", deny.join(",")));
+        }
+        match allow {
+            Some(allowed) if !allowed.iter().any(|a| a == name) => {
+                Some(format!("not allowed (only {})", allowed.join(",")))
+            }
+            _ => None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

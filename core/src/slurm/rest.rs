@@ -16,7 +16,7 @@
 
 use serde_json::{json, Map, Value};
 
-use super::model::{JobInfo, JobRequest};
+use super::model::{JobInfo, JobRequest, NodeInfo, PartitionInfo};
 use super::ApiVersion;
 use crate::config::Secret;
 use crate::error::Failure;
@@ -34,6 +34,22 @@ pub fn submit_path(v: ApiVersion) -> String {
 /// `/slurm/v0.0.NN/job/ID` (GET: state; DELETE: cancel)
 pub fn job_path(v: ApiVersion, job: u64) -> String {
     format!("/slurm/{v}/job/{job}")
+}
+
+/// `/slurm/v0.0.NN/nodes/`: every node.
+pub fn nodes_path(v: ApiVersion) -> String {
+    format!("/slurm/{v}/nodes/")
+}
+
+/// `/slurm/v0.0.NN/partition/NAME`
+pub fn partition_path(v: ApiVersion, name: &str) -> String {
+    format!("/slurm/{v}/partition/{name}")
+}
+
+/// `/slurmdb/v0.0.NN/{account,qos}/NAME`: the accounting database's entry
+/// (`what` = `account` or `qos`). Served only with slurmdbd, from v0.0.39.
+pub fn slurmdb_path(v: ApiVersion, what: &str, name: &str) -> String {
+    format!("/slurmdb/{v}/{what}/{name}")
 }
 
 /// The OpenAPI document of everything the server serves, which names the
@@ -398,6 +414,128 @@ pub fn parse_cancel(job: u64, status: u16, body: &str) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Text, a list of texts, or Slurm's `csv_string` (a list): as one list.
+fn words(v: Option<&Value>) -> Vec<String> {
+    match v {
+        Some(Value::String(s)) => PartitionInfo::list(s),
+        Some(Value::Array(items)) => items
+            .iter()
+            .filter_map(Value::as_str)
+            .flat_map(PartitionInfo::list)
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The nodes from a `GET nodes/` response, of any version's shape (v0.0.38:
+/// features and state as text; later: lists).
+pub fn parse_nodes(status: u16, body: &str) -> Result<Vec<NodeInfo>, Failure> {
+    let value = check("listing the nodes", status, body)?;
+    let nodes = value
+        .get("nodes")
+        .and_then(Value::as_array)
+        .ok_or_else(|| Failure::transient("listing the nodes: the answer has no nodes"))?;
+    Ok(nodes
+        .iter()
+        .map(|n| NodeInfo {
+            name: n
+                .get("name")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
+            state: words(n.get("state"))
+                .iter()
+                .map(|s| s.to_ascii_lowercase())
+                .collect(),
+            features: words(n.get("features")),
+            gres: NodeInfo::gres_names(n.get("gres").and_then(Value::as_str).unwrap_or("")),
+            partitions: words(n.get("partitions")),
+        })
+        .collect())
+}
+
+/// A partition from a `GET partition/NAME` response; `None` when Slurm does
+/// not know it (22.05: HTTP 500 "Invalid partition name specified"; 24.11:
+/// HTTP 422 "Unable to find partition").
+pub fn parse_partition(
+    name: &str,
+    status: u16,
+    body: &str,
+) -> Result<Option<PartitionInfo>, Failure> {
+    let what = format!("asking for partition {name}");
+    let parsed: Option<Value> = serde_json::from_str(body).ok();
+    let said = parsed.as_ref().map(error_text).unwrap_or_default();
+    if said.contains("Invalid partition name") || said.contains("Unable to find partition") {
+        return Ok(None);
+    }
+    let value = check(&what, status, body)?;
+    let Some(p) = value
+        .get("partitions")
+        .and_then(Value::as_array)
+        .and_then(|all| {
+            all.iter()
+                .find(|p| p.get("name").and_then(Value::as_str) == Some(name))
+        })
+    else {
+        return Ok(None);
+    };
+    let text = |ptr: &str| {
+        p.pointer(ptr)
+            .map(|v| words(Some(v)).join(","))
+            .unwrap_or_default()
+    };
+    // v0.0.38 is flat; v0.0.40+ nests (`nodes.configured`, `accounts.allowed`).
+    let either = |flat: &str, nested: &str| {
+        let t = text(flat);
+        if t.is_empty() {
+            text(nested)
+        } else {
+            t
+        }
+    };
+    Ok(Some(PartitionInfo {
+        name: name.to_string(),
+        nodes: either("/nodes", "/nodes/configured"),
+        state: either("/state", "/partition/state").to_ascii_uppercase(),
+        allow_accounts: PartitionInfo::allow_list(&either(
+            "/allowed_accounts",
+            "/accounts/allowed",
+        )),
+        deny_accounts: PartitionInfo::list(&either("/denied_accounts", "/accounts/deny")),
+        allow_qos: PartitionInfo::allow_list(&either("/allowed_qos", "/qos/allowed")),
+        deny_qos: PartitionInfo::list(&either("/denied_qos", "/qos/deny")),
+    }))
+}
+
+/// Whether a slurmdb `GET account/NAME` or `qos/NAME` answer lists `name`:
+/// `Some(true)` yes, `Some(false)` Slurm does not know it, `None` the server
+/// has no accounting API (HTTP 404: slurmrestd runs without slurmdbd).
+pub fn parse_slurmdb_entry(
+    what: &str,
+    name: &str,
+    status: u16,
+    body: &str,
+) -> Result<Option<bool>, Failure> {
+    if status == 404 {
+        return Ok(None);
+    }
+    let list_key = if what == "qos" { "qos" } else { "accounts" };
+    let value = match check(&format!("asking slurmdbd for {what} {name}"), status, body) {
+        Ok(value) => value,
+        // Asking for one that does not exist is an error on some releases.
+        Err(_) if status == 200 || status == 422 => return Ok(Some(false)),
+        Err(failure) => return Err(failure),
+    };
+    let found = value
+        .get(list_key)
+        .and_then(Value::as_array)
+        .is_some_and(|all| {
+            all.iter()
+                .any(|e| e.get("name").and_then(Value::as_str) == Some(name))
+        });
+    Ok(Some(found))
+}
+
 /// A number in any of Slurm's spellings: a plain int, or
 /// `{set, infinite, number}` (unset or infinite → `None`).
 fn as_u64(v: &Value) -> Option<u64> {
@@ -620,5 +758,75 @@ mod tests {
             "gres/gpu:a100:2,gres/nvme:1"
         );
         assert_eq!(gres_as_tres("gres/gpu:1"), "gres/gpu:1");
+    }
+
+    // Shapes as slurmrestd 22.05.8 (v0.0.38) and 24.11.5 (v0.0.42) sent them
+    // on the test cluster, shortened.
+    #[test]
+    fn nodes_of_every_shape() {
+        let v38 = r#"{"errors":[],"nodes":[{"name":"node1","features":"","state":"idle","gres":"","partitions":["build"]},
+            {"name":"node2","features":"big,kvm","state":"drained","gres":"gpu:a100:2(S:0)","partitions":["build","gpu"]}]}"#;
+        let v42 = r#"{"errors":[],"nodes":[{"name":"node2","features":["big"],"state":["IDLE","DRAIN"],"gres":"","partitions":["build"]}]}"#;
+        let nodes = parse_nodes(200, v38).unwrap();
+        assert_eq!(nodes[1].features, ["big", "kvm"]);
+        assert_eq!(nodes[1].gres, ["gpu"]);
+        assert_eq!(nodes[1].partitions, ["build", "gpu"]);
+        assert!(nodes[0].is_usable() && !nodes[1].is_usable());
+        let nodes = parse_nodes(200, v42).unwrap();
+        assert_eq!(nodes[0].state, ["idle", "drain"]);
+        assert_eq!(nodes[0].features, ["big"]);
+        let refused = r#"{"errors":[{"description":"Failure to query nodes","error_number":1007,"error":"Protocol authentication error","source":"_dump_nodes"}]}"#;
+        let failure = parse_nodes(511, refused).unwrap_err();
+        assert!(
+            failure.message.contains("Protocol authentication error"),
+            "{failure}"
+        );
+    }
+
+    #[test]
+    fn a_partition_of_every_shape_and_one_slurm_does_not_know() {
+        let v38 = r#"{"errors":[],"partitions":[{"name":"build","nodes":"node[1-2]","state":"UP",
+            "allowed_accounts":"","denied_accounts":"guests","allowed_qos":"normal,high","denied_qos":""}]}"#;
+        let p = parse_partition("build", 200, v38).unwrap().unwrap();
+        assert_eq!((p.nodes.as_str(), p.state.as_str()), ("node[1-2]", "UP"));
+        assert_eq!(p.allow_accounts, None);
+        assert_eq!(p.deny_accounts, ["guests"]);
+        assert_eq!(
+            p.allow_qos,
+            Some(vec!["normal".to_string(), "high".to_string()])
+        );
+        let v42 = r#"{"errors":[],"partitions":[{"name":"build","nodes":{"allowed_allocation":"","configured":"node[1-2]","total":2},
+            "accounts":{"allowed":"ALL","deny":""},"qos":{"allowed":"","deny":"","assigned":""},"partition":{"state":["UP"]}}]}"#;
+        let p = parse_partition("build", 200, v42).unwrap().unwrap();
+        assert_eq!((p.nodes.as_str(), p.state.as_str()), ("node[1-2]", "UP"));
+        assert_eq!((p.allow_accounts, p.allow_qos), (None, None));
+        let unknown_2205 = r#"{"errors":[{"error":"Invalid partition name specified","errno":2000}],"partitions":[]}"#;
+        assert_eq!(parse_partition("nope", 500, unknown_2205).unwrap(), None);
+        let unknown_2411 = r#"{"errors":[{"description":"Unable to find partition nope","error_number":9000,"error":"Query empty or not RFC7320 compliant"}]}"#;
+        assert_eq!(parse_partition("nope", 422, unknown_2411).unwrap(), None);
+        let refused = r#"{"errors":[{"error":"Unspecified error","errno":-1}],"partitions":[]}"#;
+        assert!(parse_partition("build", 500, refused).is_err());
+    }
+
+    #[test]
+    fn slurmdb_entries() {
+        assert_eq!(
+            parse_slurmdb_entry("qos", "normal", 404, "Unable find requested URL.").unwrap(),
+            None
+        );
+        let qos = r#"{"errors":[],"qos":[{"name":"normal"}]}"#;
+        assert_eq!(
+            parse_slurmdb_entry("qos", "normal", 200, qos).unwrap(),
+            Some(true)
+        );
+        assert_eq!(
+            parse_slurmdb_entry("qos", "high", 200, qos).unwrap(),
+            Some(false)
+        );
+        let accounts = r#"{"errors":[],"accounts":[{"name":"physics"}]}"#;
+        assert_eq!(
+            parse_slurmdb_entry("account", "physics", 200, accounts).unwrap(),
+            Some(true)
+        );
     }
 }

@@ -1,5 +1,8 @@
-//! `nsh-hook` under the real Nix 2.8: `nix-build --option build-hook` on the
-//! local store and through the test cluster's nix-daemon. The pipeline is
+//! `nsh-hook` under the stack's real Nix (2.8, 2.26, 2.34): `nix-build
+//! --option build-hook` on the local store and through the test cluster's
+//! nix-daemon. Every derivation is instantiated before it is built (as
+//! nix-build does), since from Nix 2.30 the daemon asks no hook about a
+//! `.drv` that is not valid in its store. The pipeline is
 //! `tests/hook/build-here.sh`, which builds on this machine and registers the
 //! outputs the way nsh-fetch must (the daemon holds their locks), so these
 //! tests prove that Nix accepts the hook's side of the protocol: the accept,

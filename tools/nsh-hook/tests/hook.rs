@@ -28,6 +28,7 @@ fn settings() -> Vec<u8> {
         ("system-features", "big-parallel"),
         ("max-silent-time", "7"),
         ("timeout", "3600"),
+        ("max-build-log-size", "65536"),
         ("keep-failed", "true"),
         ("access-tokens", "github.com=SECRET-TOKEN"),
     ] {
@@ -176,6 +177,7 @@ impl Site {
             .env("T", self.dir.path())
             .env("NSH_BIN_DIR", self.bin())
             .env("NSH_TICKET_LOG", self.path("tickets.jsonl"))
+            .env("NSH_PROBE_DIR", self.path("probe"))
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -319,6 +321,62 @@ fn a_broken_configuration_declines_permanently_and_says_why() {
     assert_eq!(lines[1], "# decline-permanently");
 }
 
+/// Lix 2.91–2.93 dump only the overridden settings: here none at all, the
+/// dump being its end marker alone.
+#[test]
+fn a_lix_dump_without_settings_gets_nix_defaults() {
+    let site = Site::new("", 1);
+    let no_settings = 0u64.to_le_bytes();
+    let (code, stderr) = site.run(&cat(&[
+        &no_settings,
+        &try_(false, "x86_64-linux", &["big-parallel"]),
+        &accepted(),
+    ]));
+    assert!(stderr.starts_with("# accept\nslurm://main\n"), "{stderr}");
+    assert_eq!(code, 0, "{stderr}");
+    let first: Value = serde_json::from_str(site.read("seen-nsh-closure").trim()).unwrap();
+    assert_eq!(
+        first["store"],
+        serde_json::json!({"dir": "/nix/store", "uri": "auto"})
+    );
+    assert_eq!(
+        first["options"],
+        serde_json::json!({"max_silent_time": 0, "timeout": 0, "max_log_size": 0, "keep_failed": false})
+    );
+    // Every slot taken: by Nix's defaults this daemon builds x86_64-linux
+    // with big-parallel itself, so the try is declined; postponed only when
+    // the daemon has no free slot.
+    if cfg!(all(target_arch = "x86_64", target_os = "linux")) {
+        let _held = SlotDir::new(site.path("slots"))
+            .acquire("main", 1)
+            .unwrap()
+            .unwrap();
+        let (code, stderr) = site.run(&cat(&[
+            &no_settings,
+            &try_(true, "x86_64-linux", &["big-parallel"]),
+            &try_(false, "x86_64-linux", &["big-parallel"]),
+        ]));
+        assert_eq!((code, stderr.as_str()), (0, "# decline\n# postpone\n"));
+    }
+}
+
+/// Every setting, as Nix 2.34.8 dumped them (122), then its try and accept.
+#[test]
+fn a_real_nix_2_34_dump_of_every_setting() {
+    let site = Site::new("", 1);
+    let transcript = include_bytes!("../../../core/tests/fixtures/hook/nix-2.34-accept.bin");
+    let (_, stderr) = site.run(transcript);
+    assert!(stderr.starts_with("# accept\nslurm://main\n"), "{stderr}");
+    let first: Value = serde_json::from_str(site.read("seen-nsh-closure").trim()).unwrap();
+    assert_eq!(first["drv"]["name"], "nsh-hook-top");
+    assert_eq!(first["drv"]["wanted"], serde_json::json!(["doc", "out"]));
+    assert_eq!(first["store"]["uri"], "auto");
+    assert_eq!(
+        first["options"],
+        serde_json::json!({"max_silent_time": 0, "timeout": 0, "max_log_size": 0, "keep_failed": false})
+    );
+}
+
 #[test]
 fn accepts_and_runs_the_tools_with_the_log_on_fd_4_of_nsh_run_only() {
     let site = Site::new("", 2);
@@ -346,7 +404,7 @@ fn accepts_and_runs_the_tools_with_the_log_on_fd_4_of_nsh_run_only() {
     );
     assert_eq!(
         first["options"],
-        serde_json::json!({"max_silent_time": 7, "timeout": 3600, "max_log_size": 0, "keep_failed": true})
+        serde_json::json!({"max_silent_time": 7, "timeout": 3600, "max_log_size": 65536, "keep_failed": true})
     );
     // Each stage got the previous one's ticket.
     assert!(site
@@ -543,6 +601,10 @@ fn sigterm_stops_the_pipeline_cancels_the_job_and_exits_within_2s() {
         started.elapsed()
     );
     assert_eq!(code, 1);
+    // By the watchdog, told at the signal, outside the hook's group.
+    eventually("the job to be cancelled", Duration::from_secs(2), || {
+        site.read("cancelled").contains(r#""job":4242"#)
+    });
     let cancelled: Value = serde_json::from_str(site.read("cancelled").trim()).unwrap();
     assert_eq!(cancelled["alloc"]["job"], 4242);
     assert!(
@@ -573,6 +635,49 @@ fn a_killed_hook_leaves_the_cancel_to_its_watchdog() {
     );
 }
 
+/// The processes whose environment has this site's `T` (every stage, the
+/// watchdog and what they start).
+fn processes_of(site: &Site) -> Vec<String> {
+    let needle = format!("T={}", site.dir.path().display());
+    fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|pid| pid.bytes().all(|b| b.is_ascii_digit()))
+        .filter(|pid| {
+            fs::read(format!("/proc/{pid}/environ"))
+                .map(|env| env.split(|&b| b == 0).any(|v| v == needle.as_bytes()))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+#[test]
+fn nix_2_35_stopping_the_hook_cancels_the_job_and_leaves_nothing() {
+    let site = Site::new("", 1);
+    let mut hook = start_hanging_build(&site);
+    eventually("nsh-alloc's ticket to pass", Duration::from_secs(5), || {
+        site.read("seen-nsh-run").contains("4242")
+    });
+    // As Nix 2.35 does: SIGTERM to the group, SIGKILL 500 ms later if the
+    // hook is still there.
+    let group = -(hook.id() as i32);
+    unsafe { libc::kill(group, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_millis(500);
+    while hook.try_wait().unwrap().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if hook.try_wait().unwrap().is_none() {
+        unsafe { libc::kill(group, libc::SIGKILL) };
+    }
+    let _ = hook.wait();
+    eventually("the job to be cancelled", Duration::from_secs(5), || {
+        site.read("cancelled").contains(r#""job":4242"#)
+    });
+    eventually("every process to end", Duration::from_secs(5), || {
+        processes_of(&site).is_empty()
+    });
+}
+
 #[test]
 fn a_hook_killed_while_nsh_alloc_waits_leaves_nsh_alloc_to_cancel_its_job() {
     let site = Site::new("", 1);
@@ -594,9 +699,108 @@ fn a_hook_killed_while_nsh_alloc_waits_leaves_nsh_alloc_to_cancel_its_job() {
     // ticket has told the watchdog of a job.
     unsafe { libc::kill(-(hook.id() as i32), libc::SIGKILL) };
     let _ = hook.wait();
+    // Once or more: the parent-death signal is sent each time nsh-alloc's
+    // parent *thread* dies, and a process killed whole loses its threads
+    // one by one, nsh-alloc being handed to a surviving thread of the same
+    // hook each time (Linux reparents to a live thread of the dying process
+    // first). Which is harmless: nsh-alloc only sets a flag.
     eventually("nsh-alloc to get SIGTERM", Duration::from_secs(5), || {
-        site.read("alloc-term") == "TERM\n"
+        let term = site.read("alloc-term");
+        !term.is_empty() && term.lines().all(|l| l == "TERM")
     });
+}
+
+const PROBE_NONCE: &str = "5f0c2a9e8b7d6c5e4f3a2b1c0d9e8f7a";
+
+/// The `try` of `nsh-hook --check`'s probe derivation.
+fn probe_try() -> Vec<u8> {
+    let name = format!("nsh-probe-{PROBE_NONCE}");
+    Try {
+        am_willing: false,
+        needed_system: "x86_64-linux".into(),
+        drv_path: format!("/nix/store/9wz4rz0z6nxsdmyyq3amsirnkbm7yhgv-{name}.drv"),
+        required_features: vec![name],
+    }
+    .to_bytes()
+}
+
+#[test]
+fn the_check_probe_is_declined_with_a_marker_even_with_a_broken_configuration() {
+    let site = Site::new("", 1);
+    fs::create_dir(site.path("probe")).unwrap();
+    fs::set_permissions(site.path("probe"), fs::Permissions::from_mode(0o700)).unwrap();
+    for broken in [false, true] {
+        if broken {
+            fs::write(site.path("nsh.toml"), "[cluster.main]\nsystems = 3\n").unwrap();
+        }
+        let after_accept = if broken { vec![] } else { accepted() };
+        let (code, stderr) = site.run(&cat(&[
+            &settings(),
+            &probe_try(),
+            &try_(true, "x86_64-linux", &["big-parallel"]),
+            &after_accept,
+        ]));
+        assert_eq!(code, 0, "{stderr}");
+        let lines: Vec<&str> = stderr.lines().collect();
+        // The probe: a message and a decline; then the next try as usual.
+        let said = &nix_lines(lines[0])[0];
+        assert_eq!(said["level"], 3, "{said}");
+        assert!(
+            said["msg"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("probe {PROBE_NONCE}: marker left")),
+            "{said}"
+        );
+        assert_eq!(lines[1], "# decline");
+        let marker: Value =
+            serde_json::from_str(&site.read(&format!("probe/{PROBE_NONCE}.json"))).unwrap();
+        fs::remove_file(site.path(&format!("probe/{PROBE_NONCE}.json"))).unwrap();
+        assert_eq!(marker["exe"], site.hook().display().to_string());
+        assert_eq!(
+            marker["config"],
+            site.path("nsh.toml").display().to_string()
+        );
+        assert_eq!(marker["config_source"], "$NSH_CONFIG");
+        assert_eq!(
+            marker["build_hook"],
+            Value::Null,
+            "this dump has no build-hook"
+        );
+        if broken {
+            assert!(
+                marker["config_error"]
+                    .as_str()
+                    .unwrap()
+                    .contains("nsh.toml"),
+                "{marker}"
+            );
+            assert_eq!(lines.last().unwrap(), &"# decline-permanently", "{stderr}");
+        } else {
+            assert_eq!(marker["config_error"], Value::Null);
+            assert!(lines[2].starts_with("# accept"), "{stderr}");
+        }
+    }
+}
+
+#[test]
+fn a_probe_marker_is_never_written_into_a_directory_others_can_reach() {
+    let site = Site::new("", 1);
+    fs::create_dir(site.path("probe")).unwrap();
+    fs::set_permissions(site.path("probe"), fs::Permissions::from_mode(0o755)).unwrap();
+    let (code, stderr) = site.run(&cat(&[&settings(), &probe_try()]));
+    assert_eq!(code, 0);
+    let said = &nix_lines(&stderr)[0];
+    assert_eq!(said["level"], 1, "a warning: {said}");
+    assert!(
+        said["msg"]
+            .as_str()
+            .unwrap()
+            .contains("no marker: the probe directory"),
+        "{said}"
+    );
+    assert!(stderr.ends_with("# decline\n"), "{stderr}");
+    assert!(!site.path(&format!("probe/{PROBE_NONCE}.json")).exists());
 }
 
 #[test]

@@ -14,13 +14,21 @@ fail() {
   printf '%s\n' "$ticket" | jq -c --arg m "$1" '.error = {stage: "run", kind: "permanent", message: $m}'
   exit 1
 }
-json=$(nix show-derivation "$drv") || fail "nix show-derivation failed"
+# `nix derivation show` (2.15+; `show-derivation` is its old name). From
+# Nix 2.33 the JSON is `{"derivations": {NAME: …}, "version": 4}` and output
+# paths are base names; before, `{PATH: …}` with full paths. Normalised here
+# to the one derivation, with full output paths.
+store=$(dirname "$drv")
+json=$(nix derivation show "$drv" 2>/dev/null || nix show-derivation "$drv") || fail "nix derivation show failed"
+json=$(printf '%s' "$json" | jq -c --arg store "$store" '(.derivations // .) | to_entries[0].value
+  | .outputs |= map_values(.path |= (if startswith("/") then . else "\($store)/\(.)" end))') ||
+  fail "cannot read the derivation's JSON"
 build=$(mktemp -d)
 # `env -i NAME=value… builder args…`, shell-quoted by jq.
-cmd=$(printf '%s' "$json" | jq -r --arg top "$build" '.[] |
+cmd=$(printf '%s' "$json" | jq -r --arg top "$build" '
   ["env", "-i", "NIX_BUILD_TOP=\($top)", "TMPDIR=\($top)", "HOME=/homeless-shelter"]
   + (.env | to_entries | map("\(.key)=\(.value)")) + [.builder] + .args | @sh')
-outs=$(printf '%s' "$json" | jq -r '.[].outputs | to_entries[] | .value.path')
+outs=$(printf '%s' "$json" | jq -r '.outputs | to_entries[] | .value.path')
 if ! (cd "$build" && eval "$cmd") >&"$log" 2>&1; then
   for out in $outs; do rm -rf "$out"; done
   fail "the builder failed"
@@ -32,4 +40,4 @@ for out in $outs; do
   printf '%s\n%s\n%s\n%s\n0\n' "$out" "$hash" "$size" "$drv" | nix-store --load-db
 done
 rm -rf "$build"
-printf '%s\n' "$ticket" | jq -c --argjson o "$(printf '%s' "$json" | jq '.[].outputs | map_values(.path)')" '.drv.outputs = $o'
+printf '%s\n' "$ticket" | jq -c --argjson o "$(printf '%s' "$json" | jq '.outputs | map_values(.path)')" '.drv.outputs = $o'
