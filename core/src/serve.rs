@@ -14,7 +14,7 @@
 //! ([`has_add_to_store_nar`], [`path_infos_have_nar_hash`]), the way Nix's
 //! own ssh store decides. Nix has removed commands without a version bump
 //! (ExportPaths in 2.32; ImportPaths in 2.32.0–2.32.1, restored in 2.32.2), so
-//! nsh should use only commands every 2.x server it can meet has: QueryValidPaths,
+//! nsh uses only commands every 2.x server it can meet has: QueryValidPaths,
 //! QueryPathInfos, DumpStorePath, QueryClosure, BuildDerivation, and
 //! AddToStoreNar (≥ 2.5) or, for an older peer, ImportPaths.
 
@@ -78,7 +78,9 @@ pub fn version_text(version: u64) -> String {
     format!("{}.{}", major(version), minor(version))
 }
 
-/// Command numbers. 6, BuildPaths, nsh has no use for.
+/// Command numbers (those nsh sends). 5, ExportPaths, is left out on
+/// purpose: Nix 2.32 removed it without a version bump, so a client cannot
+/// know whether a peer has it. 6, BuildPaths, nsh has no use for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u64)]
 pub enum Command {
@@ -87,9 +89,6 @@ pub enum Command {
     DumpStorePath = 3,
     /// Present in every version except Nix 2.32.0 and 2.32.1.
     ImportPaths = 4,
-    /// Removed in Nix 2.32 without a version bump: a client cannot know
-    /// whether a peer has it.
-    ExportPaths = 5,
     QueryClosure = 7,
     BuildDerivation = 8,
     AddToStoreNar = 9,
@@ -149,15 +148,6 @@ pub fn write_query_closure<W: Write, S: AsRef<str>>(
 pub fn write_dump_store_path<W: Write>(w: &mut WireWriter<W>, path: &str) -> io::Result<()> {
     w.u64(Command::DumpStorePath as u64)?;
     w.string(path)
-}
-
-pub fn write_export_paths<W: Write, S: AsRef<str>>(
-    w: &mut WireWriter<W>,
-    paths: &[S],
-) -> io::Result<()> {
-    w.u64(Command::ExportPaths as u64)?;
-    w.u64(0)?; // "sign": obsolete, always 0
-    w.strings(paths.iter().map(|p| p.as_ref()))
 }
 
 /// What the store knows about a valid path.

@@ -137,29 +137,6 @@ impl<R: Read, W: Write> ServeClient<R, W> {
         })
     }
 
-    /// Streams `nix-store --export` of `paths` to `out` (ready for another
-    /// server's ImportPaths); returns what was in it.
-    pub fn export_paths<S: AsRef<str>>(
-        &mut self,
-        paths: &[S],
-        out: &mut (impl Write + ?Sized),
-    ) -> Result<Vec<ExportedPath>, Failure> {
-        self.send("ExportPaths", |w| serve::write_export_paths(w, paths))?;
-        self.recv("the export stream", |r| copy_export_stream(r, out))
-    }
-
-    /// Sends ExportPaths and hands back the server's output, positioned at
-    /// the start of the export stream, for a caller that relays or unpacks
-    /// it itself. The caller must read the whole stream (up to its closing
-    /// `u64 0`) before the next command.
-    pub fn start_export<S: AsRef<str>>(
-        &mut self,
-        paths: &[S],
-    ) -> Result<&mut BufReader<R>, Failure> {
-        self.send("ExportPaths", |w| serve::write_export_paths(w, paths))?;
-        Ok(self.r.get_mut())
-    }
-
     /// DumpStorePath, with the NAR handed to `read_nar`, which must read
     /// exactly one NAR (to stream it on, or unpack it) before the next
     /// command is sent. If `read_nar` fails, the conversation is out of step:
