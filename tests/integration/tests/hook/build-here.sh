@@ -14,13 +14,18 @@ fail() {
   printf '%s\n' "$ticket" | jq -c --arg m "$1" '.error = {stage: "run", kind: "permanent", message: $m}'
   exit 1
 }
-json=$(nix show-derivation "$drv") || fail "nix show-derivation failed"
+# The derivation's JSON: Nix up to 2.33 writes {"<drv path>": {…}}; 2.34
+# writes {"derivations": {"<drv name>": {…}}, "version": 4}, with output
+# paths as base names. The environment has every output's absolute path.
+shown=$(nix show-derivation "$drv") || fail "nix show-derivation failed"
+json=$(printf '%s' "$shown" | jq '(.derivations // .) | .[]') || fail "unexpected JSON"
 build=$(mktemp -d)
 # `env -i NAME=value… builder args…`, shell-quoted by jq.
-cmd=$(printf '%s' "$json" | jq -r --arg top "$build" '.[] |
+cmd=$(printf '%s' "$json" | jq -r --arg top "$build" '
   ["env", "-i", "NIX_BUILD_TOP=\($top)", "TMPDIR=\($top)", "HOME=/homeless-shelter"]
   + (.env | to_entries | map("\(.key)=\(.value)")) + [.builder] + .args | @sh')
-outs=$(printf '%s' "$json" | jq -r '.[].outputs | to_entries[] | .value.path')
+outputs=$(printf '%s' "$json" | jq -c '.env as $env | .outputs | with_entries(.value = $env[.key])')
+outs=$(printf '%s' "$outputs" | jq -r '.[]')
 if ! (cd "$build" && eval "$cmd") >&"$log" 2>&1; then
   for out in $outs; do rm -rf "$out"; done
   fail "the builder failed"
@@ -32,4 +37,4 @@ for out in $outs; do
   printf '%s\n%s\n%s\n%s\n0\n' "$out" "$hash" "$size" "$drv" | nix-store --load-db
 done
 rm -rf "$build"
-printf '%s\n' "$ticket" | jq -c --argjson o "$(printf '%s' "$json" | jq '.[].outputs | map_values(.path)')" '.drv.outputs = $o'
+printf '%s\n' "$ticket" | jq -c --argjson o "$outputs" '.drv.outputs = $o'
