@@ -280,7 +280,13 @@ fn build_derivation_live_and_as_a_request_file() {
     assert_eq!(result.status, BuildStatus::Built, "{}", result.error_msg);
     let a_out = store.dir.render(a.outputs["out"].path.as_ref().unwrap());
     assert_eq!(result.output_paths(&store.dir)["out"], a_out);
-    assert!(result.stop_time >= result.start_time && result.start_time > 0);
+    // Nix 2.34.8 and later answer with an aggregated result that leaves the
+    // times out (both 0, NixOS/nix 5b0278c); older ones report both.
+    let no_times = result.start_time == 0 && result.stop_time == 0;
+    assert!(
+        no_times || (result.start_time > 0 && result.stop_time >= result.start_time),
+        "{result:?}"
+    );
     serve.finish().unwrap();
 
     // As files: build b with its input closure, exactly as a node would:

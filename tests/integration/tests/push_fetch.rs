@@ -10,7 +10,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use nsh_cluster_tests::{run_ok, unique_salt, Cluster, NixVersion};
@@ -212,8 +212,20 @@ fn close_master(ticket: &Value) {
     }
 }
 
+/// Held by the test that copies 256 MiB paths and by the one that times a
+/// re-push: on two cores the copy's hashing and ssh would be measured too.
+static HEAVY_COPY: Mutex<()> = Mutex::new(());
+
+fn no_heavy_copy_meanwhile() -> MutexGuard<'static, ()> {
+    // A test that failed holding it leaves it poisoned; the others still run.
+    HEAVY_COPY
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 #[test]
 fn push_copies_what_is_missing_and_a_repush_moves_nothing() {
+    let _quiet = no_heavy_copy_meanwhile();
     let c = Cluster::get();
     let closure = build_locally(&c, &unique_salt(), 2_000_000);
     assert_eq!(closure.len(), 2);
@@ -391,6 +403,7 @@ fn node_entries(c: &Cluster, part: &str) -> Vec<String> {
 
 #[test]
 fn a_connection_killed_mid_copy_leaves_no_invalid_path_and_a_repush_completes() {
+    let _heavy = no_heavy_copy_meanwhile();
     let c = Cluster::get();
     let salt = unique_salt();
     let closure = build_locally(&c, &salt, 256 << 20);
