@@ -28,7 +28,7 @@
 //! push is retried once, then fails as transient (75).
 
 use std::cell::RefCell;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufReader, Read, Write};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -230,16 +230,17 @@ fn push_once(
         serve::version_text(version)
     );
     progress.begin(missing.len() as u64, total);
-    if route == Route::ImportPathsFromExportProcess {
-        send_from_export_process(&mut remote, local, &infos, progress)?;
-    } else {
-        send_paths(
+    match route {
+        Route::ImportPathsFromExportProcess => {
+            send_from_export_process(&mut remote, local, &infos, progress)?
+        }
+        Route::AddToStoreNar | Route::ImportPaths => send_paths(
             &mut remote.client,
             &mut local_serve.client,
             &infos,
             route,
             progress,
-        )?;
+        )?,
     }
     progress.end();
     remote.finish()?;
@@ -253,7 +254,7 @@ fn local_path_infos<R: Read, W: Write>(
     local: &mut ServeClient<R, W>,
     missing: &[&str],
 ) -> Result<Vec<PathInfo>, Failure> {
-    let mut infos: std::collections::BTreeMap<String, PathInfo> = local
+    let mut infos: BTreeMap<String, PathInfo> = local
         .query_path_infos(missing)?
         .into_iter()
         .map(|i| (i.path.clone(), i))
@@ -293,13 +294,18 @@ fn send_paths<RR: Read, RW: Write, LR: Read, LW: Write>(
         progress.borrow_mut().path_done();
         Ok(size)
     };
-    if route == Route::AddToStoreNar {
-        for info in infos {
-            remote.add_to_store_nar_with(info, |to| dump(info, to))?;
+    match route {
+        Route::AddToStoreNar => {
+            for info in infos {
+                remote.add_to_store_nar_with(info, |to| dump(info, to))?;
+            }
+            Ok(())
         }
-        Ok(())
-    } else {
-        remote.import_paths_from(infos, dump)
+        // The export process is the caller's; here the stream is made of
+        // DumpStorePath NARs either way.
+        Route::ImportPaths | Route::ImportPathsFromExportProcess => {
+            remote.import_paths_from(infos, dump)
+        }
     }
 }
 
