@@ -2,9 +2,12 @@
 //! local store lacks) from the node into the local store, then let the job
 //! end.
 //!
-//! The node exports the paths (ExportPaths over the same kind of serve
-//! connection `nsh-push` uses); every NAR is checked against the hash and
-//! size the node's database records before the path may become valid here.
+//! From the node: QueryValidPaths, QueryClosure, QueryPathInfos, then one
+//! DumpStorePath per path, in dependency order — commands every serve
+//! protocol version has (ExportPaths, which Nix 2.32 removed without a
+//! version bump, is never used). Every NAR is hashed and counted as it
+//! arrives and checked against the hash and size in the node's path info
+//! before the path may become valid here.
 //!
 //! While a build hook runs, the Nix daemon holds `<output>.lock` on every
 //! wanted output, so a plain `nix-store --import` of an output would wait for
@@ -12,19 +15,24 @@
 //! (`reference/nix-build-hook.md`, "Importing outputs"). Two ways around it
 //! ([`ImportMethod`]):
 //!
-//! * `held-locks` (Nix ≤ 2.28, Lix): `nix-store --import` against the local
-//!   store directly, with `NIX_HELD_LOCKS` naming the outputs, so it does not
-//!   take their locks again;
-//! * `load-db` (every version, the only way on Nix ≥ 2.29): we unpack each
-//!   NAR ourselves into a temporary name in the store directory (hashing it on
-//!   the way), give it the store's canonical metadata, rename it into place
-//!   and register it with `nix-store --load-db`. Paths that are not outputs
-//!   are locked the way Nix locks them while we do that.
+//! * `load-db` (the default; every Nix version): we unpack each NAR ourselves
+//!   into a temporary name in the store directory (hashing it on the way),
+//!   give it the store's canonical metadata, rename it into place and
+//!   register it with `nix-store --load-db`. Paths that are not outputs are
+//!   locked the way Nix locks them, from before their validity is checked
+//!   until they are registered, and a path found valid is never registered
+//!   again;
+//! * `held-locks` (Nix ≤ 2.28 and Lix only: Nix 2.29 removed
+//!   `NIX_HELD_LOCKS`): `nix-store --import` against the local store
+//!   directly, with `NIX_HELD_LOCKS` naming the outputs, so it does not take
+//!   their locks again. On a newer Nix the import waits for the daemon
+//!   forever; nsh cannot tell, so this is for an admin who chose it.
 //!
-//! A truncated or corrupt stream never leaves a partial or invalid path: with
-//! `held-locks` the entry is refused before `nix-store --import` sees its
-//! trailer (it registers a path only after the trailer); with `load-db` the
-//! temporary tree is removed and nothing is renamed or registered.
+//! A truncated or corrupt NAR never leaves a partial or invalid path: with
+//! `load-db` the temporary tree is removed and nothing is renamed or
+//! registered; with `held-locks` the entry's trailer, which is what makes
+//! `nix-store --import` register a path, is written only after its NAR
+//! checked out.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, BufWriter, Read, Write};
@@ -39,65 +47,39 @@ use sha2::{Digest, Sha256};
 use crate::config::Config;
 use crate::error::{Failure, Kind, ResultExt};
 use crate::nar;
-use crate::serve::{self, PathInfo};
-use crate::serve_client::ServeProcess;
-use crate::store::LocalStore;
+use crate::serve::{self, ExportTrailer, PathInfo};
+use crate::serve_client::{ServeClient, ServeProcess};
+use crate::store::{self, LocalStore};
 use crate::ticket::{AllocSection, FetchSection, Ticket};
 use crate::transfer::{self, Hashing, TransferProgress};
 use crate::transport::{Ssh, Transport};
-use crate::wire::{WireError, WireReader, WireWriter};
+use crate::wire::{WireError, WireWriter};
 use crate::{log_info, log_warn};
 
 /// How fetched paths become valid in the local store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ImportMethod {
+    /// Unpack, canonicalise, `nix-store --load-db` (every version).
+    #[default]
+    LoadDb,
     /// `NIX_HELD_LOCKS` + `nix-store --import` (Nix ≤ 2.28, Lix).
     HeldLocks,
-    /// Unpack, canonicalise, `nix-store --load-db` (every version).
-    LoadDb,
-    /// By the local Nix's version.
-    #[default]
-    Auto,
 }
 
 impl ImportMethod {
     pub fn parse(s: &str) -> Option<ImportMethod> {
         match s {
-            "held-locks" => Some(ImportMethod::HeldLocks),
             "load-db" => Some(ImportMethod::LoadDb),
-            "auto" => Some(ImportMethod::Auto),
+            "held-locks" => Some(ImportMethod::HeldLocks),
             _ => None,
         }
     }
 
     pub const fn name(self) -> &'static str {
         match self {
-            ImportMethod::HeldLocks => "held-locks",
             ImportMethod::LoadDb => "load-db",
-            ImportMethod::Auto => "auto",
+            ImportMethod::HeldLocks => "held-locks",
         }
-    }
-}
-
-/// What `nix-store --version` says about which method works: `NIX_HELD_LOCKS`
-/// was removed in Nix 2.29; Lix keeps it.
-pub fn method_for_version(version_line: &str) -> ImportMethod {
-    if version_line.contains("Lix") {
-        return ImportMethod::HeldLocks;
-    }
-    let version = version_line
-        .split_whitespace()
-        .last()
-        .unwrap_or_default()
-        .split(|c: char| !c.is_ascii_digit())
-        .filter(|s| !s.is_empty())
-        .take(2)
-        .map(|s| s.parse::<u32>().unwrap_or(0))
-        .collect::<Vec<_>>();
-    match version.as_slice() {
-        [2, minor] if *minor <= 28 => ImportMethod::HeldLocks,
-        [major, _] if *major < 2 => ImportMethod::HeldLocks,
-        _ => ImportMethod::LoadDb,
     }
 }
 
@@ -162,10 +144,7 @@ pub fn fetch(
     for output in &outputs {
         local.dir.parse(output)?;
     }
-    let method = match options.method {
-        ImportMethod::Auto => local_method(&local)?,
-        chosen => chosen,
-    };
+    let method = options.method;
     let direct = LocalStore::new(&direct_store_uri(&store_uri)?, "")?;
     check_writable(&direct.real_dir())?;
 
@@ -232,72 +211,6 @@ fn release(alloc: &AllocSection, config: &Config) {
     ssh.stop_master();
 }
 
-fn local_method(local: &LocalStore) -> Result<ImportMethod, Failure> {
-    let line = local_nix_version(local)?;
-    let method = method_for_version(&line);
-    log_info!("local Nix is {line:?}: importing with {}", method.name());
-    Ok(method)
-}
-
-/// `nix-store --version`, remembered per binary (its path, size and mtime)
-/// in the caller's private nsh directory: the hook runs nsh-fetch once per
-/// build, and the probe is a process start each time.
-fn local_nix_version(local: &LocalStore) -> Result<String, Failure> {
-    let program = nix_tool(local, "nix-store");
-    let key = resolve_program(&program).and_then(|path| {
-        use std::os::unix::fs::MetadataExt;
-        let meta = std::fs::metadata(&path).ok()?;
-        Some(format!(
-            "{}\t{}\t{}",
-            path.display(),
-            meta.len(),
-            meta.mtime()
-        ))
-    });
-    let cache = crate::transport::control_dir()
-        .ok()
-        .map(|dir| dir.join("nix-store-version"));
-    if let (Some(key), Some(cache)) = (&key, &cache) {
-        if let Ok(text) = std::fs::read_to_string(cache) {
-            if let Some(line) = text
-                .strip_prefix(key.as_str())
-                .and_then(|t| t.strip_prefix('\t'))
-            {
-                return Ok(line.trim().to_string());
-            }
-        }
-    }
-    let out = Command::new(&program)
-        .arg("--version")
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .output()
-        .or_fail(Kind::Config, || {
-            format!("running {} --version", program.display())
-        })?;
-    let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    if let (Some(key), Some(cache), true) = (&key, &cache, out.status.success()) {
-        // Temp + rename: concurrent fetches never read half a line.
-        let temp = cache.with_extension(format!("tmp{}", std::process::id()));
-        if std::fs::write(&temp, format!("{key}\t{line}\n")).is_ok() {
-            let _ = std::fs::rename(&temp, cache);
-        }
-    }
-    Ok(line)
-}
-
-/// Where `program` is: itself when it has a `/`, else found on PATH.
-fn resolve_program(program: &Path) -> Option<PathBuf> {
-    if program.components().count() > 1 {
-        return Some(program.to_path_buf());
-    }
-    std::env::var_os("PATH").and_then(|path| {
-        std::env::split_paths(&path)
-            .map(|dir| dir.join(program))
-            .find(|candidate| candidate.is_file())
-    })
-}
-
 fn nix_tool(local: &LocalStore, tool: &str) -> PathBuf {
     if local.nix_bin_dir.is_empty() {
         PathBuf::from(tool)
@@ -357,25 +270,7 @@ fn fetch_once(
     let argv = transfer::remote_serve_argv(&config.remote);
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
     let mut remote = ServeProcess::from_command(ssh.command(&argv), ssh.describe())?;
-    let on_node: BTreeSet<String> = remote
-        .client
-        .query_valid_paths(outputs, true, false)?
-        .into_iter()
-        .collect();
-    if let Some(missing) = outputs.iter().find(|o| !on_node.contains(*o)) {
-        return Err(Failure::permanent(format!(
-            "{missing} is not valid on {} (was it built?)",
-            ssh.describe()
-        )));
-    }
-    let closure = remote.client.query_closure(outputs, false)?;
-    let mut local_serve = local.serve(false)?;
-    let here: BTreeSet<String> = local_serve
-        .client
-        .query_valid_paths(&closure, false, false)?
-        .into_iter()
-        .collect();
-    let needed: Vec<String> = closure.into_iter().filter(|p| !here.contains(p)).collect();
+    let needed = paths_to_fetch(&mut remote.client, local, outputs)?;
     if needed.is_empty() {
         log_info!(
             "all {} outputs are already in the local store",
@@ -384,106 +279,119 @@ fn fetch_once(
         remote.finish()?;
         return Ok((Vec::new(), 0));
     }
-    let infos: BTreeMap<String, PathInfo> = remote
-        .client
-        .query_path_infos(&needed)?
-        .into_iter()
-        .map(|i| (i.path.clone(), i))
-        .collect();
-    if let Some(gone) = needed.iter().find(|p| !infos.contains_key(*p)) {
-        return Err(Failure::transient(format!(
-            "{gone} vanished from {} while being fetched",
-            ssh.describe()
-        )));
-    }
-    let total: u64 = infos.values().map(|i| i.nar_size).sum();
+    let total: u64 = needed.iter().map(|i| i.nar_size).sum();
     log_info!(
-        "{}: fetching {} paths ({}) with {}",
+        "{}: fetching {} paths ({}) with DumpStorePath, importing with {}",
         ssh.describe(),
         needed.len(),
         transfer::human_bytes(total),
         method.name()
     );
     progress.begin(needed.len() as u64, total);
-    let expected = Expected {
-        infos,
-        outputs: outputs.iter().cloned().collect(),
-    };
-    let stream = remote.client.start_export(&needed)?;
-    let mut stream = WireReader::new(stream);
+    let outputs: BTreeSet<String> = outputs.iter().cloned().collect();
     let imported = match method {
         ImportMethod::LoadDb => {
-            import_load_db(&mut stream, &expected, direct, &mut local_serve, progress)?
+            import_load_db(&mut remote.client, &needed, &outputs, direct, progress)?
         }
-        _ => import_held_locks(&mut stream, &expected, direct, progress)?,
+        ImportMethod::HeldLocks => {
+            import_held_locks(&mut remote.client, &needed, &outputs, direct, progress)?
+        }
     };
     progress.end();
     remote.finish()?;
-    local_serve.finish()?;
-    let bytes = imported.iter().map(|p| expected.infos[p].nar_size).sum();
+    let sizes: BTreeMap<&str, u64> = needed
+        .iter()
+        .map(|i| (i.path.as_str(), i.nar_size))
+        .collect();
+    let bytes = imported.iter().map(|p| sizes[p.as_str()]).sum();
     Ok((imported, bytes))
 }
 
-/// What the node said about the paths it sends.
-struct Expected {
-    infos: BTreeMap<String, PathInfo>,
-    outputs: BTreeSet<String>,
-}
-
-impl Expected {
-    /// Checks one received entry against the node's records.
-    fn check(
-        &self,
-        trailer: &serve::ExportTrailer,
-        digest: &[u8; 32],
-        size: u64,
-    ) -> Result<&PathInfo, Failure> {
-        let Some(info) = self.infos.get(&trailer.path) else {
-            return Err(Failure::permanent(format!(
-                "the node sent {}, which was not asked for",
-                trailer.path
-            )));
-        };
-        if size != info.nar_size {
-            return Err(Failure::permanent(format!(
-                "{}: the NAR has {size} bytes, the node's database says {}",
-                info.path, info.nar_size
-            )));
-        }
-        if !transfer::nar_hash_matches(&info.nar_hash, digest)? {
-            return Err(Failure::permanent(format!(
-                "{}: NAR hash mismatch: got sha256:{}, the node's database says {}",
-                info.path,
-                transfer::nix_base32(digest),
-                info.nar_hash
-            )));
-        }
-        let sent: BTreeSet<&String> = trailer.references.iter().collect();
-        let recorded: BTreeSet<&String> = info.references.iter().collect();
-        if sent != recorded {
-            return Err(Failure::permanent(format!(
-                "{}: the export stream's references differ from the node's database",
-                info.path
-            )));
-        }
-        Ok(info)
+/// What of the outputs' closure on the node the local store lacks, with the
+/// node's path infos, in dependency order (references first). The outputs
+/// get temporary GC roots on the node for the rest of the conversation.
+fn paths_to_fetch<R: Read, W: Write>(
+    remote: &mut ServeClient<R, W>,
+    local: &LocalStore,
+    outputs: &[String],
+) -> Result<Vec<PathInfo>, Failure> {
+    let on_node: BTreeSet<String> = remote
+        .query_valid_paths(outputs, true, false)?
+        .into_iter()
+        .collect();
+    if let Some(missing) = outputs.iter().find(|o| !on_node.contains(*o)) {
+        return Err(Failure::permanent(format!(
+            "{missing} is not valid on {} (was it built?)",
+            remote.peer()
+        )));
     }
+    let closure = remote.query_closure(outputs, false)?;
+    let mut local_serve = local.serve(false)?;
+    let here: BTreeSet<String> = local_serve
+        .client
+        .query_valid_paths(&closure, false, false)?
+        .into_iter()
+        .collect();
+    local_serve.finish()?;
+    let needed: Vec<String> = closure.into_iter().filter(|p| !here.contains(p)).collect();
+    if needed.is_empty() {
+        return Ok(Vec::new());
+    }
+    if !serve::path_infos_have_nar_hash(remote.version()) {
+        return Err(Failure::permanent(format!(
+            "{} speaks serve protocol {}, whose path infos carry no NAR hash: nsh cannot \
+             check what it would fetch (2.{} or later is needed)",
+            remote.peer(),
+            serve::version_text(remote.version()),
+            serve::MINOR_NAR_HASH
+        )));
+    }
+    let infos = remote.query_path_infos(&needed)?;
+    let known: BTreeSet<&str> = infos.iter().map(|i| i.path.as_str()).collect();
+    if let Some(gone) = needed.iter().find(|p| !known.contains(p.as_str())) {
+        return Err(Failure::transient(format!(
+            "{gone} vanished from {} while being fetched",
+            remote.peer()
+        )));
+    }
+    store::dependency_order(infos)
 }
 
-fn stream_error(e: WireError) -> Failure {
-    e.fail("the export stream from the node")
+/// Checks a received NAR against the node's path info.
+fn check_nar(info: &PathInfo, digest: &[u8; 32], size: u64) -> Result<(), Failure> {
+    if size != info.nar_size {
+        return Err(Failure::permanent(format!(
+            "{}: the NAR has {size} bytes, the node's database says {}",
+            info.path, info.nar_size
+        )));
+    }
+    if !transfer::nar_hash_matches(&info.nar_hash, digest)? {
+        return Err(Failure::permanent(format!(
+            "{}: NAR hash mismatch: got sha256:{}, the node's database says {}",
+            info.path,
+            transfer::nix_base32(digest),
+            info.nar_hash
+        )));
+    }
+    Ok(())
 }
 
-/// Relays the stream to `nix-store --import` with `NIX_HELD_LOCKS`, checking
-/// each entry before its trailer (which is what makes the importer register
-/// it) is passed on.
-fn import_held_locks<R: Read>(
-    stream: &mut WireReader<R>,
-    expected: &Expected,
+/// A failure reading the NAR of `path` from the node.
+fn nar_error(path: &str, e: WireError) -> Failure {
+    e.fail(format!("the NAR of {path} from the node"))
+}
+
+/// Feeds `nix-store --import` with `NIX_HELD_LOCKS` an export stream made
+/// of the node's NARs, each entry's trailer written only after its NAR
+/// checked out (the importer registers a path when it reads the trailer).
+fn import_held_locks<R: Read, W: Write>(
+    remote: &mut ServeClient<R, W>,
+    needed: &[PathInfo],
+    outputs: &BTreeSet<String>,
     direct: &LocalStore,
     progress: &mut dyn TransferProgress,
 ) -> Result<Vec<String>, Failure> {
-    let held: Vec<&str> = expected.outputs.iter().map(String::as_str).collect();
+    let held: Vec<&str> = outputs.iter().map(String::as_str).collect();
     let mut command = Command::new(nix_tool(direct, "nix-store"));
     if !direct.uri.is_empty() {
         command.arg("--store").arg(&direct.uri);
@@ -498,7 +406,7 @@ fn import_held_locks<R: Read>(
         .or_fail(Kind::Config, || "starting nix-store --import")?;
     let stdin = child.stdin.take().expect("piped");
     let mut to = Hashing::new(BufWriter::with_capacity(1 << 16, stdin));
-    let relayed = relay_checked(stream, &mut to, expected, progress);
+    let relayed = relay_checked(remote, needed, &mut to, progress);
     let closed = relayed.and_then(|paths| {
         to.flush()
             .or_fail(Kind::Transient, || "writing to nix-store --import")?;
@@ -527,47 +435,43 @@ fn import_held_locks<R: Read>(
     }
 }
 
-fn relay_checked<R: Read, W: Write>(
-    stream: &mut WireReader<R>,
-    to: &mut Hashing<W>,
-    expected: &Expected,
+/// Writes the export stream of `needed` to `to`: per path `1`, the NAR as
+/// DumpStorePath sends it, then (once hash and size match the node's path
+/// info) the trailer; `0` at the end. Returns the paths written.
+fn relay_checked<R: Read, W: Write, T: Write>(
+    remote: &mut ServeClient<R, W>,
+    needed: &[PathInfo],
+    to: &mut Hashing<T>,
     progress: &mut dyn TransferProgress,
 ) -> Result<Vec<String>, Failure> {
     let write_fail =
         |e: io::Error| Failure::transient(format!("writing to nix-store --import: {e}"));
     let mut paths = Vec::new();
-    loop {
-        match stream.u64().map_err(stream_error)? {
-            0 => {
-                to.write_all(&0u64.to_le_bytes()).map_err(write_fail)?;
-                return Ok(paths);
-            }
-            1 => {
-                to.write_all(&1u64.to_le_bytes()).map_err(write_fail)?;
-                to.take();
-                let mut counting = transfer::Counting {
-                    inner: stream.get_mut(),
-                    progress: &mut *progress,
-                };
-                nar::copy_nar(&mut counting, to).map_err(|e| match e {
-                    WireError::Io(e) if e.kind() == io::ErrorKind::BrokenPipe => write_fail(e),
-                    other => stream_error(other),
-                })?;
-                let (digest, size) = to.take();
-                let trailer = serve::read_export_trailer(stream).map_err(stream_error)?;
-                expected.check(&trailer, &digest, size)?;
-                serve::write_export_trailer(&mut WireWriter::new(&mut *to), &trailer)
-                    .map_err(write_fail)?;
-                progress.path_done();
-                paths.push(trailer.path);
-            }
-            n => {
-                return Err(Failure::permanent(format!(
-                    "the export stream from the node: expected 0 or 1 before an entry, got {n}"
-                )))
-            }
-        }
+    for info in needed {
+        to.write_all(&1u64.to_le_bytes()).map_err(write_fail)?;
+        to.take();
+        remote.receive_nar(&info.path, |nar| {
+            let mut counting = transfer::Counting {
+                inner: nar,
+                progress: &mut *progress,
+            };
+            nar::copy_nar(&mut counting, to).map_err(|e| match e {
+                WireError::Io(e) if e.kind() == io::ErrorKind::BrokenPipe => write_fail(e),
+                other => nar_error(&info.path, other),
+            })
+        })?;
+        let (digest, size) = to.take();
+        check_nar(info, &digest, size)?;
+        serve::write_export_trailer(
+            &mut WireWriter::new(&mut *to),
+            &ExportTrailer::for_path(info),
+        )
+        .map_err(write_fail)?;
+        progress.path_done();
+        paths.push(info.path.clone());
     }
+    to.write_all(&0u64.to_le_bytes()).map_err(write_fail)?;
+    Ok(paths)
 }
 
 /// A reader that hashes what it reads.
@@ -584,101 +488,134 @@ impl<R: Read> Read for HashingReader<R> {
     }
 }
 
-/// Unpacks every entry into the store directory and registers the complete
-/// ones with `nix-store --load-db`.
-fn import_load_db<R: Read>(
-    stream: &mut WireReader<R>,
-    expected: &Expected,
+/// A path unpacked into its place in the store, verified, not yet
+/// registered.
+struct Placed {
+    info: PathInfo,
+    real: PathBuf,
+    digest: [u8; 32],
+}
+
+/// Unpacks every needed path into the store directory and registers them
+/// with `nix-store --load-db`. The paths that are not outputs (whose locks
+/// the daemon does not hold for us) are locked first, and stay locked until
+/// they are registered, so that no other Nix process writes or registers
+/// them meanwhile; under those locks, a path already valid is skipped.
+fn import_load_db<R: Read, W: Write>(
+    remote: &mut ServeClient<R, W>,
+    needed: &[PathInfo],
+    outputs: &BTreeSet<String>,
     direct: &LocalStore,
-    local_serve: &mut ServeProcess,
     progress: &mut dyn TransferProgress,
 ) -> Result<Vec<String>, Failure> {
     let real_dir = direct.real_dir();
-    let mut placed: Vec<(PathInfo, PathBuf)> = Vec::new();
-    let unpacked = unpack_entries(
-        stream,
-        expected,
-        direct,
-        &real_dir,
-        local_serve,
-        progress,
-        &mut placed,
-    );
-    // Register what is complete even when a later entry failed: those paths
+    let _locks = lock_non_outputs(needed, outputs, direct, &real_dir)?;
+    let invalid = still_invalid(direct, needed)?;
+    for _ in invalid.len()..needed.len() {
+        progress.path_done();
+    }
+    let mut placed = Vec::new();
+    let received = receive_into_store(remote, &invalid, direct, &real_dir, progress, &mut placed);
+    // Register what is complete even when a later path failed: those paths
     // are whole and verified, and their references come before them.
     let registered = register(direct, &placed);
     if registered.is_err() {
-        for (_, real) in &placed {
-            let _ = remove_tree(real);
+        for entry in &placed {
+            let _ = remove_tree(&entry.real);
         }
     }
-    unpacked?;
+    received?;
     registered?;
-    Ok(placed.into_iter().map(|(info, _)| info.path).collect())
+    Ok(placed.into_iter().map(|entry| entry.info.path).collect())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn unpack_entries<R: Read>(
-    stream: &mut WireReader<R>,
-    expected: &Expected,
+/// Nix's locks on the needed paths that are not outputs, taken in sorted
+/// order as Nix takes several locks (two processes that need the same paths
+/// then cannot deadlock).
+fn lock_non_outputs(
+    needed: &[PathInfo],
+    outputs: &BTreeSet<String>,
     direct: &LocalStore,
     real_dir: &Path,
-    local_serve: &mut ServeProcess,
+) -> Result<Vec<NixPathLock>, Failure> {
+    let mut reals = BTreeSet::new();
+    for info in needed.iter().filter(|i| !outputs.contains(&i.path)) {
+        let store_path = direct.dir.parse(&info.path)?;
+        reals.insert(real_dir.join(store_path.basename()));
+    }
+    reals
+        .iter()
+        .map(|real| NixPathLock::acquire(real))
+        .collect()
+}
+
+/// The needed paths that are not valid in the local store now, asked of a
+/// new `nix-store --serve` on the store itself (not a daemon or a process
+/// that answered before the locks were taken).
+fn still_invalid<'a>(
+    direct: &LocalStore,
+    needed: &'a [PathInfo],
+) -> Result<Vec<&'a PathInfo>, Failure> {
+    let paths: Vec<&str> = needed.iter().map(|i| i.path.as_str()).collect();
+    let mut serve = direct.serve(false)?;
+    let valid: BTreeSet<String> = serve
+        .client
+        .query_valid_paths(&paths, false, false)?
+        .into_iter()
+        .collect();
+    serve.finish()?;
+    Ok(needed.iter().filter(|i| !valid.contains(&i.path)).collect())
+}
+
+/// Receives each path's NAR into a temporary name in the store directory,
+/// checks it, and moves it into place; appends what was placed.
+fn receive_into_store<R: Read, W: Write>(
+    remote: &mut ServeClient<R, W>,
+    invalid: &[&PathInfo],
+    direct: &LocalStore,
+    real_dir: &Path,
     progress: &mut dyn TransferProgress,
-    placed: &mut Vec<(PathInfo, PathBuf)>,
+    placed: &mut Vec<Placed>,
 ) -> Result<(), Failure> {
-    for n in 0.. {
-        match stream.u64().map_err(stream_error)? {
-            0 => return Ok(()),
-            1 => {}
-            other => {
-                return Err(Failure::permanent(format!(
-                    "the export stream from the node: expected 0 or 1 before an entry, got {other}"
-                )))
-            }
-        }
+    for (n, info) in invalid.iter().enumerate() {
         let temp = real_dir.join(format!(".nsh-fetch-{}-{n}", std::process::id()));
-        let result = unpack_one(
-            stream,
-            expected,
-            direct,
-            real_dir,
-            &temp,
-            local_serve,
-            progress,
-        );
-        match result {
-            Ok(Some(entry)) => {
-                progress.path_done();
-                placed.push(entry);
-            }
-            Ok(None) => progress.path_done(),
+        let received = remote.receive_nar(&info.path, |nar| {
+            unpack_checked(nar, info, &temp, &mut *progress)
+        });
+        let digest = match received {
+            Ok(digest) => digest,
             Err(failure) => {
                 let _ = remove_tree(&temp);
                 return Err(failure);
             }
+        };
+        let real = real_dir.join(direct.dir.parse(&info.path)?.basename());
+        if let Err(failure) = move_into_place(&temp, &real) {
+            let _ = remove_tree(&temp);
+            return Err(failure);
         }
+        progress.path_done();
+        placed.push(Placed {
+            info: (*info).clone(),
+            real,
+            digest,
+        });
     }
-    unreachable!("the loop returns")
+    Ok(())
 }
 
-/// One entry: unpack to `temp`, verify, then (under the path's lock, unless
-/// the daemon holds it for us) move it into place. `None`: it became valid
-/// meanwhile.
-#[allow(clippy::too_many_arguments)]
-fn unpack_one<R: Read>(
-    stream: &mut WireReader<R>,
-    expected: &Expected,
-    direct: &LocalStore,
-    real_dir: &Path,
+/// Unpacks one NAR from `nar` to `temp`, hashing it; returns its digest
+/// once hash and size match the node's path info.
+fn unpack_checked(
+    nar: &mut dyn Read,
+    info: &PathInfo,
     temp: &Path,
-    local_serve: &mut ServeProcess,
     progress: &mut dyn TransferProgress,
-) -> Result<Option<(PathInfo, PathBuf)>, Failure> {
+) -> Result<[u8; 32], Failure> {
     let mut reader = HashingReader {
         inner: transfer::Counting {
-            inner: stream.get_mut(),
-            progress: &mut *progress,
+            inner: nar,
+            progress,
         },
         hasher: Sha256::new(),
     };
@@ -686,37 +623,23 @@ fn unpack_one<R: Read>(
         WireError::Io(e) if e.kind() != io::ErrorKind::UnexpectedEof => {
             Failure::transient(format!("unpacking into {}: {e}", temp.display()))
         }
-        other => stream_error(other),
+        other => nar_error(&info.path, other),
     })?;
     let digest: [u8; 32] = reader.hasher.finalize().into();
-    let trailer = serve::read_export_trailer(stream).map_err(stream_error)?;
-    let info = expected.check(&trailer, &digest, size)?.clone();
-    let store_path = direct.dir.parse(&info.path)?;
-    let real = real_dir.join(store_path.basename());
-    // The daemon holds the outputs' locks for us; other paths we lock as
-    // Nix does, so that no other Nix process writes them meanwhile.
-    let _lock = if expected.outputs.contains(&info.path) {
-        None
-    } else {
-        Some(NixPathLock::acquire(&real)?)
-    };
-    if !local_serve
-        .client
-        .query_valid_paths(&[&info.path], false, false)?
-        .is_empty()
-    {
-        remove_tree(temp)?;
-        return Ok(None);
-    }
-    // Not valid, so anything at its place is a leftover of an interrupted
-    // import: Nix would delete it too.
+    check_nar(info, &digest, size)?;
+    Ok(digest)
+}
+
+/// Renames the verified tree at `temp` to its store path `real`. The path is
+/// not valid (checked under its lock), so anything at its place is a
+/// leftover of an interrupted import: Nix would delete it too.
+fn move_into_place(temp: &Path, real: &Path) -> Result<(), Failure> {
     if real.symlink_metadata().is_ok() {
-        remove_tree(&real)?;
+        remove_tree(real)?;
     }
-    std::fs::rename(temp, &real).or_fail(Kind::Transient, || {
+    std::fs::rename(temp, real).or_fail(Kind::Transient, || {
         format!("moving {} to {}", temp.display(), real.display())
-    })?;
-    Ok(Some((info, real)))
+    })
 }
 
 /// `nix-store --load-db` input: per path `path`, the NAR's sha256 in hex,
@@ -740,16 +663,12 @@ pub fn load_db_input(infos: &[&PathInfo], digests: &[[u8; 32]]) -> String {
     text
 }
 
-fn register(direct: &LocalStore, placed: &[(PathInfo, PathBuf)]) -> Result<(), Failure> {
+fn register(direct: &LocalStore, placed: &[Placed]) -> Result<(), Failure> {
     if placed.is_empty() {
         return Ok(());
     }
-    let infos: Vec<&PathInfo> = placed.iter().map(|(i, _)| i).collect();
-    // The hashes were checked against these records already.
-    let digests = infos
-        .iter()
-        .map(|i| decode_nar_hash(&i.nar_hash))
-        .collect::<Result<Vec<_>, _>>()?;
+    let infos: Vec<&PathInfo> = placed.iter().map(|entry| &entry.info).collect();
+    let digests: Vec<[u8; 32]> = placed.iter().map(|entry| entry.digest).collect();
     let input = load_db_input(&infos, &digests);
     let mut command = Command::new(nix_tool(direct, "nix-store"));
     if !direct.uri.is_empty() {
@@ -778,38 +697,6 @@ fn register(direct: &LocalStore, placed: &[(PathInfo, PathBuf)]) -> Result<(), F
         )));
     }
     Ok(())
-}
-
-/// The digest of a `sha256:<nix-base32 | hex>` NAR hash.
-fn decode_nar_hash(nar_hash: &str) -> Result<[u8; 32], Failure> {
-    let bad = || Failure::permanent(format!("cannot decode the NAR hash {nar_hash:?}"));
-    let value = nar_hash.strip_prefix("sha256:").ok_or_else(bad)?;
-    let mut digest = [0u8; 32];
-    match value.len() {
-        64 => {
-            for (i, byte) in digest.iter_mut().enumerate() {
-                *byte = u8::from_str_radix(&value[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
-            }
-        }
-        52 => {
-            // Nix's base-32 is written most significant character first,
-            // least significant bits of the digest last.
-            const CHARS: &[u8] = b"0123456789abcdfghijklmnpqrsvwxyz";
-            for (n, c) in value.bytes().rev().enumerate() {
-                let digit = CHARS.iter().position(|&x| x == c).ok_or_else(bad)? as u16;
-                let b = n * 5;
-                let (i, j) = (b / 8, b % 8);
-                digest[i] |= (digit << j) as u8;
-                if i + 1 < 32 {
-                    digest[i + 1] |= (digit >> (8 - j)) as u8;
-                } else if digit >> (8 - j) != 0 {
-                    return Err(bad());
-                }
-            }
-        }
-        _ => return Err(bad()),
-    }
-    Ok(digest)
 }
 
 /// Removes a tree that may be read-only (store metadata).
@@ -880,163 +767,216 @@ impl Drop for NixPathLock {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::serve_test_server::{file_nar, FakeNode, StoredPath};
+    use crate::wire::test_bytes::{le, s};
 
-    #[test]
-    fn methods_by_version() {
-        assert_eq!(
-            method_for_version("nix-store (Nix) 2.8.0"),
-            ImportMethod::HeldLocks
-        );
-        assert_eq!(
-            method_for_version("nix-store (Nix) 2.28.4"),
-            ImportMethod::HeldLocks
-        );
-        assert_eq!(
-            method_for_version("nix-store (Nix) 2.29.0"),
-            ImportMethod::LoadDb
-        );
-        assert_eq!(
-            method_for_version("nix-store (Nix) 3.0.0pre"),
-            ImportMethod::LoadDb
-        );
-        assert_eq!(
-            method_for_version("nix-store (Lix, like Nix) 2.91.1"),
-            ImportMethod::HeldLocks
-        );
-        assert_eq!(method_for_version("garbage"), ImportMethod::LoadDb);
+    const A: &str = "/nix/store/00000000000000000000000000000000-a";
+    const B: &str = "/nix/store/11111111111111111111111111111111-b";
+
+    /// A node like Nix 2.34 (no ExportPaths) holding `a` and `b` → `a`.
+    fn node() -> FakeNode {
+        FakeNode::nix_2_34()
+            .with_file(A, &[], b"a")
+            .with_file(B, &[A], b"bb")
+    }
+
+    fn infos(node: &FakeNode) -> Vec<PathInfo> {
+        [A, B].iter().map(|p| node.store[*p].info.clone()).collect()
+    }
+
+    /// `path`'s NAR on the node replaced by another of the same size: the
+    /// node's database and its files disagree.
+    fn corrupt(mut node: FakeNode, path: &str) -> FakeNode {
+        let stored = node.store.get_mut(path).unwrap();
+        let wrong = file_nar(&vec![b'x'; stored.nar.len() - file_nar(b"").len()]);
+        *stored = StoredPath {
+            info: stored.info.clone(),
+            nar: wrong,
+        };
+        node
     }
 
     #[test]
-    fn nar_hashes_decode_both_ways() {
-        let digest: [u8; 32] = Sha256::digest(b"nsh").into();
-        let b32 = format!("sha256:{}", transfer::nix_base32(&digest));
-        assert_eq!(decode_nar_hash(&b32).unwrap(), digest);
-        let hex = format!("sha256:{}", transfer::hex(&digest));
-        assert_eq!(decode_nar_hash(&hex).unwrap(), digest);
-        assert!(decode_nar_hash("sha256:zz").is_err());
+    fn import_methods_by_name() {
+        assert_eq!(ImportMethod::default(), ImportMethod::LoadDb);
+        for method in [ImportMethod::LoadDb, ImportMethod::HeldLocks] {
+            assert_eq!(ImportMethod::parse(method.name()), Some(method));
+        }
+        // No version detection any more.
+        assert_eq!(ImportMethod::parse("auto"), None);
     }
 
-    /// An export stream of one path whose NAR is `contents` as a file.
-    fn one_entry_stream(path: &str, contents: &[u8]) -> (Vec<u8>, PathInfo) {
-        let mut nar_bytes = Vec::new();
-        nar::write::nar(
-            &mut nar_bytes,
-            &nar::write::Node::Regular {
-                executable: false,
-                contents,
-            },
+    #[test]
+    fn held_locks_gets_an_export_stream_made_of_dump_store_path_byte_for_byte() {
+        let node = node();
+        let needed = infos(&node);
+        let (nar_a, nar_b) = (node.store[A].nar.clone(), node.store[B].nar.clone());
+        let (mut client, thread) = node.start();
+        let mut out = Hashing::new(Vec::new());
+        let sent = relay_checked(&mut client, &needed, &mut out, &mut transfer::NoProgress);
+        assert_eq!(sent.unwrap(), [A, B]);
+        let trailer = |path: &str, references: &[&str]| {
+            let refs: Vec<Vec<u8>> = references.iter().map(|r| s(r)).collect();
+            [
+                le(serve::EXPORT_MAGIC),
+                s(path),
+                le(references.len() as u64),
+                refs.concat(),
+                s(""),
+                le(0),
+            ]
+            .concat()
+        };
+        let stream = [
+            le(1),
+            nar_a,
+            trailer(A, &[]),
+            le(1),
+            nar_b,
+            trailer(B, &[A]),
+            le(0),
+        ]
+        .concat();
+        assert_eq!(out.inner, stream);
+        drop(client);
+        let node = thread.join().unwrap();
+        // DumpStorePath per path; nothing a 2.34 node lacks.
+        assert_eq!(node.error, None);
+        let asked = [
+            le(serve::SERVE_MAGIC_1),
+            le(serve::CLIENT_VERSION),
+            le(3),
+            s(A),
+            le(3),
+            s(B),
+        ]
+        .concat();
+        assert_eq!(node.received, asked);
+    }
+
+    #[test]
+    fn a_nar_unlike_the_nodes_record_stops_before_its_trailer() {
+        let node = corrupt(node(), B);
+        let needed = infos(&node);
+        let (mut client, _thread) = node.start();
+        let mut out = Hashing::new(Vec::new());
+        let err =
+            relay_checked(&mut client, &needed, &mut out, &mut transfer::NoProgress).unwrap_err();
+        assert_eq!(err.kind, Kind::Permanent);
+        assert!(err.message.contains("NAR hash mismatch"), "{}", err.message);
+        assert!(err.message.contains(B), "{}", err.message);
+        // `a` went through whole; `b`'s trailer, which makes the importer
+        // register it, never did.
+        let magic = serve::EXPORT_MAGIC.to_le_bytes();
+        assert_eq!(out.inner.windows(8).filter(|w| *w == magic).count(), 1);
+    }
+
+    #[test]
+    fn a_nar_cut_short_is_transient_and_stops_before_its_trailer() {
+        let info = node().store[A].info.clone();
+        let nar = file_nar(b"a");
+        let server = [
+            le(serve::SERVE_MAGIC_2),
+            le(0x207),
+            nar[..nar.len() / 2].to_vec(),
+        ]
+        .concat();
+        let mut client = ServeClient::handshake(&server[..], Vec::new(), "node1").unwrap();
+        let mut out = Hashing::new(Vec::new());
+        let err =
+            relay_checked(&mut client, &[info], &mut out, &mut transfer::NoProgress).unwrap_err();
+        assert_eq!(err.kind, Kind::Transient, "{}", err.message);
+        let magic = serve::EXPORT_MAGIC.to_le_bytes();
+        assert!(!out.inner.windows(8).any(|w| w == magic));
+    }
+
+    /// A scratch store directory (`/nix/store` by name, `real=` a temp dir).
+    fn scratch_store() -> (tempfile::TempDir, LocalStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let uri = format!("local?store=/nix/store&real={}", dir.path().display());
+        (dir, LocalStore::new(&uri, "").unwrap())
+    }
+
+    fn entries(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn load_db_unpacks_each_nar_into_place_replacing_a_leftover() {
+        let (dir, store) = scratch_store();
+        let node = node();
+        let needed = infos(&node);
+        let invalid: Vec<&PathInfo> = needed.iter().collect();
+        // A partial `b` left by an interrupted import.
+        let b_real = dir.path().join(&B["/nix/store/".len()..]);
+        std::fs::create_dir(&b_real).unwrap();
+        std::fs::write(b_real.join("junk"), "x").unwrap();
+        let (mut client, _thread) = node.start();
+        let mut placed = Vec::new();
+        receive_into_store(
+            &mut client,
+            &invalid,
+            &store,
+            dir.path(),
+            &mut transfer::NoProgress,
+            &mut placed,
         )
         .unwrap();
-        let digest: [u8; 32] = Sha256::digest(&nar_bytes).into();
-        let mut stream = 1u64.to_le_bytes().to_vec();
-        stream.extend_from_slice(&nar_bytes);
-        let trailer = serve::ExportTrailer {
-            path: path.into(),
-            references: vec![],
-            deriver: String::new(),
-        };
-        serve::write_export_trailer(&mut WireWriter::new(&mut stream), &trailer).unwrap();
-        stream.extend_from_slice(&0u64.to_le_bytes());
-        let info = PathInfo {
-            path: path.into(),
-            nar_size: nar_bytes.len() as u64,
-            nar_hash: format!("sha256:{}", transfer::nix_base32(&digest)),
-            ..PathInfo::default()
-        };
-        (stream, info)
-    }
-
-    fn expected(info: PathInfo) -> Expected {
-        Expected {
-            outputs: [info.path.clone()].into(),
-            infos: [(info.path.clone(), info)].into(),
-        }
-    }
-
-    fn relay(stream: &[u8], expected: &Expected) -> (Result<Vec<String>, Failure>, Vec<u8>) {
-        let mut out = Hashing::new(Vec::new());
-        let result = relay_checked(
-            &mut WireReader::new(stream),
-            &mut out,
-            expected,
-            &mut transfer::NoProgress,
+        assert_eq!(placed.len(), 2);
+        assert_eq!(std::fs::read(&b_real).unwrap(), b"bb");
+        let mode = std::fs::metadata(&b_real).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o444);
+        assert_eq!(
+            entries(dir.path()),
+            [&A["/nix/store/".len()..], &B["/nix/store/".len()..]]
         );
-        (result, out.inner)
+        let digest: [u8; 32] = Sha256::digest(file_nar(b"bb")).into();
+        assert_eq!(placed[1].digest, digest);
     }
 
     #[test]
-    fn a_good_entry_is_relayed_unchanged() {
-        let (stream, info) = one_entry_stream("/nix/store/aaaa-x", b"hello");
-        let (result, out) = relay(&stream, &expected(info));
-        assert_eq!(result.unwrap(), ["/nix/store/aaaa-x"]);
-        assert_eq!(out, stream);
-    }
-
-    #[test]
-    fn a_bad_hash_stops_the_entry_before_its_trailer() {
-        let (stream, info) = one_entry_stream("/nix/store/aaaa-x", b"hello");
-        let (bad_stream, _) = one_entry_stream("/nix/store/aaaa-x", b"hellp");
-        let (result, out) = relay(&bad_stream, &expected(info));
-        let err = result.unwrap_err();
+    fn load_db_leaves_nothing_of_a_bad_nar() {
+        let (dir, store) = scratch_store();
+        let node = corrupt(node(), B);
+        let needed = infos(&node);
+        let invalid: Vec<&PathInfo> = needed.iter().collect();
+        let (mut client, _thread) = node.start();
+        let mut placed = Vec::new();
+        let err = receive_into_store(
+            &mut client,
+            &invalid,
+            &store,
+            dir.path(),
+            &mut transfer::NoProgress,
+            &mut placed,
+        )
+        .unwrap_err();
         assert!(err.message.contains("NAR hash mismatch"), "{}", err.message);
-        assert_eq!(err.kind, Kind::Permanent);
-        // The importer never saw the trailer, which is what makes it register
-        // the path.
-        let magic = serve::EXPORT_MAGIC.to_le_bytes();
-        assert!(!out.windows(8).any(|w| w == magic));
-        assert!(out.len() < stream.len());
+        // `a` is whole and verified, for registration; of `b` nothing, not
+        // even its temporary name.
+        assert_eq!(placed.len(), 1);
+        assert_eq!(entries(dir.path()), [&A["/nix/store/".len()..]]);
     }
 
     #[test]
-    fn a_truncated_stream_is_transient_and_stops_before_the_trailer() {
-        let (stream, info) = one_entry_stream("/nix/store/aaaa-x", b"hello world");
-        let cut = &stream[..stream.len() / 2];
-        let (result, out) = relay(cut, &expected(info));
-        assert_eq!(result.unwrap_err().kind, Kind::Transient);
-        let magic = serve::EXPORT_MAGIC.to_le_bytes();
-        assert!(!out.windows(8).any(|w| w == magic));
-    }
-
-    #[test]
-    fn a_path_not_asked_for_is_refused() {
-        let (stream, _) = one_entry_stream("/nix/store/bbbb-evil", b"hello");
-        let (_, info) = one_entry_stream("/nix/store/aaaa-x", b"hello");
-        let (result, _) = relay(&stream, &expected(info));
-        assert!(result.unwrap_err().message.contains("not asked for"));
-    }
-
-    #[test]
-    fn load_db_unpacks_verifies_and_cleans_up() {
-        // The unpacking half of load-db against a scratch "store dir"; the
-        // registration half needs a real store (cluster tests).
-        let dir = tempfile::tempdir().unwrap();
-        let (stream, info) = one_entry_stream("/nix/store/aaaa-x", b"hello");
-        let (bad_stream, _) = one_entry_stream("/nix/store/aaaa-x", b"hellp");
-        let temp = dir.path().join(".nsh-fetch-test");
-        let mut r = WireReader::new(&bad_stream[..]);
-        assert_eq!(r.u64().unwrap(), 1);
-        let mut reader = HashingReader {
-            inner: r.get_mut(),
-            hasher: Sha256::new(),
+    fn only_paths_that_are_not_outputs_are_locked_and_only_until_dropped() {
+        let (dir, store) = scratch_store();
+        let needed = infos(&node());
+        let outputs: BTreeSet<String> = [B.to_string()].into();
+        let locks = lock_non_outputs(&needed, &outputs, &store, dir.path()).unwrap();
+        assert_eq!(locks.len(), 1);
+        let lock_file = |p: &str| {
+            dir.path()
+                .join(format!("{}.lock", &p["/nix/store/".len()..]))
         };
-        let size = nar::unpack(&mut reader, &temp).unwrap();
-        let digest: [u8; 32] = reader.hasher.finalize().into();
-        let trailer = serve::read_export_trailer(&mut r).unwrap();
-        let expected = expected(info);
-        assert!(expected.check(&trailer, &digest, size).is_err());
-        remove_tree(&temp).unwrap();
-        assert!(!temp.exists());
-        let mut r = WireReader::new(&stream[..]);
-        r.u64().unwrap();
-        let mut reader = HashingReader {
-            inner: r.get_mut(),
-            hasher: Sha256::new(),
-        };
-        let size = nar::unpack(&mut reader, &temp).unwrap();
-        let digest: [u8; 32] = reader.hasher.finalize().into();
-        let trailer = serve::read_export_trailer(&mut r).unwrap();
-        assert!(expected.check(&trailer, &digest, size).is_ok());
-        assert_eq!(std::fs::read(&temp).unwrap(), b"hello");
+        assert!(lock_file(A).exists() && !lock_file(B).exists());
+        drop(locks);
+        assert!(!lock_file(A).exists(), "released as Nix releases it");
     }
 
     #[test]

@@ -33,6 +33,8 @@ pub mod resources;
 pub mod run;
 pub mod serve;
 pub mod serve_client;
+#[cfg(test)]
+pub(crate) mod serve_test_server;
 pub mod slots;
 pub mod slurm;
 pub mod store;

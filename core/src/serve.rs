@@ -7,7 +7,16 @@
 //!
 //! The protocol version is `major << 8 | minor`. We announce 2.7 (`0x207`),
 //! which Nix 2.8 and later servers accept and answer in; the version a
-//! conversation uses is the lower of the server's and ours.
+//! conversation uses is the lower of the server's and ours. Nix 2.8 to 2.34
+//! announce 2.7, 2.35 announces 2.8.
+//!
+//! Which commands a peer has is decided from that version alone
+//! ([`has_add_to_store_nar`], [`path_infos_have_nar_hash`]), the way Nix's
+//! own ssh store decides. Nix has removed commands without a version bump
+//! (ExportPaths in 2.32; ImportPaths in 2.32.0–2.32.1, restored in 2.32.2), so
+//! nsh uses only commands every 2.x server it can meet has: QueryValidPaths,
+//! QueryPathInfos, DumpStorePath, QueryClosure, BuildDerivation, and
+//! AddToStoreNar (≥ 2.5) or, for an older peer, ImportPaths.
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
@@ -47,15 +56,39 @@ pub fn negotiate(server_version: u64) -> Result<u64, WireError> {
     Ok(server_version.min(CLIENT_VERSION))
 }
 
-/// Command numbers.
+/// The first minor version whose servers take AddToStoreNar. Nix's own ssh
+/// store sends ImportPaths to older peers, and so does nsh.
+pub const MINOR_ADD_TO_STORE_NAR: u64 = 5;
+/// The first minor version whose QueryPathInfos answers carry the NAR hash
+/// (without it a fetched NAR cannot be checked).
+pub const MINOR_NAR_HASH: u64 = 4;
+
+/// Whether a conversation at `version` may use AddToStoreNar.
+pub const fn has_add_to_store_nar(version: u64) -> bool {
+    minor(version) >= MINOR_ADD_TO_STORE_NAR
+}
+
+/// Whether QueryPathInfos at `version` tells each path's NAR hash.
+pub const fn path_infos_have_nar_hash(version: u64) -> bool {
+    minor(version) >= MINOR_NAR_HASH
+}
+
+/// `2.7` for `0x207`, for messages.
+pub fn version_text(version: u64) -> String {
+    format!("{}.{}", major(version), minor(version))
+}
+
+/// Command numbers (those nsh sends). 5, ExportPaths, is left out on
+/// purpose: Nix 2.32 removed it without a version bump, so a client cannot
+/// know whether a peer has it. 6, BuildPaths, nsh has no use for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u64)]
 pub enum Command {
     QueryValidPaths = 1,
     QueryPathInfos = 2,
     DumpStorePath = 3,
+    /// Present in every version except Nix 2.32.0 and 2.32.1.
     ImportPaths = 4,
-    ExportPaths = 5,
     QueryClosure = 7,
     BuildDerivation = 8,
     AddToStoreNar = 9,
@@ -115,15 +148,6 @@ pub fn write_query_closure<W: Write, S: AsRef<str>>(
 pub fn write_dump_store_path<W: Write>(w: &mut WireWriter<W>, path: &str) -> io::Result<()> {
     w.u64(Command::DumpStorePath as u64)?;
     w.string(path)
-}
-
-pub fn write_export_paths<W: Write, S: AsRef<str>>(
-    w: &mut WireWriter<W>,
-    paths: &[S],
-) -> io::Result<()> {
-    w.u64(Command::ExportPaths as u64)?;
-    w.u64(0)?; // "sign": obsolete, always 0
-    w.strings(paths.iter().map(|p| p.as_ref()))
 }
 
 /// What the store knows about a valid path.
@@ -207,6 +231,17 @@ pub struct ExportTrailer {
     pub path: String,
     pub references: Vec<String>,
     pub deriver: String,
+}
+
+impl ExportTrailer {
+    /// The trailer that describes `info`'s path in an import stream.
+    pub fn for_path(info: &PathInfo) -> ExportTrailer {
+        ExportTrailer {
+            path: info.path.clone(),
+            references: info.references.clone(),
+            deriver: info.deriver.clone(),
+        }
+    }
 }
 
 /// Reads what follows a NAR in an export stream.
@@ -611,6 +646,16 @@ mod tests {
         assert_eq!(negotiate(0x208).unwrap(), 0x207);
         assert_eq!(negotiate(0x205).unwrap(), 0x205);
         assert!(negotiate(0x307).is_err());
+        assert_eq!(version_text(0x207), "2.7");
+    }
+
+    #[test]
+    fn what_each_version_has() {
+        // Nix 2.8 – 2.35 all negotiate 2.7 with us: AddToStoreNar and hashes.
+        assert!(has_add_to_store_nar(0x207) && path_infos_have_nar_hash(0x207));
+        assert!(has_add_to_store_nar(0x205));
+        assert!(!has_add_to_store_nar(0x204) && path_infos_have_nar_hash(0x204));
+        assert!(!path_infos_have_nar_hash(0x203));
     }
 
     #[test]

@@ -137,27 +137,17 @@ impl<R: Read, W: Write> ServeClient<R, W> {
         })
     }
 
-    /// Streams `nix-store --export` of `paths` to `out` (ready for another
-    /// server's ImportPaths); returns what was in it.
-    pub fn export_paths<S: AsRef<str>>(
+    /// DumpStorePath, with the NAR handed to `read_nar`, which must read
+    /// exactly one NAR (to stream it on, or unpack it) before the next
+    /// command is sent. If `read_nar` fails, the conversation is out of step:
+    /// drop the client.
+    pub fn receive_nar<T>(
         &mut self,
-        paths: &[S],
-        out: &mut (impl Write + ?Sized),
-    ) -> Result<Vec<ExportedPath>, Failure> {
-        self.send("ExportPaths", |w| serve::write_export_paths(w, paths))?;
-        self.recv("the export stream", |r| copy_export_stream(r, out))
-    }
-
-    /// Sends ExportPaths and hands back the server's output, positioned at
-    /// the start of the export stream, for a caller that relays or unpacks
-    /// it itself. The caller must read the whole stream (up to its closing
-    /// `u64 0`) before the next command.
-    pub fn start_export<S: AsRef<str>>(
-        &mut self,
-        paths: &[S],
-    ) -> Result<&mut BufReader<R>, Failure> {
-        self.send("ExportPaths", |w| serve::write_export_paths(w, paths))?;
-        Ok(self.r.get_mut())
+        path: &str,
+        read_nar: impl FnOnce(&mut BufReader<R>) -> Result<T, Failure>,
+    ) -> Result<T, Failure> {
+        self.send("DumpStorePath", |w| serve::write_dump_store_path(w, path))?;
+        read_nar(self.r.get_mut())
     }
 
     /// Who the server is, for messages.
@@ -183,18 +173,40 @@ impl<R: Read, W: Write> ServeClient<R, W> {
     }
 
     /// ImportPaths with the export stream written straight to the server by
-    /// `write_stream` — typically another client's
-    /// `export_paths(paths, w)`, so that paths go from one store to another
-    /// without being held in memory.
+    /// `write_stream` (a relay of some other export stream).
     pub fn import_paths_with(
         &mut self,
         write_stream: impl FnOnce(&mut dyn Write) -> Result<Vec<ExportedPath>, Failure>,
     ) -> Result<Vec<ExportedPath>, Failure> {
         self.send("ImportPaths", |w| w.u64(serve::Command::ImportPaths as u64))?;
-        let paths = write_stream(self.w.get_mut())?;
+        let paths = self.stream_to_server("sending the import stream", write_stream)?;
         self.send("ImportPaths", |_| Ok(()))?;
         self.recv("ImportPaths", |r| serve::read_ack(r, "ImportPaths"))?;
         Ok(paths)
+    }
+
+    /// ImportPaths carrying `infos` in that order (references first), each
+    /// path's NAR written straight to the server by `write_nar` (typically
+    /// another client's `dump_store_path`) and followed by the trailer made
+    /// from its path info. Nothing is held in memory here; the server holds
+    /// each NAR whole before it writes it to its store.
+    pub fn import_paths_from(
+        &mut self,
+        infos: &[&PathInfo],
+        mut write_nar: impl FnMut(&PathInfo, &mut dyn Write) -> Result<u64, Failure>,
+    ) -> Result<(), Failure> {
+        self.send("ImportPaths", |w| w.u64(serve::Command::ImportPaths as u64))?;
+        for info in infos {
+            self.send("ImportPaths", |w| w.u64(1))?;
+            let what = format!("sending the NAR of {}", info.path);
+            let size = self.stream_to_server(&what, |w| write_nar(info, w))?;
+            check_nar_size(&self.peer, info, size)?;
+            self.send("ImportPaths", |w| {
+                serve::write_export_trailer(w, &ExportTrailer::for_path(info))
+            })?;
+        }
+        self.send("ImportPaths", |w| w.u64(0))?;
+        self.recv("ImportPaths", |r| serve::read_ack(r, "ImportPaths"))
     }
 
     /// AddToStoreNar with the NAR written straight to the server by
@@ -206,16 +218,31 @@ impl<R: Read, W: Write> ServeClient<R, W> {
         write_nar: impl FnOnce(&mut dyn Write) -> Result<u64, Failure>,
     ) -> Result<u64, Failure> {
         self.send("AddToStoreNar", |w| serve::write_add_to_store_nar(w, info))?;
-        let size = write_nar(self.w.get_mut())?;
-        if size != info.nar_size {
-            return Err(Failure::permanent(format!(
-                "{}: the NAR of {} has {size} bytes, its path info says {}",
-                self.peer, info.path, info.nar_size
-            )));
-        }
+        let what = format!("sending the NAR of {}", info.path);
+        let size = self.stream_to_server(&what, write_nar)?;
+        check_nar_size(&self.peer, info, size)?;
         self.send("AddToStoreNar", |_| Ok(()))?;
         self.recv("AddToStoreNar", |r| serve::read_ack(r, "AddToStoreNar"))?;
         Ok(size)
+    }
+
+    /// Runs `write` on the server's input. When it fails because writing to
+    /// the server failed (the server or the link went away), the failure is
+    /// that write error, transient, whatever `write`'s own source made of it.
+    fn stream_to_server<T>(
+        &mut self,
+        what: &str,
+        write: impl FnOnce(&mut dyn Write) -> Result<T, Failure>,
+    ) -> Result<T, Failure> {
+        let mut to = WriteErrorKept {
+            inner: self.w.get_mut(),
+            error: None,
+        };
+        let result = write(&mut to);
+        match (result, to.error) {
+            (Err(_), Some(e)) => Err(io_fail(&self.peer, what, e)),
+            (result, _) => result,
+        }
     }
 
     /// AddToStoreNar: `info` describes the path, the NAR is read from `nar`
@@ -249,6 +276,41 @@ impl<R: Read, W: Write> ServeClient<R, W> {
             serve::write_build_derivation(w, version, drv, input_closure, options)
         })?;
         self.recv("BuildDerivation", |r| serve::read_build_result(r, version))
+    }
+}
+
+fn check_nar_size(peer: &str, info: &PathInfo, size: u64) -> Result<(), Failure> {
+    if size == info.nar_size {
+        return Ok(());
+    }
+    Err(Failure::permanent(format!(
+        "{peer}: the NAR of {} has {size} bytes, its path info says {}",
+        info.path, info.nar_size
+    )))
+}
+
+/// A writer that keeps its first error (a copy: `io::Error` is not `Clone`)
+/// so that the caller can tell a failed write from a failed read.
+struct WriteErrorKept<'a> {
+    inner: &'a mut dyn Write,
+    error: Option<io::Error>,
+}
+
+impl WriteErrorKept<'_> {
+    fn keep(&mut self, e: io::Error) -> io::Error {
+        if self.error.is_none() {
+            self.error = Some(io::Error::new(e.kind(), e.to_string()));
+        }
+        e
+    }
+}
+
+impl Write for WriteErrorKept<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.inner.write(buf).map_err(|e| self.keep(e))
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush().map_err(|e| self.keep(e))
     }
 }
 
@@ -456,6 +518,79 @@ mod tests {
         ]
         .concat();
         assert_eq!(sent, expected);
+    }
+
+    /// A writer that takes `room` bytes, then fails as a dropped ssh
+    /// connection does.
+    struct GoesAway {
+        room: usize,
+    }
+
+    impl Write for GoesAway {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if self.room == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::BrokenPipe,
+                    "the node went away",
+                ));
+            }
+            let n = buf.len().min(self.room);
+            self.room -= n;
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_server_that_goes_away_mid_nar_is_the_failure_not_the_source() {
+        let server = [le(serve::SERVE_MAGIC_2), le(0x207)].concat();
+        let writer = GoesAway { room: 4096 };
+        let mut client = ServeClient::handshake(&server[..], writer, "node1").unwrap();
+        let info = PathInfo {
+            path: "/s/a".into(),
+            nar_size: 1 << 20,
+            ..PathInfo::default()
+        };
+        // The source reports its own failure, as a local DumpStorePath
+        // whose output was refused would.
+        let err = client
+            .add_to_store_nar_with(&info, |to| {
+                to.write_all(&vec![0u8; 1 << 20])
+                    .map_err(|e| Failure::permanent(format!("the local store: {e}")))?;
+                Ok(1 << 20)
+            })
+            .unwrap_err();
+        assert_eq!(err.kind, Kind::Transient);
+        assert_eq!(
+            err.message,
+            "node1: sending the NAR of /s/a: the node went away"
+        );
+    }
+
+    #[test]
+    fn a_nar_of_another_size_than_its_info_is_refused() {
+        let server = [le(serve::SERVE_MAGIC_2), le(0x207)].concat();
+        let mut client = ServeClient::handshake(&server[..], Vec::new(), "node1").unwrap();
+        let info = PathInfo {
+            path: "/s/a".into(),
+            nar_size: 16,
+            ..PathInfo::default()
+        };
+        let err = client
+            .import_paths_from(&[&info], |_, to| {
+                to.write_all(&[0u8; 8])
+                    .map_err(|e| Failure::transient(e.to_string()))?;
+                Ok(8)
+            })
+            .unwrap_err();
+        assert_eq!(err.kind, Kind::Permanent);
+        assert!(
+            err.message.contains("has 8 bytes, its path info says 16"),
+            "{}",
+            err.message
+        );
     }
 
     #[test]

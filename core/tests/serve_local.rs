@@ -191,51 +191,52 @@ fn queries_dump_and_closure_over_one_process() {
     serve.finish().unwrap();
 }
 
-#[test]
-fn export_then_import_and_add_to_store_nar() {
-    let from = TestStore::new();
-    // Another store with the same store dir is needed to import: the
-    // source's own dir is part of every path, so make the target share it
-    // by pointing `store=` at the source's dir and `real=` elsewhere.
-    let src_drv = from.instantiate(CHAIN);
-    let outs = from.realise(&src_drv);
-    let out = &outs[0];
+/// A store that shares `from`'s store directory (every path names its
+/// directory) but keeps its files and database elsewhere: `store=` is the
+/// source's, `real=` and `state=` are new.
+fn sharing_store_dir(from: &TestStore) -> (tempfile::TempDir, String) {
     let d = from.dir.path().display();
     let to_dir = tempfile::tempdir().unwrap();
     let t = to_dir.path().display();
-    let to_uri = format!("local?store={d}/store&real={t}/store&state={t}/var&log={t}/log");
-    let to_serve = |write: bool| {
-        let mut command = Command::new("nix-store");
-        command
-            .env("NIX_CONFIG", NIX_CONFIG)
-            .args(["--store", &to_uri, "--serve"]);
-        if write {
-            command.arg("--write");
-        }
-        ServeProcess::from_command(command, "target store").unwrap()
-    };
+    let uri = format!("local?store={d}/store&real={t}/store&state={t}/var&log={t}/log");
+    (to_dir, uri)
+}
+
+fn serve_on(uri: &str, write: bool) -> ServeProcess {
+    let mut command = Command::new("nix-store");
+    command
+        .env("NIX_CONFIG", NIX_CONFIG)
+        .args(["--store", uri, "--serve"]);
+    if write {
+        command.arg("--write");
+    }
+    ServeProcess::from_command(command, "target store").unwrap()
+}
+
+#[test]
+fn import_paths_and_add_to_store_nar_from_dumps() {
+    // The local Nix's own nix-store --serve takes ImportPaths (which Nix
+    // 2.32.0 and 2.32.1 lacked) and AddToStoreNar, fed from DumpStorePath:
+    // the commands nsh-push uses.
+    let from = TestStore::new();
+    let outs = from.realise(&from.instantiate(CHAIN));
+    let (_to_dir, to_uri) = sharing_store_dir(&from);
 
     let mut source = from.serve(false);
-    let closure = source
-        .client
-        .query_closure(std::slice::from_ref(out), false)
-        .unwrap();
+    let closure = source.client.query_closure(&outs[..1], false).unwrap();
     let infos = source.client.query_path_infos(&closure).unwrap();
     let infos = store::dependency_order(infos).unwrap();
-    // Export all but the top path, import them into the target.
+    // All but the top path in one ImportPaths stream.
     let (top, rest) = infos.split_last().unwrap();
+    let rest: Vec<&PathInfo> = rest.iter().collect();
     let rest_paths: Vec<String> = rest.iter().map(|i| i.path.clone()).collect();
-    let mut stream = Vec::new();
-    let exported = source
+    let mut target = serve_on(&to_uri, true);
+    target
         .client
-        .export_paths(&rest_paths, &mut stream)
+        .import_paths_from(&rest, |info, w| {
+            source.client.dump_store_path(&info.path, w)
+        })
         .unwrap();
-    assert_eq!(exported.len(), rest_paths.len());
-    assert_eq!(exported[0].trailer.path, rest_paths[0]);
-
-    let mut target = to_serve(true);
-    let imported = target.client.import_paths(&mut &stream[..]).unwrap();
-    assert_eq!(imported, exported);
     assert_eq!(
         target
             .client
@@ -244,22 +245,11 @@ fn export_then_import_and_add_to_store_nar() {
         rest_paths
     );
 
-    // The top path with AddToStoreNar, its NAR streamed from the source.
+    // The top path with AddToStoreNar, its NAR read into memory first.
     let mut nar = Vec::new();
     source.client.dump_store_path(&top.path, &mut nar).unwrap();
-    let info = PathInfo { ..top.clone() };
-    let size = target
-        .client
-        .add_to_store_nar(&info, &mut &nar[..])
-        .unwrap();
+    let size = target.client.add_to_store_nar(top, &mut &nar[..]).unwrap();
     assert_eq!(size, top.nar_size);
-    assert_eq!(
-        target
-            .client
-            .query_valid_paths(std::slice::from_ref(&top.path), false, false)
-            .unwrap(),
-        std::slice::from_ref(&top.path)
-    );
     let there = target
         .client
         .query_path_infos(std::slice::from_ref(&top.path))
@@ -290,7 +280,13 @@ fn build_derivation_live_and_as_a_request_file() {
     assert_eq!(result.status, BuildStatus::Built, "{}", result.error_msg);
     let a_out = store.dir.render(a.outputs["out"].path.as_ref().unwrap());
     assert_eq!(result.output_paths(&store.dir)["out"], a_out);
-    assert!(result.stop_time >= result.start_time && result.start_time > 0);
+    // Nix 2.34.8 and later answer with an aggregated result that leaves the
+    // times out (both 0, NixOS/nix 5b0278c); older ones report both.
+    let no_times = result.start_time == 0 && result.stop_time == 0;
+    assert!(
+        no_times || (result.start_time > 0 && result.stop_time >= result.start_time),
+        "{result:?}"
+    );
     serve.finish().unwrap();
 
     // As files: build b with its input closure, exactly as a node would:
@@ -405,35 +401,26 @@ fn a_structured_attrs_derivation_builds_from_a_request_file() {
 
 #[test]
 fn paths_stream_from_one_store_to_another() {
-    // The way nsh-push and nsh-fetch move paths: one client's export or
-    // dump written straight into another's import or AddToStoreNar.
+    // The way nsh-push moves paths: one client's DumpStorePath written
+    // straight into another's AddToStoreNar, never held whole.
     let from = TestStore::new();
     let outs = from.realise(&from.instantiate(CHAIN));
-    let d = from.dir.path().display();
-    let to_dir = tempfile::tempdir().unwrap();
+    let (to_dir, to_uri) = sharing_store_dir(&from);
     let t = to_dir.path().display();
-    let to_uri = format!("local?store={d}/store&real={t}/store&state={t}/var&log={t}/log");
-    let mut command = Command::new("nix-store");
-    command
-        .env("NIX_CONFIG", NIX_CONFIG)
-        .args(["--store", &to_uri, "--serve", "--write"]);
-    let mut target = ServeProcess::from_command(command, "target store").unwrap();
+    let d = from.dir.path().display();
+    let mut target = serve_on(&to_uri, true);
     let mut source = from.serve(false);
 
     let closure = source.client.query_closure(&outs, false).unwrap();
     let infos = store::dependency_order(source.client.query_path_infos(&closure).unwrap()).unwrap();
-    let (top, rest) = infos.split_last().unwrap();
-    let rest_paths: Vec<String> = rest.iter().map(|i| i.path.clone()).collect();
-    let imported = target
-        .client
-        .import_paths_with(|w| source.client.export_paths(&rest_paths, w))
-        .unwrap();
-    assert_eq!(imported.len(), rest_paths.len());
-    let size = target
-        .client
-        .add_to_store_nar_with(top, |w| source.client.dump_store_path(&top.path, w))
-        .unwrap();
-    assert_eq!(size, top.nar_size);
+    for info in &infos {
+        let size = target
+            .client
+            .add_to_store_nar_with(info, |w| source.client.dump_store_path(&info.path, w))
+            .unwrap();
+        assert_eq!(size, info.nar_size);
+    }
+    let top = infos.last().unwrap();
     let all: Vec<String> = infos.iter().map(|i| i.path.clone()).collect();
     let mut valid = target.client.query_valid_paths(&all, false, false).unwrap();
     valid.sort();

@@ -122,7 +122,7 @@ for round in $(seq "$rounds"); do
     job=$((RANDOM * 1000 + 800000000))
 
     wipe
-    timed "nsh-push (ImportPaths from nix-store --serve)" nsh_push $((job + 1))
+    timed "nsh-push (default --method auto)" nsh_push $((job + 1))
     check nsh-push
     jq -e --argjson n "$count" '.push.copied == $n' "$work/out" > /dev/null ||
         { echo "bench: nsh-push did not copy every path: $(cat "$work/out")" >&2; exit 1; }

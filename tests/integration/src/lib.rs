@@ -211,12 +211,6 @@ impl Cluster {
     }
 }
 
-/// `(major, minor)` of a version like `2.34.8`.
-pub fn major_minor(version: &str) -> (u32, u32) {
-    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
-    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
-}
-
 /// Instantiates a Nix expression in the login node's store; returns the
 /// `.drv` path.
 pub fn instantiate(c: &Cluster, expr: &str) -> String {
@@ -277,4 +271,48 @@ pub fn slurm_cmd(c: &Cluster, program: &str, args: &[&str]) -> Output {
         .args(args)
         .output()
         .unwrap_or_else(|e| panic!("{program}: {e}"))
+}
+
+/// The Nix this stack runs (env.json's `nix_version`, the same on the login
+/// side and the nodes), for tests that expect what that version does or skip
+/// a feature it does not have.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NixVersion {
+    /// As `nix-store --version` ends: `2.34.8`.
+    pub text: String,
+    /// `(2, 34, 8)`.
+    pub number: (u32, u32, u32),
+}
+
+impl NixVersion {
+    pub fn of(c: &Cluster) -> NixVersion {
+        let text = c.info["nix_version"]
+            .as_str()
+            .expect("env.json has nix_version")
+            .to_string();
+        let mut parts = text
+            .split(|ch: char| !ch.is_ascii_digit())
+            .map(|p| p.parse::<u32>().unwrap_or(0));
+        let mut next = || parts.next().unwrap_or(0);
+        let number = (next(), next(), next());
+        NixVersion { text, number }
+    }
+
+    /// Whether this Nix is `major.minor.patch` or later.
+    pub fn at_least(&self, major: u32, minor: u32, patch: u32) -> bool {
+        self.number >= (major, minor, patch)
+    }
+
+    /// True, after printing why, when a feature this test needs was removed
+    /// in `removed_in` (`(2, 29)`) and this Nix is that or later.
+    pub fn lacks(&self, feature: &str, removed_in: (u32, u32)) -> bool {
+        if !self.at_least(removed_in.0, removed_in.1, 0) {
+            return false;
+        }
+        println!(
+            "skipped: {feature} was removed in Nix {}.{}; this stack runs Nix {}",
+            removed_in.0, removed_in.1, self.text
+        );
+        true
+    }
 }

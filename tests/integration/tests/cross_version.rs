@@ -38,7 +38,10 @@ fn config_with_node_nix(c: &Cluster, dir: &std::path::Path, bin_dir: &str) -> St
         "nix_bin_dir = \"\"",
         &format!("nix_bin_dir = \"{bin_dir}\""),
     );
-    assert!(text.contains(bin_dir), "the cluster's nsh.toml has no nix_bin_dir line");
+    assert!(
+        text.contains(bin_dir),
+        "the cluster's nsh.toml has no nix_bin_dir line"
+    );
     let path = dir.join("cross.toml");
     std::fs::write(&path, text).unwrap();
     path.display().to_string()
@@ -47,7 +50,13 @@ fn config_with_node_nix(c: &Cluster, dir: &std::path::Path, bin_dir: &str) -> St
 /// `nsh-closure DRV | nsh-alloc | nsh-push | nsh-run | nsh-fetch`, all
 /// with `--config config`; the final ticket and everything they logged.
 fn pipeline(c: &Cluster, config: &str, drv: &str) -> (bool, Value, String) {
-    let tools = ["nsh-closure", "nsh-alloc", "nsh-push", "nsh-run", "nsh-fetch"];
+    let tools = [
+        "nsh-closure",
+        "nsh-alloc",
+        "nsh-push",
+        "nsh-run",
+        "nsh-fetch",
+    ];
     let script = tools
         .iter()
         .map(|t| format!("{} --config {config}", nsh_tool(t).display()))

@@ -29,11 +29,12 @@ struct Args {
     /// The nsh configuration (default: $NSH_CONFIG, else /etc/nsh/nsh.toml).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// How paths become valid locally: `held-locks` (NIX_HELD_LOCKS +
-    /// nix-store --import; Nix <= 2.28, Lix), `load-db` (unpack, canonicalise,
-    /// nix-store --load-db; every version), `auto` (by the local Nix version).
-    #[arg(long, value_name = "METHOD", default_value = "auto",
-          value_parser = |s: &str| ImportMethod::parse(s).ok_or("expected held-locks, load-db or auto"))]
+    /// How paths become valid locally: `load-db` (the default: unpack,
+    /// canonicalise, nix-store --load-db; every Nix version), `held-locks`
+    /// (NIX_HELD_LOCKS + nix-store --import; only Nix <= 2.28 and Lix, a
+    /// newer Nix waits forever for the daemon's lock).
+    #[arg(long, value_name = "METHOD", default_value = "load-db",
+          value_parser = |s: &str| ImportMethod::parse(s).ok_or("expected load-db or held-locks"))]
     import_method: ImportMethod,
     /// Leave the job running and the ssh connection open (no release).
     #[arg(long)]

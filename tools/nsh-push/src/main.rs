@@ -24,13 +24,15 @@ struct Args {
     /// The nsh configuration (default: $NSH_CONFIG, else /etc/nsh/nsh.toml).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// How the missing paths travel: `import` (one ImportPaths stream fed
-    /// by the local nix-store --serve; the fastest), `import-export` (fed by
-    /// a nix-store --export process), `add-to-store-nar` (AddToStoreNar per
-    /// path; the node writes each NAR to disk as it arrives rather than
-    /// holding it in memory first, as ImportPaths does on Nix 2.8).
-    #[arg(long, value_name = "METHOD", default_value = "import",
-          value_parser = |s: &str| Method::parse(s).ok_or("expected import, import-export or add-to-store-nar"))]
+    /// How the missing paths travel: `auto` (the default: AddToStoreNar
+    /// when the node's serve protocol has it, 2.5 and later, else
+    /// ImportPaths), `add-to-store-nar` (AddToStoreNar per path; the node
+    /// writes each NAR to disk as it arrives), `import` (one ImportPaths
+    /// stream made of the local store's NARs; the node holds each NAR in
+    /// memory first), `import-export` (ImportPaths fed by a nix-store
+    /// --export process). The explicit ones are for benchmarks.
+    #[arg(long, value_name = "METHOD", default_value = "auto",
+          value_parser = |s: &str| Method::parse(s).ok_or("expected auto, add-to-store-nar, import or import-export"))]
     method: Method,
 }
 

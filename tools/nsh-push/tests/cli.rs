@@ -40,7 +40,9 @@ fn help_version_and_usage() {
         .args(["--method", "carrier-pigeon"])
         .assert()
         .code(64)
-        .stderr(predicate::str::contains("expected import"));
+        .stderr(predicate::str::contains(
+            "expected auto, add-to-store-nar, import or import-export",
+        ));
 }
 
 #[test]
