@@ -25,7 +25,7 @@ fn two_output_drv(c: &Cluster, suite: &str) -> String {
                  system = builtins.currentSystem;
                  builder = "/bin/sh";
                  outputs = [ "out" "doc" ];
-                 args = [ "-c" "read h < /proc/sys/kernel/hostname; echo $h > $out; while read l; do echo $l; done < ${{src}} > $doc" ];
+                 args = [ "-c" "read h < /proc/sys/kernel/hostname; echo $h > $out; read l < ${{src}}; echo $l > $doc" ];
                }}"#
         ),
     )
