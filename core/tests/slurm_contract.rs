@@ -12,7 +12,8 @@
 //!
 //! The validator is a small JSON-schema subset: `$ref`, `type`, `properties`,
 //! `additionalProperties`, `items`, `enum`, `required` (entries containing a
-//! `/` are skipped: a generator quirk of v0.0.40+, see SUMMARY.md §1).
+//! `/` are skipped: a generator quirk of v0.0.40+, see
+//! `docs/reference/slurm.md`).
 
 use std::path::PathBuf;
 

@@ -288,7 +288,8 @@ fn a_refused_token_is_transient_and_never_printed() {
     let message = t["error"]["message"].as_str().unwrap();
     assert_eq!(t["error"]["kind"], "transient");
     // Slurm 22.05's slurmrestd passes the token on and answers 500 when
-    // slurmctld refuses it; 23.11 and later answer 511 (error 1007).
+    // slurmctld refuses it; 24.11 and 26.05 answer 511 (error 1007) at the
+    // submit (docs/reference/slurm.md, "Authentication, by release").
     let (status, words) = if c.slurm_version().starts_with("22.05") {
         ("HTTP 500", "refuses the token")
     } else {

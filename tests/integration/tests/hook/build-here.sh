@@ -1,7 +1,8 @@
 #!/bin/sh
 # A pipeline command (hook.pipeline) for nsh-hook that builds the derivation on this machine,
-# the way nsh's tools bring outputs back (reference/nix-build-hook.md,
-# "Importing outputs"): the daemon holds the output locks, so the builder is
+# the way nsh's tools bring outputs back (docs/reference/nix-build-hook.md,
+# "Importing outputs while the daemon holds their locks"): the daemon holds the
+# output locks, so the builder is
 # run by hand, its output canonicalised and registered with `nix-store
 # --load-db` — no lock is taken. Only for the tests: simple derivations,
 # sandbox off, outputs without references.
