@@ -182,11 +182,9 @@ slots_dir = "/tmp/slots"
         let text = include_str!("../../docs/nsh.toml.example");
         let config = HookConfig::parse(Path::new("nsh.toml.example"), text).unwrap();
         assert_eq!(config.slots_dir, PathBuf::from("/run/nsh/slots"));
-        assert_eq!(config.pipeline.unwrap(), vec!["/etc/nsh/hook.sh"]);
-        assert_eq!(
-            config.fallback.unwrap(),
-            vec!["/usr/libexec/nix/build-remote"]
-        );
+        // Site-specific keys are commented out: the example works as installed.
+        assert_eq!(config.pipeline, None);
+        assert_eq!(config.fallback, None);
         assert!(!config.clusters.is_empty());
     }
 
