@@ -303,6 +303,35 @@ mod tests {
         assert_eq!(ticket.to_line(), FULL);
     }
 
+    /// Every section as today's tools write it: the hook's `drv`, `store`
+    /// and `options`, nsh-closure's `closure`, nsh-alloc's `alloc` (REST:
+    /// `api`, `slurm`, `secs`; the `control` a later tool adds; `cancelled`
+    /// from `--cancel`), `push`, a failed `run` with Nix's `error`, `fetch`,
+    /// the `error` of the stage that failed, and a site's own field. The
+    /// format is a contract between tool versions: parsing and re-emitting
+    /// must give the same bytes, and the snapshot keeps the bytes.
+    const EVERY_SECTION: &str = concat!(
+        r#"{"v":1,"#,
+        r#""drv":{"path":"/nix/store/bwgf0a0a0a0a0a0a0a0a0a0a0a0a0a0a-docs12-hello.drv","name":"docs12-hello","system":"x86_64-linux","features":["big"],"outputs":{"dev":"","out":"/nix/store/j9m90a0a0a0a0a0a0a0a0a0a0a0a0a0a-docs12-hello"},"wanted":["out"],"resources":{"cpus":2,"mem_mb":1024,"time_min":20,"gres":"gpu:1","constraint":"avx2"}},"#,
+        r#""store":{"dir":"/nix/store","uri":"auto"},"#,
+        r#""options":{"max_silent_time":600,"timeout":0,"max_log_size":0,"keep_failed":false},"#,
+        r#""closure":{"paths":["/nix/store/1xv10a0a0a0a0a0a0a0a0a0a0a0a0a0a-docs12-dep"],"nar_size":120},"#,
+        r#""alloc":{"cluster":"test","backend":"rest","api":"v0.0.42","slurm":"24.11.5","job":553,"node":"node2","ssh":"nixbuild@node2","work":"/tmp/nsh/nsh-553","control":"/tmp/nsh-0/test-553","nonce":"ce6a1ceeb69da34a926df2c6c811d639","request":1,"secs":{"connect":0.01,"submit":0.003,"queued":2.531,"polls":16,"polling":0.052},"cancelled":true},"#,
+        r#""push":{"copied":1,"present":0,"bytes":120,"secs":0.347029311},"#,
+        r#""run":{"status":"permanent-failure","error":"builder for '/nix/store/bwgf0a0a0a0a0a0a0a0a0a0a0a0a0a0a-docs12-hello.drv' failed with exit code 1","times_built":1,"start":1795314353,"stop":1795314354,"built_outputs":{}},"#,
+        r#""fetch":{"paths":[],"bytes":0,"secs":0.138744302},"#,
+        r#""error":{"stage":"run","kind":"permanent","message":"build of /nix/store/bwgf0a0a0a0a0a0a0a0a0a0a0a0a0a0a-docs12-hello.drv failed (permanent-failure) on node2"},"#,
+        r#""site":{"queue":"night"}}"#
+    );
+
+    #[test]
+    fn every_section_round_trips_byte_for_byte() {
+        let ticket = Ticket::from_line(EVERY_SECTION).unwrap();
+        let line = ticket.to_line();
+        assert_eq!(line, EVERY_SECTION);
+        insta::assert_snapshot!(line);
+    }
+
     #[test]
     fn unknown_fields_survive_at_every_level() {
         let line = r#"{"v":1,"site":{"queue":"night"},"drv":{"path":"/p","name":"n","system":"s","future":[1,2]},"alloc":{"cluster":"c","backend":"cli","job":1,"node":"n1","ssh":"u@n1","work":"/w","reservation":"r1"}}"#;
