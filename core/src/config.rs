@@ -296,7 +296,7 @@ struct RawConfig {
     ssh: RawSsh,
     #[serde(default)]
     remote: RawRemote,
-    /// `[hook]`: read and validated by `crate::hook_config`.
+    /// `[hook]`: read and validated by `crate::hook::config`.
     #[serde(default, rename = "hook")]
     _hook: Option<toml::Table>,
 }
@@ -1038,11 +1038,14 @@ request_timeout = "5m"
 
     #[test]
     fn the_example_in_docs_is_valid() {
-        let text = include_str!("../../docs/nsh.toml.example");
+        let text = include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../docs/nsh.toml.example"
+        ));
         let config = parse(text).unwrap();
         assert!(!config.clusters.is_empty());
         // The hook's own reading of the same file ([hook]).
-        crate::hook_config::HookConfig::parse(Path::new("nsh.toml.example"), text).unwrap();
+        crate::hook::config::HookConfig::parse(Path::new("nsh.toml.example"), text).unwrap();
     }
 
     #[test]

@@ -12,38 +12,17 @@
 //! Every tool's `main.rs` is a few lines that hand a stage function to
 //! [`tool::run_stage`].
 
-pub mod alloc;
-pub mod batch_script;
-pub mod check;
-pub mod closure;
 pub mod config;
-pub mod drv;
 pub mod error;
 pub mod exit;
-pub mod fetch;
 pub mod hook;
-pub mod hook_config;
-pub mod hook_decision;
-pub mod hook_pipeline;
-pub mod hook_proto;
 pub mod log;
-pub mod nar;
-pub mod push;
-pub mod resources;
-pub mod run;
-pub mod serve;
-pub mod serve_client;
-#[cfg(test)]
-pub(crate) mod serve_test_server;
-pub mod slots;
+pub mod nix;
 pub mod slurm;
-pub mod store;
-pub mod store_path;
+pub mod stage;
+pub mod sys;
 pub mod ticket;
 pub mod tool;
-pub mod transfer;
-pub mod transport;
-pub mod wire;
 
 pub use error::{Failure, Kind, ResultExt};
 pub use exit::ExitStatus;

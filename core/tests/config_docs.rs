@@ -9,7 +9,7 @@
 use std::path::Path;
 
 use nsh_core::config::Config;
-use nsh_core::hook_config::HookConfig;
+use nsh_core::hook::config::HookConfig;
 
 const EXAMPLE: &str = include_str!("../../docs/nsh.toml.example");
 const ADMIN_GUIDE: &str = include_str!("../../docs/admin-guide.md");

@@ -213,7 +213,7 @@ impl Spec {
 fn request() -> JobRequest {
     JobRequest {
         name: "nsh-hello".into(),
-        script: nsh_core::batch_script::SCRIPT.into(),
+        script: nsh_core::stage::alloc::batch_script::SCRIPT.into(),
         env: vec![
             ("PATH".into(), "/usr/bin:/bin".into()),
             ("NSH_WORK_ROOT".into(), "/tmp/nsh".into()),

@@ -8,11 +8,11 @@ use std::process::Stdio;
 
 use nsh_cluster_tests::{run_ok, unique_salt, Cluster};
 use nsh_core::config;
-use nsh_core::serve::{self, BuildStatus};
-use nsh_core::serve_client::ServeProcess;
-use nsh_core::store::{self, LocalStore};
+use nsh_core::nix::local_store::{self, LocalStore};
+use nsh_core::nix::serve::client::ServeProcess;
+use nsh_core::nix::serve::{self, BuildStatus};
+use nsh_core::stage::ssh::{Ssh, Transport};
 use nsh_core::ticket::BuildOptions;
-use nsh_core::transport::{Ssh, Transport};
 
 #[test]
 fn inputs_are_copied_to_a_node_and_a_request_file_builds_there() {
@@ -40,7 +40,8 @@ fn inputs_are_copied_to_a_node_and_a_request_file_builds_there() {
     let a_drv = local.dir.render(b.input_drvs.keys().next().unwrap());
     run_ok(c.command("nix-store").args(["--realise", &a_drv]));
     let mut here = local.serve(false).unwrap();
-    let closure = store::input_closure(&mut here.client, &local.input_roots(&b).unwrap()).unwrap();
+    let closure =
+        local_store::input_closure(&mut here.client, &local.input_roots(&b).unwrap()).unwrap();
     assert_eq!(closure.paths.len(), 1);
 
     // Copy what node1 lacks, streamed from the local store.

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use nsh_cluster_tests::{unique_salt, Cluster};
 use nsh_core::config;
+use nsh_core::stage::ssh::{Ssh, Transport};
 use nsh_core::ticket::AllocSection;
-use nsh_core::transport::{Ssh, Transport};
 
 fn settings(c: &Cluster) -> config::Ssh {
     config::Ssh {

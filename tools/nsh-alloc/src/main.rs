@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use nsh_core::alloc::{self, AllocTimes, Clusters, LogProgress, Progress};
 use nsh_core::config::Config;
+use nsh_core::stage::alloc::{self, AllocTimes, Clusters, LogProgress, Progress};
 use nsh_core::tool::run_stage;
 
 mod progress;

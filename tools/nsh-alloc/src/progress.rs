@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use nsh_core::alloc::{describe_wait, Progress};
 use nsh_core::slurm::JobInfo;
+use nsh_core::stage::alloc::{describe_wait, Progress};
 
 pub struct Spinner {
     bar: Option<ProgressBar>,

@@ -1,11 +1,11 @@
 //! `nsh-closure`: what a derivation's build needs, as an nsh ticket.
-//! The logic is `nsh_core::closure`.
+//! The logic is `nsh_core::stage::closure`.
 
 use std::process::ExitCode;
 
 use clap::Parser;
-use nsh_core::closure::{self, ClosureOptions};
 use nsh_core::config::Config;
+use nsh_core::stage::closure::{self, ClosureOptions};
 use nsh_core::{log_error, ExitStatus};
 
 /// Writes, for each derivation, a ticket with its outputs, required

@@ -1,15 +1,15 @@
 //! `nsh-fetch`: tickets in, tickets out with a `fetch` section: the built
 //! outputs copied from the node into the local store, then the job released.
-//! The logic is [`nsh_core::fetch`].
+//! The logic is [`nsh_core::stage::fetch`].
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
 use nsh_core::config::Config;
-use nsh_core::fetch::{self, FetchOptions, ImportMethod};
+use nsh_core::stage::fetch::{self, FetchOptions, ImportMethod};
+use nsh_core::stage::transfer::progress_for_stderr;
 use nsh_core::tool::run_stage;
-use nsh_core::transfer::progress_for_stderr;
 
 /// Copies the outputs of each ticket's build (`run.built_outputs`, else the
 /// wanted outputs of `drv`) and the part of their closure the local store

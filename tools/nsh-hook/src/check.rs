@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use nsh_core::check::{self, Line, Options};
+use nsh_core::hook::check::{self, Line, Options};
 
 /// Checks an nsh installation on the running system: the configuration
 /// file (the [hook] table included), each cluster live (slurmrestd or the

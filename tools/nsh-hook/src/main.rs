@@ -1,5 +1,5 @@
 //! `nsh-hook`: set Nix's `build-hook` to this binary. The logic is
-//! `nsh_core::hook`; `nsh-hook --check` (the doctor) is `nsh_core::check`,
+//! `nsh_core::hook`; `nsh-hook --check` (the doctor) is `nsh_core::hook::check`,
 //! its command line and output are here.
 
 mod check;

@@ -1,15 +1,15 @@
 //! `nsh-push`: tickets in, tickets out with a `push` section: the input
 //! closure the node lacks, copied into its store. The logic is
-//! [`nsh_core::push`].
+//! [`nsh_core::stage::push`].
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
 use nsh_core::config::Config;
-use nsh_core::push::{self, Method};
+use nsh_core::stage::push::{self, Method};
+use nsh_core::stage::transfer::progress_for_stderr;
 use nsh_core::tool::run_stage;
-use nsh_core::transfer::progress_for_stderr;
 
 /// Copies into the allocated node's store the paths of `closure` it lacks,
 /// for each ticket read on stdin (one JSON object per line), and writes the

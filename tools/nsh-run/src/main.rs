@@ -7,9 +7,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use nsh_core::alloc::{self, Clusters};
 use nsh_core::config::Config;
-use nsh_core::run::{LogSink, Runner, JOB_CHECK_INTERVAL};
+use nsh_core::stage::alloc::{self, Clusters};
+use nsh_core::stage::run::{LogSink, Runner, JOB_CHECK_INTERVAL};
 use nsh_core::tool::run_stage;
 use nsh_core::ExitStatus;
 

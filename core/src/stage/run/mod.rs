@@ -1,0 +1,1174 @@
+//! `nsh-run`: the build, inside the ticket's Slurm job, with its log live
+//! and its result exact.
+//!
+//! For a ticket with `drv`, `closure` and `alloc` (and the inputs already on
+//! the node: `nsh-push`), over the ticket's shared ssh connection:
+//!
+//! 1. the BuildDerivation request (the local `.drv` as a BasicDerivation
+//!    whose inputSrcs are the input closure, and the ticket's build options)
+//!    is written to `W/request.N.tmp` and renamed to `W/request.N`, where the
+//!    job picks it up ([`crate::stage::alloc::batch_script`]);
+//! 2. `W/log.N` is followed as it grows by one small remote `sh` loop
+//!    ([`FOLLOW_SCRIPT`]) and forwarded line by line to stderr or the hook's
+//!    log fd; the job's sentinel line `@nsh-end <nonce> <status>` ends it,
+//!    and the loop then sends `W/response.N` on the same stream, so that the
+//!    result costs no further round trip;
+//! 3. meanwhile the Slurm job is looked at every [`JOB_CHECK_INTERVAL`]
+//!    only to notice that it died, and once more when the response is in:
+//!    a build whose job died is never reported built.
+//!
+//! The BuildResult becomes the ticket's `run` section and the exit status
+//! ([`build_outcome`]). After a failed build nothing will be fetched, so
+//! nsh-run writes `W/release` itself and the job cleans up and ends.
+//!
+//! Timeouts (`max-silent-time`, `timeout`) travel in the request's build
+//! options and are enforced by Nix on the node; the job's Slurm time limit
+//! covers the build timeout plus a margin ([`crate::stage::alloc::place_on`]).
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::config::Config;
+use crate::error::{Failure, ResultExt};
+use crate::nix::local_store::LocalStore;
+use crate::nix::serve::{self, BuildResult};
+use crate::slurm::{JobInfo, JobState, Slurm};
+use crate::stage::alloc::Clusters;
+use crate::stage::ssh::{Ssh, Transport};
+use crate::ticket::{AllocSection, RunSection, Ticket};
+use crate::{log_debug, log_info, log_warn, Kind};
+
+/// How often the Slurm job is looked at while the build runs. Only to
+/// notice a job that died (node failure, preemption, scancel, time limit):
+/// the end of the build itself is seen from the log's sentinel at once.
+pub const JOB_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How often the follower is reconnected after losing ssh while the job
+/// still runs. It resumes at the byte where the log stopped.
+const FOLLOW_RECONNECTS: u32 = 3;
+
+/// The store URI for reading the `.drv` when the ticket has no `store`
+/// section: Nix's default (the daemon when one runs).
+const DEFAULT_STORE_URI: &str = "auto";
+
+/// The remote side of a build: `sh -c FOLLOW_SCRIPT sh W N OFFSET`, with the
+/// request on stdin.
+///
+/// It waits (at most 30 s) for the work dir, which the job makes as it
+/// starts; writes the request atomically unless a previous attempt already
+/// did; then copies the bytes of `log.N` from OFFSET on to stdout as they
+/// are written, polling every tenth of a second. Once `status.N` exists
+/// (the job writes it after the sentinel line) it copies the rest of the log
+/// and then `response.N`, and exits 0. Exit 3: the work dir is gone (the job
+/// ended); 4: the request could not be written; 5: stdout was closed.
+///
+/// `status.N` is looked at *before* the log is read, so the final read
+/// always includes the sentinel. Writes to the log file never wait for this
+/// reader: a builder is never slowed down by a slow connection.
+pub const FOLLOW_SCRIPT: &str = r#"set -u
+W=$1 n=$2 off=$3
+log="$W/log.$n"
+tries=0
+while [ ! -d "$W" ]; do
+    if [ "$tries" -ge 300 ]; then
+        cat >/dev/null
+        echo "no work dir $W on this node" >&2
+        exit 3
+    fi
+    sleep 0.1
+    tries=$((tries + 1))
+done
+if [ -e "$W/request.$n" ] || [ -e "$log" ]; then
+    cat >/dev/null
+else
+    cat >"$W/request.$n.tmp" && mv "$W/request.$n.tmp" "$W/request.$n" || exit 4
+fi
+while :; do
+    if [ -e "$W/status.$n" ]; then ended=1; else ended=0; fi
+    if [ -f "$log" ]; then
+        size=$(wc -c <"$log") || exit 3
+        if [ "$size" -gt "$off" ]; then
+            tail -c "+$((off + 1))" "$log" | head -c "$((size - off))" || exit 5
+            off=$size
+        fi
+    fi
+    if [ "$ended" = 1 ]; then
+        cat "$W/response.$n" || exit 3
+        exit 0
+    fi
+    [ -d "$W" ] || exit 3
+    sleep 0.1
+done
+"#;
+
+/// Where the build log goes: stderr, or a file descriptor the caller gave
+/// (`nsh-hook` passes Nix's fd 4).
+pub enum LogSink {
+    Stderr,
+    Fd(File),
+}
+
+impl LogSink {
+    /// Writes one line (`line` without its newline). A log sink that went
+    /// away (the reader closed it) does not stop the build: the result
+    /// still matters.
+    fn line(&mut self, line: &[u8]) {
+        let mut buf = Vec::with_capacity(line.len() + 1);
+        buf.extend_from_slice(line);
+        buf.push(b'\n');
+        let _ = match self {
+            LogSink::Stderr => io::stderr().lock().write_all(&buf),
+            LogSink::Fd(file) => file.write_all(&buf),
+        };
+    }
+
+    fn text(&mut self, text: &str) {
+        for line in text.lines() {
+            self.line(line.as_bytes());
+        }
+    }
+}
+
+/// What [`LogSplitter::push`] found in a chunk of the stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogEvent {
+    /// One complete log line, without its newline.
+    Line(Vec<u8>),
+    /// The job's sentinel: `nix-store --serve` exited with this status.
+    End(i32),
+}
+
+/// Splits the follower's stream into log lines, up to the sentinel line
+/// carrying the job's nonce; what comes after it is the response.
+///
+/// A builder whose last output has no final newline leaves the sentinel at
+/// the end of that line (`partial@nsh-end <nonce> 0`): the part before it is
+/// still a line of log. A sentinel with another nonce is builder output and
+/// forwarded like any line.
+#[derive(Debug)]
+pub struct LogSplitter {
+    marker: Vec<u8>,
+    partial: Vec<u8>,
+    /// Bytes of log consumed, sentinel included: where a reconnected
+    /// follower resumes.
+    log_bytes: u64,
+    end: Option<i32>,
+    response: Vec<u8>,
+}
+
+impl LogSplitter {
+    pub fn new(nonce: &str) -> LogSplitter {
+        LogSplitter {
+            marker: format!("@nsh-end {nonce} ").into_bytes(),
+            partial: Vec::new(),
+            log_bytes: 0,
+            end: None,
+            response: Vec::new(),
+        }
+    }
+
+    /// Feeds bytes; returns the complete lines and the end, in order.
+    pub fn push(&mut self, mut bytes: &[u8]) -> Vec<LogEvent> {
+        let mut events = Vec::new();
+        while !bytes.is_empty() {
+            if self.end.is_some() {
+                self.response.extend_from_slice(bytes);
+                break;
+            }
+            let Some(newline) = bytes.iter().position(|&b| b == b'\n') else {
+                self.partial.extend_from_slice(bytes);
+                self.log_bytes += bytes.len() as u64;
+                break;
+            };
+            self.partial.extend_from_slice(&bytes[..newline]);
+            self.log_bytes += newline as u64 + 1;
+            bytes = &bytes[newline + 1..];
+            let line = std::mem::take(&mut self.partial);
+            match self.sentinel(&line) {
+                Some((before, status)) => {
+                    if !before.is_empty() {
+                        events.push(LogEvent::Line(before.to_vec()));
+                    }
+                    self.end = Some(status);
+                    events.push(LogEvent::End(status));
+                }
+                None => events.push(LogEvent::Line(line)),
+            }
+        }
+        events
+    }
+
+    /// `Some((text before the sentinel, status))` if `line` ends with the
+    /// sentinel.
+    fn sentinel<'a>(&self, line: &'a [u8]) -> Option<(&'a [u8], i32)> {
+        let at = line
+            .windows(self.marker.len())
+            .rposition(|w| w == self.marker.as_slice())?;
+        let status = std::str::from_utf8(&line[at + self.marker.len()..])
+            .ok()?
+            .parse()
+            .ok()?;
+        Some((&line[..at], status))
+    }
+
+    /// The end status, once the sentinel was seen.
+    pub fn end(&self) -> Option<i32> {
+        self.end
+    }
+
+    pub fn log_bytes(&self) -> u64 {
+        self.log_bytes
+    }
+
+    /// The bytes after the sentinel: the response file.
+    pub fn response(&self) -> &[u8] {
+        &self.response
+    }
+
+    /// An unterminated last line (only when the stream broke off).
+    pub fn take_partial(&mut self) -> Option<Vec<u8>> {
+        (!self.partial.is_empty()).then(|| std::mem::take(&mut self.partial))
+    }
+
+    /// Drops a response received in part, before a reconnect resends it.
+    fn reset_response(&mut self) {
+        self.response.clear();
+    }
+}
+
+/// Why a job is no longer one the build can finish in, if it is not.
+/// Running (or suspended: it will resume) on the ticket's node is alive;
+/// anything else (ended, requeued, running elsewhere) is not.
+pub fn job_gone(alloc: &AllocSection, info: &JobInfo) -> Option<String> {
+    let alive = matches!(info.state, JobState::Running | JobState::Suspended)
+        && info.node.as_deref().is_none_or(|n| n == alloc.node);
+    if alive {
+        return None;
+    }
+    let what = match info.state {
+        JobState::Timeout => "hit its Slurm time limit".to_string(),
+        JobState::NodeFail => "ended: its node failed (NODE_FAIL)".to_string(),
+        JobState::Preempted => "was preempted".to_string(),
+        JobState::Cancelled => "was cancelled".to_string(),
+        JobState::Pending => "was requeued (PENDING)".to_string(),
+        JobState::Running => format!(
+            "now runs on {}, not {}",
+            info.node.as_deref().unwrap_or("?"),
+            alloc.node
+        ),
+        ref other => format!("ended ({other})"),
+    };
+    let mut reason = format!("Slurm job {} on {} {what}", alloc.job, alloc.node);
+    if let Some(r) = &info.reason {
+        reason.push_str(&format!(", reason {r}"));
+    }
+    Some(reason)
+}
+
+/// The exit status a BuildResult means: `Ok` for built or already valid,
+/// else the failure with Nix's own error text.
+///
+/// Nix's TransientFailure (a fixed-output build that failed, a full disk)
+/// may succeed on another node: transient. TimedOut (`timeout` or
+/// `max-silent-time`): timed out. Everything else is the build's own
+/// failure: permanent.
+pub fn build_outcome(result: &BuildResult, what: &str, place: &str) -> Result<(), Failure> {
+    let Some(kind) = result.status.failure_kind() else {
+        return Ok(());
+    };
+    let message = plain_text(&result.error_msg);
+    let message = if message.is_empty() {
+        result.status.name()
+    } else {
+        &message
+    };
+    Err(Failure::new(
+        kind,
+        format!(
+            "build of {what} failed ({}) on {place}: {message}",
+            result.status.name()
+        ),
+    ))
+}
+
+/// Nix's error text without the terminal colour codes Nix puts in it (it
+/// goes into tickets, logs and Nix's own messages, where they are noise).
+pub fn plain_text(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut chars = message.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI sequences: ESC [ parameters… final byte in @..~.
+            if chars.clone().next() == Some('[') {
+                chars.next();
+                for c in chars.by_ref() {
+                    if ('@'..='~').contains(&c) {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out.trim().to_string()
+}
+
+/// The `run` section for a BuildResult. Outputs Nix did not list (an
+/// already valid derivation lists none) are taken from the derivation.
+pub fn run_section(
+    result: &BuildResult,
+    store_dir: &crate::nix::store_path::StoreDir,
+    drv_outputs: &BTreeMap<String, String>,
+    started: u64,
+    stopped: u64,
+) -> RunSection {
+    let mut built_outputs = BTreeMap::new();
+    if result.status.is_success() {
+        built_outputs = result.output_paths(store_dir);
+        for (name, path) in drv_outputs {
+            if !path.is_empty() {
+                built_outputs
+                    .entry(name.clone())
+                    .or_insert_with(|| path.clone());
+            }
+        }
+    }
+    RunSection {
+        status: result.status.name().to_string(),
+        error: plain_text(&result.error_msg),
+        times_built: result.times_built,
+        start: if result.start_time > 0 {
+            result.start_time
+        } else {
+            started
+        },
+        stop: if result.stop_time > 0 {
+            result.stop_time
+        } else {
+            stopped
+        },
+        built_outputs,
+        extra: Default::default(),
+    }
+}
+
+/// One nsh-run process: its configuration, its Slurm connections and where
+/// the log goes.
+pub struct Runner<'a> {
+    pub config: &'a Config,
+    pub clusters: Clusters,
+    pub log: LogSink,
+    pub job_check_interval: Duration,
+    /// Set by SIGINT/SIGTERM/SIGHUP: stop following and report transient.
+    pub interrupted: &'a AtomicBool,
+}
+
+impl Runner<'_> {
+    /// Runs the build of one ticket and adds its `run` section.
+    pub fn run(&mut self, ticket: &mut Ticket) -> Result<(), Failure> {
+        let drv_section = ticket.need_drv()?.clone();
+        let closure = ticket.need_closure()?.clone();
+        ticket.need_alloc()?;
+        let options = ticket.options.clone().unwrap_or_default();
+        let uri = ticket
+            .store
+            .as_ref()
+            .map(|s| s.uri.clone())
+            .filter(|uri| !uri.is_empty())
+            .unwrap_or_else(|| DEFAULT_STORE_URI.to_string());
+        let local = LocalStore::new(&uri, "")?;
+        let drv = local.read_drv(&drv_section.path)?;
+        let mut request = Vec::new();
+        serve::write_build_request(&mut request, &drv, &closure.paths, &options)
+            .or_fail(Kind::Transient, || "writing the build request")?;
+
+        let alloc = ticket.alloc.as_mut().expect("checked above");
+        if alloc.nonce.is_empty() {
+            return Err(Failure::input(
+                "the ticket's `alloc` section has no nonce (made by an older nsh-alloc?)",
+            ));
+        }
+        let cluster = self.config.clusters.get(&alloc.cluster).ok_or_else(|| {
+            Failure::config(format!(
+                "the ticket's job {} is on cluster {:?}, which {} does not configure",
+                alloc.job,
+                alloc.cluster,
+                self.config.path.display()
+            ))
+        })?;
+        let ssh = Ssh::ensure_master(alloc, &self.config.ssh)?;
+        let alloc = alloc.clone();
+        let slurm = self.clusters.get(cluster)?;
+        let place = format!(
+            "{} (cluster {}, Slurm job {})",
+            alloc.node, alloc.cluster, alloc.job
+        );
+        log_info!("building {} on {place}", drv_section.path);
+
+        let started = unix_now();
+        let followed = follow(
+            &ssh,
+            slurm,
+            &alloc,
+            &request,
+            &mut self.log,
+            self.job_check_interval,
+            self.interrupted,
+        );
+        let stopped = unix_now();
+        let ended = match followed {
+            Ok(ended) => ended,
+            Err(failure) => {
+                self.log.text(&format!(
+                    "nsh-run: the build of {} on {place} did not finish: {}",
+                    drv_section.path, failure.message
+                ));
+                release(&ssh, &alloc);
+                return Err(failure);
+            }
+        };
+
+        let result = match serve::read_build_response(&ended.response[..]) {
+            Ok(result) => result,
+            Err(failure) => {
+                release(&ssh, &alloc);
+                // nix-store --serve itself failed (bad request, missing
+                // input, killed): its own words are the last log lines.
+                let kind = if ended.status == 1 {
+                    Kind::Permanent
+                } else {
+                    Kind::Transient
+                };
+                let message = format!(
+                    "nix-store --serve on {place} exited with status {} without a build result ({}){}",
+                    ended.status,
+                    failure.message,
+                    tail_text(&ended.last_lines)
+                );
+                self.log.text(&format!("nsh-run: {message}"));
+                return Err(Failure::new(kind, message));
+            }
+        };
+
+        // The job must still be there: one that died (a node failure seen
+        // late) is never reported built.
+        match slurm.job(alloc.job) {
+            Ok(info) => {
+                if let Some(gone) = job_gone(&alloc, &info) {
+                    release(&ssh, &alloc);
+                    cancel_if_requeued(slurm, &info);
+                    let message = format!(
+                        "{gone}; the build's result ({}) is not trusted",
+                        result.status.name()
+                    );
+                    self.log.text(&format!("nsh-run: {message}"));
+                    return Err(Failure::transient(message));
+                }
+            }
+            Err(e) => log_warn!(
+                "could not confirm that job {} still runs ({e}); trusting its response",
+                alloc.job
+            ),
+        }
+
+        ticket.run = Some(run_section(
+            &result,
+            &drv.store_dir,
+            &drv_section.outputs,
+            started,
+            stopped,
+        ));
+        match build_outcome(&result, &drv_section.path, &place) {
+            Ok(()) => {
+                log_info!(
+                    "{} {} in {} s",
+                    drv_section.path,
+                    result.status.name(),
+                    stopped.saturating_sub(started)
+                );
+                Ok(())
+            }
+            Err(failure) => {
+                // Nothing will be fetched: let the job clean up and end now.
+                release(&ssh, &alloc);
+                let mut tail = format!(
+                    "nsh-run: build of {} failed ({}) on {place}",
+                    drv_section.path,
+                    result.status.name()
+                );
+                if options.keep_failed {
+                    tail.push_str(&format!(
+                        "; its build directory is kept on {} (keep-failed)",
+                        alloc.node
+                    ));
+                }
+                self.log.text(&tail);
+                Err(failure)
+            }
+        }
+    }
+}
+
+/// How the followed request ended: the serve process's exit status, the
+/// response bytes, and the last lines of the log (for messages).
+struct Ended {
+    status: i32,
+    response: Vec<u8>,
+    last_lines: Vec<String>,
+}
+
+/// Writes the request and follows the log to its sentinel, watching the job.
+fn follow(
+    ssh: &Ssh,
+    slurm: &Slurm,
+    alloc: &AllocSection,
+    request: &[u8],
+    log: &mut LogSink,
+    check_every: Duration,
+    interrupted: &AtomicBool,
+) -> Result<Ended, Failure> {
+    let mut splitter = LogSplitter::new(&alloc.nonce);
+    let mut last_lines: Vec<String> = Vec::new();
+    let followed = follow_to_end(
+        ssh,
+        slurm,
+        alloc,
+        request,
+        log,
+        check_every,
+        interrupted,
+        &mut splitter,
+        &mut last_lines,
+    );
+    match followed {
+        Ok(status) => Ok(Ended {
+            status,
+            response: splitter.response().to_vec(),
+            last_lines,
+        }),
+        Err(failure) => {
+            // The log broke off mid-line: that line is still worth showing.
+            if let Some(partial) = splitter.take_partial() {
+                log.line(&partial);
+            }
+            Err(failure)
+        }
+    }
+}
+
+/// [`follow`]'s loop; the serve process's exit status once the sentinel
+/// and the whole response are in.
+#[allow(clippy::too_many_arguments)]
+fn follow_to_end(
+    ssh: &Ssh,
+    slurm: &Slurm,
+    alloc: &AllocSection,
+    request: &[u8],
+    log: &mut LogSink,
+    check_every: Duration,
+    interrupted: &AtomicBool,
+    splitter: &mut LogSplitter,
+    last_lines: &mut Vec<String>,
+) -> Result<i32, Failure> {
+    let mut reconnects = 0;
+    let mut next_check = Instant::now() + check_every;
+    loop {
+        let follower = Follower::start(ssh, alloc, splitter.log_bytes(), request)?;
+        splitter.reset_response();
+        // Read until the follower's stream ends, looking at the job now and then.
+        let outcome = loop {
+            if interrupted.load(Ordering::SeqCst) {
+                follower.stop();
+                return Err(Failure::transient(format!(
+                    "interrupted; Slurm job {} keeps running until it is cancelled",
+                    alloc.job
+                )));
+            }
+            let wait = next_check
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_millis(200));
+            match follower.chunks.recv_timeout(wait) {
+                Ok(chunk) => {
+                    for event in splitter.push(&chunk) {
+                        match event {
+                            LogEvent::Line(line) => {
+                                remember(last_lines, &line);
+                                log.line(&line);
+                            }
+                            LogEvent::End(status) => log_debug!("sentinel: status {status}"),
+                        }
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break follower.finish(),
+            }
+            // Also while the log streams: a chatty build on a failed node
+            // must not hide that its job is gone.
+            if Instant::now() >= next_check {
+                next_check = Instant::now() + check_every;
+                match slurm.job(alloc.job) {
+                    Ok(info) => {
+                        if let Some(gone) = job_gone(alloc, &info) {
+                            follower.stop();
+                            cancel_if_requeued(slurm, &info);
+                            return Err(Failure::transient(gone));
+                        }
+                    }
+                    // The controller being slow or briefly away is no
+                    // reason to give up a build that runs.
+                    Err(e) => log_warn!("looking at Slurm job {}: {e}", alloc.job),
+                }
+            }
+        };
+        // A line the stream broke off in stays in the splitter: the
+        // reconnected follower resumes right after its last byte.
+        match (outcome, splitter.end()) {
+            (FollowExit::Done, Some(status)) => return Ok(status),
+            (FollowExit::Done, None) => {
+                return Err(Failure::transient(format!(
+                    "the log of request {} on {} ended without the job's end mark",
+                    alloc.request, alloc.node
+                )))
+            }
+            (FollowExit::WorkDirGone, _) => {
+                let state = match slurm.job(alloc.job) {
+                    Ok(info) => job_gone(alloc, &info).unwrap_or_else(|| {
+                        format!("Slurm job {} on {} is ending", alloc.job, alloc.node)
+                    }),
+                    Err(e) => format!("Slurm job {}: {e}", alloc.job),
+                };
+                return Err(Failure::transient(format!(
+                    "the job's work dir {} on {} is gone: {state}",
+                    alloc.work, alloc.node
+                )));
+            }
+            (FollowExit::Failed(why), _) => {
+                let alive = match slurm.job(alloc.job) {
+                    Ok(info) => match job_gone(alloc, &info) {
+                        Some(gone) => {
+                            cancel_if_requeued(slurm, &info);
+                            return Err(Failure::transient(gone));
+                        }
+                        None => true,
+                    },
+                    Err(_) => false,
+                };
+                if !alive || reconnects >= FOLLOW_RECONNECTS {
+                    return Err(Failure::transient(format!(
+                        "following the build on {}: {why}",
+                        ssh.describe()
+                    )));
+                }
+                reconnects += 1;
+                log_warn!(
+                    "following the build on {}: {why}; reconnecting ({reconnects}/{FOLLOW_RECONNECTS})",
+                    ssh.describe()
+                );
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+/// A job that failed under the build but is not over (requeued after a
+/// node failure, now pending or running elsewhere) would only wait for a
+/// request that never comes: cancel it. Best effort.
+fn cancel_if_requeued(slurm: &Slurm, info: &JobInfo) {
+    if info.state.is_finished() {
+        return;
+    }
+    match slurm.cancel(info.id) {
+        Ok(()) => log_info!("cancelled job {}, which Slurm requeued", info.id),
+        Err(e) => log_warn!("cancelling the requeued job {}: {e}", info.id),
+    }
+}
+
+/// Keeps the last few lines of log, for error messages.
+fn remember(lines: &mut Vec<String>, line: &[u8]) {
+    const KEEP: usize = 10;
+    if lines.len() == KEEP {
+        lines.remove(0);
+    }
+    lines.push(String::from_utf8_lossy(line).into_owned());
+}
+
+fn tail_text(lines: &[String]) -> String {
+    if lines.is_empty() {
+        String::new()
+    } else {
+        format!(":\n{}", lines.join("\n"))
+    }
+}
+
+/// How the follower process ended.
+enum FollowExit {
+    /// It sent the log to its end and the response.
+    Done,
+    /// The work dir vanished: the job ended (scancel, time limit, …).
+    WorkDirGone,
+    /// ssh failed, or something else went wrong; the job may still run.
+    Failed(String),
+}
+
+/// The ssh process running [`FOLLOW_SCRIPT`] on the node, and a thread
+/// reading its stdout into a channel (so that the job can be looked at
+/// while no log comes).
+struct Follower {
+    child: Child,
+    chunks: Receiver<Vec<u8>>,
+    stderr: std::thread::JoinHandle<String>,
+}
+
+impl Follower {
+    fn start(
+        ssh: &Ssh,
+        alloc: &AllocSection,
+        offset: u64,
+        request: &[u8],
+    ) -> Result<Follower, Failure> {
+        let offset = offset.to_string();
+        let request_number = alloc.request.to_string();
+        let mut cmd: Command = ssh.command(&[
+            "sh",
+            "-c",
+            FOLLOW_SCRIPT,
+            "sh",
+            &alloc.work,
+            &request_number,
+            &offset,
+        ]);
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .or_fail(Kind::Transient, || "running ssh")?;
+        // The script reads all of stdin before it writes anything, so
+        // writing first and reading after cannot deadlock. A write error
+        // (ssh could not connect) shows in its exit status.
+        let mut stdin = child.stdin.take().expect("piped");
+        let _ = stdin.write_all(request);
+        drop(stdin);
+        let stdout = child.stdout.take().expect("piped");
+        let (tx, chunks) = mpsc::channel();
+        std::thread::spawn(move || pump(stdout, tx));
+        let mut stderr_pipe = child.stderr.take().expect("piped");
+        let stderr = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = stderr_pipe.read_to_string(&mut text);
+            text
+        });
+        Ok(Follower {
+            child,
+            chunks,
+            stderr,
+        })
+    }
+
+    /// Waits for the process once its stdout has ended.
+    fn finish(mut self) -> FollowExit {
+        let status = match self.child.wait() {
+            Ok(status) => status,
+            Err(e) => return FollowExit::Failed(format!("waiting for ssh: {e}")),
+        };
+        let stderr = self.stderr.join().unwrap_or_default();
+        match status.code() {
+            Some(0) => FollowExit::Done,
+            Some(3) => FollowExit::WorkDirGone,
+            Some(4) => FollowExit::Failed(format!(
+                "could not write the request into the job's work dir: {}",
+                stderr.trim()
+            )),
+            _ => FollowExit::Failed(format!("ssh ended with {status}: {}", stderr.trim())),
+        }
+    }
+
+    fn stop(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn pump(mut from: ChildStdout, to: mpsc::Sender<Vec<u8>>) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                if to.send(buf[..n].to_vec()).is_err() {
+                    return;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return,
+        }
+    }
+}
+
+/// Tells the job that nothing more will come (`W/release`): it removes its
+/// work dir and ends. Best effort: a job that is gone needs no release.
+pub fn release(ssh: &Ssh, alloc: &AllocSection) {
+    let out = ssh
+        .command(&[
+            "sh",
+            "-c",
+            r#"[ ! -d "$1" ] || : >"$1/release""#,
+            "sh",
+            &alloc.work,
+        ])
+        .stdin(Stdio::null())
+        .output();
+    match out {
+        Ok(out) if out.status.success() => log_debug!("released job {}", alloc.job),
+        Ok(out) => log_warn!(
+            "writing {}/release on {}: {}",
+            alloc.work,
+            alloc.node,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
+        Err(e) => log_warn!("running ssh to release job {}: {e}", alloc.job),
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nix::serve::BuildStatus;
+    use std::path::Path;
+
+    const NONCE: &str = "0123abcd";
+
+    fn lines(events: &[LogEvent]) -> Vec<String> {
+        events
+            .iter()
+            .map(|e| match e {
+                LogEvent::Line(l) => String::from_utf8_lossy(l).into_owned(),
+                LogEvent::End(s) => format!("<end {s}>"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn lines_are_whole_across_chunks_and_the_response_follows_the_sentinel() {
+        let mut s = LogSplitter::new(NONCE);
+        let mut events = s.push(b"one\ntw");
+        events.extend(s.push(b"o\n\nthree"));
+        assert_eq!(lines(&events), ["one", "two", ""]);
+        assert_eq!(s.end(), None);
+        let events = s.push(b" and more\n@nsh-end 0123abcd 0\n\x01\x00\n\xff");
+        assert_eq!(lines(&events), ["three and more", "<end 0>"]);
+        assert_eq!(s.end(), Some(0));
+        assert_eq!(s.response(), b"\x01\x00\n\xff");
+        let log = "one\ntwo\n\nthree and more\n@nsh-end 0123abcd 0\n";
+        assert_eq!(s.log_bytes(), log.len() as u64);
+        // Bytes after the end are response bytes, never lines.
+        assert!(s.push(b"x\ny\n").is_empty());
+        assert_eq!(s.response(), b"\x01\x00\n\xffx\ny\n");
+    }
+
+    #[test]
+    fn a_fake_sentinel_is_just_log() {
+        let mut s = LogSplitter::new(NONCE);
+        let events = s.push(b"@nsh-end guessed 0\n@nsh-end 0123abcd\n@nsh-end 0123abcd x\n");
+        assert_eq!(
+            lines(&events),
+            [
+                "@nsh-end guessed 0",
+                "@nsh-end 0123abcd",
+                "@nsh-end 0123abcd x"
+            ]
+        );
+        assert_eq!(s.end(), None);
+    }
+
+    #[test]
+    fn a_last_line_without_newline_is_kept_before_the_sentinel() {
+        let mut s = LogSplitter::new(NONCE);
+        let events = s.push(b"no newline@nsh-end 0123abcd 137\n");
+        assert_eq!(lines(&events), ["no newline", "<end 137>"]);
+    }
+
+    #[test]
+    fn a_broken_stream_leaves_its_partial_line() {
+        let mut s = LogSplitter::new(NONCE);
+        assert_eq!(lines(&s.push(b"a\nhalf")), ["a"]);
+        assert_eq!(s.log_bytes(), 6);
+        assert_eq!(s.take_partial(), Some(b"half".to_vec()));
+        assert_eq!(s.take_partial(), None);
+    }
+
+    fn alloc() -> AllocSection {
+        AllocSection {
+            cluster: "test".into(),
+            job: 42,
+            node: "node1".into(),
+            ..AllocSection::default()
+        }
+    }
+
+    fn info(state: JobState, node: Option<&str>) -> JobInfo {
+        JobInfo {
+            id: 42,
+            state,
+            flags: vec![],
+            reason: None,
+            node: node.map(String::from),
+            exit_code: None,
+            start: None,
+            end: None,
+        }
+    }
+
+    #[test]
+    fn which_jobs_are_gone() {
+        let a = alloc();
+        assert_eq!(job_gone(&a, &info(JobState::Running, Some("node1"))), None);
+        assert_eq!(
+            job_gone(&a, &info(JobState::Suspended, Some("node1"))),
+            None
+        );
+        let gone = |state, node| job_gone(&a, &info(state, node)).expect("gone");
+        assert_eq!(
+            gone(JobState::NodeFail, Some("node1")),
+            "Slurm job 42 on node1 ended: its node failed (NODE_FAIL)"
+        );
+        assert!(gone(JobState::Timeout, None).contains("time limit"));
+        assert!(gone(JobState::Cancelled, None).contains("cancelled"));
+        assert!(gone(JobState::Preempted, None).contains("preempted"));
+        assert!(gone(JobState::Pending, None).contains("requeued"));
+        assert!(gone(JobState::Completed, None).contains("ended (COMPLETED)"));
+        assert!(gone(JobState::Running, Some("node2")).contains("now runs on node2"));
+    }
+
+    fn result(status: BuildStatus, msg: &str) -> BuildResult {
+        BuildResult {
+            status,
+            error_msg: msg.into(),
+            times_built: 1,
+            is_non_deterministic: false,
+            start_time: 10,
+            stop_time: 20,
+            built_outputs: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn outcomes() {
+        let kind = |status| {
+            build_outcome(&result(status, "why"), "/s/x.drv", "node1")
+                .err()
+                .map(|f| f.kind)
+        };
+        for ok in [
+            BuildStatus::Built,
+            BuildStatus::Substituted,
+            BuildStatus::AlreadyValid,
+            BuildStatus::ResolvesToAlreadyValid,
+        ] {
+            assert_eq!(kind(ok), None, "{ok:?}");
+        }
+        assert_eq!(kind(BuildStatus::TimedOut), Some(Kind::TimedOut));
+        assert_eq!(kind(BuildStatus::TransientFailure), Some(Kind::Transient));
+        for failed in [
+            BuildStatus::PermanentFailure,
+            BuildStatus::InputRejected,
+            BuildStatus::OutputRejected,
+            BuildStatus::CachedFailure,
+            BuildStatus::MiscFailure,
+            BuildStatus::DependencyFailed,
+            BuildStatus::LogLimitExceeded,
+            BuildStatus::NotDeterministic,
+            BuildStatus::NoSubstituters,
+        ] {
+            assert_eq!(kind(failed), Some(Kind::Permanent), "{failed:?}");
+        }
+        let failure = build_outcome(
+            &result(
+                BuildStatus::PermanentFailure,
+                "builder for '/s/x.drv' failed with exit code 3\n",
+            ),
+            "/s/x.drv",
+            "node1 (job 42)",
+        )
+        .unwrap_err();
+        assert_eq!(
+            failure.message,
+            "build of /s/x.drv failed (permanent-failure) on node1 (job 42): \
+             builder for '/s/x.drv' failed with exit code 3"
+        );
+    }
+
+    #[test]
+    fn the_run_section_lists_outputs_only_for_success() {
+        let dir = crate::nix::store_path::StoreDir::new("/s").unwrap();
+        let mut built = result(BuildStatus::Built, "");
+        built.built_outputs.insert("out".into(), "aaaa-x".into());
+        let drv_outputs: BTreeMap<String, String> = [
+            ("out".to_string(), "/s/aaaa-x".to_string()),
+            ("dev".to_string(), "/s/bbbb-x-dev".to_string()),
+        ]
+        .into();
+        let section = run_section(&built, &dir, &drv_outputs, 5, 25);
+        assert_eq!(section.status, "built");
+        assert_eq!((section.start, section.stop), (10, 20));
+        assert_eq!(section.built_outputs, drv_outputs);
+        let mut failed = result(BuildStatus::PermanentFailure, "boom\n");
+        failed.start_time = 0;
+        failed.stop_time = 0;
+        let section = run_section(&failed, &dir, &drv_outputs, 5, 25);
+        assert_eq!(section.error, "boom");
+        assert_eq!((section.start, section.stop), (5, 25));
+        assert!(section.built_outputs.is_empty());
+    }
+
+    /// The follower script under the local sh, on a work dir the test plays
+    /// the job in.
+    struct Follow {
+        child: Child,
+        out: std::thread::JoinHandle<Vec<u8>>,
+    }
+
+    fn follow_local(work: &Path, offset: u64, request: &[u8]) -> Follow {
+        let mut child = Command::new("sh")
+            .args(["-c", FOLLOW_SCRIPT, "sh"])
+            .arg(work)
+            .args(["1", &offset.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(request).unwrap();
+        let mut stdout = child.stdout.take().unwrap();
+        let out = std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            stdout.read_to_end(&mut buf).unwrap();
+            buf
+        });
+        Follow { child, out }
+    }
+
+    impl Follow {
+        fn finish(mut self) -> (i32, Vec<u8>) {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                if let Some(status) = self.child.try_wait().unwrap() {
+                    return (status.code().unwrap_or(-1), self.out.join().unwrap());
+                }
+                assert!(Instant::now() < deadline, "the follower did not end");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    fn wait_for(path: &Path) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !path.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "{} did not appear",
+                path.display()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn append(path: &Path, bytes: &[u8]) {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .unwrap()
+            .write_all(bytes)
+            .unwrap();
+    }
+
+    #[test]
+    fn the_follower_writes_the_request_streams_the_log_then_the_response() {
+        let dir = tempfile::tempdir().unwrap();
+        let work = dir.path().join("nsh-7");
+        // The work dir comes a moment after the follower starts, as with a
+        // job that has just begun.
+        let follow = follow_local(&work, 0, b"REQUEST\x00BYTES");
+        std::thread::sleep(Duration::from_millis(300));
+        std::fs::create_dir(&work).unwrap();
+        wait_for(&work.join("request.1"));
+        assert_eq!(
+            std::fs::read(work.join("request.1")).unwrap(),
+            b"REQUEST\x00BYTES"
+        );
+        assert!(!work.join("request.1.tmp").exists());
+        let log = work.join("log.1");
+        let mut expected = Vec::new();
+        for i in 0..2000 {
+            let line = format!("line {i}\n");
+            append(&log, line.as_bytes());
+            expected.extend_from_slice(line.as_bytes());
+            if i % 500 == 0 {
+                std::thread::sleep(Duration::from_millis(150));
+            }
+        }
+        append(&log, b"@nsh-end n 0\n");
+        expected.extend_from_slice(b"@nsh-end n 0\n");
+        std::fs::write(work.join("response.1"), b"RESPONSE").unwrap();
+        std::fs::write(work.join("status.1"), b"0\n").unwrap();
+        expected.extend_from_slice(b"RESPONSE");
+        let (status, out) = follow.finish();
+        assert_eq!(status, 0);
+        assert_eq!(out, expected);
+    }
+
+    #[test]
+    fn a_reconnected_follower_resumes_and_does_not_rewrite_the_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let work = dir.path().join("nsh-8");
+        std::fs::create_dir(&work).unwrap();
+        std::fs::write(work.join("request.1"), b"FIRST").unwrap();
+        std::fs::write(work.join("log.1"), b"0123456789\n@nsh-end n 1\n").unwrap();
+        std::fs::write(work.join("response.1"), b"R").unwrap();
+        std::fs::write(work.join("status.1"), b"1\n").unwrap();
+        let (status, out) = follow_local(&work, 4, b"SECOND").finish();
+        assert_eq!(status, 0);
+        assert_eq!(out, b"456789\n@nsh-end n 1\nR");
+        assert_eq!(std::fs::read(work.join("request.1")).unwrap(), b"FIRST");
+    }
+
+    #[test]
+    fn a_vanished_work_dir_ends_the_follower_with_3() {
+        let dir = tempfile::tempdir().unwrap();
+        let work = dir.path().join("nsh-9");
+        std::fs::create_dir(&work).unwrap();
+        let follow = follow_local(&work, 0, b"REQ");
+        wait_for(&work.join("request.1"));
+        append(&work.join("log.1"), b"building\n");
+        std::thread::sleep(Duration::from_millis(300));
+        std::fs::remove_dir_all(&work).unwrap();
+        let (status, out) = follow.finish();
+        assert_eq!(status, 3);
+        assert_eq!(out, b"building\n");
+    }
+
+    #[test]
+    fn colour_codes_are_taken_out_of_nix_messages() {
+        assert_eq!(
+            plain_text(
+                "builder for '\u{1b}[35;1m/nix/store/x.drv\u{1b}[0m' failed with exit code 3\n"
+            ),
+            "builder for '/nix/store/x.drv' failed with exit code 3"
+        );
+        assert_eq!(plain_text("plain"), "plain");
+        assert_eq!(plain_text("cut \u{1b}["), "cut");
+    }
+}

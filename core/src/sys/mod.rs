@@ -1,0 +1,1 @@
+//! The few system calls std does not wrap.
