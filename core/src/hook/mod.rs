@@ -25,8 +25,7 @@ pub mod slots;
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Write};
-use std::os::fd::{AsFd, FromRawFd, OwnedFd};
-use std::os::unix::process::CommandExt;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -151,26 +150,14 @@ pub fn main(argv: Vec<String>) -> i32 {
 /// so no child inherits it unless handed over on purpose; fd 5 (the read
 /// end of the same pipe) is closed.
 fn take_log_fd() -> Option<OwnedFd> {
-    // SAFETY: fcntl/close on fds that are ours (inherited from the daemon).
-    unsafe {
-        if libc::fcntl(4, libc::F_GETFD) == -1 {
-            return None;
-        }
-        let moved = libc::fcntl(4, libc::F_DUPFD_CLOEXEC, 10);
-        libc::close(4);
-        if libc::fcntl(5, libc::F_GETFD) != -1 {
-            libc::close(5);
-        }
-        (moved >= 0).then(|| OwnedFd::from_raw_fd(moved))
-    }
+    crate::sys::fds::take_hook_log_fd()
 }
 
 fn run(verbosity: Verbosity) -> i32 {
     pipeline::install_signal_handlers();
     let log_fd = take_log_fd();
     let ui = Ui::new(verbosity);
-    // SAFETY: fd 0 is the daemon's pipe, owned by this process from now on.
-    let mut input = BufReader::with_capacity(1 << 16, unsafe { File::from_raw_fd(0) });
+    let mut input = BufReader::with_capacity(1 << 16, crate::sys::fds::stdin_file());
 
     let settings = match Settings::read(&mut input) {
         Ok(s) => s,
@@ -819,14 +806,9 @@ impl Watchdog {
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        // SAFETY: setsid is async-signal-safe. A new session: the daemon's
-        // kill of the hook's process group does not reach the watchdog.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::setsid();
-                Ok(())
-            });
-        }
+        // A new session: the daemon's kill of the hook's process group does
+        // not reach the watchdog.
+        crate::sys::process::in_new_session(&mut cmd);
         let mut child = cmd.spawn().ok()?;
         let stdin = child.stdin.take()?;
         Some(Watchdog { child, stdin })
@@ -859,12 +841,7 @@ fn watchdog_main(args: &[String]) -> i32 {
         return 64;
     };
     // Signals that hit the hook's terminal or group are not for the watchdog.
-    // SAFETY: setting dispositions to SIG_IGN.
-    unsafe {
-        libc::signal(libc::SIGINT, libc::SIG_IGN);
-        libc::signal(libc::SIGHUP, libc::SIG_IGN);
-        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
-    }
+    crate::sys::signals::ignore_terminal_signals();
     let cancel = |ticket: &str| {
         let _ = pipeline::run_bounded(
             Path::new(alloc_tool),
@@ -935,15 +912,7 @@ fn ask_fallback(
         if let Some(fd) = log_fd {
             use std::os::fd::AsRawFd;
             let raw = fd.as_raw_fd();
-            // SAFETY: dup2 is async-signal-safe.
-            unsafe {
-                cmd.pre_exec(move || {
-                    if libc::dup2(raw, 4) < 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
+            crate::sys::process::with_fd_as(&mut cmd, raw, 4);
         }
         let mut child = cmd
             .spawn()

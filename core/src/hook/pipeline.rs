@@ -11,11 +11,9 @@
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd};
-use std::os::unix::process::CommandExt;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -115,31 +113,14 @@ pub struct Outcome {
     pub interrupted_by: Option<i32>,
 }
 
-static SIGNALLED: AtomicI32 = AtomicI32::new(0);
-
-extern "C" fn on_signal(signal: libc::c_int) {
-    SIGNALLED.store(signal, Ordering::SeqCst);
-}
-
 /// SIGTERM, SIGINT and SIGHUP set a flag the pipeline loop polls.
 pub fn install_signal_handlers() {
-    for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
-        // SAFETY: the handler only stores to an atomic (async-signal-safe).
-        unsafe {
-            let mut action: libc::sigaction = std::mem::zeroed();
-            action.sa_sigaction = on_signal as *const () as usize;
-            libc::sigemptyset(&mut action.sa_mask);
-            libc::sigaction(signal, &action, std::ptr::null_mut());
-        }
-    }
+    crate::sys::signals::catch_interrupts(crate::sys::signals::Syscalls::Interrupt);
 }
 
 /// The signal received so far, if any.
 pub fn signalled() -> Option<i32> {
-    match SIGNALLED.load(Ordering::SeqCst) {
-        0 => None,
-        s => Some(s),
-    }
+    crate::sys::signals::signalled()
 }
 
 /// How long the children get between SIGTERM and SIGKILL.
@@ -179,15 +160,7 @@ pub fn run(
         if let (true, Some(fd)) = (gets_log, log_fd) {
             let raw = fd.as_raw_fd();
             cmd.env("NSH_LOG_FD", LOG_FD.to_string());
-            // SAFETY: dup2 is async-signal-safe; the new fd 4 is not close-on-exec.
-            unsafe {
-                cmd.pre_exec(move || {
-                    if libc::dup2(raw, LOG_FD) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
+            crate::sys::process::with_fd_as(&mut cmd, raw, LOG_FD);
         }
         if name == QUEUE_WAITER {
             outlive_the_group_kill(&mut cmd);
@@ -352,21 +325,14 @@ fn handle(
 
 /// A pipe, both ends close-on-exec (`std::io::pipe` needs Rust 1.87).
 pub fn pipe() -> std::io::Result<(File, File)> {
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 fills two new descriptors that we then own.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: fresh descriptors, owned by nothing else.
-    Ok(unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) })
+    crate::sys::fds::pipe()
 }
 
 /// SIGTERM to every child still running, SIGKILL after a grace period.
 pub fn stop(children: &mut [(String, Child)]) {
     for (_, child) in children.iter_mut() {
         if let Ok(None) = child.try_wait() {
-            // SAFETY: kill(2) on a child we have not reaped yet.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            crate::sys::process::terminate(child);
         }
     }
     let deadline = Instant::now() + STOP_GRACE;
@@ -396,22 +362,7 @@ pub fn stop(children: &mut [(String, Child)]) {
 /// which it cancels its job and exits. (The parent-death signal follows the
 /// spawning thread: `run` is called on the hook's main thread.)
 fn outlive_the_group_kill(cmd: &mut Command) {
-    let hook = std::process::id();
-    // SAFETY: setpgid, prctl and getppid are async-signal-safe.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setpgid(0, 0) < 0
-                || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong) < 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            // The hook died before the prctl: no signal will come.
-            if libc::getppid() as u32 != hook {
-                return Err(std::io::Error::other("nsh-hook is gone"));
-            }
-            Ok(())
-        });
-    }
+    crate::sys::process::in_own_group_terminated_with_parent(cmd);
 }
 
 /// Runs `program args…` with `input` on stdin and no output, for at most

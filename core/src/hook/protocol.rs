@@ -300,10 +300,7 @@ impl NixDefaults {
             "macos" => "darwin",
             other => other,
         };
-        let kvm = std::ffi::CString::new("/dev/kvm").is_ok_and(|path| {
-            // SAFETY: access(2) on a NUL-terminated path.
-            unsafe { libc::access(path.as_ptr(), libc::R_OK | libc::W_OK) == 0 }
-        });
+        let kvm = crate::sys::fs::is_read_writable(std::path::Path::new("/dev/kvm"));
         NixDefaults::for_system(&format!("{arch}-{os}"), kvm)
     }
 }

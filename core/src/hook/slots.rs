@@ -10,11 +10,11 @@
 
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, DirEntryExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::error::{Failure, Kind, ResultExt};
+use crate::sys::flock::{lock_exclusive, Wait};
 
 /// The default slot directory.
 pub const DEFAULT_SLOTS_DIR: &str = "/run/nsh/slots";
@@ -74,15 +74,10 @@ fn try_lock(path: &Path) -> Result<Try, Failure> {
         .or_fail(Kind::Config, || {
             format!("opening the slot lock {}", path.display())
         })?;
-    // SAFETY: flock on a descriptor we own, no memory involved.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc == 0 {
-        return Ok(Try::Locked(file));
-    }
-    let err = std::io::Error::last_os_error();
-    match err.raw_os_error() {
-        Some(libc::EWOULDBLOCK) => Ok(Try::Busy),
-        _ => Err(Failure::config(format!(
+    match lock_exclusive(&file, Wait::DontWait) {
+        Ok(true) => Ok(Try::Locked(file)),
+        Ok(false) => Ok(Try::Busy),
+        Err(err) => Err(Failure::config(format!(
             "locking the slot {}: {err}",
             path.display()
         ))),

@@ -7,6 +7,7 @@
 //! through one serve process ([`local_store`]).
 
 pub mod drv;
+pub mod hash;
 pub mod local_store;
 pub mod nar;
 pub mod resources;

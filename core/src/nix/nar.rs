@@ -221,7 +221,7 @@ fn unpack_node<R: Read>(
             file.set_permissions(std::fs::Permissions::from_mode(mode))
                 .map_err(|e| fs_error("chmod", e))?;
             drop(file);
-            set_mtime_1(path).map_err(|e| fs_error("setting the mtime of", e))?;
+            crate::sys::fs::set_mtime_1(path).map_err(|e| fs_error("setting the mtime of", e))?;
             expect(r, ")")
         }
         b"symlink" => {
@@ -230,7 +230,7 @@ fn unpack_node<R: Read>(
             use std::os::unix::ffi::OsStrExt;
             std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(&target), path)
                 .map_err(|e| fs_error("creating the symlink", e))?;
-            set_mtime_1(path).map_err(|e| fs_error("setting the mtime of", e))?;
+            crate::sys::fs::set_mtime_1(path).map_err(|e| fs_error("setting the mtime of", e))?;
             expect(r, ")")
         }
         b"directory" => {
@@ -273,42 +273,10 @@ fn unpack_node<R: Read>(
             }
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o555))
                 .map_err(|e| fs_error("chmod", e))?;
-            set_mtime_1(path).map_err(|e| fs_error("setting the mtime of", e))?;
+            crate::sys::fs::set_mtime_1(path).map_err(|e| fs_error("setting the mtime of", e))?;
             Ok(())
         }
         other => Err(unexpected("regular, symlink or directory", other)),
-    }
-}
-
-/// Sets atime and mtime to 1 (the epoch plus one second, as in the store),
-/// without following a symlink.
-fn set_mtime_1(path: &std::path::Path) -> io::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL in a path"))?;
-    let times = [
-        libc::timespec {
-            tv_sec: 1,
-            tv_nsec: 0,
-        },
-        libc::timespec {
-            tv_sec: 1,
-            tv_nsec: 0,
-        },
-    ];
-    // SAFETY: a valid C string and two timespecs, as utimensat requires.
-    let rc = unsafe {
-        libc::utimensat(
-            libc::AT_FDCWD,
-            c_path.as_ptr(),
-            times.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
     }
 }
 

@@ -105,7 +105,10 @@ impl StorePath {
                 )))
             }
         };
-        if let Some(bad) = hash.chars().find(|c| !NIX_BASE32.contains(*c)) {
+        if let Some(bad) = hash
+            .chars()
+            .find(|c| !c.is_ascii() || !crate::nix::hash::NIX_BASE32.contains(&(*c as u8)))
+        {
             return Err(Failure::input(format!(
                 "hash part {hash:?} has {bad:?}, which is not a nix-base32 digit"
             )));
@@ -156,7 +159,6 @@ impl fmt::Display for StorePath {
     }
 }
 
-const NIX_BASE32: &str = "0123456789abcdfghijklmnpqrsvwxyz";
 const MAX_NAME_LEN: usize = 211;
 
 fn is_name_char(c: char) -> bool {

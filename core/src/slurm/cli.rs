@@ -310,7 +310,9 @@ fn run_query(name: &str, args: &[&str]) -> Result<String, Failure> {
     command.args(args).stdin(Stdio::null());
     let output = match QUERY_TIMEOUT_MS.load(std::sync::atomic::Ordering::Relaxed) {
         0 => command.output(),
-        ms => crate::hook::check::output_within(&mut command, std::time::Duration::from_millis(ms)),
+        ms => {
+            crate::sys::process::output_within(&mut command, std::time::Duration::from_millis(ms))
+        }
     }
     .map_err(|e| Failure::transient(format!("running {name}: {e}")))?;
     if !output.status.success() {

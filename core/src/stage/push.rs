@@ -41,8 +41,9 @@ use crate::nix::nar;
 use crate::nix::serve::client::{ServeClient, ServeProcess};
 use crate::nix::serve::{self, PathInfo};
 use crate::nix::wire::{WireError, WireReader, WireWriter};
+use crate::stage::progress::{human_bytes, Reporting, TransferProgress};
 use crate::stage::ssh::{Ssh, Transport};
-use crate::stage::transfer::{self, FileLock, TransferProgress};
+use crate::sys::flock::{FileLock, LockError};
 use crate::ticket::{AllocSection, PushSection, Ticket};
 use crate::{log_debug, log_info, log_warn};
 
@@ -188,9 +189,15 @@ fn push_once(
         return Ok((0, 0));
     }
     let ssh = Ssh::ensure_master(alloc, &config.ssh)?;
-    let _lock = FileLock::acquire(&node_lock_path(alloc, &ssh)?)?;
+    let lock_path = node_lock_path(alloc, &ssh)?;
+    let _lock = FileLock::acquire(&lock_path).map_err(|e| match e {
+        LockError::Open(_) => {
+            Failure::transient(format!("opening the lock {}: {e}", lock_path.display()))
+        }
+        LockError::Lock(_) => Failure::transient(format!("locking {}: {e}", lock_path.display())),
+    })?;
 
-    let argv = transfer::remote_serve_argv(&config.remote);
+    let argv = crate::stage::ssh::remote_serve_argv(&config.remote);
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
     let mut remote = ServeProcess::from_command(ssh.command(&argv), ssh.describe())?;
     let present: BTreeSet<String> = remote
@@ -221,7 +228,7 @@ fn push_once(
         ssh.describe(),
         missing.len(),
         closure.len(),
-        transfer::human_bytes(total),
+        human_bytes(total),
         route.describe()
     );
     log_debug!(
@@ -286,9 +293,9 @@ fn send_paths<RR: Read, RW: Write, LR: Read, LW: Write>(
     // Both the NAR source and the end of each path report to the progress.
     let progress = RefCell::new(progress);
     let mut dump = |info: &PathInfo, to: &mut dyn Write| {
-        let mut counting = CountingWriter {
+        let mut counting = Reporting {
             inner: to,
-            progress: &progress,
+            to: &progress,
         };
         let size = local.dump_store_path(&info.path, &mut counting)?;
         progress.borrow_mut().path_done();
@@ -355,9 +362,9 @@ fn relay_import<R: Read>(
     // Bytes are counted as they are read, paths as their entries end: both
     // report to the same progress.
     let progress = RefCell::new(progress);
-    let mut source = WireReader::new(SharedCounting {
+    let mut source = WireReader::new(Reporting {
         inner: source,
-        progress: &progress,
+        to: &progress,
     });
     let mut sent = Vec::new();
     remote.client.import_paths_with(|w| {
@@ -400,37 +407,6 @@ fn relay_entries<R: Read, W: Write + ?Sized>(
     }
 }
 
-/// A reader that reports the bytes it passes to a shared progress.
-struct SharedCounting<'a, 'p, R> {
-    inner: R,
-    progress: &'a RefCell<&'p mut dyn TransferProgress>,
-}
-
-impl<R: Read> Read for SharedCounting<'_, '_, R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.progress.borrow_mut().bytes(n as u64);
-        Ok(n)
-    }
-}
-
-/// A writer that reports the bytes it passes to a shared progress.
-struct CountingWriter<'a, 'p> {
-    inner: &'a mut dyn Write,
-    progress: &'a RefCell<&'p mut dyn TransferProgress>,
-}
-
-impl Write for CountingWriter<'_, '_> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.progress.borrow_mut().bytes(n as u64);
-        Ok(n)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
-}
-
 fn export_command(local: &LocalStore, paths: &[&str]) -> Command {
     let mut command = Command::new("nix-store");
     if !local.uri.is_empty() {
@@ -454,9 +430,22 @@ fn node_lock_path(alloc: &AllocSection, ssh: &Ssh) -> Result<PathBuf, Failure> {
     };
     Ok(dir.join(format!(
         "push-{}-{}.lock",
-        transfer::file_name_safe(&alloc.cluster),
-        transfer::file_name_safe(node)
+        file_name_safe(&alloc.cluster),
+        file_name_safe(node)
     )))
+}
+
+/// A file-name-safe rendering of `s` (for lock names made of cluster and node).
+pub fn file_name_safe(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -531,6 +520,11 @@ mod tests {
             s(B),
         ]
         .concat()
+    }
+
+    #[test]
+    fn lock_names_are_file_name_safe() {
+        assert_eq!(file_name_safe("test/node 1"), "test_node_1");
     }
 
     #[test]

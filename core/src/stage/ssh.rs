@@ -239,7 +239,7 @@ pub fn shell_quote(word: &str) -> String {
 pub fn control_dir() -> Result<PathBuf, Failure> {
     let dir = match std::env::var_os("XDG_RUNTIME_DIR") {
         Some(d) if !d.is_empty() => PathBuf::from(d).join("nsh"),
-        _ => PathBuf::from(format!("/tmp/nsh-{}", euid())),
+        _ => PathBuf::from(format!("/tmp/nsh-{}", crate::sys::process::euid())),
     };
     std::fs::create_dir_all(&dir).or_fail(Kind::Transient, || {
         format!("creating the ssh control directory {}", dir.display())
@@ -247,7 +247,7 @@ pub fn control_dir() -> Result<PathBuf, Failure> {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let meta = std::fs::metadata(&dir)
         .or_fail(Kind::Transient, || format!("reading {}", dir.display()))?;
-    if meta.uid() != euid() {
+    if meta.uid() != crate::sys::process::euid() {
         return Err(Failure::config(format!(
             "{} belongs to another user; refusing to put ssh control sockets there",
             dir.display()
@@ -256,11 +256,6 @@ pub fn control_dir() -> Result<PathBuf, Failure> {
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
         .or_fail(Kind::Transient, || format!("chmod 0700 {}", dir.display()))?;
     Ok(dir)
-}
-
-fn euid() -> u32 {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() }
 }
 
 /// A new file for ssh's stderr, and its path.
@@ -285,9 +280,46 @@ fn tempfile_in(dir: &Path) -> Result<(PathBuf, std::fs::File), Failure> {
     Err(Failure::transient("no free name for ssh's error file"))
 }
 
+/// The node-side command that speaks the serve protocol:
+/// `<nix_bin_dir>/nix-store --serve --write [--store <store>]`.
+pub fn remote_serve_argv(remote: &config::Remote) -> Vec<String> {
+    let program = if remote.nix_bin_dir.is_empty() {
+        "nix-store".to_string()
+    } else {
+        format!("{}/nix-store", remote.nix_bin_dir.trim_end_matches('/'))
+    };
+    let mut argv = vec![program, "--serve".into(), "--write".into()];
+    if !remote.store.is_empty() {
+        argv.push("--store".into());
+        argv.push(remote.store.clone());
+    }
+    argv
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn serve_command_from_config() {
+        let mut remote = config::Remote::default();
+        assert_eq!(
+            remote_serve_argv(&remote),
+            ["nix-store", "--serve", "--write"]
+        );
+        remote.nix_bin_dir = "/opt/nix/bin/".into();
+        remote.store = "local?root=/scratch".into();
+        assert_eq!(
+            remote_serve_argv(&remote),
+            [
+                "/opt/nix/bin/nix-store",
+                "--serve",
+                "--write",
+                "--store",
+                "local?root=/scratch"
+            ]
+        );
+    }
 
     #[test]
     fn quoting_survives_a_real_shell() {

@@ -1,6 +1,9 @@
 //! `nsh-alloc` against the real test cluster: REST (slurmrestd with JWT,
 //! whatever version the stack runs) and CLI backends, placement by feature, release, cancel,
 //! queue timeout, signals, a refused token, and no token in any output.
+// The test signals the processes and groups it started (kill(2) with
+// a negative pid) and sets up a child's fd 4: libc, which needs unsafe.
+#![allow(unsafe_code)]
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

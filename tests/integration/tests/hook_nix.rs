@@ -9,6 +9,9 @@
 //! the inputs and wanted outputs read, the log on fd 4, the exit statuses and
 //! outputs valid at exit. (The builds on the cluster's nodes come with the
 //! other tools.)
+// The test signals the processes and groups it started (kill(2) with
+// a negative pid) and sets up a child's fd 4: libc, which needs unsafe.
+#![allow(unsafe_code)]
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;

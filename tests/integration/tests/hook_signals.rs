@@ -11,6 +11,9 @@
 //! Every process it starts inherits `NSH_TEST_TAG`, which is how the test
 //! finds what is left. A job is kept waiting in a partition of its own that
 //! is DOWN (made with `scontrol create` and deleted afterwards).
+// The test signals the processes and groups it started (kill(2) with
+// a negative pid) and sets up a child's fd 4: libc, which needs unsafe.
+#![allow(unsafe_code)]
 
 use std::fs;
 use std::io::{BufRead, BufReader, Write};

@@ -37,7 +37,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    let args: Args = nsh_core::tool::start("nsh-closure");
+    let args: Args = nsh_cli::start("nsh-closure");
     // nsh-closure needs nothing from the configuration today (the local
     // store comes from --store or the ticket); a file named with --config is
     // still checked, so that a broken one is reported at the first stage.

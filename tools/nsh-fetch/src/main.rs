@@ -8,7 +8,6 @@ use std::process::ExitCode;
 use clap::Parser;
 use nsh_core::config::Config;
 use nsh_core::stage::fetch::{self, FetchOptions, ImportMethod};
-use nsh_core::stage::transfer::progress_for_stderr;
 use nsh_core::tool::run_stage;
 
 /// Copies the outputs of each ticket's build (`run.built_outputs`, else the
@@ -42,13 +41,13 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    let args: Args = nsh_core::tool::start("nsh-fetch");
+    let args: Args = nsh_cli::start("nsh-fetch");
     let config = Config::load(args.config.as_deref());
     let options = FetchOptions {
         method: args.import_method,
         keep_job: args.keep_job,
     };
-    let mut progress = progress_for_stderr("fetched");
+    let mut progress = nsh_cli::progress::for_transfer("fetched");
     run_stage(
         "fetch",
         std::io::stdin().lock(),

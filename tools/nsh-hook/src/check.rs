@@ -46,10 +46,7 @@ pub fn main(argv: &[String]) -> i32 {
     nsh_core::log::set_program("nsh-hook");
     let args = match Args::try_parse_from(argv) {
         Ok(args) => args,
-        Err(e) => {
-            let _ = e.print();
-            return if e.use_stderr() { 64 } else { 0 };
-        }
+        Err(e) => return nsh_cli::clap_exit_code(&e),
     };
     if !(args.timeout > 0.0 && args.timeout <= 600.0) {
         eprintln!("nsh-hook: --timeout: between 0 and 600 seconds");

@@ -4,6 +4,9 @@
 //! a pipeline command) that record what they saw, so these tests check the
 //! hook's own logic: decline/postpone/accept, the log on fd 4 and to whom it
 //! goes, exit statuses, signals, the watchdog and the fallback relay.
+// The test signals the processes and groups it started (kill(2) with
+// a negative pid) and sets up a child's fd 4: libc, which needs unsafe.
+#![allow(unsafe_code)]
 
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};

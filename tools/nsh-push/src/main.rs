@@ -8,7 +8,6 @@ use std::process::ExitCode;
 use clap::Parser;
 use nsh_core::config::Config;
 use nsh_core::stage::push::{self, Method};
-use nsh_core::stage::transfer::progress_for_stderr;
 use nsh_core::tool::run_stage;
 
 /// Copies into the allocated node's store the paths of `closure` it lacks,
@@ -37,9 +36,9 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    let args: Args = nsh_core::tool::start("nsh-push");
+    let args: Args = nsh_cli::start("nsh-push");
     let config = Config::load(args.config.as_deref());
-    let mut progress = progress_for_stderr("pushed");
+    let mut progress = nsh_cli::progress::for_transfer("pushed");
     run_stage(
         "push",
         std::io::stdin().lock(),

@@ -1,8 +1,6 @@
 //! `nsh-run`: tickets in, tickets out with a `run` section: the build handed
 //! to the ticket's waiting Slurm job, its log forwarded live, its result read.
 
-use std::fs::File;
-use std::os::fd::FromRawFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -35,7 +33,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    let args: Args = nsh_core::tool::start("nsh-run");
+    let args: Args = nsh_cli::start("nsh-run");
     let log_fd = match args.log_fd {
         Some(fd) => Some(fd),
         None => match std::env::var("NSH_LOG_FD") {
@@ -52,19 +50,14 @@ fn main() -> ExitCode {
     let log = match log_fd {
         None => LogSink::Stderr,
         Some(fd) => {
-            // SAFETY: fcntl(F_GETFD) only asks whether fd is open.
-            if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
-                eprintln!("nsh-run: log fd {fd}: not an open file descriptor");
-                return ExitStatus::Usage.into();
-            }
             // The build log must reach no child of ours (an ssh master
             // started here outlives us, and the daemon waits for EOF on the
-            // log): close it on exec.
-            // SAFETY: fcntl(F_SETFD) on an fd we checked is open.
-            unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
-            // SAFETY: fd is open and given to us to write the log to; this
-            // process owns it from here on.
-            LogSink::Fd(unsafe { File::from_raw_fd(fd) })
+            // log): it is made close-on-exec.
+            let Some(file) = nsh_core::sys::fds::take_inherited(fd) else {
+                eprintln!("nsh-run: log fd {fd}: not an open file descriptor");
+                return ExitStatus::Usage.into();
+            };
+            LogSink::Fd(file)
         }
     };
     let config = Config::load(args.config.as_deref());

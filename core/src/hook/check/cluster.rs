@@ -12,13 +12,14 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use super::{executable, output_within, Line};
+use super::{executable, Line};
 use crate::config::{Backend, Cluster, Config};
 use crate::error::{Failure, Kind};
 use crate::slurm::http::{self, Method};
 use crate::slurm::model::{NodeInfo, PartitionInfo};
 use crate::slurm::{rest, Slurm};
 use crate::stage::ssh::{Ssh, Transport};
+use crate::sys::process::output_within;
 
 /// Checks `cluster`; its lines, in the order above. A step that fails stops
 /// those that need it (no token: no partition to ask for).
@@ -82,7 +83,11 @@ fn reach_slurm(
             match found {
                 Ok(paths) => {
                     // The jobs are this user's: sbatch submits as whoever runs it.
-                    let detail = format!("{}; jobs run as {}", list(&paths), this_user());
+                    let detail = format!(
+                        "{}; jobs run as {}",
+                        list(&paths),
+                        crate::sys::process::user_name()
+                    );
                     lines.push(Line::ok(scope, "commands", detail));
                 }
                 Err(failure) => {
@@ -376,22 +381,6 @@ fn check_ssh(
         ),
     };
     line.timed(started)
-}
-
-/// This process's user name (its uid when it has none).
-fn this_user() -> String {
-    // SAFETY: getuid cannot fail; getpwuid's answer is read at once, before
-    // another call could overwrite it (the doctor looks users up nowhere else).
-    unsafe {
-        let uid = libc::getuid();
-        let entry = libc::getpwuid(uid);
-        if entry.is_null() || (*entry).pw_name.is_null() {
-            return format!("uid {uid}");
-        }
-        std::ffi::CStr::from_ptr((*entry).pw_name)
-            .to_string_lossy()
-            .into_owned()
-    }
 }
 
 fn list(paths: &[std::path::PathBuf]) -> String {

@@ -12,9 +12,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use super::probe::{self, Marker};
-use super::{output_within, Line, Status};
+use super::{Line, Status};
 use crate::error::Failure;
 use crate::hook::config::HookConfig;
+use crate::sys::process::output_within;
 
 const SCOPE: &str = "daemon";
 /// How long the whole probe may take (instantiate, realise, delete).
@@ -369,13 +370,12 @@ pub fn run_probe(nix_bin: &Path) -> Result<Seen, Failure> {
 /// unlinked, then marked stale with a byte, so that a process that opened
 /// it meanwhile knows to start again. Only the probe's own output lock.
 fn remove_stale_lock(path: &Path) {
+    use crate::sys::flock::{lock_exclusive, Wait};
     use std::io::Write;
-    use std::os::fd::AsRawFd;
     let Ok(mut file) = std::fs::OpenOptions::new().write(true).open(path) else {
         return;
     };
-    // SAFETY: flock on a descriptor we own.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+    if !lock_exclusive(&file, Wait::DontWait).unwrap_or(false) {
         return;
     }
     if std::fs::remove_file(path).is_ok() {

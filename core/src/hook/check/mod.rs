@@ -21,9 +21,7 @@ pub mod cluster;
 pub mod daemon;
 pub mod probe;
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -291,10 +289,7 @@ fn slots_dir_line(dir: &Path) -> Line {
             None => break,
         }
     }
-    let c_path =
-        std::ffi::CString::new(existing.as_os_str().as_encoded_bytes()).unwrap_or_default();
-    // SAFETY: access(2) on a NUL-terminated path.
-    let writable = unsafe { libc::access(c_path.as_ptr(), libc::W_OK) } == 0;
+    let writable = crate::sys::fs::is_writable(existing);
     match (existing == dir, writable) {
         (true, true) => Line::ok("config", "slots_dir", format!("{}", dir.display())),
         (false, true) => Line::ok(
@@ -314,59 +309,11 @@ fn slots_dir_line(dir: &Path) -> Line {
     }
 }
 
-/// Runs `command` with its output read, for at most `limit`; a command still
-/// running then is killed and reported as timed out.
-pub fn output_within(command: &mut Command, limit: Duration) -> std::io::Result<Output> {
-    let mut child = command
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let reader = |pipe: Option<Box<dyn Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut bytes = Vec::new();
-            if let Some(mut pipe) = pipe {
-                let _ = pipe.read_to_end(&mut bytes);
-            }
-            bytes
-        })
-    };
-    let stdout = reader(
-        child
-            .stdout
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    );
-    let stderr = reader(
-        child
-            .stderr
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    );
-    let deadline = Instant::now() + limit;
-    let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("no answer within {} s", limit.as_secs_f64()),
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    Ok(Output {
-        status,
-        stdout: stdout.join().unwrap_or_default(),
-        stderr: stderr.join().unwrap_or_default(),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sys::process::output_within;
+    use std::process::Command;
 
     #[test]
     fn the_exit_status_prefers_configuration_problems() {

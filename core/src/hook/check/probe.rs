@@ -108,8 +108,7 @@ impl Marker {
         Marker {
             nonce: nonce.to_string(),
             pid: std::process::id(),
-            // SAFETY: getuid cannot fail.
-            uid: unsafe { libc::getuid() },
+            uid: crate::sys::process::uid(),
             exe: exe("self".into()).unwrap_or_default(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             config: config.display().to_string(),
@@ -146,8 +145,7 @@ pub fn leave_marker(dir: &Path, marker: &Marker) -> Result<(), Failure> {
     if !is_nonce(&marker.nonce) {
         return Err(Failure::input("not a probe nonce"));
     }
-    // SAFETY: geteuid cannot fail.
-    is_private_to(dir, unsafe { libc::geteuid() })?;
+    is_private_to(dir, crate::sys::process::euid())?;
     let path = marker_path(dir, &marker.nonce);
     let text = serde_json::to_string(marker).expect("a marker serialises");
     fs::OpenOptions::new()
@@ -176,8 +174,7 @@ pub fn prepare_dir(dir: &Path) -> Result<(), Failure> {
             .create(dir)
             .or_fail(Kind::Config, || format!("creating {}", dir.display()))?;
     }
-    // SAFETY: geteuid cannot fail.
-    is_private_to(dir, unsafe { libc::geteuid() })
+    is_private_to(dir, crate::sys::process::euid())
 }
 
 /// Check side: the marker for `nonce`, if the hook left one; it is removed.

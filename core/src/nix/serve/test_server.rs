@@ -18,7 +18,6 @@ use crate::nix::nar;
 use crate::nix::serve::client::ServeClient;
 use crate::nix::serve::{self, PathInfo};
 use crate::nix::wire::{WireError, WireReader, WireWriter};
-use crate::stage::transfer;
 
 /// A path in the fake store: what QueryPathInfos says, what DumpStorePath
 /// sends (which need not match: a corrupt store).
@@ -218,7 +217,7 @@ impl FakeNode {
         nar::copy_nar(r.get_mut(), &mut nar).map_err(text)?;
         let digest: [u8; 32] = Sha256::digest(&nar).into();
         if nar.len() as u64 != info.nar_size
-            || !transfer::nar_hash_matches(&info.nar_hash, &digest).unwrap_or(false)
+            || !crate::nix::hash::nar_hash_matches(&info.nar_hash, &digest).unwrap_or(false)
         {
             return Err(format!(
                 "error: hash mismatch importing path '{}'",
@@ -280,7 +279,7 @@ pub fn info_for(path: &str, references: &[&str], nar: &[u8]) -> PathInfo {
         path: path.to_string(),
         references: references.iter().map(|r| r.to_string()).collect(),
         nar_size: nar.len() as u64,
-        nar_hash: format!("sha256:{}", transfer::nix_base32(&digest)),
+        nar_hash: format!("sha256:{}", crate::nix::hash::nix_base32(&digest)),
         ..PathInfo::default()
     }
 }

@@ -392,14 +392,13 @@ mod tests {
 
     #[test]
     fn sigterm_removes_the_work_dir() {
-        let job = start(30, 30, &[]);
+        let mut job = start(30, 30, &[]);
         let work = job.work.clone();
         job.wait_for(&work, Duration::from_secs(5));
         // Past the few builtins between mkdir and taking ownership: this is
         // about a job that is waiting for its request.
         std::thread::sleep(Duration::from_millis(200));
-        // SAFETY: plain kill(2) on our own child.
-        unsafe { libc::kill(job.child.id() as i32, libc::SIGTERM) };
+        crate::sys::process::terminate(&mut job.child);
         let (status, _) = job.finish(Duration::from_secs(3));
         assert_eq!(status, 143);
         assert!(!work.exists());

@@ -16,8 +16,9 @@ use crate::config::{Cluster, Config};
 use crate::error::Failure;
 use crate::exit::ExitStatus;
 use crate::slurm::{JobInfo, JobRequest, Slurm};
+use crate::stage::progress::{describe_wait, QueueProgress};
 use crate::ticket::{AllocSection, BuildOptions, DrvSection, Resources, Ticket};
-use crate::{log_debug, log_info, log_warn};
+use crate::{log_debug, log_warn};
 
 /// Where a derivation goes and what Slurm is asked for (no script or
 /// environment yet).
@@ -220,12 +221,8 @@ fn join_constraints(constraints: &[String]) -> Option<String> {
 
 /// A fresh random nonce (128 bits, hex) for the job's end sentinel.
 pub fn nonce() -> Result<String, Failure> {
-    use std::io::Read;
-    let mut bytes = [0u8; 16];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut bytes))
-        .map_err(|e| Failure::transient(format!("reading /dev/urandom: {e}")))?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+    crate::sys::fs::random_hex(16)
+        .map_err(|e| Failure::transient(format!("reading /dev/urandom: {e}")))
 }
 
 /// The Slurm job name: `nsh-<derivation name>`, in characters every Slurm
@@ -262,54 +259,6 @@ pub fn job_request(
         // Exists on every node; the script makes its own work dir.
         work_dir: "/".into(),
         stdout: "/dev/null".into(),
-    }
-}
-
-/// What the waiting loop reports, for progress display.
-pub trait Progress {
-    /// Called after every state query while the job is not running yet.
-    fn waiting(&mut self, job: u64, info: &JobInfo, waited: Duration);
-    /// Called once when the wait ends (either way).
-    fn done(&mut self);
-}
-
-/// No progress display: PENDING reasons go to the log when they change.
-pub struct LogProgress {
-    last: Option<String>,
-}
-
-impl LogProgress {
-    pub fn new() -> LogProgress {
-        LogProgress { last: None }
-    }
-}
-
-impl Default for LogProgress {
-    fn default() -> Self {
-        LogProgress::new()
-    }
-}
-
-impl Progress for LogProgress {
-    fn waiting(&mut self, job: u64, info: &JobInfo, _waited: Duration) {
-        let now = describe_wait(info);
-        if self.last.as_deref() != Some(now.as_str()) {
-            log_info!("job {job}: {now}");
-            self.last = Some(now);
-        }
-    }
-    fn done(&mut self) {}
-}
-
-/// `PENDING (Resources)`.
-pub fn describe_wait(info: &JobInfo) -> String {
-    let mut text = info.state.to_string();
-    if !info.flags.is_empty() {
-        text = format!("{text}+{}", info.flags.join("+"));
-    }
-    match &info.reason {
-        Some(reason) => format!("{text} ({reason})"),
-        None => text,
     }
 }
 
@@ -363,7 +312,7 @@ pub fn allocate(
     config: &Config,
     clusters: &mut Clusters,
     ticket: &Ticket,
-    progress: &mut dyn Progress,
+    progress: &mut dyn QueueProgress,
     interrupted: &AtomicBool,
     times: &mut AllocTimes,
 ) -> Result<AllocSection, Failure> {
@@ -422,7 +371,7 @@ fn wait_running(
     cluster: &Cluster,
     slurm: &Slurm,
     job: u64,
-    progress: &mut dyn Progress,
+    progress: &mut dyn QueueProgress,
     interrupted: &AtomicBool,
     times: &mut AllocTimes,
 ) -> Result<JobInfo, Failure> {
@@ -569,20 +518,10 @@ pub fn times_json(times: &AllocTimes) -> serde_json::Value {
     })
 }
 
-/// Installs SIGINT/SIGTERM/SIGHUP handlers that set the returned flag.
+/// Installs the SIGINT/SIGTERM/SIGHUP handlers of a stage; returns the
+/// flag they set.
 pub fn interrupt_flag() -> &'static AtomicBool {
-    static FLAG: AtomicBool = AtomicBool::new(false);
-    extern "C" fn on_signal(_: libc::c_int) {
-        FLAG.store(true, Ordering::SeqCst);
-    }
-    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-        // SAFETY: the handler only stores to an atomic, which is
-        // async-signal-safe.
-        unsafe {
-            libc::signal(signal, on_signal as *const () as libc::sighandler_t);
-        }
-    }
-    &FLAG
+    crate::sys::signals::catch_interrupts(crate::sys::signals::Syscalls::Restart)
 }
 
 #[cfg(test)]
@@ -776,7 +715,7 @@ kvm = { constraint = "kvm" }
         use std::sync::{Arc, Mutex};
 
         struct Recorder(Vec<String>);
-        impl Progress for Recorder {
+        impl QueueProgress for Recorder {
             fn waiting(&mut self, _job: u64, info: &JobInfo, _waited: Duration) {
                 self.0.push(describe_wait(info));
             }

@@ -34,25 +34,24 @@
 //! `nix-store --import` register a path, is written only after its NAR
 //! checked out.
 
+use crate::sys::flock::{lock_exclusive, Wait};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
-
 use crate::config::Config;
 use crate::error::{Failure, Kind, ResultExt};
+use crate::nix::hash::{self, Hashing};
 use crate::nix::local_store::{self, LocalStore};
 use crate::nix::nar;
 use crate::nix::serve::client::{ServeClient, ServeProcess};
 use crate::nix::serve::{self, ExportTrailer, PathInfo};
 use crate::nix::wire::{WireError, WireWriter};
+use crate::stage::progress::{human_bytes, Reporting, TransferProgress};
 use crate::stage::ssh::{Ssh, Transport};
-use crate::stage::transfer::{self, Hashing, TransferProgress};
 use crate::ticket::{AllocSection, FetchSection, Ticket};
 use crate::{log_info, log_warn};
 
@@ -227,8 +226,7 @@ pub fn direct_store_uri(uri: &str) -> Result<String, Failure> {
     if !through_daemon {
         return Ok(uri.to_string());
     }
-    // SAFETY: geteuid cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
+    if crate::sys::process::euid() != 0 {
         return Err(Failure::config(format!(
             "the local store is {uri:?}: importing outputs while the daemon holds their \
              locks needs direct access to the store (run nsh-fetch as root, or set \
@@ -241,19 +239,13 @@ pub fn direct_store_uri(uri: &str) -> Result<String, Failure> {
 /// Both import methods write the store directly; without the right to,
 /// Nix would fall back to the daemon, which takes the output locks again.
 fn check_writable(real_dir: &Path) -> Result<(), Failure> {
-    use std::os::unix::ffi::OsStrExt;
-    let c_path = std::ffi::CString::new(real_dir.as_os_str().as_bytes())
-        .map_err(|_| Failure::config(format!("{}: a NUL in the path", real_dir.display())))?;
-    // SAFETY: a valid C string.
-    if unsafe { libc::access(c_path.as_ptr(), libc::W_OK) } != 0 {
-        return Err(Failure::config(format!(
-            "cannot write the local store {} directly ({}); nsh-fetch imports outputs \
+    crate::sys::fs::check_writable(real_dir).map_err(|e| {
+        Failure::config(format!(
+            "cannot write the local store {} directly ({e}); nsh-fetch imports outputs \
              while the daemon holds their locks, which needs the store owner (root)",
             real_dir.display(),
-            io::Error::last_os_error()
-        )));
-    }
-    Ok(())
+        ))
+    })
 }
 
 /// One attempt: returns (paths copied, NAR bytes).
@@ -267,7 +259,7 @@ fn fetch_once(
     progress: &mut dyn TransferProgress,
 ) -> Result<(Vec<String>, u64), Failure> {
     let ssh = Ssh::ensure_master(alloc, &config.ssh)?;
-    let argv = transfer::remote_serve_argv(&config.remote);
+    let argv = crate::stage::ssh::remote_serve_argv(&config.remote);
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
     let mut remote = ServeProcess::from_command(ssh.command(&argv), ssh.describe())?;
     let needed = paths_to_fetch(&mut remote.client, local, outputs)?;
@@ -284,7 +276,7 @@ fn fetch_once(
         "{}: fetching {} paths ({}) with DumpStorePath, importing with {}",
         ssh.describe(),
         needed.len(),
-        transfer::human_bytes(total),
+        human_bytes(total),
         method.name()
     );
     progress.begin(needed.len() as u64, total);
@@ -365,11 +357,11 @@ fn check_nar(info: &PathInfo, digest: &[u8; 32], size: u64) -> Result<(), Failur
             info.path, info.nar_size
         )));
     }
-    if !transfer::nar_hash_matches(&info.nar_hash, digest)? {
+    if !hash::nar_hash_matches(&info.nar_hash, digest)? {
         return Err(Failure::permanent(format!(
             "{}: NAR hash mismatch: got sha256:{}, the node's database says {}",
             info.path,
-            transfer::nix_base32(digest),
+            hash::nix_base32(digest),
             info.nar_hash
         )));
     }
@@ -449,18 +441,18 @@ fn relay_checked<R: Read, W: Write, T: Write>(
     let mut paths = Vec::new();
     for info in needed {
         to.write_all(&1u64.to_le_bytes()).map_err(write_fail)?;
-        to.take();
+        to.take_digest();
         remote.receive_nar(&info.path, |nar| {
-            let mut counting = transfer::Counting {
+            let mut counting = Reporting {
                 inner: nar,
-                progress: &mut *progress,
+                to: &mut *progress,
             };
             nar::copy_nar(&mut counting, to).map_err(|e| match e {
                 WireError::Io(e) if e.kind() == io::ErrorKind::BrokenPipe => write_fail(e),
                 other => nar_error(&info.path, other),
             })
         })?;
-        let (digest, size) = to.take();
+        let (digest, size) = to.take_digest();
         check_nar(info, &digest, size)?;
         serve::write_export_trailer(
             &mut WireWriter::new(&mut *to),
@@ -472,20 +464,6 @@ fn relay_checked<R: Read, W: Write, T: Write>(
     }
     to.write_all(&0u64.to_le_bytes()).map_err(write_fail)?;
     Ok(paths)
-}
-
-/// A reader that hashes what it reads.
-struct HashingReader<R> {
-    inner: R,
-    hasher: Sha256,
-}
-
-impl<R: Read> Read for HashingReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
-        Ok(n)
-    }
 }
 
 /// A path unpacked into its place in the store, verified, not yet
@@ -612,20 +590,17 @@ fn unpack_checked(
     temp: &Path,
     progress: &mut dyn TransferProgress,
 ) -> Result<[u8; 32], Failure> {
-    let mut reader = HashingReader {
-        inner: transfer::Counting {
-            inner: nar,
-            progress,
-        },
-        hasher: Sha256::new(),
-    };
+    let mut reader = Hashing::new(Reporting {
+        inner: nar,
+        to: progress,
+    });
     let size = nar::unpack(&mut reader, temp).map_err(|e| match e {
         WireError::Io(e) if e.kind() != io::ErrorKind::UnexpectedEof => {
             Failure::transient(format!("unpacking into {}: {e}", temp.display()))
         }
         other => nar_error(&info.path, other),
     })?;
-    let digest: [u8; 32] = reader.hasher.finalize().into();
+    let (digest, _) = reader.take_digest();
     check_nar(info, &digest, size)?;
     Ok(digest)
 }
@@ -650,7 +625,7 @@ pub fn load_db_input(infos: &[&PathInfo], digests: &[[u8; 32]]) -> String {
         text.push_str(&format!(
             "{}\n{}\n{}\n{}\n{}\n",
             info.path,
-            transfer::hex(digest),
+            hash::hex(digest),
             info.nar_size,
             info.deriver,
             info.references.len()
@@ -741,14 +716,8 @@ impl NixPathLock {
                 .write(true)
                 .open(&path)
                 .or_fail(Kind::Transient, || format!("opening {}", path.display()))?;
-            // SAFETY: flock on a descriptor we own.
-            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-                return Err(Failure::transient(format!(
-                    "locking {}: {}",
-                    path.display(),
-                    io::Error::last_os_error()
-                )));
-            }
+            lock_exclusive(&file, Wait::Block)
+                .map_err(|e| Failure::transient(format!("locking {}: {e}", path.display())))?;
             let stale = file.metadata().map(|m| m.len() != 0).unwrap_or(true);
             if !stale {
                 return Ok(NixPathLock { file, path });
@@ -769,6 +738,8 @@ mod tests {
     use super::*;
     use crate::nix::serve::test_server::{file_nar, FakeNode, StoredPath};
     use crate::nix::wire::test_bytes::{le, s};
+    use crate::stage::progress::NoProgress;
+    use sha2::{Digest, Sha256};
 
     const A: &str = "/nix/store/00000000000000000000000000000000-a";
     const B: &str = "/nix/store/11111111111111111111111111111111-b";
@@ -813,7 +784,7 @@ mod tests {
         let (nar_a, nar_b) = (node.store[A].nar.clone(), node.store[B].nar.clone());
         let (mut client, thread) = node.start();
         let mut out = Hashing::new(Vec::new());
-        let sent = relay_checked(&mut client, &needed, &mut out, &mut transfer::NoProgress);
+        let sent = relay_checked(&mut client, &needed, &mut out, &mut NoProgress);
         assert_eq!(sent.unwrap(), [A, B]);
         let trailer = |path: &str, references: &[&str]| {
             let refs: Vec<Vec<u8>> = references.iter().map(|r| s(r)).collect();
@@ -860,8 +831,7 @@ mod tests {
         let needed = infos(&node);
         let (mut client, _thread) = node.start();
         let mut out = Hashing::new(Vec::new());
-        let err =
-            relay_checked(&mut client, &needed, &mut out, &mut transfer::NoProgress).unwrap_err();
+        let err = relay_checked(&mut client, &needed, &mut out, &mut NoProgress).unwrap_err();
         assert_eq!(err.kind, Kind::Permanent);
         assert!(err.message.contains("NAR hash mismatch"), "{}", err.message);
         assert!(err.message.contains(B), "{}", err.message);
@@ -883,8 +853,7 @@ mod tests {
         .concat();
         let mut client = ServeClient::handshake(&server[..], Vec::new(), "node1").unwrap();
         let mut out = Hashing::new(Vec::new());
-        let err =
-            relay_checked(&mut client, &[info], &mut out, &mut transfer::NoProgress).unwrap_err();
+        let err = relay_checked(&mut client, &[info], &mut out, &mut NoProgress).unwrap_err();
         assert_eq!(err.kind, Kind::Transient, "{}", err.message);
         let magic = serve::EXPORT_MAGIC.to_le_bytes();
         assert!(!out.inner.windows(8).any(|w| w == magic));
@@ -923,7 +892,7 @@ mod tests {
             &invalid,
             &store,
             dir.path(),
-            &mut transfer::NoProgress,
+            &mut NoProgress,
             &mut placed,
         )
         .unwrap();
@@ -952,7 +921,7 @@ mod tests {
             &invalid,
             &store,
             dir.path(),
-            &mut transfer::NoProgress,
+            &mut NoProgress,
             &mut placed,
         )
         .unwrap_err();
@@ -1002,8 +971,7 @@ mod tests {
     fn the_daemon_store_is_imported_into_directly() {
         assert_eq!(direct_store_uri("local").unwrap(), "local");
         assert_eq!(direct_store_uri("").unwrap(), "");
-        // SAFETY: geteuid cannot fail.
-        if unsafe { libc::geteuid() } == 0 {
+        if crate::sys::process::euid() == 0 {
             assert_eq!(direct_store_uri("daemon").unwrap(), "local");
         } else {
             assert_eq!(direct_store_uri("daemon").unwrap_err().kind, Kind::Config);
