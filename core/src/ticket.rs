@@ -270,6 +270,17 @@ impl Ticket {
         self.error = Some(TicketError::new(stage, failure));
     }
 
+    /// The local store's URI: the `store` section's, else Nix's default
+    /// store ([`crate::nix::local_store::DEFAULT_STORE_URI`]).
+    #[must_use]
+    pub fn store_uri(&self) -> &str {
+        self.store
+            .as_ref()
+            .map(|s| s.uri.as_str())
+            .filter(|uri| !uri.is_empty())
+            .unwrap_or(crate::nix::local_store::DEFAULT_STORE_URI)
+    }
+
     /// The `drv` section, or a bad-input failure naming the stage that should
     /// have written it.
     pub fn need_drv(&self) -> Result<&DrvSection, Failure> {

@@ -745,7 +745,7 @@ pub fn verdict(
             }
         }
     }
-    let uri = ticket.store.as_ref().map_or("auto", |s| s.uri.as_str());
+    let uri = ticket.store_uri();
     match valid(&paths, uri) {
         Ok(true) => (0, None),
         Ok(false) => (
@@ -774,7 +774,7 @@ fn outputs_valid(nix_bin_dir: Option<&Path>, uri: &str, paths: &[String]) -> Res
             .unwrap_or_else(|| PathBuf::from("nix-store")),
     };
     let mut cmd = Command::new(&nix_store);
-    if uri != "auto" && !uri.is_empty() {
+    if let Some(uri) = crate::nix::local_store::store_arg(uri) {
         cmd.args(["--store", uri]);
     }
     let status = cmd

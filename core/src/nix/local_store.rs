@@ -15,11 +15,23 @@ use crate::nix::serve::client::{ServeClient, ServeProcess};
 use crate::nix::serve::PathInfo;
 use crate::nix::store_path::{store_uri_param, StoreDir};
 
+/// The store URI that means "Nix's default store" (the daemon when one
+/// runs, else the local store): what a ticket without `store.uri` uses.
+pub const DEFAULT_STORE_URI: &str = "auto";
+
+/// The `--store` argument for `uri`: none for Nix's default store (`""` or
+/// `auto`), so that every Nix command here picks the store the same way.
+#[must_use]
+pub fn store_arg(uri: &str) -> Option<&str> {
+    (!uri.is_empty() && uri != DEFAULT_STORE_URI).then_some(uri)
+}
+
 /// The local store, as named by a Nix store URI (`""`/`auto`, `daemon`,
 /// `local`, `local?root=/r`, `/r` …).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalStore {
-    /// The URI, passed to Nix as `--store` unless empty.
+    /// The URI, passed to Nix as `--store` unless it names the default
+    /// store ([`store_arg`]).
     pub uri: String,
     /// The logical store directory (what store paths start with).
     pub dir: StoreDir,
@@ -62,6 +74,21 @@ impl LocalStore {
             path,
             &self.real_dir().join(store_path.basename()),
         )
+    }
+
+    /// A `nix-store` command (from `nix_bin_dir`) on this store.
+    #[must_use]
+    pub fn nix_store(&self) -> std::process::Command {
+        let program = if self.nix_bin_dir.is_empty() {
+            PathBuf::from("nix-store")
+        } else {
+            std::path::Path::new(&self.nix_bin_dir).join("nix-store")
+        };
+        let mut command = std::process::Command::new(program);
+        if let Some(uri) = store_arg(&self.uri) {
+            command.arg("--store").arg(uri);
+        }
+        command
     }
 
     /// Starts one serve-protocol conversation with this store.

@@ -19,10 +19,6 @@ use crate::ticket::{ClosureSection, DrvSection, StoreSection, Ticket};
 use crate::tool::run_stage;
 use crate::{log_debug, log_info};
 
-/// The store URI used when neither the command line nor the ticket names
-/// one: whatever Nix picks by default (the daemon when it runs).
-pub const DEFAULT_STORE_URI: &str = "auto";
-
 #[derive(Debug, Clone, Default)]
 pub struct ClosureOptions {
     /// `.drv` paths from the command line; empty: read stdin.
@@ -73,9 +69,8 @@ impl Session<'_> {
             .options
             .store_uri
             .clone()
-            .or_else(|| ticket.store.as_ref().map(|s| s.uri.clone()))
             .filter(|uri| !uri.is_empty())
-            .unwrap_or_else(|| DEFAULT_STORE_URI.to_string());
+            .unwrap_or_else(|| ticket.store_uri().to_string());
         let wanted = if self.options.wanted.is_empty() {
             drv_section.wanted.clone()
         } else {

@@ -32,7 +32,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufReader, Read, Write};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::config::Config;
 use crate::error::{Failure, Kind, ResultExt};
@@ -42,10 +42,11 @@ use crate::nix::serve::client::{ServeClient, ServeProcess};
 use crate::nix::serve::{self, PathInfo};
 use crate::nix::wire::{WireError, WireReader, WireWriter};
 use crate::stage::progress::{human_bytes, Reporting, TransferProgress};
-use crate::stage::ssh::{Ssh, Transport};
+use crate::stage::retry;
+use crate::stage::ssh::Ssh;
 use crate::sys::flock::{FileLock, LockError};
 use crate::ticket::{AllocSection, PushSection, Ticket};
-use crate::{log_debug, log_info, log_warn};
+use crate::{log_debug, log_info};
 
 /// How the missing paths travel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -127,11 +128,6 @@ impl Route {
     }
 }
 
-/// How many times a transient failure (ssh refused, connection dropped) is
-/// tried again.
-pub const RETRIES: u32 = 1;
-const RETRY_PAUSE: Duration = Duration::from_secs(1);
-
 /// Pushes the ticket's closure to its allocation; records the ssh master's
 /// socket in `alloc.control` and returns the `push` section.
 pub fn push(
@@ -143,8 +139,7 @@ pub fn push(
     let started = Instant::now();
     let closure = ticket.need_closure()?.paths.clone();
     let mut alloc = ticket.need_alloc()?.clone();
-    let store_uri = ticket.store.as_ref().map_or("", |s| s.uri.as_str());
-    let local = LocalStore::new(store_uri, "")?;
+    let local = LocalStore::new(ticket.store_uri(), "")?;
     for path in &closure {
         local
             .dir
@@ -152,17 +147,8 @@ pub fn push(
             .map_err(|e| e.context("ticket closure.paths"))?;
     }
 
-    let mut attempt = 0;
-    let outcome = loop {
-        match push_once(&closure, &mut alloc, config, &local, method, progress) {
-            Err(failure) if failure.kind == Kind::Transient && attempt < RETRIES => {
-                attempt += 1;
-                log_warn!("{failure}; trying again");
-                std::thread::sleep(RETRY_PAUSE);
-            }
-            other => break other,
-        }
-    };
+    let outcome =
+        retry::transient(|| push_once(&closure, &mut alloc, config, &local, method, progress));
     // The master's socket is worth recording even when the push failed: the
     // next tool (or the hook's cleanup) closes it.
     ticket.alloc = Some(alloc);
@@ -408,10 +394,7 @@ fn relay_entries<R: Read, W: Write + ?Sized>(
 }
 
 fn export_command(local: &LocalStore, paths: &[&str]) -> Command {
-    let mut command = Command::new("nix-store");
-    if !local.uri.is_empty() {
-        command.arg("--store").arg(&local.uri);
-    }
+    let mut command = local.nix_store();
     command.arg("--export").args(paths);
     command
 }

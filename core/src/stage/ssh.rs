@@ -2,10 +2,11 @@
 //! `nsh-run` and `nsh-fetch` use to run a command there.
 //!
 //! Today that is the system `ssh` binary, so that a site's `ssh_config`,
-//! agents, `ProxyJump` and Kerberos just work. Clusters that forbid ssh to
-//! compute nodes can later get a second implementation of [`Transport`]
-//! (`srun --jobid=<job> --overlap` carries the same bytes) without the tools
-//! changing.
+//! agents, `ProxyJump` and Kerberos just work. The tools use only
+//! [`Ssh::command`] and [`Ssh::describe`] (and the master's start and stop),
+//! so that clusters that forbid ssh to compute nodes can later get an
+//! `srun --jobid=<job> --overlap` transport, which carries the same bytes,
+//! behind the same few calls.
 //!
 //! One connection per node is shared by the tools of a ticket: the first tool
 //! that needs the node starts an ssh ControlMaster ([`Ssh::ensure_master`])
@@ -25,16 +26,6 @@ use crate::Kind;
 
 /// How long an idle master connection stays open after its last user.
 pub const CONTROL_PERSIST_SECS: u32 = 120;
-
-/// Runs commands on one node.
-pub trait Transport {
-    /// A command that runs `remote` (an argv; each word is quoted for the
-    /// remote shell) on the node. The caller sets up stdio and runs it.
-    fn command(&self, remote: &[&str]) -> Command;
-
-    /// Where the command runs, for messages (`nixbuild@node7`).
-    fn describe(&self) -> &str;
-}
 
 /// The ssh transport to one node.
 #[derive(Debug, Clone)]
@@ -195,8 +186,11 @@ impl Ssh {
     }
 }
 
-impl Transport for Ssh {
-    fn command(&self, remote: &[&str]) -> Command {
+impl Ssh {
+    /// A command that runs `remote` (an argv; each word is quoted for the
+    /// remote shell) on the node. The caller sets up stdio and runs it.
+    #[must_use]
+    pub fn command(&self, remote: &[&str]) -> Command {
         let mut cmd = Command::new("ssh");
         cmd.args(self.options(false))
             .arg(&self.destination)
@@ -205,7 +199,9 @@ impl Transport for Ssh {
         cmd
     }
 
-    fn describe(&self) -> &str {
+    /// Where the command runs, for messages (`nixbuild@node7`).
+    #[must_use]
+    pub fn describe(&self) -> &str {
         &self.destination
     }
 }

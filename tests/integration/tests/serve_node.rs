@@ -11,7 +11,7 @@ use nsh_core::config;
 use nsh_core::nix::local_store::{self, LocalStore};
 use nsh_core::nix::serve::client::ServeProcess;
 use nsh_core::nix::serve::{self, BuildStatus};
-use nsh_core::stage::ssh::{Ssh, Transport};
+use nsh_core::stage::ssh::Ssh;
 use nsh_core::ticket::BuildOptions;
 
 #[test]

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use nsh_cluster_tests::{unique_salt, Cluster};
 use nsh_core::config;
-use nsh_core::stage::ssh::{Ssh, Transport};
+use nsh_core::stage::ssh::Ssh;
 use nsh_core::ticket::AllocSection;
 
 fn settings(c: &Cluster) -> config::Ssh {

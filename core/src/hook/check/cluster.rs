@@ -18,7 +18,7 @@ use crate::error::{Failure, Kind};
 use crate::slurm::http::{self, Method};
 use crate::slurm::model::{NodeInfo, PartitionInfo};
 use crate::slurm::{rest, Slurm};
-use crate::stage::ssh::{Ssh, Transport};
+use crate::stage::ssh::Ssh;
 use crate::sys::process::output_within;
 
 /// Checks `cluster`; its lines, in the order above. A step that fails stops

@@ -371,13 +371,13 @@ impl ServeProcess {
         if write {
             command.arg("--write");
         }
-        if !store_uri.is_empty() {
-            command.arg("--store").arg(store_uri);
+        let store = crate::nix::local_store::store_arg(store_uri);
+        if let Some(uri) = store {
+            command.arg("--store").arg(uri);
         }
-        let peer = if store_uri.is_empty() {
-            "the local store".to_string()
-        } else {
-            format!("the local store {store_uri}")
+        let peer = match store {
+            None => "the local store".to_string(),
+            Some(uri) => format!("the local store {uri}"),
         };
         ServeProcess::from_command(command, peer)
     }

@@ -39,11 +39,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Stdio;
+use std::time::Instant;
 
 use crate::config::Config;
 use crate::error::{Failure, Kind, ResultExt};
+use crate::log_info;
 use crate::nix::hash::{self, Hashing};
 use crate::nix::local_store::{self, LocalStore};
 use crate::nix::nar;
@@ -51,9 +52,10 @@ use crate::nix::serve::client::{ServeClient, ServeProcess};
 use crate::nix::serve::{self, ExportTrailer, PathInfo};
 use crate::nix::wire::{WireError, WireWriter};
 use crate::stage::progress::{human_bytes, Reporting, TransferProgress};
-use crate::stage::ssh::{Ssh, Transport};
+use crate::stage::release::release;
+use crate::stage::retry;
+use crate::stage::ssh::Ssh;
 use crate::ticket::{AllocSection, FetchSection, Ticket};
-use crate::{log_info, log_warn};
 
 /// How fetched paths become valid in the local store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -89,9 +91,6 @@ pub struct FetchOptions {
     /// Leave the job running and the ssh master open (no `release`).
     pub keep_job: bool,
 }
-
-pub const RETRIES: u32 = 1;
-const RETRY_PAUSE: Duration = Duration::from_secs(1);
 
 /// The output paths to fetch: what the run reported as built, else the
 /// wanted outputs of the derivation (all of them when none is named).
@@ -134,11 +133,7 @@ pub fn fetch(
     let started = Instant::now();
     let outputs = wanted_outputs(ticket)?;
     let mut alloc = ticket.need_alloc()?.clone();
-    let store_uri = ticket
-        .store
-        .as_ref()
-        .map_or("", |s| s.uri.as_str())
-        .to_string();
+    let store_uri = ticket.store_uri().to_string();
     let local = LocalStore::new(&store_uri, "")?;
     for output in &outputs {
         local.dir.parse(output)?;
@@ -147,19 +142,11 @@ pub fn fetch(
     let direct = LocalStore::new(&direct_store_uri(&store_uri)?, "")?;
     check_writable(&direct.real_dir())?;
 
-    let mut attempt = 0;
-    let outcome = loop {
-        match fetch_once(
+    let outcome = retry::transient(|| {
+        fetch_once(
             &outputs, &mut alloc, config, &local, &direct, method, progress,
-        ) {
-            Err(failure) if failure.kind == Kind::Transient && attempt < RETRIES => {
-                attempt += 1;
-                log_warn!("{failure}; trying again");
-                std::thread::sleep(RETRY_PAUSE);
-            }
-            other => break other,
-        }
-    };
+        )
+    });
     let finished = outcome.and_then(|(paths, bytes)| {
         // Whatever happened in between, the outputs must be valid now.
         let mut serve = local.serve(false)?;
@@ -183,39 +170,12 @@ pub fn fetch(
         extra: Default::default(),
     });
     if result.is_ok() && !options.keep_job {
-        release(&alloc, config);
+        let ssh = Ssh::for_alloc(&alloc, &config.ssh);
+        release(&ssh, &alloc);
+        ssh.stop_master();
     }
     ticket.alloc = Some(alloc);
     result
-}
-
-/// Tells the job it may end (`W/release`) and closes the ssh master.
-fn release(alloc: &AllocSection, config: &Config) {
-    let ssh = Ssh::for_alloc(alloc, &config.ssh);
-    let status = ssh
-        .command(&["sh", "-c", ": > \"$1/release\"", "sh", &alloc.work])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-    match status {
-        Ok(s) if s.success() => log_info!("released job {} on {}", alloc.job, ssh.describe()),
-        // The job is gone already, or the node is: it ends on its own.
-        _ => log_warn!(
-            "could not write {}/release on {}; the job ends after its idle timeout",
-            alloc.work,
-            ssh.describe()
-        ),
-    }
-    ssh.stop_master();
-}
-
-fn nix_tool(local: &LocalStore, tool: &str) -> PathBuf {
-    if local.nix_bin_dir.is_empty() {
-        PathBuf::from(tool)
-    } else {
-        Path::new(&local.nix_bin_dir).join(tool)
-    }
 }
 
 /// The store to import into without going through the daemon (which would
@@ -384,11 +344,8 @@ fn import_held_locks<R: Read, W: Write>(
     progress: &mut dyn TransferProgress,
 ) -> Result<Vec<String>, Failure> {
     let held: Vec<&str> = outputs.iter().map(String::as_str).collect();
-    let mut command = Command::new(nix_tool(direct, "nix-store"));
-    if !direct.uri.is_empty() {
-        command.arg("--store").arg(&direct.uri);
-    }
-    let mut child = command
+    let mut child = direct
+        .nix_store()
         .arg("--import")
         .env("NIX_HELD_LOCKS", held.join(" "))
         .stdin(Stdio::piped())
@@ -645,11 +602,8 @@ fn register(direct: &LocalStore, placed: &[Placed]) -> Result<(), Failure> {
     let infos: Vec<&PathInfo> = placed.iter().map(|entry| &entry.info).collect();
     let digests: Vec<[u8; 32]> = placed.iter().map(|entry| entry.digest).collect();
     let input = load_db_input(&infos, &digests);
-    let mut command = Command::new(nix_tool(direct, "nix-store"));
-    if !direct.uri.is_empty() {
-        command.arg("--store").arg(&direct.uri);
-    }
-    let mut child = command
+    let mut child = direct
+        .nix_store()
         .arg("--load-db")
         .stdin(Stdio::piped())
         .stdout(Stdio::null())

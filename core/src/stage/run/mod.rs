@@ -37,9 +37,11 @@ use crate::config::Config;
 use crate::error::{Failure, ResultExt};
 use crate::nix::local_store::LocalStore;
 use crate::nix::serve::{self, BuildResult};
+use crate::nix::store_path::StoreDir;
 use crate::slurm::{JobInfo, JobState, Slurm};
 use crate::stage::alloc::Clusters;
-use crate::stage::ssh::{Ssh, Transport};
+use crate::stage::release::ReleaseOnDrop;
+use crate::stage::ssh::Ssh;
 use crate::ticket::{AllocSection, RunSection, Ticket};
 use crate::{log_debug, log_info, log_warn, Kind};
 
@@ -51,10 +53,6 @@ pub const JOB_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 /// How often the follower is reconnected after losing ssh while the job
 /// still runs. It resumes at the byte where the log stopped.
 const FOLLOW_RECONNECTS: u32 = 3;
-
-/// The store URI for reading the `.drv` when the ticket has no `store`
-/// section: Nix's default (the daemon when one runs).
-const DEFAULT_STORE_URI: &str = "auto";
 
 /// The remote side of a build: `sh -c FOLLOW_SCRIPT sh W N OFFSET`, with the
 /// request on stdin.
@@ -371,24 +369,15 @@ pub struct Runner<'a> {
 
 impl Runner<'_> {
     /// Runs the build of one ticket and adds its `run` section.
+    ///
+    /// # Errors
+    /// A ticket without what the build needs, a job that died, a build
+    /// that failed (its kind from Nix's BuildResult), ssh trouble.
     pub fn run(&mut self, ticket: &mut Ticket) -> Result<(), Failure> {
-        let drv_section = ticket.need_drv()?.clone();
-        let closure = ticket.need_closure()?.clone();
-        ticket.need_alloc()?;
-        let options = ticket.options.clone().unwrap_or_default();
-        let uri = ticket
-            .store
-            .as_ref()
-            .map(|s| s.uri.clone())
-            .filter(|uri| !uri.is_empty())
-            .unwrap_or_else(|| DEFAULT_STORE_URI.to_string());
-        let local = LocalStore::new(&uri, "")?;
-        let drv = local.read_drv(&drv_section.path)?;
-        let mut request = Vec::new();
-        serve::write_build_request(&mut request, &drv, &closure.paths, &options)
-            .or_fail(Kind::Transient, || "writing the build request")?;
-
-        let alloc = ticket.alloc.as_mut().expect("checked above");
+        let build = Build::prepare(ticket)?;
+        let alloc = ticket.alloc.as_mut().ok_or_else(|| {
+            Failure::input("the ticket has no `alloc` section (run nsh-alloc first)")
+        })?;
         if alloc.nonce.is_empty() {
             return Err(Failure::input(
                 "the ticket's `alloc` section has no nonce (made by an older nsh-alloc?)",
@@ -405,112 +394,181 @@ impl Runner<'_> {
         let ssh = Ssh::ensure_master(alloc, &self.config.ssh)?;
         let alloc = alloc.clone();
         let slurm = self.clusters.get(cluster)?;
-        let place = format!(
-            "{} (cluster {}, Slurm job {})",
-            alloc.node, alloc.cluster, alloc.job
-        );
-        log_info!("building {} on {place}", drv_section.path);
-
-        let started = unix_now();
-        let followed = follow(
-            &ssh,
+        let job = Job {
+            ssh: &ssh,
             slurm,
-            &alloc,
-            &request,
-            &mut self.log,
-            self.job_check_interval,
-            self.interrupted,
-        );
-        let stopped = unix_now();
-        let ended = match followed {
-            Ok(ended) => ended,
-            Err(failure) => {
-                self.log.text(&format!(
-                    "nsh-run: the build of {} on {place} did not finish: {}",
-                    drv_section.path, failure.message
-                ));
-                release(&ssh, &alloc);
-                return Err(failure);
-            }
-        };
-
-        let result = match serve::read_build_response(&ended.response[..]) {
-            Ok(result) => result,
-            Err(failure) => {
-                release(&ssh, &alloc);
-                // nix-store --serve itself failed (bad request, missing
-                // input, killed): its own words are the last log lines.
-                let kind = if ended.status == 1 {
-                    Kind::Permanent
-                } else {
-                    Kind::Transient
-                };
-                let message = format!(
-                    "nix-store --serve on {place} exited with status {} without a build result ({}){}",
-                    ended.status,
-                    failure.message,
-                    tail_text(&ended.last_lines)
-                );
-                self.log.text(&format!("nsh-run: {message}"));
-                return Err(Failure::new(kind, message));
-            }
-        };
-
-        // The job must still be there: one that died (a node failure seen
-        // late) is never reported built.
-        match slurm.job(alloc.job) {
-            Ok(info) => {
-                if let Some(gone) = job_gone(&alloc, &info) {
-                    release(&ssh, &alloc);
-                    cancel_if_requeued(slurm, &info);
-                    let message = format!(
-                        "{gone}; the build's result ({}) is not trusted",
-                        result.status.name()
-                    );
-                    self.log.text(&format!("nsh-run: {message}"));
-                    return Err(Failure::transient(message));
-                }
-            }
-            Err(e) => log_warn!(
-                "could not confirm that job {} still runs ({e}); trusting its response",
-                alloc.job
+            alloc: &alloc,
+            place: format!(
+                "{} (cluster {}, Slurm job {})",
+                alloc.node, alloc.cluster, alloc.job
             ),
+        };
+        // Every way out but a successful build lets the job end now:
+        // nothing will be fetched.
+        let release = ReleaseOnDrop::new(&ssh, &alloc);
+        log_info!("building {} on {}", build.drv_path, job.place);
+        let watch = Watch {
+            check_every: self.job_check_interval,
+            interrupted: self.interrupted,
+        };
+        let (section, outcome) = build.run(&job, &mut self.log, &watch)?;
+        ticket.run = Some(section);
+        if outcome.is_ok() {
+            release.keep();
         }
+        outcome
+    }
+}
 
-        ticket.run = Some(run_section(
+/// What the build of one ticket needs before the job is involved.
+struct Build {
+    drv_path: String,
+    drv_outputs: BTreeMap<String, String>,
+    store_dir: StoreDir,
+    request: Vec<u8>,
+    keep_failed: bool,
+}
+
+/// The job a build runs in.
+struct Job<'a> {
+    ssh: &'a Ssh,
+    slurm: &'a Slurm,
+    alloc: &'a AllocSection,
+    /// `node (cluster c, Slurm job n)`, for messages.
+    place: String,
+}
+
+/// How the job is watched while the log streams.
+struct Watch<'a> {
+    check_every: Duration,
+    interrupted: &'a AtomicBool,
+}
+
+impl Build {
+    /// Reads the derivation and writes the BuildDerivation request.
+    fn prepare(ticket: &Ticket) -> Result<Build, Failure> {
+        let drv_section = ticket.need_drv()?;
+        let closure = ticket.need_closure()?;
+        ticket.need_alloc()?;
+        let options = ticket.options.clone().unwrap_or_default();
+        let local = LocalStore::new(ticket.store_uri(), "")?;
+        let drv = local.read_drv(&drv_section.path)?;
+        let mut request = Vec::new();
+        serve::write_build_request(&mut request, &drv, &closure.paths, &options)
+            .or_fail(Kind::Transient, || "writing the build request")?;
+        Ok(Build {
+            drv_path: drv_section.path.clone(),
+            drv_outputs: drv_section.outputs.clone(),
+            store_dir: drv.store_dir,
+            request,
+            keep_failed: options.keep_failed,
+        })
+    }
+
+    /// Hands the request to the job, follows the log and reads the result:
+    /// the `run` section and whether the build succeeded. An error is a
+    /// build that did not end with a result to record.
+    fn run(
+        &self,
+        job: &Job,
+        log: &mut LogSink,
+        watch: &Watch,
+    ) -> Result<(RunSection, Result<(), Failure>), Failure> {
+        let started = unix_now();
+        let followed = follow(job, &self.request, log, watch);
+        let stopped = unix_now();
+        let ended = followed.inspect_err(|failure| {
+            log.text(&format!(
+                "nsh-run: the build of {} on {} did not finish: {}",
+                self.drv_path, job.place, failure.message
+            ));
+        })?;
+        let result = read_result(&ended, &job.place).inspect_err(|failure| {
+            log.text(&format!("nsh-run: {}", failure.message));
+        })?;
+        confirm_job_alive(job, &result).inspect_err(|failure| {
+            log.text(&format!("nsh-run: {}", failure.message));
+        })?;
+        let section = run_section(
             &result,
-            &drv.store_dir,
-            &drv_section.outputs,
+            &self.store_dir,
+            &self.drv_outputs,
             started,
             stopped,
-        ));
-        match build_outcome(&result, &drv_section.path, &place) {
-            Ok(()) => {
-                log_info!(
-                    "{} {} in {} s",
-                    drv_section.path,
-                    result.status.name(),
-                    stopped.saturating_sub(started)
-                );
-                Ok(())
-            }
-            Err(failure) => {
-                // Nothing will be fetched: let the job clean up and end now.
-                release(&ssh, &alloc);
-                let mut tail = format!(
-                    "nsh-run: build of {} failed ({}) on {place}",
-                    drv_section.path,
+        );
+        let outcome = build_outcome(&result, &self.drv_path, &job.place);
+        match &outcome {
+            Ok(()) => log_info!(
+                "{} {} in {} s",
+                self.drv_path,
+                result.status.name(),
+                stopped.saturating_sub(started)
+            ),
+            Err(_) => log.text(&self.failure_tail(&result, job)),
+        }
+        Ok((section, outcome))
+    }
+
+    /// The build log's last line after a failed build.
+    fn failure_tail(&self, result: &BuildResult, job: &Job) -> String {
+        let mut tail = format!(
+            "nsh-run: build of {} failed ({}) on {}",
+            self.drv_path,
+            result.status.name(),
+            job.place
+        );
+        if self.keep_failed {
+            tail.push_str(&format!(
+                "; its build directory is kept on {} (keep-failed)",
+                job.alloc.node
+            ));
+        }
+        tail
+    }
+}
+
+/// The BuildResult in the response; without one, nix-store --serve itself
+/// failed (bad request, missing input, killed) and its own words are the
+/// last log lines.
+fn read_result(ended: &Ended, place: &str) -> Result<BuildResult, Failure> {
+    serve::read_build_response(&ended.response[..]).map_err(|failure| {
+        let kind = if ended.status == 1 {
+            Kind::Permanent
+        } else {
+            Kind::Transient
+        };
+        Failure::new(
+            kind,
+            format!(
+                "nix-store --serve on {place} exited with status {} without a build result ({}){}",
+                ended.status,
+                failure.message,
+                tail_text(&ended.last_lines)
+            ),
+        )
+    })
+}
+
+/// The job must still be there: one that died (a node failure seen late)
+/// is never reported built.
+fn confirm_job_alive(job: &Job, result: &BuildResult) -> Result<(), Failure> {
+    match job.slurm.job(job.alloc.job) {
+        Ok(info) => match job_gone(job.alloc, &info) {
+            Some(gone) => {
+                cancel_if_requeued(job.slurm, &info);
+                Err(Failure::transient(format!(
+                    "{gone}; the build's result ({}) is not trusted",
                     result.status.name()
-                );
-                if options.keep_failed {
-                    tail.push_str(&format!(
-                        "; its build directory is kept on {} (keep-failed)",
-                        alloc.node
-                    ));
-                }
-                self.log.text(&tail);
-                Err(failure)
+                )))
             }
+            None => Ok(()),
+        },
+        Err(e) => {
+            log_warn!(
+                "could not confirm that job {} still runs ({e}); trusting its response",
+                job.alloc.job
+            );
+            Ok(())
         }
     }
 }
@@ -524,155 +582,179 @@ struct Ended {
 }
 
 /// Writes the request and follows the log to its sentinel, watching the job.
-fn follow(
-    ssh: &Ssh,
-    slurm: &Slurm,
-    alloc: &AllocSection,
-    request: &[u8],
-    log: &mut LogSink,
-    check_every: Duration,
-    interrupted: &AtomicBool,
-) -> Result<Ended, Failure> {
-    let mut splitter = LogSplitter::new(&alloc.nonce);
-    let mut last_lines: Vec<String> = Vec::new();
-    let followed = follow_to_end(
-        ssh,
-        slurm,
-        alloc,
+fn follow(job: &Job, request: &[u8], log: &mut LogSink, watch: &Watch) -> Result<Ended, Failure> {
+    let mut following = Following {
+        job,
         request,
         log,
-        check_every,
-        interrupted,
-        &mut splitter,
-        &mut last_lines,
-    );
-    match followed {
+        watch,
+        splitter: LogSplitter::new(&job.alloc.nonce),
+        last_lines: Vec::new(),
+        next_check: Instant::now() + watch.check_every,
+        reconnects: 0,
+    };
+    match following.to_end() {
         Ok(status) => Ok(Ended {
             status,
-            response: splitter.response().to_vec(),
-            last_lines,
+            response: following.splitter.response().to_vec(),
+            last_lines: following.last_lines,
         }),
         Err(failure) => {
             // The log broke off mid-line: that line is still worth showing.
-            if let Some(partial) = splitter.take_partial() {
-                log.line(&partial);
+            if let Some(partial) = following.splitter.take_partial() {
+                following.log.line(&partial);
             }
             Err(failure)
         }
     }
 }
 
-/// [`follow`]'s loop; the serve process's exit status once the sentinel
-/// and the whole response are in.
-#[allow(clippy::too_many_arguments)]
-fn follow_to_end(
-    ssh: &Ssh,
-    slurm: &Slurm,
-    alloc: &AllocSection,
-    request: &[u8],
-    log: &mut LogSink,
-    check_every: Duration,
-    interrupted: &AtomicBool,
-    splitter: &mut LogSplitter,
-    last_lines: &mut Vec<String>,
-) -> Result<i32, Failure> {
-    let mut reconnects = 0;
-    let mut next_check = Instant::now() + check_every;
-    loop {
-        let follower = Follower::start(ssh, alloc, splitter.log_bytes(), request)?;
-        splitter.reset_response();
-        // Read until the follower's stream ends, looking at the job now and then.
-        let outcome = loop {
-            if interrupted.load(Ordering::SeqCst) {
+/// The state of following one request's log: where the log is, what was
+/// seen of it, when the job is looked at next, how often ssh was lost.
+struct Following<'a> {
+    job: &'a Job<'a>,
+    request: &'a [u8],
+    log: &'a mut LogSink,
+    watch: &'a Watch<'a>,
+    splitter: LogSplitter,
+    last_lines: Vec<String>,
+    next_check: Instant,
+    reconnects: u32,
+}
+
+impl Following<'_> {
+    /// The serve process's exit status once the sentinel and the whole
+    /// response are in. A line the stream broke off in stays in the
+    /// splitter: a reconnected follower resumes right after its last byte.
+    fn to_end(&mut self) -> Result<i32, Failure> {
+        loop {
+            let follower = Follower::start(
+                self.job.ssh,
+                self.job.alloc,
+                self.splitter.log_bytes(),
+                self.request,
+            )?;
+            self.splitter.reset_response();
+            let exit = self.read_to_eof(follower)?;
+            if let Some(status) = self.after(exit)? {
+                return Ok(status);
+            }
+        }
+    }
+
+    /// Reads until the follower's stream ends, looking at the job now and
+    /// then: also while the log streams, since a chatty build on a failed
+    /// node must not hide that its job is gone.
+    fn read_to_eof(&mut self, follower: Follower) -> Result<FollowExit, Failure> {
+        loop {
+            if self.watch.interrupted.load(Ordering::SeqCst) {
                 follower.stop();
                 return Err(Failure::transient(format!(
                     "interrupted; Slurm job {} keeps running until it is cancelled",
-                    alloc.job
+                    self.job.alloc.job
                 )));
             }
-            let wait = next_check
+            let wait = self
+                .next_check
                 .saturating_duration_since(Instant::now())
                 .min(Duration::from_millis(200));
             match follower.chunks.recv_timeout(wait) {
-                Ok(chunk) => {
-                    for event in splitter.push(&chunk) {
-                        match event {
-                            LogEvent::Line(line) => {
-                                remember(last_lines, &line);
-                                log.line(&line);
-                            }
-                            LogEvent::End(status) => log_debug!("sentinel: status {status}"),
-                        }
-                    }
-                }
+                Ok(chunk) => self.forward(&chunk),
                 Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => break follower.finish(),
+                Err(RecvTimeoutError::Disconnected) => return Ok(follower.finish()),
             }
-            // Also while the log streams: a chatty build on a failed node
-            // must not hide that its job is gone.
-            if Instant::now() >= next_check {
-                next_check = Instant::now() + check_every;
-                match slurm.job(alloc.job) {
-                    Ok(info) => {
-                        if let Some(gone) = job_gone(alloc, &info) {
-                            follower.stop();
-                            cancel_if_requeued(slurm, &info);
-                            return Err(Failure::transient(gone));
-                        }
-                    }
-                    // The controller being slow or briefly away is no
-                    // reason to give up a build that runs.
-                    Err(e) => log_warn!("looking at Slurm job {}: {e}", alloc.job),
+            if Instant::now() >= self.next_check {
+                self.next_check = Instant::now() + self.watch.check_every;
+                if let Some(gone) = self.job_gone_now() {
+                    follower.stop();
+                    return Err(Failure::transient(gone));
                 }
             }
-        };
-        // A line the stream broke off in stays in the splitter: the
-        // reconnected follower resumes right after its last byte.
-        match (outcome, splitter.end()) {
-            (FollowExit::Done, Some(status)) => return Ok(status),
-            (FollowExit::Done, None) => {
-                return Err(Failure::transient(format!(
-                    "the log of request {} on {} ended without the job's end mark",
-                    alloc.request, alloc.node
-                )))
+        }
+    }
+
+    /// Log lines to the log sink; the sentinel only to the debug log.
+    fn forward(&mut self, chunk: &[u8]) {
+        for event in self.splitter.push(chunk) {
+            match event {
+                LogEvent::Line(line) => {
+                    remember(&mut self.last_lines, &line);
+                    self.log.line(&line);
+                }
+                LogEvent::End(status) => log_debug!("sentinel: status {status}"),
             }
+        }
+    }
+
+    /// Why the job can no longer finish the build, if it cannot (a job
+    /// Slurm requeued is cancelled). The controller being slow or briefly
+    /// away is no reason to give up a build that runs.
+    fn job_gone_now(&self) -> Option<String> {
+        match self.job.slurm.job(self.job.alloc.job) {
+            Ok(info) => {
+                let gone = job_gone(self.job.alloc, &info)?;
+                cancel_if_requeued(self.job.slurm, &info);
+                Some(gone)
+            }
+            Err(e) => {
+                log_warn!("looking at Slurm job {}: {e}", self.job.alloc.job);
+                None
+            }
+        }
+    }
+
+    /// What a follower's end means: the status (done), a failure, or `None`
+    /// to reconnect.
+    fn after(&mut self, exit: FollowExit) -> Result<Option<i32>, Failure> {
+        let alloc = self.job.alloc;
+        match (exit, self.splitter.end()) {
+            (FollowExit::Done, Some(status)) => Ok(Some(status)),
+            (FollowExit::Done, None) => Err(Failure::transient(format!(
+                "the log of request {} on {} ended without the job's end mark",
+                alloc.request, alloc.node
+            ))),
             (FollowExit::WorkDirGone, _) => {
-                let state = match slurm.job(alloc.job) {
+                let state = match self.job.slurm.job(alloc.job) {
                     Ok(info) => job_gone(alloc, &info).unwrap_or_else(|| {
                         format!("Slurm job {} on {} is ending", alloc.job, alloc.node)
                     }),
                     Err(e) => format!("Slurm job {}: {e}", alloc.job),
                 };
-                return Err(Failure::transient(format!(
+                Err(Failure::transient(format!(
                     "the job's work dir {} on {} is gone: {state}",
                     alloc.work, alloc.node
-                )));
+                )))
             }
-            (FollowExit::Failed(why), _) => {
-                let alive = match slurm.job(alloc.job) {
-                    Ok(info) => match job_gone(alloc, &info) {
-                        Some(gone) => {
-                            cancel_if_requeued(slurm, &info);
-                            return Err(Failure::transient(gone));
-                        }
-                        None => true,
-                    },
-                    Err(_) => false,
-                };
-                if !alive || reconnects >= FOLLOW_RECONNECTS {
-                    return Err(Failure::transient(format!(
-                        "following the build on {}: {why}",
-                        ssh.describe()
-                    )));
-                }
-                reconnects += 1;
-                log_warn!(
-                    "following the build on {}: {why}; reconnecting ({reconnects}/{FOLLOW_RECONNECTS})",
-                    ssh.describe()
-                );
-                std::thread::sleep(Duration::from_secs(1));
-            }
+            (FollowExit::Failed(why), _) => self.reconnect(&why).map(|()| None),
         }
+    }
+
+    /// After ssh was lost: fails when the job is gone or the reconnects are
+    /// used up, else waits a moment before the next follower.
+    fn reconnect(&mut self, why: &str) -> Result<(), Failure> {
+        let alive = match self.job.slurm.job(self.job.alloc.job) {
+            Ok(info) => {
+                if let Some(gone) = job_gone(self.job.alloc, &info) {
+                    cancel_if_requeued(self.job.slurm, &info);
+                    return Err(Failure::transient(gone));
+                }
+                true
+            }
+            Err(_) => false,
+        };
+        let node = self.job.ssh.describe();
+        if !alive || self.reconnects >= FOLLOW_RECONNECTS {
+            return Err(Failure::transient(format!(
+                "following the build on {node}: {why}"
+            )));
+        }
+        self.reconnects += 1;
+        log_warn!(
+            "following the build on {node}: {why}; reconnecting ({}/{FOLLOW_RECONNECTS})",
+            self.reconnects
+        );
+        std::thread::sleep(Duration::from_secs(1));
+        Ok(())
     }
 }
 
@@ -808,31 +890,6 @@ fn pump(mut from: ChildStdout, to: mpsc::Sender<Vec<u8>>) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(_) => return,
         }
-    }
-}
-
-/// Tells the job that nothing more will come (`W/release`): it removes its
-/// work dir and ends. Best effort: a job that is gone needs no release.
-pub fn release(ssh: &Ssh, alloc: &AllocSection) {
-    let out = ssh
-        .command(&[
-            "sh",
-            "-c",
-            r#"[ ! -d "$1" ] || : >"$1/release""#,
-            "sh",
-            &alloc.work,
-        ])
-        .stdin(Stdio::null())
-        .output();
-    match out {
-        Ok(out) if out.status.success() => log_debug!("released job {}", alloc.job),
-        Ok(out) => log_warn!(
-            "writing {}/release on {}: {}",
-            alloc.work,
-            alloc.node,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ),
-        Err(e) => log_warn!("running ssh to release job {}: {e}", alloc.job),
     }
 }
 
