@@ -17,7 +17,7 @@ use std::io::{self, Read, Write};
 
 use serde_json::{json, Value};
 
-use crate::error::{Failure, Kind};
+use crate::error::{Kind, KindOf};
 
 /// The longest string accepted (a setting value, a store path, a feature).
 pub const MAX_STRING: u64 = 1 << 20;
@@ -49,15 +49,23 @@ impl fmt::Display for ProtoError {
     }
 }
 
-impl std::error::Error for ProtoError {}
+impl std::error::Error for ProtoError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ProtoError::Io(e) => Some(e),
+            _ => None,
+        }
+    }
+}
 
-impl From<ProtoError> for Failure {
-    fn from(e: ProtoError) -> Failure {
-        let kind = match e {
+/// A daemon that stops answering is transient; bytes the protocol does not
+/// allow are bad input.
+impl KindOf for ProtoError {
+    fn kind(&self) -> Kind {
+        match self {
             ProtoError::Io(_) => Kind::Transient,
             _ => Kind::Input,
-        };
-        Failure::new(kind, e.to_string())
+        }
     }
 }
 

@@ -12,7 +12,7 @@
 use std::fmt;
 use std::io::{self, Read, Write};
 
-use crate::error::{Failure, Kind};
+use crate::error::{Failure, Kind, KindOf};
 
 /// Upper bounds for length fields read from a peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,7 +76,26 @@ impl fmt::Display for WireError {
     }
 }
 
-impl std::error::Error for WireError {}
+impl std::error::Error for WireError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            WireError::Io(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// A broken or closed stream is transient (the peer or the link went away);
+/// malformed data means the peer does not speak the protocol we expect,
+/// which retrying will not fix.
+impl KindOf for WireError {
+    fn kind(&self) -> Kind {
+        match self {
+            WireError::Eof | WireError::Io(_) => Kind::Transient,
+            _ => Kind::Permanent,
+        }
+    }
+}
 
 impl From<io::Error> for WireError {
     fn from(e: io::Error) -> WireError {
@@ -89,16 +108,10 @@ impl From<io::Error> for WireError {
 }
 
 impl WireError {
-    /// A [`Failure`] saying what was being read. A broken or closed stream
-    /// is transient (the peer or the link went away); malformed data means
-    /// the peer does not speak the protocol we expect, which retrying will
-    /// not fix.
+    /// A [`Failure`] saying what was being read, of this error's kind
+    /// ([`KindOf`]), with this error as its source.
     pub fn fail(self, context: impl fmt::Display) -> Failure {
-        let kind = match self {
-            WireError::Eof | WireError::Io(_) => Kind::Transient,
-            _ => Kind::Permanent,
-        };
-        Failure::new(kind, format!("{context}: {self}"))
+        Failure::caused_by(self.kind(), format!("{context}: {self}"), self)
     }
 }
 

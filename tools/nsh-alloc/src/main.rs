@@ -7,7 +7,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use nsh_core::config::Config;
-use nsh_core::stage::alloc::{self, AllocTimes, Clusters};
+use nsh_core::slurm::Clusters;
+use nsh_core::stage::alloc::{self, AllocTimes};
+use nsh_core::sys::signals::{catch_interrupts, Syscalls};
 use nsh_core::tool::run_stage;
 
 /// Gets a Slurm job for each ticket read on stdin (one JSON object per line)
@@ -54,7 +56,7 @@ fn main() -> ExitCode {
         .into();
     }
 
-    let interrupted = alloc::interrupt_flag();
+    let interrupted = catch_interrupts(Syscalls::Restart);
     let mut progress = nsh_cli::progress::for_queue_wait();
     run_stage("alloc", stdin, stdout, |ticket| {
         let config = config.as_ref().map_err(Clone::clone)?;

@@ -6,8 +6,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use nsh_core::config::Config;
-use nsh_core::stage::alloc::{self, Clusters};
+use nsh_core::slurm::Clusters;
 use nsh_core::stage::run::{LogSink, Runner, JOB_CHECK_INTERVAL};
+use nsh_core::sys::signals::{catch_interrupts, Syscalls};
 use nsh_core::tool::run_stage;
 use nsh_core::ExitStatus;
 
@@ -61,7 +62,7 @@ fn main() -> ExitCode {
         }
     };
     let config = Config::load(args.config.as_deref());
-    let interrupted = alloc::interrupt_flag();
+    let interrupted = catch_interrupts(Syscalls::Restart);
     let mut runner = None;
     let mut log = Some(log);
     run_stage(

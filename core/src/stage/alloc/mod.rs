@@ -7,7 +7,6 @@
 
 pub mod batch_script;
 
-use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -15,7 +14,7 @@ use std::time::{Duration, Instant};
 use crate::config::{Cluster, Config};
 use crate::error::Failure;
 use crate::exit::ExitStatus;
-use crate::slurm::{JobInfo, JobRequest, Slurm};
+use crate::slurm::{Clusters, JobInfo, JobRequest, Slurm};
 use crate::stage::progress::{describe_wait, QueueProgress};
 use crate::ticket::{AllocSection, BuildOptions, DrvSection, Resources, Ticket};
 use crate::{log_debug, log_warn};
@@ -276,24 +275,6 @@ pub struct AllocTimes {
     pub polling: Duration,
 }
 
-/// The Slurm connections of one nsh-alloc run, one per cluster, made when
-/// first needed.
-#[derive(Default)]
-pub struct Clusters {
-    connections: BTreeMap<String, Slurm>,
-}
-
-impl Clusters {
-    pub fn get(&mut self, cluster: &Cluster) -> Result<&Slurm, Failure> {
-        if !self.connections.contains_key(&cluster.name) {
-            let slurm = Slurm::connect(cluster)
-                .map_err(|f| f.context(format!("cluster {}", cluster.name)))?;
-            self.connections.insert(cluster.name.clone(), slurm);
-        }
-        Ok(&self.connections[&cluster.name])
-    }
-}
-
 /// Polling: quick at first (most jobs start within a second on an idle
 /// cluster), then slower, so that a long queue costs the controller little.
 fn poll_interval(polls: u32) -> Duration {
@@ -516,12 +497,6 @@ pub fn times_json(times: &AllocTimes) -> serde_json::Value {
         "polls": times.polls,
         "polling": secs(times.polling),
     })
-}
-
-/// Installs the SIGINT/SIGTERM/SIGHUP handlers of a stage; returns the
-/// flag they set.
-pub fn interrupt_flag() -> &'static AtomicBool {
-    crate::sys::signals::catch_interrupts(crate::sys::signals::Syscalls::Restart)
 }
 
 #[cfg(test)]

@@ -18,8 +18,16 @@ use std::process::{Command, Stdio};
 
 use serde::Deserialize;
 
-use crate::error::Failure;
+use crate::error::{Failure, Kind, KindOf};
 use crate::slurm::ApiVersion;
+
+mod cluster;
+mod raw;
+mod values;
+
+use raw::RawConfig;
+use values::parse_seconds;
+pub use values::{parse_mem_mb_text, parse_minutes_text, BadValue, UrlProblem};
 
 /// Where the configuration is read from when no `--config` is given and
 /// `$NSH_CONFIG` is unset.
@@ -285,95 +293,72 @@ const DEFAULT_MAX_JOBS: u32 = 64;
 const DEFAULT_TIME_LIMIT_MIN: u32 = 4 * 60;
 const DEFAULT_QUEUE_TIMEOUT_S: u64 = 3600;
 
-// --- The file as written: strict serde structs, validated into the above.
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawConfig {
-    #[serde(default)]
-    cluster: BTreeMap<String, RawCluster>,
-    #[serde(default)]
-    ssh: RawSsh,
-    #[serde(default)]
-    remote: RawRemote,
-    /// `[hook]`: read and validated by `crate::hook::config`.
-    #[serde(default, rename = "hook")]
-    _hook: Option<toml::Table>,
+/// A value in the configuration file that is missing or wrong.
+#[derive(Debug, Clone)]
+pub struct ConfigError {
+    /// The file, for the message.
+    pub file: String,
+    /// The key, dotted (`cluster.main.time_limit`).
+    pub key: String,
+    /// What is wrong, for a person.
+    pub problem: String,
+    /// The value that did not parse, when one did not.
+    pub value: Option<BadValue>,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawCluster {
-    backend: Option<String>,
-    url: Option<String>,
-    api: Option<String>,
-    user: Option<String>,
-    token_file: Option<PathBuf>,
-    token_command: Option<Vec<String>>,
-    partition: Option<String>,
-    account: Option<String>,
-    qos: Option<String>,
-    systems: Option<Vec<String>>,
-    #[serde(default)]
-    supported_features: Vec<String>,
-    #[serde(default)]
-    mandatory_features: Vec<String>,
-    max_jobs: Option<u32>,
-    time_limit: Option<NumberOrText>,
-    queue_timeout: Option<NumberOrText>,
-    #[serde(default)]
-    limits: RawLimits,
-    #[serde(default)]
-    features: BTreeMap<String, FeatureRequest>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawLimits {
-    max_cpus: Option<u32>,
-    max_mem: Option<NumberOrText>,
-    max_time: Option<NumberOrText>,
-    default_cpus: Option<u32>,
-    default_mem: Option<NumberOrText>,
-    #[serde(default)]
-    allow_gres: bool,
-    #[serde(default)]
-    allow_constraint: bool,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawSsh {
-    user: Option<String>,
-    identity: Option<PathBuf>,
-    config_file: Option<PathBuf>,
-    #[serde(default)]
-    options: Vec<String>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawRemote {
-    nix_bin_dir: Option<String>,
-    store: Option<String>,
-    work_root: Option<String>,
-    idle_timeout: Option<NumberOrText>,
-    request_timeout: Option<NumberOrText>,
-}
-
-/// A value that may be written as a number or a string (`90` or `"90m"`).
-#[derive(Deserialize, Clone)]
-#[serde(untagged)]
-enum NumberOrText {
-    Number(i64),
-    Text(String),
-}
-
-impl fmt::Display for NumberOrText {
+impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            NumberOrText::Number(n) => write!(f, "{n}"),
-            NumberOrText::Text(s) => write!(f, "{s:?}"),
+        write!(f, "{}: {}: {}", self.file, self.key, self.problem)
+    }
+}
+
+impl std::error::Error for ConfigError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.value
+            .as_ref()
+            .map(|v| v as &(dyn std::error::Error + 'static))
+    }
+}
+
+/// Every configuration error is bad configuration (exit 78).
+impl KindOf for ConfigError {
+    fn kind(&self) -> Kind {
+        Kind::Config
+    }
+}
+
+/// Makes the errors of one file: the key and what is wrong with it.
+pub(crate) struct Problems<'a> {
+    file: &'a str,
+    prefix: String,
+}
+
+impl Problems<'_> {
+    /// `key` is wrong: `problem` says how.
+    pub(crate) fn at(&self, key: &str, problem: impl Into<String>) -> Failure {
+        Failure::from(ConfigError {
+            file: self.file.to_string(),
+            key: format!("{}{key}", self.prefix),
+            problem: problem.into(),
+            value: None,
+        })
+    }
+
+    /// `key`'s value does not parse.
+    pub(crate) fn bad_value(&self, key: &str, value: BadValue) -> Failure {
+        Failure::from(ConfigError {
+            file: self.file.to_string(),
+            key: format!("{}{key}", self.prefix),
+            problem: value.to_string(),
+            value: Some(value),
+        })
+    }
+
+    /// The errors of the keys under `prefix` (`cluster.main.`).
+    pub(crate) fn under(&self, prefix: &str) -> Problems<'_> {
+        Problems {
+            file: self.file,
+            prefix: format!("{}{prefix}", self.prefix),
         }
     }
 }
@@ -442,72 +427,27 @@ impl Config {
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
             // toml's message names the line, shows it and says what was
             // expected; keep it, minus its trailing newline.
-            Failure::config(format!("{file}: {}", e.to_string().trim_end()))
+            let message = format!("{file}: {}", e.to_string().trim_end());
+            Failure::caused_by(Kind::Config, message, e)
         })?;
-        let err = |key: &str, what: String| Failure::config(format!("{file}: {key}: {what}"));
-
+        let problems = Problems {
+            file: &file,
+            prefix: String::new(),
+        };
         if raw.cluster.is_empty() {
-            return Err(err(
+            return Err(problems.at(
                 "cluster",
-                "no cluster is configured (expected at least one [cluster.NAME] table)".into(),
+                "no cluster is configured (expected at least one [cluster.NAME] table)",
             ));
         }
         let mut clusters = BTreeMap::new();
         for (name, rc) in raw.cluster {
-            let cluster = validate_cluster(&name, rc, &|key, what| {
-                err(&format!("cluster.{name}.{key}"), what)
-            })?;
+            let cluster =
+                cluster::validate(&name, rc, &problems.under(&format!("cluster.{name}.")))?;
             clusters.insert(name, cluster);
         }
-
-        let ssh = Ssh {
-            user: raw.ssh.user,
-            identity: raw.ssh.identity,
-            config_file: raw.ssh.config_file,
-            options: raw.ssh.options,
-        };
-        for (i, option) in ssh.options.iter().enumerate() {
-            if !option.contains('=') || option.starts_with('-') {
-                return Err(err(
-                    &format!("ssh.options[{i}]"),
-                    format!(
-                        "{option:?} is not an ssh option; expected \"Key=Value\" (as for ssh -o)"
-                    ),
-                ));
-            }
-        }
-
-        let defaults = Remote::default();
-        let rr = raw.remote;
-        let remote = Remote {
-            nix_bin_dir: rr.nix_bin_dir.unwrap_or(defaults.nix_bin_dir),
-            store: rr.store.unwrap_or(defaults.store),
-            work_root: rr.work_root.unwrap_or(defaults.work_root),
-            idle_timeout_s: match rr.idle_timeout {
-                None => defaults.idle_timeout_s,
-                Some(v) => parse_seconds(&v).map_err(|what| err("remote.idle_timeout", what))?,
-            },
-            request_timeout_s: match rr.request_timeout {
-                None => defaults.request_timeout_s,
-                Some(v) => parse_seconds(&v).map_err(|what| err("remote.request_timeout", what))?,
-            },
-        };
-        if !remote.work_root.starts_with('/') {
-            return Err(err(
-                "remote.work_root",
-                format!("{:?} is not an absolute path", remote.work_root),
-            ));
-        }
-        if !remote.nix_bin_dir.is_empty() && !remote.nix_bin_dir.starts_with('/') {
-            return Err(err(
-                "remote.nix_bin_dir",
-                format!(
-                    "{:?} is not an absolute path (leave it empty for the node's PATH)",
-                    remote.nix_bin_dir
-                ),
-            ));
-        }
-
+        let ssh = ssh_settings(raw.ssh, &problems)?;
+        let remote = remote_settings(raw.remote, &problems)?;
         Ok(Config {
             path: path.to_path_buf(),
             clusters,
@@ -536,374 +476,63 @@ impl Config {
     }
 }
 
-fn validate_cluster(
-    name: &str,
-    rc: RawCluster,
-    err: &dyn Fn(&str, String) -> Failure,
-) -> Result<Cluster, Failure> {
-    let backend = match rc.backend.as_deref() {
-        None | Some("rest") => Backend::Rest,
-        Some("cli") => Backend::Cli,
-        Some(other) => {
-            return Err(err(
-                "backend",
-                format!("{other:?}: expected \"rest\" or \"cli\""),
-            ))
+/// `[ssh]`: every option must look like one (`Key=Value`, as for `ssh -o`).
+fn ssh_settings(raw: raw::RawSsh, problems: &Problems) -> Result<Ssh, Failure> {
+    let ssh = Ssh {
+        user: raw.user,
+        identity: raw.identity,
+        config_file: raw.config_file,
+        options: raw.options,
+    };
+    for (i, option) in ssh.options.iter().enumerate() {
+        if !option.contains('=') || option.starts_with('-') {
+            return Err(problems.at(
+                &format!("ssh.options[{i}]"),
+                format!("{option:?} is not an ssh option; expected \"Key=Value\" (as for ssh -o)"),
+            ));
         }
-    };
+    }
+    Ok(ssh)
+}
 
-    let url = match rc.url.as_deref() {
-        None => None,
-        Some(url) => Some(parse_url(url).map_err(|what| err("url", what))?),
+/// `[remote]`: what the nodes have where, defaults for what is not given.
+fn remote_settings(raw: raw::RawRemote, problems: &Problems) -> Result<Remote, Failure> {
+    let defaults = Remote::default();
+    let seconds = |key: &str, value: Option<raw::NumberOrText>, default: u64| match value {
+        None => Ok(default),
+        Some(v) => parse_seconds(&v).map_err(|bad| problems.bad_value(key, bad)),
     };
-    if backend == Backend::Rest && url.is_none() {
-        return Err(err(
-            "url",
-            "missing: the rest backend needs slurmrestd's address (\"http://host:6820\" or \"unix:/path\")".into(),
+    let remote = Remote {
+        nix_bin_dir: raw.nix_bin_dir.unwrap_or(defaults.nix_bin_dir),
+        store: raw.store.unwrap_or(defaults.store),
+        work_root: raw.work_root.unwrap_or(defaults.work_root),
+        idle_timeout_s: seconds(
+            "remote.idle_timeout",
+            raw.idle_timeout,
+            defaults.idle_timeout_s,
+        )?,
+        request_timeout_s: seconds(
+            "remote.request_timeout",
+            raw.request_timeout,
+            defaults.request_timeout_s,
+        )?,
+    };
+    if !remote.work_root.starts_with('/') {
+        return Err(problems.at(
+            "remote.work_root",
+            format!("{:?} is not an absolute path", remote.work_root),
         ));
     }
-
-    let api = match rc.api.as_deref() {
-        None | Some("auto") => ApiChoice::Auto,
-        Some(v) => ApiChoice::Fixed(v.parse().map_err(|()| {
-            err(
-                "api",
-                format!("{v:?}: expected \"auto\" or one of \"v0.0.38\" … \"v0.0.45\""),
-            )
-        })?),
-    };
-
-    let token = match (rc.token_file, rc.token_command) {
-        (Some(_), Some(_)) => {
-            return Err(err(
-                "token_file",
-                "give token_file or token_command, not both".into(),
-            ))
-        }
-        (Some(path), None) => {
-            if !path.is_absolute() {
-                return Err(err(
-                    "token_file",
-                    format!("{} is not an absolute path", path.display()),
-                ));
-            }
-            Some(TokenSource::File(path))
-        }
-        (None, Some(argv)) => {
-            if argv.is_empty() || argv[0].is_empty() {
-                return Err(err(
-                    "token_command",
-                    "empty: expected a command as a list, e.g. [\"scontrol\", \"token\"]".into(),
-                ));
-            }
-            Some(TokenSource::Command(argv))
-        }
-        (None, None) => None,
-    };
-    if backend == Backend::Rest && matches!(url, Some(RestUrl::Http(_))) && token.is_none() {
-        return Err(err(
-            "token_file",
-            "missing: slurmrestd over HTTP needs a token (token_file or token_command)".into(),
+    if !remote.nix_bin_dir.is_empty() && !remote.nix_bin_dir.starts_with('/') {
+        return Err(problems.at(
+            "remote.nix_bin_dir",
+            format!(
+                "{:?} is not an absolute path (leave it empty for the node's PATH)",
+                remote.nix_bin_dir
+            ),
         ));
     }
-    if backend == Backend::Rest && token.is_some() && rc.user.is_none() {
-        return Err(err(
-            "user",
-            "missing: the Slurm user the token belongs to (sent with the token)".into(),
-        ));
-    }
-
-    let systems = rc.systems.ok_or_else(|| {
-        err(
-            "systems",
-            "missing: expected the Nix systems the nodes build for, e.g. [\"x86_64-linux\"]".into(),
-        )
-    })?;
-    if systems.is_empty() {
-        return Err(err(
-            "systems",
-            "empty: expected at least one Nix system".into(),
-        ));
-    }
-
-    let supported_features: BTreeSet<String> = rc.supported_features.into_iter().collect();
-    let mandatory_features: BTreeSet<String> = rc.mandatory_features.into_iter().collect();
-    for feature in &mandatory_features {
-        if !supported_features.contains(feature) {
-            return Err(err(
-                "mandatory_features",
-                format!("{feature:?} is not in supported_features"),
-            ));
-        }
-    }
-    for (feature, request) in &rc.features {
-        if !supported_features.contains(feature) {
-            return Err(err(
-                &format!("features.{feature}"),
-                format!(
-                    "{feature:?} is not in supported_features, so no derivation could ask for it"
-                ),
-            ));
-        }
-        for (key, value) in [
-            ("constraint", &request.constraint),
-            ("partition", &request.partition),
-            ("gres", &request.gres),
-        ] {
-            if let Some(value) = value {
-                if !is_slurm_word(value) {
-                    return Err(err(
-                        &format!("features.{feature}.{key}"),
-                        format!(
-                            "{value:?}: expected a Slurm {key} (letters, digits, and _-.:,&|=*[]!)"
-                        ),
-                    ));
-                }
-            }
-        }
-    }
-
-    let max_jobs = rc.max_jobs.unwrap_or(DEFAULT_MAX_JOBS);
-    if max_jobs == 0 {
-        return Err(err("max_jobs", "0: expected at least 1".into()));
-    }
-    let time_limit_min = match &rc.time_limit {
-        None => DEFAULT_TIME_LIMIT_MIN,
-        Some(v) => parse_minutes(v).map_err(|what| err("time_limit", what))?,
-    };
-    let queue_timeout_s = match &rc.queue_timeout {
-        None => DEFAULT_QUEUE_TIMEOUT_S,
-        Some(v) => parse_seconds(v).map_err(|what| err("queue_timeout", what))?,
-    };
-
-    let rl = rc.limits;
-    let limits = Limits {
-        max_cpus: rl.max_cpus,
-        max_mem_mb: rl
-            .max_mem
-            .map(|v| parse_mem_mb(&v))
-            .transpose()
-            .map_err(|what| err("limits.max_mem", what))?,
-        max_time_min: rl
-            .max_time
-            .map(|v| parse_minutes(&v))
-            .transpose()
-            .map_err(|what| err("limits.max_time", what))?,
-        default_cpus: rl.default_cpus,
-        default_mem_mb: rl
-            .default_mem
-            .map(|v| parse_mem_mb(&v))
-            .transpose()
-            .map_err(|what| err("limits.default_mem", what))?,
-        allow_gres: rl.allow_gres,
-        allow_constraint: rl.allow_constraint,
-    };
-    for (key, value) in [
-        ("limits.max_cpus", limits.max_cpus),
-        ("limits.default_cpus", limits.default_cpus),
-    ] {
-        if value == Some(0) {
-            return Err(err(key, "0: expected at least 1".into()));
-        }
-    }
-    if let (Some(default), Some(max)) = (limits.default_cpus, limits.max_cpus) {
-        if default > max {
-            return Err(err(
-                "limits.default_cpus",
-                format!("{default} is above limits.max_cpus = {max}"),
-            ));
-        }
-    }
-    if let (Some(default), Some(max)) = (limits.default_mem_mb, limits.max_mem_mb) {
-        if default > max {
-            return Err(err(
-                "limits.default_mem",
-                format!("{default} MB is above limits.max_mem = {max} MB"),
-            ));
-        }
-    }
-    if let Some(max) = limits.max_time_min {
-        if time_limit_min > max {
-            return Err(err(
-                "time_limit",
-                format!("{time_limit_min} minutes is above limits.max_time = {max} minutes"),
-            ));
-        }
-    }
-    for (key, value) in [
-        ("partition", &rc.partition),
-        ("account", &rc.account),
-        ("qos", &rc.qos),
-    ] {
-        if let Some(value) = value {
-            if !is_slurm_word(value) {
-                return Err(err(key, format!("{value:?}: expected a Slurm {key} name")));
-            }
-        }
-    }
-
-    Ok(Cluster {
-        name: name.to_string(),
-        backend,
-        url,
-        api,
-        user: rc.user,
-        token,
-        partition: rc.partition,
-        account: rc.account,
-        qos: rc.qos,
-        systems,
-        supported_features,
-        mandatory_features,
-        max_jobs,
-        time_limit_min,
-        queue_timeout_s,
-        limits,
-        features: rc.features,
-    })
-}
-
-fn parse_url(url: &str) -> Result<RestUrl, String> {
-    if let Some(path) = url.strip_prefix("unix:") {
-        let path = path.strip_prefix("//").unwrap_or(path);
-        if !path.starts_with('/') {
-            return Err(format!(
-                "{url:?}: expected \"unix:/absolute/path/to/socket\""
-            ));
-        }
-        return Ok(RestUrl::Unix(PathBuf::from(path)));
-    }
-    if let Some(rest) = url.strip_prefix("http://") {
-        let host = rest.split('/').next().unwrap_or("");
-        if host.is_empty() {
-            return Err(format!("{url:?}: no host; expected \"http://host:port\""));
-        }
-        return Ok(RestUrl::Http(url.trim_end_matches('/').to_string()));
-    }
-    if url.starts_with("https://") {
-        return Err(format!(
-            "{url:?}: https is not supported (slurmrestd speaks plain HTTP; put it behind a unix socket or a local proxy)"
-        ));
-    }
-    Err(format!(
-        "{url:?}: expected \"http://host:port\" or \"unix:/path/to/socket\""
-    ))
-}
-
-/// A Slurm name, option value or expression: nothing that could be taken
-/// for another option or word.
-fn is_slurm_word(s: &str) -> bool {
-    !s.is_empty()
-        && !s.starts_with('-')
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "_-.:,&|=*[]!".contains(c))
-}
-
-/// A Slurm time limit in minutes: a plain number of minutes, `"90m"`,
-/// `"4h"`, `"2d"`, or Slurm's own `"MM"`, `"MM:SS"`, `"HH:MM:SS"`,
-/// `"D-HH"`, `"D-HH:MM"`, `"D-HH:MM:SS"`. Seconds round up.
-pub fn parse_minutes_text(s: &str) -> Option<u32> {
-    let s = s.trim();
-    let secs: u64 = if let Some(n) = unit_number(s) {
-        n
-    } else {
-        let (days, clock) = match s.split_once('-') {
-            Some((d, rest)) => (d.parse::<u64>().ok()?, Some(rest)),
-            None => (0, None),
-        };
-        let fields: Vec<u64> = match clock {
-            Some(rest) => rest
-                .split(':')
-                .map(|f| f.parse().ok())
-                .collect::<Option<_>>()?,
-            None => s
-                .split(':')
-                .map(|f| f.parse().ok())
-                .collect::<Option<_>>()?,
-        };
-        let clock_secs = match (clock.is_some(), fields.as_slice()) {
-            // D-HH, D-HH:MM, D-HH:MM:SS
-            (true, [h]) => h * 3600,
-            (true, [h, m]) => h * 3600 + m * 60,
-            (true, [h, m, sec]) => h * 3600 + m * 60 + sec,
-            // MM, MM:SS, HH:MM:SS
-            (false, [m]) => m * 60,
-            (false, [m, sec]) => m * 60 + sec,
-            (false, [h, m, sec]) => h * 3600 + m * 60 + sec,
-            _ => return None,
-        };
-        days * 86400 + clock_secs
-    };
-    u32::try_from(secs.div_ceil(60)).ok()
-}
-
-/// `"30s"`, `"10m"`, `"4h"`, `"2d"` in seconds.
-fn unit_number(s: &str) -> Option<u64> {
-    let (number, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit())?);
-    let n: u64 = number.parse().ok()?;
-    let factor = match unit {
-        "s" => 1,
-        "m" | "min" => 60,
-        "h" => 3600,
-        "d" => 86400,
-        _ => return None,
-    };
-    n.checked_mul(factor)
-}
-
-fn parse_minutes(v: &NumberOrText) -> Result<u32, String> {
-    let minutes = match v {
-        NumberOrText::Number(n) => u32::try_from(*n).ok(),
-        NumberOrText::Text(s) => parse_minutes_text(s),
-    };
-    match minutes {
-        Some(m) if m > 0 => Ok(m),
-        _ => Err(format!(
-            "{v}: expected a time limit: minutes (90), \"90m\", \"4h\", \"2d\" or Slurm's \"D-HH:MM:SS\""
-        )),
-    }
-}
-
-fn parse_seconds(v: &NumberOrText) -> Result<u64, String> {
-    let secs = match v {
-        NumberOrText::Number(n) => u64::try_from(*n).ok(),
-        NumberOrText::Text(s) => unit_number(s.trim()),
-    };
-    match secs {
-        Some(s) if s > 0 => Ok(s),
-        _ => Err(format!(
-            "{v}: expected a duration: seconds (300), or \"30s\", \"10m\", \"1h\""
-        )),
-    }
-}
-
-/// Memory in MB: a plain number of MB, or `"512M"`, `"16G"`, `"1T"` (binary
-/// units, as Slurm reads them).
-pub fn parse_mem_mb_text(s: &str) -> Option<u64> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (number, unit) = s.split_at(split);
-    let n: u64 = number.parse().ok()?;
-    let factor = match unit.to_ascii_uppercase().as_str() {
-        "" | "M" | "MB" => 1,
-        "G" | "GB" => 1024,
-        "T" | "TB" => 1024 * 1024,
-        _ => return None,
-    };
-    n.checked_mul(factor)
-}
-
-fn parse_mem_mb(v: &NumberOrText) -> Result<u64, String> {
-    let mb = match v {
-        NumberOrText::Number(n) => u64::try_from(*n).ok(),
-        NumberOrText::Text(s) => parse_mem_mb_text(s),
-    };
-    match mb {
-        Some(m) if m > 0 => Ok(m),
-        _ => Err(format!(
-            "{v}: expected memory: megabytes (2048), or \"512M\", \"16G\", \"1T\""
-        )),
-    }
+    Ok(remote)
 }
 
 #[cfg(test)]
