@@ -21,24 +21,92 @@
 use serde_json::Value;
 
 use crate::config;
-use crate::error::Failure;
+use crate::error::{Failure, Kind, KindOf};
 use crate::ticket::Resources;
 
+/// Why an `nshResources` value was refused: bad input (exit 65).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ResourcesError {
+    /// A string that is not JSON (serde's message).
+    NotJson(String),
+    /// JSON, but not an object.
+    NotObject,
+    /// `cpus` is not a positive integer.
+    Cpus(Value),
+    /// `mem` is not a size.
+    Mem(Value),
+    /// `time` is not a duration.
+    Time(Value),
+    /// `gres` or `constraint` is not a string.
+    NotString(String, Value),
+    /// `gres` or `constraint` is empty or too long.
+    Length(String),
+    /// `gres` or `constraint` has a character Slurm would read otherwise:
+    /// the key, the text, the character, the characters allowed.
+    BadChar(String, String, char, &'static str),
+    /// A key nsh does not know.
+    UnknownKey(String),
+}
+
+impl std::fmt::Display for ResourcesError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("nshResources: ")?;
+        match self {
+            ResourcesError::NotJson(e) => write!(f, "not JSON: {e}"),
+            ResourcesError::NotObject => f.write_str("must be a JSON object"),
+            ResourcesError::Cpus(v) => write!(f, "cpus must be a positive integer, not {v}"),
+            ResourcesError::Mem(v) => write!(
+                f,
+                "mem must be MiB (2048) or a size like \"512M\", \"16G\", \"1T\", not {v}"
+            ),
+            ResourcesError::Time(v) => write!(
+                f,
+                "time must be minutes (90) or a duration like \"90m\", \"4h\", \"2d\", \"D-HH:MM:SS\", not {v}"
+            ),
+            ResourcesError::NotString(key, v) => write!(f, "{key} must be a string, not {v}"),
+            ResourcesError::Length(key) => write!(f, "{key} must be 1 to 256 characters"),
+            ResourcesError::BadChar(key, text, bad, extra) => write!(
+                f,
+                "{key} {text:?} has {bad:?} (allowed: letters, digits and {extra})"
+            ),
+            ResourcesError::UnknownKey(key) => write!(
+                f,
+                "unknown key {key:?} (known: cpus, mem, time, gres, constraint)"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ResourcesError {}
+
+impl KindOf for ResourcesError {
+    fn kind(&self) -> Kind {
+        Kind::Input
+    }
+}
+
 /// Parses an `nshResources` value (a JSON object, or a string holding one).
+///
+/// # Errors
+/// What is wrong with the value (bad input; a [`ResourcesError`] is the
+/// cause).
 pub fn parse(value: &Value) -> Result<Resources, Failure> {
-    let fail = |msg: String| Failure::input(format!("nshResources: {msg}"));
+    read(value).map_err(Failure::from)
+}
+
+fn read(value: &Value) -> Result<Resources, ResourcesError> {
     let owned;
     let object = match value {
         Value::Object(map) => map,
         Value::String(text) => {
-            owned =
-                serde_json::from_str::<Value>(text).map_err(|e| fail(format!("not JSON: {e}")))?;
+            owned = serde_json::from_str::<Value>(text)
+                .map_err(|e| ResourcesError::NotJson(e.to_string()))?;
             match &owned {
                 Value::Object(map) => map,
-                _ => return Err(fail("must be a JSON object".into())),
+                _ => return Err(ResourcesError::NotObject),
             }
         }
-        _ => return Err(fail("must be a JSON object".into())),
+        _ => return Err(ResourcesError::NotObject),
     };
     let mut resources = Resources::default();
     for (key, value) in object {
@@ -46,21 +114,18 @@ pub fn parse(value: &Value) -> Result<Resources, Failure> {
             "cpus" => {
                 let cpus = value
                     .as_u64()
-                    .filter(|&n| (1..=u32::MAX as u64).contains(&n))
-                    .ok_or_else(|| fail(format!("cpus must be a positive integer, not {value}")))?;
-                resources.cpus = Some(cpus as u32);
+                    .and_then(|n| u32::try_from(n).ok())
+                    .filter(|&n| n >= 1)
+                    .ok_or_else(|| ResourcesError::Cpus(value.clone()))?;
+                resources.cpus = Some(cpus);
             }
-            "mem" => resources.mem_mb = Some(parse_mem(value).map_err(fail)?),
-            "time" => resources.time_min = Some(parse_time(value).map_err(fail)?),
-            "gres" => resources.gres = Some(slurm_word(key, value, "_:.-,").map_err(fail)?),
+            "mem" => resources.mem_mb = Some(parse_mem(value)?),
+            "time" => resources.time_min = Some(parse_time(value)?),
+            "gres" => resources.gres = Some(slurm_word(key, value, "_:.-,")?),
             "constraint" => {
-                resources.constraint = Some(slurm_word(key, value, "_.-&|!()[]*,:").map_err(fail)?)
+                resources.constraint = Some(slurm_word(key, value, "_.-&|!()[]*,:")?);
             }
-            other => {
-                return Err(fail(format!(
-                    "unknown key {other:?} (known: cpus, mem, time, gres, constraint)"
-                )))
-            }
+            other => return Err(ResourcesError::UnknownKey(other.to_string())),
         }
     }
     Ok(resources)
@@ -70,49 +135,45 @@ pub fn parse(value: &Value) -> Result<Resources, Failure> {
 // notation for admins and derivation authors): `config`'s parsers.
 
 /// A memory size in MiB.
-fn parse_mem(value: &Value) -> Result<u64, String> {
+fn parse_mem(value: &Value) -> Result<u64, ResourcesError> {
     let mb = match value {
         Value::Number(n) => n.as_u64(),
         Value::String(s) => config::parse_mem_mb_text(s),
         _ => None,
     };
-    match mb {
-        Some(mb) if mb > 0 => Ok(mb),
-        _ => Err(format!(
-            "mem must be MiB (2048) or a size like \"512M\", \"16G\", \"1T\", not {value}"
-        )),
-    }
+    mb.filter(|&mb| mb > 0)
+        .ok_or_else(|| ResourcesError::Mem(value.clone()))
 }
 
 /// A duration in whole minutes (seconds round up).
-fn parse_time(value: &Value) -> Result<u32, String> {
+fn parse_time(value: &Value) -> Result<u32, ResourcesError> {
     let minutes = match value {
         Value::Number(n) => n.as_u64().and_then(|m| u32::try_from(m).ok()),
         Value::String(s) => config::parse_minutes_text(s),
         _ => None,
     };
-    match minutes {
-        Some(m) if m > 0 => Ok(m),
-        _ => Err(format!(
-            "time must be minutes (90) or a duration like \"90m\", \"4h\", \"2d\", \"D-HH:MM:SS\", not {value}"
-        )),
-    }
+    minutes
+        .filter(|&m| m > 0)
+        .ok_or_else(|| ResourcesError::Time(value.clone()))
 }
 
 /// A Slurm gres or constraint expression: letters, digits and `extra`.
-fn slurm_word(key: &str, value: &Value, extra: &str) -> Result<String, String> {
+fn slurm_word(key: &str, value: &Value, extra: &'static str) -> Result<String, ResourcesError> {
     let text = value
         .as_str()
-        .ok_or_else(|| format!("{key} must be a string, not {value}"))?;
+        .ok_or_else(|| ResourcesError::NotString(key.to_string(), value.clone()))?;
     if text.is_empty() || text.len() > 256 {
-        return Err(format!("{key} must be 1 to 256 characters"));
+        return Err(ResourcesError::Length(key.to_string()));
     }
     if let Some(bad) = text
         .chars()
         .find(|&c| !(c.is_ascii_alphanumeric() || extra.contains(c)))
     {
-        return Err(format!(
-            "{key} {text:?} has {bad:?} (allowed: letters, digits and {extra})"
+        return Err(ResourcesError::BadChar(
+            key.to_string(),
+            text.to_string(),
+            bad,
+            extra,
         ));
     }
     Ok(text.to_string())

@@ -63,39 +63,90 @@ pub fn place(
     )))
 }
 
+/// Why a derivation does not fit a cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Misfit {
+    /// The cluster builds other systems (its systems, the derivation's).
+    System(Vec<String>, String),
+    /// Required features the cluster does not support.
+    Unsupported(Vec<String>),
+    /// The cluster's mandatory features the derivation does not require.
+    NotMandatory(Vec<String>),
+    /// Two features route to different partitions.
+    Partitions(String, String),
+    /// `nshResources` asks for more than the limit: what, asked, limit.
+    AboveLimit(&'static str, String, String),
+    /// `nshResources` asks for gres, which the cluster does not allow.
+    GresNotAllowed,
+    /// `nshResources` asks for a constraint, which the cluster does not allow.
+    ConstraintNotAllowed,
+    /// A gres or constraint that is not a Slurm expression.
+    NotSlurmExpression(String),
+}
+
+impl std::fmt::Display for Misfit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Misfit::System(systems, system) => {
+                write!(f, "builds {}, not {system}", systems.join(" "))
+            }
+            Misfit::Unsupported(features) => write!(f, "does not support {}", features.join(" ")),
+            Misfit::NotMandatory(features) => write!(
+                f,
+                "only builds derivations requiring {}",
+                features.join(" ")
+            ),
+            Misfit::Partitions(one, other) => {
+                write!(f, "features {one} and {other} need different partitions")
+            }
+            Misfit::AboveLimit(what, asked, max) => write!(
+                f,
+                "nshResources asks for {what} {asked}, above the limit of {max}"
+            ),
+            Misfit::GresNotAllowed => f.write_str(
+                "nshResources asks for gres, which this cluster does not allow (limits.allow_gres)",
+            ),
+            Misfit::ConstraintNotAllowed => f.write_str(
+                "nshResources asks for a constraint, which this cluster does not allow (limits.allow_constraint)",
+            ),
+            Misfit::NotSlurmExpression(value) => {
+                write!(f, "nshResources: {value:?} is not a Slurm expression")
+            }
+        }
+    }
+}
+
+impl std::error::Error for Misfit {}
+
 /// Does `drv` fit `cluster`? The reason why not, if not.
+///
+/// # Errors
+/// The first reason the derivation does not fit.
 pub fn place_on(
     cluster: &Cluster,
     drv: &DrvSection,
     options: Option<&BuildOptions>,
-) -> Result<Placement, String> {
+) -> Result<Placement, Misfit> {
     if !cluster.systems.contains(&drv.system) {
-        return Err(format!(
-            "builds {}, not {}",
-            cluster.systems.join(" "),
-            drv.system
-        ));
+        return Err(Misfit::System(cluster.systems.clone(), drv.system.clone()));
     }
-    let unsupported: Vec<&str> = drv
+    let unsupported: Vec<String> = drv
         .features
         .iter()
         .filter(|f| !cluster.supported_features.contains(*f))
-        .map(String::as_str)
+        .cloned()
         .collect();
     if !unsupported.is_empty() {
-        return Err(format!("does not support {}", unsupported.join(" ")));
+        return Err(Misfit::Unsupported(unsupported));
     }
-    let missing: Vec<&str> = cluster
+    let missing: Vec<String> = cluster
         .mandatory_features
         .iter()
         .filter(|f| !drv.features.contains(f))
-        .map(String::as_str)
+        .cloned()
         .collect();
     if !missing.is_empty() {
-        return Err(format!(
-            "only builds derivations requiring {}",
-            missing.join(" ")
-        ));
+        return Err(Misfit::NotMandatory(missing));
     }
 
     let mut partition = cluster.partition.clone();
@@ -109,9 +160,7 @@ pub fn place_on(
         if let Some(p) = &request.partition {
             if let Some(other) = partition_from {
                 if partition.as_deref() != Some(p.as_str()) {
-                    return Err(format!(
-                        "features {other} and {feature} need different partitions"
-                    ));
+                    return Err(Misfit::Partitions(other.to_string(), feature.clone()));
                 }
             }
             partition = Some(p.clone());
@@ -158,16 +207,16 @@ pub fn place_on(
 }
 
 /// The derivation's own request against the cluster's limits.
-fn bound(asked: &Resources, cluster: &Cluster) -> Result<(), String> {
+fn bound(asked: &Resources, cluster: &Cluster) -> Result<(), Misfit> {
     fn over<T: PartialOrd + std::fmt::Display>(
-        what: &str,
+        what: &'static str,
         asked: Option<T>,
         max: Option<T>,
-    ) -> Result<(), String> {
+    ) -> Result<(), Misfit> {
         match (asked, max) {
-            (Some(asked), Some(max)) if asked > max => Err(format!(
-                "nshResources asks for {what} {asked}, above the limit of {max}"
-            )),
+            (Some(asked), Some(max)) if asked > max => {
+                Err(Misfit::AboveLimit(what, asked.to_string(), max.to_string()))
+            }
             _ => Ok(()),
         }
     }
@@ -176,13 +225,10 @@ fn bound(asked: &Resources, cluster: &Cluster) -> Result<(), String> {
     over("mem (MiB)", asked.mem_mb, limits.max_mem_mb)?;
     over("time (minutes)", asked.time_min, limits.max_time_min)?;
     if asked.gres.is_some() && !limits.allow_gres {
-        return Err(
-            "nshResources asks for gres, which this cluster does not allow (limits.allow_gres)"
-                .into(),
-        );
+        return Err(Misfit::GresNotAllowed);
     }
     if asked.constraint.is_some() && !limits.allow_constraint {
-        return Err("nshResources asks for a constraint, which this cluster does not allow (limits.allow_constraint)".into());
+        return Err(Misfit::ConstraintNotAllowed);
     }
     for value in [&asked.gres, &asked.constraint].into_iter().flatten() {
         if value.is_empty()
@@ -191,7 +237,7 @@ fn bound(asked: &Resources, cluster: &Cluster) -> Result<(), String> {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || "_-.:,&|=*[]!()".contains(c))
         {
-            return Err(format!("nshResources: {value:?} is not a Slurm expression"));
+            return Err(Misfit::NotSlurmExpression(value.clone()));
         }
     }
     Ok(())
