@@ -35,9 +35,9 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use crate::config::Config;
-use crate::error::{Failure, Kind, ResultExt};
+use crate::error::{Failure, Kind, KindOf, ResultExt};
 use crate::nix::local_store::LocalStore;
-use crate::nix::nar;
+use crate::nix::nar::{self, NarError};
 use crate::nix::serve::client::{ServeClient, ServeProcess};
 use crate::nix::serve::{self, PathInfo};
 use crate::nix::wire::{WireError, WireReader, WireWriter};
@@ -358,36 +358,44 @@ fn relay_import<R: Read>(
             progress.borrow_mut().path_done();
             sent.push(path);
         })
-        .map_err(|e| e.fail("relaying the local export stream"))?;
+        .map_err(|e| {
+            let message = format!("relaying the local export stream: {e}");
+            Failure::caused_by(e.kind(), message, e)
+        })?;
         Ok(Vec::new())
     })?;
     Ok(sent)
 }
 
 /// Copies an export stream entry by entry, calling `entry_done` with each
-/// path once its entry is through.
+/// path once its entry is through. Errors say which side failed, like a
+/// NAR's: reading the stream, or writing to `out`.
 fn relay_entries<R: Read, W: Write + ?Sized>(
     r: &mut WireReader<R>,
     out: &mut W,
     mut entry_done: impl FnMut(String),
-) -> Result<(), WireError> {
+) -> Result<(), NarError> {
+    let written = |result: std::io::Result<()>| result.map_err(NarError::Write);
     loop {
         match r.u64()? {
             0 => {
-                out.write_all(&0u64.to_le_bytes())?;
-                return Ok(out.flush()?);
+                written(out.write_all(&0u64.to_le_bytes()))?;
+                return written(out.flush());
             }
             1 => {
-                out.write_all(&1u64.to_le_bytes())?;
+                written(out.write_all(&1u64.to_le_bytes()))?;
                 nar::copy_nar(r.get_mut(), out)?;
                 let trailer = serve::read_export_trailer(r)?;
-                serve::write_export_trailer(&mut WireWriter::new(&mut *out), &trailer)?;
+                written(serve::write_export_trailer(
+                    &mut WireWriter::new(&mut *out),
+                    &trailer,
+                ))?;
                 entry_done(trailer.path);
             }
             n => {
-                return Err(WireError::Unexpected(format!(
+                return Err(NarError::Read(WireError::Unexpected(format!(
                     "export stream: expected 0 or 1 before an entry, got {n}"
-                )))
+                ))))
             }
         }
     }

@@ -9,7 +9,7 @@ use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::Path;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
-use crate::error::{Failure, Kind};
+use crate::error::{Failure, Kind, KindOf};
 use crate::nix::drv::Drv;
 use crate::nix::nar;
 use crate::nix::serve::{self, BuildResult, ExportTrailer, PathInfo};
@@ -132,8 +132,9 @@ impl<R: Read, W: Write> ServeClient<R, W> {
         out: &mut (impl Write + ?Sized),
     ) -> Result<u64, Failure> {
         self.send("DumpStorePath", |w| serve::write_dump_store_path(w, path))?;
-        self.recv(&format!("the NAR of {path}"), |r| {
-            nar::copy_nar(r.get_mut(), out)
+        nar::copy_nar(self.r.get_mut(), out).map_err(|e| {
+            let message = format!("{}: the NAR of {path}: {e}", self.peer);
+            Failure::caused_by(e.kind(), message, e)
         })
     }
 
@@ -153,23 +154,6 @@ impl<R: Read, W: Write> ServeClient<R, W> {
     /// Who the server is, for messages.
     pub fn peer(&self) -> &str {
         &self.peer
-    }
-
-    /// ImportPaths: relays the export stream read from `source` to the
-    /// server, then waits for its acknowledgement.
-    pub fn import_paths(&mut self, source: &mut impl Read) -> Result<Vec<ExportedPath>, Failure> {
-        self.send("ImportPaths", |w| w.u64(serve::Command::ImportPaths as u64))?;
-        let mut source = WireReader::new(source);
-        let peer = self.peer.clone();
-        let paths = copy_export_stream(&mut source, self.w.get_mut()).map_err(|e| match e {
-            // A failed write to the server (it went away) is transient; a
-            // malformed source is not.
-            WireError::Io(e) => io_fail(&peer, "sending the import stream", e),
-            other => other.fail("reading the export stream to import"),
-        })?;
-        self.send("ImportPaths", |_| Ok(()))?;
-        self.recv("ImportPaths", |r| serve::read_ack(r, "ImportPaths"))?;
-        Ok(paths)
     }
 
     /// ImportPaths with the export stream written straight to the server by
@@ -228,7 +212,8 @@ impl<R: Read, W: Write> ServeClient<R, W> {
 
     /// Runs `write` on the server's input. When it fails because writing to
     /// the server failed (the server or the link went away), the failure is
-    /// that write error, transient, whatever `write`'s own source made of it.
+    /// that write error, transient, whatever `write`'s own source made of it
+    /// (the source sees only a failed write, and may call it its own).
     fn stream_to_server<T>(
         &mut self,
         what: &str,
@@ -247,6 +232,7 @@ impl<R: Read, W: Write> ServeClient<R, W> {
 
     /// AddToStoreNar: `info` describes the path, the NAR is read from `nar`
     /// (exactly one NAR, streamed).
+    #[cfg(any(test, feature = "test-util"))]
     pub fn add_to_store_nar(
         &mut self,
         info: &PathInfo,
@@ -255,8 +241,11 @@ impl<R: Read, W: Write> ServeClient<R, W> {
         self.send("AddToStoreNar", |w| serve::write_add_to_store_nar(w, info))?;
         let peer = self.peer.clone();
         let size = nar::copy_nar(nar_source, self.w.get_mut()).map_err(|e| match e {
-            WireError::Io(e) => io_fail(&peer, "sending a NAR", e),
-            other => other.fail(format!("reading the NAR of {}", info.path)),
+            nar::NarError::Write(e) => io_fail(&peer, "sending a NAR", e),
+            other => {
+                let message = format!("reading the NAR of {}: {other}", info.path);
+                Failure::caused_by(other.kind(), message, other)
+            }
         })?;
         self.send("AddToStoreNar", |_| Ok(()))?;
         self.recv("AddToStoreNar", |r| serve::read_ack(r, "AddToStoreNar"))?;
@@ -277,16 +266,6 @@ impl<R: Read, W: Write> ServeClient<R, W> {
         })?;
         self.recv("BuildDerivation", |r| serve::read_build_result(r, version))
     }
-}
-
-fn check_nar_size(peer: &str, info: &PathInfo, size: u64) -> Result<(), Failure> {
-    if size == info.nar_size {
-        return Ok(());
-    }
-    Err(Failure::permanent(format!(
-        "{peer}: the NAR of {} has {size} bytes, its path info says {}",
-        info.path, info.nar_size
-    )))
 }
 
 /// A writer that keeps its first error (a copy: `io::Error` is not `Clone`)
@@ -314,34 +293,14 @@ impl Write for WriteErrorKept<'_> {
     }
 }
 
-/// Copies an export stream (`u64 1`, NAR, trailer … `u64 0`) from `r` to
-/// `out`, entry by entry.
-pub fn copy_export_stream<R: Read, W: Write + ?Sized>(
-    r: &mut WireReader<R>,
-    out: &mut W,
-) -> Result<Vec<ExportedPath>, WireError> {
-    let mut paths = Vec::new();
-    loop {
-        match r.u64()? {
-            0 => {
-                out.write_all(&0u64.to_le_bytes())?;
-                out.flush()?;
-                return Ok(paths);
-            }
-            1 => {
-                out.write_all(&1u64.to_le_bytes())?;
-                let nar_size = nar::copy_nar(r.get_mut(), out)?;
-                let trailer = serve::read_export_trailer(r)?;
-                serve::write_export_trailer(&mut WireWriter::new(&mut *out), &trailer)?;
-                paths.push(ExportedPath { trailer, nar_size });
-            }
-            n => {
-                return Err(WireError::Unexpected(format!(
-                    "export stream: expected 0 or 1 before an entry, got {n}"
-                )))
-            }
-        }
+fn check_nar_size(peer: &str, info: &PathInfo, size: u64) -> Result<(), Failure> {
+    if size == info.nar_size {
+        return Ok(());
     }
+    Err(Failure::permanent(format!(
+        "{peer}: the NAR of {} has {size} bytes, its path info says {}",
+        info.path, info.nar_size
+    )))
 }
 
 /// A `nix-store --serve` child process: on this machine

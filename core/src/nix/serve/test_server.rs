@@ -189,7 +189,7 @@ impl FakeNode {
         let text = |e: WireError| e.to_string();
         while r.u64().map_err(text)? == 1 {
             let mut nar = Vec::new();
-            nar::copy_nar(r.get_mut(), &mut nar).map_err(text)?;
+            nar::copy_nar(r.get_mut(), &mut nar).map_err(|e| e.to_string())?;
             let trailer = serve::read_export_trailer(r).map_err(text)?;
             let references: Vec<&str> = trailer.references.iter().map(String::as_str).collect();
             let mut info = info_for(&trailer.path, &references, &nar);
@@ -214,7 +214,7 @@ impl FakeNode {
         info.sigs = r.strings().map_err(text)?;
         info.ca = r.string().map_err(text)?;
         let mut nar = Vec::new();
-        nar::copy_nar(r.get_mut(), &mut nar).map_err(text)?;
+        nar::copy_nar(r.get_mut(), &mut nar).map_err(|e| e.to_string())?;
         let digest: [u8; 32] = Sha256::digest(&nar).into();
         if nar.len() as u64 != info.nar_size
             || !crate::nix::hash::nar_hash_matches(&info.nar_hash, &digest).unwrap_or(false)

@@ -43,11 +43,11 @@ use std::process::Stdio;
 use std::time::Instant;
 
 use crate::config::Config;
-use crate::error::{Failure, Kind, ResultExt};
+use crate::error::{Failure, Kind, KindOf, ResultExt};
 use crate::log_info;
 use crate::nix::hash::{self, Hashing};
 use crate::nix::local_store::{self, LocalStore};
-use crate::nix::nar;
+use crate::nix::nar::{self, NarError};
 use crate::nix::serve::client::{ServeClient, ServeProcess};
 use crate::nix::serve::{self, ExportTrailer, PathInfo};
 use crate::nix::wire::{WireError, WireWriter};
@@ -329,8 +329,9 @@ fn check_nar(info: &PathInfo, digest: &[u8; 32], size: u64) -> Result<(), Failur
 }
 
 /// A failure reading the NAR of `path` from the node.
-fn nar_error(path: &str, e: WireError) -> Failure {
-    e.fail(format!("the NAR of {path} from the node"))
+fn nar_error(path: &str, e: NarError) -> Failure {
+    let message = format!("the NAR of {path} from the node: {e}");
+    Failure::caused_by(e.kind(), message, e)
 }
 
 /// Feeds `nix-store --import` with `NIX_HELD_LOCKS` an export stream made
@@ -405,7 +406,7 @@ fn relay_checked<R: Read, W: Write, T: Write>(
                 to: &mut *progress,
             };
             nar::copy_nar(&mut counting, to).map_err(|e| match e {
-                WireError::Io(e) if e.kind() == io::ErrorKind::BrokenPipe => write_fail(e),
+                NarError::Write(e) => write_fail(e),
                 other => nar_error(&info.path, other),
             })
         })?;
@@ -552,8 +553,10 @@ fn unpack_checked(
         to: progress,
     });
     let size = nar::unpack(&mut reader, temp).map_err(|e| match e {
-        WireError::Io(e) if e.kind() != io::ErrorKind::UnexpectedEof => {
-            Failure::transient(format!("unpacking into {}: {e}", temp.display()))
+        // The file system's trouble, or the stream's other than its end.
+        NarError::Unpack { .. } | NarError::Read(WireError::Io(_)) => {
+            let message = format!("unpacking into {}: {e}", temp.display());
+            Failure::caused_by(Kind::Transient, message, e)
         }
         other => nar_error(&info.path, other),
     })?;
