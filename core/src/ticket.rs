@@ -261,8 +261,17 @@ impl Ticket {
 
     /// One line of JSON, without the trailing newline.
     pub fn to_line(&self) -> String {
-        // Serialising plain data to a String cannot fail.
-        serde_json::to_string(self).expect("a ticket always serialises")
+        // Serialising plain data (string keys, no fallible Serialize impls)
+        // cannot fail; were it to, the next tool still gets a ticket that
+        // says so.
+        serde_json::to_string(self).unwrap_or_else(|e| {
+            serde_json::json!({
+                "v": TICKET_VERSION,
+                "error": {"stage": "ticket", "kind": "permanent",
+                          "message": format!("the ticket could not be written: {e}")},
+            })
+            .to_string()
+        })
     }
 
     /// Records a failure of `stage`.

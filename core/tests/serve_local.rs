@@ -2,6 +2,8 @@
 //! against the real `nix-store --serve` of this machine, each test in
 //! private stores of its own (`local?store=…&state=…`), so nothing touches
 //! /nix/store.
+// A test fails by panicking: its helpers unwrap too.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::missing_panics_doc)]
 
 use std::fs;
 use std::io::Write;

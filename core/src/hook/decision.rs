@@ -126,7 +126,7 @@ pub fn decide(
         let better = match best {
             None => true,
             Some((_, b_used, b_max)) => {
-                (used as u64) * (b_max as u64) < (b_used as u64) * (cluster.max_jobs as u64)
+                u64::from(used) * u64::from(b_max) < u64::from(b_used) * u64::from(cluster.max_jobs)
             }
         };
         if better {
@@ -152,7 +152,7 @@ mod tests {
         mandatory: &[&str],
         max_jobs: u32,
     ) -> ClusterCaps {
-        let v = |l: &[&str]| l.iter().map(|s| s.to_string()).collect();
+        let v = |l: &[&str]| l.iter().map(std::string::ToString::to_string).collect();
         ClusterCaps {
             name: name.into(),
             systems: v(systems),
@@ -167,7 +167,10 @@ mod tests {
             am_willing,
             needed_system: system.into(),
             drv_path: "/nix/store/00000000000000000000000000000000-x.drv".into(),
-            required_features: features.iter().map(|s| s.to_string()).collect(),
+            required_features: features
+                .iter()
+                .map(std::string::ToString::to_string)
+                .collect(),
         }
     }
 

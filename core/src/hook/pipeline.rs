@@ -340,7 +340,7 @@ pub fn stop(children: &mut [(String, Child)]) {
         loop {
             match child.try_wait() {
                 Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(10))
+                    std::thread::sleep(Duration::from_millis(10));
                 }
                 Ok(None) => {
                     let _ = child.kill();

@@ -73,7 +73,7 @@ impl KindOf for ProtoError {
 /// hook's limits, errors as [`ProtoError`], and EOF told apart when it falls
 /// exactly between two messages (the daemon's way of saying "no more work").
 mod hook_wire {
-    use super::*;
+    use super::{io, ProtoError, Read, MAX_LIST, MAX_STRING};
     use crate::nix::wire::{Limits, WireError, WireReader, WireWriter};
 
     const LIMITS: Limits = Limits {
@@ -126,21 +126,23 @@ mod hook_wire {
             .map_err(|e| proto_error(e, what))
     }
 
-    // Writing to a Vec cannot fail.
+    // Writing to a Vec cannot fail: its io::Result is always Ok.
     pub fn write_u64(w: &mut Vec<u8>, n: u64) {
-        WireWriter::new(w).u64(n).expect("writing to memory");
+        let _ = WireWriter::new(w).u64(n);
     }
 
     pub fn write_string(w: &mut Vec<u8>, s: &str) {
-        WireWriter::new(w).string(s).expect("writing to memory");
+        let _ = WireWriter::new(w).string(s);
     }
 
     pub fn write_strings(w: &mut Vec<u8>, list: &[String]) {
-        WireWriter::new(w).strings(list).expect("writing to memory");
+        let _ = WireWriter::new(w).strings(list);
     }
 }
 
-use hook_wire::*;
+use hook_wire::{
+    read_string, read_strings, read_u64, read_u64_or_eof, write_string, write_strings, write_u64,
+};
 
 /// The daemon's settings, as dumped to the hook: name → value (lists
 /// space-joined, booleans `true`/`false`).
@@ -331,7 +333,7 @@ impl Try {
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::new();
         write_string(&mut out, "try");
-        write_u64(&mut out, self.am_willing as u64);
+        write_u64(&mut out, u64::from(self.am_willing));
         write_string(&mut out, &self.needed_system);
         write_string(&mut out, &self.drv_path);
         write_strings(&mut out, &self.required_features);

@@ -246,9 +246,10 @@ pub fn dependency_order(infos: Vec<PathInfo>) -> Result<Vec<PathInfo>, Failure> 
             }
         }
     }
+    // Each path is in `order` once, so each is found.
     Ok(order
         .into_iter()
-        .map(|n| by_path.remove(&paths[n]).expect("each path once"))
+        .filter_map(|n| by_path.remove(&paths[n]))
         .collect())
 }
 
@@ -259,7 +260,7 @@ mod tests {
     fn info(path: &str, refs: &[&str]) -> PathInfo {
         PathInfo {
             path: path.into(),
-            references: refs.iter().map(|r| r.to_string()).collect(),
+            references: refs.iter().map(std::string::ToString::to_string).collect(),
             nar_size: 1,
             ..PathInfo::default()
         }

@@ -252,7 +252,7 @@ impl<W: Write> WireWriter<W> {
     }
 
     pub fn bool(&mut self, value: bool) -> io::Result<()> {
-        self.u64(value as u64)
+        self.u64(u64::from(value))
     }
 
     pub fn bytes(&mut self, value: &[u8]) -> io::Result<()> {
@@ -345,7 +345,7 @@ mod tests {
         bytes.extend_from_slice(b"short");
         match reader(&bytes).bytes() {
             Err(WireError::TooLong { what, len, .. }) => {
-                assert_eq!((what, len), ("string", u64::MAX))
+                assert_eq!((what, len), ("string", u64::MAX));
             }
             other => panic!("{other:?}"),
         }
@@ -415,7 +415,7 @@ mod tests {
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             let mut r = reader(&bytes);
             while let Ok(list) = r.strings() {
-                let total: usize = list.iter().map(|s| s.len()).sum();
+                let total: usize = list.iter().map(std::string::String::len).sum();
                 prop_assert!(total <= bytes.len());
             }
             let mut r = reader(&bytes);

@@ -96,8 +96,7 @@ pub fn parse_scontrol(job: u64, line: &str) -> Result<JobInfo, Failure> {
 fn state_is_over(fields: &BTreeMap<&str, &str>) -> bool {
     fields
         .get("JobState")
-        .map(|s| JobInfo::state_from_words(&[s.to_string()]).0.is_finished())
-        .unwrap_or(false)
+        .is_some_and(|s| JobInfo::state_from_words(&[s.to_string()]).0.is_finished())
 }
 
 /// `Key=Value Key=Value …`. A value runs to the next ` Key=`, so values with
@@ -121,7 +120,7 @@ fn scontrol_fields(line: &str) -> BTreeMap<&str, &str> {
         }
     }
     for (n, &start) in starts.iter().enumerate() {
-        let end = starts.get(n + 1).map(|&e| e - 1).unwrap_or(line.len());
+        let end = starts.get(n + 1).map_or(line.len(), |&e| e - 1);
         let field = line[start..end].trim_end();
         if let Some((k, v)) = field.split_once('=') {
             fields.entry(k).or_insert(v);
@@ -147,11 +146,8 @@ pub fn submit(req: &JobRequest) -> Result<u64, Failure> {
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| Failure::transient(format!("running sbatch: {e}")))?;
-    let written = child
-        .stdin
-        .take()
-        .expect("piped")
-        .write_all(req.script.as_bytes());
+    let written = crate::sys::process::stdin_of(&mut child)
+        .and_then(|mut stdin| stdin.write_all(req.script.as_bytes()));
     let output = child
         .wait_with_output()
         .map_err(|e| Failure::transient(format!("running sbatch: {e}")))?;
@@ -216,23 +212,22 @@ pub fn parse_sinfo(stdout: &str) -> Vec<NodeInfo> {
         let [name, state, features, gres, partition] = fields[..] else {
             continue;
         };
-        let at = match nodes.iter().position(|n| n.name == name) {
-            Some(at) => at,
-            None => {
-                nodes.push(NodeInfo {
-                    name: name.to_string(),
-                    // `down*`: not responding; `drained+` …: flags.
-                    state: state
-                        .split('+')
-                        .map(|s| s.trim_end_matches(['*', '~', '#', '!', '%', '$', '@', '^', '-']))
-                        .map(str::to_ascii_lowercase)
-                        .collect(),
-                    features: PartitionInfo::list(features),
-                    gres: NodeInfo::gres_names(gres),
-                    partitions: Vec::new(),
-                });
-                nodes.len() - 1
-            }
+        let at = if let Some(at) = nodes.iter().position(|n| n.name == name) {
+            at
+        } else {
+            nodes.push(NodeInfo {
+                name: name.to_string(),
+                // `down*`: not responding; `drained+` …: flags.
+                state: state
+                    .split('+')
+                    .map(|s| s.trim_end_matches(['*', '~', '#', '!', '%', '$', '@', '^', '-']))
+                    .map(str::to_ascii_lowercase)
+                    .collect(),
+                features: PartitionInfo::list(features),
+                gres: NodeInfo::gres_names(gres),
+                partitions: Vec::new(),
+            });
+            nodes.len() - 1
         };
         nodes[at]
             .partitions

@@ -198,17 +198,15 @@ impl RestClient {
         }
         for v in ApiVersion::ALL.into_iter().rev() {
             let response = self.call(Method::Get, &rest::ping_path(v), None)?;
-            match response.status {
-                404 => continue,
-                _ => {
-                    rest::check(
-                        &format!("pinging slurmrestd ({v})"),
-                        response.status,
-                        &response.body,
-                    )?;
-                    return Ok(v);
-                }
+            if response.status == 404 {
+                continue;
             }
+            rest::check(
+                &format!("pinging slurmrestd ({v})"),
+                response.status,
+                &response.body,
+            )?;
+            return Ok(v);
         }
         Err(Failure::transient(format!(
             "slurmrestd at {} offers none of the API versions nsh speaks ({} … {})",

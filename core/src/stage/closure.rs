@@ -132,10 +132,11 @@ impl Session<'_> {
         {
             self.serve = None;
         }
-        if self.serve.is_none() {
-            self.serve = Some((local.uri.clone(), local.serve(false)?));
-        }
-        Ok(&mut self.serve.as_mut().expect("just set").1)
+        let serve = match self.serve.take() {
+            Some(serve) => serve,
+            None => (local.uri.clone(), local.serve(false)?),
+        };
+        Ok(&mut self.serve.insert(serve).1)
     }
 }
 

@@ -168,13 +168,13 @@ pub trait CountBytes {
     fn count(&mut self, n: u64);
 }
 
-impl<'p> CountBytes for &mut (dyn TransferProgress + 'p) {
+impl CountBytes for &mut (dyn TransferProgress + '_) {
     fn count(&mut self, n: u64) {
         self.bytes(n);
     }
 }
 
-impl<'p> CountBytes for &RefCell<&mut (dyn TransferProgress + 'p)> {
+impl CountBytes for &RefCell<&mut (dyn TransferProgress + '_)> {
     fn count(&mut self, n: u64) {
         self.borrow_mut().bytes(n);
     }

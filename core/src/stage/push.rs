@@ -45,6 +45,7 @@ use crate::stage::progress::{human_bytes, Reporting, TransferProgress};
 use crate::stage::retry;
 use crate::stage::ssh::Ssh;
 use crate::sys::flock::{FileLock, LockError};
+use crate::sys::process::stdout_of;
 use crate::ticket::{AllocSection, PushSection, Ticket};
 use crate::{log_debug, log_info};
 
@@ -225,7 +226,7 @@ fn push_once(
     progress.begin(missing.len() as u64, total);
     match route {
         Route::ImportPathsFromExportProcess => {
-            send_from_export_process(&mut remote, local, &infos, progress)?
+            send_from_export_process(&mut remote, local, &infos, progress)?;
         }
         Route::AddToStoreNar | Route::ImportPaths => send_paths(
             &mut remote.client,
@@ -317,7 +318,7 @@ fn send_from_export_process(
         .stderr(Stdio::inherit())
         .spawn()
         .or_fail(Kind::Transient, || "starting nix-store --export")?;
-    let stdout = child.stdout.take().expect("piped");
+    let stdout = stdout_of(&mut child).or_fail(Kind::Transient, || "nix-store --export")?;
     let result = relay_import(remote, BufReader::with_capacity(1 << 16, stdout), progress);
     if result.is_err() {
         let _ = child.kill();

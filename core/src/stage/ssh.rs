@@ -139,12 +139,16 @@ impl Ssh {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
-            .map(|s| s.success())
-            .unwrap_or(false)
+            .is_ok_and(|s| s.success())
     }
 
     fn start_master(&self) -> Result<(), Failure> {
-        let control = self.control.as_ref().expect("a master has a control path");
+        let Some(control) = &self.control else {
+            return Err(Failure::transient(format!(
+                "no control socket for an ssh master to {}",
+                self.destination
+            )));
+        };
         // `-f` puts the master in the background once it is authenticated;
         // its stdio is /dev/null, and stderr goes to a file we read only when
         // it failed (a pipe would be held open by the background master).

@@ -38,6 +38,35 @@ pub fn user_name() -> String {
     }
 }
 
+/// The pipe to a child's stdin (spawned with `Stdio::piped()`).
+///
+/// # Errors
+/// The child's stdin is not a pipe (it was not spawned with one, or was
+/// taken already).
+pub fn stdin_of(child: &mut Child) -> std::io::Result<std::process::ChildStdin> {
+    child.stdin.take().ok_or_else(|| not_piped("stdin"))
+}
+
+/// The pipe from a child's stdout (spawned with `Stdio::piped()`).
+///
+/// # Errors
+/// As [`stdin_of`].
+pub fn stdout_of(child: &mut Child) -> std::io::Result<std::process::ChildStdout> {
+    child.stdout.take().ok_or_else(|| not_piped("stdout"))
+}
+
+/// The pipe from a child's stderr (spawned with `Stdio::piped()`).
+///
+/// # Errors
+/// As [`stdin_of`].
+pub fn stderr_of(child: &mut Child) -> std::io::Result<std::process::ChildStderr> {
+    child.stderr.take().ok_or_else(|| not_piped("stderr"))
+}
+
+fn not_piped(which: &str) -> std::io::Error {
+    std::io::Error::other(format!("the child's {which} is not a pipe"))
+}
+
 /// Sends SIGTERM to `child` if it has not been reaped (best effort).
 pub fn terminate(child: &mut Child) {
     if let Ok(None) = child.try_wait() {

@@ -4,6 +4,8 @@
 // The test signals the processes and groups it started (kill(2) with
 // a negative pid) and sets up a child's fd 4: libc, which needs unsafe.
 #![allow(unsafe_code)]
+// A test fails by panicking: its helpers unwrap too.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::missing_panics_doc)]
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -581,7 +583,7 @@ fn resources_and_time_limits_reach_slurm() {
             let (status, _, _) = run(&c, as_user, &cancel_args, stdout.trim());
             assert_eq!(status, 0);
             for want in want {
-                assert!(shown.contains(want), "{:?}: no {want} in {shown}", config);
+                assert!(shown.contains(want), "{config:?}: no {want} in {shown}");
             }
         }
     }

@@ -14,6 +14,8 @@
 // The test signals the processes and groups it started (kill(2) with
 // a negative pid) and sets up a child's fd 4: libc, which needs unsafe.
 #![allow(unsafe_code)]
+// A test fails by panicking: its helpers unwrap too.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::missing_panics_doc)]
 
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
@@ -233,8 +235,7 @@ fn tagged_processes(tag: &str) -> Vec<String> {
         .filter(|pid| pid.bytes().all(|b| b.is_ascii_digit()))
         .filter(|pid| {
             fs::read(format!("/proc/{pid}/environ"))
-                .map(|env| env.split(|&b| b == 0).any(|v| v == needle.as_bytes()))
-                .unwrap_or(false)
+                .is_ok_and(|env| env.split(|&b| b == 0).any(|v| v == needle.as_bytes()))
         })
         .map(|pid| {
             let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
@@ -272,12 +273,12 @@ fn reach(c: &Cluster, hook: &mut RunningHook, stage: Stage, name: &str) -> u64 {
             job.unwrap()
         }
         Stage::Building => {
-            let job = hook.wait_for_line(Duration::from_secs(60), |line| {
+            let job = hook.wait_for_line(Duration::from_mins(1), |line| {
                 let text = line.split("(Slurm job ").nth(1)?;
                 line.contains("building '")
                     .then(|| text.split(')').next()?.parse::<u64>().ok())?
             });
-            eventually("the builder to start", Duration::from_secs(60), || {
+            eventually("the builder to start", Duration::from_mins(1), || {
                 fs::read_to_string(&hook.log)
                     .unwrap_or_default()
                     .contains("started")

@@ -2,6 +2,8 @@
 //! over ssh, and a build request file built on that node: what nsh-push and
 //! nsh-run do, without Slurm. The node's store starts without the paths
 //! (each run makes new ones), so they are really copied.
+// A test fails by panicking: its helpers unwrap too.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::missing_panics_doc)]
 
 use std::io::Write;
 use std::process::Stdio;

@@ -6,6 +6,8 @@
 //! so the snapshots, are deterministic without redaction. The derivations
 //! use `builder = "/bin/sh"` and no nixpkgs; those that are built name
 //! `x86_64-linux` as their system.
+// A test fails by panicking: its helpers unwrap too.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::missing_panics_doc)]
 
 use nsh_core::sys::flock::{lock_exclusive, Wait};
 use std::fs;

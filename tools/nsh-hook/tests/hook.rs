@@ -7,6 +7,8 @@
 // The test signals the processes and groups it started (kill(2) with
 // a negative pid) and sets up a child's fd 4: libc, which needs unsafe.
 #![allow(unsafe_code)]
+// A test fails by panicking: its helpers unwrap too.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::missing_panics_doc)]
 
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -45,7 +47,10 @@ fn try_(am_willing: bool, system: &str, features: &[&str]) -> Vec<u8> {
         am_willing,
         needed_system: system.into(),
         drv_path: DRV.into(),
-        required_features: features.iter().map(|f| f.to_string()).collect(),
+        required_features: features
+            .iter()
+            .map(std::string::ToString::to_string)
+            .collect(),
     }
     .to_bytes()
 }
@@ -648,8 +653,7 @@ fn processes_of(site: &Site) -> Vec<String> {
         .filter(|pid| pid.bytes().all(|b| b.is_ascii_digit()))
         .filter(|pid| {
             fs::read(format!("/proc/{pid}/environ"))
-                .map(|env| env.split(|&b| b == 0).any(|v| v == needle.as_bytes()))
-                .unwrap_or(false)
+                .is_ok_and(|env| env.split(|&b| b == 0).any(|v| v == needle.as_bytes()))
         })
         .collect()
 }

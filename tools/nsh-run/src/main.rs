@@ -10,7 +10,7 @@ use nsh_core::slurm::Clusters;
 use nsh_core::stage::run::{LogSink, Runner, JOB_CHECK_INTERVAL};
 use nsh_core::sys::signals::{catch_interrupts, Syscalls};
 use nsh_core::tool::run_stage;
-use nsh_core::ExitStatus;
+use nsh_core::{ExitStatus, Failure};
 
 /// Builds each ticket's derivation (read on stdin, one JSON object per line,
 /// with `drv`, `closure` and `alloc` sections) in its Slurm job, forwards the
@@ -38,13 +38,14 @@ fn main() -> ExitCode {
     let log_fd = match args.log_fd {
         Some(fd) => Some(fd),
         None => match std::env::var("NSH_LOG_FD") {
-            Ok(v) if !v.is_empty() => match v.parse() {
-                Ok(fd) => Some(fd),
-                Err(_) => {
+            Ok(v) if !v.is_empty() => {
+                if let Ok(fd) = v.parse() {
+                    Some(fd)
+                } else {
                     eprintln!("nsh-run: NSH_LOG_FD={v:?} is not a file descriptor number");
                     return ExitStatus::Usage.into();
                 }
-            },
+            }
             _ => None,
         },
     };
@@ -65,19 +66,25 @@ fn main() -> ExitCode {
     let interrupted = catch_interrupts(Syscalls::Restart);
     let mut runner = None;
     let mut log = Some(log);
+    // The runner is made at the first ticket (it needs the configuration,
+    // which may have failed to load) and owns the log sink from then on.
     run_stage(
         "run",
         std::io::stdin().lock(),
         std::io::stdout().lock(),
         |ticket| {
             let config = config.as_ref().map_err(Clone::clone)?;
-            let runner = runner.get_or_insert_with(|| Runner {
-                config,
-                clusters: Clusters::default(),
-                log: log.take().expect("made once"),
-                job_check_interval: JOB_CHECK_INTERVAL,
-                interrupted,
-            });
+            let runner = match (runner.as_mut(), log.take()) {
+                (Some(runner), _) => runner,
+                (None, Some(log)) => runner.insert(Runner {
+                    config,
+                    clusters: Clusters::default(),
+                    log,
+                    job_check_interval: JOB_CHECK_INTERVAL,
+                    interrupted,
+                }),
+                (None, None) => return Err(Failure::permanent("nsh-run: no log sink")),
+            };
             runner.run(ticket)
         },
     )

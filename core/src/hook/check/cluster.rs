@@ -309,9 +309,10 @@ fn check_feature(
         }
         found.push(format!("gres {gres}: {}", having.join(",")));
     }
-    match found.is_empty() {
-        true => Line::ok(scope, &check, format!("goes to {whose}")),
-        false => Line::ok(scope, &check, found.join("; ")),
+    if found.is_empty() {
+        Line::ok(scope, &check, format!("goes to {whose}"))
+    } else {
+        Line::ok(scope, &check, found.join("; "))
     }
 }
 
@@ -406,7 +407,10 @@ mod tests {
         NodeInfo {
             name: name.into(),
             state: vec!["idle".into()],
-            features: features.iter().map(|f| f.to_string()).collect(),
+            features: features
+                .iter()
+                .map(std::string::ToString::to_string)
+                .collect(),
             gres: NodeInfo::gres_names(gres),
             partitions: vec!["build".into()],
         }

@@ -603,7 +603,7 @@ mod tests {
             "b",
         ]
         .iter()
-        .map(|s| s.to_string())
+        .map(std::string::ToString::to_string)
         .collect();
         assert_eq!(option_in(&argv), Some("/x"));
         assert_eq!(option_in(&argv[..2]), None);

@@ -231,16 +231,17 @@ fn check_config(path: &Path, source: ConfigSource) -> (Vec<Line>, Option<(Config
     lines.push(slots_dir_line(&hook.slots_dir));
     if let Some(dir) = &hook.nix_bin_dir {
         let nix_store = dir.join("nix-store");
-        lines.push(match nix_store.is_file() {
-            true => Line::ok(SCOPE, "nix_bin_dir", format!("{}", nix_store.display())),
-            false => Line::fail(
+        lines.push(if nix_store.is_file() {
+            Line::ok(SCOPE, "nix_bin_dir", format!("{}", nix_store.display()))
+        } else {
+            Line::fail(
                 SCOPE,
                 "nix_bin_dir",
                 Failure::config(format!(
                     "hook.nix_bin_dir: {} does not exist",
                     nix_store.display()
                 )),
-            ),
+            )
         });
     }
     (lines, Some((config, hook)))

@@ -147,7 +147,8 @@ pub fn leave_marker(dir: &Path, marker: &Marker) -> Result<(), Failure> {
     }
     is_private_to(dir, crate::sys::process::euid())?;
     let path = marker_path(dir, &marker.nonce);
-    let text = serde_json::to_string(marker).expect("a marker serialises");
+    let text = serde_json::to_string(marker)
+        .map_err(|e| Failure::permanent(format!("writing the probe marker: {e}")))?;
     fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -207,7 +208,10 @@ mod tests {
             am_willing: false,
             needed_system: "x86_64-linux".into(),
             drv_path: format!("/nix/store/9wz4rz0z6nxsdmyyq3amsirnkbm7yhgv-{name}.drv"),
-            required_features: features.iter().map(|f| f.to_string()).collect(),
+            required_features: features
+                .iter()
+                .map(std::string::ToString::to_string)
+                .collect(),
         }
     }
 

@@ -14,6 +14,7 @@ use crate::nix::drv::Drv;
 use crate::nix::nar;
 use crate::nix::serve::{self, BuildResult, ExportTrailer, PathInfo};
 use crate::nix::wire::{WireError, WireReader, WireWriter};
+use crate::sys::process::{stdin_of, stdout_of};
 use crate::ticket::BuildOptions;
 
 /// One conversation with a serve-protocol server.
@@ -97,7 +98,7 @@ impl<R: Read, W: Write> ServeClient<R, W> {
         self.send("QueryValidPaths", |w| {
             serve::write_query_valid_paths(w, paths, lock, substitute)
         })?;
-        self.recv("QueryValidPaths", |r| r.strings())
+        self.recv("QueryValidPaths", super::super::wire::WireReader::strings)
     }
 
     /// Information about the valid ones among `paths` (invalid paths are
@@ -122,7 +123,7 @@ impl<R: Read, W: Write> ServeClient<R, W> {
         self.send("QueryClosure", |w| {
             serve::write_query_closure(w, paths, include_outputs)
         })?;
-        self.recv("QueryClosure", |r| r.strings())
+        self.recv("QueryClosure", super::super::wire::WireReader::strings)
     }
 
     /// Streams the NAR of `path` to `out`; returns its size.
@@ -360,9 +361,9 @@ impl ServeProcess {
             };
             Failure::new(kind, format!("starting {program}: {e}"))
         })?;
-        let stdin = child.stdin.take().expect("piped");
-        let stdout = child.stdout.take().expect("piped");
+        let pipes = stdin_of(&mut child).and_then(|stdin| Ok((stdin, stdout_of(&mut child)?)));
         let child = ChildGuard(child);
+        let (stdin, stdout) = pipes.map_err(|e| Failure::transient(format!("{program}: {e}")))?;
         let client = ServeClient::handshake(stdout, stdin, peer)?;
         Ok(ServeProcess { child, client })
     }

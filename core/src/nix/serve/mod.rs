@@ -128,7 +128,7 @@ pub fn write_query_valid_paths<W: Write, S: AsRef<str>>(
     w.u64(Command::QueryValidPaths as u64)?;
     w.bool(lock)?;
     w.bool(substitute)?;
-    w.strings(paths.iter().map(|p| p.as_ref()))
+    w.strings(paths.iter().map(std::convert::AsRef::as_ref))
 }
 
 pub fn write_query_path_infos<W: Write, S: AsRef<str>>(
@@ -136,7 +136,7 @@ pub fn write_query_path_infos<W: Write, S: AsRef<str>>(
     paths: &[S],
 ) -> io::Result<()> {
     w.u64(Command::QueryPathInfos as u64)?;
-    w.strings(paths.iter().map(|p| p.as_ref()))
+    w.strings(paths.iter().map(std::convert::AsRef::as_ref))
 }
 
 pub fn write_query_closure<W: Write, S: AsRef<str>>(
@@ -146,7 +146,7 @@ pub fn write_query_closure<W: Write, S: AsRef<str>>(
 ) -> io::Result<()> {
     w.u64(Command::QueryClosure as u64)?;
     w.bool(include_outputs)?;
-    w.strings(paths.iter().map(|p| p.as_ref()))
+    w.strings(paths.iter().map(std::convert::AsRef::as_ref))
 }
 
 pub fn write_dump_store_path<W: Write>(w: &mut WireWriter<W>, path: &str) -> io::Result<()> {
@@ -314,7 +314,7 @@ pub fn write_basic_derivation<W: Write, S: AsRef<str>>(
         w.string(&output.hash_algo)?;
         w.string(&output.hash)?;
     }
-    w.strings(input_closure.iter().map(|p| p.as_ref()))?;
+    w.strings(input_closure.iter().map(std::convert::AsRef::as_ref))?;
     w.string(&drv.system)?;
     w.string(&drv.builder)?;
     w.strings(&drv.args)?;

@@ -277,7 +277,10 @@ pub fn info_for(path: &str, references: &[&str], nar: &[u8]) -> PathInfo {
     let digest: [u8; 32] = Sha256::digest(nar).into();
     PathInfo {
         path: path.to_string(),
-        references: references.iter().map(|r| r.to_string()).collect(),
+        references: references
+            .iter()
+            .map(std::string::ToString::to_string)
+            .collect(),
         nar_size: nar.len() as u64,
         nar_hash: format!("sha256:{}", crate::nix::hash::nix_base32(&digest)),
         ..PathInfo::default()

@@ -180,19 +180,18 @@ pub fn place_on(
     }
 
     let limits = &cluster.limits;
-    let time_min = match asked.time_min {
-        Some(t) => t,
-        None => {
-            let from_timeout = options
-                .map(|o| o.timeout)
-                .filter(|&t| t > 0)
-                .map(|secs| u32::try_from(secs.div_ceil(60)).unwrap_or(u32::MAX))
-                .map(|m| m.saturating_add(TIMEOUT_MARGIN_MIN));
-            let t = from_timeout.unwrap_or(cluster.time_limit_min);
-            // A build timeout longer than the cluster allows: ask for the
-            // most the cluster gives rather than not building at all.
-            limits.max_time_min.map_or(t, |max| t.min(max))
-        }
+    let time_min = if let Some(t) = asked.time_min {
+        t
+    } else {
+        let from_timeout = options
+            .map(|o| o.timeout)
+            .filter(|&t| t > 0)
+            .map(|secs| u32::try_from(secs.div_ceil(60)).unwrap_or(u32::MAX))
+            .map(|m| m.saturating_add(TIMEOUT_MARGIN_MIN));
+        let t = from_timeout.unwrap_or(cluster.time_limit_min);
+        // A build timeout longer than the cluster allows: ask for the
+        // most the cluster gives rather than not building at all.
+        limits.max_time_min.map_or(t, |max| t.min(max))
     };
 
     Ok(Placement {
@@ -373,7 +372,12 @@ pub fn allocate(
             return Err(failure.context(format!("cluster {} job {job}", cluster.name)));
         }
     };
-    let node = info.node.clone().expect("running jobs have a node");
+    let Some(node) = info.node.clone() else {
+        return Err(Failure::transient(format!(
+            "cluster {} job {job} runs, but Slurm names no node for it",
+            cluster.name
+        )));
+    };
     let ssh = match config.ssh_user(cluster) {
         Some(user) => format!("{user}@{node}"),
         None => node.clone(),
@@ -454,7 +458,7 @@ fn wait_running(
         progress.waiting(job, &info, waited);
         sleep_unless(
             interrupted,
-            poll_interval(times.polls).min(timeout - waited),
+            poll_interval(times.polls).min(timeout.saturating_sub(waited)),
         );
     }
 }
@@ -588,7 +592,10 @@ kvm = { constraint = "kvm" }
             path: "/nix/store/00000000000000000000000000000000-x.drv".into(),
             name: "hello-2.12".into(),
             system: system.into(),
-            features: features.iter().map(|s| s.to_string()).collect(),
+            features: features
+                .iter()
+                .map(std::string::ToString::to_string)
+                .collect(),
             resources,
             ..DrvSection::default()
         }

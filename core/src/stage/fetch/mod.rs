@@ -35,6 +35,7 @@
 //! checked out.
 
 use crate::sys::flock::{lock_exclusive, Wait};
+use crate::sys::process::stdin_of;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -354,7 +355,7 @@ fn import_held_locks<R: Read, W: Write>(
         .stderr(Stdio::inherit())
         .spawn()
         .or_fail(Kind::Config, || "starting nix-store --import")?;
-    let stdin = child.stdin.take().expect("piped");
+    let stdin = stdin_of(&mut child).or_fail(Kind::Transient, || "nix-store --import")?;
     let mut to = Hashing::new(BufWriter::with_capacity(1 << 16, stdin));
     let relayed = relay_checked(remote, needed, &mut to, progress);
     let closed = relayed.and_then(|paths| {
@@ -613,11 +614,7 @@ fn register(direct: &LocalStore, placed: &[Placed]) -> Result<(), Failure> {
         .stderr(Stdio::piped())
         .spawn()
         .or_fail(Kind::Config, || "starting nix-store --load-db")?;
-    let written = child
-        .stdin
-        .take()
-        .expect("piped")
-        .write_all(input.as_bytes());
+    let written = stdin_of(&mut child).and_then(|mut stdin| stdin.write_all(input.as_bytes()));
     let out = child
         .wait_with_output()
         .or_fail(Kind::Transient, || "waiting for nix-store --load-db")?;
@@ -675,7 +672,7 @@ impl NixPathLock {
                 .or_fail(Kind::Transient, || format!("opening {}", path.display()))?;
             lock_exclusive(&file, Wait::Block)
                 .map_err(|e| Failure::transient(format!("locking {}: {e}", path.display())))?;
-            let stale = file.metadata().map(|m| m.len() != 0).unwrap_or(true);
+            let stale = file.metadata().map_or(true, |m| m.len() != 0);
             if !stale {
                 return Ok(NixPathLock { file, path });
             }

@@ -41,6 +41,7 @@ use crate::nix::store_path::StoreDir;
 use crate::slurm::{Clusters, JobInfo, JobState, Slurm};
 use crate::stage::release::ReleaseOnDrop;
 use crate::stage::ssh::Ssh;
+use crate::sys::process::{stderr_of, stdin_of, stdout_of};
 use crate::ticket::{AllocSection, RunSection, Ticket};
 use crate::{log_debug, log_info, log_warn, Kind};
 
@@ -833,13 +834,13 @@ impl Follower {
         // The script reads all of stdin before it writes anything, so
         // writing first and reading after cannot deadlock. A write error
         // (ssh could not connect) shows in its exit status.
-        let mut stdin = child.stdin.take().expect("piped");
-        let _ = stdin.write_all(request);
-        drop(stdin);
-        let stdout = child.stdout.take().expect("piped");
+        if let Ok(mut stdin) = stdin_of(&mut child) {
+            let _ = stdin.write_all(request);
+        }
+        let stdout = stdout_of(&mut child).or_fail(Kind::Transient, || "running ssh")?;
         let (tx, chunks) = mpsc::channel();
         std::thread::spawn(move || pump(stdout, tx));
-        let mut stderr_pipe = child.stderr.take().expect("piped");
+        let mut stderr_pipe = stderr_of(&mut child).or_fail(Kind::Transient, || "running ssh")?;
         let stderr = std::thread::spawn(move || {
             let mut text = String::new();
             let _ = stderr_pipe.read_to_string(&mut text);
@@ -895,8 +896,7 @@ fn pump(mut from: ChildStdout, to: mpsc::Sender<Vec<u8>>) {
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+        .map_or(0, |d| d.as_secs())
 }
 
 #[cfg(test)]
