@@ -34,9 +34,8 @@ fn expected_keys(message: &str) -> Vec<String> {
 
 /// The keys of one table: what the loader lists when given an unknown one.
 fn known_keys(table: &str, text: &str) -> Vec<String> {
-    let failure = match HookConfig::parse(Path::new("t.toml"), text) {
-        Ok(_) => panic!("{table}: an unknown key was accepted"),
-        Err(failure) => failure,
+    let Err(failure) = HookConfig::parse(Path::new("t.toml"), text) else {
+        panic!("{table}: an unknown key was accepted")
     };
     let keys = expected_keys(&failure.message);
     assert!(keys.len() > 1, "{table}: {}", failure.message);

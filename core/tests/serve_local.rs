@@ -153,19 +153,7 @@ fn queries_dump_and_closure_over_one_process() {
     assert!(b_info.nar_hash.starts_with("sha256:"));
     assert!(b_info.deriver.ends_with("-b.drv"));
 
-    // Same answer as nix-store --query --requisites.
-    let mut requisites: Vec<String> = s
-        .run(
-            "nix-store",
-            &["--query", "--requisites", &roots[0], &roots[1]],
-        )
-        .lines()
-        .map(str::to_string)
-        .collect();
-    requisites.sort();
-    let mut ours = closure.paths.clone();
-    ours.sort();
-    assert_eq!(ours, requisites);
+    assert_same_as_requisites(&s, &roots, &closure.paths);
 
     // DumpStorePath streams exactly what nix-store --dump gives.
     let mut nar = Vec::new();
@@ -191,6 +179,22 @@ fn queries_dump_and_closure_over_one_process() {
         .unwrap();
     assert_eq!(valid, [b_out]);
     serve.finish().unwrap();
+}
+
+/// The closure is what `nix-store --query --requisites` gives.
+fn assert_same_as_requisites(s: &TestStore, roots: &[String], paths: &[String]) {
+    let mut requisites: Vec<String> = s
+        .run(
+            "nix-store",
+            &["--query", "--requisites", &roots[0], &roots[1]],
+        )
+        .lines()
+        .map(str::to_string)
+        .collect();
+    requisites.sort();
+    let mut ours = paths.to_vec();
+    ours.sort();
+    assert_eq!(ours, requisites);
 }
 
 /// A store that shares `from`'s store directory (every path names its
@@ -328,7 +332,11 @@ fn build_derivation_live_and_as_a_request_file() {
         assert!(PathBuf::from(path).exists());
     }
 
-    // A failing build: the status and message come back.
+    a_failing_build_says_why(&s, &store);
+}
+
+/// A failing build: the status and message come back.
+fn a_failing_build_says_why(s: &TestStore, store: &LocalStore) {
     let bad = s.instantiate(r#"builtins.derivation { name = "bad"; system = builtins.currentSystem; builder = "/bin/sh"; args = ["-c" "echo oops >&2; exit 3"]; }"#);
     let bad = store.read_drv(&bad).unwrap();
     let mut serve = s.serve(true);

@@ -56,7 +56,7 @@ pub(super) fn validate(
         problems,
     )?
     .unwrap_or(DEFAULT_QUEUE_TIMEOUT_S);
-    let limits = limits(rc.limits, time_limit_min, problems)?;
+    let limits = limits(&rc.limits, time_limit_min, problems)?;
     for (key, value) in [
         ("partition", &rc.partition),
         ("account", &rc.account),
@@ -254,7 +254,7 @@ fn check_features(
 
 /// `[cluster.NAME.limits]`: each value parsed, defaults within the maxima,
 /// the cluster's time limit within `max_time`.
-fn limits(rl: RawLimits, time_limit_min: u32, problems: &Problems) -> Result<Limits, Failure> {
+fn limits(rl: &RawLimits, time_limit_min: u32, problems: &Problems) -> Result<Limits, Failure> {
     let limits = Limits {
         max_cpus: rl.max_cpus,
         max_mem_mb: optional(

@@ -46,14 +46,14 @@ pub fn initial_ticket(settings: &Settings, t: &Try, accepted: &Accepted) -> Tick
     ticket.store = Some(StoreSection {
         dir: store_dir,
         uri: settings.store().to_string(),
-        extra: Default::default(),
+        extra: crate::ticket::Extra::default(),
     });
     ticket.options = Some(BuildOptions {
         max_silent_time: settings.max_silent_time(),
         timeout: settings.timeout(),
         max_log_size: settings.max_log_size(),
         keep_failed: settings.keep_failed(),
-        extra: Default::default(),
+        extra: crate::ticket::Extra::default(),
     });
     ticket
 }

@@ -144,6 +144,7 @@ pub fn decide(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fmt::Write as _;
 
     fn caps(
         name: &str,
@@ -263,7 +264,7 @@ mod tests {
                 Decision::Accept { cluster } => format!("accept {}", clusters()[cluster].name),
                 other => format!("{other:?}"),
             };
-            table.push_str(&format!("{name:<30} {shown}\n"));
+            let _ = writeln!(table, "{name:<30} {shown}");
         }
         insta::assert_snapshot!(table);
     }

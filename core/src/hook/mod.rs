@@ -121,7 +121,7 @@ impl Ui {
 }
 
 /// The entry point of the `nsh-hook` binary; returns the exit status.
-pub fn main(argv: Vec<String>) -> i32 {
+pub fn main(argv: &[String]) -> i32 {
     crate::log::set_program("nsh-hook");
     match argv.get(1).map(String::as_str) {
         Some("--watchdog") => return watchdog_main(&argv[2..]),

@@ -13,7 +13,7 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -75,9 +75,10 @@ impl Stages {
                 })
                 .collect(),
             Stages::Command(argv) => {
-                let mut cmd = Command::new(&argv[0]);
-                cmd.args(&argv[1..]);
-                vec![(argv[0].clone(), cmd, true)]
+                let program = argv.first().cloned().unwrap_or_default();
+                let mut cmd = Command::new(&program);
+                cmd.args(argv.iter().skip(1));
+                vec![(program, cmd, true)]
             }
         }
     }
@@ -141,12 +142,28 @@ pub fn run(
     let (tx, rx) = mpsc::channel::<Message>();
     let (err_read, err_write) =
         pipe().or_fail(Kind::Transient, || "creating a pipe for the stages' stderr")?;
+    let mut children = spawn_all(stages, env, log_fd, &err_write)?;
+    drop(err_write);
+    relay_stderr(err_read, tx.clone());
+    let first_stdin = connect(&mut children, &tx)?;
+    drop(tx);
+    if let Some(mut w) = first_stdin {
+        // One small line into an empty pipe: this does not block.
+        let _ = writeln!(w, "{}", ticket.to_line());
+    }
+    Ok(watch(&mut children, &rx, &mut observe))
+}
 
+/// Starts every stage, its stderr to `err_write`; on a failure, stops the
+/// ones started.
+fn spawn_all(
+    stages: &Stages,
+    env: &[(&str, String)],
+    log_fd: Option<BorrowedFd<'_>>,
+    err_write: &File,
+) -> Result<Vec<(String, Child)>, Failure> {
     let mut children: Vec<(String, Child)> = Vec::new();
-    let mut spawn_failure = None;
-    let commands = stages.commands();
-    let count = commands.len();
-    for (name, mut cmd, gets_log) in commands {
+    for (name, mut cmd, gets_log) in stages.commands() {
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(match err_write.try_clone() {
@@ -158,9 +175,8 @@ pub fn run(
         }
         cmd.env_remove("NSH_LOG_FD");
         if let (true, Some(fd)) = (gets_log, log_fd) {
-            let raw = fd.as_raw_fd();
             cmd.env("NSH_LOG_FD", LOG_FD.to_string());
-            crate::sys::process::with_fd_as(&mut cmd, raw, LOG_FD);
+            crate::sys::process::with_fd_as(&mut cmd, fd.as_raw_fd(), LOG_FD);
         }
         if name == QUEUE_WAITER {
             outlive_the_group_kill(&mut cmd);
@@ -168,93 +184,106 @@ pub fn run(
         match cmd.spawn() {
             Ok(child) => children.push((name, child)),
             Err(e) => {
-                spawn_failure = Some(Failure::config(format!("starting {name}: {e}")));
-                break;
+                stop(&mut children);
+                return Err(Failure::config(format!("starting {name}: {e}")));
             }
         }
     }
-    drop(err_write);
-    if let Some(failure) = spawn_failure {
-        stop(&mut children);
-        return Err(failure);
-    }
+    Ok(children)
+}
 
-    // stderr of every stage → events (not joined: a grandchild may keep it open).
-    {
-        let tx = tx.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err_read).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(Message::Stderr(line)).is_err() {
-                    break;
-                }
+/// stderr of every stage → events (not joined: a grandchild may keep it
+/// open).
+fn relay_stderr(err_read: File, tx: mpsc::Sender<Message>) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(err_read).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(Message::Stderr(line)).is_err() {
+                break;
             }
-        });
-    }
+        }
+    });
+}
 
-    // stage i's stdout → (observe) → stage i+1's stdin.
+/// Stage i's stdout → (the hook sees it) → stage i+1's stdin, one thread
+/// per stage; returns the first stage's stdin.
+fn connect(
+    children: &mut [(String, Child)],
+    tx: &mpsc::Sender<Message>,
+) -> Result<Option<ChildStdin>, Failure> {
+    let count = children.len();
     let mut stdins: Vec<_> = children.iter_mut().map(|(_, c)| c.stdin.take()).collect();
-    let first_stdin = stdins[0].take();
-    for i in 0..count {
-        let stdout = children[i].1.stdout.take().expect("piped");
-        let mut next = if i + 1 < count {
-            stdins[i + 1].take()
-        } else {
-            None
-        };
-        let name = children[i].0.clone();
+    let first_stdin = stdins.first_mut().and_then(Option::take);
+    for (i, (name, child)) in children.iter_mut().enumerate() {
+        let stdout = crate::sys::process::stdout_of(child)
+            .or_fail(Kind::Transient, || format!("connecting {name}"))?;
+        let next = stdins.get_mut(i + 1).and_then(Option::take);
+        let name = name.clone();
         let last = i + 1 == count;
         let tx = tx.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                // Seen by the hook before the next stage gets it: a signal
-                // arriving meanwhile still finds the latest `alloc`.
-                let _ = tx.send(Message::Line {
-                    stage: name.clone(),
-                    last,
-                    line: line.clone(),
-                });
-                if let Some(w) = next.as_mut() {
-                    if writeln!(w, "{line}").and_then(|()| w.flush()).is_err() {
-                        // The next stage is gone; keep draining this one.
-                        next = None;
-                    }
-                }
-            }
-            drop(next);
-            let _ = tx.send(Message::Eof { last });
-        });
+        std::thread::spawn(move || forward(stdout, next, &name, last, &tx));
     }
-    drop(tx);
-    if let Some(mut w) = first_stdin {
-        // One small line into an empty pipe: this does not block.
-        let _ = writeln!(w, "{}", ticket.to_line());
-    }
+    Ok(first_stdin)
+}
 
+/// One stage's tickets: each to the hook, then to the next stage.
+fn forward(
+    stdout: ChildStdout,
+    mut next: Option<ChildStdin>,
+    name: &str,
+    last: bool,
+    tx: &mpsc::Sender<Message>,
+) {
+    for line in BufReader::new(stdout).lines() {
+        let Ok(line) = line else { break };
+        // Seen by the hook before the next stage gets it: a signal
+        // arriving meanwhile still finds the latest `alloc`.
+        let _ = tx.send(Message::Line {
+            stage: name.to_string(),
+            last,
+            line: line.clone(),
+        });
+        if let Some(w) = next.as_mut() {
+            if writeln!(w, "{line}").and_then(|()| w.flush()).is_err() {
+                // The next stage is gone; keep draining this one.
+                next = None;
+            }
+        }
+    }
+    drop(next);
+    let _ = tx.send(Message::Eof { last });
+}
+
+/// Until every stage exited and the last one's stdout ended (or a grace
+/// period passed), or a signal came: events to `observe`; the outcome.
+fn watch(
+    children: &mut [(String, Child)],
+    rx: &mpsc::Receiver<Message>,
+    observe: &mut impl FnMut(&Event),
+) -> Outcome {
     let mut outcome = Outcome::default();
     let mut last_eof = false;
     let mut all_exited_at: Option<Instant> = None;
-    let mut statuses: Vec<Option<Option<i32>>> = vec![None; count];
+    let mut statuses: Vec<Option<Option<i32>>> = vec![None; children.len()];
     loop {
         match rx.recv_timeout(Duration::from_millis(50)) {
-            Ok(message) => handle(message, &mut outcome, &mut last_eof, &mut observe),
+            Ok(message) => handle(message, &mut outcome, &mut last_eof, observe),
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => last_eof = true,
         }
         if let Some(signal) = signalled() {
             outcome.interrupted_by = Some(signal);
             while let Ok(message) = rx.try_recv() {
-                handle(message, &mut outcome, &mut last_eof, &mut observe);
+                handle(message, &mut outcome, &mut last_eof, observe);
             }
             observe(&Event::Interrupted(signal));
-            stop(&mut children);
+            stop(children);
             break;
         }
-        for (i, (_, child)) in children.iter_mut().enumerate() {
-            if statuses[i].is_none() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    statuses[i] = Some(status.code());
+        for ((_, child), status) in children.iter_mut().zip(statuses.iter_mut()) {
+            if status.is_none() {
+                if let Ok(Some(exited)) = child.try_wait() {
+                    *status = Some(exited.code());
                 }
             }
         }
@@ -266,14 +295,14 @@ pub fn run(
         }
     }
     while let Ok(message) = rx.try_recv() {
-        handle(message, &mut outcome, &mut last_eof, &mut observe);
+        handle(message, &mut outcome, &mut last_eof, observe);
     }
     outcome.statuses = children
         .iter()
         .zip(statuses)
         .map(|((name, _), s)| (name.clone(), s.flatten()))
         .collect();
-    Ok(outcome)
+    outcome
 }
 
 enum Message {

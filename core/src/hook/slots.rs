@@ -124,7 +124,7 @@ fn count_held(dir: &Path, max_jobs: u32, held: &HashSet<u64>) -> u32 {
     let Ok(entries) = fs::read_dir(dir) else {
         return 0;
     };
-    entries
+    let count = entries
         .filter_map(Result::ok)
         .filter(|e| {
             e.file_name()
@@ -134,7 +134,8 @@ fn count_held(dir: &Path, max_jobs: u32, held: &HashSet<u64>) -> u32 {
                 .is_some_and(|n| n < max_jobs)
         })
         .filter(|e| held.contains(&e.ino()))
-        .count() as u32
+        .count();
+    u32::try_from(count).unwrap_or(u32::MAX)
 }
 
 impl SlotDir {
@@ -316,7 +317,7 @@ mod tests {
                      3: -> FLOCK  ADVISORY  WRITE 11610 00:2f:42 0 EOF\n\
                      garbage\n";
         let held = parse_lock_table(table);
-        assert_eq!(held, HashSet::from([5382153, 10133507]));
+        assert_eq!(held, HashSet::from([5_382_153, 10_133_507]));
     }
 
     #[test]

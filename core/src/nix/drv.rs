@@ -78,18 +78,16 @@ pub fn read(store_dir: &StoreDir, path: &str, file: &Path) -> Result<Drv, Failur
     parse(store_dir, &store_path, &bytes)
 }
 
-/// Parses the ATerm `bytes` of the derivation at `path`.
-pub fn parse(store_dir: &StoreDir, path: &StorePath, bytes: &[u8]) -> Result<Drv, Failure> {
-    let display = store_dir.render(path);
-    let fail = |msg: String| Failure::input(format!("derivation {display}: {msg}"));
-    let name = path
-        .name()
-        .strip_suffix(".drv")
-        .ok_or_else(|| fail("is not a derivation (.drv)".into()))?;
-    let parsed = nix_derivation::Derivation::from_aterm_bytes_in(bytes, name, store_dir.to_nix())
-        .map_err(|e| fail(format!("does not parse: {e}")))?;
-
-    let nix_store_dir = store_dir.to_nix();
+/// The store path `bytes` belong at is `path`: the file is what its name
+/// says it is.
+fn check_path(
+    nix_store_dir: &nix_derivation::StoreDir,
+    path: &StorePath,
+    name: &str,
+    bytes: &[u8],
+    parsed: &nix_derivation::Derivation,
+    fail: &dyn Fn(String) -> Failure,
+) -> Result<(), Failure> {
     let expected = nix_store_dir
         .build_text_path(
             &format!("{name}.drv"),
@@ -106,7 +104,45 @@ pub fn parse(store_dir: &StoreDir, path: &StorePath, bytes: &[u8]) -> Result<Drv
             nix_store_dir.render_path(&expected)
         )));
     }
+    Ok(())
+}
 
+/// `requiredSystemFeatures`: a space-separated string, or (structured
+/// attributes) a list of strings.
+fn required_features(
+    value: Option<Value>,
+    fail: &dyn Fn(String) -> Failure,
+) -> Result<Vec<String>, Failure> {
+    match value {
+        None => Ok(Vec::new()),
+        Some(Value::String(s)) => Ok(s.split_whitespace().map(str::to_string).collect()),
+        Some(Value::Array(list)) => list
+            .iter()
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| fail(format!("requiredSystemFeatures has a non-string: {v}")))
+            })
+            .collect(),
+        Some(other) => Err(fail(format!(
+            "requiredSystemFeatures must be a list of strings, not {other}"
+        ))),
+    }
+}
+
+/// Parses the ATerm `bytes` of the derivation at `path`.
+pub fn parse(store_dir: &StoreDir, path: &StorePath, bytes: &[u8]) -> Result<Drv, Failure> {
+    let display = store_dir.render(path);
+    let fail = |msg: String| Failure::input(format!("derivation {display}: {msg}"));
+    let name = path
+        .name()
+        .strip_suffix(".drv")
+        .ok_or_else(|| fail("is not a derivation (.drv)".into()))?;
+    let nix_store_dir = store_dir.to_nix()?;
+    let parsed =
+        nix_derivation::Derivation::from_aterm_bytes_in(bytes, name, nix_store_dir.clone())
+            .map_err(|e| fail(format!("does not parse: {e}")))?;
+    check_path(&nix_store_dir, path, name, bytes, &parsed, &fail)?;
     let mut outputs = BTreeMap::new();
     for (output_name, output) in parsed.outputs() {
         let out_path = output
@@ -115,7 +151,6 @@ pub fn parse(store_dir: &StoreDir, path: &StorePath, bytes: &[u8]) -> Result<Drv
             .map(|p| StorePath::from_nix(&p));
         outputs.insert(output_name.clone(), aterm_output(output, out_path));
     }
-
     let mut input_drvs = BTreeMap::new();
     for (drv_path, wanted) in parsed.input_derivations() {
         if wanted.is_dynamic() {
@@ -126,7 +161,6 @@ pub fn parse(store_dir: &StoreDir, path: &StorePath, bytes: &[u8]) -> Result<Drv
         }
         input_drvs.insert(StorePath::from_nix(drv_path), wanted.outputs().clone());
     }
-
     let mut env = parsed.environment().clone();
     let attrs = parsed.structured_attrs();
     if let Some(attrs) = attrs {
@@ -141,23 +175,7 @@ pub fn parse(store_dir: &StoreDir, path: &StorePath, bytes: &[u8]) -> Result<Drv
                 .map(|v| Value::String(String::from_utf8_lossy(v).into_owned())),
         }
     };
-    let features = match attr("requiredSystemFeatures") {
-        None => Vec::new(),
-        Some(Value::String(s)) => s.split_whitespace().map(str::to_string).collect(),
-        Some(Value::Array(list)) => list
-            .iter()
-            .map(|v| {
-                v.as_str()
-                    .map(str::to_string)
-                    .ok_or_else(|| fail(format!("requiredSystemFeatures has a non-string: {v}")))
-            })
-            .collect::<Result<_, _>>()?,
-        Some(other) => {
-            return Err(fail(format!(
-                "requiredSystemFeatures must be a list of strings, not {other}"
-            )))
-        }
-    };
+    let features = required_features(attr("requiredSystemFeatures"), &fail)?;
     let resources = match attr("nshResources") {
         None => Resources::default(),
         Some(value) => {
@@ -293,7 +311,7 @@ impl Drv {
                 .collect(),
             wanted,
             resources: self.resources.clone(),
-            extra: Default::default(),
+            extra: crate::ticket::Extra::default(),
         }
     }
 }

@@ -79,9 +79,15 @@ impl StoreDir {
         format!("{}/{}", self.0, path.0)
     }
 
-    /// This directory for `nix-derivation`.
-    pub(crate) fn to_nix(&self) -> nix_derivation::StoreDir {
-        nix_derivation::StoreDir::new(self.0.clone()).expect("validated in StoreDir::new")
+    /// This directory for `nix-derivation` (which checks it as
+    /// [`StoreDir::new`] did).
+    pub(crate) fn to_nix(&self) -> Result<nix_derivation::StoreDir, Failure> {
+        nix_derivation::StoreDir::new(self.0.clone()).map_err(|_| {
+            Failure::config(format!(
+                "store directory {:?} is not an absolute, canonical path",
+                self.0
+            ))
+        })
     }
 }
 

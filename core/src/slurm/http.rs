@@ -5,6 +5,7 @@
 //! Every failure is transient and names the address and what was being
 //! done; header values (the token) never appear in a message.
 
+use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
@@ -261,13 +262,14 @@ fn encode_request(
         method.as_str()
     );
     for (name, value) in headers {
-        head.push_str(&format!("{name}: {value}\r\n"));
+        let _ = write!(head, "{name}: {value}\r\n");
     }
     if let Some(body) = body {
-        head.push_str(&format!(
+        let _ = write!(
+            head,
             "Content-Type: application/json\r\nContent-Length: {}\r\n",
             body.len()
-        ));
+        );
     }
     head.push_str("\r\n");
     let mut bytes = head.into_bytes();

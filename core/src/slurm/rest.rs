@@ -569,7 +569,7 @@ fn exit_code(v: &Value) -> Option<i64> {
                 .is_some_and(|s| s.iter().any(|x| x == "SIGNALED" || x == "CORE_DUMPED"));
             if signalled {
                 if let Some(sig) = v.pointer("/signal/id").and_then(as_u64) {
-                    return Some(128 + sig as i64);
+                    return Some(128 + i64::try_from(sig).unwrap_or(i64::MAX - 128));
                 }
             }
             if o.get("status")
@@ -578,9 +578,13 @@ fn exit_code(v: &Value) -> Option<i64> {
             {
                 return None;
             }
-            o.get("return_code").and_then(as_u64).map(|n| n as i64)
+            o.get("return_code")
+                .and_then(as_u64)
+                .and_then(|n| i64::try_from(n).ok())
         }
-        Value::Object(_) => as_u64(v).map(|n| from_wait_status(n as i64)),
+        Value::Object(_) => as_u64(v)
+            .and_then(|n| i64::try_from(n).ok())
+            .map(from_wait_status),
         _ => None,
     }
 }

@@ -104,7 +104,7 @@ impl LogTransferProgress {
             self.total_paths,
             human_bytes(self.bytes),
             human_bytes(self.total_bytes),
-            human_bytes((self.bytes as f64 / secs) as u64)
+            human_bytes(rate(self.bytes, secs))
         );
     }
 }
@@ -143,6 +143,14 @@ impl TransferProgress for NoProgress {
     fn bytes(&mut self, _: u64) {}
     fn path_done(&mut self) {}
     fn end(&mut self) {}
+}
+
+/// Bytes per second, whole.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+fn rate(bytes: u64, secs: f64) -> u64 {
+    // A positive, finite f64 below 2^64 (secs >= 1 ms): `as` is exact enough
+    // for a log line and saturates otherwise.
+    (bytes as f64 / secs) as u64
 }
 
 /// `1.5 MiB`.

@@ -159,7 +159,7 @@ pub fn push(
         present: closure.len() as u64 - copied,
         bytes,
         secs: started.elapsed().as_secs_f64(),
-        extra: Default::default(),
+        extra: crate::ticket::Extra::default(),
     })
 }
 

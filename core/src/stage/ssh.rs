@@ -268,7 +268,7 @@ fn tempfile_in(dir: &Path) -> Result<(PathBuf, std::fs::File), Failure> {
             .open(&path)
         {
             Ok(file) => return Ok((path, file)),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
             Err(e) => {
                 return Err(Failure::transient(format!(
                     "creating {}: {e}",

@@ -6,6 +6,8 @@
 #![allow(unsafe_code)]
 // A test fails by panicking: its helpers unwrap too.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::missing_panics_doc)]
+// Process ids fit an i32 (pid_max is at most 2^22).
+#![allow(clippy::cast_possible_wrap)]
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

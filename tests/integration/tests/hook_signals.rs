@@ -16,6 +16,8 @@
 #![allow(unsafe_code)]
 // A test fails by panicking: its helpers unwrap too.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::missing_panics_doc)]
+// Process ids fit an i32 (pid_max is at most 2^22).
+#![allow(clippy::cast_possible_wrap)]
 
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
@@ -176,7 +178,10 @@ impl RunningHook {
                     }
                     seen.push(line);
                 }
-                Err(_) => panic!("the hook never said it; it said:\n{}", seen.join("\n")),
+                Err(e) => panic!(
+                    "the hook never said it ({e}); it said:\n{}",
+                    seen.join("\n")
+                ),
             }
         }
     }
@@ -273,12 +278,12 @@ fn reach(c: &Cluster, hook: &mut RunningHook, stage: Stage, name: &str) -> u64 {
             job.unwrap()
         }
         Stage::Building => {
-            let job = hook.wait_for_line(Duration::from_mins(1), |line| {
+            let job = hook.wait_for_line(Duration::from_secs(60), |line| {
                 let text = line.split("(Slurm job ").nth(1)?;
                 line.contains("building '")
                     .then(|| text.split(')').next()?.parse::<u64>().ok())?
             });
-            eventually("the builder to start", Duration::from_mins(1), || {
+            eventually("the builder to start", Duration::from_secs(60), || {
                 fs::read_to_string(&hook.log)
                     .unwrap_or_default()
                     .contains("started")
@@ -302,8 +307,8 @@ fn stop_at(stage: Stage, how: Stop) {
             &format!("partition = \"{}\"", hold.name),
         );
     }
-    config += &format!(
-        "\n[hook]\nslots_dir = \"{}\"\n",
+    config = format!(
+        "{config}\n[hook]\nslots_dir = \"{}\"\n",
         dir.path().join("slots").display()
     );
     let name = format!(

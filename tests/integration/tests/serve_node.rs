@@ -21,18 +21,7 @@ fn inputs_are_copied_to_a_node_and_a_request_file_builds_there() {
     let c = Cluster::get();
     let salt = unique_salt();
     let dir = tempfile::tempdir().unwrap();
-    let expr = dir.path().join("chain.nix");
-    std::fs::write(
-        &expr,
-        format!(
-            r#"let
-              a = builtins.derivation {{ name = "nsh-serve-a"; system = "x86_64-linux"; builder = "/bin/sh";
-                    salt = "{salt}"; args = [ "-c" "echo a > $out" ]; }};
-            in builtins.derivation {{ name = "nsh-serve-b"; system = "x86_64-linux"; builder = "/bin/sh";
-                 args = [ "-c" "read x < ${{a}}; echo $x-b > $out" ]; }}"#
-        ),
-    )
-    .unwrap();
+    let expr = chain_expression(dir.path(), &salt);
     // The login node's own store, through its daemon.
     let b_path = run_ok(c.command("nix-instantiate").arg(&expr))
         .trim()
@@ -106,4 +95,21 @@ fn inputs_are_copied_to_a_node_and_a_request_file_builds_there() {
     );
     node.finish().unwrap();
     here.finish().unwrap();
+}
+
+/// `b`, whose builder reads `a`'s output, as a Nix file in `dir`.
+fn chain_expression(dir: &std::path::Path, salt: &str) -> std::path::PathBuf {
+    let expr = dir.join("chain.nix");
+    std::fs::write(
+        &expr,
+        format!(
+            r#"let
+              a = builtins.derivation {{ name = "nsh-serve-a"; system = "x86_64-linux"; builder = "/bin/sh";
+                    salt = "{salt}"; args = [ "-c" "echo a > $out" ]; }};
+            in builtins.derivation {{ name = "nsh-serve-b"; system = "x86_64-linux"; builder = "/bin/sh";
+                 args = [ "-c" "read x < ${{a}}; echo $x-b > $out" ]; }}"#
+        ),
+    )
+    .unwrap();
+    expr
 }

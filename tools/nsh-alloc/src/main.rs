@@ -47,13 +47,7 @@ fn main() -> ExitCode {
     let mut clusters = Clusters::default();
 
     if args.cancel {
-        return alloc::cancel_stage(
-            config.as_ref().map_err(Clone::clone),
-            &mut clusters,
-            stdin,
-            stdout,
-        )
-        .into();
+        return alloc::cancel_stage(config.as_ref(), &mut clusters, stdin, stdout).into();
     }
 
     let interrupted = catch_interrupts(Syscalls::Restart);

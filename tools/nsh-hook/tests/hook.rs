@@ -9,6 +9,8 @@
 #![allow(unsafe_code)]
 // A test fails by panicking: its helpers unwrap too.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::missing_panics_doc)]
+// Process ids fit an i32 (pid_max is at most 2^22).
+#![allow(clippy::cast_possible_wrap)]
 
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -430,8 +432,13 @@ fn accepts_and_runs_the_tools_with_the_log_on_fd_4_of_nsh_run_only() {
         .lines()
         .all(|l| l.ends_with("cluster=main")));
 
-    // Progress: one activity per stage, each stopped.
-    let lines = nix_lines(&stderr);
+    assert_one_activity_per_stage(&stderr);
+    assert_the_ticket_log(&site);
+}
+
+/// Progress: one activity per stage, each stopped.
+fn assert_one_activity_per_stage(stderr: &str) {
+    let lines = nix_lines(stderr);
     let starts: Vec<(u64, String)> = lines
         .iter()
         .filter(|l| l["action"] == "start")
@@ -453,8 +460,10 @@ fn accepts_and_runs_the_tools_with_the_log_on_fd_4_of_nsh_run_only() {
     );
     let stops = lines.iter().filter(|l| l["action"] == "stop").count();
     assert_eq!(stops, 4);
+}
 
-    // NSH_TICKET_LOG: the final ticket, with the hook's own clock.
+/// NSH_TICKET_LOG: the final ticket, with the hook's own clock.
+fn assert_the_ticket_log(site: &Site) {
     let logged: Vec<Value> = site
         .read("tickets.jsonl")
         .lines()

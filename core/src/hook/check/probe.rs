@@ -62,6 +62,10 @@ pub fn probe_nonce(t: &Try) -> Option<String> {
 
 /// The probe derivation, as a Nix expression. Its builder would fail at
 /// once, should anything ever run it.
+///
+/// # Panics
+/// `nonce` is not a probe nonce (32 hex digits): a caller's bug, since
+/// nonces are made here.
 pub fn expression(nonce: &str) -> String {
     assert!(is_nonce(nonce), "a probe nonce is 32 hex digits");
     format!(

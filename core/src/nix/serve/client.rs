@@ -36,7 +36,7 @@ pub struct ExportedPath {
     pub nar_size: u64,
 }
 
-fn io_fail(peer: &str, what: &str, e: io::Error) -> Failure {
+fn io_fail(peer: &str, what: &str, e: &io::Error) -> Failure {
     Failure::transient(format!("{peer}: {what}: {e}"))
 }
 
@@ -48,13 +48,13 @@ impl<R: Read, W: Write> ServeClient<R, W> {
         let mut r = WireReader::new(BufReader::new(reader));
         serve::write_hello(&mut w)
             .and_then(|()| w.flush())
-            .map_err(|e| io_fail(&peer, "sending the serve-protocol hello", e))?;
+            .map_err(|e| io_fail(&peer, "sending the serve-protocol hello", &e))?;
         let server = serve::read_server_hello(&mut r)
             .and_then(serve::negotiate)
             .map_err(|e| e.fail(format!("{peer}: serve-protocol handshake")))?;
         serve::write_client_version(&mut w)
             .and_then(|()| w.flush())
-            .map_err(|e| io_fail(&peer, "sending the client version", e))?;
+            .map_err(|e| io_fail(&peer, "sending the client version", &e))?;
         Ok(ServeClient {
             r,
             w,
@@ -75,7 +75,7 @@ impl<R: Read, W: Write> ServeClient<R, W> {
     ) -> Result<(), Failure> {
         f(&mut self.w)
             .and_then(|()| self.w.flush())
-            .map_err(|e| io_fail(&self.peer, what, e))
+            .map_err(|e| io_fail(&self.peer, what, &e))
     }
 
     fn recv<T>(
@@ -226,7 +226,7 @@ impl<R: Read, W: Write> ServeClient<R, W> {
         };
         let result = write(&mut to);
         match (result, to.error) {
-            (Err(_), Some(e)) => Err(io_fail(&self.peer, what, e)),
+            (Err(_), Some(e)) => Err(io_fail(&self.peer, what, &e)),
             (result, _) => result,
         }
     }
@@ -242,7 +242,7 @@ impl<R: Read, W: Write> ServeClient<R, W> {
         self.send("AddToStoreNar", |w| serve::write_add_to_store_nar(w, info))?;
         let peer = self.peer.clone();
         let size = nar::copy_nar(nar_source, self.w.get_mut()).map_err(|e| match e {
-            nar::NarError::Write(e) => io_fail(&peer, "sending a NAR", e),
+            nar::NarError::Write(e) => io_fail(&peer, "sending a NAR", &e),
             other => {
                 let message = format!("reading the NAR of {}: {other}", info.path);
                 Failure::caused_by(other.kind(), message, other)

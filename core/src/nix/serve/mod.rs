@@ -594,8 +594,8 @@ mod tests {
             s(""),
             le(1),
             le(0),
-            le(1700000000),
-            le(1700000042),
+            le(1_700_000_000),
+            le(1_700_000_042),
             le(1),
             s("sha256:abcd!out"),
             s(r#"{"id":"sha256:abcd!out","outPath":"/s/x-out","signatures":[],"dependentRealisations":{}}"#),
@@ -669,7 +669,7 @@ mod tests {
             timeout: 2,
             max_log_size: 3,
             keep_failed: true,
-            extra: Default::default(),
+            extra: crate::ticket::Extra::default(),
         };
         let mut out = Vec::new();
         write_build_options(&mut WireWriter::new(&mut out), 0x207, &options).unwrap();

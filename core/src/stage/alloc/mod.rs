@@ -149,26 +149,11 @@ pub fn place_on(
         return Err(Misfit::NotMandatory(missing));
     }
 
-    let mut partition = cluster.partition.clone();
-    let mut constraints = Vec::new();
-    let mut gres = Vec::new();
-    let mut partition_from: Option<&str> = None;
-    for feature in &drv.features {
-        let Some(request) = cluster.features.get(feature) else {
-            continue;
-        };
-        if let Some(p) = &request.partition {
-            if let Some(other) = partition_from {
-                if partition.as_deref() != Some(p.as_str()) {
-                    return Err(Misfit::Partitions(other.to_string(), feature.clone()));
-                }
-            }
-            partition = Some(p.clone());
-            partition_from = Some(feature);
-        }
-        constraints.extend(request.constraint.clone());
-        gres.extend(request.gres.clone());
-    }
+    let Routed {
+        partition,
+        mut constraints,
+        mut gres,
+    } = route(cluster, drv)?;
 
     let asked = &drv.resources;
     bound(asked, cluster)?;
@@ -203,6 +188,41 @@ pub fn place_on(
         mem_mb: asked.mem_mb.or(limits.default_mem_mb),
         time_min,
     })
+}
+
+/// Where a derivation's features send it on a cluster.
+struct Routed {
+    partition: Option<String>,
+    constraints: Vec<String>,
+    gres: Vec<String>,
+}
+
+/// The partition, constraints and gres the derivation's features route to
+/// (`[cluster.NAME.features]`); two features may not want two partitions.
+fn route(cluster: &Cluster, drv: &DrvSection) -> Result<Routed, Misfit> {
+    let mut routed = Routed {
+        partition: cluster.partition.clone(),
+        constraints: Vec::new(),
+        gres: Vec::new(),
+    };
+    let mut partition_from: Option<&str> = None;
+    for feature in &drv.features {
+        let Some(request) = cluster.features.get(feature) else {
+            continue;
+        };
+        if let Some(p) = &request.partition {
+            if let Some(other) = partition_from {
+                if routed.partition.as_deref() != Some(p.as_str()) {
+                    return Err(Misfit::Partitions(other.to_string(), feature.clone()));
+                }
+            }
+            routed.partition = Some(p.clone());
+            partition_from = Some(feature);
+        }
+        routed.constraints.extend(request.constraint.clone());
+        routed.gres.extend(request.gres.clone());
+    }
+    Ok(routed)
 }
 
 /// The derivation's own request against the cluster's limits.
@@ -394,7 +414,7 @@ pub fn allocate(
         control: None,
         nonce,
         request: 1,
-        extra: Default::default(),
+        extra: crate::ticket::Extra::default(),
     })
 }
 
@@ -523,7 +543,7 @@ pub fn cancel(
 /// included. The status is that of the first failed ticket, else of the
 /// first cancel that failed.
 pub fn cancel_stage<R: BufRead, W: Write>(
-    config: Result<&Config, Failure>,
+    config: Result<&Config, &Failure>,
     clusters: &mut Clusters,
     input: R,
     output: W,
@@ -532,7 +552,7 @@ pub fn cancel_stage<R: BufRead, W: Write>(
         Ok(config) => cancel(config, clusters, ticket),
         // A configuration that cannot be read matters only for a ticket
         // whose job would need it.
-        Err(failure) if ticket.alloc.is_some() => Err(failure.clone()),
+        Err(failure) if ticket.alloc.is_some() => Err((*failure).clone()),
         Err(_) => Ok(()),
     })
 }

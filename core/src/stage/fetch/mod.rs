@@ -37,6 +37,7 @@
 use crate::sys::flock::{lock_exclusive, Wait};
 use crate::sys::process::stdin_of;
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
 use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -168,7 +169,7 @@ pub fn fetch(
         paths,
         bytes,
         secs: started.elapsed().as_secs_f64(),
-        extra: Default::default(),
+        extra: crate::ticket::Extra::default(),
     });
     if result.is_ok() && !options.keep_job {
         let ssh = Ssh::for_alloc(&alloc, &config.ssh);
@@ -583,14 +584,15 @@ fn move_into_place(temp: &Path, real: &Path) -> Result<(), Failure> {
 pub fn load_db_input(infos: &[&PathInfo], digests: &[[u8; 32]]) -> String {
     let mut text = String::new();
     for (info, digest) in infos.iter().zip(digests) {
-        text.push_str(&format!(
+        let _ = write!(
+            text,
             "{}\n{}\n{}\n{}\n{}\n",
             info.path,
             hash::hex(digest),
             info.nar_size,
             info.deriver,
             info.references.len()
-        ));
+        );
         for r in &info.references {
             text.push_str(r);
             text.push('\n');

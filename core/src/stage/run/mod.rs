@@ -263,7 +263,7 @@ pub fn job_gone(alloc: &AllocSection, info: &JobInfo) -> Option<String> {
     };
     let mut reason = format!("Slurm job {} on {} {what}", alloc.job, alloc.node);
     if let Some(r) = &info.reason {
-        reason.push_str(&format!(", reason {r}"));
+        reason = format!("{reason}, reason {r}");
     }
     Some(reason)
 }
@@ -352,7 +352,7 @@ pub fn run_section(
             stopped
         },
         built_outputs,
-        extra: Default::default(),
+        extra: crate::ticket::Extra::default(),
     }
 }
 
@@ -518,10 +518,10 @@ impl Build {
             job.place
         );
         if self.keep_failed {
-            tail.push_str(&format!(
-                "; its build directory is kept on {} (keep-failed)",
+            tail = format!(
+                "{tail}; its build directory is kept on {} (keep-failed)",
                 job.alloc.node
-            ));
+            );
         }
         tail
     }
@@ -593,7 +593,7 @@ fn follow(job: &Job, request: &[u8], log: &mut LogSink, watch: &Watch) -> Result
         next_check: Instant::now() + watch.check_every,
         reconnects: 0,
     };
-    match following.to_end() {
+    match following.until_end() {
         Ok(status) => Ok(Ended {
             status,
             response: following.splitter.response().to_vec(),
@@ -626,7 +626,7 @@ impl Following<'_> {
     /// The serve process's exit status once the sentinel and the whole
     /// response are in. A line the stream broke off in stays in the
     /// splitter: a reconnected follower resumes right after its last byte.
-    fn to_end(&mut self) -> Result<i32, Failure> {
+    fn until_end(&mut self) -> Result<i32, Failure> {
         loop {
             let follower = Follower::start(
                 self.job.ssh,
@@ -839,7 +839,7 @@ impl Follower {
         }
         let stdout = stdout_of(&mut child).or_fail(Kind::Transient, || "running ssh")?;
         let (tx, chunks) = mpsc::channel();
-        std::thread::spawn(move || pump(stdout, tx));
+        std::thread::spawn(move || pump(stdout, &tx));
         let mut stderr_pipe = stderr_of(&mut child).or_fail(Kind::Transient, || "running ssh")?;
         let stderr = std::thread::spawn(move || {
             let mut text = String::new();
@@ -877,7 +877,7 @@ impl Follower {
     }
 }
 
-fn pump(mut from: ChildStdout, to: mpsc::Sender<Vec<u8>>) {
+fn pump(mut from: ChildStdout, to: &mpsc::Sender<Vec<u8>>) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         match from.read(&mut buf) {
@@ -887,7 +887,7 @@ fn pump(mut from: ChildStdout, to: mpsc::Sender<Vec<u8>>) {
                     return;
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(_) => return,
         }
     }
