@@ -13,7 +13,9 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::config::Backend;
 use crate::error::{Failure, Kind};
+use crate::nix::serve::BuildStatus;
 
 /// The ticket format version this library writes and understands.
 pub const TICKET_VERSION: u32 = 1;
@@ -61,10 +63,10 @@ pub struct DrvSection {
     /// `requiredSystemFeatures`.
     #[serde(default)]
     pub features: Vec<String>,
-    /// Output name → output path (empty string for outputs whose path is not
-    /// known in advance, as for content-addressed derivations).
-    #[serde(default)]
-    pub outputs: BTreeMap<String, String>,
+    /// Output name → output path; `None` (written `""`) for an output whose
+    /// path is not known in advance, as for content-addressed derivations.
+    #[serde(default, with = "unknown_as_empty")]
+    pub outputs: BTreeMap<String, Option<String>>,
     /// The outputs the caller wants (names).
     #[serde(default)]
     pub wanted: Vec<String>,
@@ -141,7 +143,7 @@ pub struct AllocSection {
     /// The configured cluster name.
     pub cluster: String,
     /// `rest` or `cli`.
-    pub backend: String,
+    pub backend: Backend,
     /// The slurmrestd API version spoken (`v0.0.42`; REST only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api: Option<String>,
@@ -190,7 +192,7 @@ pub struct PushSection {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RunSection {
     /// Nix's BuildResult status, in kebab case (`built`, `permanent-failure`, …).
-    pub status: String,
+    pub status: BuildStatus,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub error: String,
     #[serde(default)]
@@ -215,6 +217,34 @@ pub struct FetchSection {
     pub secs: f64,
     #[serde(flatten)]
     pub extra: Extra,
+}
+
+/// The ticket's way of writing "no path": `""` (as the first tools wrote
+/// it, so that tickets stay byte-compatible), read and written as `None`.
+mod unknown_as_empty {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(
+        map: &BTreeMap<String, Option<String>>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(
+            map.iter()
+                .map(|(name, path)| (name, path.as_deref().unwrap_or(""))),
+        )
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<BTreeMap<String, Option<String>>, D::Error> {
+        let map = BTreeMap::<String, String>::deserialize(deserializer)?;
+        Ok(map
+            .into_iter()
+            .map(|(name, path)| (name, (!path.is_empty()).then_some(path)))
+            .collect())
+    }
 }
 
 /// A failure recorded in the ticket by the stage where it happened.

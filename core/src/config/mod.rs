@@ -44,10 +44,12 @@ pub struct Config {
     pub remote: Remote,
 }
 
-/// How nsh talks to a cluster's Slurm.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How nsh talks to a cluster's Slurm (`alloc.backend` in the ticket).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Backend {
     /// slurmrestd over HTTP or a unix socket.
+    #[default]
     Rest,
     /// `sbatch`, `squeue`/`scontrol`, `scancel` on this machine.
     Cli,

@@ -395,7 +395,7 @@ pub fn verdict(
     };
     let mut paths = Vec::new();
     for name in &drv.wanted {
-        match drv.outputs.get(name).filter(|p| !p.is_empty()) {
+        match drv.outputs.get(name).and_then(Option::as_ref) {
             Some(path) => paths.push(path.clone()),
             None => {
                 return (

@@ -5,7 +5,8 @@
 //! settings dump, then `try` messages until one is accepted (or EOF), then,
 //! after `# accept`, the input closure and the wanted outputs. The hook →
 //! daemon direction is text lines on stderr: one reply per `try`, and `@nix`
-//! JSON log lines. Facts: `reference/nix-build-hook.md`.
+//! JSON log lines. The protocol as nsh meets it on each Nix: `docs/hook.md`;
+//! byte-exact transcripts: `core/tests/fixtures/hook/`.
 //!
 //! Every read is bounded (string length, list length, settings count), so a
 //! garbled or hostile stream ends in a [`ProtoError`], never in a panic, a hang

@@ -301,11 +301,7 @@ impl Drv {
                 .outputs
                 .iter()
                 .map(|(name, out)| {
-                    let path = out
-                        .path
-                        .as_ref()
-                        .map(|p| self.store_dir.render(p))
-                        .unwrap_or_default();
+                    let path = out.path.as_ref().map(|p| self.store_dir.render(p));
                     (name.clone(), path)
                 })
                 .collect(),

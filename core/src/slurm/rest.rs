@@ -11,8 +11,9 @@
 //! number covers several shapes across Slurm patch releases (`exit_code` is
 //! an int in 23.02.0–3 and a no_val object from 23.02.4, for instance):
 //! `job_state` as a string or an array, `exit_code` as an int, a no_val
-//! object or the verbose object, meta under `Slurm` or `slurm`.
-//! (Details and sources: `shared/reference/slurm-openapi/SUMMARY.md`.)
+//! object or the verbose object, meta under `Slurm` or `slurm`. The
+//! published specifications these shapes come from are in
+//! `core/tests/slurm-openapi/`, checked by `core/tests/slurm_contract.rs`.
 
 use serde_json::{json, Map, Value};
 

@@ -2,8 +2,9 @@
 //!
 //! Every function here reads or writes one message with
 //! [`WireReader`]/[`WireWriter`]; the I/O (a child process, an ssh
-//! connection, a request file) is [`crate::nix::serve::client`]'s. Facts:
-//! `reference/nix-serve-protocol.md`.
+//! connection, a request file) is [`crate::nix::serve::client`]'s. Which
+//! command is in which version, and which Nix removed what:
+//! `docs/nsh-push-fetch.md`.
 //!
 //! The protocol version is `major << 8 | minor`. We announce 2.7 (`0x207`),
 //! which Nix 2.8 and later servers accept and answer in; the version a
@@ -347,8 +348,11 @@ pub fn write_build_options<W: Write>(
 }
 
 /// BuildResult statuses, numbered as Nix numbers them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum BuildStatus {
+    #[default]
     Built = 0,
     Substituted = 1,
     AlreadyValid = 2,

@@ -404,7 +404,7 @@ pub fn allocate(
     };
     Ok(AllocSection {
         cluster: cluster.name.clone(),
-        backend: cluster.backend.as_str().to_string(),
+        backend: cluster.backend,
         api: slurm.api_version().map(|v| v.to_string()),
         slurm: slurm.release().map(str::to_string),
         job,

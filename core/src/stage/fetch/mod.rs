@@ -12,7 +12,8 @@
 //! While a build hook runs, the Nix daemon holds `<output>.lock` on every
 //! wanted output, so a plain `nix-store --import` of an output would wait for
 //! the daemon, which waits for the hook: a deadlock
-//! (`reference/nix-build-hook.md`, "Importing outputs"). Two ways around it
+//! (`docs/nsh-push-fetch.md`, "Importing while the daemon holds the output
+//! locks"). Two ways around it
 //! ([`ImportMethod`]):
 //!
 //! * `load-db` (the default; every Nix version): we unpack each NAR ourselves
@@ -108,12 +109,12 @@ pub fn wanted_outputs(ticket: &Ticket) -> Result<Vec<String>, Failure> {
         if !drv.wanted.is_empty() && !drv.wanted.contains(name) {
             continue;
         }
-        if path.is_empty() {
+        let Some(path) = path else {
             return Err(Failure::input(format!(
                 "output {name:?} of {} has no known path and the ticket has no run.built_outputs",
                 drv.path
             )));
-        }
+        };
         outputs.push(path.clone());
     }
     if outputs.is_empty() {

@@ -322,7 +322,7 @@ pub fn plain_text(message: &str) -> String {
 pub fn run_section(
     result: &BuildResult,
     store_dir: &crate::nix::store_path::StoreDir,
-    drv_outputs: &BTreeMap<String, String>,
+    drv_outputs: &BTreeMap<String, Option<String>>,
     started: u64,
     stopped: u64,
 ) -> RunSection {
@@ -330,7 +330,7 @@ pub fn run_section(
     if result.status.is_success() {
         built_outputs = result.output_paths(store_dir);
         for (name, path) in drv_outputs {
-            if !path.is_empty() {
+            if let Some(path) = path {
                 built_outputs
                     .entry(name.clone())
                     .or_insert_with(|| path.clone());
@@ -338,7 +338,7 @@ pub fn run_section(
         }
     }
     RunSection {
-        status: result.status.name().to_string(),
+        status: result.status,
         error: plain_text(&result.error_msg),
         times_built: result.times_built,
         start: if result.start_time > 0 {
@@ -423,7 +423,7 @@ impl Runner<'_> {
 /// What the build of one ticket needs before the job is involved.
 struct Build {
     drv_path: String,
-    drv_outputs: BTreeMap<String, String>,
+    drv_outputs: BTreeMap<String, Option<String>>,
     store_dir: StoreDir,
     request: Vec<u8>,
     keep_failed: bool,
@@ -1077,14 +1077,18 @@ mod tests {
             ("dev".to_string(), "/s/bbbb-x-dev".to_string()),
         ]
         .into();
-        let section = run_section(&built, &dir, &drv_outputs, 5, 25);
-        assert_eq!(section.status, "built");
+        let known: BTreeMap<String, Option<String>> = drv_outputs
+            .iter()
+            .map(|(name, path)| (name.clone(), Some(path.clone())))
+            .collect();
+        let section = run_section(&built, &dir, &known, 5, 25);
+        assert_eq!(section.status, BuildStatus::Built);
         assert_eq!((section.start, section.stop), (10, 20));
         assert_eq!(section.built_outputs, drv_outputs);
         let mut failed = result(BuildStatus::PermanentFailure, "boom\n");
         failed.start_time = 0;
         failed.stop_time = 0;
-        let section = run_section(&failed, &dir, &drv_outputs, 5, 25);
+        let section = run_section(&failed, &dir, &known, 5, 25);
         assert_eq!(section.error, "boom");
         assert_eq!((section.start, section.stop), (5, 25));
         assert!(section.built_outputs.is_empty());
