@@ -96,6 +96,20 @@ impl LocalStore {
         ServeProcess::spawn_local(&self.nix_bin_dir, &self.uri, write)
     }
 
+    /// Which of `paths` are valid in this store now, asked of a new
+    /// `nix-store --serve` (not one that answered before, say, locks were
+    /// taken).
+    pub fn valid_paths<S: AsRef<str>>(&self, paths: &[S]) -> Result<BTreeSet<String>, Failure> {
+        let mut serve = self.serve(false)?;
+        let valid = serve
+            .client
+            .query_valid_paths(paths, false, false)?
+            .into_iter()
+            .collect();
+        serve.finish()?;
+        Ok(valid)
+    }
+
     /// What the build of `drv` needs as input before it is closed under
     /// references: its inputSrcs and, of every input derivation, the
     /// outputs it uses. Input derivations are read from the store's files.

@@ -220,37 +220,7 @@ mod tests {
     #[test]
     fn unpack_then_dump_gives_the_same_nar() {
         // Entries sorted, as Nix writes them.
-        let mut nar = Vec::new();
-        let big = vec![7u8; 100_003];
-        write::nar(
-            &mut nar,
-            &Node::Directory(vec![
-                (
-                    "big",
-                    Node::Regular {
-                        executable: false,
-                        contents: &big,
-                    },
-                ),
-                (
-                    "bin",
-                    Node::Directory(vec![(
-                        "hello",
-                        Node::Regular {
-                            executable: true,
-                            contents: b"#!/bin/sh\n",
-                        },
-                    )]),
-                ),
-                (
-                    "link",
-                    Node::Symlink {
-                        target: "bin/hello",
-                    },
-                ),
-            ]),
-        )
-        .unwrap();
+        let nar = sample();
         let dir = tempfile::tempdir().unwrap();
         let dest = dir.path().join("out");
         let mut stream = [&nar[..], b"REST"].concat();

@@ -348,8 +348,7 @@ pub fn write_build_options<W: Write>(
 }
 
 /// BuildResult statuses, numbered as Nix numbers them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[derive(serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum BuildStatus {
     #[default]

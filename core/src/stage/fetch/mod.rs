@@ -152,13 +152,7 @@ pub fn fetch(
     });
     let finished = outcome.and_then(|(paths, bytes)| {
         // Whatever happened in between, the outputs must be valid now.
-        let mut serve = local.serve(false)?;
-        let valid: BTreeSet<String> = serve
-            .client
-            .query_valid_paths(&outputs, false, false)?
-            .into_iter()
-            .collect();
-        serve.finish()?;
+        let valid = local.valid_paths(&outputs)?;
         if let Some(missing) = outputs.iter().find(|o| !valid.contains(*o)) {
             return Err(Failure::permanent(format!(
                 "{missing} is not valid in the local store after fetching it"
@@ -281,13 +275,7 @@ fn paths_to_fetch<R: Read, W: Write>(
         )));
     }
     let closure = remote.query_closure(outputs, false)?;
-    let mut local_serve = local.serve(false)?;
-    let here: BTreeSet<String> = local_serve
-        .client
-        .query_valid_paths(&closure, false, false)?
-        .into_iter()
-        .collect();
-    local_serve.finish()?;
+    let here = local.valid_paths(&closure)?;
     let needed: Vec<String> = closure.into_iter().filter(|p| !here.contains(p)).collect();
     if needed.is_empty() {
         return Ok(Vec::new());
@@ -496,13 +484,7 @@ fn still_invalid<'a>(
     needed: &'a [PathInfo],
 ) -> Result<Vec<&'a PathInfo>, Failure> {
     let paths: Vec<&str> = needed.iter().map(|i| i.path.as_str()).collect();
-    let mut serve = direct.serve(false)?;
-    let valid: BTreeSet<String> = serve
-        .client
-        .query_valid_paths(&paths, false, false)?
-        .into_iter()
-        .collect();
-    serve.finish()?;
+    let valid = direct.valid_paths(&paths)?;
     Ok(needed.iter().filter(|i| !valid.contains(&i.path)).collect())
 }
 
