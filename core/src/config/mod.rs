@@ -144,7 +144,7 @@ impl TokenSource {
     pub fn read(&self) -> Result<Secret, Failure> {
         let raw = match self {
             TokenSource::File(path) => std::fs::read_to_string(path).map_err(|e| {
-                Failure::transient(format!(
+                token_error(format!(
                     "reading the Slurm token file {}: {e}",
                     path.display()
                 ))
@@ -155,28 +155,47 @@ impl TokenSource {
                     .stdin(Stdio::null())
                     .stderr(Stdio::null())
                     .output()
-                    .map_err(|e| {
-                        Failure::transient(format!("running the token command {argv:?}: {e}"))
-                    })?;
+                    .map_err(|e| token_error(format!("running the token command {argv:?}: {e}")))?;
                 if !output.status.success() {
-                    return Err(Failure::transient(format!(
+                    return Err(token_error(format!(
                         "the token command {argv:?} failed ({})",
                         output.status
                     )));
                 }
                 String::from_utf8(output.stdout).map_err(|_| {
-                    Failure::transient(format!("the token command {argv:?} printed non-UTF-8"))
+                    token_error(format!("the token command {argv:?} printed non-UTF-8"))
                 })?
             }
         };
         let token = token_from_text(&raw);
         if token.is_empty() {
-            return Err(Failure::transient(format!(
-                "{self:?} gave an empty Slurm token"
-            )));
+            return Err(token_error(format!("{self:?} gave an empty Slurm token")));
         }
         Ok(Secret(token.to_string()))
     }
+}
+
+/// A Slurm token that could not be had: transient (a file being rotated, a
+/// command failing); the message names the file or command, never the token.
+#[derive(Debug, Clone)]
+pub struct TokenError(String);
+
+impl fmt::Display for TokenError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for TokenError {}
+
+impl KindOf for TokenError {
+    fn kind(&self) -> Kind {
+        Kind::Transient
+    }
+}
+
+fn token_error(message: String) -> Failure {
+    Failure::from(TokenError(message))
 }
 
 /// The token in what a token file or `scontrol token` holds: the last

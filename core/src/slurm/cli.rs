@@ -265,7 +265,13 @@ pub fn parse_partition_line(name: &str, line: &str) -> Option<PartitionInfo> {
 pub fn partition(name: &str) -> Result<Option<PartitionInfo>, Failure> {
     match run_query("scontrol", &["show", "partition", "-o", name]) {
         Ok(stdout) => Ok(stdout.lines().find_map(|l| parse_partition_line(name, l))),
-        Err(failure) if failure.message.contains("not found") => Ok(None),
+        Err(failure)
+            if failure
+                .cause::<CommandError>()
+                .is_some_and(|e| e.stderr.contains("not found")) =>
+        {
+            Ok(None)
+        }
         Err(failure) => Err(failure),
     }
 }
@@ -311,15 +317,47 @@ fn run_query(name: &str, args: &[&str]) -> Result<String, Failure> {
     }
     .map_err(|e| Failure::transient(format!("running {name}: {e}")))?;
     if !output.status.success() {
-        return Err(Failure::transient(format!(
-            "{name} {} failed ({}): {}{}",
-            args.join(" "),
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim(),
-            String::from_utf8_lossy(&output.stdout).trim()
-        )));
+        return Err(Failure::from(CommandError {
+            command: format!("{name} {}", args.join(" ")),
+            status: output.status,
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+            stdout: String::from_utf8_lossy(&output.stdout).trim().to_string(),
+        }));
     }
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// A Slurm command that ended with a failure status: transient (slurmctld
+/// may be back in a moment), with what it printed kept apart for callers
+/// that recognise an answer (`scontrol`: "Partition NAME not found").
+#[derive(Debug)]
+pub struct CommandError {
+    /// The command line, for the message.
+    pub command: String,
+    /// How it ended.
+    pub status: std::process::ExitStatus,
+    /// What it wrote to stderr, trimmed.
+    pub stderr: String,
+    /// What it wrote to stdout, trimmed.
+    pub stdout: String,
+}
+
+impl std::fmt::Display for CommandError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} failed ({}): {}{}",
+            self.command, self.status, self.stderr, self.stdout
+        )
+    }
+}
+
+impl std::error::Error for CommandError {}
+
+impl crate::error::KindOf for CommandError {
+    fn kind(&self) -> crate::error::Kind {
+        crate::error::Kind::Transient
+    }
 }
 
 /// A Slurm command, looked up on PATH (resolved here so that a cleared child

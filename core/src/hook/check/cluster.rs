@@ -116,7 +116,7 @@ fn reach_slurm(
             Some((slurm, nodes))
         }
         Err(failure) => {
-            let refused = failure.message.contains("refused the token");
+            let refused = crate::slurm::client::token_refused(&failure);
             let kind = if refused {
                 Kind::Config
             } else {
@@ -161,7 +161,7 @@ fn connect_rest(cluster: &Cluster, scope: &str, lines: &mut Vec<Line>) -> Option
         }
         Err(failure) => {
             // A token refused at the ping (22.05, or a 401) is the token's fault.
-            let token = failure.message.contains("token");
+            let token = crate::slurm::client::token_trouble(&failure);
             let (step, kind) = if token {
                 ("token", Kind::Config)
             } else {
