@@ -5,7 +5,7 @@
 //!
 //! Prints a Markdown table (median and 99th percentile per operation) for
 //! `docs/benchmarks.md`.
-// A test fails by panicking: its helpers unwrap too.
+// A measurement, not a tool: any failure ends it with a panic.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::missing_panics_doc)]
 
 use std::hint::black_box;
