@@ -5,16 +5,18 @@
 //!
 //! Prints a Markdown table (median and 99th percentile per operation) for
 //! `docs/benchmarks.md`.
+// A measurement, not a tool: any failure ends it with a panic.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::missing_panics_doc)]
 
 use std::hint::black_box;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use nsh_core::hook::config::HookConfig;
+use nsh_core::hook::decision::{decide, ClusterCaps, LocalCaps};
+use nsh_core::hook::protocol::{Reply, Request, Settings, Try};
+use nsh_core::hook::slots::SlotDir;
 use nsh_core::hook::{decide_and_lock, Locked};
-use nsh_core::hook_config::HookConfig;
-use nsh_core::hook_decision::{decide, ClusterCaps, LocalCaps};
-use nsh_core::hook_proto::{Reply, Request, Settings, Try};
-use nsh_core::slots::SlotDir;
 
 fn clusters(n: usize, max_jobs: u32) -> Vec<ClusterCaps> {
     (0..n)
@@ -73,13 +75,23 @@ fn main() {
     let t = the_try();
     println!("| operation | median | p99 |");
     println!("|---|---|---|");
+    decisions(&local, &t);
+    slots(&local, &t);
+    parsing();
+}
 
+/// `decide` alone, and with the protocol around it.
+fn decisions(local: &LocalCaps, t: &Try) {
+    let local = local.clone();
+    let t = t.clone();
     for n in [1, 4, 16] {
         let cs = clusters(n, 64);
         row(
             &format!("decide, {n} cluster(s), loads given"),
             measure(100_000, || {
-                black_box(decide(black_box(&cs), &local, black_box(&t), |i| i as u32));
+                black_box(decide(black_box(&cs), &local, black_box(&t), |i| {
+                    u32::try_from(i).unwrap_or(u32::MAX)
+                }));
             }),
         );
     }
@@ -92,11 +104,14 @@ fn main() {
             let Ok(Request::Try(t)) = Request::read(&mut &try_bytes[..]) else {
                 unreachable!()
             };
-            let d = decide(&cs, &local, &t, |i| i as u32);
+            let d = decide(&cs, &local, &t, |i| u32::try_from(i).unwrap_or(u32::MAX));
             black_box((d, Reply::Postpone.to_bytes()));
         }),
     );
+}
 
+/// Counting and taking slot locks, and the decision with its slot.
+fn slots(local: &LocalCaps, t: &Try) {
     let dir = tempfile::tempdir().unwrap();
     let slots = SlotDir::new(dir.path());
     for max_jobs in [1, 8, 64] {
@@ -135,14 +150,17 @@ fn main() {
                 "nsh-hook's decision with its slot: {fitting} fitting cluster(s), max_jobs {max_jobs}, half held"
             ),
             measure(5_000, || {
-                let locked = decide_and_lock(&cs, &local, &t, &slots).unwrap();
+                let locked = decide_and_lock(&cs, local, t, &slots).unwrap();
                 assert!(matches!(locked, Locked::Accepted(..)));
                 black_box(locked);
             }),
         );
         drop(held);
     }
+}
 
+/// What a hook parses once: the settings dump and the configuration.
+fn parsing() {
     let fixture: &[u8] = include_bytes!("../tests/fixtures/hook/nix-2.8-accept.bin");
     row(
         "parse Nix 2.8's settings dump (91 settings), once per hook",

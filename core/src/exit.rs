@@ -67,7 +67,7 @@ impl ExitStatus {
 impl From<ExitStatus> for std::process::ExitCode {
     fn from(status: ExitStatus) -> Self {
         // Every code is in 0..=255 by construction.
-        std::process::ExitCode::from(status.code() as u8)
+        std::process::ExitCode::from(u8::try_from(status.code()).unwrap_or(u8::MAX))
     }
 }
 

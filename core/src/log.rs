@@ -34,11 +34,7 @@ static PROGRAM: OnceLock<String> = OnceLock::new();
 
 /// The current filter (from `NSH_LOG`, read once).
 pub fn max_level() -> Level {
-    *MAX.get_or_init(|| {
-        std::env::var("NSH_LOG")
-            .map(|v| Level::parse(&v))
-            .unwrap_or(Level::Info)
-    })
+    *MAX.get_or_init(|| std::env::var("NSH_LOG").map_or(Level::Info, |v| Level::parse(&v)))
 }
 
 /// Sets the name printed before every line (the tool's name).
@@ -55,7 +51,7 @@ pub fn write(level: Level, args: std::fmt::Arguments<'_>) {
     if !enabled(level) {
         return;
     }
-    let program = PROGRAM.get().map(String::as_str).unwrap_or("nsh");
+    let program = PROGRAM.get().map_or("nsh", String::as_str);
     let tag = match level {
         Level::Error => "error: ",
         Level::Warn => "warning: ",

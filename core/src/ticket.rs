@@ -13,7 +13,9 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::config::Backend;
 use crate::error::{Failure, Kind};
+use crate::nix::serve::BuildStatus;
 
 /// The ticket format version this library writes and understands.
 pub const TICKET_VERSION: u32 = 1;
@@ -61,10 +63,10 @@ pub struct DrvSection {
     /// `requiredSystemFeatures`.
     #[serde(default)]
     pub features: Vec<String>,
-    /// Output name → output path (empty string for outputs whose path is not
-    /// known in advance, as for content-addressed derivations).
-    #[serde(default)]
-    pub outputs: BTreeMap<String, String>,
+    /// Output name → output path; `None` (written `""`) for an output whose
+    /// path is not known in advance, as for content-addressed derivations.
+    #[serde(default, with = "unknown_as_empty")]
+    pub outputs: BTreeMap<String, Option<String>>,
     /// The outputs the caller wants (names).
     #[serde(default)]
     pub wanted: Vec<String>,
@@ -141,7 +143,7 @@ pub struct AllocSection {
     /// The configured cluster name.
     pub cluster: String,
     /// `rest` or `cli`.
-    pub backend: String,
+    pub backend: Backend,
     /// The slurmrestd API version spoken (`v0.0.42`; REST only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api: Option<String>,
@@ -190,7 +192,7 @@ pub struct PushSection {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RunSection {
     /// Nix's BuildResult status, in kebab case (`built`, `permanent-failure`, …).
-    pub status: String,
+    pub status: BuildStatus,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub error: String,
     #[serde(default)]
@@ -215,6 +217,34 @@ pub struct FetchSection {
     pub secs: f64,
     #[serde(flatten)]
     pub extra: Extra,
+}
+
+/// The ticket's way of writing "no path": `""` (as the first tools wrote
+/// it, so that tickets stay byte-compatible), read and written as `None`.
+mod unknown_as_empty {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(
+        map: &BTreeMap<String, Option<String>>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(
+            map.iter()
+                .map(|(name, path)| (name, path.as_deref().unwrap_or(""))),
+        )
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<BTreeMap<String, Option<String>>, D::Error> {
+        let map = BTreeMap::<String, String>::deserialize(deserializer)?;
+        Ok(map
+            .into_iter()
+            .map(|(name, path)| (name, (!path.is_empty()).then_some(path)))
+            .collect())
+    }
 }
 
 /// A failure recorded in the ticket by the stage where it happened.
@@ -261,13 +291,33 @@ impl Ticket {
 
     /// One line of JSON, without the trailing newline.
     pub fn to_line(&self) -> String {
-        // Serialising plain data to a String cannot fail.
-        serde_json::to_string(self).expect("a ticket always serialises")
+        // Serialising plain data (string keys, no fallible Serialize impls)
+        // cannot fail; were it to, the next tool still gets a ticket that
+        // says so.
+        serde_json::to_string(self).unwrap_or_else(|e| {
+            serde_json::json!({
+                "v": TICKET_VERSION,
+                "error": {"stage": "ticket", "kind": "permanent",
+                          "message": format!("the ticket could not be written: {e}")},
+            })
+            .to_string()
+        })
     }
 
     /// Records a failure of `stage`.
     pub fn fail(&mut self, stage: &str, failure: &Failure) {
         self.error = Some(TicketError::new(stage, failure));
+    }
+
+    /// The local store's URI: the `store` section's, else Nix's default
+    /// store ([`crate::nix::local_store::DEFAULT_STORE_URI`]).
+    #[must_use]
+    pub fn store_uri(&self) -> &str {
+        self.store
+            .as_ref()
+            .map(|s| s.uri.as_str())
+            .filter(|uri| !uri.is_empty())
+            .unwrap_or(crate::nix::local_store::DEFAULT_STORE_URI)
     }
 
     /// The `drv` section, or a bad-input failure naming the stage that should
@@ -301,6 +351,35 @@ mod tests {
     fn a_full_ticket_round_trips_byte_for_byte() {
         let ticket = Ticket::from_line(FULL).unwrap();
         assert_eq!(ticket.to_line(), FULL);
+    }
+
+    /// Every section as today's tools write it: the hook's `drv`, `store`
+    /// and `options`, nsh-closure's `closure`, nsh-alloc's `alloc` (REST:
+    /// `api`, `slurm`, `secs`; the `control` a later tool adds; `cancelled`
+    /// from `--cancel`), `push`, a failed `run` with Nix's `error`, `fetch`,
+    /// the `error` of the stage that failed, and a site's own field. The
+    /// format is a contract between tool versions: parsing and re-emitting
+    /// must give the same bytes, and the snapshot keeps the bytes.
+    const EVERY_SECTION: &str = concat!(
+        r#"{"v":1,"#,
+        r#""drv":{"path":"/nix/store/bwgf0a0a0a0a0a0a0a0a0a0a0a0a0a0a-docs12-hello.drv","name":"docs12-hello","system":"x86_64-linux","features":["big"],"outputs":{"dev":"","out":"/nix/store/j9m90a0a0a0a0a0a0a0a0a0a0a0a0a0a-docs12-hello"},"wanted":["out"],"resources":{"cpus":2,"mem_mb":1024,"time_min":20,"gres":"gpu:1","constraint":"avx2"}},"#,
+        r#""store":{"dir":"/nix/store","uri":"auto"},"#,
+        r#""options":{"max_silent_time":600,"timeout":0,"max_log_size":0,"keep_failed":false},"#,
+        r#""closure":{"paths":["/nix/store/1xv10a0a0a0a0a0a0a0a0a0a0a0a0a0a-docs12-dep"],"nar_size":120},"#,
+        r#""alloc":{"cluster":"test","backend":"rest","api":"v0.0.42","slurm":"24.11.5","job":553,"node":"node2","ssh":"nixbuild@node2","work":"/tmp/nsh/nsh-553","control":"/tmp/nsh-0/test-553","nonce":"ce6a1ceeb69da34a926df2c6c811d639","request":1,"secs":{"connect":0.01,"submit":0.003,"queued":2.531,"polls":16,"polling":0.052},"cancelled":true},"#,
+        r#""push":{"copied":1,"present":0,"bytes":120,"secs":0.347029311},"#,
+        r#""run":{"status":"permanent-failure","error":"builder for '/nix/store/bwgf0a0a0a0a0a0a0a0a0a0a0a0a0a0a-docs12-hello.drv' failed with exit code 1","times_built":1,"start":1795314353,"stop":1795314354,"built_outputs":{}},"#,
+        r#""fetch":{"paths":[],"bytes":0,"secs":0.138744302},"#,
+        r#""error":{"stage":"run","kind":"permanent","message":"build of /nix/store/bwgf0a0a0a0a0a0a0a0a0a0a0a0a0a0a-docs12-hello.drv failed (permanent-failure) on node2"},"#,
+        r#""site":{"queue":"night"}}"#
+    );
+
+    #[test]
+    fn every_section_round_trips_byte_for_byte() {
+        let ticket = Ticket::from_line(EVERY_SECTION).unwrap();
+        let line = ticket.to_line();
+        assert_eq!(line, EVERY_SECTION);
+        insta::assert_snapshot!(line);
     }
 
     #[test]

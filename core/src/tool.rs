@@ -14,25 +14,6 @@ use crate::exit::ExitStatus;
 use crate::ticket::Ticket;
 use crate::{log_debug, log_error};
 
-/// The start of every tool's `main`: names the tool in log lines and parses
-/// its command line. `--help` and `--version` end the process here with 0, a
-/// usage error with 64 (clap's own message on stderr).
-pub fn start<A: clap::Parser>(program: &str) -> A {
-    crate::log::set_program(program);
-    match A::try_parse() {
-        Ok(args) => args,
-        Err(e) => {
-            let _ = e.print();
-            let status = if e.use_stderr() {
-                ExitStatus::Usage
-            } else {
-                ExitStatus::Ok
-            };
-            std::process::exit(status.code())
-        }
-    }
-}
-
 /// Runs `stage_fn` on every ticket (it adds its section in place) read from `input`, writing results to `output`.
 ///
 /// * a line that is not a ticket is reported (bad input) and answered with an

@@ -2,15 +2,17 @@
 //! against the real `nix-store --serve` of this machine, each test in
 //! private stores of its own (`local?store=…&state=…`), so nothing touches
 //! /nix/store.
+// A test fails by panicking: its helpers unwrap too.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::missing_panics_doc)]
 
 use std::fs;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
-use nsh_core::serve::{self, BuildStatus, PathInfo};
-use nsh_core::serve_client::ServeProcess;
-use nsh_core::store::{self, LocalStore};
+use nsh_core::nix::local_store::{self, LocalStore};
+use nsh_core::nix::serve::client::ServeProcess;
+use nsh_core::nix::serve::{self, BuildStatus, PathInfo};
 use nsh_core::ticket::BuildOptions;
 use nsh_core::Kind;
 
@@ -117,7 +119,7 @@ fn queries_dump_and_closure_over_one_process() {
 
     // Nothing built yet: the missing input is named.
     let mut serve = s.serve(false);
-    let err = store::input_closure(&mut serve.client, &roots).unwrap_err();
+    let err = local_store::input_closure(&mut serve.client, &roots).unwrap_err();
     assert_eq!(err.kind, Kind::Input);
     assert!(
         err.message
@@ -131,7 +133,7 @@ fn queries_dump_and_closure_over_one_process() {
     let b_drv = drv.input_drvs.keys().next().unwrap();
     s.realise(&store.dir.render(b_drv));
     let mut serve = s.serve(false);
-    let closure = store::input_closure(&mut serve.client, &roots).unwrap();
+    let closure = local_store::input_closure(&mut serve.client, &roots).unwrap();
     let names: Vec<&str> = closure.paths.iter().map(|p| &p[p.len() - 2..]).collect();
     // a before b (b refers to a); the source anywhere.
     let pos = |suffix: &str| names.iter().position(|n| *n == suffix).unwrap();
@@ -151,19 +153,7 @@ fn queries_dump_and_closure_over_one_process() {
     assert!(b_info.nar_hash.starts_with("sha256:"));
     assert!(b_info.deriver.ends_with("-b.drv"));
 
-    // Same answer as nix-store --query --requisites.
-    let mut requisites: Vec<String> = s
-        .run(
-            "nix-store",
-            &["--query", "--requisites", &roots[0], &roots[1]],
-        )
-        .lines()
-        .map(str::to_string)
-        .collect();
-    requisites.sort();
-    let mut ours = closure.paths.clone();
-    ours.sort();
-    assert_eq!(ours, requisites);
+    assert_same_as_requisites(&s, &roots, &closure.paths);
 
     // DumpStorePath streams exactly what nix-store --dump gives.
     let mut nar = Vec::new();
@@ -189,6 +179,22 @@ fn queries_dump_and_closure_over_one_process() {
         .unwrap();
     assert_eq!(valid, [b_out]);
     serve.finish().unwrap();
+}
+
+/// The closure is what `nix-store --query --requisites` gives.
+fn assert_same_as_requisites(s: &TestStore, roots: &[String], paths: &[String]) {
+    let mut requisites: Vec<String> = s
+        .run(
+            "nix-store",
+            &["--query", "--requisites", &roots[0], &roots[1]],
+        )
+        .lines()
+        .map(str::to_string)
+        .collect();
+    requisites.sort();
+    let mut ours = paths.to_vec();
+    ours.sort();
+    assert_eq!(ours, requisites);
 }
 
 /// A store that shares `from`'s store directory (every path names its
@@ -225,7 +231,7 @@ fn import_paths_and_add_to_store_nar_from_dumps() {
     let mut source = from.serve(false);
     let closure = source.client.query_closure(&outs[..1], false).unwrap();
     let infos = source.client.query_path_infos(&closure).unwrap();
-    let infos = store::dependency_order(infos).unwrap();
+    let infos = local_store::dependency_order(infos).unwrap();
     // All but the top path in one ImportPaths stream.
     let (top, rest) = infos.split_last().unwrap();
     let rest: Vec<&PathInfo> = rest.iter().collect();
@@ -293,7 +299,7 @@ fn build_derivation_live_and_as_a_request_file() {
     // nix-store --serve --write < request > response.
     let mut serve = s.serve(false);
     let roots = store.input_roots(&b).unwrap();
-    let closure = store::input_closure(&mut serve.client, &roots).unwrap();
+    let closure = local_store::input_closure(&mut serve.client, &roots).unwrap();
     serve.finish().unwrap();
     assert_eq!(closure.paths, std::slice::from_ref(&a_out));
     let request = s.dir.path().join("request");
@@ -326,7 +332,11 @@ fn build_derivation_live_and_as_a_request_file() {
         assert!(PathBuf::from(path).exists());
     }
 
-    // A failing build: the status and message come back.
+    a_failing_build_says_why(&s, &store);
+}
+
+/// A failing build: the status and message come back.
+fn a_failing_build_says_why(s: &TestStore, store: &LocalStore) {
     let bad = s.instantiate(r#"builtins.derivation { name = "bad"; system = builtins.currentSystem; builder = "/bin/sh"; args = ["-c" "echo oops >&2; exit 3"]; }"#);
     let bad = store.read_drv(&bad).unwrap();
     let mut serve = s.serve(true);
@@ -412,7 +422,8 @@ fn paths_stream_from_one_store_to_another() {
     let mut source = from.serve(false);
 
     let closure = source.client.query_closure(&outs, false).unwrap();
-    let infos = store::dependency_order(source.client.query_path_infos(&closure).unwrap()).unwrap();
+    let infos =
+        local_store::dependency_order(source.client.query_path_infos(&closure).unwrap()).unwrap();
     for info in &infos {
         let size = target
             .client

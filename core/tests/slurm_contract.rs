@@ -14,6 +14,8 @@
 //! `additionalProperties`, `items`, `enum`, `required` (entries containing a
 //! `/` are skipped: a generator quirk of v0.0.40+, see
 //! `docs/reference/slurm.md`).
+// A test fails by panicking: its helpers unwrap too.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::missing_panics_doc)]
 
 use std::path::PathBuf;
 
@@ -137,7 +139,7 @@ impl Spec {
                         // A free-form object (v0.0.38's environment dict)
                         // declares no properties at all.
                         _ if strict && properties.is_some() => {
-                            errors.push(format!("{at}: not in the schema"))
+                            errors.push(format!("{at}: not in the schema"));
                         }
                         _ => {}
                     },
@@ -214,7 +216,7 @@ impl Spec {
 fn request() -> JobRequest {
     JobRequest {
         name: "nsh-hello".into(),
-        script: nsh_core::batch_script::SCRIPT.into(),
+        script: nsh_core::stage::alloc::batch_script::SCRIPT.into(),
         env: vec![
             ("PATH".into(), "/usr/bin:/bin".into()),
             ("NSH_WORK_ROOT".into(), "/tmp/nsh".into()),
@@ -293,128 +295,184 @@ fn the_validator_catches_wrong_bodies() {
 fn generated_answers_of_every_version_parse() {
     for version in ApiVersion::ALL {
         let spec = Spec::load(version);
-
-        // Submit.
-        let schema = spec.response_schema("/job/submit", "post", "200").unwrap();
-        let mut body = spec.sample(schema, 0);
-        no_errors(&mut body);
-        body["job_id"] = json!(4242);
-        assert_eq!(
-            spec.validate(schema, &body, false),
-            Vec::<String>::new(),
-            "{version}"
-        );
-        assert_eq!(
-            rest::parse_submit(200, &body.to_string()).unwrap(),
-            4242,
-            "{version}"
-        );
-
-        // Job state: running, then ended with `exit 3`.
-        let schema = spec.response_schema("/job/{job_id}", "get", "200").unwrap();
-        let job_schema = spec.resolve(&spec.property(schema, "jobs")["items"]);
-        let state_is_array = spec.property(job_schema, "job_state")["type"] == "array";
-        let state = |s: &str| if state_is_array { json!([s]) } else { json!(s) };
-        let mut body = spec.sample(schema, 0);
-        no_errors(&mut body);
-        body["jobs"][0]["job_id"] = json!(4242);
-        body["jobs"][0]["job_state"] = state("RUNNING");
-        body["jobs"][0]["batch_host"] = json!("node2");
-        body["jobs"][0]["state_reason"] = json!("None");
-        assert_eq!(
-            spec.validate(schema, &body, false),
-            Vec::<String>::new(),
-            "{version}"
-        );
-        let job = rest::parse_job(4242, 200, &body.to_string()).unwrap();
-        assert!(job.is_running(), "{version}: {job:?}");
-        assert_eq!(job.node.as_deref(), Some("node2"));
-        assert_eq!(job.reason, None);
-
-        body["jobs"][0]["job_state"] = state("FAILED");
-        let exit_schema = spec.property(job_schema, "exit_code");
-        body["jobs"][0]["exit_code"] = if exit_schema["type"] == "integer" {
-            json!(3 << 8) // a wait status
-        } else if exit_schema["properties"].get("return_code").is_some() {
-            json!({"status": ["ERROR"], "return_code": {"set": true, "infinite": false, "number": 3}})
-        } else {
-            json!({"set": true, "infinite": false, "number": 3 << 8})
-        };
-        assert_eq!(
-            spec.validate(schema, &body, false),
-            Vec::<String>::new(),
-            "{version}"
-        );
-        let job = rest::parse_job(4242, 200, &body.to_string()).unwrap();
-        assert_eq!(job.state, JobState::Failed, "{version}");
-        assert_eq!(job.exit_code, Some(3), "{version}");
-
-        // Ping: the release, under `Slurm` or `slurm`.
-        let schema = spec.response_schema("/ping", "get", "200").unwrap();
-        let mut body = spec.sample(schema, 0);
-        let meta = body["meta"].as_object_mut().unwrap();
-        let key = if meta.contains_key("slurm") {
-            "slurm"
-        } else {
-            "Slurm"
-        };
-        meta[key]["release"] = json!("25.11.2");
-        assert_eq!(
-            spec.validate(schema, &body, false),
-            Vec::<String>::new(),
-            "{version}"
-        );
-        assert_eq!(
-            rest::server_release(&body).as_deref(),
-            Some("25.11.2"),
-            "{version}"
-        );
-
-        // Cancel: v0.0.38 answers without a body.
-        match spec.response_schema("/job/{job_id}", "delete", "200") {
-            None => rest::parse_cancel(4242, 200, "").unwrap(),
-            Some(schema) => {
-                let mut body = spec.sample(schema, 0);
-                no_errors(&mut body);
-                if let Some(entries) = body.get_mut("status").and_then(Value::as_array_mut) {
-                    for entry in entries {
-                        entry["error"]["code"] = json!(0);
-                    }
-                }
-                assert_eq!(
-                    spec.validate(schema, &body, false),
-                    Vec::<String>::new(),
-                    "{version}"
-                );
-                rest::parse_cancel(4242, 200, &body.to_string()).unwrap();
-            }
-        }
-
-        // An error answer: transient, with Slurm's words.
-        let schema = spec
-            .response_schema("/job/{job_id}", "get", "default")
-            .or_else(|| spec.response_schema("/job/{job_id}", "get", "200"))
-            .unwrap();
-        let mut body = spec.sample(schema, 0);
-        no_errors(&mut body);
-        let mut error = spec.sample(&spec.property(schema, "errors")["items"], 0);
-        error["error"] = json!("Invalid job id specified");
-        body["errors"] = json!([error]);
-        assert_eq!(
-            spec.validate(schema, &body, false),
-            Vec::<String>::new(),
-            "{version}"
-        );
-        let failure = rest::parse_job(4242, 500, &body.to_string()).unwrap_err();
-        assert_eq!(failure.kind, nsh_core::Kind::Transient);
-        assert!(
-            failure
-                .message
-                .contains("HTTP 500: Invalid job id specified"),
-            "{version}: {}",
-            failure.message
-        );
+        submit_answer(&spec, version);
+        job_answers(&spec, version);
+        ping_answer(&spec, version);
+        cancel_answer(&spec, version);
+        error_answer(&spec, version);
     }
+}
+
+/// The submit answer: the job id.
+fn submit_answer(spec: &Spec, version: ApiVersion) {
+    let schema = spec.response_schema("/job/submit", "post", "200").unwrap();
+    let mut body = spec.sample(schema, 0);
+    no_errors(&mut body);
+    body["job_id"] = json!(4242);
+    assert_eq!(
+        spec.validate(schema, &body, false),
+        Vec::<String>::new(),
+        "{version}"
+    );
+    assert_eq!(
+        rest::parse_submit(200, &body.to_string()).unwrap(),
+        4242,
+        "{version}"
+    );
+}
+
+/// Job state: running, then ended with `exit 3`.
+fn job_answers(spec: &Spec, version: ApiVersion) {
+    let schema = spec.response_schema("/job/{job_id}", "get", "200").unwrap();
+    let job_schema = spec.resolve(&spec.property(schema, "jobs")["items"]);
+    let state_is_array = spec.property(job_schema, "job_state")["type"] == "array";
+    let state = |s: &str| if state_is_array { json!([s]) } else { json!(s) };
+    let mut body = spec.sample(schema, 0);
+    no_errors(&mut body);
+    body["jobs"][0]["job_id"] = json!(4242);
+    body["jobs"][0]["job_state"] = state("RUNNING");
+    body["jobs"][0]["batch_host"] = json!("node2");
+    body["jobs"][0]["state_reason"] = json!("None");
+    assert_eq!(
+        spec.validate(schema, &body, false),
+        Vec::<String>::new(),
+        "{version}"
+    );
+    let job = rest::parse_job(4242, 200, &body.to_string()).unwrap();
+    assert!(job.is_running(), "{version}: {job:?}");
+    assert_eq!(job.node.as_deref(), Some("node2"));
+    assert_eq!(job.reason, None);
+
+    body["jobs"][0]["job_state"] = state("FAILED");
+    let exit_schema = spec.property(job_schema, "exit_code");
+    body["jobs"][0]["exit_code"] = if exit_schema["type"] == "integer" {
+        json!(3 << 8) // a wait status
+    } else if exit_schema["properties"].get("return_code").is_some() {
+        json!({"status": ["ERROR"], "return_code": {"set": true, "infinite": false, "number": 3}})
+    } else {
+        json!({"set": true, "infinite": false, "number": 3 << 8})
+    };
+    assert_eq!(
+        spec.validate(schema, &body, false),
+        Vec::<String>::new(),
+        "{version}"
+    );
+    let job = rest::parse_job(4242, 200, &body.to_string()).unwrap();
+    assert_eq!(job.state, JobState::Failed, "{version}");
+    assert_eq!(job.exit_code, Some(3), "{version}");
+}
+
+/// Ping: the release, under `Slurm` or `slurm`.
+fn ping_answer(spec: &Spec, version: ApiVersion) {
+    let schema = spec.response_schema("/ping", "get", "200").unwrap();
+    let mut body = spec.sample(schema, 0);
+    let meta = body["meta"].as_object_mut().unwrap();
+    let key = if meta.contains_key("slurm") {
+        "slurm"
+    } else {
+        "Slurm"
+    };
+    meta[key]["release"] = json!("25.11.2");
+    assert_eq!(
+        spec.validate(schema, &body, false),
+        Vec::<String>::new(),
+        "{version}"
+    );
+    assert_eq!(
+        rest::server_release(&body).as_deref(),
+        Some("25.11.2"),
+        "{version}"
+    );
+}
+
+/// Cancel: v0.0.38 answers without a body.
+fn cancel_answer(spec: &Spec, version: ApiVersion) {
+    match spec.response_schema("/job/{job_id}", "delete", "200") {
+        None => rest::parse_cancel(4242, 200, "").unwrap(),
+        Some(schema) => {
+            let mut body = spec.sample(schema, 0);
+            no_errors(&mut body);
+            if let Some(entries) = body.get_mut("status").and_then(Value::as_array_mut) {
+                for entry in entries {
+                    entry["error"]["code"] = json!(0);
+                }
+            }
+            assert_eq!(
+                spec.validate(schema, &body, false),
+                Vec::<String>::new(),
+                "{version}"
+            );
+            rest::parse_cancel(4242, 200, &body.to_string()).unwrap();
+        }
+    }
+}
+
+/// An error answer: transient, with Slurm's words.
+fn error_answer(spec: &Spec, version: ApiVersion) {
+    let schema = spec
+        .response_schema("/job/{job_id}", "get", "default")
+        .or_else(|| spec.response_schema("/job/{job_id}", "get", "200"))
+        .unwrap();
+    let mut body = spec.sample(schema, 0);
+    no_errors(&mut body);
+    let mut error = spec.sample(&spec.property(schema, "errors")["items"], 0);
+    error["error"] = json!("Invalid job id specified");
+    body["errors"] = json!([error]);
+    assert_eq!(
+        spec.validate(schema, &body, false),
+        Vec::<String>::new(),
+        "{version}"
+    );
+    let failure = rest::parse_job(4242, 500, &body.to_string()).unwrap_err();
+    assert_eq!(failure.kind, nsh_core::Kind::Transient);
+    assert!(
+        failure
+            .message
+            .contains("HTTP 500: Invalid job id specified"),
+        "{version}: {}",
+        failure.message
+    );
+}
+
+/// The captured answers that refuse: cancels, an unknown job, a bad token,
+/// a bad submission.
+fn real_refusals_from_slurm_22_05() {
+    let (status, body, _) = captured("cancel");
+    rest::parse_cancel(1, status, &body).unwrap();
+
+    let (status, body, _) = captured("cancel-unknown");
+    let failure = rest::parse_cancel(999_999, status, &body).unwrap_err();
+    assert!(
+        failure
+            .message
+            .contains("HTTP 500: Invalid job id specified"),
+        "{}",
+        failure.message
+    );
+
+    let (status, body, _) = captured("job-unknown");
+    let failure = rest::parse_job(999_999, status, &body).unwrap_err();
+    assert!(
+        failure.message.contains("Unable to find JobId=999999"),
+        "{}",
+        failure.message
+    );
+
+    let (status, body, _) = captured("ping-bad-token");
+    let failure = rest::check("ping", status, &body).unwrap_err();
+    assert_eq!(failure.kind, nsh_core::Kind::Transient);
+    assert!(failure.message.contains("HTTP 500"), "{}", failure.message);
+
+    // 22.05's parser errors use `error_code`, not `error_number`.
+    let (status, body, _) = captured("submit-no-environment");
+    let failure = rest::parse_submit(status, &body).unwrap_err();
+    assert!(
+        failure
+            .message
+            .contains("HTTP 400: environment must be set"),
+        "{}",
+        failure.message
+    );
 }
 
 /// A captured answer: `{"status": 200, "body": "<text>"}`.
@@ -425,7 +483,11 @@ fn captured(name: &str) -> (u16, String, Value) {
     let file: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let body = file["body"].as_str().unwrap().to_string();
     let parsed = serde_json::from_str(&body).unwrap_or(Value::Null);
-    (file["status"].as_u64().unwrap() as u16, body, parsed)
+    (
+        u16::try_from(file["status"].as_u64().unwrap()).unwrap(),
+        body,
+        parsed,
+    )
 }
 
 #[test]
@@ -490,40 +552,5 @@ fn real_answers_from_slurm_22_05() {
     assert_eq!(job.state, JobState::Cancelled);
     assert!(job.state.is_finished());
 
-    let (status, body, _) = captured("cancel");
-    rest::parse_cancel(1, status, &body).unwrap();
-
-    let (status, body, _) = captured("cancel-unknown");
-    let failure = rest::parse_cancel(999999, status, &body).unwrap_err();
-    assert!(
-        failure
-            .message
-            .contains("HTTP 500: Invalid job id specified"),
-        "{}",
-        failure.message
-    );
-
-    let (status, body, _) = captured("job-unknown");
-    let failure = rest::parse_job(999999, status, &body).unwrap_err();
-    assert!(
-        failure.message.contains("Unable to find JobId=999999"),
-        "{}",
-        failure.message
-    );
-
-    let (status, body, _) = captured("ping-bad-token");
-    let failure = rest::check("ping", status, &body).unwrap_err();
-    assert_eq!(failure.kind, nsh_core::Kind::Transient);
-    assert!(failure.message.contains("HTTP 500"), "{}", failure.message);
-
-    // 22.05's parser errors use `error_code`, not `error_number`.
-    let (status, body, _) = captured("submit-no-environment");
-    let failure = rest::parse_submit(status, &body).unwrap_err();
-    assert!(
-        failure
-            .message
-            .contains("HTTP 400: environment must be set"),
-        "{}",
-        failure.message
-    );
+    real_refusals_from_slurm_22_05();
 }

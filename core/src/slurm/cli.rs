@@ -96,8 +96,7 @@ pub fn parse_scontrol(job: u64, line: &str) -> Result<JobInfo, Failure> {
 fn state_is_over(fields: &BTreeMap<&str, &str>) -> bool {
     fields
         .get("JobState")
-        .map(|s| JobInfo::state_from_words(&[s.to_string()]).0.is_finished())
-        .unwrap_or(false)
+        .is_some_and(|s| JobInfo::state_from_words(&[s.to_string()]).0.is_finished())
 }
 
 /// `Key=Value Key=Value …`. A value runs to the next ` Key=`, so values with
@@ -121,7 +120,7 @@ fn scontrol_fields(line: &str) -> BTreeMap<&str, &str> {
         }
     }
     for (n, &start) in starts.iter().enumerate() {
-        let end = starts.get(n + 1).map(|&e| e - 1).unwrap_or(line.len());
+        let end = starts.get(n + 1).map_or(line.len(), |&e| e - 1);
         let field = line[start..end].trim_end();
         if let Some((k, v)) = field.split_once('=') {
             fields.entry(k).or_insert(v);
@@ -147,11 +146,8 @@ pub fn submit(req: &JobRequest) -> Result<u64, Failure> {
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| Failure::transient(format!("running sbatch: {e}")))?;
-    let written = child
-        .stdin
-        .take()
-        .expect("piped")
-        .write_all(req.script.as_bytes());
+    let written = crate::sys::process::stdin_of(&mut child)
+        .and_then(|mut stdin| stdin.write_all(req.script.as_bytes()));
     let output = child
         .wait_with_output()
         .map_err(|e| Failure::transient(format!("running sbatch: {e}")))?;
@@ -216,23 +212,22 @@ pub fn parse_sinfo(stdout: &str) -> Vec<NodeInfo> {
         let [name, state, features, gres, partition] = fields[..] else {
             continue;
         };
-        let at = match nodes.iter().position(|n| n.name == name) {
-            Some(at) => at,
-            None => {
-                nodes.push(NodeInfo {
-                    name: name.to_string(),
-                    // `down*`: not responding; `drained+` …: flags.
-                    state: state
-                        .split('+')
-                        .map(|s| s.trim_end_matches(['*', '~', '#', '!', '%', '$', '@', '^', '-']))
-                        .map(str::to_ascii_lowercase)
-                        .collect(),
-                    features: PartitionInfo::list(features),
-                    gres: NodeInfo::gres_names(gres),
-                    partitions: Vec::new(),
-                });
-                nodes.len() - 1
-            }
+        let at = if let Some(at) = nodes.iter().position(|n| n.name == name) {
+            at
+        } else {
+            nodes.push(NodeInfo {
+                name: name.to_string(),
+                // `down*`: not responding; `drained+` …: flags.
+                state: state
+                    .split('+')
+                    .map(|s| s.trim_end_matches(['*', '~', '#', '!', '%', '$', '@', '^', '-']))
+                    .map(str::to_ascii_lowercase)
+                    .collect(),
+                features: PartitionInfo::list(features),
+                gres: NodeInfo::gres_names(gres),
+                partitions: Vec::new(),
+            });
+            nodes.len() - 1
         };
         nodes[at]
             .partitions
@@ -270,7 +265,13 @@ pub fn parse_partition_line(name: &str, line: &str) -> Option<PartitionInfo> {
 pub fn partition(name: &str) -> Result<Option<PartitionInfo>, Failure> {
     match run_query("scontrol", &["show", "partition", "-o", name]) {
         Ok(stdout) => Ok(stdout.lines().find_map(|l| parse_partition_line(name, l))),
-        Err(failure) if failure.message.contains("not found") => Ok(None),
+        Err(failure)
+            if failure
+                .cause::<CommandError>()
+                .is_some_and(|e| e.stderr.contains("not found")) =>
+        {
+            Ok(None)
+        }
         Err(failure) => Err(failure),
     }
 }
@@ -310,19 +311,53 @@ fn run_query(name: &str, args: &[&str]) -> Result<String, Failure> {
     command.args(args).stdin(Stdio::null());
     let output = match QUERY_TIMEOUT_MS.load(std::sync::atomic::Ordering::Relaxed) {
         0 => command.output(),
-        ms => crate::check::output_within(&mut command, std::time::Duration::from_millis(ms)),
+        ms => {
+            crate::sys::process::output_within(&mut command, std::time::Duration::from_millis(ms))
+        }
     }
     .map_err(|e| Failure::transient(format!("running {name}: {e}")))?;
     if !output.status.success() {
-        return Err(Failure::transient(format!(
-            "{name} {} failed ({}): {}{}",
-            args.join(" "),
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim(),
-            String::from_utf8_lossy(&output.stdout).trim()
-        )));
+        return Err(Failure::from(CommandError {
+            command: format!("{name} {}", args.join(" ")),
+            status: output.status,
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+            stdout: String::from_utf8_lossy(&output.stdout).trim().to_string(),
+        }));
     }
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// A Slurm command that ended with a failure status: transient (slurmctld
+/// may be back in a moment), with what it printed kept apart for callers
+/// that recognise an answer (`scontrol`: "Partition NAME not found").
+#[derive(Debug)]
+pub struct CommandError {
+    /// The command line, for the message.
+    pub command: String,
+    /// How it ended.
+    pub status: std::process::ExitStatus,
+    /// What it wrote to stderr, trimmed.
+    pub stderr: String,
+    /// What it wrote to stdout, trimmed.
+    pub stdout: String,
+}
+
+impl std::fmt::Display for CommandError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} failed ({}): {}{}",
+            self.command, self.status, self.stderr, self.stdout
+        )
+    }
+}
+
+impl std::error::Error for CommandError {}
+
+impl crate::error::KindOf for CommandError {
+    fn kind(&self) -> crate::error::Kind {
+        crate::error::Kind::Transient
+    }
 }
 
 /// A Slurm command, looked up on PATH (resolved here so that a cleared child

@@ -154,10 +154,10 @@ impl RestClient {
                 .ok()
                 .and_then(|v| rest::server_release(&v));
             if ping.status == 500 && release.is_some_and(|r| r.starts_with("22.05")) {
-                Failure::transient(format!(
+                Failure::from(TokenRefused(format!(
                     "{} (Slurm 22.05 answers this way when slurmctld refuses the token: check the cluster's token_file/token_command and user)",
                     failure.message
-                ))
+                )))
             } else {
                 failure
             }
@@ -198,17 +198,15 @@ impl RestClient {
         }
         for v in ApiVersion::ALL.into_iter().rev() {
             let response = self.call(Method::Get, &rest::ping_path(v), None)?;
-            match response.status {
-                404 => continue,
-                _ => {
-                    rest::check(
-                        &format!("pinging slurmrestd ({v})"),
-                        response.status,
-                        &response.body,
-                    )?;
-                    return Ok(v);
-                }
+            if response.status == 404 {
+                continue;
             }
+            rest::check(
+                &format!("pinging slurmrestd ({v})"),
+                response.status,
+                &response.body,
+            )?;
+            return Ok(v);
         }
         Err(Failure::transient(format!(
             "slurmrestd at {} offers none of the API versions nsh speaks ({} … {})",
@@ -293,26 +291,62 @@ impl RestClient {
     /// "Unspecified error"), 24.11 and later 511 "Protocol authentication
     /// error".
     fn explain_refusal(&self, failure: Failure, status: u16) -> Failure {
+        let slurm_says = failure
+            .cause::<rest::AnswerError>()
+            .map_or("", |answer| answer.slurm_says.as_str());
         let refused = status == 511
-            || failure.message.contains("Protocol authentication error")
+            || slurm_says.contains("Protocol authentication error")
             || (status == 500
                 && self
                     .release
                     .as_deref()
                     .is_some_and(|r| r.starts_with("22.05"))
-                && failure.message.contains("Unspecified error"));
+                && slurm_says.contains("Unspecified error"));
         if refused && self.token.is_some() {
-            Failure::new(
-                failure.kind,
-                format!(
-                    "{} (slurmctld refused the token: check the cluster's token_file/token_command and user)",
-                    failure.message
-                ),
-            )
+            Failure::from(TokenRefused(format!(
+                "{} (slurmctld refused the token: check the cluster's token_file/token_command and user)",
+                failure.message
+            )))
         } else {
             failure
         }
     }
+}
+
+/// slurmctld (or slurmrestd) refused the token, as the release in use says
+/// it; transient for a stage (the token may be renewed), a configuration
+/// problem for `nsh-hook --check`.
+#[derive(Debug, Clone)]
+pub struct TokenRefused(String);
+
+impl std::fmt::Display for TokenRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for TokenRefused {}
+
+impl crate::error::KindOf for TokenRefused {
+    fn kind(&self) -> crate::error::Kind {
+        crate::error::Kind::Transient
+    }
+}
+
+/// Whether `failure` is a refused token (whatever the release's way of
+/// saying it).
+#[must_use]
+pub fn token_refused(failure: &Failure) -> bool {
+    failure.cause::<TokenRefused>().is_some()
+        || failure
+            .cause::<rest::AnswerError>()
+            .is_some_and(rest::AnswerError::token_refused)
+}
+
+/// Whether `failure` is the token's: refused, or not to be had.
+#[must_use]
+pub fn token_trouble(failure: &Failure) -> bool {
+    token_refused(failure) || failure.cause::<crate::config::TokenError>().is_some()
 }
 
 #[cfg(test)]

@@ -5,12 +5,13 @@
 //! Every failure is transient and names the address and what was being
 //! done; header values (the token) never appear in a message.
 
+use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use crate::config::RestUrl;
-use crate::error::Failure;
+use crate::error::{Failure, Kind, KindOf};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Method {
@@ -73,12 +74,107 @@ pub fn request(
         RestUrl::Http(base) => over_tcp(base, method, path, headers, body),
         RestUrl::Unix(socket) => over_unix(socket, method, path, headers, body),
     };
-    result.map_err(|e| {
-        Failure::transient(format!(
-            "slurmrestd at {url}: {} {path}: {e}",
-            method.as_str()
-        ))
+    result.map_err(|cause| {
+        Failure::from(RequestError {
+            url: url.to_string(),
+            method,
+            path: path.to_string(),
+            cause,
+        })
     })
+}
+
+/// A request to slurmrestd that got no usable answer: always transient
+/// (slurmrestd or the network may be back in a moment).
+#[derive(Debug)]
+pub struct RequestError {
+    url: String,
+    method: Method,
+    path: String,
+    /// What went wrong.
+    pub cause: HttpError,
+}
+
+impl std::fmt::Display for RequestError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "slurmrestd at {}: {} {}: {}",
+            self.url,
+            self.method.as_str(),
+            self.path,
+            self.cause
+        )
+    }
+}
+
+impl std::error::Error for RequestError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.cause)
+    }
+}
+
+impl KindOf for RequestError {
+    fn kind(&self) -> Kind {
+        Kind::Transient
+    }
+}
+
+/// Why an HTTP exchange failed.
+#[derive(Debug)]
+pub enum HttpError {
+    /// Connecting, sending or reading over the unix socket failed.
+    Io(std::io::Error),
+    /// ureq failed (TCP).
+    Client(ureq::Error),
+    /// No answer within the time limit (TCP).
+    TimedOut(Duration),
+    /// The answer is not HTTP as slurmrestd sends it.
+    Malformed(&'static str),
+    /// The status line is not HTTP/1.x's.
+    NotHttp(String),
+}
+
+impl std::fmt::Display for HttpError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HttpError::Io(e) => e.fmt(f),
+            HttpError::Client(ureq::Error::Io(e)) => e.fmt(f),
+            HttpError::Client(e) => e.fmt(f),
+            HttpError::TimedOut(limit) => {
+                write!(f, "no answer within {} s", limit.as_secs_f64())
+            }
+            HttpError::Malformed(what) => f.write_str(what),
+            HttpError::NotHttp(status_line) => {
+                write!(f, "the answer is not HTTP: {status_line:?}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for HttpError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            HttpError::Io(e) => Some(e),
+            HttpError::Client(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<std::io::Error> for HttpError {
+    fn from(e: std::io::Error) -> HttpError {
+        HttpError::Io(e)
+    }
+}
+
+impl From<ureq::Error> for HttpError {
+    fn from(e: ureq::Error) -> HttpError {
+        match e {
+            ureq::Error::Timeout(_) => HttpError::TimedOut(timeout()),
+            other => HttpError::Client(other),
+        }
+    }
 }
 
 fn over_tcp(
@@ -87,7 +183,7 @@ fn over_tcp(
     path: &str,
     headers: &[(&'static str, String)],
     body: Option<&str>,
-) -> Result<Response, String> {
+) -> Result<Response, HttpError> {
     let agent = agent();
     let url = format!("{base}{path}");
     let response = match method {
@@ -114,14 +210,13 @@ fn over_tcp(
             req.send(body.unwrap_or(""))
         }
     };
-    let mut response = response.map_err(describe_ureq_error)?;
+    let mut response = response?;
     let status = response.status().as_u16();
     let body = response
         .body_mut()
         .with_config()
         .limit(MAX_BODY)
-        .read_to_string()
-        .map_err(describe_ureq_error)?;
+        .read_to_string()?;
     Ok(Response { status, body })
 }
 
@@ -138,33 +233,20 @@ fn agent() -> &'static ureq::Agent {
     })
 }
 
-fn describe_ureq_error(e: ureq::Error) -> String {
-    match e {
-        ureq::Error::Io(io) => io.to_string(),
-        ureq::Error::Timeout(_) => format!("no answer within {} s", timeout().as_secs_f64()),
-        other => other.to_string(),
-    }
-}
-
 fn over_unix(
     socket: &std::path::Path,
     method: Method,
     path: &str,
     headers: &[(&'static str, String)],
     body: Option<&str>,
-) -> Result<Response, String> {
-    let mut stream = UnixStream::connect(socket).map_err(|e| e.to_string())?;
-    stream
-        .set_read_timeout(Some(timeout()))
-        .and_then(|()| stream.set_write_timeout(Some(timeout())))
-        .map_err(|e| e.to_string())?;
+) -> Result<Response, HttpError> {
+    let mut stream = UnixStream::connect(socket)?;
+    stream.set_read_timeout(Some(timeout()))?;
+    stream.set_write_timeout(Some(timeout()))?;
     let request = encode_request(method, path, headers, body);
-    stream.write_all(&request).map_err(|e| e.to_string())?;
+    stream.write_all(&request)?;
     let mut raw = Vec::new();
-    stream
-        .take(MAX_BODY + 65536)
-        .read_to_end(&mut raw)
-        .map_err(|e| e.to_string())?;
+    stream.take(MAX_BODY + 65536).read_to_end(&mut raw)?;
     decode_response(&raw)
 }
 
@@ -180,13 +262,14 @@ fn encode_request(
         method.as_str()
     );
     for (name, value) in headers {
-        head.push_str(&format!("{name}: {value}\r\n"));
+        let _ = write!(head, "{name}: {value}\r\n");
     }
     if let Some(body) = body {
-        head.push_str(&format!(
+        let _ = write!(
+            head,
             "Content-Type: application/json\r\nContent-Length: {}\r\n",
             body.len()
-        ));
+        );
     }
     head.push_str("\r\n");
     let mut bytes = head.into_bytes();
@@ -197,13 +280,15 @@ fn encode_request(
 }
 
 /// Parses a whole HTTP/1.x response read until the server closed.
-fn decode_response(raw: &[u8]) -> Result<Response, String> {
+fn decode_response(raw: &[u8]) -> Result<Response, HttpError> {
     let split = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
-        .ok_or("the answer is not HTTP (no end of headers)")?;
-    let head =
-        std::str::from_utf8(&raw[..split]).map_err(|_| "the answer's headers are not text")?;
+        .ok_or(HttpError::Malformed(
+            "the answer is not HTTP (no end of headers)",
+        ))?;
+    let head = std::str::from_utf8(&raw[..split])
+        .map_err(|_| HttpError::Malformed("the answer's headers are not text"))?;
     let mut lines = head.split("\r\n");
     let status_line = lines.next().unwrap_or("");
     let status: u16 = status_line
@@ -211,7 +296,7 @@ fn decode_response(raw: &[u8]) -> Result<Response, String> {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .filter(|_| status_line.starts_with("HTTP/1."))
-        .ok_or_else(|| format!("the answer is not HTTP: {status_line:?}"))?;
+        .ok_or_else(|| HttpError::NotHttp(status_line.to_string()))?;
     let mut chunked = false;
     let mut length: Option<usize> = None;
     for line in lines {
@@ -229,32 +314,41 @@ fn decode_response(raw: &[u8]) -> Result<Response, String> {
         dechunk(rest)?
     } else if let Some(n) = length {
         rest.get(..n)
-            .ok_or("the connection closed before the whole answer came")?
+            .ok_or(HttpError::Malformed(
+                "the connection closed before the whole answer came",
+            ))?
             .to_vec()
     } else {
         rest.to_vec()
     };
-    let body = String::from_utf8(body).map_err(|_| "the answer's body is not UTF-8")?;
+    let body = String::from_utf8(body)
+        .map_err(|_| HttpError::Malformed("the answer's body is not UTF-8"))?;
     Ok(Response { status, body })
 }
 
-fn dechunk(mut data: &[u8]) -> Result<Vec<u8>, String> {
+fn dechunk(mut data: &[u8]) -> Result<Vec<u8>, HttpError> {
     let mut out = Vec::new();
     loop {
         let end = data
             .windows(2)
             .position(|w| w == b"\r\n")
-            .ok_or("a chunked answer ended early")?;
-        let size_text = std::str::from_utf8(&data[..end]).map_err(|_| "bad chunk size")?;
+            .ok_or(HttpError::Malformed("a chunked answer ended early"))?;
+        let size_text = std::str::from_utf8(&data[..end])
+            .map_err(|_| HttpError::Malformed("bad chunk size"))?;
         let size_text = size_text.split(';').next().unwrap_or("").trim();
-        let size = usize::from_str_radix(size_text, 16).map_err(|_| "bad chunk size")?;
+        let size = usize::from_str_radix(size_text, 16)
+            .map_err(|_| HttpError::Malformed("bad chunk size"))?;
         data = &data[end + 2..];
         if size == 0 {
             return Ok(out);
         }
-        let chunk = data.get(..size).ok_or("a chunked answer ended early")?;
+        let chunk = data
+            .get(..size)
+            .ok_or(HttpError::Malformed("a chunked answer ended early"))?;
         out.extend_from_slice(chunk);
-        data = data.get(size + 2..).ok_or("a chunked answer ended early")?;
+        data = data
+            .get(size + 2..)
+            .ok_or(HttpError::Malformed("a chunked answer ended early"))?;
     }
 }
 

@@ -68,14 +68,32 @@ impl fmt::Display for ApiVersion {
 }
 
 impl FromStr for ApiVersion {
-    type Err = ();
-    fn from_str(s: &str) -> Result<ApiVersion, ()> {
+    type Err = UnknownApiVersion;
+    fn from_str(s: &str) -> Result<ApiVersion, UnknownApiVersion> {
         ApiVersion::ALL
             .into_iter()
             .find(|v| v.as_str() == s)
-            .ok_or(())
+            .ok_or_else(|| UnknownApiVersion(s.to_string()))
     }
 }
+
+/// A slurmrestd API version nsh does not speak (as written).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownApiVersion(pub String);
+
+impl fmt::Display for UnknownApiVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:?} is not a slurmrestd API version nsh speaks ({} … {})",
+            self.0,
+            ApiVersion::ALL[0],
+            ApiVersion::ALL[ApiVersion::ALL.len() - 1]
+        )
+    }
+}
+
+impl std::error::Error for UnknownApiVersion {}
 
 pub mod model;
 pub mod rest;
@@ -83,7 +101,10 @@ pub mod rest;
 pub use model::{JobInfo, JobRequest, JobState};
 pub mod cli;
 pub mod client;
+mod clusters;
 pub mod http;
+
+pub use clusters::Clusters;
 #[cfg(test)]
 pub(crate) mod test_server;
 

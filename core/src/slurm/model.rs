@@ -5,7 +5,7 @@ use std::fmt;
 
 /// A batch job to submit. Every field is a value nsh chose or the
 /// configuration allowed; the script is static text (see
-/// [`crate::batch_script`]) and everything variable reaches it through `env`.
+/// [`crate::stage::alloc::batch_script`]) and everything variable reaches it through `env`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct JobRequest {
     /// The job name (`sbatch --job-name`).

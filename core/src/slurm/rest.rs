@@ -11,15 +11,16 @@
 //! number covers several shapes across Slurm patch releases (`exit_code` is
 //! an int in 23.02.0–3 and a no_val object from 23.02.4, for instance):
 //! `job_state` as a string or an array, `exit_code` as an int, a no_val
-//! object or the verbose object, meta under `Slurm` or `slurm`.
-//! (Details and sources: `shared/reference/slurm-openapi/SUMMARY.md`.)
+//! object or the verbose object, meta under `Slurm` or `slurm`. The
+//! published specifications these shapes come from are in
+//! `core/tests/slurm-openapi/`, checked by `core/tests/slurm_contract.rs`.
 
 use serde_json::{json, Map, Value};
 
 use super::model::{JobInfo, JobRequest, NodeInfo, PartitionInfo};
 use super::ApiVersion;
 use crate::config::Secret;
-use crate::error::Failure;
+use crate::error::{Failure, Kind, KindOf};
 
 /// `/slurm/v0.0.NN/ping/`
 pub fn ping_path(v: ApiVersion) -> String {
@@ -291,21 +292,20 @@ pub fn check(what: &str, status: u16, body: &str) -> Result<Value, Failure> {
             format!(": {short}")
         }
     };
+    let refused = |answer: Answer| {
+        Failure::from(AnswerError {
+            what: what.to_string(),
+            status,
+            slurm_says: slurm_says.clone(),
+            answer,
+        })
+    };
     match status {
         200..=299 => {}
         // 511: slurmctld refused the credential slurmrestd passed on
         // (Slurm ≥ 23.11 says "Protocol authentication error", error 1007).
-        401 | 403 | 511 => {
-            return Err(Failure::transient(format!(
-                "{what}: Slurm refused the token (HTTP {status}{}{}): check the cluster's token_file/token_command and user",
-                plain(),
-                if slurm_says.is_empty() { String::new() } else { format!(": {slurm_says}") }
-            )))
-        }
-        _ => {
-            let detail = if slurm_says.is_empty() { plain() } else { format!(": {slurm_says}") };
-            return Err(Failure::transient(format!("{what}: HTTP {status}{detail}")));
-        }
+        401 | 403 | 511 => return Err(refused(Answer::TokenRefused { plain: plain() })),
+        _ => return Err(refused(Answer::Status { plain: plain() })),
     }
     let Some(value) = parsed else {
         return Err(Failure::transient(format!(
@@ -313,9 +313,72 @@ pub fn check(what: &str, status: u16, body: &str) -> Result<Value, Failure> {
         )));
     };
     if !slurm_says.is_empty() {
-        return Err(Failure::transient(format!("{what}: {slurm_says}")));
+        return Err(refused(Answer::Errors));
     }
     Ok(value)
+}
+
+/// An answer of slurmrestd that says no: always transient (the token may be
+/// renewed, slurmctld may be back), with Slurm's own words kept apart so
+/// that a caller can tell a refused credential without reading a message.
+#[derive(Debug, Clone)]
+pub struct AnswerError {
+    /// What was being asked (`asking for job 7`).
+    pub what: String,
+    /// The HTTP status.
+    pub status: u16,
+    /// Slurm's `errors[]`, joined (`Protocol authentication error: error 1007`).
+    pub slurm_says: String,
+    answer: Answer,
+}
+
+/// How the answer said no.
+#[derive(Debug, Clone)]
+enum Answer {
+    /// 401, 403 or 511: the token was refused; `plain` is a plain-text page.
+    TokenRefused { plain: String },
+    /// Any other non-2xx status.
+    Status { plain: String },
+    /// 2xx, but with `errors[]`.
+    Errors,
+}
+
+impl std::fmt::Display for AnswerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (what, status, says) = (&self.what, self.status, &self.slurm_says);
+        let with_says = if says.is_empty() {
+            String::new()
+        } else {
+            format!(": {says}")
+        };
+        match &self.answer {
+            Answer::TokenRefused { plain } => write!(
+                f,
+                "{what}: Slurm refused the token (HTTP {status}{plain}{with_says}): check the cluster's token_file/token_command and user"
+            ),
+            Answer::Status { plain } => {
+                let detail = if says.is_empty() { plain } else { &with_says };
+                write!(f, "{what}: HTTP {status}{detail}")
+            }
+            Answer::Errors => write!(f, "{what}: {says}"),
+        }
+    }
+}
+
+impl AnswerError {
+    /// The answer was a refused token (HTTP 401, 403 or 511).
+    #[must_use]
+    pub fn token_refused(&self) -> bool {
+        matches!(self.answer, Answer::TokenRefused { .. })
+    }
+}
+
+impl std::error::Error for AnswerError {}
+
+impl KindOf for AnswerError {
+    fn kind(&self) -> Kind {
+        Kind::Transient
+    }
 }
 
 /// The job id from a submit response.
@@ -569,7 +632,7 @@ fn exit_code(v: &Value) -> Option<i64> {
                 .is_some_and(|s| s.iter().any(|x| x == "SIGNALED" || x == "CORE_DUMPED"));
             if signalled {
                 if let Some(sig) = v.pointer("/signal/id").and_then(as_u64) {
-                    return Some(128 + sig as i64);
+                    return Some(128 + i64::try_from(sig).unwrap_or(i64::MAX - 128));
                 }
             }
             if o.get("status")
@@ -578,9 +641,13 @@ fn exit_code(v: &Value) -> Option<i64> {
             {
                 return None;
             }
-            o.get("return_code").and_then(as_u64).map(|n| n as i64)
+            o.get("return_code")
+                .and_then(as_u64)
+                .and_then(|n| i64::try_from(n).ok())
         }
-        Value::Object(_) => as_u64(v).map(|n| from_wait_status(n as i64)),
+        Value::Object(_) => as_u64(v)
+            .and_then(|n| i64::try_from(n).ok())
+            .map(from_wait_status),
         _ => None,
     }
 }

@@ -1,6 +1,8 @@
 //! Helpers for the cluster tests: where the running test cluster is and how to
 //! reach it. The cluster is brought up by `tests/cluster/cluster up` (which
 //! `scripts/test` does); these tests fail, loudly, when it is not up.
+// A test fails by panicking: its helpers unwrap too.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::missing_panics_doc)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -82,8 +84,10 @@ impl Cluster {
                     .split(',')
                     .any(|f| f == feature)
             })
-            .map(|(name, _)| name.clone())
-            .unwrap_or_else(|| panic!("no node has feature {feature}"))
+            .map_or_else(
+                || panic!("no node has feature {feature}"),
+                |(name, _)| name.clone(),
+            )
     }
 
     /// The environment a test process needs: Slurm's and Nix's configuration

@@ -1,6 +1,13 @@
 //! `nsh-alloc` against the real test cluster: REST (slurmrestd with JWT,
 //! whatever version the stack runs) and CLI backends, placement by feature, release, cancel,
 //! queue timeout, signals, a refused token, and no token in any output.
+// The test signals the processes and groups it started (kill(2) with
+// a negative pid) and sets up a child's fd 4: libc, which needs unsafe.
+#![allow(unsafe_code)]
+// A test fails by panicking: its helpers unwrap too.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::missing_panics_doc)]
+// Process ids fit an i32 (pid_max is at most 2^22).
+#![allow(clippy::cast_possible_wrap)]
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -579,7 +586,7 @@ fn resources_and_time_limits_reach_slurm() {
             let (status, _, _) = run(&c, as_user, &cancel_args, stdout.trim());
             assert_eq!(status, 0);
             for want in want {
-                assert!(shown.contains(want), "{:?}: no {want} in {shown}", config);
+                assert!(shown.contains(want), "{config:?}: no {want} in {shown}");
             }
         }
     }

@@ -1,6 +1,8 @@
 //! The test cluster is the real thing: Slurm schedules through slurmrestd with a
 //! JWT, jobs land on the node their features ask for, every node has its own
 //! Nix store, and Nix's own ssh:// remote builder builds on a node.
+// A test fails by panicking: its helpers unwrap too.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::missing_panics_doc)]
 
 use std::time::{Duration, Instant};
 
@@ -70,31 +72,7 @@ fn a_rest_job_lands_on_the_node_its_feature_asks_for_and_sees_that_nodes_store()
     assert_eq!(submitted["errors"], serde_json::json!([]), "{submitted}");
     let job_id = submitted["job_id"].as_u64().expect("job_id");
 
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let job = loop {
-        let info = rest_get(&c, &format!("/slurm/{api}/job/{job_id}"));
-        let job = info["jobs"][0].clone();
-        // A word up to v0.0.38, a list of words (state and flags) after.
-        let state = match &job["job_state"] {
-            serde_json::Value::Array(words) => words[0].as_str().unwrap_or("").to_string(),
-            word => word.as_str().unwrap_or("").to_string(),
-        };
-        if state == "COMPLETED" {
-            break job;
-        }
-        assert!(
-            matches!(
-                state.as_str(),
-                "PENDING" | "CONFIGURING" | "RUNNING" | "COMPLETING"
-            ),
-            "job {job_id} ended as {state}: {job}"
-        );
-        assert!(
-            Instant::now() < deadline,
-            "job {job_id} still {state} after 60 s"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let job = wait_until_completed(&c, &api, job_id);
     let big = c.node_with_feature("big");
     assert_eq!(job["batch_host"], big.as_str(), "{job}");
 
@@ -149,4 +127,34 @@ fn nix_own_ssh_remote_builder_builds_on_a_node() {
     );
     let out = c.ssh("node2", &format!("test -e {out_path}"));
     assert!(!out.status.success(), "node2 must not see node1's store");
+}
+
+/// The job's REST record once it completed; a failed test if it ended
+/// otherwise or took over a minute.
+fn wait_until_completed(c: &Cluster, api: &str, job_id: u64) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let info = rest_get(c, &format!("/slurm/{api}/job/{job_id}"));
+        let job = info["jobs"][0].clone();
+        // A word up to v0.0.38, a list of words (state and flags) after.
+        let state = match &job["job_state"] {
+            serde_json::Value::Array(words) => words[0].as_str().unwrap_or("").to_string(),
+            word => word.as_str().unwrap_or("").to_string(),
+        };
+        if state == "COMPLETED" {
+            return job;
+        }
+        assert!(
+            matches!(
+                state.as_str(),
+                "PENDING" | "CONFIGURING" | "RUNNING" | "COMPLETING"
+            ),
+            "job {job_id} ended as {state}: {job}"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "job {job_id} still {state} after 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

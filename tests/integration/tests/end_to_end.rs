@@ -5,6 +5,8 @@
 //! `big` system feature on the node that has the Slurm feature `big`; Nix
 //! stores the remote build log; a failing derivation fails the build with
 //! its log. Both on the local store and through the cluster's nix-daemon.
+// A test fails by panicking: its helpers unwrap too.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::missing_panics_doc)]
 
 use std::process::Output;
 
@@ -41,7 +43,7 @@ fn builds_the_dag_on_the_nodes(through_daemon: bool) {
     // Where each derivation was built, as the outputs recorded it.
     let text = std::fs::read_to_string(&result).unwrap();
     let mut places: Vec<&str> = text.lines().collect();
-    places.sort();
+    places.sort_unstable();
     places.dedup();
     let big = c.node_with_feature("big");
     let nodes = c.nodes();

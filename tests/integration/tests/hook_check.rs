@@ -8,6 +8,8 @@
 //! The tests that restart or probe the login daemon take [`DAEMON`], so
 //! they never see each other's daemon; every one puts the daemon back as
 //! `up` made it.
+// A test fails by panicking: its helpers unwrap too.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::missing_panics_doc)]
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -113,7 +115,9 @@ fn probe_leftovers() -> Vec<String> {
 
 #[test]
 fn the_check_is_green_on_the_test_cluster_with_nsh_as_the_daemon_hook() {
-    let _daemon = DAEMON.lock().unwrap_or_else(|e| e.into_inner());
+    let _daemon = DAEMON
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let c = Cluster::get();
     let hook = nsh_tool("nsh-hook").canonicalize().unwrap();
     let _hook = DaemonHook::set(&c, &hook, "env");
@@ -253,7 +257,9 @@ fn a_wrong_partition_a_refused_token_and_an_unreachable_slurmrestd_are_red() {
 
 #[test]
 fn the_daemon_hook_is_reported_when_it_is_not_nsh() {
-    let _daemon = DAEMON.lock().unwrap_or_else(|e| e.into_inner());
+    let _daemon = DAEMON
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let c = Cluster::get();
     // As `up` made it: the daemon has no build-hook of its own.
     daemon_hook(&c, &["none"]);

@@ -9,6 +9,13 @@
 //! the inputs and wanted outputs read, the log on fd 4, the exit statuses and
 //! outputs valid at exit. (The builds on the cluster's nodes come with the
 //! other tools.)
+// The test signals the processes and groups it started (kill(2) with
+// a negative pid) and sets up a child's fd 4: libc, which needs unsafe.
+#![allow(unsafe_code)]
+// A test fails by panicking: its helpers unwrap too.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::missing_panics_doc)]
+// Process ids fit an i32 (pid_max is at most 2^22).
+#![allow(clippy::cast_possible_wrap)]
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;

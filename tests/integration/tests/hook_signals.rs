@@ -11,6 +11,13 @@
 //! Every process it starts inherits `NSH_TEST_TAG`, which is how the test
 //! finds what is left. A job is kept waiting in a partition of its own that
 //! is DOWN (made with `scontrol create` and deleted afterwards).
+// The test signals the processes and groups it started (kill(2) with
+// a negative pid) and sets up a child's fd 4: libc, which needs unsafe.
+#![allow(unsafe_code)]
+// A test fails by panicking: its helpers unwrap too.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::missing_panics_doc)]
+// Process ids fit an i32 (pid_max is at most 2^22).
+#![allow(clippy::cast_possible_wrap)]
 
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
@@ -22,7 +29,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use nsh_cluster_tests::{instantiate, nsh_tool, run_ok, slurm_cmd, unique_salt, Cluster};
-use nsh_core::hook_proto::{Accepted, Settings, Try};
+use nsh_core::hook::protocol::{Accepted, Settings, Try};
 
 #[derive(Clone, Copy, Debug)]
 enum Stage {
@@ -171,7 +178,10 @@ impl RunningHook {
                     }
                     seen.push(line);
                 }
-                Err(_) => panic!("the hook never said it; it said:\n{}", seen.join("\n")),
+                Err(e) => panic!(
+                    "the hook never said it ({e}); it said:\n{}",
+                    seen.join("\n")
+                ),
             }
         }
     }
@@ -230,8 +240,7 @@ fn tagged_processes(tag: &str) -> Vec<String> {
         .filter(|pid| pid.bytes().all(|b| b.is_ascii_digit()))
         .filter(|pid| {
             fs::read(format!("/proc/{pid}/environ"))
-                .map(|env| env.split(|&b| b == 0).any(|v| v == needle.as_bytes()))
-                .unwrap_or(false)
+                .is_ok_and(|env| env.split(|&b| b == 0).any(|v| v == needle.as_bytes()))
         })
         .map(|pid| {
             let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
@@ -298,8 +307,8 @@ fn stop_at(stage: Stage, how: Stop) {
             &format!("partition = \"{}\"", hold.name),
         );
     }
-    config += &format!(
-        "\n[hook]\nslots_dir = \"{}\"\n",
+    config = format!(
+        "{config}\n[hook]\nslots_dir = \"{}\"\n",
         dir.path().join("slots").display()
     );
     let name = format!(

@@ -7,6 +7,8 @@
 //! The tools run as processes (`target/<profile>/nsh-push`, built here with
 //! `cargo build -p nsh-push -p nsh-fetch …`). No Slurm job is
 //! needed: the tickets' `alloc` sections are made by hand.
+// A test fails by panicking: its helpers unwrap too.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::missing_panics_doc)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -72,7 +74,7 @@ fn build_on_node(c: &Cluster, salt: &str, size: u64) -> String {
         NODE,
         &format!(
             "nix-build --no-out-link -E {}",
-            nsh_core::transport::shell_quote(&expr)
+            nsh_core::stage::ssh::shell_quote(&expr)
         ),
     );
     assert!(
@@ -124,10 +126,10 @@ fn spawn_tool(c: &Cluster, name: &str, args: &[&str], ticket: &Value) -> Child {
 /// Runs a tool on one ticket; returns (exit code, ticket out, stderr).
 fn run_tool(c: &Cluster, name: &str, args: &[&str], ticket: &Value) -> (i32, Value, String) {
     let out = wait_bounded(spawn_tool(c, name, args, ticket), Duration::from_secs(120));
-    parse(out)
+    parse(&out)
 }
 
-fn parse(out: Output) -> (i32, Value, String) {
+fn parse(out: &Output) -> (i32, Value, String) {
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let line = String::from_utf8_lossy(&out.stdout).into_owned();
     let ticket = serde_json::from_str(line.trim())
@@ -199,7 +201,7 @@ fn no_heavy_copy_meanwhile() -> MutexGuard<'static, ()> {
     // A test that failed holding it leaves it poisoned; the others still run.
     HEAVY_COPY
         .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[test]
@@ -297,7 +299,7 @@ fn an_unreachable_node_is_transient_after_a_retry() {
             wait_bounded(child, Duration::from_secs(60))
         })
         .unwrap();
-    let (code, out, stderr) = parse(out);
+    let (code, out, stderr) = parse(&out);
     assert_eq!(code, 75, "{out}");
     assert!(stderr.contains("trying again"), "{stderr}");
     assert!(started.elapsed() < Duration::from_secs(30));
@@ -316,8 +318,8 @@ fn two_pushes_of_the_same_paths_copy_them_once() {
     let closure = build_locally(&c, &unique_salt(), 20_000_000);
     let first = spawn_tool(&c, "nsh-push", &[], &ticket(&closure, None, job_id()));
     let second = spawn_tool(&c, "nsh-push", &[], &ticket(&closure, None, job_id()));
-    let (c1, t1, e1) = parse(wait_bounded(first, Duration::from_secs(120)));
-    let (c2, t2, e2) = parse(wait_bounded(second, Duration::from_secs(120)));
+    let (c1, t1, e1) = parse(&wait_bounded(first, Duration::from_secs(120)));
+    let (c2, t2, e2) = parse(&wait_bounded(second, Duration::from_secs(120)));
     assert_eq!((c1, c2), (0, 0), "{e1}\n{e2}");
     let copied = t1["push"]["copied"].as_u64().unwrap() + t2["push"]["copied"].as_u64().unwrap();
     assert_eq!(copied, 2, "{t1}\n{t2}");
@@ -333,8 +335,7 @@ fn serve_connections(parent: u32) -> Vec<u32> {
         .into_iter()
         .filter(|pid| {
             std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).contains("--serve"))
-                .unwrap_or(false)
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("--serve"))
         })
         .collect()
 }
@@ -402,7 +403,7 @@ fn a_connection_killed_mid_copy_leaves_no_invalid_path_and_a_repush_completes() 
     };
     std::thread::sleep(Duration::from_millis(300));
     kill9(victim);
-    let (code, out, stderr) = parse(wait_bounded(child, Duration::from_secs(120)));
+    let (code, out, stderr) = parse(&wait_bounded(child, Duration::from_secs(120)));
     assert_eq!(code, 0, "{stderr}");
     assert!(
         stderr.contains("trying again"),
@@ -457,7 +458,7 @@ fn push_with_every_connection_killed(c: &Cluster, closure: &[String], method: &s
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    let (code, out, stderr) = parse(child.wait_with_output().unwrap());
+    let (code, out, stderr) = parse(&child.wait_with_output().unwrap());
     assert!(killed >= 2, "{method}: {stderr}");
     assert_eq!(code, 75, "{method}: {stderr}");
     assert_eq!(out["error"]["kind"], "transient");
@@ -672,7 +673,7 @@ fn the_whole_pipeline_builds_on_a_node_and_the_job_ends() {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let out = wait_bounded(cmd.spawn().unwrap(), Duration::from_secs(180));
-    let (code, ticket, stderr) = parse(out);
+    let (code, ticket, stderr) = parse(&out);
     assert_eq!(code, 0, "{ticket}\n{stderr}");
     assert_eq!(ticket["push"]["copied"], 1, "{ticket}");
     assert_eq!(ticket["run"]["status"], "built");

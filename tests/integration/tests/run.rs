@@ -1,6 +1,8 @@
 //! nsh-run against real jobs from nsh-alloc on the test cluster: builds that
 //! succeed, fail, print a lot, fall silent, run out of time, and jobs that
 //! die under them (scancel, a node's slurmd killed).
+// A test fails by panicking: its helpers unwrap too.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::missing_panics_doc)]
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Stdio};
@@ -19,7 +21,9 @@ use serde_json::{json, Value};
 static NODES: RwLock<()> = RwLock::new(());
 
 fn shared() -> RwLockReadGuard<'static, ()> {
-    NODES.read().unwrap_or_else(|e| e.into_inner())
+    NODES
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// A derivation whose builder is `/bin/sh -c <script>`: no inputs, so
@@ -112,8 +116,8 @@ impl Running {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
                 Ok(line) => self.seen.push(line),
-                Err(_) => panic!(
-                    "no line with {text:?} within {within:?}; stderr so far:\n{}",
+                Err(e) => panic!(
+                    "no line with {text:?} within {within:?} ({e}); stderr so far:\n{}",
                     self.seen.join("\n")
                 ),
             }
@@ -204,11 +208,7 @@ fn a_multi_output_build() {
     assert_eq!(run["status"], "built", "{ticket}");
     // Nix 2.34.8 and later (NixOS/nix 5b0278c, "Fix #15916") answer
     // BuildDerivation with an aggregated result whose timesBuilt is 0.
-    let times_built = if NixVersion::of(&c).at_least(2, 34, 8) {
-        0
-    } else {
-        1
-    };
+    let times_built = i32::from(!NixVersion::of(&c).at_least(2, 34, 8));
     assert_eq!(run["times_built"], times_built, "{ticket}");
     assert!(run["stop"].as_u64().unwrap() >= run["start"].as_u64().unwrap());
     assert!(ticket.get("error").is_none());
@@ -425,7 +425,9 @@ impl Drop for RestoreNode {
 
 #[test]
 fn a_node_whose_slurmd_dies_mid_build_is_transient_and_nothing_is_built() {
-    let _alone = NODES.write().unwrap_or_else(|e| e.into_inner());
+    let _alone = NODES
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let c = Cluster::get();
     let drv = sh_drv(
         &c,
@@ -440,45 +442,7 @@ fn a_node_whose_slurmd_dies_mid_build_is_transient_and_nothing_is_built() {
     run.wait_for_line("started", Duration::from_secs(20));
 
     let _restore = RestoreNode(node.clone());
-    // Other jobs (other people's tests) must not land on the node we are
-    // about to fail, and those on it get a moment to end.
-    run_ok(c.command("scontrol").args([
-        "update",
-        &format!("nodename={node}"),
-        "state=drain",
-        "reason=nsh-run test: failing this node",
-    ]));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let out = slurm_cmd(&c, "squeue", &["-h", "-w", &node, "-o", "%i"]);
-        let jobs = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        if jobs == job.id.to_string() || Instant::now() > deadline {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-
-    // The node's slurmd dies; the controller declares the node down (as it
-    // would after SlurmdTimeout, which is minutes).
-    let pid = std::fs::read_to_string(c.dir.join(format!("pids/slurmd-{node}.pid"))).unwrap();
-    run_ok(std::process::Command::new("kill").args(["-KILL", pid.trim()]));
-    // Gone, not just signalled (restart-node must not find it alive).
-    let stat = format!("/proc/{}/stat", pid.trim());
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while std::fs::read_to_string(&stat).is_ok_and(|s| !s.contains(") Z ")) {
-        assert!(
-            Instant::now() < deadline,
-            "slurmd {} did not die",
-            pid.trim()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    run_ok(c.command("scontrol").args([
-        "update",
-        &format!("nodename={node}"),
-        "state=down",
-        "reason=nsh-run test: slurmd killed",
-    ]));
+    fail_node(&c, &node, job.id);
     let failed = Instant::now();
     let (status, ticket, stderr) = run.finish(Duration::from_secs(40));
     assert_eq!(status, 75, "{stderr}");
@@ -511,6 +475,50 @@ fn a_node_whose_slurmd_dies_mid_build_is_transient_and_nothing_is_built() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// Drains `node` (only `job` stays on it), kills its slurmd and declares it
+/// down, as the controller would after SlurmdTimeout (minutes).
+fn fail_node(c: &Cluster, node: &str, job: u64) {
+    // Other jobs (other people's tests) must not land on the node we are
+    // about to fail, and those on it get a moment to end.
+    run_ok(c.command("scontrol").args([
+        "update",
+        &format!("nodename={node}"),
+        "state=drain",
+        "reason=nsh-run test: failing this node",
+    ]));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = slurm_cmd(c, "squeue", &["-h", "-w", node, "-o", "%i"]);
+        let jobs = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if jobs == job.to_string() || Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
+    // The node's slurmd dies; the controller declares the node down (as it
+    // would after SlurmdTimeout, which is minutes).
+    let pid = std::fs::read_to_string(c.dir.join(format!("pids/slurmd-{node}.pid"))).unwrap();
+    run_ok(std::process::Command::new("kill").args(["-KILL", pid.trim()]));
+    // Gone, not just signalled (restart-node must not find it alive).
+    let stat = format!("/proc/{}/stat", pid.trim());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::fs::read_to_string(&stat).is_ok_and(|s| !s.contains(") Z ")) {
+        assert!(
+            Instant::now() < deadline,
+            "slurmd {} did not die",
+            pid.trim()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    run_ok(c.command("scontrol").args([
+        "update",
+        &format!("nodename={node}"),
+        "state=down",
+        "reason=nsh-run test: slurmd killed",
+    ]));
 }
 
 #[test]

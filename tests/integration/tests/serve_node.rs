@@ -2,35 +2,26 @@
 //! over ssh, and a build request file built on that node: what nsh-push and
 //! nsh-run do, without Slurm. The node's store starts without the paths
 //! (each run makes new ones), so they are really copied.
+// A test fails by panicking: its helpers unwrap too.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::missing_panics_doc)]
 
 use std::io::Write;
 use std::process::Stdio;
 
 use nsh_cluster_tests::{run_ok, unique_salt, Cluster};
 use nsh_core::config;
-use nsh_core::serve::{self, BuildStatus};
-use nsh_core::serve_client::ServeProcess;
-use nsh_core::store::{self, LocalStore};
+use nsh_core::nix::local_store::{self, LocalStore};
+use nsh_core::nix::serve::client::ServeProcess;
+use nsh_core::nix::serve::{self, BuildStatus};
+use nsh_core::stage::ssh::Ssh;
 use nsh_core::ticket::BuildOptions;
-use nsh_core::transport::{Ssh, Transport};
 
 #[test]
 fn inputs_are_copied_to_a_node_and_a_request_file_builds_there() {
     let c = Cluster::get();
     let salt = unique_salt();
     let dir = tempfile::tempdir().unwrap();
-    let expr = dir.path().join("chain.nix");
-    std::fs::write(
-        &expr,
-        format!(
-            r#"let
-              a = builtins.derivation {{ name = "nsh-serve-a"; system = "x86_64-linux"; builder = "/bin/sh";
-                    salt = "{salt}"; args = [ "-c" "echo a > $out" ]; }};
-            in builtins.derivation {{ name = "nsh-serve-b"; system = "x86_64-linux"; builder = "/bin/sh";
-                 args = [ "-c" "read x < ${{a}}; echo $x-b > $out" ]; }}"#
-        ),
-    )
-    .unwrap();
+    let expr = chain_expression(dir.path(), &salt);
     // The login node's own store, through its daemon.
     let b_path = run_ok(c.command("nix-instantiate").arg(&expr))
         .trim()
@@ -40,7 +31,8 @@ fn inputs_are_copied_to_a_node_and_a_request_file_builds_there() {
     let a_drv = local.dir.render(b.input_drvs.keys().next().unwrap());
     run_ok(c.command("nix-store").args(["--realise", &a_drv]));
     let mut here = local.serve(false).unwrap();
-    let closure = store::input_closure(&mut here.client, &local.input_roots(&b).unwrap()).unwrap();
+    let closure =
+        local_store::input_closure(&mut here.client, &local.input_roots(&b).unwrap()).unwrap();
     assert_eq!(closure.paths.len(), 1);
 
     // Copy what node1 lacks, streamed from the local store.
@@ -103,4 +95,21 @@ fn inputs_are_copied_to_a_node_and_a_request_file_builds_there() {
     );
     node.finish().unwrap();
     here.finish().unwrap();
+}
+
+/// `b`, whose builder reads `a`'s output, as a Nix file in `dir`.
+fn chain_expression(dir: &std::path::Path, salt: &str) -> std::path::PathBuf {
+    let expr = dir.join("chain.nix");
+    std::fs::write(
+        &expr,
+        format!(
+            r#"let
+              a = builtins.derivation {{ name = "nsh-serve-a"; system = "x86_64-linux"; builder = "/bin/sh";
+                    salt = "{salt}"; args = [ "-c" "echo a > $out" ]; }};
+            in builtins.derivation {{ name = "nsh-serve-b"; system = "x86_64-linux"; builder = "/bin/sh";
+                 args = [ "-c" "read x < ${{a}}; echo $x-b > $out" ]; }}"#
+        ),
+    )
+    .unwrap();
+    expr
 }

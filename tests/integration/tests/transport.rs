@@ -1,13 +1,15 @@
 //! The ssh transport against the cluster's real sshd: one shared master
 //! connection per node, detached from the caller's stdio.
+// A test fails by panicking: its helpers unwrap too.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::missing_panics_doc)]
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use nsh_cluster_tests::{unique_salt, Cluster};
 use nsh_core::config;
+use nsh_core::stage::ssh::Ssh;
 use nsh_core::ticket::AllocSection;
-use nsh_core::transport::{Ssh, Transport};
 
 fn settings(c: &Cluster) -> config::Ssh {
     config::Ssh {

@@ -2,16 +2,15 @@
 //! running on a node that fits the derivation, waiting for its build request.
 //! `nsh-alloc --cancel` cancels the jobs of the tickets it reads.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use nsh_core::alloc::{self, AllocTimes, Clusters, LogProgress, Progress};
 use nsh_core::config::Config;
+use nsh_core::slurm::Clusters;
+use nsh_core::stage::alloc::{self, AllocTimes};
+use nsh_core::sys::signals::{catch_interrupts, Syscalls};
 use nsh_core::tool::run_stage;
-
-mod progress;
 
 /// Gets a Slurm job for each ticket read on stdin (one JSON object per line)
 /// and writes the ticket with `alloc: {cluster, backend, job, node, ssh, work,
@@ -36,7 +35,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    let args: Args = nsh_core::tool::start("nsh-alloc");
+    let args: Args = nsh_cli::start("nsh-alloc");
     let stdin = std::io::stdin().lock();
     let stdout = std::io::stdout().lock();
     let config = Config::load(args.config.as_deref()).and_then(|mut config| {
@@ -48,21 +47,11 @@ fn main() -> ExitCode {
     let mut clusters = Clusters::default();
 
     if args.cancel {
-        return alloc::cancel_stage(
-            config.as_ref().map_err(Clone::clone),
-            &mut clusters,
-            stdin,
-            stdout,
-        )
-        .into();
+        return alloc::cancel_stage(config.as_ref(), &mut clusters, stdin, stdout).into();
     }
 
-    let interrupted = alloc::interrupt_flag();
-    let mut progress: Box<dyn Progress> = if std::io::stderr().is_terminal() {
-        Box::new(progress::Spinner::new())
-    } else {
-        Box::new(LogProgress::new())
-    };
+    let interrupted = catch_interrupts(Syscalls::Restart);
+    let mut progress = nsh_cli::progress::for_queue_wait();
     run_stage("alloc", stdin, stdout, |ticket| {
         let config = config.as_ref().map_err(Clone::clone)?;
         let mut times = AllocTimes::default();

@@ -1,6 +1,8 @@
 //! nsh-alloc as a command, without a cluster: usage, configuration errors,
 //! placement failures and ticket pass-through. (Against the real cluster:
 //! tests/integration/tests/alloc.rs.)
+// A test fails by panicking: its helpers unwrap too.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::missing_panics_doc)]
 
 use assert_cmd::Command;
 use predicates::prelude::*;

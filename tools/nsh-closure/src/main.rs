@@ -1,11 +1,11 @@
 //! `nsh-closure`: what a derivation's build needs, as an nsh ticket.
-//! The logic is `nsh_core::closure`.
+//! The logic is `nsh_core::stage::closure`.
 
 use std::process::ExitCode;
 
 use clap::Parser;
-use nsh_core::closure::{self, ClosureOptions};
 use nsh_core::config::Config;
+use nsh_core::stage::closure::{self, ClosureOptions};
 use nsh_core::{log_error, ExitStatus};
 
 /// Writes, for each derivation, a ticket with its outputs, required
@@ -37,7 +37,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    let args: Args = nsh_core::tool::start("nsh-closure");
+    let args: Args = nsh_cli::start("nsh-closure");
     // nsh-closure needs nothing from the configuration today (the local
     // store comes from --store or the ticket); a file named with --config is
     // still checked, so that a broken one is reported at the first stage.

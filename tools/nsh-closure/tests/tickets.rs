@@ -6,7 +6,10 @@
 //! so the snapshots, are deterministic without redaction. The derivations
 //! use `builder = "/bin/sh"` and no nixpkgs; those that are built name
 //! `x86_64-linux` as their system.
+// A test fails by panicking: its helpers unwrap too.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::missing_panics_doc)]
 
+use nsh_core::sys::flock::{lock_exclusive, Wait};
 use std::fs;
 use std::path::PathBuf;
 use std::process::Command;
@@ -29,9 +32,9 @@ impl Store {
         let base = PathBuf::from("/tmp/nsh-closure-test");
         fs::create_dir_all(&base).unwrap();
         let lock = fs::File::create(base.join(format!("{test}.lock"))).unwrap();
-        // SAFETY: flock on a file descriptor we own; blocks until free.
-        let locked = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) };
-        assert_eq!(locked, 0, "locking {test}.lock");
+        // Blocks until free.
+        let locked = lock_exclusive(&lock, Wait::Block);
+        assert!(locked.is_ok(), "locking {test}.lock");
         let root = base.join(test);
         if root.exists() {
             // Store paths are read-only directories: make them writable first.

@@ -1,15 +1,14 @@
 //! `nsh-fetch`: tickets in, tickets out with a `fetch` section: the built
 //! outputs copied from the node into the local store, then the job released.
-//! The logic is [`nsh_core::fetch`].
+//! The logic is [`nsh_core::stage::fetch`].
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
 use nsh_core::config::Config;
-use nsh_core::fetch::{self, FetchOptions, ImportMethod};
+use nsh_core::stage::fetch::{self, FetchOptions, ImportMethod};
 use nsh_core::tool::run_stage;
-use nsh_core::transfer::progress_for_stderr;
 
 /// Copies the outputs of each ticket's build (`run.built_outputs`, else the
 /// wanted outputs of `drv`) and the part of their closure the local store
@@ -42,13 +41,13 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    let args: Args = nsh_core::tool::start("nsh-fetch");
+    let args: Args = nsh_cli::start("nsh-fetch");
     let config = Config::load(args.config.as_deref());
     let options = FetchOptions {
         method: args.import_method,
         keep_job: args.keep_job,
     };
-    let mut progress = progress_for_stderr("fetched");
+    let mut progress = nsh_cli::progress::for_transfer("fetched");
     run_stage(
         "fetch",
         std::io::stdin().lock(),

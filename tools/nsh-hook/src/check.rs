@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use nsh_core::check::{self, Line, Options};
+use nsh_core::hook::check::{self, Line, Options};
 
 /// Checks an nsh installation on the running system: the configuration
 /// file (the [hook] table included), each cluster live (slurmrestd or the
@@ -46,10 +46,7 @@ pub fn main(argv: &[String]) -> i32 {
     nsh_core::log::set_program("nsh-hook");
     let args = match Args::try_parse_from(argv) {
         Ok(args) => args,
-        Err(e) => {
-            let _ = e.print();
-            return if e.use_stderr() { 64 } else { 0 };
-        }
+        Err(e) => return nsh_cli::clap_exit_code(&e),
     };
     if !(args.timeout > 0.0 && args.timeout <= 600.0) {
         eprintln!("nsh-hook: --timeout: between 0 and 600 seconds");

@@ -1,5 +1,5 @@
 //! `nsh-hook`: set Nix's `build-hook` to this binary. The logic is
-//! `nsh_core::hook`; `nsh-hook --check` (the doctor) is `nsh_core::check`,
+//! `nsh_core::hook`; `nsh-hook --check` (the doctor) is `nsh_core::hook::check`,
 //! its command line and output are here.
 
 mod check;
@@ -9,7 +9,7 @@ fn main() {
     let code = if argv.get(1).map(String::as_str) == Some("--check") {
         check::main(&argv)
     } else {
-        nsh_core::hook::main(argv)
+        nsh_core::hook::main(&argv)
     };
     std::process::exit(code);
 }

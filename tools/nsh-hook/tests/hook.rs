@@ -4,6 +4,13 @@
 //! a pipeline command) that record what they saw, so these tests check the
 //! hook's own logic: decline/postpone/accept, the log on fd 4 and to whom it
 //! goes, exit statuses, signals, the watchdog and the fallback relay.
+// The test signals the processes and groups it started (kill(2) with
+// a negative pid) and sets up a child's fd 4: libc, which needs unsafe.
+#![allow(unsafe_code)]
+// A test fails by panicking: its helpers unwrap too.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::missing_panics_doc)]
+// Process ids fit an i32 (pid_max is at most 2^22).
+#![allow(clippy::cast_possible_wrap)]
 
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -14,8 +21,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nsh_core::hook_proto::{Accepted, Settings, Try};
-use nsh_core::slots::SlotDir;
+use nsh_core::hook::protocol::{Accepted, Settings, Try};
+use nsh_core::hook::slots::SlotDir;
 use serde_json::Value;
 
 const DRV: &str = "/nix/store/1cj0fhkr5qn18x1zz61vdjrb58cfnzp5-hello.drv";
@@ -42,7 +49,10 @@ fn try_(am_willing: bool, system: &str, features: &[&str]) -> Vec<u8> {
         am_willing,
         needed_system: system.into(),
         drv_path: DRV.into(),
-        required_features: features.iter().map(|f| f.to_string()).collect(),
+        required_features: features
+            .iter()
+            .map(std::string::ToString::to_string)
+            .collect(),
     }
     .to_bytes()
 }
@@ -422,8 +432,13 @@ fn accepts_and_runs_the_tools_with_the_log_on_fd_4_of_nsh_run_only() {
         .lines()
         .all(|l| l.ends_with("cluster=main")));
 
-    // Progress: one activity per stage, each stopped.
-    let lines = nix_lines(&stderr);
+    assert_one_activity_per_stage(&stderr);
+    assert_the_ticket_log(&site);
+}
+
+/// Progress: one activity per stage, each stopped.
+fn assert_one_activity_per_stage(stderr: &str) {
+    let lines = nix_lines(stderr);
     let starts: Vec<(u64, String)> = lines
         .iter()
         .filter(|l| l["action"] == "start")
@@ -445,8 +460,10 @@ fn accepts_and_runs_the_tools_with_the_log_on_fd_4_of_nsh_run_only() {
     );
     let stops = lines.iter().filter(|l| l["action"] == "stop").count();
     assert_eq!(stops, 4);
+}
 
-    // NSH_TICKET_LOG: the final ticket, with the hook's own clock.
+/// NSH_TICKET_LOG: the final ticket, with the hook's own clock.
+fn assert_the_ticket_log(site: &Site) {
     let logged: Vec<Value> = site
         .read("tickets.jsonl")
         .lines()
@@ -645,8 +662,7 @@ fn processes_of(site: &Site) -> Vec<String> {
         .filter(|pid| pid.bytes().all(|b| b.is_ascii_digit()))
         .filter(|pid| {
             fs::read(format!("/proc/{pid}/environ"))
-                .map(|env| env.split(|&b| b == 0).any(|v| v == needle.as_bytes()))
-                .unwrap_or(false)
+                .is_ok_and(|env| env.split(|&b| b == 0).any(|v| v == needle.as_bytes()))
         })
         .collect()
 }

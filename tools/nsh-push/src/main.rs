@@ -1,15 +1,14 @@
 //! `nsh-push`: tickets in, tickets out with a `push` section: the input
 //! closure the node lacks, copied into its store. The logic is
-//! [`nsh_core::push`].
+//! [`nsh_core::stage::push`].
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
 use nsh_core::config::Config;
-use nsh_core::push::{self, Method};
+use nsh_core::stage::push::{self, Method};
 use nsh_core::tool::run_stage;
-use nsh_core::transfer::progress_for_stderr;
 
 /// Copies into the allocated node's store the paths of `closure` it lacks,
 /// for each ticket read on stdin (one JSON object per line), and writes the
@@ -37,9 +36,9 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    let args: Args = nsh_core::tool::start("nsh-push");
+    let args: Args = nsh_cli::start("nsh-push");
     let config = Config::load(args.config.as_deref());
-    let mut progress = progress_for_stderr("pushed");
+    let mut progress = nsh_cli::progress::for_transfer("pushed");
     run_stage(
         "push",
         std::io::stdin().lock(),

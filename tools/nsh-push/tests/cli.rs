@@ -1,6 +1,8 @@
 //! nsh-push as a command, without a cluster: usage, configuration and ticket
 //! errors, pass-through. (Copies to the real nodes:
 //! tests/integration/tests/push_fetch.rs.)
+// A test fails by panicking: its helpers unwrap too.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::missing_panics_doc)]
 
 use assert_cmd::Command;
 use predicates::prelude::*;

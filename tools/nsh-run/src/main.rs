@@ -1,17 +1,16 @@
 //! `nsh-run`: tickets in, tickets out with a `run` section: the build handed
 //! to the ticket's waiting Slurm job, its log forwarded live, its result read.
 
-use std::fs::File;
-use std::os::fd::FromRawFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use nsh_core::alloc::{self, Clusters};
 use nsh_core::config::Config;
-use nsh_core::run::{LogSink, Runner, JOB_CHECK_INTERVAL};
+use nsh_core::slurm::Clusters;
+use nsh_core::stage::run::{LogSink, Runner, JOB_CHECK_INTERVAL};
+use nsh_core::sys::signals::{catch_interrupts, Syscalls};
 use nsh_core::tool::run_stage;
-use nsh_core::ExitStatus;
+use nsh_core::{ExitStatus, Failure};
 
 /// Builds each ticket's derivation (read on stdin, one JSON object per line,
 /// with `drv`, `closure` and `alloc` sections) in its Slurm job, forwards the
@@ -35,55 +34,57 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    let args: Args = nsh_core::tool::start("nsh-run");
+    let args: Args = nsh_cli::start("nsh-run");
     let log_fd = match args.log_fd {
         Some(fd) => Some(fd),
         None => match std::env::var("NSH_LOG_FD") {
-            Ok(v) if !v.is_empty() => match v.parse() {
-                Ok(fd) => Some(fd),
-                Err(_) => {
+            Ok(v) if !v.is_empty() => {
+                if let Ok(fd) = v.parse() {
+                    Some(fd)
+                } else {
                     eprintln!("nsh-run: NSH_LOG_FD={v:?} is not a file descriptor number");
                     return ExitStatus::Usage.into();
                 }
-            },
+            }
             _ => None,
         },
     };
     let log = match log_fd {
         None => LogSink::Stderr,
         Some(fd) => {
-            // SAFETY: fcntl(F_GETFD) only asks whether fd is open.
-            if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
-                eprintln!("nsh-run: log fd {fd}: not an open file descriptor");
-                return ExitStatus::Usage.into();
-            }
             // The build log must reach no child of ours (an ssh master
             // started here outlives us, and the daemon waits for EOF on the
-            // log): close it on exec.
-            // SAFETY: fcntl(F_SETFD) on an fd we checked is open.
-            unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
-            // SAFETY: fd is open and given to us to write the log to; this
-            // process owns it from here on.
-            LogSink::Fd(unsafe { File::from_raw_fd(fd) })
+            // log): it is made close-on-exec.
+            let Some(file) = nsh_core::sys::fds::take_inherited(fd) else {
+                eprintln!("nsh-run: log fd {fd}: not an open file descriptor");
+                return ExitStatus::Usage.into();
+            };
+            LogSink::Fd(file)
         }
     };
     let config = Config::load(args.config.as_deref());
-    let interrupted = alloc::interrupt_flag();
+    let interrupted = catch_interrupts(Syscalls::Restart);
     let mut runner = None;
     let mut log = Some(log);
+    // The runner is made at the first ticket (it needs the configuration,
+    // which may have failed to load) and owns the log sink from then on.
     run_stage(
         "run",
         std::io::stdin().lock(),
         std::io::stdout().lock(),
         |ticket| {
             let config = config.as_ref().map_err(Clone::clone)?;
-            let runner = runner.get_or_insert_with(|| Runner {
-                config,
-                clusters: Clusters::default(),
-                log: log.take().expect("made once"),
-                job_check_interval: JOB_CHECK_INTERVAL,
-                interrupted,
-            });
+            let runner = match (runner.as_mut(), log.take()) {
+                (Some(runner), _) => runner,
+                (None, Some(log)) => runner.insert(Runner {
+                    config,
+                    clusters: Clusters::default(),
+                    log,
+                    job_check_interval: JOB_CHECK_INTERVAL,
+                    interrupted,
+                }),
+                (None, None) => return Err(Failure::permanent("nsh-run: no log sink")),
+            };
             runner.run(ticket)
         },
     )

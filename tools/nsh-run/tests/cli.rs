@@ -1,6 +1,8 @@
 //! nsh-run as a command, without a cluster: usage, the log fd, configuration
 //! and ticket errors, pass-through. (Builds on the real cluster:
 //! tests/integration/tests/run.rs.)
+// A test fails by panicking: its helpers unwrap too.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::missing_panics_doc)]
 
 use assert_cmd::Command;
 use predicates::prelude::*;

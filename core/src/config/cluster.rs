@@ -1,0 +1,315 @@
+//! One `[cluster.NAME]` table, validated: every check names its key and
+//! says what was expected.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::raw::{NumberOrText, RawCluster, RawLimits};
+use super::values::{is_slurm_word, parse_mem_mb, parse_minutes, parse_seconds, parse_url};
+use super::{
+    ApiChoice, Backend, Cluster, FeatureRequest, Limits, Problems, RestUrl, TokenSource,
+    DEFAULT_MAX_JOBS, DEFAULT_QUEUE_TIMEOUT_S, DEFAULT_TIME_LIMIT_MIN,
+};
+use crate::error::Failure;
+
+/// The cluster `name` as configured, checked in the order the keys are
+/// documented (so that the first error reported is the first in the file's
+/// usual layout).
+pub(super) fn validate(
+    name: &str,
+    rc: RawCluster,
+    problems: &Problems,
+) -> Result<Cluster, Failure> {
+    let (backend, url) = backend_and_url(rc.backend.as_deref(), rc.url.as_deref(), problems)?;
+    let api = api_choice(rc.api.as_deref(), problems)?;
+    let token = token_source(rc.token_file, rc.token_command, problems)?;
+    check_credentials(
+        backend,
+        url.as_ref(),
+        token.as_ref(),
+        rc.user.is_some(),
+        problems,
+    )?;
+    let systems = systems(rc.systems, problems)?;
+    let supported_features: BTreeSet<String> = rc.supported_features.into_iter().collect();
+    let mandatory_features: BTreeSet<String> = rc.mandatory_features.into_iter().collect();
+    check_features(
+        &supported_features,
+        &mandatory_features,
+        &rc.features,
+        problems,
+    )?;
+    let max_jobs = rc.max_jobs.unwrap_or(DEFAULT_MAX_JOBS);
+    if max_jobs == 0 {
+        return Err(problems.at("max_jobs", "0: expected at least 1"));
+    }
+    let time_limit_min = optional(
+        rc.time_limit.as_ref(),
+        parse_minutes,
+        "time_limit",
+        problems,
+    )?
+    .unwrap_or(DEFAULT_TIME_LIMIT_MIN);
+    let queue_timeout_s = optional(
+        rc.queue_timeout.as_ref(),
+        parse_seconds,
+        "queue_timeout",
+        problems,
+    )?
+    .unwrap_or(DEFAULT_QUEUE_TIMEOUT_S);
+    let limits = limits(&rc.limits, time_limit_min, problems)?;
+    for (key, value) in [
+        ("partition", &rc.partition),
+        ("account", &rc.account),
+        ("qos", &rc.qos),
+    ] {
+        if let Some(value) = value {
+            if !is_slurm_word(value) {
+                return Err(problems.at(key, format!("{value:?}: expected a Slurm {key} name")));
+            }
+        }
+    }
+    Ok(Cluster {
+        name: name.to_string(),
+        backend,
+        url,
+        api,
+        user: rc.user,
+        token,
+        partition: rc.partition,
+        account: rc.account,
+        qos: rc.qos,
+        systems,
+        supported_features,
+        mandatory_features,
+        max_jobs,
+        time_limit_min,
+        queue_timeout_s,
+        limits,
+        features: rc.features,
+    })
+}
+
+/// A value that may be absent, parsed when present.
+fn optional<T>(
+    value: Option<&NumberOrText>,
+    parse: fn(&NumberOrText) -> Result<T, super::BadValue>,
+    key: &str,
+    problems: &Problems,
+) -> Result<Option<T>, Failure> {
+    value
+        .map(parse)
+        .transpose()
+        .map_err(|bad| problems.bad_value(key, bad))
+}
+
+fn backend_and_url(
+    backend: Option<&str>,
+    url: Option<&str>,
+    problems: &Problems,
+) -> Result<(Backend, Option<RestUrl>), Failure> {
+    let backend = match backend {
+        None | Some("rest") => Backend::Rest,
+        Some("cli") => Backend::Cli,
+        Some(other) => {
+            return Err(problems.at(
+                "backend",
+                format!("{other:?}: expected \"rest\" or \"cli\""),
+            ))
+        }
+    };
+    let url = url
+        .map(parse_url)
+        .transpose()
+        .map_err(|bad| problems.bad_value("url", bad))?;
+    if backend == Backend::Rest && url.is_none() {
+        return Err(problems.at(
+            "url",
+            "missing: the rest backend needs slurmrestd's address (\"http://host:6820\" or \"unix:/path\")",
+        ));
+    }
+    Ok((backend, url))
+}
+
+fn api_choice(api: Option<&str>, problems: &Problems) -> Result<ApiChoice, Failure> {
+    match api {
+        None | Some("auto") => Ok(ApiChoice::Auto),
+        Some(v) => v.parse().map(ApiChoice::Fixed).map_err(|_| {
+            problems.at(
+                "api",
+                format!("{v:?}: expected \"auto\" or one of \"v0.0.38\" … \"v0.0.45\""),
+            )
+        }),
+    }
+}
+
+fn token_source(
+    file: Option<std::path::PathBuf>,
+    command: Option<Vec<String>>,
+    problems: &Problems,
+) -> Result<Option<TokenSource>, Failure> {
+    match (file, command) {
+        (Some(_), Some(_)) => {
+            Err(problems.at("token_file", "give token_file or token_command, not both"))
+        }
+        (Some(path), None) => {
+            if !path.is_absolute() {
+                return Err(problems.at(
+                    "token_file",
+                    format!("{} is not an absolute path", path.display()),
+                ));
+            }
+            Ok(Some(TokenSource::File(path)))
+        }
+        (None, Some(argv)) => {
+            if argv.first().is_none_or(String::is_empty) {
+                return Err(problems.at(
+                    "token_command",
+                    "empty: expected a command as a list, e.g. [\"scontrol\", \"token\"]",
+                ));
+            }
+            Ok(Some(TokenSource::Command(argv)))
+        }
+        (None, None) => Ok(None),
+    }
+}
+
+/// slurmrestd over HTTP needs a token, and a token needs its user.
+fn check_credentials(
+    backend: Backend,
+    url: Option<&RestUrl>,
+    token: Option<&TokenSource>,
+    has_user: bool,
+    problems: &Problems,
+) -> Result<(), Failure> {
+    if backend == Backend::Rest && matches!(url, Some(RestUrl::Http(_))) && token.is_none() {
+        return Err(problems.at(
+            "token_file",
+            "missing: slurmrestd over HTTP needs a token (token_file or token_command)",
+        ));
+    }
+    if backend == Backend::Rest && token.is_some() && !has_user {
+        return Err(problems.at(
+            "user",
+            "missing: the Slurm user the token belongs to (sent with the token)",
+        ));
+    }
+    Ok(())
+}
+
+fn systems(systems: Option<Vec<String>>, problems: &Problems) -> Result<Vec<String>, Failure> {
+    let systems = systems.ok_or_else(|| {
+        problems.at(
+            "systems",
+            "missing: expected the Nix systems the nodes build for, e.g. [\"x86_64-linux\"]",
+        )
+    })?;
+    if systems.is_empty() {
+        return Err(problems.at("systems", "empty: expected at least one Nix system"));
+    }
+    Ok(systems)
+}
+
+/// Mandatory and routed features must be supported; what a feature routes
+/// to must be a Slurm word.
+fn check_features(
+    supported: &BTreeSet<String>,
+    mandatory: &BTreeSet<String>,
+    routes: &BTreeMap<String, FeatureRequest>,
+    problems: &Problems,
+) -> Result<(), Failure> {
+    if let Some(feature) = mandatory.iter().find(|f| !supported.contains(*f)) {
+        return Err(problems.at(
+            "mandatory_features",
+            format!("{feature:?} is not in supported_features"),
+        ));
+    }
+    for (feature, request) in routes {
+        if !supported.contains(feature) {
+            return Err(problems.at(
+                &format!("features.{feature}"),
+                format!(
+                    "{feature:?} is not in supported_features, so no derivation could ask for it"
+                ),
+            ));
+        }
+        for (key, value) in [
+            ("constraint", &request.constraint),
+            ("partition", &request.partition),
+            ("gres", &request.gres),
+        ] {
+            if let Some(value) = value {
+                if !is_slurm_word(value) {
+                    return Err(problems.at(
+                        &format!("features.{feature}.{key}"),
+                        format!(
+                            "{value:?}: expected a Slurm {key} (letters, digits, and _-.:,&|=*[]!)"
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `[cluster.NAME.limits]`: each value parsed, defaults within the maxima,
+/// the cluster's time limit within `max_time`.
+fn limits(rl: &RawLimits, time_limit_min: u32, problems: &Problems) -> Result<Limits, Failure> {
+    let limits = Limits {
+        max_cpus: rl.max_cpus,
+        max_mem_mb: optional(
+            rl.max_mem.as_ref(),
+            parse_mem_mb,
+            "limits.max_mem",
+            problems,
+        )?,
+        max_time_min: optional(
+            rl.max_time.as_ref(),
+            parse_minutes,
+            "limits.max_time",
+            problems,
+        )?,
+        default_cpus: rl.default_cpus,
+        default_mem_mb: optional(
+            rl.default_mem.as_ref(),
+            parse_mem_mb,
+            "limits.default_mem",
+            problems,
+        )?,
+        allow_gres: rl.allow_gres,
+        allow_constraint: rl.allow_constraint,
+    };
+    for (key, value) in [
+        ("limits.max_cpus", limits.max_cpus),
+        ("limits.default_cpus", limits.default_cpus),
+    ] {
+        if value == Some(0) {
+            return Err(problems.at(key, "0: expected at least 1"));
+        }
+    }
+    if let (Some(default), Some(max)) = (limits.default_cpus, limits.max_cpus) {
+        if default > max {
+            return Err(problems.at(
+                "limits.default_cpus",
+                format!("{default} is above limits.max_cpus = {max}"),
+            ));
+        }
+    }
+    if let (Some(default), Some(max)) = (limits.default_mem_mb, limits.max_mem_mb) {
+        if default > max {
+            return Err(problems.at(
+                "limits.default_mem",
+                format!("{default} MB is above limits.max_mem = {max} MB"),
+            ));
+        }
+    }
+    if let Some(max) = limits.max_time_min {
+        if time_limit_min > max {
+            return Err(problems.at(
+                "time_limit",
+                format!("{time_limit_min} minutes is above limits.max_time = {max} minutes"),
+            ));
+        }
+    }
+    Ok(limits)
+}

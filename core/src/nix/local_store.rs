@@ -1,0 +1,343 @@
+//! The local store: where its files are, and the input closure a
+//! derivation's build needs.
+//!
+//! All queries for a derivation go over one `nix-store --serve` process
+//! ([`ServeProcess`]): QueryValidPaths for the roots, QueryClosure, then one
+//! QueryPathInfos for the whole closure. Never one process per path.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::path::PathBuf;
+
+use crate::error::Failure;
+use crate::nix::drv::{self, Drv};
+use crate::nix::serve::client::{ServeClient, ServeProcess};
+use crate::nix::serve::PathInfo;
+use crate::nix::store_path::{store_uri_param, StoreDir};
+
+/// The store URI that means "Nix's default store" (the daemon when one
+/// runs, else the local store): what a ticket without `store.uri` uses.
+pub const DEFAULT_STORE_URI: &str = "auto";
+
+/// The `--store` argument for `uri`: none for Nix's default store (`""` or
+/// `auto`), so that every Nix command here picks the store the same way.
+#[must_use]
+pub fn store_arg(uri: &str) -> Option<&str> {
+    (!uri.is_empty() && uri != DEFAULT_STORE_URI).then_some(uri)
+}
+
+/// The local store, as named by a Nix store URI (`""`/`auto`, `daemon`,
+/// `local`, `local?root=/r`, `/r` …).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalStore {
+    /// The URI, passed to Nix as `--store` unless it names the default
+    /// store ([`store_arg`]).
+    pub uri: String,
+    /// The logical store directory (what store paths start with).
+    pub dir: StoreDir,
+    /// The directory holding `nix-store` (empty: from PATH).
+    pub nix_bin_dir: String,
+}
+
+impl LocalStore {
+    pub fn new(uri: &str, nix_bin_dir: &str) -> Result<LocalStore, Failure> {
+        Ok(LocalStore {
+            uri: uri.to_string(),
+            dir: StoreDir::for_store_uri(uri)?,
+            nix_bin_dir: nix_bin_dir.to_string(),
+        })
+    }
+
+    /// Where the store's files are on this machine's file system. The
+    /// logical directory, except for stores with another root: a URI that
+    /// is an absolute path, or one with `root=` or `real=`.
+    pub fn real_dir(&self) -> PathBuf {
+        if let Some(real) = store_uri_param(&self.uri, "real") {
+            return PathBuf::from(real);
+        }
+        let root = if self.uri.starts_with('/') {
+            Some(self.uri.split('?').next().unwrap_or_default())
+        } else {
+            store_uri_param(&self.uri, "root")
+        };
+        match root {
+            Some(root) => PathBuf::from(format!("{root}{}", self.dir)),
+            None => PathBuf::from(self.dir.as_str()),
+        }
+    }
+
+    /// Reads the derivation at the absolute store path `path`.
+    pub fn read_drv(&self, path: &str) -> Result<Drv, Failure> {
+        let store_path = self.dir.parse(path)?;
+        drv::read(
+            &self.dir,
+            path,
+            &self.real_dir().join(store_path.basename()),
+        )
+    }
+
+    /// A `nix-store` command (from `nix_bin_dir`) on this store.
+    #[must_use]
+    pub fn nix_store(&self) -> std::process::Command {
+        let program = if self.nix_bin_dir.is_empty() {
+            PathBuf::from("nix-store")
+        } else {
+            std::path::Path::new(&self.nix_bin_dir).join("nix-store")
+        };
+        let mut command = std::process::Command::new(program);
+        if let Some(uri) = store_arg(&self.uri) {
+            command.arg("--store").arg(uri);
+        }
+        command
+    }
+
+    /// Starts one serve-protocol conversation with this store.
+    pub fn serve(&self, write: bool) -> Result<ServeProcess, Failure> {
+        ServeProcess::spawn_local(&self.nix_bin_dir, &self.uri, write)
+    }
+
+    /// Which of `paths` are valid in this store now, asked of a new
+    /// `nix-store --serve` (not one that answered before, say, locks were
+    /// taken).
+    pub fn valid_paths<S: AsRef<str>>(&self, paths: &[S]) -> Result<BTreeSet<String>, Failure> {
+        let mut serve = self.serve(false)?;
+        let valid = serve
+            .client
+            .query_valid_paths(paths, false, false)?
+            .into_iter()
+            .collect();
+        serve.finish()?;
+        Ok(valid)
+    }
+
+    /// What the build of `drv` needs as input before it is closed under
+    /// references: its inputSrcs and, of every input derivation, the
+    /// outputs it uses. Input derivations are read from the store's files.
+    pub fn input_roots(&self, drv: &Drv) -> Result<Vec<String>, Failure> {
+        let mut roots: BTreeSet<String> =
+            drv.input_srcs.iter().map(|p| self.dir.render(p)).collect();
+        for (input_path, outputs) in &drv.input_drvs {
+            let input_path = self.dir.render(input_path);
+            let input = self
+                .read_drv(&input_path)
+                .map_err(|e| e.context(format!("input of {}", drv.path_string())))?;
+            for output in outputs {
+                let Some(out) = input.outputs.get(output) else {
+                    return Err(Failure::input(format!(
+                        "derivation {} uses output {output:?} of {input_path}, which has no such output",
+                        drv.path_string()
+                    )));
+                };
+                let Some(path) = &out.path else {
+                    return Err(Failure::input(format!(
+                        "derivation {} uses output {output:?} of {input_path}, whose path is not known \
+                         in advance (content-addressed derivations are not supported)",
+                        drv.path_string()
+                    )));
+                };
+                roots.insert(self.dir.render(path));
+            }
+        }
+        Ok(roots.into_iter().collect())
+    }
+}
+
+/// The paths a build needs, closed under references.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InputClosure {
+    /// In dependency order: every path after all the paths it refers to.
+    pub paths: Vec<String>,
+    /// Sum of the NAR sizes.
+    pub nar_size: u64,
+    /// The path infos, in the order of `paths`.
+    pub infos: Vec<PathInfo>,
+}
+
+/// Closes `roots` under references in the store `client` talks to. Roots
+/// that are not valid there (outputs not built yet) are bad input, listed.
+pub fn input_closure<R: Read, W: Write>(
+    client: &mut ServeClient<R, W>,
+    roots: &[String],
+) -> Result<InputClosure, Failure> {
+    if roots.is_empty() {
+        return Ok(InputClosure::default());
+    }
+    let valid: BTreeSet<String> = client
+        .query_valid_paths(roots, false, false)?
+        .into_iter()
+        .collect();
+    let missing: Vec<&str> = roots
+        .iter()
+        .filter(|p| !valid.contains(*p))
+        .map(String::as_str)
+        .collect();
+    if !missing.is_empty() {
+        return Err(Failure::input(format!(
+            "{} input path(s) are not in the local store (input derivations not built yet?): {}",
+            missing.len(),
+            missing.join(" ")
+        )));
+    }
+    let closure = client.query_closure(roots, false)?;
+    let infos = client.query_path_infos(&closure)?;
+    if infos.len() != closure.len() {
+        let known: BTreeSet<&str> = infos.iter().map(|i| i.path.as_str()).collect();
+        let gone: Vec<&str> = closure
+            .iter()
+            .map(String::as_str)
+            .filter(|p| !known.contains(p))
+            .collect();
+        // Valid a moment ago, gone now: the garbage collector ran.
+        return Err(Failure::transient(format!(
+            "paths vanished from the local store while being queried: {}",
+            gone.join(" ")
+        )));
+    }
+    let infos = dependency_order(infos)?;
+    Ok(InputClosure {
+        paths: infos.iter().map(|i| i.path.clone()).collect(),
+        nar_size: infos.iter().map(|i| i.nar_size).sum(),
+        infos,
+    })
+}
+
+/// Sorts `infos` so that every path comes after the paths it refers to
+/// (self-references aside). Ties are broken by path, so the order is
+/// deterministic. References outside the set are ignored (the caller
+/// passes a closure, so there are none).
+pub fn dependency_order(infos: Vec<PathInfo>) -> Result<Vec<PathInfo>, Failure> {
+    let mut by_path: BTreeMap<String, PathInfo> =
+        infos.into_iter().map(|i| (i.path.clone(), i)).collect();
+    let paths: Vec<String> = by_path.keys().cloned().collect();
+    let index: BTreeMap<&str, usize> = paths
+        .iter()
+        .enumerate()
+        .map(|(n, p)| (p.as_str(), n))
+        .collect();
+    // Iterative depth-first post-order: long chains must not overflow the stack.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Mark {
+        New,
+        Open,
+        Done,
+    }
+    let mut mark = vec![Mark::New; paths.len()];
+    let mut order = Vec::with_capacity(paths.len());
+    for start in 0..paths.len() {
+        if mark[start] != Mark::New {
+            continue;
+        }
+        let mut stack: Vec<(usize, usize)> = vec![(start, 0)];
+        mark[start] = Mark::Open;
+        while let Some((node, next_ref)) = stack.last_mut() {
+            let refs = &by_path[&paths[*node]].references;
+            if *next_ref < refs.len() {
+                let r = &refs[*next_ref];
+                *next_ref += 1;
+                let Some(&child) = index.get(r.as_str()) else {
+                    continue;
+                };
+                if child == *node {
+                    continue;
+                }
+                match mark[child] {
+                    Mark::New => {
+                        mark[child] = Mark::Open;
+                        stack.push((child, 0));
+                    }
+                    Mark::Open => {
+                        return Err(Failure::input(format!(
+                            "the store's references form a cycle through {}",
+                            paths[child]
+                        )))
+                    }
+                    Mark::Done => {}
+                }
+            } else {
+                mark[*node] = Mark::Done;
+                order.push(*node);
+                stack.pop();
+            }
+        }
+    }
+    // Each path is in `order` once, so each is found.
+    Ok(order
+        .into_iter()
+        .filter_map(|n| by_path.remove(&paths[n]))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(path: &str, refs: &[&str]) -> PathInfo {
+        PathInfo {
+            path: path.into(),
+            references: refs.iter().map(std::string::ToString::to_string).collect(),
+            nar_size: 1,
+            ..PathInfo::default()
+        }
+    }
+
+    #[test]
+    fn dependencies_come_first() {
+        let infos = vec![
+            info("/s/a", &["/s/b", "/s/c", "/s/a"]),
+            info("/s/c", &["/s/d"]),
+            info("/s/b", &["/s/d"]),
+            info("/s/d", &[]),
+            info("/s/e", &[]),
+        ];
+        let order: Vec<String> = dependency_order(infos)
+            .unwrap()
+            .into_iter()
+            .map(|i| i.path)
+            .collect();
+        assert_eq!(order, ["/s/d", "/s/b", "/s/c", "/s/a", "/s/e"]);
+    }
+
+    #[test]
+    fn a_long_chain_does_not_overflow() {
+        let n = 200_000;
+        let infos: Vec<PathInfo> = (0..n)
+            .map(|i| {
+                let refs = if i + 1 < n {
+                    vec![format!("/s/{:07}", i + 1)]
+                } else {
+                    vec![]
+                };
+                PathInfo {
+                    path: format!("/s/{i:07}"),
+                    references: refs,
+                    ..PathInfo::default()
+                }
+            })
+            .collect();
+        let order = dependency_order(infos).unwrap();
+        assert_eq!(order[0].path, format!("/s/{:07}", n - 1));
+        assert_eq!(order[n - 1].path, "/s/0000000");
+    }
+
+    #[test]
+    fn cycles_are_reported() {
+        let err =
+            dependency_order(vec![info("/s/a", &["/s/b"]), info("/s/b", &["/s/a"])]).unwrap_err();
+        assert!(err.message.contains("cycle"), "{}", err.message);
+    }
+
+    #[test]
+    fn real_dirs() {
+        let store = |uri: &str| LocalStore::new(uri, "").unwrap();
+        assert_eq!(
+            store("local?root=/r").real_dir(),
+            PathBuf::from("/r/nix/store")
+        );
+        assert_eq!(store("/r").real_dir(), PathBuf::from("/r/nix/store"));
+        assert_eq!(
+            store("local?store=/s&real=/x").real_dir(),
+            PathBuf::from("/x")
+        );
+        assert_eq!(store("local?store=/s").real_dir(), PathBuf::from("/s"));
+    }
+}

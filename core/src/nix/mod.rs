@@ -1,0 +1,16 @@
+//! Nix's side of nsh: what the Nix tools and stores speak and hold.
+//!
+//! The wire format ([`wire`]), NARs ([`nar`]), store paths ([`store_path`]),
+//! derivations ([`drv`], with nsh's own `nshResources` attribute in
+//! [`resources`]), the `nix-store --serve` protocol ([`serve`]: codec,
+//! client, and a stand-in server for tests) and the local store reached
+//! through one serve process ([`local_store`]).
+
+pub mod drv;
+pub mod hash;
+pub mod local_store;
+pub mod nar;
+pub mod resources;
+pub mod serve;
+pub mod store_path;
+pub mod wire;

@@ -1,0 +1,580 @@
+//! `nsh-fetch`: copy the built outputs (and whatever of their closure the
+//! local store lacks) from the node into the local store, then let the job
+//! end.
+//!
+//! From the node: QueryValidPaths, QueryClosure, QueryPathInfos, then one
+//! DumpStorePath per path, in dependency order — commands every serve
+//! protocol version has (ExportPaths, which Nix 2.32 removed without a
+//! version bump, is never used). Every NAR is hashed and counted as it
+//! arrives and checked against the hash and size in the node's path info
+//! before the path may become valid here.
+//!
+//! While a build hook runs, the Nix daemon holds `<output>.lock` on every
+//! wanted output, so a plain `nix-store --import` of an output would wait for
+//! the daemon, which waits for the hook: a deadlock
+//! (`docs/nsh-push-fetch.md`, "Importing while the daemon holds the output
+//! locks"). Two ways around it
+//! ([`ImportMethod`]):
+//!
+//! * `load-db` (the default; every Nix version): we unpack each NAR ourselves
+//!   into a temporary name in the store directory (hashing it on the way),
+//!   give it the store's canonical metadata, rename it into place and
+//!   register it with `nix-store --load-db`. Paths that are not outputs are
+//!   locked the way Nix locks them, from before their validity is checked
+//!   until they are registered, and a path found valid is never registered
+//!   again;
+//! * `held-locks` (Nix ≤ 2.28 and Lix only: Nix 2.29 removed
+//!   `NIX_HELD_LOCKS`): `nix-store --import` against the local store
+//!   directly, with `NIX_HELD_LOCKS` naming the outputs, so it does not take
+//!   their locks again. On a newer Nix the import waits for the daemon
+//!   forever; nsh cannot tell, so this is for an admin who chose it.
+//!
+//! A truncated or corrupt NAR never leaves a partial or invalid path: with
+//! `load-db` the temporary tree is removed and nothing is renamed or
+//! registered; with `held-locks` the entry's trailer, which is what makes
+//! `nix-store --import` register a path, is written only after its NAR
+//! checked out.
+
+mod held_locks;
+mod load_db;
+
+use held_locks::import_held_locks;
+use load_db::import_load_db;
+pub use load_db::load_db_input;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::path::Path;
+use std::time::Instant;
+
+use crate::config::Config;
+use crate::error::{Failure, KindOf};
+use crate::log_info;
+use crate::nix::hash::{self};
+use crate::nix::local_store::{self, LocalStore};
+use crate::nix::nar::NarError;
+use crate::nix::serve::client::{ServeClient, ServeProcess};
+use crate::nix::serve::{self, PathInfo};
+use crate::stage::progress::{human_bytes, TransferProgress};
+use crate::stage::release::release;
+use crate::stage::retry;
+use crate::stage::ssh::Ssh;
+use crate::ticket::{AllocSection, FetchSection, Ticket};
+
+/// How fetched paths become valid in the local store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ImportMethod {
+    /// Unpack, canonicalise, `nix-store --load-db` (every version).
+    #[default]
+    LoadDb,
+    /// `NIX_HELD_LOCKS` + `nix-store --import` (Nix ≤ 2.28, Lix).
+    HeldLocks,
+}
+
+impl ImportMethod {
+    pub fn parse(s: &str) -> Option<ImportMethod> {
+        match s {
+            "load-db" => Some(ImportMethod::LoadDb),
+            "held-locks" => Some(ImportMethod::HeldLocks),
+            _ => None,
+        }
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            ImportMethod::LoadDb => "load-db",
+            ImportMethod::HeldLocks => "held-locks",
+        }
+    }
+}
+
+/// What `nsh-fetch` is asked to do.
+#[derive(Debug, Clone, Default)]
+pub struct FetchOptions {
+    pub method: ImportMethod,
+    /// Leave the job running and the ssh master open (no `release`).
+    pub keep_job: bool,
+}
+
+/// The output paths to fetch: what the run reported as built, else the
+/// wanted outputs of the derivation (all of them when none is named).
+pub fn wanted_outputs(ticket: &Ticket) -> Result<Vec<String>, Failure> {
+    if let Some(run) = &ticket.run {
+        if !run.built_outputs.is_empty() {
+            return Ok(run.built_outputs.values().cloned().collect());
+        }
+    }
+    let drv = ticket.need_drv()?;
+    let mut outputs = Vec::new();
+    for (name, path) in &drv.outputs {
+        if !drv.wanted.is_empty() && !drv.wanted.contains(name) {
+            continue;
+        }
+        let Some(path) = path else {
+            return Err(Failure::input(format!(
+                "output {name:?} of {} has no known path and the ticket has no run.built_outputs",
+                drv.path
+            )));
+        };
+        outputs.push(path.clone());
+    }
+    if outputs.is_empty() {
+        return Err(Failure::input(format!(
+            "no wanted output of {} to fetch",
+            drv.path
+        )));
+    }
+    Ok(outputs)
+}
+
+/// Fetches the ticket's outputs; returns the `fetch` section.
+pub fn fetch(
+    ticket: &mut Ticket,
+    config: &Config,
+    options: &FetchOptions,
+    progress: &mut dyn TransferProgress,
+) -> Result<FetchSection, Failure> {
+    let started = Instant::now();
+    let outputs = wanted_outputs(ticket)?;
+    let mut alloc = ticket.need_alloc()?.clone();
+    let store_uri = ticket.store_uri().to_string();
+    let local = LocalStore::new(&store_uri, "")?;
+    for output in &outputs {
+        local.dir.parse(output)?;
+    }
+    let method = options.method;
+    let direct = LocalStore::new(&direct_store_uri(&store_uri)?, "")?;
+    check_writable(&direct.real_dir())?;
+
+    let outcome = retry::transient(|| {
+        fetch_once(
+            &outputs, &mut alloc, config, &local, &direct, method, progress,
+        )
+    });
+    let finished = outcome.and_then(|(paths, bytes)| {
+        // Whatever happened in between, the outputs must be valid now.
+        let valid = local.valid_paths(&outputs)?;
+        if let Some(missing) = outputs.iter().find(|o| !valid.contains(*o)) {
+            return Err(Failure::permanent(format!(
+                "{missing} is not valid in the local store after fetching it"
+            )));
+        }
+        Ok((paths, bytes))
+    });
+    let result = finished.map(|(paths, bytes)| FetchSection {
+        paths,
+        bytes,
+        secs: started.elapsed().as_secs_f64(),
+        extra: crate::ticket::Extra::default(),
+    });
+    if result.is_ok() && !options.keep_job {
+        let ssh = Ssh::for_alloc(&alloc, &config.ssh);
+        release(&ssh, &alloc);
+        ssh.stop_master();
+    }
+    ticket.alloc = Some(alloc);
+    result
+}
+
+/// The store to import into without going through the daemon (which would
+/// take the output locks again): the local store itself. `daemon` means the
+/// store the daemon serves, which only its owner (root) may write directly.
+pub fn direct_store_uri(uri: &str) -> Result<String, Failure> {
+    let through_daemon = uri == "daemon" || uri.starts_with("unix://");
+    if !through_daemon {
+        return Ok(uri.to_string());
+    }
+    if crate::sys::process::euid() != 0 {
+        return Err(Failure::config(format!(
+            "the local store is {uri:?}: importing outputs while the daemon holds their \
+             locks needs direct access to the store (run nsh-fetch as root, or set \
+             store.uri to the local store)"
+        )));
+    }
+    Ok("local".into())
+}
+
+/// Both import methods write the store directly; without the right to,
+/// Nix would fall back to the daemon, which takes the output locks again.
+fn check_writable(real_dir: &Path) -> Result<(), Failure> {
+    crate::sys::fs::check_writable(real_dir).map_err(|e| {
+        Failure::config(format!(
+            "cannot write the local store {} directly ({e}); nsh-fetch imports outputs \
+             while the daemon holds their locks, which needs the store owner (root)",
+            real_dir.display(),
+        ))
+    })
+}
+
+/// One attempt: returns (paths copied, NAR bytes).
+fn fetch_once(
+    outputs: &[String],
+    alloc: &mut AllocSection,
+    config: &Config,
+    local: &LocalStore,
+    direct: &LocalStore,
+    method: ImportMethod,
+    progress: &mut dyn TransferProgress,
+) -> Result<(Vec<String>, u64), Failure> {
+    let ssh = Ssh::ensure_master(alloc, &config.ssh)?;
+    let argv = crate::stage::ssh::remote_serve_argv(&config.remote);
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let mut remote = ServeProcess::from_command(ssh.command(&argv), ssh.describe())?;
+    let needed = paths_to_fetch(&mut remote.client, local, outputs)?;
+    if needed.is_empty() {
+        log_info!(
+            "all {} outputs are already in the local store",
+            outputs.len()
+        );
+        remote.finish()?;
+        return Ok((Vec::new(), 0));
+    }
+    let total: u64 = needed.iter().map(|i| i.nar_size).sum();
+    log_info!(
+        "{}: fetching {} paths ({}) with DumpStorePath, importing with {}",
+        ssh.describe(),
+        needed.len(),
+        human_bytes(total),
+        method.name()
+    );
+    progress.begin(needed.len() as u64, total);
+    let outputs: BTreeSet<String> = outputs.iter().cloned().collect();
+    let imported = match method {
+        ImportMethod::LoadDb => {
+            import_load_db(&mut remote.client, &needed, &outputs, direct, progress)?
+        }
+        ImportMethod::HeldLocks => {
+            import_held_locks(&mut remote.client, &needed, &outputs, direct, progress)?
+        }
+    };
+    progress.end();
+    remote.finish()?;
+    let sizes: BTreeMap<&str, u64> = needed
+        .iter()
+        .map(|i| (i.path.as_str(), i.nar_size))
+        .collect();
+    let bytes = imported.iter().map(|p| sizes[p.as_str()]).sum();
+    Ok((imported, bytes))
+}
+
+/// What of the outputs' closure on the node the local store lacks, with the
+/// node's path infos, in dependency order (references first). The outputs
+/// get temporary GC roots on the node for the rest of the conversation.
+fn paths_to_fetch<R: Read, W: Write>(
+    remote: &mut ServeClient<R, W>,
+    local: &LocalStore,
+    outputs: &[String],
+) -> Result<Vec<PathInfo>, Failure> {
+    let on_node: BTreeSet<String> = remote
+        .query_valid_paths(outputs, true, false)?
+        .into_iter()
+        .collect();
+    if let Some(missing) = outputs.iter().find(|o| !on_node.contains(*o)) {
+        return Err(Failure::permanent(format!(
+            "{missing} is not valid on {} (was it built?)",
+            remote.peer()
+        )));
+    }
+    let closure = remote.query_closure(outputs, false)?;
+    let here = local.valid_paths(&closure)?;
+    let needed: Vec<String> = closure.into_iter().filter(|p| !here.contains(p)).collect();
+    if needed.is_empty() {
+        return Ok(Vec::new());
+    }
+    if !serve::path_infos_have_nar_hash(remote.version()) {
+        return Err(Failure::permanent(format!(
+            "{} speaks serve protocol {}, whose path infos carry no NAR hash: nsh cannot \
+             check what it would fetch (2.{} or later is needed)",
+            remote.peer(),
+            serve::version_text(remote.version()),
+            serve::MINOR_NAR_HASH
+        )));
+    }
+    let infos = remote.query_path_infos(&needed)?;
+    let known: BTreeSet<&str> = infos.iter().map(|i| i.path.as_str()).collect();
+    if let Some(gone) = needed.iter().find(|p| !known.contains(p.as_str())) {
+        return Err(Failure::transient(format!(
+            "{gone} vanished from {} while being fetched",
+            remote.peer()
+        )));
+    }
+    local_store::dependency_order(infos)
+}
+
+/// Checks a received NAR against the node's path info.
+pub(super) fn check_nar(info: &PathInfo, digest: &[u8; 32], size: u64) -> Result<(), Failure> {
+    if size != info.nar_size {
+        return Err(Failure::permanent(format!(
+            "{}: the NAR has {size} bytes, the node's database says {}",
+            info.path, info.nar_size
+        )));
+    }
+    if !hash::nar_hash_matches(&info.nar_hash, digest)? {
+        return Err(Failure::permanent(format!(
+            "{}: NAR hash mismatch: got sha256:{}, the node's database says {}",
+            info.path,
+            hash::nix_base32(digest),
+            info.nar_hash
+        )));
+    }
+    Ok(())
+}
+
+/// A failure reading the NAR of `path` from the node.
+pub(super) fn nar_error(path: &str, e: NarError) -> Failure {
+    let message = format!("the NAR of {path} from the node: {e}");
+    Failure::caused_by(e.kind(), message, e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::held_locks::relay_checked;
+    use super::load_db::{lock_non_outputs, receive_into_store};
+    use super::*;
+    use crate::error::Kind;
+    use crate::nix::hash::Hashing;
+    use crate::nix::serve::client::ServeClient;
+    use crate::nix::serve::test_server::{file_nar, FakeNode, StoredPath};
+    use crate::nix::wire::test_bytes::{le, s};
+    use crate::stage::progress::NoProgress;
+    use sha2::{Digest, Sha256};
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::Path;
+
+    const A: &str = "/nix/store/00000000000000000000000000000000-a";
+    const B: &str = "/nix/store/11111111111111111111111111111111-b";
+
+    /// A node like Nix 2.34 (no ExportPaths) holding `a` and `b` → `a`.
+    fn node() -> FakeNode {
+        FakeNode::nix_2_34()
+            .with_file(A, &[], b"a")
+            .with_file(B, &[A], b"bb")
+    }
+
+    fn infos(node: &FakeNode) -> Vec<PathInfo> {
+        [A, B].iter().map(|p| node.store[*p].info.clone()).collect()
+    }
+
+    /// `path`'s NAR on the node replaced by another of the same size: the
+    /// node's database and its files disagree.
+    fn corrupt(mut node: FakeNode, path: &str) -> FakeNode {
+        let stored = node.store.get_mut(path).unwrap();
+        let wrong = file_nar(&vec![b'x'; stored.nar.len() - file_nar(b"").len()]);
+        *stored = StoredPath {
+            info: stored.info.clone(),
+            nar: wrong,
+        };
+        node
+    }
+
+    #[test]
+    fn import_methods_by_name() {
+        assert_eq!(ImportMethod::default(), ImportMethod::LoadDb);
+        for method in [ImportMethod::LoadDb, ImportMethod::HeldLocks] {
+            assert_eq!(ImportMethod::parse(method.name()), Some(method));
+        }
+        // No version detection any more.
+        assert_eq!(ImportMethod::parse("auto"), None);
+    }
+
+    #[test]
+    fn held_locks_gets_an_export_stream_made_of_dump_store_path_byte_for_byte() {
+        let node = node();
+        let needed = infos(&node);
+        let (nar_a, nar_b) = (node.store[A].nar.clone(), node.store[B].nar.clone());
+        let (mut client, thread) = node.start();
+        let mut out = Hashing::new(Vec::new());
+        let sent = relay_checked(&mut client, &needed, &mut out, &mut NoProgress);
+        assert_eq!(sent.unwrap(), [A, B]);
+        let trailer = |path: &str, references: &[&str]| {
+            let refs: Vec<Vec<u8>> = references.iter().map(|r| s(r)).collect();
+            [
+                le(serve::EXPORT_MAGIC),
+                s(path),
+                le(references.len() as u64),
+                refs.concat(),
+                s(""),
+                le(0),
+            ]
+            .concat()
+        };
+        let stream = [
+            le(1),
+            nar_a,
+            trailer(A, &[]),
+            le(1),
+            nar_b,
+            trailer(B, &[A]),
+            le(0),
+        ]
+        .concat();
+        assert_eq!(out.inner, stream);
+        drop(client);
+        let node = thread.join().unwrap();
+        // DumpStorePath per path; nothing a 2.34 node lacks.
+        assert_eq!(node.error, None);
+        let asked = [
+            le(serve::SERVE_MAGIC_1),
+            le(serve::CLIENT_VERSION),
+            le(3),
+            s(A),
+            le(3),
+            s(B),
+        ]
+        .concat();
+        assert_eq!(node.received, asked);
+    }
+
+    #[test]
+    fn a_nar_unlike_the_nodes_record_stops_before_its_trailer() {
+        let node = corrupt(node(), B);
+        let needed = infos(&node);
+        let (mut client, _thread) = node.start();
+        let mut out = Hashing::new(Vec::new());
+        let err = relay_checked(&mut client, &needed, &mut out, &mut NoProgress).unwrap_err();
+        assert_eq!(err.kind, Kind::Permanent);
+        assert!(err.message.contains("NAR hash mismatch"), "{}", err.message);
+        assert!(err.message.contains(B), "{}", err.message);
+        // `a` went through whole; `b`'s trailer, which makes the importer
+        // register it, never did.
+        let magic = serve::EXPORT_MAGIC.to_le_bytes();
+        assert_eq!(out.inner.windows(8).filter(|w| *w == magic).count(), 1);
+    }
+
+    #[test]
+    fn a_nar_cut_short_is_transient_and_stops_before_its_trailer() {
+        let info = node().store[A].info.clone();
+        let nar = file_nar(b"a");
+        let server = [
+            le(serve::SERVE_MAGIC_2),
+            le(0x207),
+            nar[..nar.len() / 2].to_vec(),
+        ]
+        .concat();
+        let mut client = ServeClient::handshake(&server[..], Vec::new(), "node1").unwrap();
+        let mut out = Hashing::new(Vec::new());
+        let err = relay_checked(&mut client, &[info], &mut out, &mut NoProgress).unwrap_err();
+        assert_eq!(err.kind, Kind::Transient, "{}", err.message);
+        let magic = serve::EXPORT_MAGIC.to_le_bytes();
+        assert!(!out.inner.windows(8).any(|w| w == magic));
+    }
+
+    /// A scratch store directory (`/nix/store` by name, `real=` a temp dir).
+    fn scratch_store() -> (tempfile::TempDir, LocalStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let uri = format!("local?store=/nix/store&real={}", dir.path().display());
+        (dir, LocalStore::new(&uri, "").unwrap())
+    }
+
+    fn entries(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn load_db_unpacks_each_nar_into_place_replacing_a_leftover() {
+        let (dir, store) = scratch_store();
+        let node = node();
+        let needed = infos(&node);
+        let invalid: Vec<&PathInfo> = needed.iter().collect();
+        // A partial `b` left by an interrupted import.
+        let b_real = dir.path().join(&B["/nix/store/".len()..]);
+        std::fs::create_dir(&b_real).unwrap();
+        std::fs::write(b_real.join("junk"), "x").unwrap();
+        let (mut client, _thread) = node.start();
+        let mut placed = Vec::new();
+        receive_into_store(
+            &mut client,
+            &invalid,
+            &store,
+            dir.path(),
+            &mut NoProgress,
+            &mut placed,
+        )
+        .unwrap();
+        assert_eq!(placed.len(), 2);
+        assert_eq!(std::fs::read(&b_real).unwrap(), b"bb");
+        let mode = std::fs::metadata(&b_real).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o444);
+        assert_eq!(
+            entries(dir.path()),
+            [&A["/nix/store/".len()..], &B["/nix/store/".len()..]]
+        );
+        let digest: [u8; 32] = Sha256::digest(file_nar(b"bb")).into();
+        assert_eq!(placed[1].digest, digest);
+    }
+
+    #[test]
+    fn load_db_leaves_nothing_of_a_bad_nar() {
+        let (dir, store) = scratch_store();
+        let node = corrupt(node(), B);
+        let needed = infos(&node);
+        let invalid: Vec<&PathInfo> = needed.iter().collect();
+        let (mut client, _thread) = node.start();
+        let mut placed = Vec::new();
+        let err = receive_into_store(
+            &mut client,
+            &invalid,
+            &store,
+            dir.path(),
+            &mut NoProgress,
+            &mut placed,
+        )
+        .unwrap_err();
+        assert!(err.message.contains("NAR hash mismatch"), "{}", err.message);
+        // `a` is whole and verified, for registration; of `b` nothing, not
+        // even its temporary name.
+        assert_eq!(placed.len(), 1);
+        assert_eq!(entries(dir.path()), [&A["/nix/store/".len()..]]);
+    }
+
+    #[test]
+    fn only_paths_that_are_not_outputs_are_locked_and_only_until_dropped() {
+        let (dir, store) = scratch_store();
+        let needed = infos(&node());
+        let outputs: BTreeSet<String> = [B.to_string()].into();
+        let locks = lock_non_outputs(&needed, &outputs, &store, dir.path()).unwrap();
+        assert_eq!(locks.len(), 1);
+        let lock_file = |p: &str| {
+            dir.path()
+                .join(format!("{}.lock", &p["/nix/store/".len()..]))
+        };
+        assert!(lock_file(A).exists() && !lock_file(B).exists());
+        drop(locks);
+        assert!(!lock_file(A).exists(), "released as Nix releases it");
+    }
+
+    #[test]
+    fn load_db_lines() {
+        let info = PathInfo {
+            path: "/s/aaaa-x".into(),
+            deriver: "/s/bbbb-x.drv".into(),
+            references: vec!["/s/aaaa-x".into(), "/s/cccc-y".into()],
+            nar_size: 120,
+            ..PathInfo::default()
+        };
+        let text = load_db_input(&[&info], &[[0xab; 32]]);
+        assert_eq!(
+            text,
+            format!(
+                "/s/aaaa-x\n{}\n120\n/s/bbbb-x.drv\n2\n/s/aaaa-x\n/s/cccc-y\n",
+                "ab".repeat(32)
+            )
+        );
+    }
+
+    #[test]
+    fn the_daemon_store_is_imported_into_directly() {
+        assert_eq!(direct_store_uri("local").unwrap(), "local");
+        assert_eq!(direct_store_uri("").unwrap(), "");
+        if crate::sys::process::euid() == 0 {
+            assert_eq!(direct_store_uri("daemon").unwrap(), "local");
+        } else {
+            assert_eq!(direct_store_uri("daemon").unwrap_err().kind, Kind::Config);
+        }
+    }
+}

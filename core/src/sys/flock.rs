@@ -1,0 +1,107 @@
+//! `flock(2)`, in one place: the push lock per node, Nix's path locks, the
+//! hook's slots and the doctor's removal of a stale lock all take their
+//! locks here, so that EINTR is retried everywhere.
+
+use std::fs::File;
+use std::io;
+
+use rustix::fs::FlockOperation;
+
+/// Whether to wait for a lock another process holds.
+///
+/// (A timeout would be a third variant: a blocking lock interrupted by an
+/// alarm; nothing needs one yet.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// Block until the lock is granted.
+    Block,
+    /// Return at once; [`lock_exclusive`] returns `false` when it is held.
+    DontWait,
+}
+
+/// Takes an exclusive `flock` on `file`: `Ok(true)` once held, `Ok(false)`
+/// when `wait` is [`Wait::DontWait`] and another holder has it. A signal
+/// that interrupts the wait (EINTR) is retried. The lock lasts as long as
+/// the open file (all its duplicates).
+///
+/// # Errors
+/// What `flock` reports other than EINTR and, without waiting, EWOULDBLOCK.
+pub fn lock_exclusive(file: &File, wait: Wait) -> io::Result<bool> {
+    let operation = match wait {
+        Wait::Block => FlockOperation::LockExclusive,
+        Wait::DontWait => FlockOperation::NonBlockingLockExclusive,
+    };
+    loop {
+        match rustix::fs::flock(file, operation) {
+            Ok(()) => return Ok(true),
+            Err(rustix::io::Errno::INTR) => {}
+            Err(rustix::io::Errno::WOULDBLOCK) if wait == Wait::DontWait => return Ok(false),
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// An exclusive lock on a file that is created if needed, held until
+/// dropped.
+#[derive(Debug)]
+pub struct FileLock {
+    _file: File,
+}
+
+impl FileLock {
+    /// Opens (or creates) `path` and waits for its lock.
+    ///
+    /// # Errors
+    /// Opening the file or locking it; the error says which.
+    pub fn acquire(path: &std::path::Path) -> Result<FileLock, LockError> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .map_err(LockError::Open)?;
+        lock_exclusive(&file, Wait::Block).map_err(LockError::Lock)?;
+        Ok(FileLock { _file: file })
+    }
+}
+
+/// Why a [`FileLock`] could not be taken.
+#[derive(Debug)]
+pub enum LockError {
+    /// The lock file could not be opened or created.
+    Open(io::Error),
+    /// `flock` failed.
+    Lock(io::Error),
+}
+
+impl std::fmt::Display for LockError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LockError::Open(e) | LockError::Lock(e) => e.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for LockError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            LockError::Open(e) | LockError::Lock(e) => Some(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_held_lock_is_busy_for_another_open_file_until_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l");
+        let held = FileLock::acquire(&path).unwrap();
+        let other = File::options().write(true).open(&path).unwrap();
+        assert!(!lock_exclusive(&other, Wait::DontWait).unwrap());
+        drop(held);
+        assert!(lock_exclusive(&other, Wait::DontWait).unwrap());
+    }
+}
