@@ -34,22 +34,10 @@ pub enum Kind {
     Config,
 }
 
-impl Kind {
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Kind::Permanent => "permanent",
-            Kind::Transient => "transient",
-            Kind::TimedOut => "timed-out",
-            Kind::Usage => "usage",
-            Kind::Input => "input",
-            Kind::Config => "config",
-        }
-    }
-}
-
+/// The ticket's name (`timed-out`), for messages.
 impl fmt::Display for Kind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        f.write_str(&crate::derive::serde_name(self))
     }
 }
 

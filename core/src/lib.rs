@@ -16,6 +16,8 @@
 //! Every tool's `main.rs` is a few lines that parse the command line
 //! (`nsh-cli`) and hand a stage function to [`tool::run_stage`].
 
+mod derive;
+
 pub mod config;
 pub mod error;
 pub mod exit;

@@ -18,6 +18,8 @@ pub enum Level {
 
 impl Level {
     /// Parses an `NSH_LOG` value; unknown values mean the default, `info`.
+    /// Written out, not derived: the setting takes aliases (`quiet`,
+    /// `warning`), any case, and never fails.
     pub fn parse(s: &str) -> Level {
         match s.trim().to_ascii_lowercase().as_str() {
             "error" | "quiet" => Level::Error,

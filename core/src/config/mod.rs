@@ -55,12 +55,10 @@ pub enum Backend {
     Cli,
 }
 
-impl Backend {
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Backend::Rest => "rest",
-            Backend::Cli => "cli",
-        }
+/// The ticket's name (`rest`), for messages.
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&crate::derive::serde_name(self))
     }
 }
 

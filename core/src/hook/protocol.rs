@@ -464,53 +464,53 @@ pub enum ReplyWord {
     DeclinePermanently,
 }
 
-/// Nix's verbosity levels (`lvlError` … `lvlVomit`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Verbosity {
-    Error = 0,
-    Warn = 1,
-    Notice = 2,
-    Info = 3,
-    Talkative = 4,
-    Chatty = 5,
-    Debug = 6,
-    Vomit = 7,
+crate::derive::numbered_enum! {
+    /// Nix's verbosity levels (`lvlError` … `lvlVomit`).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+    pub enum Verbosity: u8 {
+        Error = 0,
+        Warn = 1,
+        Notice = 2,
+        Info = 3,
+        Talkative = 4,
+        Chatty = 5,
+        Debug = 6,
+        Vomit = 7,
+    }
 }
 
 impl Verbosity {
     /// From the hook's argv (`"3"`); out of range saturates.
     pub fn parse(s: &str) -> Option<Verbosity> {
         let n: u64 = s.trim().parse().ok()?;
-        Some(match n {
-            0 => Verbosity::Error,
-            1 => Verbosity::Warn,
-            2 => Verbosity::Notice,
-            3 => Verbosity::Info,
-            4 => Verbosity::Talkative,
-            5 => Verbosity::Chatty,
-            6 => Verbosity::Debug,
-            _ => Verbosity::Vomit,
-        })
+        let n = u8::try_from(n)
+            .unwrap_or(u8::MAX)
+            .min(Verbosity::Vomit.into());
+        Verbosity::try_from(n).ok()
     }
 }
 
-/// Activity types (Nix's `ActivityType`), the ones nsh reports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ActivityType {
-    Unknown = 0,
-    CopyPath = 100,
-    FileTransfer = 101,
-    CopyPaths = 103,
-    Build = 105,
+crate::derive::numbered_enum! {
+    /// Activity types (Nix's `ActivityType`), the ones nsh reports.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum ActivityType: u32 {
+        Unknown = 0,
+        CopyPath = 100,
+        FileTransfer = 101,
+        CopyPaths = 103,
+        Build = 105,
+    }
 }
 
-/// Result types (Nix's `ResultType`), the ones nsh reports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ResultType {
-    BuildLogLine = 101,
-    SetPhase = 104,
-    /// Fields `[done, expected, running, failed]`.
-    Progress = 105,
+crate::derive::numbered_enum! {
+    /// Result types (Nix's `ResultType`), the ones nsh reports.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum ResultType: u32 {
+        BuildLogLine = 101,
+        SetPhase = 104,
+        /// Fields `[done, expected, running, failed]`.
+        Progress = 105,
+    }
 }
 
 /// A field of an activity: Nix accepts integers and strings.
@@ -582,7 +582,7 @@ impl LogLine {
     pub fn to_line(&self) -> String {
         let value = match self {
             LogLine::Msg { level, msg } => {
-                json!({"action": "msg", "level": *level as u8, "msg": msg})
+                json!({"action": "msg", "level": u8::from(*level), "msg": msg})
             }
             LogLine::Start {
                 id,
@@ -592,11 +592,11 @@ impl LogLine {
                 parent,
                 fields,
             } => json!({
-                "action": "start", "id": id, "level": *level as u8, "type": *kind as u32,
+                "action": "start", "id": id, "level": u8::from(*level), "type": u32::from(*kind),
                 "text": text, "parent": parent, "fields": fields_json(fields),
             }),
             LogLine::Result { id, kind, fields } => json!({
-                "action": "result", "id": id, "type": *kind as u32, "fields": fields_json(fields),
+                "action": "result", "id": id, "type": u32::from(*kind), "fields": fields_json(fields),
             }),
             LogLine::Stop { id } => json!({"action": "stop", "id": id}),
             LogLine::SetPhase { phase } => json!({"action": "setPhase", "phase": phase}),

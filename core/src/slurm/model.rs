@@ -54,6 +54,10 @@ pub enum JobState {
 impl JobState {
     /// Parses a base state as Slurm spells it (`RUNNING`, also the short
     /// squeue codes such as `R`, `PD`).
+    ///
+    /// Written out, not derived: Slurm's words come in two spellings each
+    /// (long and squeue's code), in any case, and a word this nsh does not
+    /// know is kept as `Other`, which no derive gives.
     pub fn parse(s: &str) -> JobState {
         match s.trim().to_ascii_uppercase().as_str() {
             "PENDING" | "PD" => JobState::Pending,

@@ -49,7 +49,8 @@ use crate::sys::process::stdout_of;
 use crate::ticket::{AllocSection, PushSection, Ticket};
 use crate::{log_debug, log_info};
 
-/// How the missing paths travel.
+/// How the missing paths travel (`nsh-push --method`, whose names are
+/// `nsh-push`'s).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Method {
     /// AddToStoreNar when the node's serve protocol has it (≥ 2.5), else
@@ -69,25 +70,6 @@ pub enum Method {
 }
 
 impl Method {
-    pub fn parse(s: &str) -> Option<Method> {
-        match s {
-            "auto" => Some(Method::Auto),
-            "add-to-store-nar" => Some(Method::AddToStoreNar),
-            "import" => Some(Method::Import),
-            "import-export" => Some(Method::ImportExport),
-            _ => None,
-        }
-    }
-
-    pub const fn name(self) -> &'static str {
-        match self {
-            Method::Auto => "auto",
-            Method::AddToStoreNar => "add-to-store-nar",
-            Method::Import => "import",
-            Method::ImportExport => "import-export",
-        }
-    }
-
     /// How paths travel to a node whose conversation runs at serve protocol
     /// `version`: `Auto` resolved; an explicit AddToStoreNar that the node
     /// does not have refused (exit 78).
@@ -520,15 +502,7 @@ mod tests {
     }
 
     #[test]
-    fn methods_by_name_and_routes_by_the_nodes_version() {
-        for method in [
-            Method::Auto,
-            Method::AddToStoreNar,
-            Method::Import,
-            Method::ImportExport,
-        ] {
-            assert_eq!(Method::parse(method.name()), Some(method));
-        }
+    fn routes_by_the_nodes_version() {
         assert_eq!(Method::default(), Method::Auto);
         let route = |method: Method, version| method.route_for(version).unwrap();
         // Nix 2.8 – 2.35 all agree on serve 2.7 with nsh.

@@ -115,7 +115,7 @@ impl Line {
         value["check"] = json!(self.check);
         value["status"] = json!(self.status.word().to_ascii_lowercase());
         if let Status::Fail(kind) = self.status {
-            value["kind"] = json!(kind.as_str());
+            value["kind"] = json!(kind);
         }
         value["detail"] = json!(self.detail);
         if let Some(secs) = self.secs {

@@ -163,7 +163,7 @@ impl<R: Read, W: Write> ServeClient<R, W> {
         &mut self,
         write_stream: impl FnOnce(&mut dyn Write) -> Result<Vec<ExportedPath>, Failure>,
     ) -> Result<Vec<ExportedPath>, Failure> {
-        self.send("ImportPaths", |w| w.u64(serve::Command::ImportPaths as u64))?;
+        self.send("ImportPaths", |w| w.u64(serve::Command::ImportPaths.into()))?;
         let paths = self.stream_to_server("sending the import stream", write_stream)?;
         self.send("ImportPaths", |_| Ok(()))?;
         self.recv("ImportPaths", |r| serve::read_ack(r, "ImportPaths"))?;
@@ -180,7 +180,7 @@ impl<R: Read, W: Write> ServeClient<R, W> {
         infos: &[&PathInfo],
         mut write_nar: impl FnMut(&PathInfo, &mut dyn Write) -> Result<u64, Failure>,
     ) -> Result<(), Failure> {
-        self.send("ImportPaths", |w| w.u64(serve::Command::ImportPaths as u64))?;
+        self.send("ImportPaths", |w| w.u64(serve::Command::ImportPaths.into()))?;
         for info in infos {
             self.send("ImportPaths", |w| w.u64(1))?;
             let what = format!("sending the NAR of {}", info.path);

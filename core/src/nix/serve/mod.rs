@@ -83,20 +83,21 @@ pub fn version_text(version: u64) -> String {
     format!("{}.{}", major(version), minor(version))
 }
 
-/// Command numbers (those nsh sends). 5, ExportPaths, is left out on
-/// purpose: Nix 2.32 removed it without a version bump, so a client cannot
-/// know whether a peer has it. 6, BuildPaths, nsh has no use for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u64)]
-pub enum Command {
-    QueryValidPaths = 1,
-    QueryPathInfos = 2,
-    DumpStorePath = 3,
-    /// Present in every version except Nix 2.32.0 and 2.32.1.
-    ImportPaths = 4,
-    QueryClosure = 7,
-    BuildDerivation = 8,
-    AddToStoreNar = 9,
+crate::derive::numbered_enum! {
+    /// Command numbers (those nsh sends). 5, ExportPaths, is left out on
+    /// purpose: Nix 2.32 removed it without a version bump, so a client cannot
+    /// know whether a peer has it. 6, BuildPaths, nsh has no use for.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Command: u64 {
+        QueryValidPaths = 1,
+        QueryPathInfos = 2,
+        DumpStorePath = 3,
+        /// Present in every version except Nix 2.32.0 and 2.32.1.
+        ImportPaths = 4,
+        QueryClosure = 7,
+        BuildDerivation = 8,
+        AddToStoreNar = 9,
+    }
 }
 
 /// Client hello: `SERVE_MAGIC_1`. (The client's version follows once the
@@ -126,7 +127,7 @@ pub fn write_query_valid_paths<W: Write, S: AsRef<str>>(
     lock: bool,
     substitute: bool,
 ) -> io::Result<()> {
-    w.u64(Command::QueryValidPaths as u64)?;
+    w.u64(Command::QueryValidPaths.into())?;
     w.bool(lock)?;
     w.bool(substitute)?;
     w.strings(paths.iter().map(std::convert::AsRef::as_ref))
@@ -136,7 +137,7 @@ pub fn write_query_path_infos<W: Write, S: AsRef<str>>(
     w: &mut WireWriter<W>,
     paths: &[S],
 ) -> io::Result<()> {
-    w.u64(Command::QueryPathInfos as u64)?;
+    w.u64(Command::QueryPathInfos.into())?;
     w.strings(paths.iter().map(std::convert::AsRef::as_ref))
 }
 
@@ -145,13 +146,13 @@ pub fn write_query_closure<W: Write, S: AsRef<str>>(
     paths: &[S],
     include_outputs: bool,
 ) -> io::Result<()> {
-    w.u64(Command::QueryClosure as u64)?;
+    w.u64(Command::QueryClosure.into())?;
     w.bool(include_outputs)?;
     w.strings(paths.iter().map(std::convert::AsRef::as_ref))
 }
 
 pub fn write_dump_store_path<W: Write>(w: &mut WireWriter<W>, path: &str) -> io::Result<()> {
-    w.u64(Command::DumpStorePath as u64)?;
+    w.u64(Command::DumpStorePath.into())?;
     w.string(path)
 }
 
@@ -208,7 +209,7 @@ pub fn read_path_infos<R: Read>(
 
 /// AddToStoreNar's header; the NAR follows (streamed by the caller).
 pub fn write_add_to_store_nar<W: Write>(w: &mut WireWriter<W>, info: &PathInfo) -> io::Result<()> {
-    w.u64(Command::AddToStoreNar as u64)?;
+    w.u64(Command::AddToStoreNar.into())?;
     w.string(&info.path)?;
     w.string(&info.deriver)?;
     w.string(&info.nar_hash)?;
@@ -292,7 +293,7 @@ pub fn write_build_derivation<W: Write, S: AsRef<str>>(
     input_closure: &[S],
     options: &BuildOptions,
 ) -> io::Result<()> {
-    w.u64(Command::BuildDerivation as u64)?;
+    w.u64(Command::BuildDerivation.into())?;
     w.string(&drv.path_string())?;
     write_basic_derivation(w, drv, input_closure)?;
     write_build_options(w, version, options)
@@ -347,72 +348,39 @@ pub fn write_build_options<W: Write>(
     Ok(())
 }
 
-/// BuildResult statuses, numbered as Nix numbers them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum BuildStatus {
-    #[default]
-    Built = 0,
-    Substituted = 1,
-    AlreadyValid = 2,
-    PermanentFailure = 3,
-    InputRejected = 4,
-    OutputRejected = 5,
-    TransientFailure = 6,
-    CachedFailure = 7,
-    TimedOut = 8,
-    MiscFailure = 9,
-    DependencyFailed = 10,
-    LogLimitExceeded = 11,
-    NotDeterministic = 12,
-    ResolvesToAlreadyValid = 13,
-    NoSubstituters = 14,
+crate::derive::numbered_enum! {
+    /// BuildResult statuses, numbered as Nix numbers them; in tickets
+    /// (`run.status`) by their kebab-case names.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+    #[serde(rename_all = "kebab-case")]
+    pub enum BuildStatus: u64 {
+        #[default]
+        Built = 0,
+        Substituted = 1,
+        AlreadyValid = 2,
+        PermanentFailure = 3,
+        InputRejected = 4,
+        OutputRejected = 5,
+        TransientFailure = 6,
+        CachedFailure = 7,
+        TimedOut = 8,
+        MiscFailure = 9,
+        DependencyFailed = 10,
+        LogLimitExceeded = 11,
+        NotDeterministic = 12,
+        ResolvesToAlreadyValid = 13,
+        NoSubstituters = 14,
+    }
+}
+
+/// The ticket's name (`permanent-failure`), for messages.
+impl std::fmt::Display for BuildStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&crate::derive::serde_name(self))
+    }
 }
 
 impl BuildStatus {
-    const ALL: [BuildStatus; 15] = [
-        BuildStatus::Built,
-        BuildStatus::Substituted,
-        BuildStatus::AlreadyValid,
-        BuildStatus::PermanentFailure,
-        BuildStatus::InputRejected,
-        BuildStatus::OutputRejected,
-        BuildStatus::TransientFailure,
-        BuildStatus::CachedFailure,
-        BuildStatus::TimedOut,
-        BuildStatus::MiscFailure,
-        BuildStatus::DependencyFailed,
-        BuildStatus::LogLimitExceeded,
-        BuildStatus::NotDeterministic,
-        BuildStatus::ResolvesToAlreadyValid,
-        BuildStatus::NoSubstituters,
-    ];
-
-    pub fn from_code(code: u64) -> Option<BuildStatus> {
-        BuildStatus::ALL.get(usize::try_from(code).ok()?).copied()
-    }
-
-    /// The kebab-case name used in tickets (`run.status`).
-    pub const fn name(self) -> &'static str {
-        match self {
-            BuildStatus::Built => "built",
-            BuildStatus::Substituted => "substituted",
-            BuildStatus::AlreadyValid => "already-valid",
-            BuildStatus::PermanentFailure => "permanent-failure",
-            BuildStatus::InputRejected => "input-rejected",
-            BuildStatus::OutputRejected => "output-rejected",
-            BuildStatus::TransientFailure => "transient-failure",
-            BuildStatus::CachedFailure => "cached-failure",
-            BuildStatus::TimedOut => "timed-out",
-            BuildStatus::MiscFailure => "misc-failure",
-            BuildStatus::DependencyFailed => "dependency-failed",
-            BuildStatus::LogLimitExceeded => "log-limit-exceeded",
-            BuildStatus::NotDeterministic => "not-deterministic",
-            BuildStatus::ResolvesToAlreadyValid => "resolves-to-already-valid",
-            BuildStatus::NoSubstituters => "no-substituters",
-        }
-    }
-
     /// What kind of failure this status is; `None` for success.
     ///
     /// TransientFailure is transient; TimedOut is timed out (Nix's own
@@ -483,8 +451,8 @@ pub fn read_build_result<R: Read>(
     version: u64,
 ) -> Result<BuildResult, WireError> {
     let code = r.u64()?;
-    let status = BuildStatus::from_code(code)
-        .ok_or_else(|| WireError::Unexpected(format!("unknown build status {code}")))?;
+    let status = BuildStatus::try_from(code)
+        .map_err(|code| WireError::Unexpected(format!("unknown build status {code}")))?;
     let mut result = BuildResult {
         status,
         error_msg: r.string()?,
@@ -613,7 +581,7 @@ mod tests {
         // Version 2.2: no times, no outputs.
         let old = [le(3), s("builder failed")].concat();
         let result = read_build_result(&mut WireReader::new(&old[..]), 0x202).unwrap();
-        assert_eq!(result.status.name(), "permanent-failure");
+        assert_eq!(result.status.to_string(), "permanent-failure");
         assert_eq!(result.error_msg, "builder failed");
         let bad = [le(15), s("")].concat();
         assert!(read_build_result(&mut WireReader::new(&bad[..]), 0x207).is_err());
@@ -621,16 +589,21 @@ mod tests {
 
     #[test]
     fn every_status_has_its_number_and_name() {
-        for (code, status) in BuildStatus::ALL.iter().enumerate() {
-            assert_eq!(*status as u64, code as u64);
-            assert_eq!(BuildStatus::from_code(code as u64), Some(*status));
+        let all: Vec<BuildStatus> = (0..15).map(|n| BuildStatus::try_from(n).unwrap()).collect();
+        assert_eq!(BuildStatus::try_from(15), Err(15));
+        for (code, status) in all.iter().enumerate() {
+            assert_eq!(u64::from(*status), code as u64);
         }
         assert_eq!(
-            BuildStatus::from_code(13).unwrap().name(),
+            BuildStatus::try_from(13).unwrap().to_string(),
             "resolves-to-already-valid"
         );
+        assert_eq!(
+            serde_json::to_string(&BuildStatus::LogLimitExceeded).unwrap(),
+            r#""log-limit-exceeded""#
+        );
         assert!(BuildStatus::AlreadyValid.is_success() && !BuildStatus::TimedOut.is_success());
-        for status in BuildStatus::ALL {
+        for status in all {
             assert_eq!(
                 status.is_success(),
                 status.failure_kind().is_none(),
@@ -700,7 +673,7 @@ mod tests {
         let mut r = WireReader::new(&out[..]);
         assert_eq!(r.u64().unwrap(), SERVE_MAGIC_1);
         assert_eq!(r.u64().unwrap(), CLIENT_VERSION);
-        assert_eq!(r.u64().unwrap(), Command::BuildDerivation as u64);
+        assert_eq!(r.u64().unwrap(), u64::from(Command::BuildDerivation));
         assert_eq!(r.string().unwrap(), store.render(&path));
         assert_eq!(r.u64().unwrap(), 1);
         assert_eq!(r.string().unwrap(), "out");

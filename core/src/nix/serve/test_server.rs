@@ -143,8 +143,11 @@ impl FakeNode {
     ) -> Result<(), String> {
         let text = |e: WireError| e.to_string();
         let write = |e: io::Error| e.to_string();
+        let Ok(command) = serve::Command::try_from(command) else {
+            return Err(format!("error: unknown serve command {command}"));
+        };
         match command {
-            1 => {
+            serve::Command::QueryValidPaths => {
                 let (_lock, _substitute) = (r.u64().map_err(text)?, r.u64().map_err(text)?);
                 let paths = r.strings().map_err(text)?;
                 let valid: Vec<&String> = paths
@@ -153,14 +156,14 @@ impl FakeNode {
                     .collect();
                 w.strings(valid).map_err(write)
             }
-            2 => {
+            serve::Command::QueryPathInfos => {
                 let paths = r.strings().map_err(text)?;
                 for stored in paths.iter().filter_map(|p| self.store.get(p)) {
                     write_path_info(w, &stored.info, version).map_err(write)?;
                 }
                 w.string("").map_err(write)
             }
-            3 => {
+            serve::Command::DumpStorePath => {
                 let path = r.string().map_err(text)?;
                 let stored = self
                     .store
@@ -168,20 +171,23 @@ impl FakeNode {
                     .ok_or(format!("error: path '{path}' is not valid"))?;
                 w.get_mut().write_all(&stored.nar).map_err(write)
             }
-            4 => {
+            serve::Command::ImportPaths => {
                 self.import_paths(r)?;
                 w.u64(1).map_err(write)
             }
-            7 => {
+            serve::Command::QueryClosure => {
                 let _include_outputs = r.u64().map_err(text)?;
                 let roots = r.strings().map_err(text)?;
                 w.strings(self.closure(roots)).map_err(write)
             }
-            9 => {
+            serve::Command::AddToStoreNar => {
                 self.add_to_store_nar(r)?;
                 w.u64(1).map_err(write)
             }
-            other => Err(format!("error: unknown serve command {other}")),
+            serve::Command::BuildDerivation => Err(format!(
+                "error: serve command {} is not in this stand-in",
+                u64::from(command)
+            )),
         }
     }
 

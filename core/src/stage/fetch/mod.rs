@@ -61,7 +61,8 @@ use crate::stage::retry;
 use crate::stage::ssh::Ssh;
 use crate::ticket::{AllocSection, FetchSection, Ticket};
 
-/// How fetched paths become valid in the local store.
+/// How fetched paths become valid in the local store (`nsh-fetch
+/// --import-method`, whose names are `nsh-fetch`'s).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ImportMethod {
     /// Unpack, canonicalise, `nix-store --load-db` (every version).
@@ -72,18 +73,11 @@ pub enum ImportMethod {
 }
 
 impl ImportMethod {
-    pub fn parse(s: &str) -> Option<ImportMethod> {
-        match s {
-            "load-db" => Some(ImportMethod::LoadDb),
-            "held-locks" => Some(ImportMethod::HeldLocks),
-            _ => None,
-        }
-    }
-
-    pub const fn name(self) -> &'static str {
+    /// What the import runs, for log lines.
+    pub const fn describe(self) -> &'static str {
         match self {
-            ImportMethod::LoadDb => "load-db",
-            ImportMethod::HeldLocks => "held-locks",
+            ImportMethod::LoadDb => "nix-store --load-db",
+            ImportMethod::HeldLocks => "nix-store --import under NIX_HELD_LOCKS",
         }
     }
 }
@@ -235,7 +229,7 @@ fn fetch_once(
         ssh.describe(),
         needed.len(),
         human_bytes(total),
-        method.name()
+        method.describe()
     );
     progress.begin(needed.len() as u64, total);
     let outputs: BTreeSet<String> = outputs.iter().cloned().collect();
@@ -365,16 +359,6 @@ mod tests {
             nar: wrong,
         };
         node
-    }
-
-    #[test]
-    fn import_methods_by_name() {
-        assert_eq!(ImportMethod::default(), ImportMethod::LoadDb);
-        for method in [ImportMethod::LoadDb, ImportMethod::HeldLocks] {
-            assert_eq!(ImportMethod::parse(method.name()), Some(method));
-        }
-        // No version detection any more.
-        assert_eq!(ImportMethod::parse("auto"), None);
     }
 
     #[test]

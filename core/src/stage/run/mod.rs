@@ -99,15 +99,15 @@ pub fn build_outcome(result: &BuildResult, what: &str, place: &str) -> Result<()
     };
     let message = plain_text(&result.error_msg);
     let message = if message.is_empty() {
-        result.status.name()
+        result.status.to_string()
     } else {
-        &message
+        message
     };
     Err(Failure::new(
         kind,
         format!(
             "build of {what} failed ({}) on {place}: {message}",
-            result.status.name()
+            result.status
         ),
     ))
 }
@@ -319,7 +319,7 @@ impl Build {
             Ok(()) => log_info!(
                 "{} {} in {} s",
                 self.drv_path,
-                result.status.name(),
+                result.status,
                 stopped.saturating_sub(started)
             ),
             Err(_) => log.text(&self.failure_tail(&result, job)),
@@ -331,9 +331,7 @@ impl Build {
     fn failure_tail(&self, result: &BuildResult, job: &Job) -> String {
         let mut tail = format!(
             "nsh-run: build of {} failed ({}) on {}",
-            self.drv_path,
-            result.status.name(),
-            job.place
+            self.drv_path, result.status, job.place
         );
         if self.keep_failed {
             tail = format!(
@@ -376,7 +374,7 @@ fn confirm_job_alive(job: &Job, result: &BuildResult) -> Result<(), Failure> {
                 cancel_if_requeued(job.slurm, &info);
                 Err(Failure::transient(format!(
                     "{gone}; the build's result ({}) is not trusted",
-                    result.status.name()
+                    result.status
                 )))
             }
             None => Ok(()),
