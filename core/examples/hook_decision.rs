@@ -38,7 +38,9 @@ fn the_try() -> Try {
     Try {
         am_willing: true,
         needed_system: "x86_64-linux".into(),
-        drv_path: "/nix/store/1cj0fhkr5qn18x1zz61vdjrb58cfnzp5-hello-2.12.1.drv".into(),
+        drv_path: "/nix/store/1cj0fhkr5qn18x1zz61vdjrb58cfnzp5-hello-2.12.1.drv"
+            .parse()
+            .unwrap(),
         required_features: vec!["big-parallel".into()],
     }
 }

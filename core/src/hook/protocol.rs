@@ -19,6 +19,7 @@ use std::io::{self, Read, Write};
 use serde_json::{json, Value};
 
 use crate::error::{Kind, KindOf};
+use crate::nix::store_path::StorePath;
 
 /// The longest string accepted (a setting value, a store path, a feature).
 pub const MAX_STRING: u64 = 1 << 20;
@@ -324,7 +325,7 @@ pub struct Try {
     /// The derivation's `system`.
     pub needed_system: String,
     /// The `.drv` store path.
-    pub drv_path: String,
+    pub drv_path: StorePath,
     /// `requiredSystemFeatures`.
     pub required_features: Vec<String>,
 }
@@ -336,7 +337,7 @@ impl Try {
         write_string(&mut out, "try");
         write_u64(&mut out, u64::from(self.am_willing));
         write_string(&mut out, &self.needed_system);
-        write_string(&mut out, &self.drv_path);
+        write_string(&mut out, self.drv_path.as_str());
         write_strings(&mut out, &self.required_features);
         out
     }
@@ -378,7 +379,9 @@ impl Request {
         Ok(Request::Try(Try {
             am_willing,
             needed_system: read_string(r, "the try's system")?,
-            drv_path: read_string(r, "the try's derivation")?,
+            drv_path: read_string(r, "the try's derivation").and_then(|path| {
+                StorePath::parse(&path).map_err(|e| ProtoError::Malformed(e.message))
+            })?,
             required_features: read_strings(r, "the try's required features")?,
         }))
     }
@@ -651,7 +654,10 @@ mod tests {
             Request::Try(Try {
                 am_willing: true,
                 needed_system: "x86_64-linux".into(),
-                drv_path: "/nix/store/ln651pxapnxq10gd3b4gp2pk710hl9qj-nsh-hook-dep.drv".into(),
+                drv_path: StorePath::parse(
+                    "/nix/store/ln651pxapnxq10gd3b4gp2pk710hl9qj-nsh-hook-dep.drv"
+                )
+                .unwrap(),
                 required_features: vec![],
             })
         );
@@ -930,10 +936,11 @@ mod tests {
         fn a_try_round_trips(
             am_willing: bool,
             system in "[a-z0-9_-]{0,20}",
-            drv in "/[a-z0-9./-]{0,80}",
+            drv in "(/[a-z]{1,8}){1,3}/[0-9a-df-np-sv-z]{32}-[a-z0-9][a-z0-9+._?=-]{0,20}\\.drv",
             features in proptest::collection::vec("[a-z-]{0,12}", 0..5),
         ) {
-            let t = Try { am_willing, needed_system: system, drv_path: drv, required_features: features };
+            let drv_path = StorePath::parse(&drv).unwrap();
+            let t = Try { am_willing, needed_system: system, drv_path, required_features: features };
             let bytes = t.to_bytes();
             proptest::prop_assert_eq!(Request::read(&mut &bytes[..]).unwrap(), Request::Try(t));
         }

@@ -40,6 +40,7 @@ use crate::nix::local_store::LocalStore;
 use crate::nix::nar::{self, NarError};
 use crate::nix::serve::client::{ServeClient, ServeProcess};
 use crate::nix::serve::{self, PathInfo};
+use crate::nix::store_path::StorePath;
 use crate::nix::wire::{WireError, WireReader, WireWriter};
 use crate::stage::progress::{human_bytes, Reporting, TransferProgress};
 use crate::stage::retry;
@@ -126,7 +127,7 @@ pub fn push(
     for path in &closure {
         local
             .dir
-            .parse(path)
+            .check(path)
             .map_err(|e| e.context("ticket closure.paths"))?;
     }
 
@@ -147,7 +148,7 @@ pub fn push(
 
 /// One attempt: returns (paths copied, NAR bytes sent).
 fn push_once(
-    closure: &[String],
+    closure: &[StorePath],
     alloc: &mut AllocSection,
     config: &Config,
     local: &LocalStore,
@@ -169,17 +170,13 @@ fn push_once(
     let argv = crate::stage::ssh::remote_serve_argv(&config.remote);
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
     let mut remote = ServeProcess::from_command(ssh.command(&argv), ssh.describe())?;
-    let present: BTreeSet<String> = remote
+    let present: BTreeSet<StorePath> = remote
         .client
         .query_valid_paths(closure, true, false)?
         .into_iter()
         .collect();
     // The closure is in dependency order; so is `missing`.
-    let missing: Vec<&str> = closure
-        .iter()
-        .filter(|p| !present.contains(*p))
-        .map(String::as_str)
-        .collect();
+    let missing: Vec<&StorePath> = closure.iter().filter(|p| !present.contains(*p)).collect();
     if missing.is_empty() {
         log_info!("{}: all {} paths present", ssh.describe(), closure.len());
         remote.finish()?;
@@ -228,17 +225,17 @@ fn push_once(
 /// that is not valid there is bad input, named.
 fn local_path_infos<R: Read, W: Write>(
     local: &mut ServeClient<R, W>,
-    missing: &[&str],
+    missing: &[&StorePath],
 ) -> Result<Vec<PathInfo>, Failure> {
-    let mut infos: BTreeMap<String, PathInfo> = local
+    let mut infos: BTreeMap<StorePath, PathInfo> = local
         .query_path_infos(missing)?
         .into_iter()
         .map(|i| (i.path.clone(), i))
         .collect();
     let absent: Vec<&str> = missing
         .iter()
-        .copied()
-        .filter(|p| !infos.contains_key(*p))
+        .filter(|p| !infos.contains_key(**p))
+        .map(|p| p.as_str())
         .collect();
     if !absent.is_empty() {
         return Err(Failure::input(format!(
@@ -306,7 +303,7 @@ fn send_from_export_process(
         let _ = child.kill();
     }
     let status = child.wait();
-    let sent: BTreeSet<String> = result?.into_iter().collect();
+    let sent: BTreeSet<StorePath> = result?.into_iter().collect();
     let status = status.or_fail(Kind::Transient, || "waiting for nix-store --export")?;
     if !status.success() {
         return Err(Failure::transient(format!(
@@ -327,7 +324,7 @@ fn relay_import<R: Read>(
     remote: &mut ServeProcess,
     source: R,
     progress: &mut dyn TransferProgress,
-) -> Result<Vec<String>, Failure> {
+) -> Result<Vec<StorePath>, Failure> {
     // Bytes are counted as they are read, paths as their entries end: both
     // report to the same progress.
     let progress = RefCell::new(progress);
@@ -356,7 +353,7 @@ fn relay_import<R: Read>(
 fn relay_entries<R: Read, W: Write + ?Sized>(
     r: &mut WireReader<R>,
     out: &mut W,
-    mut entry_done: impl FnMut(String),
+    mut entry_done: impl FnMut(StorePath),
 ) -> Result<(), NarError> {
     let written = |result: std::io::Result<()>| result.map_err(NarError::Write);
     loop {

@@ -88,7 +88,7 @@ fn handshake(drv: &str) -> Vec<u8> {
     let the_try = Try {
         am_willing: false,
         needed_system: "x86_64-linux".into(),
-        drv_path: drv.into(),
+        drv_path: drv.parse().unwrap(),
         required_features: vec![],
     };
     let accepted = Accepted {

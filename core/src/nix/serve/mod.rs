@@ -28,7 +28,7 @@ use std::io::{self, Read, Write};
 
 use crate::error::{Failure, Kind};
 use crate::nix::drv::Drv;
-use crate::nix::store_path::StoreDir;
+use crate::nix::store_path::{StoreDir, StorePath};
 use crate::nix::wire::{WireError, WireReader, WireWriter};
 use crate::ticket::BuildOptions;
 
@@ -151,18 +151,48 @@ pub fn write_query_closure<W: Write, S: AsRef<str>>(
     w.strings(paths.iter().map(std::convert::AsRef::as_ref))
 }
 
-pub fn write_dump_store_path<W: Write>(w: &mut WireWriter<W>, path: &str) -> io::Result<()> {
+pub fn write_dump_store_path<W: Write>(w: &mut WireWriter<W>, path: &StorePath) -> io::Result<()> {
     w.u64(Command::DumpStorePath.into())?;
-    w.string(path)
+    w.string(path.as_str())
+}
+
+/// A store path read off the wire: checked as a ticket's are, a bad one is
+/// bytes nsh cannot use (permanent).
+fn read_store_path<R: Read>(r: &mut WireReader<R>) -> Result<StorePath, WireError> {
+    let text = r.string()?;
+    StorePath::parse(&text).map_err(|e| WireError::Unexpected(e.message))
+}
+
+/// A list of store paths read off the wire.
+pub fn read_store_paths<R: Read>(r: &mut WireReader<R>) -> Result<Vec<StorePath>, WireError> {
+    r.strings()?
+        .iter()
+        .map(|text| StorePath::parse(text).map_err(|e| WireError::Unexpected(e.message)))
+        .collect()
+}
+
+/// The deriver as the wire has it: `""` for none.
+fn read_deriver<R: Read>(r: &mut WireReader<R>) -> Result<Option<StorePath>, WireError> {
+    let text = r.string()?;
+    if text.is_empty() {
+        return Ok(None);
+    }
+    StorePath::parse(&text)
+        .map(Some)
+        .map_err(|e| WireError::Unexpected(e.message))
+}
+
+fn deriver_text(deriver: Option<&StorePath>) -> &str {
+    deriver.map_or("", StorePath::as_str)
 }
 
 /// What the store knows about a valid path.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PathInfo {
-    pub path: String,
-    /// The derivation that built it, `""` when unknown.
-    pub deriver: String,
-    pub references: Vec<String>,
+    pub path: StorePath,
+    /// The derivation that built it, when known (`""` on the wire otherwise).
+    pub deriver: Option<StorePath>,
+    pub references: Vec<StorePath>,
     pub download_size: u64,
     pub nar_size: u64,
     /// `sha256:<nix-base32>`.
@@ -170,6 +200,23 @@ pub struct PathInfo {
     /// Content address, `""` for input-addressed paths.
     pub ca: String,
     pub sigs: Vec<String>,
+}
+
+impl PathInfo {
+    /// The info of `path` with nothing else known: no deriver, no
+    /// references, sizes 0, no hash.
+    pub fn new(path: StorePath) -> PathInfo {
+        PathInfo {
+            path,
+            deriver: None,
+            references: Vec::new(),
+            download_size: 0,
+            nar_size: 0,
+            nar_hash: String::new(),
+            ca: String::new(),
+            sigs: Vec::new(),
+        }
+    }
 }
 
 /// The reply to QueryPathInfos: one entry per valid path, ended by `""`.
@@ -183,6 +230,7 @@ pub fn read_path_infos<R: Read>(
         if path.is_empty() {
             return Ok(infos);
         }
+        let path = StorePath::parse(&path).map_err(|e| WireError::Unexpected(e.message))?;
         if infos.len() as u64 >= r.limits().max_list {
             return Err(WireError::TooLong {
                 what: "path info list",
@@ -191,12 +239,11 @@ pub fn read_path_infos<R: Read>(
             });
         }
         let mut info = PathInfo {
-            path,
-            deriver: r.string()?,
-            references: r.strings()?,
+            deriver: read_deriver(r)?,
+            references: read_store_paths(r)?,
             download_size: r.u64()?,
             nar_size: r.u64()?,
-            ..PathInfo::default()
+            ..PathInfo::new(path)
         };
         if minor(version) >= 4 {
             info.nar_hash = r.string()?;
@@ -210,10 +257,10 @@ pub fn read_path_infos<R: Read>(
 /// AddToStoreNar's header; the NAR follows (streamed by the caller).
 pub fn write_add_to_store_nar<W: Write>(w: &mut WireWriter<W>, info: &PathInfo) -> io::Result<()> {
     w.u64(Command::AddToStoreNar.into())?;
-    w.string(&info.path)?;
-    w.string(&info.deriver)?;
+    w.string(info.path.as_str())?;
+    w.string(deriver_text(info.deriver.as_ref()))?;
     w.string(&info.nar_hash)?;
-    w.strings(&info.references)?;
+    w.strings(info.references.iter().map(StorePath::as_str))?;
     w.u64(0)?; // registration time: now
     w.u64(info.nar_size)?;
     w.bool(false)?; // ultimate: not built here
@@ -232,11 +279,12 @@ pub fn read_ack<R: Read>(r: &mut WireReader<R>, what: &str) -> Result<(), WireEr
 }
 
 /// The metadata that follows each NAR in an export stream.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExportTrailer {
-    pub path: String,
-    pub references: Vec<String>,
-    pub deriver: String,
+    pub path: StorePath,
+    pub references: Vec<StorePath>,
+    /// `""` on the wire for none.
+    pub deriver: Option<StorePath>,
 }
 
 impl ExportTrailer {
@@ -259,9 +307,9 @@ pub fn read_export_trailer<R: Read>(r: &mut WireReader<R>) -> Result<ExportTrail
         )));
     }
     let trailer = ExportTrailer {
-        path: r.string()?,
-        references: r.strings()?,
-        deriver: r.string()?,
+        path: read_store_path(r)?,
+        references: read_store_paths(r)?,
+        deriver: read_deriver(r)?,
     };
     // A signature was once possible here; Nix writes 0 and refuses 1.
     match r.u64()? {
@@ -277,9 +325,9 @@ pub fn write_export_trailer<W: Write>(
     trailer: &ExportTrailer,
 ) -> io::Result<()> {
     w.u64(EXPORT_MAGIC)?;
-    w.string(&trailer.path)?;
-    w.strings(&trailer.references)?;
-    w.string(&trailer.deriver)?;
+    w.string(trailer.path.as_str())?;
+    w.strings(trailer.references.iter().map(StorePath::as_str))?;
+    w.string(deriver_text(trailer.deriver.as_ref()))?;
     w.u64(0)
 }
 
@@ -294,7 +342,7 @@ pub fn write_build_derivation<W: Write, S: AsRef<str>>(
     options: &BuildOptions,
 ) -> io::Result<()> {
     w.u64(Command::BuildDerivation.into())?;
-    w.string(&drv.path_string())?;
+    w.string(drv.path.as_str())?;
     write_basic_derivation(w, drv, input_closure)?;
     write_build_options(w, version, options)
 }
@@ -307,12 +355,7 @@ pub fn write_basic_derivation<W: Write, S: AsRef<str>>(
     w.u64(drv.outputs.len() as u64)?;
     for (name, output) in &drv.outputs {
         w.string(name)?;
-        let path = output
-            .path
-            .as_ref()
-            .map(|p| drv.store_dir.render(p))
-            .unwrap_or_default();
-        w.string(&path)?;
+        w.string(output.path.as_ref().map_or("", StorePath::as_str))?;
         w.string(&output.hash_algo)?;
         w.string(&output.hash)?;
     }
@@ -437,11 +480,20 @@ pub struct BuildResult {
 }
 
 impl BuildResult {
-    /// Output name → absolute output path in `store_dir`.
-    pub fn output_paths(&self, store_dir: &StoreDir) -> BTreeMap<String, String> {
+    /// Output name → output path in `store_dir`; a base name that is not
+    /// one of a store path is bad bytes from the node (permanent).
+    pub fn output_paths(
+        &self,
+        store_dir: &StoreDir,
+    ) -> Result<BTreeMap<String, StorePath>, Failure> {
         self.built_outputs
             .iter()
-            .map(|(name, base)| (name.clone(), format!("{store_dir}/{base}")))
+            .map(|(name, base)| {
+                let path = store_dir.join(base).map_err(|e| {
+                    Failure::permanent(format!("built output {name}: {}", e.message))
+                })?;
+                Ok((name.clone(), path))
+            })
             .collect()
     }
 }
@@ -526,7 +578,7 @@ pub fn read_build_response<R: Read>(from: R) -> Result<BuildResult, Failure> {
 mod tests {
     use super::*;
     use crate::nix::drv;
-    use crate::nix::store_path::{StoreDir, StorePath};
+    use crate::nix::store_path::{test_path, StoreDir};
 
     use crate::nix::wire::test_bytes::{le, s};
 
@@ -539,23 +591,35 @@ mod tests {
 
     #[test]
     fn path_infos_at_2_7_and_2_3() {
-        let entry = [s("/s/a"), s("/s/a.drv"), le(1), s("/s/b"), le(0), le(120)].concat();
+        const A: &str = "/s/0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a-a";
+        const A_DRV: &str = "/s/1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a-a.drv";
+        const B: &str = "/s/2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b-b";
+        let entry = [s(A), s(A_DRV), le(1), s(B), le(0), le(120)].concat();
         let v7 = [entry.clone(), s("sha256:xyz"), s(""), le(0), s("")].concat();
         let infos = read_path_infos(&mut WireReader::new(&v7[..]), 0x207).unwrap();
         assert_eq!(
             infos,
             [PathInfo {
-                path: "/s/a".into(),
-                deriver: "/s/a.drv".into(),
-                references: vec!["/s/b".into()],
+                deriver: Some(test_path(A_DRV)),
+                references: vec![test_path(B)],
                 nar_size: 120,
                 nar_hash: "sha256:xyz".into(),
-                ..PathInfo::default()
+                ..PathInfo::new(test_path(A))
             }]
         );
         let v3 = [entry, s("")].concat();
         let infos = read_path_infos(&mut WireReader::new(&v3[..]), 0x203).unwrap();
         assert_eq!(infos[0].nar_hash, "");
+        // No deriver is `""`; a path that is not one is bad bytes.
+        let none = [s(A), s(""), le(0), le(0), le(0), s("")].concat();
+        let infos = read_path_infos(&mut WireReader::new(&none[..]), 0x203).unwrap();
+        assert_eq!(infos[0].deriver, None);
+        let bad = [s("/s/a"), s(""), le(0), le(0), le(0), s("")].concat();
+        let err = read_path_infos(&mut WireReader::new(&bad[..]), 0x203).unwrap_err();
+        assert!(
+            err.to_string().contains("\"/s/a\" is not a store path"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -569,15 +633,21 @@ mod tests {
             le(1_700_000_042),
             le(1),
             s("sha256:abcd!out"),
-            s(r#"{"id":"sha256:abcd!out","outPath":"/s/x-out","signatures":[],"dependentRealisations":{}}"#),
+            s(r#"{"id":"sha256:abcd!out","outPath":"/s/0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a-x-out","signatures":[],"dependentRealisations":{}}"#),
         ]
         .concat();
         let result = read_build_result(&mut WireReader::new(&bytes[..]), 0x207).unwrap();
         assert_eq!(result.status, BuildStatus::Built);
         assert_eq!(result.stop_time - result.start_time, 42);
-        assert_eq!(result.built_outputs["out"], "x-out");
+        assert_eq!(
+            result.built_outputs["out"],
+            "0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a-x-out"
+        );
         let dir = StoreDir::new("/s").unwrap();
-        assert_eq!(result.output_paths(&dir)["out"], "/s/x-out");
+        assert_eq!(
+            result.output_paths(&dir).unwrap()["out"],
+            "/s/0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a-x-out"
+        );
         // Version 2.2: no times, no outputs.
         let old = [le(3), s("builder failed")].concat();
         let result = read_build_result(&mut WireReader::new(&old[..]), 0x202).unwrap();
@@ -660,7 +730,9 @@ mod tests {
         let store = StoreDir::new("/tmp/nshc-try/store").unwrap();
         let bytes =
             std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/a.drv")).unwrap();
-        let path = StorePath::from_basename("2hhpx3ayp9ddygkfzmxy0q8zcmj7y5hy-a.drv").unwrap();
+        let path = store
+            .join("2hhpx3ayp9ddygkfzmxy0q8zcmj7y5hy-a.drv")
+            .unwrap();
         let drv = drv::parse(&store, &path, &bytes).unwrap();
         let mut out = Vec::new();
         write_build_request(
@@ -674,7 +746,7 @@ mod tests {
         assert_eq!(r.u64().unwrap(), SERVE_MAGIC_1);
         assert_eq!(r.u64().unwrap(), CLIENT_VERSION);
         assert_eq!(r.u64().unwrap(), u64::from(Command::BuildDerivation));
-        assert_eq!(r.string().unwrap(), store.render(&path));
+        assert_eq!(r.string().unwrap(), path.as_str());
         assert_eq!(r.u64().unwrap(), 1);
         assert_eq!(r.string().unwrap(), "out");
         let out_path = r.string().unwrap();

@@ -609,7 +609,6 @@ kvm = { constraint = "kvm" }
 
     fn drv(system: &str, features: &[&str], resources: Resources) -> DrvSection {
         DrvSection {
-            path: "/nix/store/00000000000000000000000000000000-x.drv".into(),
             name: "hello-2.12".into(),
             system: system.into(),
             features: features
@@ -617,7 +616,9 @@ kvm = { constraint = "kvm" }
                 .map(std::string::ToString::to_string)
                 .collect(),
             resources,
-            ..DrvSection::default()
+            ..DrvSection::new(crate::nix::store_path::test_path(
+                "/nix/store/00000000000000000000000000000000-x.drv",
+            ))
         }
     }
 

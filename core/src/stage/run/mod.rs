@@ -41,7 +41,7 @@ use crate::config::Config;
 use crate::error::{Failure, ResultExt};
 use crate::nix::local_store::LocalStore;
 use crate::nix::serve::{self, BuildResult};
-use crate::nix::store_path::StoreDir;
+use crate::nix::store_path::{StoreDir, StorePath};
 use crate::slurm::{Clusters, JobInfo, JobState, Slurm};
 use crate::stage::release::ReleaseOnDrop;
 use crate::stage::ssh::Ssh;
@@ -136,17 +136,18 @@ pub fn plain_text(message: &str) -> String {
 }
 
 /// The `run` section for a BuildResult. Outputs Nix did not list (an
-/// already valid derivation lists none) are taken from the derivation.
+/// already valid derivation lists none) are taken from the derivation. A
+/// built output that is no store path is bad bytes from the node.
 pub fn run_section(
     result: &BuildResult,
-    store_dir: &crate::nix::store_path::StoreDir,
-    drv_outputs: &BTreeMap<String, Option<String>>,
+    store_dir: &StoreDir,
+    drv_outputs: &BTreeMap<String, Option<StorePath>>,
     started: u64,
     stopped: u64,
-) -> RunSection {
+) -> Result<RunSection, Failure> {
     let mut built_outputs = BTreeMap::new();
     if result.status.is_success() {
-        built_outputs = result.output_paths(store_dir);
+        built_outputs = result.output_paths(store_dir)?;
         for (name, path) in drv_outputs {
             if let Some(path) = path {
                 built_outputs
@@ -155,7 +156,7 @@ pub fn run_section(
             }
         }
     }
-    RunSection {
+    Ok(RunSection {
         status: result.status,
         error: plain_text(&result.error_msg),
         times_built: result.times_built,
@@ -171,7 +172,7 @@ pub fn run_section(
         },
         built_outputs,
         extra: crate::ticket::Extra::default(),
-    }
+    })
 }
 
 /// One nsh-run process: its configuration, its Slurm connections and where
@@ -240,8 +241,8 @@ impl Runner<'_> {
 
 /// What the build of one ticket needs before the job is involved.
 struct Build {
-    drv_path: String,
-    drv_outputs: BTreeMap<String, Option<String>>,
+    drv_path: StorePath,
+    drv_outputs: BTreeMap<String, Option<StorePath>>,
     store_dir: StoreDir,
     request: Vec<u8>,
     keep_failed: bool,
@@ -313,8 +314,8 @@ impl Build {
             &self.drv_outputs,
             started,
             stopped,
-        );
-        let outcome = build_outcome(&result, &self.drv_path, &job.place);
+        )?;
+        let outcome = build_outcome(&result, self.drv_path.as_str(), &job.place);
         match &outcome {
             Ok(()) => log_info!(
                 "{} {} in {} s",
@@ -399,6 +400,7 @@ fn unix_now() -> u64 {
 mod tests {
     use super::*;
     use crate::nix::serve::BuildStatus;
+    use crate::nix::store_path::test_path;
     use std::io::{Read, Write};
     use std::path::Path;
     use std::process::{Child, Command, Stdio};
@@ -570,24 +572,37 @@ mod tests {
     fn the_run_section_lists_outputs_only_for_success() {
         let dir = crate::nix::store_path::StoreDir::new("/s").unwrap();
         let mut built = result(BuildStatus::Built, "");
-        built.built_outputs.insert("out".into(), "aaaa-x".into());
-        let drv_outputs: BTreeMap<String, String> = [
-            ("out".to_string(), "/s/aaaa-x".to_string()),
-            ("dev".to_string(), "/s/bbbb-x-dev".to_string()),
+        built
+            .built_outputs
+            .insert("out".into(), "0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a-x".into());
+        let drv_outputs: BTreeMap<String, StorePath> = [
+            (
+                "out".to_string(),
+                test_path("/s/0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a-x"),
+            ),
+            (
+                "dev".to_string(),
+                test_path("/s/1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b-x-dev"),
+            ),
         ]
         .into();
-        let known: BTreeMap<String, Option<String>> = drv_outputs
+        let known: BTreeMap<String, Option<StorePath>> = drv_outputs
             .iter()
             .map(|(name, path)| (name.clone(), Some(path.clone())))
             .collect();
-        let section = run_section(&built, &dir, &known, 5, 25);
+        let section = run_section(&built, &dir, &known, 5, 25).unwrap();
         assert_eq!(section.status, BuildStatus::Built);
         assert_eq!((section.start, section.stop), (10, 20));
         assert_eq!(section.built_outputs, drv_outputs);
         let mut failed = result(BuildStatus::PermanentFailure, "boom\n");
         failed.start_time = 0;
         failed.stop_time = 0;
-        let section = run_section(&failed, &dir, &known, 5, 25);
+        let section = run_section(&failed, &dir, &known, 5, 25).unwrap();
+        assert!(section.built_outputs.is_empty());
+        // A built output that is no store path is the node's bad bytes.
+        built.built_outputs.insert("out".into(), "x".into());
+        let err = run_section(&built, &dir, &known, 5, 25).unwrap_err();
+        assert_eq!(err.kind, Kind::Permanent);
         assert_eq!(section.error, "boom");
         assert_eq!((section.start, section.stop), (5, 25));
         assert!(section.built_outputs.is_empty());
