@@ -11,7 +11,8 @@
 //!   pipeline, slots, and `--check`;
 //! * [`sys`]: the system calls std lacks, the crate's only `unsafe`;
 //! * at the top: the [`ticket`], the [`tool`] loop every stage runs, the
-//!   [`error`]s and their [`exit`] statuses, the [`log`], the [`config`].
+//!   [`error`]s and their [`exit`] statuses, the [`log`], the [`config`],
+//!   and [`lines`] read with a bound.
 //!
 //! Every tool's `main.rs` is a few lines that parse the command line
 //! (`nsh-cli`) and hand a stage function to [`tool::run_stage`].
@@ -22,6 +23,7 @@ pub mod config;
 pub mod error;
 pub mod exit;
 pub mod hook;
+pub mod lines;
 pub mod log;
 pub mod nix;
 pub mod slurm;

@@ -9,6 +9,8 @@
 
 use std::io::{BufRead, Write};
 
+use crate::lines::{BoundedLines, MAX_TICKET_LINE};
+
 use crate::error::{Failure, Kind};
 use crate::exit::ExitStatus;
 use crate::ticket::Ticket;
@@ -64,9 +66,10 @@ fn run_tickets<R: BufRead, W: Write>(
             status = s;
         }
     };
-    for line in input.lines() {
+    for line in BoundedLines::new(input, MAX_TICKET_LINE) {
         let line = match line {
-            Ok(line) => line,
+            // A line cut at the bound is no ticket: it is answered as one.
+            Ok(line) => String::from_utf8_lossy(&line.bytes).into_owned(),
             Err(e) => {
                 log_error!("reading tickets from stdin: {e}");
                 note(ExitStatus::BadInput);
