@@ -252,10 +252,39 @@ fn check_features(
     Ok(())
 }
 
+/// What a derivation may ask for when the site says nothing: bounded, so
+/// that no user's `nshResources` asks Slurm for a whole cluster or a year
+/// (a configured default or time limit above them raises them to it).
+pub(super) const DEFAULT_MAX_CPUS: u32 = 64;
+pub(super) const DEFAULT_MAX_MEM_MB: u64 = 256 * 1024;
+pub(super) const DEFAULT_MAX_TIME_MIN: u32 = 2 * 24 * 60;
+
 /// `[cluster.NAME.limits]`: each value parsed, defaults within the maxima,
-/// the cluster's time limit within `max_time`.
+/// the cluster's time limit within `max_time`; a maximum not given is the
+/// conservative default ([`DEFAULT_MAX_CPUS`] & co.), or the configured
+/// default or time limit if that is higher.
 fn limits(rl: &RawLimits, time_limit_min: u32, problems: &Problems) -> Result<Limits, Failure> {
-    let limits = Limits {
+    let mut limits = configured_limits(rl, problems)?;
+    check_limits(&limits, time_limit_min, problems)?;
+    limits.max_cpus = limits.max_cpus.or(Some(
+        limits
+            .default_cpus
+            .map_or(DEFAULT_MAX_CPUS, |d| d.max(DEFAULT_MAX_CPUS)),
+    ));
+    limits.max_mem_mb = limits.max_mem_mb.or(Some(
+        limits
+            .default_mem_mb
+            .map_or(DEFAULT_MAX_MEM_MB, |d| d.max(DEFAULT_MAX_MEM_MB)),
+    ));
+    limits.max_time_min = limits
+        .max_time_min
+        .or(Some(time_limit_min.max(DEFAULT_MAX_TIME_MIN)));
+    Ok(limits)
+}
+
+/// The limits as the file has them, parsed.
+fn configured_limits(rl: &RawLimits, problems: &Problems) -> Result<Limits, Failure> {
+    Ok(Limits {
         max_cpus: rl.max_cpus,
         max_mem_mb: optional(
             rl.max_mem.as_ref(),
@@ -278,7 +307,11 @@ fn limits(rl: &RawLimits, time_limit_min: u32, problems: &Problems) -> Result<Li
         )?,
         allow_gres: rl.allow_gres,
         allow_constraint: rl.allow_constraint,
-    };
+    })
+}
+
+/// Defaults within the maxima, the time limit within `max_time`.
+fn check_limits(limits: &Limits, time_limit_min: u32, problems: &Problems) -> Result<(), Failure> {
     for (key, value) in [
         ("limits.max_cpus", limits.max_cpus),
         ("limits.default_cpus", limits.default_cpus),
@@ -311,5 +344,5 @@ fn limits(rl: &RawLimits, time_limit_min: u32, problems: &Problems) -> Result<Li
             ));
         }
     }
-    Ok(limits)
+    Ok(())
 }

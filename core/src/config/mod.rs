@@ -26,8 +26,8 @@ mod raw;
 mod values;
 
 use raw::RawConfig;
-use values::parse_seconds;
 pub use values::{parse_mem_mb_text, parse_minutes_text, BadValue, UrlProblem};
+use values::{parse_seconds, parse_size};
 
 /// Where the configuration is read from when no `--config` is given and
 /// `$NSH_CONFIG` is unset.
@@ -294,6 +294,8 @@ pub struct Remote {
     pub idle_timeout_s: u64,
     /// Seconds the job waits for its first request.
     pub request_timeout_s: u64,
+    /// The most NAR bytes one build's outputs may bring back from a node.
+    pub max_output_size: u64,
 }
 
 impl Default for Remote {
@@ -304,10 +306,15 @@ impl Default for Remote {
             work_root: "/tmp/nsh".into(),
             idle_timeout_s: 120,
             request_timeout_s: 300,
+            max_output_size: DEFAULT_MAX_OUTPUT_SIZE,
         }
     }
 }
 
+/// 64 GiB: larger than most outputs (a CUDA toolkit's NAR is a few GiB),
+/// small enough that a node sending endless data stops long before the
+/// store's disk is full.
+const DEFAULT_MAX_OUTPUT_SIZE: u64 = 64 << 30;
 const DEFAULT_MAX_JOBS: u32 = 64;
 const DEFAULT_TIME_LIMIT_MIN: u32 = 4 * 60;
 const DEFAULT_QUEUE_TIMEOUT_S: u64 = 3600;
@@ -535,6 +542,12 @@ fn remote_settings(raw: raw::RawRemote, problems: &Problems) -> Result<Remote, F
             raw.request_timeout,
             defaults.request_timeout_s,
         )?,
+        max_output_size: match raw.max_output_size {
+            None => defaults.max_output_size,
+            Some(v) => {
+                parse_size(&v).map_err(|bad| problems.bad_value("remote.max_output_size", bad))?
+            }
+        },
     };
     if !remote.work_root.starts_with('/') {
         return Err(problems.at(
@@ -621,6 +634,57 @@ request_timeout = "5m"
     }
 
     const MINIMAL: &str = "[cluster.c]\nbackend = \"cli\"\nsystems = [\"x86_64-linux\"]\n";
+
+    #[test]
+    fn limits_are_bounded_when_the_site_says_nothing() {
+        let parse = |text: &str| {
+            Config::parse(Path::new("t.toml"), text).unwrap().clusters["c"]
+                .limits
+                .clone()
+        };
+        let limits = parse(MINIMAL);
+        assert_eq!(limits.max_cpus, Some(64));
+        assert_eq!(limits.max_mem_mb, Some(256 * 1024));
+        assert_eq!(limits.max_time_min, Some(2 * 24 * 60));
+        // A default or a time limit above them raises them to it.
+        let limits = parse(&format!(
+            "{MINIMAL}time_limit = \"3d\"\n[cluster.c.limits]\ndefault_cpus = 128\ndefault_mem = \"1T\"\n"
+        ));
+        assert_eq!(limits.max_cpus, Some(128));
+        assert_eq!(limits.max_mem_mb, Some(1 << 20));
+        assert_eq!(limits.max_time_min, Some(3 * 24 * 60));
+        // What the site says is what counts.
+        let limits = parse(&format!("{MINIMAL}[cluster.c.limits]\nmax_cpus = 1000\n"));
+        assert_eq!(limits.max_cpus, Some(1000));
+    }
+
+    #[test]
+    fn max_output_size() {
+        let config = Config::parse(Path::new("t.toml"), MINIMAL).unwrap();
+        assert_eq!(config.remote.max_output_size, 64 << 30);
+        for (text, bytes) in [
+            ("\"512M\"", 512 << 20),
+            ("\"1TiB\"", 1 << 40),
+            ("4096", 4096),
+        ] {
+            let config = Config::parse(
+                Path::new("t.toml"),
+                &format!("{MINIMAL}[remote]\nmax_output_size = {text}\n"),
+            )
+            .unwrap();
+            assert_eq!(config.remote.max_output_size, bytes, "{text}");
+        }
+        let err = Config::parse(
+            Path::new("t.toml"),
+            &format!("{MINIMAL}[remote]\nmax_output_size = \"lots\"\n"),
+        )
+        .unwrap_err();
+        assert!(
+            err.message.contains("remote.max_output_size"),
+            "{}",
+            err.message
+        );
+    }
 
     #[test]
     fn a_full_configuration() {

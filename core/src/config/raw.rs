@@ -81,6 +81,7 @@ pub(super) struct RawRemote {
     pub(super) work_root: Option<String>,
     pub(super) idle_timeout: Option<NumberOrText>,
     pub(super) request_timeout: Option<NumberOrText>,
+    pub(super) max_output_size: Option<NumberOrText>,
 }
 
 /// A value that may be written as a number or a string (`90` or `"90m"`).
