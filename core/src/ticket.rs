@@ -25,28 +25,39 @@ pub const TICKET_VERSION: u32 = 1;
 pub type Extra = Map<String, Value>;
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// One ticket: a section per tool that has run, and whatever else it carried.
 pub struct Ticket {
     /// Format version; a ticket with a newer major version is refused.
     pub v: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The derivation (`nsh-hook`, `nsh-closure`).
     pub drv: Option<DrvSection>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The local store (`nsh-hook`, `nsh-closure`).
     pub store: Option<StoreSection>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Nix's build settings (`nsh-hook`).
     pub options: Option<BuildOptions>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The input closure (`nsh-closure`).
     pub closure: Option<ClosureSection>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The Slurm job (`nsh-alloc`).
     pub alloc: Option<AllocSection>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// What was copied to the node (`nsh-push`).
     pub push: Option<PushSection>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// How the build ended (`nsh-run`).
     pub run: Option<RunSection>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// What was copied back (`nsh-fetch`).
     pub fetch: Option<FetchSection>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The first failure, by the stage where it happened.
     pub error: Option<TicketError>,
     #[serde(flatten)]
+    /// Fields this nsh does not know (a newer tool's, a site's), kept in order.
     pub extra: Extra,
 }
 
@@ -131,14 +142,19 @@ pub struct StoreSection {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct BuildOptions {
     #[serde(default)]
+    /// Nix's `max-silent-time`, seconds.
     pub max_silent_time: u64,
     #[serde(default)]
+    /// Nix's `timeout`, seconds.
     pub timeout: u64,
     #[serde(default)]
+    /// Nix's `max-log-size`, bytes.
     pub max_log_size: u64,
     #[serde(default)]
+    /// Nix's `keep-failed`.
     pub keep_failed: bool,
     #[serde(flatten)]
+    /// Fields this nsh does not know, kept.
     pub extra: Extra,
 }
 
@@ -187,6 +203,7 @@ pub struct AllocSection {
     #[serde(default = "first_request")]
     pub request: u32,
     #[serde(flatten)]
+    /// Fields this nsh does not know, kept.
     pub extra: Extra,
 }
 
@@ -353,7 +370,7 @@ impl Ticket {
     }
 
     /// The local store's URI: the `store` section's, else Nix's default
-    /// store ([`crate::nix::local_store::DEFAULT_STORE_URI`]).
+    /// store (`crate::nix::local_store::DEFAULT_STORE_URI`).
     #[must_use]
     pub fn store_uri(&self) -> &str {
         self.store
@@ -371,12 +388,14 @@ impl Ticket {
         })
     }
 
+    /// The `closure` section, or a bad-input failure naming the stage that writes it.
     pub fn need_closure(&self) -> Result<&ClosureSection, Failure> {
         self.closure.as_ref().ok_or_else(|| {
             Failure::input("the ticket has no `closure` section (run nsh-closure first)")
         })
     }
 
+    /// The `alloc` section, or a bad-input failure naming the stage that writes it.
     pub fn need_alloc(&self) -> Result<&AllocSection, Failure> {
         self.alloc.as_ref().ok_or_else(|| {
             Failure::input("the ticket has no `alloc` section (run nsh-alloc first)")

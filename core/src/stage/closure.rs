@@ -20,6 +20,7 @@ use crate::tool::run_stage;
 use crate::{log_debug, log_error, log_info};
 
 #[derive(Debug, Clone, Default)]
+/// What `nsh-closure` is asked to do.
 pub struct ClosureOptions {
     /// `.drv` paths from the command line; empty: read stdin.
     pub drvs: Vec<String>,

@@ -40,7 +40,6 @@ mod load_db;
 
 use held_locks::import_held_locks;
 use load_db::import_load_db;
-pub use load_db::load_db_input;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
@@ -86,6 +85,7 @@ impl ImportMethod {
 /// What `nsh-fetch` is asked to do.
 #[derive(Debug, Clone, Default)]
 pub struct FetchOptions {
+    /// How fetched paths become valid locally.
     pub method: ImportMethod,
     /// Leave the job running and the ssh master open (no `release`).
     pub keep_job: bool,
@@ -324,7 +324,7 @@ pub(super) fn nar_error(path: &StorePath, e: NarError) -> Failure {
 #[cfg(test)]
 mod tests {
     use super::held_locks::relay_checked;
-    use super::load_db::{lock_non_outputs, receive_into_store};
+    use super::load_db::{load_db_input, lock_non_outputs, receive_into_store};
     use super::*;
     use crate::error::Kind;
     use crate::nix::hash::Hashing;
