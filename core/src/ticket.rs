@@ -24,40 +24,40 @@ pub const TICKET_VERSION: u32 = 1;
 /// Unknown fields, kept in their original order and re-emitted as they were.
 pub type Extra = Map<String, Value>;
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 /// One ticket: a section per tool that has run, and whatever else it carried.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Ticket {
     /// Format version; a ticket with a newer major version is refused.
     pub v: u32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     /// The derivation (`nsh-hook`, `nsh-closure`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drv: Option<DrvSection>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     /// The local store (`nsh-hook`, `nsh-closure`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store: Option<StoreSection>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     /// Nix's build settings (`nsh-hook`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub options: Option<BuildOptions>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     /// The input closure (`nsh-closure`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub closure: Option<ClosureSection>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     /// The Slurm job (`nsh-alloc`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub alloc: Option<AllocSection>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     /// What was copied to the node (`nsh-push`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub push: Option<PushSection>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     /// How the build ended (`nsh-run`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run: Option<RunSection>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     /// What was copied back (`nsh-fetch`).
-    pub fetch: Option<FetchSection>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fetch: Option<FetchSection>,
     /// The first failure, by the stage where it happened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<TicketError>,
-    #[serde(flatten)]
     /// Fields this nsh does not know (a newer tool's, a site's), kept in order.
+    #[serde(flatten)]
     pub extra: Extra,
 }
 
@@ -141,20 +141,20 @@ pub struct StoreSection {
 /// Zero means "no limit", as in Nix.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct BuildOptions {
-    #[serde(default)]
     /// Nix's `max-silent-time`, seconds.
+    #[serde(default)]
     pub max_silent_time: u64,
-    #[serde(default)]
     /// Nix's `timeout`, seconds.
+    #[serde(default)]
     pub timeout: u64,
-    #[serde(default)]
     /// Nix's `max-log-size`, bytes.
-    pub max_log_size: u64,
     #[serde(default)]
+    pub max_log_size: u64,
     /// Nix's `keep-failed`.
+    #[serde(default)]
     pub keep_failed: bool,
-    #[serde(flatten)]
     /// Fields this nsh does not know, kept.
+    #[serde(flatten)]
     pub extra: Extra,
 }
 
@@ -202,8 +202,8 @@ pub struct AllocSection {
     /// higher when an allocation is reused).
     #[serde(default = "first_request")]
     pub request: u32,
-    #[serde(flatten)]
     /// Fields this nsh does not know, kept.
+    #[serde(flatten)]
     pub extra: Extra,
 }
 

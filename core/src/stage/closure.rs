@@ -19,8 +19,8 @@ use crate::ticket::{ClosureSection, DrvSection, StoreSection, Ticket};
 use crate::tool::run_stage;
 use crate::{log_debug, log_error, log_info};
 
-#[derive(Debug, Clone, Default)]
 /// What `nsh-closure` is asked to do.
+#[derive(Debug, Clone, Default)]
 pub struct ClosureOptions {
     /// `.drv` paths from the command line; empty: read stdin.
     pub drvs: Vec<String>,

@@ -100,8 +100,8 @@ impl Line {
         Line::new(scope, check, Status::Fail(failure.kind), failure.message)
     }
 
-    #[must_use]
     /// The same line with the time since `since`.
+    #[must_use]
     pub fn timed(mut self, since: Instant) -> Line {
         self.secs = Some((since.elapsed().as_secs_f64() * 1000.0).round() / 1000.0);
         self

@@ -62,8 +62,10 @@ use crate::stage::ssh::Ssh;
 use crate::ticket::{AllocSection, FetchSection, Ticket};
 
 /// How fetched paths become valid in the local store (`nsh-fetch
-/// --import-method`, whose names are `nsh-fetch`'s).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// --import-method`, whose names are `nsh-fetch`'s; the same here, for log
+/// lines).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum ImportMethod {
     /// Unpack, canonicalise, `nix-store --load-db` (every version).
     #[default]
@@ -72,13 +74,10 @@ pub enum ImportMethod {
     HeldLocks,
 }
 
-impl ImportMethod {
-    /// What the import runs, for log lines.
-    pub const fn describe(self) -> &'static str {
-        match self {
-            ImportMethod::LoadDb => "nix-store --load-db",
-            ImportMethod::HeldLocks => "nix-store --import under NIX_HELD_LOCKS",
-        }
+/// `load-db`, `held-locks`.
+impl std::fmt::Display for ImportMethod {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&crate::derive::serde_name(self))
     }
 }
 
@@ -230,7 +229,7 @@ fn fetch_once(
         ssh.describe(),
         needed.len(),
         human_bytes(total),
-        method.describe()
+        method
     );
     progress.begin(needed.len() as u64, total);
     let outputs: BTreeSet<StorePath> = outputs.iter().cloned().collect();
@@ -361,6 +360,13 @@ mod tests {
             nar: wrong,
         };
         node
+    }
+
+    #[test]
+    fn import_methods_are_named_as_on_the_command_line() {
+        assert_eq!(ImportMethod::default(), ImportMethod::LoadDb);
+        assert_eq!(ImportMethod::LoadDb.to_string(), "load-db");
+        assert_eq!(ImportMethod::HeldLocks.to_string(), "held-locks");
     }
 
     #[test]
