@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-/// What kind of failure, which decides the exit status (see [`crate::exit`]).
+/// What kind of failure, which decides the exit status (see `crate::exit`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Kind {
@@ -127,21 +127,27 @@ impl Failure {
         None
     }
 
+    /// The build itself failed; retrying will not help.
     pub fn permanent(message: impl Into<String>) -> Failure {
         Failure::new(Kind::Permanent, message)
     }
+    /// Cluster, network or node trouble; retrying may help.
     pub fn transient(message: impl Into<String>) -> Failure {
         Failure::new(Kind::Transient, message)
     }
+    /// Out of time.
     pub fn timed_out(message: impl Into<String>) -> Failure {
         Failure::new(Kind::TimedOut, message)
     }
+    /// A wrong command line.
     pub fn usage(message: impl Into<String>) -> Failure {
         Failure::new(Kind::Usage, message)
     }
+    /// Wrong input: a ticket, a derivation, a store path.
     pub fn input(message: impl Into<String>) -> Failure {
         Failure::new(Kind::Input, message)
     }
+    /// A wrong configuration.
     pub fn config(message: impl Into<String>) -> Failure {
         Failure::new(Kind::Config, message)
     }

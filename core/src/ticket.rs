@@ -24,28 +24,39 @@ pub const TICKET_VERSION: u32 = 1;
 /// Unknown fields, kept in their original order and re-emitted as they were.
 pub type Extra = Map<String, Value>;
 
+/// One ticket: a section per tool that has run, and whatever else it carried.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Ticket {
     /// Format version; a ticket with a newer major version is refused.
     pub v: u32,
+    /// The derivation (`nsh-hook`, `nsh-closure`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drv: Option<DrvSection>,
+    /// The local store (`nsh-hook`, `nsh-closure`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store: Option<StoreSection>,
+    /// Nix's build settings (`nsh-hook`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub options: Option<BuildOptions>,
+    /// The input closure (`nsh-closure`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub closure: Option<ClosureSection>,
+    /// The Slurm job (`nsh-alloc`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub alloc: Option<AllocSection>,
+    /// What was copied to the node (`nsh-push`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub push: Option<PushSection>,
+    /// How the build ended (`nsh-run`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run: Option<RunSection>,
+    /// What was copied back (`nsh-fetch`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fetch: Option<FetchSection>,
+    /// The first failure, by the stage where it happened.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<TicketError>,
+    /// Fields this nsh does not know (a newer tool's, a site's), kept in order.
     #[serde(flatten)]
     pub extra: Extra,
 }
@@ -130,14 +141,19 @@ pub struct StoreSection {
 /// Zero means "no limit", as in Nix.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct BuildOptions {
+    /// Nix's `max-silent-time`, seconds.
     #[serde(default)]
     pub max_silent_time: u64,
+    /// Nix's `timeout`, seconds.
     #[serde(default)]
     pub timeout: u64,
+    /// Nix's `max-log-size`, bytes.
     #[serde(default)]
     pub max_log_size: u64,
+    /// Nix's `keep-failed`.
     #[serde(default)]
     pub keep_failed: bool,
+    /// Fields this nsh does not know, kept.
     #[serde(flatten)]
     pub extra: Extra,
 }
@@ -186,6 +202,7 @@ pub struct AllocSection {
     /// higher when an allocation is reused).
     #[serde(default = "first_request")]
     pub request: u32,
+    /// Fields this nsh does not know, kept.
     #[serde(flatten)]
     pub extra: Extra,
 }
@@ -353,7 +370,7 @@ impl Ticket {
     }
 
     /// The local store's URI: the `store` section's, else Nix's default
-    /// store ([`crate::nix::local_store::DEFAULT_STORE_URI`]).
+    /// store (`crate::nix::local_store::DEFAULT_STORE_URI`).
     #[must_use]
     pub fn store_uri(&self) -> &str {
         self.store
@@ -371,12 +388,14 @@ impl Ticket {
         })
     }
 
+    /// The `closure` section, or a bad-input failure naming the stage that writes it.
     pub fn need_closure(&self) -> Result<&ClosureSection, Failure> {
         self.closure.as_ref().ok_or_else(|| {
             Failure::input("the ticket has no `closure` section (run nsh-closure first)")
         })
     }
 
+    /// The `alloc` section, or a bad-input failure naming the stage that writes it.
     pub fn need_alloc(&self) -> Result<&AllocSection, Failure> {
         self.alloc.as_ref().ok_or_else(|| {
             Failure::input("the ticket has no `alloc` section (run nsh-alloc first)")

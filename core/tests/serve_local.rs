@@ -10,12 +10,12 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
-use nsh_core::nix::local_store::{self, LocalStore};
-use nsh_core::nix::serve::client::ServeProcess;
-use nsh_core::nix::serve::{self, BuildStatus, PathInfo};
-use nsh_core::nix::store_path::StorePath;
-use nsh_core::ticket::BuildOptions;
+use nsh_core::serve::ServeProcess;
+use nsh_core::serve::{self, BuildStatus, PathInfo};
+use nsh_core::store::{self as local_store, LocalStore};
+use nsh_core::BuildOptions;
 use nsh_core::Kind;
+use nsh_core::StorePath;
 
 /// Settings that make Nix work on a machine without /etc/nix/nix.conf,
 /// without a nixbld group and without network.

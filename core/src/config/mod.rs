@@ -26,7 +26,7 @@ mod raw;
 mod values;
 
 use raw::RawConfig;
-pub use values::{parse_mem_mb_text, parse_minutes_text, BadValue, UrlProblem};
+pub use values::{parse_mem_mb_text, parse_minutes_text, BadValue};
 use values::{parse_seconds, parse_size};
 
 /// Where the configuration is read from when no `--config` is given and
@@ -40,7 +40,9 @@ pub struct Config {
     pub path: PathBuf,
     /// The clusters, by name, in name order.
     pub clusters: BTreeMap<String, Cluster>,
+    /// `[ssh]`: how nodes are reached.
     pub ssh: Ssh,
+    /// `[remote]`: the Nix on the nodes.
     pub remote: Remote,
 }
 
@@ -419,7 +421,7 @@ impl fmt::Display for ConfigSource {
 
 impl Config {
     /// The file to read: `explicit` (`--config`), else `$NSH_CONFIG`, else
-    /// [`DEFAULT_PATH`].
+    /// `DEFAULT_PATH`.
     pub fn locate(explicit: Option<&Path>) -> PathBuf {
         Config::locate_with_source(explicit).0
     }

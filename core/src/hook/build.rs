@@ -65,7 +65,7 @@ impl Progress<'_> {
     fn on_event(&mut self, event: &Event) {
         match event {
             Event::Stderr(line) => relay_stderr_line(self.ui, line),
-            Event::Interrupted(_) => self.switch(None),
+            Event::Interrupted => self.switch(None),
             Event::Ticket { stage, ticket, .. } => {
                 if ticket.error.is_some() {
                     self.switch(None);
@@ -184,7 +184,7 @@ impl Build<'_> {
                     w.update(ticket);
                 }
             }
-            if let (Event::Interrupted(_), Some(w)) = (event, watchdog.as_mut()) {
+            if let (Event::Interrupted, Some(w)) = (event, watchdog.as_mut()) {
                 // Before the stages are stopped, and from outside the hook's
                 // process group, which Nix 2.35 kills 500 ms after its SIGTERM.
                 w.cancel_now();

@@ -29,7 +29,8 @@ use fallback::{Answer, Fallback};
 mod watchdog;
 use watchdog::watchdog_main;
 
-pub use build::{initial_ticket, verdict, TICKET_LOG_ENV};
+#[cfg(test)]
+use build::{initial_ticket, verdict};
 
 use std::fs::File;
 use std::io::{self, BufReader};
@@ -389,7 +390,9 @@ fn own_dir() -> Result<PathBuf, Failure> {
 pub enum Locked<'c> {
     /// Build on this cluster; the slot is held until dropped.
     Accepted(&'c ClusterCaps, Slot),
+    /// Fitting clusters are full and the daemon cannot build it now: ask again later.
     Postpone,
+    /// Not for this hook: the daemon builds it elsewhere.
     Decline,
 }
 

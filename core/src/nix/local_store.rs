@@ -31,7 +31,7 @@ pub fn store_arg(uri: &str) -> Option<&str> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalStore {
     /// The URI, passed to Nix as `--store` unless it names the default
-    /// store ([`store_arg`]).
+    /// store (`store_arg`).
     pub uri: String,
     /// The logical store directory (what store paths start with).
     pub dir: StoreDir,
@@ -40,6 +40,7 @@ pub struct LocalStore {
 }
 
 impl LocalStore {
+    /// The store at `uri`, its directory from the URI (else `NIX_STORE_DIR`, else `/nix/store`).
     pub fn new(uri: &str, nix_bin_dir: &str) -> Result<LocalStore, Failure> {
         Ok(LocalStore {
             uri: uri.to_string(),

@@ -33,6 +33,7 @@ pub const HASH_PART_LEN: usize = 32;
 pub struct StoreDir(String);
 
 impl StoreDir {
+    /// A store directory, checked: absolute and canonical.
     pub fn new(dir: impl Into<String>) -> Result<StoreDir, Failure> {
         let dir = dir.into();
         nix_derivation::StoreDir::new(dir.clone())
@@ -64,6 +65,7 @@ impl StoreDir {
         }
     }
 
+    /// The directory, without a trailing `/`.
     pub fn as_str(&self) -> &str {
         &self.0
     }

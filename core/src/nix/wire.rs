@@ -19,6 +19,8 @@ use std::io::{self, Read, Write};
 use crate::error::{Failure, Kind, KindOf};
 
 /// Upper bounds for length fields read from a peer.
+// Each field is a maximum and says so; the prefix is the point.
+#[allow(clippy::struct_field_names)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// The longest string accepted, in bytes.
@@ -181,6 +183,7 @@ impl<R: Read> WireReader<R> {
         &mut self.inner
     }
 
+    #[cfg(test)]
     pub fn into_inner(self) -> R {
         self.inner
     }
@@ -283,10 +286,6 @@ impl<W: Write> WireWriter<W> {
 
     pub fn get_mut(&mut self) -> &mut W {
         &mut self.inner
-    }
-
-    pub fn into_inner(self) -> W {
-        self.inner
     }
 
     pub fn u64(&mut self, value: u64) -> io::Result<()> {

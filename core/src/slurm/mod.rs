@@ -11,13 +11,21 @@ crate::derive::numbered_enum! {
     /// minor version (`v0.0.42` is 42).
     #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
     pub enum ApiVersion: u32 {
+        /// `v0.0.38`.
         V0038 = 38,
+        /// `v0.0.39`.
         V0039 = 39,
+        /// `v0.0.40`.
         V0040 = 40,
+        /// `v0.0.41`.
         V0041 = 41,
+        /// `v0.0.42`.
         V0042 = 42,
+        /// `v0.0.43`.
         V0043 = 43,
+        /// `v0.0.44`.
         V0044 = 44,
+        /// `v0.0.45`.
         V0045 = 45,
     }
 }

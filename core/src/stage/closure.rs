@@ -19,6 +19,7 @@ use crate::ticket::{ClosureSection, DrvSection, StoreSection, Ticket};
 use crate::tool::run_stage;
 use crate::{log_debug, log_error, log_info};
 
+/// What `nsh-closure` is asked to do.
 #[derive(Debug, Clone, Default)]
 pub struct ClosureOptions {
     /// `.drv` paths from the command line; empty: read stdin.

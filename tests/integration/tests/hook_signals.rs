@@ -29,7 +29,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use nsh_cluster_tests::{instantiate, nsh_tool, run_ok, slurm_cmd, unique_salt, Cluster};
-use nsh_core::hook::protocol::{Accepted, Settings, Try};
+use nsh_core::build_hook::{Accepted, Settings, Try};
 
 #[derive(Clone, Copy, Debug)]
 enum Stage {

@@ -9,12 +9,11 @@ use std::io::Write;
 use std::process::Stdio;
 
 use nsh_cluster_tests::{run_ok, unique_salt, Cluster};
-use nsh_core::config;
-use nsh_core::nix::local_store::{self, LocalStore};
-use nsh_core::nix::serve::client::ServeProcess;
-use nsh_core::nix::serve::{self, BuildStatus};
-use nsh_core::stage::ssh::Ssh;
-use nsh_core::ticket::BuildOptions;
+use nsh_core::serve::ServeProcess;
+use nsh_core::serve::{self, BuildStatus};
+use nsh_core::ssh::{self, Ssh};
+use nsh_core::store::{self as local_store, LocalStore};
+use nsh_core::BuildOptions;
 
 #[test]
 fn inputs_are_copied_to_a_node_and_a_request_file_builds_there() {
@@ -38,9 +37,9 @@ fn inputs_are_copied_to_a_node_and_a_request_file_builds_there() {
     // Copy what node1 lacks, streamed from the local store.
     let ssh = Ssh::new(
         "node1",
-        &config::Ssh {
+        &ssh::Settings {
             config_file: Some(c.ssh_config().into()),
-            ..config::Ssh::default()
+            ..ssh::Settings::default()
         },
     );
     let mut node = ServeProcess::from_command(

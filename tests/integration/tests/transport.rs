@@ -7,14 +7,13 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use nsh_cluster_tests::{unique_salt, Cluster};
-use nsh_core::config;
-use nsh_core::stage::ssh::Ssh;
-use nsh_core::ticket::AllocSection;
+use nsh_core::ssh::{self, Ssh};
+use nsh_core::AllocSection;
 
-fn settings(c: &Cluster) -> config::Ssh {
-    config::Ssh {
+fn settings(c: &Cluster) -> ssh::Settings {
+    ssh::Settings {
         config_file: Some(c.ssh_config().into()),
-        ..config::Ssh::default()
+        ..ssh::Settings::default()
     }
 }
 

@@ -6,9 +6,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, ValueEnum};
-use nsh_core::config::Config;
-use nsh_core::stage::fetch::{self, FetchOptions, ImportMethod};
-use nsh_core::tool::run_stage;
+use nsh_core::fetch::{self, FetchOptions, ImportMethod};
+use nsh_core::run_stage;
+use nsh_core::Config;
 
 /// Copies the outputs of each ticket's build (`run.built_outputs`, else the
 /// wanted outputs of `drv`) and the part of their closure the local store

@@ -21,8 +21,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nsh_core::hook::protocol::{Accepted, Settings, Try};
-use nsh_core::hook::slots::SlotDir;
+use nsh_core::build_hook::SlotDir;
+use nsh_core::build_hook::{Accepted, Settings, Try};
 use serde_json::Value;
 
 const DRV: &str = "/nix/store/1cj0fhkr5qn18x1zz61vdjrb58cfnzp5-hello.drv";

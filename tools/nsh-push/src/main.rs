@@ -6,9 +6,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, ValueEnum};
-use nsh_core::config::Config;
-use nsh_core::stage::push::{self, Method};
-use nsh_core::tool::run_stage;
+use nsh_core::push::{self, Method};
+use nsh_core::run_stage;
+use nsh_core::Config;
 
 /// Copies into the allocated node's store the paths of `closure` it lacks,
 /// for each ticket read on stdin (one JSON object per line), and writes the

@@ -18,7 +18,7 @@
 
 mod reader;
 mod unpack;
-#[cfg(any(test, feature = "test-util"))]
+#[cfg(test)]
 pub mod write;
 
 use std::io::{self, Read, Write};
@@ -67,7 +67,7 @@ pub fn copy_nar_bounded<R: Read + ?Sized, W: Write + ?Sized>(
 ///
 /// # Errors
 /// As [`copy_nar`]'s reading.
-#[cfg(any(test, feature = "test-util"))]
+#[cfg(test)]
 pub fn skip_nar<R: Read + ?Sized>(from: &mut R) -> Result<u64, NarError> {
     copy_nar(from, &mut io::sink())
 }
@@ -83,6 +83,7 @@ pub fn skip_nar<R: Read + ?Sized>(from: &mut R) -> Result<u64, NarError> {
 /// # Errors
 /// [`NarError::Read`] for the stream, [`NarError::Unpack`] for the file
 /// system.
+#[cfg(test)]
 pub fn unpack<R: Read + ?Sized>(from: &mut R, dest: &Path) -> Result<u64, NarError> {
     unpack_bounded(from, dest, Bounds::NONE).map(|read| read.size)
 }

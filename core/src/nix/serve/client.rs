@@ -312,6 +312,7 @@ fn check_nar_size(peer: &str, info: &PathInfo, size: u64) -> Result<(), Failure>
 /// command ([`ServeProcess::from_command`] with `ssh … nix-store --serve --write`).
 pub struct ServeProcess {
     child: ChildGuard,
+    /// The conversation over the child's stdin and stdout.
     pub client: ServeClient<ChildStdout, ChildStdin>,
 }
 

@@ -189,16 +189,21 @@ fn deriver_text(deriver: Option<&StorePath>) -> &str {
 /// What the store knows about a valid path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PathInfo {
+    /// The store path.
     pub path: StorePath,
     /// The derivation that built it, when known (`""` on the wire otherwise).
     pub deriver: Option<StorePath>,
+    /// The paths it refers to (itself included when it does).
     pub references: Vec<StorePath>,
+    /// The compressed size, where the store knows one (0 otherwise).
     pub download_size: u64,
+    /// The size of its NAR.
     pub nar_size: u64,
     /// `sha256:<nix-base32>`.
     pub nar_hash: String,
     /// Content address, `""` for input-addressed paths.
     pub ca: String,
+    /// Signatures (`<key name>:<base64>`).
     pub sigs: Vec<String>,
 }
 
@@ -397,21 +402,36 @@ crate::derive::numbered_enum! {
     #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
     #[serde(rename_all = "kebab-case")]
     pub enum BuildStatus: u64 {
+        /// Built now.
         #[default]
         Built = 0,
+        /// Fetched from a substituter.
         Substituted = 1,
+        /// The outputs were valid already.
         AlreadyValid = 2,
+        /// The builder failed.
         PermanentFailure = 3,
+        /// An input was refused.
         InputRejected = 4,
+        /// An output was refused (hash mismatch, …).
         OutputRejected = 5,
+        /// Worth another try.
         TransientFailure = 6,
+        /// Failed before and remembered.
         CachedFailure = 7,
+        /// Ran out of time (`timeout`, `max-silent-time`).
         TimedOut = 8,
+        /// Anything else, such as a missing system feature.
         MiscFailure = 9,
+        /// A dependency failed.
         DependencyFailed = 10,
+        /// The log grew past `max-log-size`.
         LogLimitExceeded = 11,
+        /// A repeated build differed.
         NotDeterministic = 12,
+        /// A resolved derivation's outputs were valid already.
         ResolvesToAlreadyValid = 13,
+        /// No substituter had it.
         NoSubstituters = 14,
     }
 }

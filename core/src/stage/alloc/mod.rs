@@ -337,6 +337,7 @@ pub struct AllocTimes {
     pub queued: Duration,
     /// How many state queries it took, and their total time.
     pub polls: u32,
+    /// (See `polls`.)
     pub polling: Duration,
 }
 

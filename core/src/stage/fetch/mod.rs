@@ -48,7 +48,6 @@ pub mod trust;
 
 use held_locks::import_held_locks;
 use load_db::import_load_db;
-pub use load_db::load_db_input;
 pub use trust::{Declared, ImportRefused};
 
 use std::collections::BTreeMap;
@@ -75,8 +74,10 @@ use fixed::{FixedCheck, FixedHash, Tee};
 use trust::Here;
 
 /// How fetched paths become valid in the local store (`nsh-fetch
-/// --import-method`, whose names are `nsh-fetch`'s).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// --import-method`, whose names are `nsh-fetch`'s; the same here, for log
+/// lines).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum ImportMethod {
     /// Unpack, canonicalise, `nix-store --load-db` (every version).
     #[default]
@@ -85,19 +86,17 @@ pub enum ImportMethod {
     HeldLocks,
 }
 
-impl ImportMethod {
-    /// What the import runs, for log lines.
-    pub const fn describe(self) -> &'static str {
-        match self {
-            ImportMethod::LoadDb => "nix-store --load-db",
-            ImportMethod::HeldLocks => "nix-store --import under NIX_HELD_LOCKS",
-        }
+/// `load-db`, `held-locks`.
+impl std::fmt::Display for ImportMethod {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&crate::derive::serde_name(self))
     }
 }
 
 /// What `nsh-fetch` is asked to do.
 #[derive(Debug, Clone, Default)]
 pub struct FetchOptions {
+    /// How fetched paths become valid locally.
     pub method: ImportMethod,
     /// Leave the job running and the ssh master open (no `release`).
     pub keep_job: bool,
@@ -269,7 +268,7 @@ fn fetch_once(
         ssh.describe(),
         needed.len(),
         human_bytes(total),
-        place.method.describe()
+        place.method
     );
     progress.begin(needed.len() as u64, total);
     let imported = match place.method {
@@ -378,7 +377,7 @@ pub(super) fn nar_error(path: &StorePath, e: NarError) -> Failure {
 #[cfg(test)]
 mod tests {
     use super::held_locks::relay_checked;
-    use super::load_db::{lock_non_outputs, receive_into_store, Target};
+    use super::load_db::{load_db_input, lock_non_outputs, receive_into_store, Target};
     use super::*;
     use crate::error::Kind;
     use crate::nix::serve::client::ServeClient;
@@ -425,6 +424,13 @@ mod tests {
             nar: wrong,
         };
         node
+    }
+
+    #[test]
+    fn import_methods_are_named_as_on_the_command_line() {
+        assert_eq!(ImportMethod::default(), ImportMethod::LoadDb);
+        assert_eq!(ImportMethod::LoadDb.to_string(), "load-db");
+        assert_eq!(ImportMethod::HeldLocks.to_string(), "held-locks");
     }
 
     #[test]

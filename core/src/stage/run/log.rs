@@ -9,7 +9,9 @@ use crate::lines::MAX_LOG_LINE;
 /// Where the build log goes: stderr, or a file descriptor the caller gave
 /// (`nsh-hook` passes Nix's fd 4).
 pub enum LogSink {
+    /// This process's stderr.
     Stderr,
+    /// A descriptor handed over by number.
     Fd(File),
 }
 

@@ -9,7 +9,7 @@
 //!    is written to `W/request.N.tmp` and renamed to `W/request.N`, where the
 //!    job picks it up ([`crate::stage::alloc::batch_script`]);
 //! 2. `W/log.N` is followed as it grows by one small remote `sh` loop
-//!    ([`FOLLOW_SCRIPT`]) and forwarded line by line to stderr or the hook's
+//!    ([`follow::FOLLOW_SCRIPT`]) and forwarded line by line to stderr or the hook's
 //!    log fd; the job's sentinel line `@nsh-end <nonce> <status>` ends it,
 //!    and the loop then sends `W/response.N` on the same stream, so that the
 //!    result costs no further round trip;
@@ -28,7 +28,6 @@
 mod follow;
 mod log;
 
-pub use follow::FOLLOW_SCRIPT;
 use follow::{cancel_if_requeued, follow, tail_text, Ended};
 pub use log::{LogEvent, LogSink, LogSplitter};
 
@@ -198,9 +197,13 @@ pub fn run_section(
 /// One nsh-run process: its configuration, its Slurm connections and where
 /// the log goes.
 pub struct Runner<'a> {
+    /// The configuration.
     pub config: &'a Config,
+    /// One Slurm connection per cluster, to watch the jobs.
     pub clusters: Clusters,
+    /// Where the build log goes.
     pub log: LogSink,
+    /// How often the job is looked at while the build runs.
     pub job_check_interval: Duration,
     /// Set by SIGINT/SIGTERM/SIGHUP: stop following and report transient.
     pub interrupted: &'a AtomicBool,
@@ -421,6 +424,7 @@ mod tests {
     use super::*;
     use crate::nix::serve::BuildStatus;
     use crate::nix::store_path::test_path;
+    use follow::FOLLOW_SCRIPT;
     use std::io::{Read, Write};
     use std::path::Path;
     use std::process::{Child, Command, Stdio};
