@@ -20,6 +20,7 @@ pub(super) fn validate(
     problems: &Problems,
 ) -> Result<Cluster, Failure> {
     let (backend, url) = backend_and_url(rc.backend.as_deref(), rc.url.as_deref(), problems)?;
+    let url = with_ca_file(url, rc.ca_file, problems)?;
     let api = api_choice(rc.api.as_deref(), problems)?;
     let token = token_source(rc.token_file, rc.token_command, problems)?;
     check_credentials(
@@ -130,6 +131,33 @@ fn backend_and_url(
     Ok((backend, url))
 }
 
+/// `ca_file` belongs to an `https://` url, and is an absolute path.
+fn with_ca_file(
+    url: Option<RestUrl>,
+    ca_file: Option<std::path::PathBuf>,
+    problems: &Problems,
+) -> Result<Option<RestUrl>, Failure> {
+    let Some(path) = ca_file else {
+        return Ok(url);
+    };
+    if !path.is_absolute() {
+        return Err(problems.at(
+            "ca_file",
+            format!("{} is not an absolute path", path.display()),
+        ));
+    }
+    match url {
+        Some(RestUrl::Https { base, .. }) => Ok(Some(RestUrl::Https {
+            base,
+            ca_file: Some(path),
+        })),
+        _ => Err(problems.at(
+            "ca_file",
+            "only for an \"https://\" url (the certificate authority slurmrestd's proxy is checked against)",
+        )),
+    }
+}
+
 fn api_choice(api: Option<&str>, problems: &Problems) -> Result<ApiChoice, Failure> {
     match api {
         None | Some("auto") => Ok(ApiChoice::Auto),
@@ -181,7 +209,10 @@ fn check_credentials(
     has_user: bool,
     problems: &Problems,
 ) -> Result<(), Failure> {
-    if backend == Backend::Rest && matches!(url, Some(RestUrl::Http(_))) && token.is_none() {
+    if backend == Backend::Rest
+        && matches!(url, Some(RestUrl::Http(_) | RestUrl::Https { .. }))
+        && token.is_none()
+    {
         return Err(problems.at(
             "token_file",
             "missing: slurmrestd over HTTP needs a token (token_file or token_command)",

@@ -69,6 +69,15 @@ impl fmt::Display for Backend {
 pub enum RestUrl {
     /// `http://host:port` (the base; API paths are appended).
     Http(String),
+    /// `https://host:port` (the base), usually a TLS-terminating proxy in
+    /// front of slurmrestd, which speaks plain HTTP itself.
+    Https {
+        /// The base URL, API paths are appended.
+        base: String,
+        /// The PEM file of the certificate authorities trusted for it
+        /// (`ca_file`); `None`: the system's bundle.
+        ca_file: Option<PathBuf>,
+    },
     /// `unix:/path/to/socket`.
     Unix(PathBuf),
 }
@@ -76,7 +85,7 @@ pub enum RestUrl {
 impl fmt::Display for RestUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            RestUrl::Http(url) => f.write_str(url),
+            RestUrl::Http(url) | RestUrl::Https { base: url, .. } => f.write_str(url),
             RestUrl::Unix(path) => write!(f, "unix:{}", path.display()),
         }
     }
@@ -689,6 +698,30 @@ request_timeout = "5m"
     }
 
     #[test]
+    fn https_with_and_without_a_ca_file() {
+        let cluster = |extra: &str| {
+            let text = format!("[cluster.c]\nurl = \"https://head:6821/\"\nuser = \"u\"\ntoken_file = \"/t\"\nsystems = [\"x\"]\n{extra}");
+            Config::parse(Path::new("t.toml"), &text).unwrap().clusters["c"]
+                .url
+                .clone()
+        };
+        assert_eq!(
+            cluster(""),
+            Some(RestUrl::Https {
+                base: "https://head:6821".into(),
+                ca_file: None
+            })
+        );
+        assert_eq!(
+            cluster("ca_file = \"/etc/nsh/ca.pem\"\n"),
+            Some(RestUrl::Https {
+                base: "https://head:6821".into(),
+                ca_file: Some("/etc/nsh/ca.pem".into())
+            })
+        );
+    }
+
+    #[test]
     fn a_full_configuration() {
         let config = parse(FULL).unwrap();
         let main = &config.clusters["main"];
@@ -850,8 +883,16 @@ request_timeout = "5m"
             ("bad_backend", "[cluster.c]\nbackend = \"ssh\"\nsystems = [\"x\"]\n".into()),
             ("rest_without_url", "[cluster.c]\nsystems = [\"x\"]\n".into()),
             (
-                "https_url",
-                "[cluster.c]\nurl = \"https://h:6820\"\nsystems = [\"x\"]\n".into(),
+                "https_without_token",
+                "[cluster.c]\nurl = \"https://h:6820\"\nuser = \"u\"\nsystems = [\"x\"]\n".into(),
+            ),
+            (
+                "ca_file_without_https",
+                "[cluster.c]\nurl = \"unix:/s\"\nca_file = \"/etc/ca.pem\"\nsystems = [\"x\"]\n".into(),
+            ),
+            (
+                "relative_ca_file",
+                "[cluster.c]\nurl = \"https://h\"\nca_file = \"ca.pem\"\nsystems = [\"x\"]\n".into(),
             ),
             (
                 "http_without_token",

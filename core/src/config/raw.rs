@@ -28,6 +28,7 @@ pub(super) struct RawConfig {
 pub(super) struct RawCluster {
     pub(super) backend: Option<String>,
     pub(super) url: Option<String>,
+    pub(super) ca_file: Option<PathBuf>,
     pub(super) api: Option<String>,
     pub(super) user: Option<String>,
     pub(super) token_file: Option<PathBuf>,

@@ -29,8 +29,6 @@ pub enum UrlProblem {
     RelativeSocket,
     /// `http://` without a host.
     NoHost,
-    /// `https://`: slurmrestd speaks plain HTTP.
-    Https,
     /// Neither `http://` nor `unix:`.
     Scheme,
 }
@@ -42,15 +40,11 @@ impl fmt::Display for BadValue {
                 write!(f, "{url:?}: expected \"unix:/absolute/path/to/socket\"")
             }
             BadValue::Url(url, UrlProblem::NoHost) => {
-                write!(f, "{url:?}: no host; expected \"http://host:port\"")
+                write!(f, "{url:?}: no host; expected \"http(s)://host:port\"")
             }
-            BadValue::Url(url, UrlProblem::Https) => write!(
-                f,
-                "{url:?}: https is not supported (slurmrestd speaks plain HTTP; put it behind a unix socket or a local proxy)"
-            ),
             BadValue::Url(url, UrlProblem::Scheme) => write!(
                 f,
-                "{url:?}: expected \"http://host:port\" or \"unix:/path/to/socket\""
+                "{url:?}: expected \"http://host:port\", \"https://host:port\" or \"unix:/path/to/socket\""
             ),
             BadValue::TimeLimit(v) => write!(
                 f,
@@ -82,15 +76,22 @@ pub(super) fn parse_url(url: &str) -> Result<RestUrl, BadValue> {
         }
         return Ok(RestUrl::Unix(PathBuf::from(path)));
     }
-    if let Some(rest) = url.strip_prefix("http://") {
-        let host = rest.split('/').next().unwrap_or("");
-        if host.is_empty() {
+    for (scheme, tls) in [("http://", false), ("https://", true)] {
+        let Some(rest) = url.strip_prefix(scheme) else {
+            continue;
+        };
+        if rest.split('/').next().unwrap_or("").is_empty() {
             return Err(BadValue::Url(url.to_string(), UrlProblem::NoHost));
         }
-        return Ok(RestUrl::Http(url.trim_end_matches('/').to_string()));
-    }
-    if url.starts_with("https://") {
-        return Err(BadValue::Url(url.to_string(), UrlProblem::Https));
+        let base = url.trim_end_matches('/').to_string();
+        return Ok(if tls {
+            RestUrl::Https {
+                base,
+                ca_file: None,
+            }
+        } else {
+            RestUrl::Http(base)
+        });
     }
     Err(BadValue::Url(url.to_string(), UrlProblem::Scheme))
 }
