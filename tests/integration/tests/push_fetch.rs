@@ -67,9 +67,25 @@ fn build_locally(c: &Cluster, salt: &str, size: u64) -> Vec<String> {
     closure_of(c, out.trim())
 }
 
-/// Builds on the node; returns `b`'s path (valid only there).
-fn build_on_node(c: &Cluster, salt: &str, size: u64) -> String {
+/// `b` built on the node (valid only there), as a fetch finds it: its
+/// derivation is here (nsh-fetch imports only the outputs of a derivation in
+/// the local store) and so is `a`, its input, which the pipeline would have
+/// pushed (every reference must be valid here).
+struct NodeBuild {
+    drv: String,
+    out: String,
+}
+
+fn build_on_node(c: &Cluster, salt: &str, size: u64) -> NodeBuild {
     let expr = two_paths_expr(salt, size);
+    let drv = run_ok(c.command("nix-instantiate").args(["-E", &expr]))
+        .trim()
+        .to_string();
+    for input in run_ok(c.command("nix-store").args(["-q", "--references", &drv])).lines() {
+        if input.ends_with(".drv") {
+            run_ok(c.command("nix-store").args(["-r", input]));
+        }
+    }
     let out = c.ssh(
         NODE,
         &format!(
@@ -82,7 +98,10 @@ fn build_on_node(c: &Cluster, salt: &str, size: u64) -> String {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
+    let out = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let here = run_ok(c.command("nix-store").args(["-q", "--outputs", &drv]));
+    assert_eq!(here.trim(), out, "the node built another path than {drv}'s");
+    NodeBuild { drv, out }
 }
 
 fn job_id() -> u64 {
@@ -91,7 +110,7 @@ fn job_id() -> u64 {
     u64::from(std::process::id()) * 100 + n + 900_000_000
 }
 
-fn ticket(closure: &[String], outputs: Option<&str>, job: u64) -> Value {
+fn ticket(closure: &[String], built: Option<&NodeBuild>, job: u64) -> Value {
     let mut t = json!({
         "v": 1,
         "store": {"dir": "/nix/store", "uri": "local"},
@@ -99,9 +118,9 @@ fn ticket(closure: &[String], outputs: Option<&str>, job: u64) -> Value {
         "alloc": {"cluster": "test", "backend": "rest", "job": job, "node": NODE,
                   "ssh": NODE, "work": format!("/tmp/nsh/nsh-{job}")},
     });
-    if let Some(out) = outputs {
-        t["drv"] = json!({"path": "/nix/store/00000000000000000000000000000000-x.drv",
-                          "name": "x", "system": "x86_64-linux",
+    if let Some(NodeBuild { drv, out }) = built {
+        let name = out.split_once('-').map_or("", |(_, name)| name);
+        t["drv"] = json!({"path": drv, "name": name, "system": "x86_64-linux",
                           "outputs": {"out": out}, "wanted": ["out"]});
     }
     t
@@ -522,14 +541,15 @@ impl Drop for HeldLock {
 fn fetch_with_a_held_lock(method: &str) {
     let c = Cluster::get();
     let salt = unique_salt();
-    let out_path = build_on_node(&c, &salt, 1_000_000);
+    let built = build_on_node(&c, &salt, 1_000_000);
+    let out_path = built.out.clone();
     let job = job_id();
     let work = format!("/tmp/nsh/nsh-{job}");
     assert!(c.ssh(NODE, &format!("mkdir -p {work}")).status.success());
     assert!(!local_valid(&c, std::slice::from_ref(&out_path)));
 
     let lock = HeldLock::take(&out_path);
-    let t = ticket(&[], Some(&out_path), job);
+    let t = ticket(&[], Some(&built), job);
     let (code, out, stderr) = run_tool(&c, "nsh-fetch", &["--import-method", method], &t);
     assert_eq!(code, 0, "{stderr}");
     assert!(
@@ -539,10 +559,11 @@ fn fetch_with_a_held_lock(method: &str) {
     drop(lock);
     assert!(stderr.contains(method), "{stderr}");
 
-    // The output and the reference it needs (`a`) are valid and intact here.
+    // The output is valid and intact here, with `a`, which it refers to
+    // and which was here already (only the output was fetched).
     let closure = closure_of(&c, &out_path);
     assert_eq!(closure.len(), 2);
-    assert_eq!(out["fetch"]["paths"].as_array().unwrap().len(), 2, "{out}");
+    assert_eq!(out["fetch"]["paths"], json!([out_path]), "{out}");
     assert!(out["fetch"]["bytes"].as_u64().unwrap() > 1_000_000);
     run_ok(c.command("nix-store").arg("--verify-path").args(&closure));
     let data = std::fs::read(format!("{out_path}/data")).unwrap();
@@ -596,7 +617,8 @@ fn a_corrupt_path_on_the_node_leaves_nothing_behind() {
     let c = Cluster::get();
     for method in import_methods(&c) {
         let salt = unique_salt();
-        let out_path = build_on_node(&c, &salt, 300_000);
+        let built = build_on_node(&c, &salt, 300_000);
+        let out_path = built.out.clone();
         let corrupt = c.ssh(
             NODE,
             &format!(
@@ -606,9 +628,11 @@ fn a_corrupt_path_on_the_node_leaves_nothing_behind() {
             ),
         );
         assert!(corrupt.status.success());
-        let t = ticket(&[], Some(&out_path), job_id());
+        let t = ticket(&[], Some(&built), job_id());
         let (code, out, stderr) = run_tool(&c, "nsh-fetch", &["--import-method", method], &t);
-        assert_ne!(code, 0, "{method}: {stderr}");
+        assert_eq!(code, 1, "{method}: {stderr}");
+        let message = out["error"]["message"].as_str().unwrap();
+        assert!(message.contains("hash mismatch"), "{method}: {message}");
         assert!(out["error"].is_object());
         assert!(
             !local_valid(&c, std::slice::from_ref(&out_path)),
@@ -750,8 +774,9 @@ fn a_nar_corrupted_in_transit_is_refused_by_hash_and_leaves_nothing() {
     std::fs::write(&config_file, config).unwrap();
 
     for method in import_methods(&c) {
-        let out_path = build_on_node(&c, &unique_salt(), 1_000_000);
-        let t = ticket(&[], Some(&out_path), job_id());
+        let built = build_on_node(&c, &unique_salt(), 1_000_000);
+        let out_path = built.out.clone();
+        let t = ticket(&[], Some(&built), job_id());
         let (code, out, stderr) = run_tool(
             &c,
             "nsh-fetch",
