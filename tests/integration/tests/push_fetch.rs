@@ -638,16 +638,11 @@ fn a_corrupt_path_on_the_node_leaves_nothing_behind() {
             !local_valid(&c, std::slice::from_ref(&out_path)),
             "{method}"
         );
-        let name = out_path.rsplit('/').next().unwrap();
-        let leftovers: Vec<String> = std::fs::read_dir("/nix/store")
-            .unwrap()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| {
-                n.starts_with(name) && !n.ends_with(".lock") || n.starts_with(".nsh-fetch-")
-            })
-            .collect();
-        assert_eq!(leftovers, Vec::<String>::new(), "{method}: {stderr}");
+        assert_eq!(
+            leftovers_of(&out_path),
+            Vec::<String>::new(),
+            "{method}: {stderr}"
+        );
         close_master(&out);
     }
 }
@@ -728,40 +723,35 @@ fn the_whole_pipeline_builds_on_a_node_and_the_job_ends() {
     }
 }
 
-/// A node whose `nix-store` flips one byte of what it sends, after the
-/// handshake and the queries, inside the output's file data: Nix on the node
-/// sees nothing wrong, so only nsh-fetch's own hash check can catch it. The
-/// wrapper is configured as `[remote] nix_bin_dir` (the node sees the host's
-/// /tmp).
-#[test]
-fn a_nar_corrupted_in_transit_is_refused_by_hash_and_leaves_nothing() {
-    let c = Cluster::get();
-    let dir = tempfile_dir();
-    let flip = dir.join("flip.py");
-    std::fs::write(
-        &flip,
-        "import os, sys\n\
-         at = int(sys.argv[1]); seen = 0\n\
-         while True:\n\
-         \x20   chunk = os.read(0, 65536)\n\
-         \x20   if not chunk: break\n\
-         \x20   if seen <= at < seen + len(chunk):\n\
-         \x20       i = at - seen; chunk = chunk[:i] + bytes([chunk[i] ^ 0xff]) + chunk[i + 1:]\n\
-         \x20   seen += len(chunk)\n\
-         \x20   sys.stdout.buffer.write(chunk); sys.stdout.buffer.flush()\n",
-    )
-    .unwrap();
+/// What is in the local store under `out_path`'s name (or a fetch's
+/// temporary name), lock files aside: nothing, after a refused fetch.
+fn leftovers_of(out_path: &str) -> Vec<String> {
+    let name = out_path.rsplit('/').next().unwrap();
+    std::fs::read_dir("/nix/store")
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(name) && !n.ends_with(".lock") || n.starts_with(".nsh-fetch-"))
+        .collect()
+}
+
+/// A configuration whose node-side `nix-store` sends its answers through
+/// `python3 FILTER.py ARG` (in `dir`): a node that tampers with what it
+/// sends. `filter` reads stdin and writes stdout.
+fn config_with_node_filter(c: &Cluster, dir: &Path, filter: &str, arg: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let script = dir.join("filter.py");
+    std::fs::write(&script, filter).unwrap();
     let wrapper = dir.join("nix-store");
     std::fs::write(
         &wrapper,
         format!(
-            "#!/bin/sh\n/usr/bin/nix-store \"$@\" | python3 {} 200000\n",
-            flip.display()
+            "#!/bin/sh\n/usr/bin/nix-store \"$@\" | python3 {} {arg}\n",
+            script.display()
         ),
     )
     .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    for (path, mode) in [(&dir, 0o755), (&flip, 0o644), (&wrapper, 0o755)] {
+    for (path, mode) in [(dir, 0o755), (&script, 0o644), (&wrapper, 0o755)] {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
     }
     let config = std::fs::read_to_string(c.nsh_config()).unwrap();
@@ -772,41 +762,157 @@ fn a_nar_corrupted_in_transit_is_refused_by_hash_and_leaves_nothing() {
     assert!(config.contains(&dir.display().to_string()), "{config}");
     let config_file = dir.join("nsh.toml");
     std::fs::write(&config_file, config).unwrap();
+    config_file
+}
 
-    for method in import_methods(&c) {
-        let built = build_on_node(&c, &unique_salt(), 1_000_000);
-        let out_path = built.out.clone();
+/// Fetches `built` from the node with `config` and each import method,
+/// expecting a permanent refusal whose message has `words` and the path,
+/// within `limit`, with nothing of it left here.
+fn fetch_is_refused(c: &Cluster, config: &Path, built: &dyn Fn() -> NodeBuild, words: &str) {
+    for method in import_methods(c) {
+        let built = built();
         let t = ticket(&[], Some(&built), job_id());
-        let (code, out, stderr) = run_tool(
-            &c,
+        let config = config.to_str().unwrap();
+        let child = spawn_tool(
+            c,
             "nsh-fetch",
-            &[
-                "--config",
-                config_file.to_str().unwrap(),
-                "--import-method",
-                method,
-            ],
+            &["--config", config, "--import-method", method],
             &t,
         );
+        let (code, out, stderr) = parse(&wait_bounded(child, Duration::from_secs(120)));
         assert_eq!(code, 1, "{method}: {out}\n{stderr}");
         let message = out["error"]["message"].as_str().unwrap();
-        assert!(message.contains("NAR hash mismatch"), "{method}: {message}");
-        assert!(message.contains(&out_path), "{method}: {message}");
+        assert!(message.contains(words), "{method}: {message}");
+        assert!(message.contains(&built.out), "{method}: {message}");
         assert!(
-            !local_valid(&c, std::slice::from_ref(&out_path)),
+            !local_valid(c, std::slice::from_ref(&built.out)),
             "{method}"
         );
-        let name = out_path.rsplit('/').next().unwrap();
-        let leftovers: Vec<String> = std::fs::read_dir("/nix/store")
-            .unwrap()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| {
-                n.starts_with(name) && !n.ends_with(".lock") || n.starts_with(".nsh-fetch-")
-            })
-            .collect();
-        assert_eq!(leftovers, Vec::<String>::new(), "{method}");
+        assert_eq!(leftovers_of(&built.out), Vec::<String>::new(), "{method}");
         close_master(&out);
     }
+}
+
+/// A filter that flips one byte at the offset given: a NAR corrupted on
+/// the way.
+const FLIP_ONE_BYTE: &str = "import os, sys\n\
+     at = int(sys.argv[1]); seen = 0\n\
+     while True:\n\
+     \x20   chunk = os.read(0, 65536)\n\
+     \x20   if not chunk: break\n\
+     \x20   if seen <= at < seen + len(chunk):\n\
+     \x20       i = at - seen; chunk = chunk[:i] + bytes([chunk[i] ^ 0xff]) + chunk[i + 1:]\n\
+     \x20   seen += len(chunk)\n\
+     \x20   sys.stdout.buffer.write(chunk); sys.stdout.buffer.flush()\n";
+
+/// A filter that passes the first bytes on, then sends `y` for ever: a
+/// node that claims one size and streams without end.
+const ENDLESS_AFTER: &str = "import os, sys\n\
+     left = int(sys.argv[1])\n\
+     while left > 0:\n\
+     \x20   chunk = os.read(0, min(65536, left))\n\
+     \x20   if not chunk: break\n\
+     \x20   sys.stdout.buffer.write(chunk); left -= len(chunk)\n\
+     junk = b'y' * 65536\n\
+     try:\n\
+     \x20   while True: sys.stdout.buffer.write(junk)\n\
+     except BrokenPipeError:\n\
+     \x20   pass\n";
+
+/// The output's NAR is corrupted between the node's nix-store and nsh-fetch
+/// (one byte flipped 200 kB in): the hash check refuses it and nothing of
+/// it appears here, whichever import method.
+#[test]
+fn a_nar_corrupted_in_transit_is_refused_by_hash_and_leaves_nothing() {
+    let c = Cluster::get();
+    let dir = tempfile_dir();
+    let config = config_with_node_filter(&c, &dir, FLIP_ONE_BYTE, "200000");
+    fetch_is_refused(
+        &c,
+        &config,
+        &|| build_on_node(&c, &unique_salt(), 1_000_000),
+        "NAR hash mismatch",
+    );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A hostile node streams without end once 200 kB of the answers are out:
+/// nsh-fetch reads no further than the size the node declared, refuses the
+/// path by its hash, and is done in bounded time and memory.
+#[test]
+fn an_endless_stream_from_the_node_is_cut_at_the_declared_size() {
+    let c = Cluster::get();
+    let dir = tempfile_dir();
+    let config = config_with_node_filter(&c, &dir, ENDLESS_AFTER, "200000");
+    fetch_is_refused(
+        &c,
+        &config,
+        &|| build_on_node(&c, &unique_salt(), 1_000_000),
+        "NAR hash mismatch",
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Someone with a build on the node plants a store path there (valid only
+/// on the node) and makes an output refer to it: nsh-fetch refuses the
+/// output, naming the planted path, and registers nothing.
+#[test]
+fn a_path_planted_on_the_node_never_reaches_the_local_store() {
+    let c = Cluster::get();
+    let salt = unique_salt();
+    let planted = c.ssh(
+        NODE,
+        &format!("f=$(mktemp -d)/openssl-{salt} && printf evil > $f && nix-store --add $f"),
+    );
+    assert!(
+        planted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&planted.stderr)
+    );
+    let planted = String::from_utf8(planted.stdout)
+        .unwrap()
+        .trim()
+        .to_string();
+    assert!(!local_valid(&c, std::slice::from_ref(&planted)));
+    // The planted path is a plain string here, no input: only the node's
+    // reference scan makes it a reference of the output.
+    let expr = format!(
+        r#"builtins.derivation {{
+             name = "nsh-plant-{salt}"; system = builtins.currentSystem;
+             builder = "/bin/sh"; PATH = "/usr/bin:/bin";
+             args = [ "-c" "echo {planted} > $out" ];
+           }}"#
+    );
+    let drv = run_ok(c.command("nix-instantiate").args(["-E", &expr]))
+        .trim()
+        .to_string();
+    let out = c.ssh(
+        NODE,
+        &format!(
+            "nix-build --no-out-link -E {}",
+            nsh_core::ssh::shell_quote(&expr)
+        ),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let refs = c.ssh(NODE, &format!("nix-store -q --references {out}"));
+    assert!(
+        String::from_utf8_lossy(&refs.stdout).contains(&planted),
+        "the node did not register the reference"
+    );
+    let built = NodeBuild { drv, out };
+    fetch_is_refused(
+        &c,
+        Path::new(&c.nsh_config()),
+        &|| NodeBuild {
+            drv: built.drv.clone(),
+            out: built.out.clone(),
+        },
+        &planted,
+    );
+    assert!(!local_valid(&c, std::slice::from_ref(&planted)));
 }
