@@ -967,4 +967,29 @@ request_timeout = "5m"
         let dump = format!("{config:?} {secret:?} {secret}");
         assert!(!dump.contains("very-secret"), "{dump}");
     }
+
+    proptest::proptest! {
+        /// A configuration that does not parse is an error naming the file,
+        /// never a panic: arbitrary text, and the full example with a few
+        /// characters changed (which reaches every key's validation).
+        #[test]
+        fn arbitrary_text_never_panics(text in "\\PC{0,400}") {
+            let _ = Config::parse(Path::new("t.toml"), &text);
+        }
+
+        #[test]
+        fn a_mutated_configuration_never_panics(
+            flips in proptest::collection::vec((0usize..FULL.len(), proptest::char::any()), 1..6),
+        ) {
+            let mut chars: Vec<char> = FULL.chars().collect();
+            for (at, c) in flips {
+                let at = at % chars.len();
+                chars[at] = c;
+            }
+            let text: String = chars.into_iter().collect();
+            if let Err(failure) = Config::parse(Path::new("t.toml"), &text) {
+                proptest::prop_assert!(failure.message.contains("t.toml"), "{}", failure.message);
+            }
+        }
+    }
 }

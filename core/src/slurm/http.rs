@@ -127,13 +127,23 @@ impl std::error::Error for RequestError {
 impl KindOf for RequestError {
     fn kind(&self) -> Kind {
         match &self.cause {
-            HttpError::CaFile(..)
-            | HttpError::Redirect { .. }
-            | HttpError::Client(
-                ureq::Error::Tls(_) | ureq::Error::Rustls(_) | ureq::Error::Pem(_),
-            ) => Kind::Config,
+            HttpError::CaFile(..) | HttpError::Redirect { .. } => Kind::Config,
+            HttpError::Client(e) if refused_by_tls(e) => Kind::Config,
             _ => Kind::Transient,
         }
+    }
+}
+
+/// TLS said no: the certificate is not vouched for, the name does not
+/// match, the peer does not speak TLS. The same next time, so configuration.
+/// rustls's errors reach ureq's caller inside an I/O error.
+fn refused_by_tls(e: &ureq::Error) -> bool {
+    match e {
+        ureq::Error::Tls(_) | ureq::Error::Rustls(_) | ureq::Error::Pem(_) => true,
+        ureq::Error::Io(io) => io
+            .get_ref()
+            .is_some_and(<dyn std::error::Error + Send + Sync>::is::<rustls::Error>),
+        _ => false,
     }
 }
 
