@@ -64,7 +64,8 @@ impl Numbering {
 const TIME: &str = "<TIME>";
 /// A duration in seconds.
 const SECS: &str = "<SECS>";
-/// A count that depends on timing (how often Slurm was polled).
+/// A count that depends on timing (how often Slurm was polled) or on the
+/// node's Nix (`times_built`).
 const COUNT: &str = "<COUNT>";
 
 impl Redactor {
@@ -225,6 +226,9 @@ impl Redactor {
             ["alloc", "api"] => "<API-VERSION>".into(),
             ["alloc", "slurm"] => "<SLURM-VERSION>".into(),
             ["run", "start" | "stop"] | ["hook", "accepted"] => TIME.into(),
+            // 1 for a build, but 0 from a node on Nix 2.34.8, which sends
+            // 0 whatever happened (docs/reference/versions.md).
+            ["run", "times_built"] => COUNT.into(),
             ["hook", "stages", _] => SECS.into(),
             [.., "pid"] => self.pids.placeholder("PID", &number_text(value)),
             [.., "secs"] => return Some(durations(value)),
@@ -580,14 +584,15 @@ mod tests {
     );
 
     /// The same pipeline run again: other hashes, job, node, nonce, times,
-    /// another Slurm, another user's control directory.
+    /// another Slurm, another user's control directory, a node on Nix
+    /// 2.34.8 (`times_built` 0).
     const FETCHED_AGAIN: &str = concat!(
         r#"{"v":1,"drv":{"path":"/nix/store/0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a-nsh-snap.drv","name":"nsh-snap","system":"x86_64-linux","features":[],"outputs":{"out":"/nix/store/1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b-nsh-snap"},"wanted":["out"]},"#,
         r#""store":{"dir":"/nix/store","uri":"auto"},"#,
         r#""closure":{"paths":["/nix/store/2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c-nsh-snap-input"],"nar_size":136},"#,
         r#""alloc":{"cluster":"test","backend":"rest","api":"v0.0.42","slurm":"24.11.5","job":553,"node":"node2","ssh":"nixbuild@node2","work":"/tmp/nsh/nsh-553","control":"/run/user/1000/nsh/test-553","nonce":"ce6a1ceeb69da34a926df2c6c811d639","request":1,"secs":{"connect":0.01,"submit":0.003,"queued":2.531,"polls":16,"polling":0.052}},"#,
         r#""push":{"copied":1,"present":0,"bytes":136,"secs":0.347029311},"#,
-        r#""run":{"status":"built","times_built":1,"start":1795314353,"stop":1795314354,"built_outputs":{"out":"/nix/store/1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b-nsh-snap"}},"#,
+        r#""run":{"status":"built","times_built":0,"start":1795314353,"stop":1795314354,"built_outputs":{"out":"/nix/store/1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b-nsh-snap"}},"#,
         r#""fetch":{"paths":["/nix/store/1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b-nsh-snap"],"bytes":136,"secs":0.1},"#,
         r#""site":{"queue":"night"}}"#
     );
