@@ -13,15 +13,31 @@ use std::process::Command;
 
 use nsh_cluster_tests::{nsh_tool, run_ok, Cluster};
 
-const TOOLS: [&str; 7] = [
-    "nsh-closure",
-    "nsh-alloc",
-    "nsh-push",
-    "nsh-run",
-    "nsh-fetch",
-    "nsh-hook",
-    "nsh-redact",
-];
+/// Every tool of the workspace: each crate under `tools/` is one binary of
+/// its name (as `scripts/manuals` finds them).
+fn tools() -> Vec<String> {
+    let mut tools: Vec<String> = std::fs::read_dir(Cluster::repo_root().join("tools"))
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("nsh-"))
+        .collect();
+    tools.sort();
+    for tool in [
+        "nsh-closure",
+        "nsh-alloc",
+        "nsh-push",
+        "nsh-run",
+        "nsh-fetch",
+        "nsh-hook",
+        "nsh-redact",
+    ] {
+        assert!(
+            tools.iter().any(|t| t == tool),
+            "tools/{tool} is missing: {tools:?}"
+        );
+    }
+    tools
+}
 
 /// The long flags `-h` lists (nsh-hook's are `--check`'s): the words that
 /// begin each option's line (`-h, --help`, `--config <FILE>`).
@@ -87,7 +103,8 @@ fn every_flag_is_in_the_man_page_and_the_completions() {
             .arg(&bin),
     );
     let share = prefix.path().join("share");
-    for tool in TOOLS {
+    for tool in tools() {
+        let tool = tool.as_str();
         let read = |path: &str| {
             std::fs::read_to_string(share.join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
         };
