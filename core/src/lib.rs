@@ -3,7 +3,8 @@
 //! private; what the tools, `nsh-cli` and the tests use is re-exported here:
 //!
 //! * at the top: the [`Ticket`] and the [`run_stage`] loop every stage
-//!   runs, [`Failure`]s, their [`Kind`] and [`ExitStatus`], the [`Config`],
+//!   runs, the [`Redactor`] that makes tickets fit for snapshots
+//!   (`nsh-redact`), [`Failure`]s, their [`Kind`] and [`ExitStatus`], the [`Config`],
 //!   [`StorePath`]s, the log (`log_info!` & co., [`set_program`]), and the
 //!   few system calls a tool's `main` makes (signals, an inherited fd);
 //! * one module per tool's logic: [`closure`], [`alloc`], [`push`], [`run`],
@@ -27,6 +28,7 @@ mod hook;
 mod lines;
 mod log;
 mod nix;
+mod redact;
 mod slurm;
 mod stage;
 mod sys;
@@ -38,6 +40,7 @@ pub use error::{Failure, Kind, ResultExt};
 pub use exit::ExitStatus;
 pub use log::set_program;
 pub use nix::store_path::{StoreDir, StorePath};
+pub use redact::Redactor;
 pub use sys::fds::take_inherited;
 pub use sys::flock::{lock_exclusive, Wait};
 pub use sys::signals::{catch_interrupts, Syscalls};

@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use nsh_core::build_hook::check::{self, Line, Options};
 
 /// Checks an nsh installation on the running system: the configuration
@@ -40,6 +40,43 @@ struct Args {
     /// Leave the nix-daemon alone (check the configuration and clusters only).
     #[arg(long)]
     no_daemon: bool,
+}
+
+/// The command nsh-hook's man page and completions are made from: the
+/// hook as Nix runs it (`nsh-hook VERBOSITY`) and `--check` with its
+/// options, the same clap arguments `--check` parses.
+pub fn manual_command() -> clap::Command {
+    Args::command()
+        .name("nsh-hook")
+        .bin_name("nsh-hook")
+        .about("Nix build hook that builds derivations as Slurm jobs")
+        .long_about(
+            "Nix build hook that builds derivations as Slurm jobs. Set Nix's \
+             `build-hook` to the absolute path of nsh-hook; Nix runs it as \
+             `nsh-hook VERBOSITY` and speaks the build-hook protocol on its stdin \
+             and stderr. Each derivation it accepts runs nsh-closure, nsh-alloc, \
+             nsh-push, nsh-run and nsh-fetch in turn. The configuration is \
+             $NSH_CONFIG, else /etc/nsh/nsh.toml.\n\n\
+             `nsh-hook --check` checks an installation on the running system: \
+             the configuration file, each cluster live (slurmrestd or the Slurm \
+             commands, the token, the partition, ssh to a node and its Nix), and \
+             whether the running nix-daemon's build hook is this nsh-hook.\n\n\
+             Exit status (--check): 0 nothing failed (warnings allowed); 78 a \
+             configuration problem; 75 something could not be reached; 64 usage. \
+             As the hook, it answers Nix with 0, 100 (build failed), 101 (timed \
+             out) or 1 (anything else).",
+        )
+        .override_usage("nsh-hook VERBOSITY\n       nsh-hook --check [OPTIONS]")
+        .mut_arg("check", |arg| {
+            arg.hide(false).required(false).help(
+                "Check the installation on the running system (the other options are --check's)",
+            )
+        })
+        .arg(
+            clap::Arg::new("verbosity")
+                .value_name("VERBOSITY")
+                .help("Nix's verbosity, as Nix passes it (0 error … 7 vomit)"),
+        )
 }
 
 pub fn main(argv: &[String]) -> i32 {
