@@ -30,6 +30,7 @@ fn clusters(n: usize, max_jobs: u32) -> Vec<ClusterCaps> {
                 vec![]
             },
             max_jobs,
+            priority: 0,
         })
         .collect()
 }

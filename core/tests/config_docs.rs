@@ -21,8 +21,14 @@ const BASE: &str = "[cluster.c]\nbackend = \"cli\"\nsystems = [\"x86_64-linux\"]
 
 /// The key names in backquotes after "expected one of" in a loader error.
 fn expected_keys(message: &str) -> Vec<String> {
+    // serde says "expected one of `a`, `b`, …", or "expected `a` or `b`" for two.
     let list = message
         .split_once("expected one of ")
+        .or_else(|| {
+            message
+                .split_once("expected `")
+                .map(|(head, _)| (head, &message[head.len() + 9..]))
+        })
         .unwrap_or_else(|| panic!("not an unknown-field error: {message}"))
         .1;
     list.split('`')
@@ -71,6 +77,10 @@ fn every_table() -> Vec<(&'static str, Vec<String>)> {
         ),
         ("ssh", known_keys("ssh", &format!("{BASE}[ssh]\n{BAD}"))),
         (
+            "cluster.NAME.ssh",
+            known_keys("ssh", &format!("{BASE}[cluster.c.ssh]\n{BAD}")),
+        ),
+        (
             "remote",
             known_keys("remote", &format!("{BASE}[remote]\n{BAD}")),
         ),
@@ -83,7 +93,7 @@ fn the_tables_are_found() {
     let tables = every_table();
     let cluster = &tables[1].1;
     assert!(cluster.contains(&"token_file".to_string()), "{cluster:?}");
-    let hook = &tables[6].1;
+    let hook = &tables[7].1;
     assert!(hook.contains(&"fallback".to_string()), "{hook:?}");
 }
 

@@ -3,11 +3,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::raw::{NumberOrText, RawCluster, RawLimits};
+use super::raw::{NumberOrText, RawCluster, RawClusterSsh, RawLimits};
 use super::values::{is_slurm_word, parse_mem_mb, parse_minutes, parse_seconds, parse_url};
 use super::{
-    ApiChoice, Backend, Cluster, FeatureRequest, Limits, Problems, RestUrl, TokenSource,
-    DEFAULT_MAX_JOBS, DEFAULT_QUEUE_TIMEOUT_S, DEFAULT_TIME_LIMIT_MIN,
+    ApiChoice, Backend, Cluster, FeatureRequest, Limits, Problems, RestUrl, SubmitIdentity,
+    TokenSource, DEFAULT_MAX_JOBS, DEFAULT_QUEUE_TIMEOUT_S, DEFAULT_TIME_LIMIT_MIN,
 };
 use crate::error::Failure;
 
@@ -69,6 +69,7 @@ pub(super) fn validate(
             }
         }
     }
+    let submit = submit_identity(backend, rc.submit_as, rc.allow_root, rc.ssh, problems)?;
     Ok(Cluster {
         name: name.to_string(),
         backend,
@@ -87,7 +88,57 @@ pub(super) fn validate(
         queue_timeout_s,
         limits,
         features: rc.features,
+        priority: rc.priority.unwrap_or(0),
+        submit,
     })
+}
+
+/// `submit_as`, `allow_root` and `[cluster.NAME.ssh]`: who the jobs are and
+/// who logs in to them.
+fn submit_identity(
+    backend: Backend,
+    submit_as: Option<String>,
+    allow_root: bool,
+    ssh: Option<RawClusterSsh>,
+    problems: &Problems,
+) -> Result<SubmitIdentity, Failure> {
+    if let Some(user) = &submit_as {
+        if backend != Backend::Cli {
+            return Err(problems.at(
+                "submit_as",
+                format!("{user:?}: only the cli backend runs sbatch; a rest cluster's jobs are its token's user (`user`)"),
+            ));
+        }
+        if !is_user_name(user) {
+            return Err(problems.at("submit_as", format!("{user:?}: expected a user name")));
+        }
+    }
+    let ssh = ssh.unwrap_or_default();
+    if let Some(user) = ssh.user.as_ref().filter(|u| !is_user_name(u)) {
+        return Err(problems.at("ssh.user", format!("{user:?}: expected a user name")));
+    }
+    if let Some(path) = ssh.identity.as_ref().filter(|p| !p.is_absolute()) {
+        return Err(problems.at(
+            "ssh.identity",
+            format!("{} is not an absolute path", path.display()),
+        ));
+    }
+    Ok(SubmitIdentity {
+        submit_as,
+        allow_root,
+        ssh_user: ssh.user,
+        ssh_identity: ssh.identity,
+    })
+}
+
+/// A login name as `useradd` takes it (and nothing `runuser`/`sudo` would
+/// read as an option).
+fn is_user_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with('-')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
 }
 
 /// A value that may be absent, parsed when present.

@@ -153,10 +153,16 @@ impl TokenSource {
     pub fn read(&self) -> Result<Secret, Failure> {
         let raw = match self {
             TokenSource::File(path) => std::fs::read_to_string(path).map_err(|e| {
-                token_error(format!(
-                    "reading the Slurm token file {}: {e}",
-                    path.display()
-                ))
+                let message = format!("reading the Slurm token file {}: {e}", path.display());
+                // Not there, or not ours to read: the configuration's (a
+                // file being rotated is replaced, never missing).
+                let kind = match e.kind() {
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied => {
+                        Kind::Config
+                    }
+                    _ => Kind::Transient,
+                };
+                Failure::from(TokenError(message, kind))
             })?,
             TokenSource::Command(argv) => {
                 let output = Command::new(&argv[0])
@@ -184,10 +190,11 @@ impl TokenSource {
     }
 }
 
-/// A Slurm token that could not be had: transient (a file being rotated, a
-/// command failing); the message names the file or command, never the token.
+/// A Slurm token that could not be had: transient (a command failing), or
+/// the configuration's (a token file that is missing or unreadable); the
+/// message names the file or command, never the token.
 #[derive(Debug, Clone)]
-pub struct TokenError(String);
+pub struct TokenError(String, Kind);
 
 impl fmt::Display for TokenError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -199,12 +206,12 @@ impl std::error::Error for TokenError {}
 
 impl KindOf for TokenError {
     fn kind(&self) -> Kind {
-        Kind::Transient
+        self.1
     }
 }
 
 fn token_error(message: String) -> Failure {
-    Failure::from(TokenError(message))
+    Failure::from(TokenError(message, Kind::Transient))
 }
 
 /// The token in what a token file or `scontrol token` holds: the last
@@ -250,6 +257,25 @@ pub struct Cluster {
     pub limits: Limits,
     /// requiredSystemFeature → what to ask Slurm for.
     pub features: BTreeMap<String, FeatureRequest>,
+    /// Which fitting cluster is tried first: higher first (default 0).
+    pub priority: i32,
+    /// Who submits the jobs and who logs in to them.
+    pub submit: SubmitIdentity,
+}
+
+/// Who a cluster's jobs belong to, and who reaches them over ssh (the keys
+/// `submit_as`, `allow_root` and `[cluster.NAME.ssh]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SubmitIdentity {
+    /// The account `sbatch`/`scancel` run as (`runuser -u`, or `sudo -n -u`
+    /// when not root); the CLI backend only.
+    pub submit_as: Option<String>,
+    /// Whether jobs may be submitted as root (off: nsh-alloc refuses).
+    pub allow_root: bool,
+    /// `[cluster.NAME.ssh] user`, over `[ssh] user`.
+    pub ssh_user: Option<String>,
+    /// `[cluster.NAME.ssh] identity`, over `[ssh] identity`.
+    pub ssh_identity: Option<PathBuf>,
 }
 
 /// What a derivation may ask for with `nshResources`, and what it gets when
@@ -506,10 +532,32 @@ impl Config {
         Ok(())
     }
 
-    /// The SSH login user for a cluster's nodes: `[ssh] user`, else the
-    /// cluster's `user`, else `None` (ssh's own default).
+    /// The SSH login user for a cluster's nodes: `[cluster.NAME.ssh] user`,
+    /// else `[ssh] user`, else the cluster's `submit_as` or `user` (whose
+    /// jobs they are), else `None` (ssh's own default).
     pub fn ssh_user<'a>(&'a self, cluster: &'a Cluster) -> Option<&'a str> {
-        self.ssh.user.as_deref().or(cluster.user.as_deref())
+        cluster
+            .submit
+            .ssh_user
+            .as_deref()
+            .or(self.ssh.user.as_deref())
+            .or(cluster.submit.submit_as.as_deref())
+            .or(cluster.user.as_deref())
+    }
+
+    /// The `[ssh]` settings for the cluster `name`, its own
+    /// `[cluster.NAME.ssh]` keys over the global ones.
+    pub fn ssh_for(&self, name: &str) -> Ssh {
+        let mut ssh = self.ssh.clone();
+        if let Some(cluster) = self.clusters.get(name) {
+            if let Some(user) = &cluster.submit.ssh_user {
+                ssh.user = Some(user.clone());
+            }
+            if let Some(identity) = &cluster.submit.ssh_identity {
+                ssh.identity = Some(identity.clone());
+            }
+        }
+        ssh
     }
 }
 
@@ -761,6 +809,27 @@ request_timeout = "5m"
     }
 
     #[test]
+    fn ssh_settings_per_cluster_override_the_global_ones() {
+        let text = "[cluster.a]\nbackend = \"cli\"\nsystems = [\"x\"]\nsubmit_as = \"builder\"\n\
+                    [cluster.b]\nbackend = \"cli\"\nsystems = [\"x\"]\n\
+                    [cluster.b.ssh]\nuser = \"other\"\nidentity = \"/etc/nsh/id_b\"\n\
+                    [ssh]\nidentity = \"/etc/nsh/id\"\noptions = [\"A=b\"]\n";
+        let config = parse(text).unwrap();
+        let (a, b) = (&config.clusters["a"], &config.clusters["b"]);
+        // No [ssh] user: the account that owns the jobs logs in.
+        assert_eq!(config.ssh_user(a), Some("builder"));
+        assert_eq!(config.ssh_user(b), Some("other"));
+        assert_eq!(config.ssh_for("a").identity, Some("/etc/nsh/id".into()));
+        let for_b = config.ssh_for("b");
+        assert_eq!(for_b.identity, Some("/etc/nsh/id_b".into()));
+        assert_eq!(for_b.user.as_deref(), Some("other"));
+        assert_eq!(for_b.options, ["A=b"]);
+        assert_eq!(a.submit.submit_as.as_deref(), Some("builder"));
+        assert!(!a.submit.allow_root);
+        assert_eq!((a.priority, b.priority), (0, 0));
+    }
+
+    #[test]
     fn restricting_to_a_cluster() {
         let text = "[cluster.a]\nbackend = \"cli\"\nsystems = [\"x\"]\n\
                     [cluster.b]\nbackend = \"cli\"\nsystems = [\"x\"]\n";
@@ -855,6 +924,7 @@ request_timeout = "5m"
         let missing = TokenSource::File(dir.path().join("nope"))
             .read()
             .unwrap_err();
+        assert_eq!(missing.kind, Kind::Config);
         assert!(missing.message.contains("nope"), "{}", missing.message);
     }
 
@@ -940,6 +1010,15 @@ request_timeout = "5m"
             ),
             ("relative_work_root", format!("{MINIMAL}[remote]\nwork_root = \"tmp\"\n")),
             ("bad_ssh_option", format!("{MINIMAL}[ssh]\noptions = [\"-v\"]\n")),
+            (
+                "submit_as_on_rest",
+                "[cluster.c]\nurl = \"unix:/s\"\nsystems = [\"x\"]\nsubmit_as = \"u\"\n".into(),
+            ),
+            ("submit_as_option", format!("{MINIMAL}submit_as = \"-u\"\n")),
+            (
+                "relative_cluster_identity",
+                format!("{MINIMAL}[cluster.c.ssh]\nidentity = \"id\"\n"),
+            ),
         ];
         for (name, text) in cases {
             let message = error(text);

@@ -48,6 +48,19 @@ pub(super) struct RawCluster {
     pub(super) limits: RawLimits,
     #[serde(default)]
     pub(super) features: BTreeMap<String, FeatureRequest>,
+    pub(super) submit_as: Option<String>,
+    #[serde(default)]
+    pub(super) allow_root: bool,
+    pub(super) priority: Option<i32>,
+    pub(super) ssh: Option<RawClusterSsh>,
+}
+
+/// `[cluster.NAME.ssh]`: what may differ per cluster.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawClusterSsh {
+    pub(super) user: Option<String>,
+    pub(super) identity: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default)]

@@ -9,6 +9,7 @@ use std::process::{Command, Stdio};
 use super::pipeline;
 use super::watchdog::Watchdog;
 use super::{Ui, CANCEL_IN_HOOK, EXIT_MISC, EXIT_PERMANENT, EXIT_TIMED_OUT};
+use crate::config::ConfigSource;
 use crate::error::{Failure, Kind};
 use crate::hook::config::HookConfig;
 use crate::hook::decision::ClusterCaps;
@@ -18,8 +19,14 @@ use crate::nix::store_path::StorePath;
 use crate::ticket::{BuildOptions, DrvSection, StoreSection, Ticket};
 
 /// The first ticket, from the `try`, what the daemon sent after accept and
-/// its settings.
-pub fn initial_ticket(settings: &Settings, t: &Try, accepted: &Accepted) -> Ticket {
+/// its settings; its `hook` section says which configuration the hook read
+/// and why (`config`, `config_from`), and every later stage keeps it.
+pub fn initial_ticket(
+    settings: &Settings,
+    t: &Try,
+    accepted: &Accepted,
+    config: (&Path, ConfigSource),
+) -> Ticket {
     // `<hash>-<name>.drv` → `<name>`.
     let name = t.drv_path.name().trim_end_matches(".drv").to_string();
     let mut ticket = Ticket::new();
@@ -42,6 +49,13 @@ pub fn initial_ticket(settings: &Settings, t: &Try, accepted: &Accepted) -> Tick
         keep_failed: settings.keep_failed(),
         extra: crate::ticket::Extra::default(),
     });
+    ticket.extra.insert(
+        "hook".into(),
+        serde_json::json!({
+            "config": config.0.display().to_string(),
+            "config_from": config.1.describe(),
+        }),
+    );
     ticket
 }
 
@@ -150,7 +164,10 @@ pub(super) struct Build<'a> {
 impl Build<'_> {
     /// Runs the pipeline for the accepted `try`; returns the exit status.
     pub(super) fn run(&self) -> i32 {
-        let ticket = initial_ticket(self.settings, self.t, self.accepted);
+        let ticket = match self.first_ticket() {
+            Ok(ticket) => ticket,
+            Err(code) => return code,
+        };
         let alloc_tool = match self.stages {
             Stages::Tools(paths) => paths.get(1).cloned(),
             Stages::Command(_) => None,
@@ -213,6 +230,7 @@ impl Build<'_> {
         if let Some(log) = timing {
             log.append(&outcome, code, self.ui);
         }
+        self.set_aside_if_refused(&outcome);
         if let Some(message) = message {
             self.ui
                 .msg(Verbosity::Error, format!("nsh-hook: {message}"));
@@ -223,6 +241,73 @@ impl Build<'_> {
             }
         }
         code
+    }
+
+    /// The first ticket, once the derivation is known to fit the cluster's
+    /// limits; else the exit status, refused before anything is asked of
+    /// Slurm (and before any "waiting for a Slurm allocation").
+    fn first_ticket(&self) -> Result<Ticket, i32> {
+        let ticket = initial_ticket(
+            self.settings,
+            self.t,
+            self.accepted,
+            (&self.config.path, self.config.source),
+        );
+        match self.fits_the_limits(&ticket) {
+            Ok(()) => Ok(ticket),
+            Err(message) => {
+                self.ui
+                    .msg(Verbosity::Error, format!("nsh-hook: {message}"));
+                Err(EXIT_PERMANENT)
+            }
+        }
+    }
+
+    /// The derivation's `nshResources` within the cluster's limits, read
+    /// from the `.drv` before the pipeline starts. A `.drv` that cannot be
+    /// read here is left to nsh-closure to report.
+    fn fits_the_limits(&self, ticket: &Ticket) -> Result<(), String> {
+        let Some(cluster) = self.config.config.clusters.get(&self.cluster.name) else {
+            return Ok(());
+        };
+        let read = crate::nix::local_store::LocalStore::new(ticket.store_uri(), "")
+            .and_then(|store| store.read_drv(&self.t.drv_path));
+        let Ok(drv) = read else {
+            return Ok(());
+        };
+        let section = drv.section(self.accepted.wanted_outputs.clone());
+        crate::stage::alloc::place_on(cluster, &section, ticket.options.as_ref())
+            .map(|_| ())
+            .map_err(|misfit| {
+                format!(
+                    "{} cannot be built on cluster {}: {misfit} (not submitted)",
+                    self.t.drv_path, cluster.name
+                )
+            })
+    }
+
+    /// A configuration error (exit 78) from the pipeline sets the cluster
+    /// aside ([`super::health`]): later builds go elsewhere.
+    fn set_aside_if_refused(&self, outcome: &Outcome) {
+        let refused = outcome
+            .final_ticket
+            .as_ref()
+            .and_then(|t| t.error.as_ref())
+            .filter(|e| e.kind == Kind::Config);
+        if let Some(error) = refused {
+            super::health::Health::new(&self.config.slots_dir, &self.config.path).record(
+                &self.cluster.name,
+                &super::health::Verdict::Broken(error.message.clone()),
+            );
+            self.ui.msg(
+                Verbosity::Error,
+                format!(
+                    "nsh-hook: cluster {} set aside for up to {} minutes: later builds go to the fallback or are built locally",
+                    self.cluster.name,
+                    super::health::VERDICT_FOR.as_secs() / 60
+                ),
+            );
+        }
     }
 
     /// A signal stopped the stages: the job is cancelled, by the watchdog
@@ -309,10 +394,18 @@ impl TicketLog {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());
         let secs = self.since_accept();
-        ticket.extra.insert(
-            "hook".into(),
-            serde_json::json!({"accepted": accepted, "stages": self.stages, "secs": secs, "exit": exit}),
-        );
+        let timing = serde_json::json!({"accepted": accepted, "stages": self.stages, "secs": secs, "exit": exit});
+        // Beside what the first ticket's `hook` section says (the config).
+        match ticket.extra.get_mut("hook") {
+            Some(serde_json::Value::Object(hook)) => {
+                if let serde_json::Value::Object(timing) = timing {
+                    hook.extend(timing);
+                }
+            }
+            _ => {
+                ticket.extra.insert("hook".into(), timing);
+            }
+        }
         let line = format!("{}\n", ticket.to_line());
         // One write of the whole line with O_APPEND: concurrent hooks'
         // lines do not interleave.

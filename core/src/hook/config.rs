@@ -19,17 +19,23 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::config::{Cluster, Config};
+use crate::config::{Cluster, Config, ConfigSource};
 use crate::error::Failure;
 use crate::hook::decision::ClusterCaps;
 use crate::hook::slots::{check_cluster_name, DEFAULT_SLOTS_DIR};
 
 /// The hook's view of the configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct HookConfig {
     /// The file it came from (for messages).
     pub path: PathBuf,
-    /// Sorted by name (ties in the decision go to the first, as in nsh-alloc).
+    /// Why that file: `--config`, `$NSH_CONFIG` or the default path.
+    pub source: ConfigSource,
+    /// The whole configuration, as the tools read it (the hook checks a
+    /// cluster's Slurm before it takes a build there, and a derivation's
+    /// resources against the cluster's limits).
+    pub config: Config,
+    /// Sorted by name (ties in the decision go to the first).
     pub clusters: Vec<ClusterCaps>,
     /// A pipeline command (argv) replacing the nsh-* tools.
     pub pipeline: Option<Vec<String>>,
@@ -49,6 +55,7 @@ impl From<&Cluster> for ClusterCaps {
             supported_features: cluster.supported_features.iter().cloned().collect(),
             mandatory_features: cluster.mandatory_features.iter().cloned().collect(),
             max_jobs: cluster.max_jobs,
+            priority: cluster.priority,
         }
     }
 }
@@ -75,14 +82,16 @@ impl HookConfig {
 
     /// `explicit` (`nsh-hook --check --config FILE`), else as [`HookConfig::load`].
     pub fn load_from(explicit: Option<&Path>) -> Result<HookConfig, Failure> {
-        let path = Config::locate(explicit);
+        let (path, source) = Config::locate_with_source(explicit);
         let text = std::fs::read_to_string(&path).map_err(|e| {
             Failure::config(format!(
-                "reading the nsh configuration {}: {e} (set $NSH_CONFIG in the daemon's environment)",
+                "reading the nsh configuration {} (from {source}): {e} (set $NSH_CONFIG in the daemon's environment: docs/admin-guide.md, \"The daemon's hook and its configuration\")",
                 path.display()
             ))
         })?;
-        HookConfig::parse(&path, &text)
+        let mut config = HookConfig::parse(&path, &text)?;
+        config.source = source;
+        Ok(config)
     }
 
     /// Validates the whole file (as every tool will read it), then takes the
@@ -109,6 +118,8 @@ impl HookConfig {
         };
         Ok(HookConfig {
             path: path.to_path_buf(),
+            source: ConfigSource::Flag,
+            config,
             clusters,
             pipeline: argv("pipeline", hook.pipeline)?,
             fallback: argv("fallback", hook.fallback)?,
@@ -163,6 +174,7 @@ slots_dir = "/tmp/slots"
                     supported_features: vec!["arm".into()],
                     mandatory_features: vec!["arm".into()],
                     max_jobs: 64,
+                    priority: 0,
                 },
                 ClusterCaps {
                     name: "main".into(),
@@ -170,6 +182,7 @@ slots_dir = "/tmp/slots"
                     supported_features: vec!["big-parallel".into(), "kvm".into()],
                     mandatory_features: vec![],
                     max_jobs: 4,
+                    priority: 0,
                 },
             ]
         );

@@ -10,8 +10,9 @@
 //! * a cluster fits when it has the system, supports every required feature
 //!   (supported or mandatory), and every one of its mandatory features is
 //!   required;
-//! * the least loaded fitting cluster with a free slot is chosen (load =
-//!   slots in use / max_jobs; ties go to the first in configuration order);
+//! * among the fitting clusters with a free slot, the one with the highest
+//!   `priority` is chosen; among equals, the least loaded (fewest nsh builds
+//!   in flight: slots in use); among those, the first by name;
 //! * fitting but all busy: postpone if the daemon cannot build it locally
 //!   right now, else decline;
 //! * nothing fits: decline.
@@ -32,6 +33,8 @@ pub struct ClusterCaps {
     pub mandatory_features: Vec<String>,
     /// Builds at once; 0 disables the cluster.
     pub max_jobs: u32,
+    /// Higher is tried first (`priority`, default 0).
+    pub priority: i32,
 }
 
 impl ClusterCaps {
@@ -112,8 +115,8 @@ pub fn decide(
     mut load: impl FnMut(usize) -> u32,
 ) -> Decision {
     let mut any_fits = false;
-    // (load / max_jobs) compared as a fraction without floats: a/b < c/d ⇔ a·d < c·b.
-    let mut best: Option<(usize, u32, u32)> = None;
+    // (index, priority, slots in use) of the best so far.
+    let mut best: Option<(usize, i32, u32)> = None;
     for (i, cluster) in clusters.iter().enumerate() {
         if !cluster.fits(&t.needed_system, &t.required_features) {
             continue;
@@ -123,14 +126,12 @@ pub fn decide(
         if used >= cluster.max_jobs {
             continue;
         }
-        let better = match best {
-            None => true,
-            Some((_, b_used, b_max)) => {
-                u64::from(used) * u64::from(b_max) < u64::from(b_used) * u64::from(cluster.max_jobs)
-            }
-        };
+        // Higher priority, then fewer in flight; the first (by name) on a tie.
+        let better = best.is_none_or(|(_, b_priority, b_used)| {
+            (cluster.priority, std::cmp::Reverse(used)) > (b_priority, std::cmp::Reverse(b_used))
+        });
         if better {
-            best = Some((i, used, cluster.max_jobs));
+            best = Some((i, cluster.priority, used));
         }
     }
     match best {
@@ -160,6 +161,7 @@ mod tests {
             supported_features: v(supported),
             mandatory_features: v(mandatory),
             max_jobs,
+            priority: 0,
         }
     }
 
@@ -271,27 +273,44 @@ mod tests {
         insta::assert_snapshot!(table);
     }
 
+    /// Which of three fitting clusters is chosen: priority, then fewest in
+    /// flight, then name; a full cluster is passed over whatever its
+    /// priority.
     #[test]
-    fn ties_go_to_the_first_and_loads_compare_as_fractions() {
-        let two = vec![
-            caps("a", &["x86_64-linux"], &[], &[], 2),
-            caps("b", &["x86_64-linux"], &[], &[], 10),
+    fn the_cluster_choice() {
+        let with = |name: &str, max_jobs: u32, priority: i32| ClusterCaps {
+            priority,
+            ..caps(name, &["x86_64-linux"], &[], &[], max_jobs)
+        };
+        let cases: [(&str, [i32; 3], [u32; 3]); 7] = [
+            ("all equal, idle", [0, 0, 0], [0, 0, 0]),
+            ("equal priority, a busier", [0, 0, 0], [1, 0, 0]),
+            ("equal priority, load ties b c", [0, 0, 0], [3, 1, 1]),
+            ("c preferred though busier", [0, 0, 5], [0, 0, 3]),
+            ("c preferred but full", [0, 0, 5], [0, 1, 4]),
+            ("b and c preferred, c idler", [0, 1, 1], [0, 2, 1]),
+            ("negative priority last", [-1, 0, 0], [0, 3, 3]),
         ];
-        let t = try_(true, "x86_64-linux", &[]);
-        assert_eq!(
-            decide(&two, &local(), &t, |_| 0),
-            Decision::Accept { cluster: 0 }
-        );
-        // a: 1/2 = 0.5, b: 4/10 = 0.4 → b.
-        assert_eq!(
-            decide(&two, &local(), &t, |i| [1, 4][i]),
-            Decision::Accept { cluster: 1 }
-        );
-        // a: 1/2, b: 5/10: equal → the first.
-        assert_eq!(
-            decide(&two, &local(), &t, |i| [1, 5][i]),
-            Decision::Accept { cluster: 0 }
-        );
+        let mut table = String::new();
+        for (name, priorities, loads) in cases {
+            let three = [
+                with("a", 4, priorities[0]),
+                with("b", 4, priorities[1]),
+                with("c", 4, priorities[2]),
+            ];
+            let d = decide(&three, &local(), &try_(true, "x86_64-linux", &[]), |i| {
+                loads[i]
+            });
+            let shown = match d {
+                Decision::Accept { cluster } => format!("accept {}", three[cluster].name),
+                other => format!("{other:?}"),
+            };
+            let _ = writeln!(
+                table,
+                "{name:<32} priorities {priorities:?} loads {loads:?} -> {shown}"
+            );
+        }
+        insta::assert_snapshot!(table);
     }
 
     #[test]

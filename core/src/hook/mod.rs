@@ -25,6 +25,7 @@ pub mod slots;
 
 mod build;
 mod fallback;
+pub mod health;
 use fallback::{Answer, Fallback};
 mod watchdog;
 use watchdog::watchdog_main;
@@ -179,6 +180,18 @@ fn run(verbosity: Verbosity) -> i32 {
         };
         (config, stages)
     });
+    if let Ok((config, _)) = &setup {
+        // Which file, and why that one: the daemon's environment, not the
+        // caller's, decides (docs/admin-guide.md).
+        ui.msg(
+            Verbosity::Talkative,
+            format!(
+                "nsh-hook: configuration {} (from {})",
+                config.path.display(),
+                config.source
+            ),
+        );
+    }
     let mut session = Session {
         verbosity,
         local: LocalCaps::from_settings(&settings, &NixDefaults::of_this_machine()),
@@ -262,11 +275,11 @@ impl Session {
             }
         };
         let slots = SlotDir::new(&config.slots_dir);
-        let decision =
-            decide_and_lock(&config.clusters, &self.local, t, &slots).unwrap_or_else(|e| {
-                self.ui.msg(Verbosity::Error, format!("nsh-hook: {e}"));
-                Locked::Decline
-            });
+        let clusters = self.usable_clusters(config, stages, t);
+        let decision = decide_and_lock(&clusters, &self.local, t, &slots).unwrap_or_else(|e| {
+            self.ui.msg(Verbosity::Error, format!("nsh-hook: {e}"));
+            Locked::Decline
+        });
         match decision {
             Locked::Accepted(cluster, slot) => {
                 let code = self.accept(config, stages, cluster, t, input);
@@ -279,6 +292,48 @@ impl Session {
             }
             Locked::Decline => self.decline(config, t, true),
         }
+    }
+
+    /// The clusters that fit `t` and are not set aside ([`health`]). Only
+    /// the nsh tools' clusters are checked: a pipeline command of the
+    /// site's own does with them what it does.
+    fn usable_clusters(&self, config: &HookConfig, stages: &Stages, t: &Try) -> Vec<ClusterCaps> {
+        let health = health::Health::new(&config.slots_dir, &config.path);
+        let fitting = config
+            .clusters
+            .iter()
+            .filter(|c| c.fits(&t.needed_system, &t.required_features));
+        fitting
+            .filter(|caps| {
+                let verdict = match (stages, config.config.clusters.get(&caps.name)) {
+                    (Stages::Tools(_), Some(cluster)) => health.verdict(cluster),
+                    _ => health.known(&caps.name).unwrap_or(health::Verdict::Usable),
+                };
+                match verdict {
+                    health::Verdict::Usable => true,
+                    health::Verdict::Unchecked(why) => {
+                        self.ui.msg(
+                            Verbosity::Talkative,
+                            format!("nsh-hook: cluster {} not checked now: {why}", caps.name),
+                        );
+                        true
+                    }
+                    health::Verdict::Broken(reason) => {
+                        self.ui.msg(
+                            Verbosity::Error,
+                            format!(
+                                "nsh-hook: cluster {} set aside (its configuration is refused; builds go elsewhere for up to {} minutes, or until {} changes): {reason}",
+                                caps.name,
+                                health::VERDICT_FOR.as_secs() / 60,
+                                config.path.display()
+                            ),
+                        );
+                        false
+                    }
+                }
+            })
+            .cloned()
+            .collect()
     }
 
     fn report_once(&mut self, message: String) {
@@ -481,7 +536,13 @@ mod tests {
             inputs: vec!["/nix/store/vh2m0g9jsj81vrkr4m2sq2jz375ykp01-nsh-hook-dep".into()],
             wanted_outputs: vec!["doc".into(), "out".into()],
         };
-        insta::assert_snapshot!(initial_ticket(&settings(), &the_try(), &accepted).to_line());
+        let config = (
+            Path::new("/etc/nsh/nsh.toml"),
+            crate::config::ConfigSource::Env,
+        );
+        insta::assert_snapshot!(
+            initial_ticket(&settings(), &the_try(), &accepted, config).to_line()
+        );
     }
 
     fn outcome(final_line: Option<&str>, statuses: &[i32]) -> Outcome {

@@ -129,10 +129,32 @@ fn scontrol_fields(line: &str) -> BTreeMap<&str, &str> {
     fields
 }
 
+/// Who runs `sbatch` and `scancel`: this process's user, or another one
+/// (`submit_as`) through `runuser -u USER --` (this process being root).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Submitter {
+    /// The account switched to; `None`: this process's own.
+    pub run_as: Option<String>,
+}
+
+impl Submitter {
+    /// The command that runs the Slurm program `name` as this submitter.
+    fn command(&self, name: &str) -> Command {
+        match &self.run_as {
+            None => Command::new(program(name)),
+            Some(user) => {
+                let mut command = Command::new(program("runuser"));
+                command.args(["-u", user, "--"]).arg(program(name));
+                command
+            }
+        }
+    }
+}
+
 /// Submits with `sbatch`. The job's environment is exactly `req.env` (plus
 /// `SLURM_CONF` when set here, so that sbatch finds the cluster).
-pub fn submit(req: &JobRequest) -> Result<u64, Failure> {
-    let mut command = Command::new(program("sbatch"));
+pub fn submit(submitter: &Submitter, req: &JobRequest) -> Result<u64, Failure> {
+    let mut command = submitter.command("sbatch");
     command
         .args(sbatch_args(req))
         .env_clear()
@@ -153,6 +175,8 @@ pub fn submit(req: &JobRequest) -> Result<u64, Failure> {
         .map_err(|e| Failure::transient(format!("running sbatch: {e}")))?;
     written.map_err(|e| Failure::transient(format!("writing the script to sbatch: {e}")))?;
     if !output.status.success() {
+        // Transient here; nsh-alloc tells a refused setting by Slurm's
+        // words (`slurm::rejection`).
         return Err(Failure::transient(format!(
             "sbatch failed ({}): {}",
             output.status,
@@ -184,8 +208,9 @@ pub fn job(job: u64) -> Result<JobInfo, Failure> {
 }
 
 /// Cancels with `scancel`. A job that already ended is not an error.
-pub fn cancel(job: u64) -> Result<(), Failure> {
-    let output = Command::new(program("scancel"))
+pub fn cancel(submitter: &Submitter, job: u64) -> Result<(), Failure> {
+    let output = submitter
+        .command("scancel")
         .arg(job.to_string())
         .stdin(Stdio::null())
         .output()
@@ -268,7 +293,10 @@ pub fn partition(name: &str) -> Result<Option<PartitionInfo>, Failure> {
         Err(failure)
             if failure
                 .cause::<CommandError>()
-                .is_some_and(|e| e.stderr.contains("not found")) =>
+                // scontrol says it on stdout (22.05) or stderr.
+                .is_some_and(|e| {
+                    e.stderr.contains("not found") || e.stdout.contains("not found")
+                }) =>
         {
             Ok(None)
         }

@@ -13,15 +13,23 @@ use crate::log_debug;
 #[derive(Debug)]
 pub enum Slurm {
     Rest(RestClient),
-    Cli,
+    /// `sbatch` & co., run as the submitter.
+    Cli(cli::Submitter),
 }
 
 impl Slurm {
     /// Connects to the cluster: for REST, settles the API version (asking
     /// the server when `api = "auto"`) and learns the server's release.
+    ///
+    /// Refuses (exit 78) to submit as root unless `allow_root = true`: a
+    /// CLI cluster run by root (the hook) without `submit_as`, a REST
+    /// cluster whose `user` is root, or whose `token_command` mints root's
+    /// token (no `username=`) when run by root.
     pub fn connect(cluster: &Cluster) -> Result<Slurm, Failure> {
+        let root = crate::sys::process::euid() == 0;
+        refuse_root(cluster, root)?;
         match cluster.backend {
-            Backend::Cli => Ok(Slurm::Cli),
+            Backend::Cli => Ok(Slurm::Cli(submitter(cluster, root)?)),
             Backend::Rest => Ok(Slurm::Rest(RestClient::connect(cluster)?)),
         }
     }
@@ -29,21 +37,21 @@ impl Slurm {
     pub fn submit(&self, req: &JobRequest) -> Result<u64, Failure> {
         match self {
             Slurm::Rest(client) => client.submit(req),
-            Slurm::Cli => cli::submit(req),
+            Slurm::Cli(submitter) => cli::submit(submitter, req),
         }
     }
 
     pub fn job(&self, job: u64) -> Result<JobInfo, Failure> {
         match self {
             Slurm::Rest(client) => client.job(job),
-            Slurm::Cli => cli::job(job),
+            Slurm::Cli(_) => cli::job(job),
         }
     }
 
     pub fn cancel(&self, job: u64) -> Result<(), Failure> {
         match self {
             Slurm::Rest(client) => client.cancel(job),
-            Slurm::Cli => cli::cancel(job),
+            Slurm::Cli(submitter) => cli::cancel(submitter, job),
         }
     }
 
@@ -51,7 +59,7 @@ impl Slurm {
     pub fn api_version(&self) -> Option<ApiVersion> {
         match self {
             Slurm::Rest(client) => Some(client.version),
-            Slurm::Cli => None,
+            Slurm::Cli(_) => None,
         }
     }
 
@@ -59,7 +67,7 @@ impl Slurm {
     pub fn release(&self) -> Option<&str> {
         match self {
             Slurm::Rest(client) => client.release.as_deref(),
-            Slurm::Cli => None,
+            Slurm::Cli(_) => None,
         }
     }
 
@@ -69,7 +77,7 @@ impl Slurm {
     pub fn nodes(&self) -> Result<Vec<NodeInfo>, Failure> {
         match self {
             Slurm::Rest(client) => client.nodes(),
-            Slurm::Cli => cli::nodes(),
+            Slurm::Cli(_) => cli::nodes(),
         }
     }
 
@@ -77,7 +85,7 @@ impl Slurm {
     pub fn partition(&self, name: &str) -> Result<Option<PartitionInfo>, Failure> {
         match self {
             Slurm::Rest(client) => client.partition(name),
-            Slurm::Cli => cli::partition(name),
+            Slurm::Cli(_) => cli::partition(name),
         }
     }
 
@@ -86,9 +94,58 @@ impl Slurm {
     pub fn slurmdb_entry(&self, what: &str, name: &str) -> Result<Option<bool>, Failure> {
         match self {
             Slurm::Rest(client) => client.slurmdb_entry(what, name),
-            Slurm::Cli => cli::slurmdb_entry(what, name),
+            Slurm::Cli(_) => cli::slurmdb_entry(what, name),
         }
     }
+}
+
+/// Who runs sbatch for a CLI cluster: `submit_as` through `runuser` when
+/// this process is root, nobody else when it already is that user.
+fn submitter(cluster: &Cluster, root: bool) -> Result<cli::Submitter, Failure> {
+    let Some(user) = &cluster.submit.submit_as else {
+        return Ok(cli::Submitter::default());
+    };
+    let me = crate::sys::process::user_name();
+    if &me == user {
+        return Ok(cli::Submitter::default());
+    }
+    if !root {
+        return Err(Failure::config(format!(
+            "cluster.{}.submit_as = {user:?}: this process runs as {me}, which cannot switch to {user} (run it as {user}, or as root, which switches with runuser)",
+            cluster.name
+        )));
+    }
+    Ok(cli::Submitter {
+        run_as: Some(user.clone()),
+    })
+}
+
+/// Whether jobs would be root's without the admin having said so.
+fn refuse_root(cluster: &Cluster, root: bool) -> Result<(), Failure> {
+    if cluster.submit.allow_root {
+        return Ok(());
+    }
+    let name = &cluster.name;
+    let why = match (cluster.backend, &cluster.token) {
+        (Backend::Cli, _) if root && cluster.submit.submit_as.is_none() => format!(
+            "cluster.{name}.submit_as: not set, and this process runs as root, so sbatch would submit the jobs as root; set submit_as = \"<build account>\" (or allow_root = true to submit as root on purpose)"
+        ),
+        (Backend::Cli, _) if cluster.submit.submit_as.as_deref() == Some("root") => format!(
+            "cluster.{name}.submit_as = \"root\": jobs would be root's; set allow_root = true to mean it"
+        ),
+        (Backend::Rest, _) if cluster.user.as_deref() == Some("root") => format!(
+            "cluster.{name}.user = \"root\": jobs would be root's; set allow_root = true to mean it"
+        ),
+        (Backend::Rest, Some(TokenSource::Command(argv)))
+            if root && !argv.iter().any(|a| a.starts_with("username=")) =>
+        {
+            format!(
+                "cluster.{name}.token_command = {argv:?}: run as root without username=, it mints root's token (jobs would be root's from Slurm 23.02 on); add \"username=<build account>\" (or allow_root = true)"
+            )
+        }
+        _ => return Ok(()),
+    };
+    Err(Failure::config(why))
 }
 
 /// A server whose versions are all unknown to nsh: a configuration matter

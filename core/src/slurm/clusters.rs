@@ -21,7 +21,7 @@ impl Clusters {
     pub fn get(&mut self, cluster: &Cluster) -> Result<&Slurm, Failure> {
         if !self.connections.contains_key(&cluster.name) {
             let slurm = Slurm::connect(cluster)
-                .map_err(|f| f.context(format!("cluster {}", cluster.name)))?;
+                .map_err(|f| crate::slurm::rejection::classify_connect(cluster, f))?;
             self.connections.insert(cluster.name.clone(), slurm);
         }
         Ok(&self.connections[&cluster.name])

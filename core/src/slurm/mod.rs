@@ -93,6 +93,7 @@ pub mod cli;
 pub mod client;
 mod clusters;
 pub mod http;
+pub mod rejection;
 
 pub use clusters::Clusters;
 #[cfg(test)]

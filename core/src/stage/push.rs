@@ -158,7 +158,7 @@ fn push_once(
     if closure.is_empty() {
         return Ok((0, 0));
     }
-    let ssh = Ssh::ensure_master(alloc, &config.ssh)?;
+    let ssh = Ssh::ensure_master(alloc, &config.ssh_for(&alloc.cluster))?;
     let lock_path = node_lock_path(alloc, &ssh)?;
     let _lock = FileLock::acquire(&lock_path).map_err(|e| match e {
         LockError::Open(_) => {

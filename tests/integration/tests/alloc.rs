@@ -267,7 +267,7 @@ fn cli_backend_as_the_build_user() {
 }
 
 #[test]
-fn a_refused_token_is_transient_and_never_printed() {
+fn a_refused_token_is_a_config_error_naming_the_key_and_never_printed() {
     let c = Cluster::get();
     let dir = shared_tempdir();
     let canary = "nsh-canary-token-5f1d2c";
@@ -286,14 +286,19 @@ fn a_refused_token_is_transient_and_never_printed() {
             .join("\n")
     });
     let (status, stdout, stderr) = run(&c, None, &["--config", &config], &ticket(&[]));
-    assert_eq!(status, 75, "{stderr}");
+    assert_eq!(status, 78, "{stderr}");
     assert!(
         !stdout.contains(canary) && !stderr.contains(canary),
         "{stdout}{stderr}"
     );
     let t = parse(&stdout);
     let message = t["error"]["message"].as_str().unwrap();
-    assert_eq!(t["error"]["kind"], "transient");
+    assert_eq!(t["error"]["kind"], "config");
+    let key = format!(
+        "cluster.test.token_file = {:?}: ",
+        token_file.display().to_string()
+    );
+    assert!(message.starts_with(&key), "{message}");
     // Slurm 22.05's slurmrestd passes the token on and answers 500 when
     // slurmctld refuses it; 24.11 and 26.05 answer 511 (error 1007) at the
     // submit (docs/reference/slurm.md, "Authentication, by release").
@@ -315,6 +320,105 @@ fn a_refused_token_is_transient_and_never_printed() {
         .as_str()
         .unwrap()
         .contains("Connection refused"));
+}
+
+/// A configuration Slurm refuses is 78, naming the key and the value, on
+/// every release (an unknown partition is HTTP 500 on 22.05, 422 or 200
+/// with errors later: docs/reference/slurm.md), through slurmrestd and
+/// sbatch; so is a token file that is not there.
+#[test]
+fn what_slurm_refuses_is_a_config_error_naming_the_key_and_value() {
+    let c = Cluster::get();
+    let dir = shared_tempdir();
+    let user = c.user();
+    let nosuch = |t: String| t.replace("partition = \"build\"", "partition = \"nosuch\"");
+    let rest = config_with(&c, dir.path(), "nosuch-rest.toml", nosuch);
+    let cli = config_with(&c, dir.path(), "nosuch-cli.toml", |t| {
+        nosuch(t).replace("backend = \"rest\"", "backend = \"cli\"")
+    });
+    // The token file is root's; sbatch runs as the build account.
+    for (config, as_user) in [(&rest, None), (&cli, Some(user.as_str()))] {
+        let (status, stdout, stderr) = run(&c, as_user, &["--config", config], &ticket(&[]));
+        assert_eq!(status, 78, "{config}: {stderr}");
+        let t = parse(&stdout);
+        let message = t["error"]["message"].as_str().unwrap();
+        assert!(
+            message.starts_with("cluster.test.partition = \"nosuch\": "),
+            "{config}: {message}"
+        );
+        assert!(message.to_lowercase().contains("partition"), "{message}");
+        // Not tried again: one attempt, no "trying again" warning.
+        assert!(!stderr.contains("trying again"), "{stderr}");
+    }
+    let missing = config_with(&c, dir.path(), "no-token.toml", |t| {
+        t.lines()
+            .map(|l| {
+                if l.starts_with("token_file") {
+                    "token_file = \"/nonexistent/nsh.jwt\"".to_string()
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    });
+    let (status, stdout, stderr) = run(&c, None, &["--config", &missing], &ticket(&[]));
+    assert_eq!(status, 78, "{stderr}");
+    let message = parse(&stdout)["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        message.starts_with("cluster.test.token_file = \"/nonexistent/nsh.jwt\": "),
+        "{message}"
+    );
+}
+
+/// Run by root (as under the hook), a CLI cluster submits as `submit_as`
+/// through runuser, and without it refuses to submit as root (78, naming
+/// the key) unless `allow_root = true`.
+#[test]
+fn cli_backend_run_by_root_submits_as_the_build_account() {
+    let c = Cluster::get();
+    let dir = shared_tempdir();
+    let user = c.user();
+    let as_root = config_with(&c, dir.path(), "cli-root.toml", |t| {
+        t.replace("backend = \"rest\"", "backend = \"cli\"")
+    });
+    let (status, stdout, stderr) = run(&c, None, &["--config", &as_root], &ticket(&[]));
+    assert_eq!(status, 78, "{stderr}");
+    let message = parse(&stdout)["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        message.starts_with("cluster.test.submit_as: not set"),
+        "{message}"
+    );
+    assert!(message.contains("allow_root = true"), "{message}");
+
+    let submit_as = config_with(&c, dir.path(), "cli-submit-as.toml", |t| {
+        t.replace(
+            "backend = \"rest\"",
+            &format!("backend = \"cli\"\nsubmit_as = \"{user}\""),
+        )
+    });
+    let (status, stdout, stderr) = run(&c, None, &["--config", &submit_as], &ticket(&[]));
+    assert_eq!(status, 0, "{stderr}");
+    let job = parse(&stdout)["alloc"]["job"].as_u64().unwrap();
+    let owner = run_ok(
+        c.command("squeue")
+            .args(["-h", "-o", "%u", "-j", &job.to_string()]),
+    );
+    assert_eq!(owner.trim(), user);
+    let (status, _, stderr) = run(
+        &c,
+        None,
+        &["--config", &submit_as, "--cancel"],
+        stdout.trim(),
+    );
+    assert_eq!(status, 0, "{stderr}");
+    await_state(&c, job, &["CANCELLED"], Duration::from_secs(10));
 }
 
 #[test]

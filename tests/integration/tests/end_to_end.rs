@@ -8,6 +8,7 @@
 // A test fails by panicking: its helpers unwrap too.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::missing_panics_doc)]
 
+use std::path::PathBuf;
 use std::process::Output;
 
 use nsh_cluster_tests::{nsh_tool, run_ok, unique_salt, Cluster, NixVersion};
@@ -166,4 +167,162 @@ fn the_builder_gets_the_cores_slurm_gave_the_job() {
     assert!(out.status.success(), "{stderr}");
     let result = String::from_utf8_lossy(&out.stdout).trim().to_string();
     assert_eq!(std::fs::read_to_string(&result).unwrap().trim(), "3");
+}
+
+/// A site whose one cluster is the CLI backend, given to the daemon's hook
+/// the documented way (a wrapper that exports `NSH_CONFIG` and execs
+/// nsh-hook): the hook runs as root, the jobs are the build account's
+/// (`submit_as`), the nodes are reached as it, and every ticket says which
+/// configuration the hook read and why.
+#[test]
+fn a_cli_cluster_builds_through_the_daemon_as_the_build_account() {
+    use std::os::unix::fs::PermissionsExt;
+    let c = Cluster::get();
+    let user = c.user();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (config, tickets, wrapper) = cli_site(&c, dir.path());
+    let salt = unique_salt();
+    let out = c
+        .command("nix-build")
+        .arg(Cluster::repo_root().join("tests/demo/dag.nix"))
+        .args(["--argstr", "salt", &salt])
+        .args([
+            "--no-out-link",
+            "--max-jobs",
+            "0",
+            "-v",
+            "--option",
+            "build-hook",
+        ])
+        .arg(&wrapper)
+        .args(["--store", "daemon"])
+        .env_remove("NIX_REMOTE")
+        .output()
+        .expect("nix-build runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "nix-build failed:\n{stderr}");
+    // At -v the hook says which configuration it read, and why.
+    let said = format!(
+        "nsh-hook: configuration {} (from $NSH_CONFIG)",
+        config.display()
+    );
+    assert!(stderr.contains(&said), "{stderr}");
+
+    let log = std::fs::read_to_string(&tickets).unwrap();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 5, "{log}");
+    for t in &lines {
+        assert_eq!(t["hook"]["config"], config.display().to_string().as_str());
+        assert_eq!(t["hook"]["config_from"], "$NSH_CONFIG");
+        assert_eq!(t["hook"]["exit"], 0);
+        assert_eq!(t["alloc"]["backend"], "cli");
+        assert!(t["alloc"]["ssh"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{user}@")));
+        // The job was the build account's (Slurm keeps ended jobs a while).
+        let job = t["alloc"]["job"].as_u64().unwrap().to_string();
+        let shown = run_ok(c.command("scontrol").args(["show", "job", "-o", &job]));
+        assert!(shown.contains(&format!("UserId={user}(")), "{shown}");
+    }
+}
+
+/// A CLI-cluster site in `dir`: its nsh.toml (the cluster's, as the CLI
+/// backend submitting as the build account), where the tickets are logged,
+/// and the hook wrapper that gives nsh-hook both.
+fn cli_site(c: &Cluster, dir: &std::path::Path) -> (PathBuf, PathBuf, PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let user = c.user();
+    let config = dir.join("nsh.toml");
+    let text = std::fs::read_to_string(c.nsh_config()).unwrap().replace(
+        "backend = \"rest\"",
+        &format!("backend = \"cli\"\nsubmit_as = \"{user}\"\npriority = 1"),
+    );
+    std::fs::write(
+        &config,
+        format!(
+            "{text}\n[hook]\nslots_dir = \"{}\"\n",
+            dir.join("slots").display()
+        ),
+    )
+    .unwrap();
+    let tickets = dir.join("tickets.jsonl");
+    let slurm_conf = c
+        .envs()
+        .into_iter()
+        .find(|(k, _)| k == "SLURM_CONF")
+        .unwrap()
+        .1;
+    let wrapper = dir.join("nsh-hook-wrapper");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexport NSH_CONFIG={} NSH_TICKET_LOG={} SLURM_CONF={slurm_conf}\nexec {} \"$@\"\n",
+            config.display(),
+            tickets.display(),
+            nsh_tool("nsh-hook").display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+
+    (config, tickets, wrapper)
+}
+
+/// A cluster whose partition Slurm does not know, under the hook: the hook
+/// checks the cluster before its first build, sets it aside, and declines,
+/// so Nix builds the derivation locally (`--max-jobs 1`) instead of failing
+/// it; the verdict is kept beside the slots.
+#[test]
+fn a_broken_cluster_makes_the_hook_decline_so_nix_builds_locally() {
+    use std::os::unix::fs::PermissionsExt;
+    let c = Cluster::get();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (config, tickets, wrapper) = cli_site(&c, dir.path());
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("partition = \"build\"", "partition = \"nosuch\"");
+    std::fs::write(&config, text).unwrap();
+    let salt = unique_salt();
+    let expr = format!(
+        r#"builtins.derivation {{
+             name = "nsh-e2e-broken-{salt}";
+             system = builtins.currentSystem;
+             builder = "/bin/sh";
+             args = [ "-c" "echo built here > $out" ];
+           }}"#
+    );
+    let out = c
+        .command("nix-build")
+        .args(["-E", &expr, "--no-out-link", "--max-jobs", "1"])
+        .args(["--option", "build-hook"])
+        .arg(&wrapper)
+        .env_remove("NIX_REMOTE")
+        .output()
+        .expect("nix-build runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "nix-build failed:\n{stderr}");
+    assert!(
+        stderr.contains("nsh-hook: cluster test set aside")
+            && stderr.contains("cluster.test.partition = \"nosuch\""),
+        "{stderr}"
+    );
+    let result = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert_eq!(
+        std::fs::read_to_string(&result).unwrap().trim(),
+        "built here"
+    );
+    // Nothing went to Slurm: the hook accepted nothing.
+    assert!(
+        !tickets.exists(),
+        "{}",
+        std::fs::read_to_string(&tickets).unwrap()
+    );
+    let verdict = std::fs::read_to_string(dir.path().join("slots/test.broken")).unwrap();
+    assert!(verdict.contains("nosuch"), "{verdict}");
 }

@@ -168,9 +168,9 @@ fn a_cli_backend_cluster_is_green() {
             })
             .map(|l| {
                 if l.starts_with("backend =") {
-                    "backend = \"cli\""
+                    format!("backend = \"cli\"\nsubmit_as = \"{}\"", c.user())
                 } else {
-                    l
+                    l.to_string()
                 }
             })
             .collect::<Vec<_>>()
@@ -181,7 +181,26 @@ fn a_cli_backend_cluster_is_green() {
     for name in ["commands", "slurmctld", "partition", "feature big", "ssh"] {
         assert_eq!(find(&lines, "cluster", name)["status"], "ok", "{name}");
     }
-    assert!(detail(find(&lines, "cluster", "commands")).contains("sbatch"));
+    let commands = detail(find(&lines, "cluster", "commands"));
+    assert!(commands.contains("sbatch"), "{commands}");
+    assert!(
+        commands.ends_with(&format!("jobs run as {}", c.user())),
+        "{commands}"
+    );
+
+    // Run by root (as the hook is) without submit_as: red, naming the key.
+    let as_root = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(&format!("submit_as = \"{}\"", c.user()), "");
+    std::fs::write(&config, as_root).unwrap();
+    let (code, lines) = check(&c, &config, &["--no-daemon"]);
+    assert_eq!(code, 78, "{lines:#?}");
+    let submit = find(&lines, "cluster", "submit");
+    assert_eq!(submit["status"], "fail");
+    assert!(
+        detail(submit).contains("cluster.test.submit_as: not set"),
+        "{submit}"
+    );
 }
 
 #[test]

@@ -91,7 +91,10 @@ impl Site {
             "#!/bin/sh\n# --check-validity: every path exists\nwhile [ $# -gt 0 ]; do case $1 in --store) shift 2;; --*) shift;; *) [ -e \"$1\" ] || exit 1; shift;; esac; done\n",
         );
         let config = format!(
-            "[cluster.main]\nbackend = \"cli\"\nsystems = [\"x86_64-linux\"]\nsupported_features = [\"big-parallel\"]\nmax_jobs = {max_jobs}\n\n\
+            // allow_root: these tests run as root (on the stacks), and the
+            // fake tools submit nothing; without it the hook's check of the
+            // cluster sets it aside (tested in tests/integration).
+            "[cluster.main]\nbackend = \"cli\"\nallow_root = true\nsystems = [\"x86_64-linux\"]\nsupported_features = [\"big-parallel\"]\nmax_jobs = {max_jobs}\n\n\
              [hook]\nslots_dir = \"{}\"\nnix_bin_dir = \"{}\"\n{hook_section}\n",
             site.path("slots").display(),
             site.bin().display(),
@@ -477,6 +480,10 @@ fn assert_the_ticket_log(site: &Site) {
     assert_eq!(ticket["fetch"]["bytes"], 0);
     let hook = &ticket["hook"];
     assert_eq!(hook["exit"], 0);
+    // Which configuration, and why: from the first ticket, kept by every stage.
+    let config = site.path("nsh.toml").display().to_string();
+    assert_eq!(hook["config"], config.as_str());
+    assert_eq!(hook["config_from"], "$NSH_CONFIG");
     let stages = hook["stages"].as_object().unwrap();
     let names: Vec<&str> = stages.keys().map(String::as_str).collect();
     assert_eq!(

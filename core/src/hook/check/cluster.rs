@@ -82,11 +82,15 @@ fn reach_slurm(
                 .collect();
             match found {
                 Ok(paths) => {
-                    // The jobs are this user's: sbatch submits as whoever runs it.
+                    // The jobs are the submitter's: submit_as, else whoever runs sbatch.
                     let detail = format!(
                         "{}; jobs run as {}",
                         list(&paths),
-                        crate::sys::process::user_name()
+                        cluster
+                            .submit
+                            .submit_as
+                            .clone()
+                            .unwrap_or_else(crate::sys::process::user_name)
                     );
                     lines.push(Line::ok(scope, "commands", detail));
                 }
@@ -95,7 +99,13 @@ fn reach_slurm(
                     return None;
                 }
             }
-            Slurm::Cli
+            match Slurm::connect(cluster) {
+                Ok(slurm) => slurm,
+                Err(failure) => {
+                    lines.push(Line::fail(scope, "submit", failure));
+                    return None;
+                }
+            }
         }
     };
     let started = Instant::now();
@@ -356,7 +366,7 @@ fn check_ssh(
         "" => "nix-store".to_string(),
         dir => format!("{dir}/nix-store"),
     };
-    let ssh = Ssh::new(&destination, &config.ssh);
+    let ssh = Ssh::new(&destination, &config.ssh_for(&cluster.name));
     let mut command = ssh.command(&[&nix_store, "--version"]);
     command.stdin(std::process::Stdio::null());
     let started = Instant::now();

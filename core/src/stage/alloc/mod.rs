@@ -36,7 +36,7 @@ pub struct Placement {
 /// also waits for its request and for the outputs to be fetched.
 const TIMEOUT_MARGIN_MIN: u32 = 10;
 
-/// Picks the first cluster (in name order) that fits the derivation, or
+/// Picks the first cluster (higher `priority` first, then name order) that fits the derivation, or
 /// says, cluster by cluster, why none does (bad input, exit 65).
 pub fn place(
     config: &Config,
@@ -44,7 +44,11 @@ pub fn place(
     options: Option<&BuildOptions>,
 ) -> Result<Placement, Failure> {
     let mut why = Vec::new();
-    for cluster in config.clusters.values() {
+    // The documented order: higher `priority` first, then by name (the
+    // hook, which knows the loads, has chosen already: NSH_CLUSTER).
+    let mut clusters: Vec<&Cluster> = config.clusters.values().collect();
+    clusters.sort_by_key(|c| std::cmp::Reverse(c.priority));
+    for cluster in clusters {
         match place_on(cluster, drv, options) {
             Ok(placement) => return Ok(placement),
             Err(reason) => why.push(format!("cluster {}: {reason}", cluster.name)),
@@ -378,7 +382,7 @@ pub fn allocate(
     let submitted = Instant::now();
     let job = slurm
         .submit(&request)
-        .map_err(|f| f.context(format!("cluster {}", cluster.name)))?;
+        .map_err(|f| crate::slurm::rejection::classify_submit(cluster, &request, f))?;
     times.submit = submitted.elapsed();
     log_debug!("{}: job {job} submitted", cluster.name);
 
@@ -532,7 +536,8 @@ pub fn cancel(
             .map(|socket| socket.display().to_string());
     }
     if with_master.control.is_some() {
-        crate::stage::ssh::Ssh::for_alloc(&with_master, &config.ssh).stop_master();
+        crate::stage::ssh::Ssh::for_alloc(&with_master, &config.ssh_for(&alloc.cluster))
+            .stop_master();
     }
     cancelled?;
     alloc.extra.insert("cancelled".into(), true.into());

@@ -177,7 +177,7 @@ pub fn fetch(
         extra: crate::ticket::Extra::default(),
     });
     if result.is_ok() && !options.keep_job {
-        let ssh = Ssh::for_alloc(&alloc, &config.ssh);
+        let ssh = Ssh::for_alloc(&alloc, &config.ssh_for(&alloc.cluster));
         release(&ssh, &alloc);
         ssh.stop_master();
     }
@@ -249,7 +249,7 @@ fn fetch_once(
     place: &Place,
     progress: &mut dyn TransferProgress,
 ) -> Result<(Vec<StorePath>, u64), Failure> {
-    let ssh = Ssh::ensure_master(alloc, &config.ssh)?;
+    let ssh = Ssh::ensure_master(alloc, &config.ssh_for(&alloc.cluster))?;
     let argv = crate::stage::ssh::remote_serve_argv(&config.remote);
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
     let mut remote = ServeProcess::from_command(ssh.command(&argv), ssh.describe())?;

@@ -233,7 +233,7 @@ impl Runner<'_> {
                 self.config.path.display()
             ))
         })?;
-        let ssh = Ssh::ensure_master(alloc, &self.config.ssh)?;
+        let ssh = Ssh::ensure_master(alloc, &self.config.ssh_for(&alloc.cluster))?;
         let alloc = alloc.clone();
         let slurm = self.clusters.get(cluster)?;
         let job = Job {
