@@ -824,16 +824,7 @@ const ENDLESS_AFTER: &str = "import os, sys\n\
 /// it appears here, whichever import method.
 #[test]
 fn a_nar_corrupted_in_transit_is_refused_by_hash_and_leaves_nothing() {
-    let c = Cluster::get();
-    let dir = tempfile_dir();
-    let config = config_with_node_filter(&c, &dir, FLIP_ONE_BYTE, "200000");
-    fetch_is_refused(
-        &c,
-        &config,
-        &|| build_on_node(&c, &unique_salt(), 1_000_000),
-        "NAR hash mismatch",
-    );
-    let _ = std::fs::remove_dir_all(&dir);
+    tampered_fetch_is_refused(FLIP_ONE_BYTE, "NAR hash mismatch");
 }
 
 /// A hostile node streams without end once 200 kB of the answers are out:
@@ -842,14 +833,20 @@ fn a_nar_corrupted_in_transit_is_refused_by_hash_and_leaves_nothing() {
 /// structure), in bounded time and memory.
 #[test]
 fn an_endless_stream_from_the_node_is_cut_at_the_declared_size() {
+    tampered_fetch_is_refused(ENDLESS_AFTER, "NAR");
+}
+
+/// A 1 MB output built on the node and fetched through `filter` (given
+/// 200000, where it starts to tamper) is refused with `words`.
+fn tampered_fetch_is_refused(filter: &str, words: &str) {
     let c = Cluster::get();
     let dir = tempfile_dir();
-    let config = config_with_node_filter(&c, &dir, ENDLESS_AFTER, "200000");
+    let config = config_with_node_filter(&c, &dir, filter, "200000");
     fetch_is_refused(
         &c,
         &config,
         &|| build_on_node(&c, &unique_salt(), 1_000_000),
-        "NAR",
+        words,
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
