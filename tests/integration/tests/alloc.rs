@@ -126,6 +126,22 @@ fn config_with(c: &Cluster, dir: &Path, name: &str, edit: impl Fn(String) -> Str
     path.display().to_string()
 }
 
+/// The cluster's nsh.toml with `token_file` set to `token_file`.
+fn with_token_file(c: &Cluster, dir: &Path, name: &str, token_file: &Path) -> String {
+    config_with(c, dir, name, |t| {
+        t.lines()
+            .map(|l| {
+                if l.starts_with("token_file") {
+                    format!("token_file = \"{}\"", token_file.display())
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    })
+}
+
 fn shared_tempdir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -273,18 +289,7 @@ fn a_refused_token_is_a_config_error_naming_the_key_and_never_printed() {
     let canary = "nsh-canary-token-5f1d2c";
     let token_file = dir.path().join("bad.jwt");
     std::fs::write(&token_file, format!("SLURM_JWT={canary}\n")).unwrap();
-    let config = config_with(&c, dir.path(), "bad-token.toml", |t| {
-        t.lines()
-            .map(|l| {
-                if l.starts_with("token_file") {
-                    format!("token_file = \"{}\"", token_file.display())
-                } else {
-                    l.to_string()
-                }
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
-    });
+    let config = with_token_file(&c, dir.path(), "bad-token.toml", &token_file);
     let (status, stdout, stderr) = run(&c, None, &["--config", &config], &ticket(&[]));
     assert_eq!(status, 78, "{stderr}");
     assert!(
@@ -350,18 +355,12 @@ fn what_slurm_refuses_is_a_config_error_naming_the_key_and_value() {
         // Not tried again: one attempt, no "trying again" warning.
         assert!(!stderr.contains("trying again"), "{stderr}");
     }
-    let missing = config_with(&c, dir.path(), "no-token.toml", |t| {
-        t.lines()
-            .map(|l| {
-                if l.starts_with("token_file") {
-                    "token_file = \"/nonexistent/nsh.jwt\"".to_string()
-                } else {
-                    l.to_string()
-                }
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
-    });
+    let missing = with_token_file(
+        &c,
+        dir.path(),
+        "no-token.toml",
+        Path::new("/nonexistent/nsh.jwt"),
+    );
     let (status, stdout, stderr) = run(&c, None, &["--config", &missing], &ticket(&[]));
     assert_eq!(status, 78, "{stderr}");
     let message = parse(&stdout)["error"]["message"]
