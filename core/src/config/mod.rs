@@ -953,30 +953,6 @@ request_timeout = "5m"
             ("bad_backend", "[cluster.c]\nbackend = \"ssh\"\nsystems = [\"x\"]\n".into()),
             ("rest_without_url", "[cluster.c]\nsystems = [\"x\"]\n".into()),
             (
-                "https_without_token",
-                "[cluster.c]\nurl = \"https://h:6820\"\nuser = \"u\"\nsystems = [\"x\"]\n".into(),
-            ),
-            (
-                "ca_file_without_https",
-                "[cluster.c]\nurl = \"unix:/s\"\nca_file = \"/etc/ca.pem\"\nsystems = [\"x\"]\n".into(),
-            ),
-            (
-                "relative_ca_file",
-                "[cluster.c]\nurl = \"https://h\"\nca_file = \"ca.pem\"\nsystems = [\"x\"]\n".into(),
-            ),
-            (
-                "http_without_token",
-                "[cluster.c]\nurl = \"http://h:6820\"\nuser = \"u\"\nsystems = [\"x\"]\n".into(),
-            ),
-            (
-                "token_without_user",
-                "[cluster.c]\nurl = \"http://h:6820\"\ntoken_file = \"/t\"\nsystems = [\"x\"]\n".into(),
-            ),
-            (
-                "both_token_sources",
-                "[cluster.c]\nurl = \"http://h:6820\"\nuser = \"u\"\ntoken_file = \"/t\"\ntoken_command = [\"scontrol\"]\nsystems = [\"x\"]\n".into(),
-            ),
-            (
                 "unknown_api",
                 "[cluster.c]\nurl = \"unix:/s\"\napi = \"v0.0.37\"\nsystems = [\"x\"]\n".into(),
             ),
@@ -1020,6 +996,42 @@ request_timeout = "5m"
                 format!("{MINIMAL}[cluster.c.ssh]\nidentity = \"id\"\n"),
             ),
         ];
+        snapshot_errors(cases);
+    }
+
+    #[test]
+    fn address_and_token_errors_name_the_key() {
+        let cases: &[(&str, String)] = &[
+            (
+                "https_without_token",
+                "[cluster.c]\nurl = \"https://h:6820\"\nuser = \"u\"\nsystems = [\"x\"]\n".into(),
+            ),
+            (
+                "ca_file_without_https",
+                "[cluster.c]\nurl = \"unix:/s\"\nca_file = \"/etc/ca.pem\"\nsystems = [\"x\"]\n".into(),
+            ),
+            (
+                "relative_ca_file",
+                "[cluster.c]\nurl = \"https://h\"\nca_file = \"ca.pem\"\nsystems = [\"x\"]\n".into(),
+            ),
+            (
+                "http_without_token",
+                "[cluster.c]\nurl = \"http://h:6820\"\nuser = \"u\"\nsystems = [\"x\"]\n".into(),
+            ),
+            (
+                "token_without_user",
+                "[cluster.c]\nurl = \"http://h:6820\"\ntoken_file = \"/t\"\nsystems = [\"x\"]\n".into(),
+            ),
+            (
+                "both_token_sources",
+                "[cluster.c]\nurl = \"http://h:6820\"\nuser = \"u\"\ntoken_file = \"/t\"\ntoken_command = [\"scontrol\"]\nsystems = [\"x\"]\n".into(),
+            ),
+        ];
+        snapshot_errors(cases);
+    }
+
+    /// Each case's error starts with the file and matches its snapshot.
+    fn snapshot_errors(cases: &[(&str, String)]) {
         for (name, text) in cases {
             let message = error(text);
             assert!(
