@@ -9,6 +9,8 @@
 //!   what they share: ssh to the node, retry, release, progress;
 //! * [`hook`]: `nsh-hook`: the build-hook protocol, the decision, the
 //!   pipeline, slots, and `--check`;
+//! * [`pool`]: running jobs kept for later builds (allocation reuse), in
+//!   the [`runtime`] directory;
 //! * [`sys`]: the system calls std lacks, the crate's only `unsafe`;
 //! * at the top: the [`ticket`], the [`tool`] loop every stage runs, the
 //!   [`error`]s and their [`exit`] statuses, the [`log`], the [`config`].
@@ -22,6 +24,8 @@ pub mod exit;
 pub mod hook;
 pub mod log;
 pub mod nix;
+pub mod pool;
+pub mod runtime;
 pub mod slurm;
 pub mod stage;
 pub mod sys;

@@ -4,10 +4,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::raw::{NumberOrText, RawCluster, RawLimits};
-use super::values::{is_slurm_word, parse_mem_mb, parse_minutes, parse_seconds, parse_url};
+use super::values::{
+    is_slurm_word, parse_mem_mb, parse_minutes, parse_minutes_or_zero, parse_seconds,
+    parse_seconds_or_zero, parse_url,
+};
 use super::{
     ApiChoice, Backend, Cluster, FeatureRequest, Limits, Problems, RestUrl, TokenSource,
-    DEFAULT_MAX_JOBS, DEFAULT_QUEUE_TIMEOUT_S, DEFAULT_TIME_LIMIT_MIN,
+    DEFAULT_LINGER_S, DEFAULT_MAX_JOBS, DEFAULT_QUEUE_TIMEOUT_S, DEFAULT_REUSE_TIME_MIN,
+    DEFAULT_TIME_LIMIT_MIN,
 };
 use crate::error::Failure;
 
@@ -56,6 +60,20 @@ pub(super) fn validate(
         problems,
     )?
     .unwrap_or(DEFAULT_QUEUE_TIMEOUT_S);
+    let linger_s = optional(
+        rc.linger.as_ref(),
+        parse_seconds_or_zero,
+        "linger",
+        problems,
+    )?
+    .unwrap_or(DEFAULT_LINGER_S);
+    let reuse_time_min = optional(
+        rc.reuse_time.as_ref(),
+        parse_minutes_or_zero,
+        "reuse_time",
+        problems,
+    )?
+    .unwrap_or(DEFAULT_REUSE_TIME_MIN);
     let limits = limits(&rc.limits, time_limit_min, problems)?;
     for (key, value) in [
         ("partition", &rc.partition),
@@ -84,6 +102,8 @@ pub(super) fn validate(
         max_jobs,
         time_limit_min,
         queue_timeout_s,
+        linger_s,
+        reuse_time_min,
         limits,
         features: rc.features,
     })

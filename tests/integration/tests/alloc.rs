@@ -134,7 +134,7 @@ fn shared_tempdir() -> tempfile::TempDir {
 
 #[test]
 fn rest_lands_on_the_big_node_and_release_ends_the_job() {
-    let c = Cluster::get();
+    let c = Cluster::get().one_job_per_build();
     let (status, stdout, stderr) = run(&c, None, &[], &ticket(&["big"]));
     assert_eq!(status, 0, "{stderr}");
     let token = c.token();
@@ -177,7 +177,7 @@ fn rest_lands_on_the_big_node_and_release_ends_the_job() {
 
 #[test]
 fn rest_cancel_ends_the_job_and_removes_its_work_dir() {
-    let c = Cluster::get();
+    let c = Cluster::get().one_job_per_build();
     let (status, stdout, stderr) = run(&c, None, &[], &ticket(&[]));
     assert_eq!(status, 0, "{stderr}");
     let t = parse(&stdout);
@@ -185,41 +185,10 @@ fn rest_cancel_ends_the_job_and_removes_its_work_dir() {
     let node = t["alloc"]["node"].as_str().unwrap().to_string();
     let work = t["alloc"]["work"].as_str().unwrap().to_string();
 
-    // A ControlMaster as the other tools would have left it.
-    let dir = shared_tempdir();
-    let control = dir.path().join("cm");
-    let master = Command::new("ssh")
-        .args([
-            "-F",
-            &c.ssh_config(),
-            "-o",
-            "ControlMaster=yes",
-            "-o",
-            "ControlPersist=60",
-        ])
-        .arg("-o")
-        .arg(format!("ControlPath={}", control.display()))
-        .args(["-f", "-N", &node])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(master.success());
-    assert!(control.exists());
-    let mut t = t;
-    t["alloc"]["control"] = Value::String(control.display().to_string());
-
+    // (The node's ssh master is shared by every build there and outlives
+    // jobs: a cancel leaves it; transport.rs tests it.)
     let (status, out, stderr) = run(&c, None, &["--cancel"], &t.to_string());
     assert_eq!(status, 0, "{stderr}");
-    let start = Instant::now();
-    while control.exists() {
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "the ControlMaster stays"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
     let cancelled = parse(&out);
     assert_eq!(cancelled["alloc"]["cancelled"], true);
     assert_eq!(cancelled["alloc"]["job"], job);
@@ -236,7 +205,7 @@ fn rest_cancel_ends_the_job_and_removes_its_work_dir() {
 
 #[test]
 fn cli_backend_as_the_build_user() {
-    let c = Cluster::get();
+    let c = Cluster::get().one_job_per_build();
     let dir = shared_tempdir();
     let config = config_with(&c, dir.path(), "cli.toml", |t| {
         t.replace("backend = \"rest\"", "backend = \"cli\"")
@@ -268,7 +237,7 @@ fn cli_backend_as_the_build_user() {
 
 #[test]
 fn a_refused_token_is_transient_and_never_printed() {
-    let c = Cluster::get();
+    let c = Cluster::get().one_job_per_build();
     let dir = shared_tempdir();
     let canary = "nsh-canary-token-5f1d2c";
     let token_file = dir.path().join("bad.jwt");
@@ -319,7 +288,7 @@ fn a_refused_token_is_transient_and_never_printed() {
 
 #[test]
 fn nothing_fits_and_bad_config() {
-    let c = Cluster::get();
+    let c = Cluster::get().one_job_per_build();
     let (status, stdout, _) = run(&c, None, &[], &ticket(&["kvm"]));
     assert_eq!(status, 65);
     assert!(parse(&stdout)["error"]["message"]
@@ -343,7 +312,7 @@ fn nothing_fits_and_bad_config() {
 /// interrupted by SIGTERM while pending (cancelled).
 #[test]
 fn queue_timeout_and_signals_cancel_the_pending_job() {
-    let c = Cluster::get();
+    let c = Cluster::get().one_job_per_build();
     let dir = shared_tempdir();
     let config = config_with(&c, dir.path(), "full.toml", |t| {
         t.replace(
@@ -419,7 +388,7 @@ fn queue_timeout_and_signals_cancel_the_pending_job() {
 #[test]
 fn rest_over_a_unix_socket_with_local_auth() {
     use std::os::unix::process::CommandExt;
-    let c = Cluster::get();
+    let c = Cluster::get().one_job_per_build();
     let user = c.user();
     let id = |flag: &str| -> u32 {
         run_ok(Command::new("id").args([flag, &user]))
@@ -486,7 +455,7 @@ fn rest_over_a_unix_socket_with_local_auth() {
 /// the sentinel with the ticket's nonce, the status file, and release.
 #[test]
 fn the_job_serves_a_request_with_the_nodes_nix_store() {
-    let c = Cluster::get();
+    let c = Cluster::get().one_job_per_build();
     let (status, stdout, stderr) = run(&c, None, &[], &ticket(&[]));
     assert_eq!(status, 0, "{stderr}");
     let t = parse(&stdout);
@@ -544,7 +513,7 @@ fn the_job_serves_a_request_with_the_nodes_nix_store() {
 /// reach Slurm as asked, through both backends.
 #[test]
 fn resources_and_time_limits_reach_slurm() {
-    let c = Cluster::get();
+    let c = Cluster::get().one_job_per_build();
     let dir = shared_tempdir();
     let cli = config_with(&c, dir.path(), "cli.toml", |t| {
         t.replace("backend = \"rest\"", "backend = \"cli\"")
@@ -599,7 +568,7 @@ fn resources_and_time_limits_reach_slurm() {
 /// in the cluster's state directory, for the matrix `scripts/test` prints.
 #[test]
 fn every_rest_api_version_the_server_offers_submits_reads_and_cancels() {
-    let c = Cluster::get();
+    let c = Cluster::get().one_job_per_build();
     let offered = c.rest_versions();
     assert!(!offered.is_empty(), "slurmrestd serves no version");
     let dir = shared_tempdir();

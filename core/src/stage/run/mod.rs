@@ -209,7 +209,7 @@ impl Runner<'_> {
                 self.config.path.display()
             ))
         })?;
-        let ssh = Ssh::ensure_master(alloc, &self.config.ssh)?;
+        let ssh = Ssh::ensure_master(alloc, self.config)?;
         let alloc = alloc.clone();
         let slurm = self.clusters.get(cluster)?;
         let job = Job {
@@ -221,9 +221,10 @@ impl Runner<'_> {
                 alloc.node, alloc.cluster, alloc.job
             ),
         };
-        // Every way out but a successful build lets the job end now:
-        // nothing will be fetched.
-        let release = ReleaseOnDrop::new(&ssh, &alloc);
+        // Every way out but a successful build lets the job end now
+        // (nothing will be fetched), or, when the build failed on its own,
+        // gives a pooled job back for the next build.
+        let release = ReleaseOnDrop::new(&ssh, &alloc, cluster.linger_s > 0);
         log_info!("building {} on {}", build.drv_path, job.place);
         let watch = Watch {
             check_every: self.job_check_interval,
@@ -233,6 +234,8 @@ impl Runner<'_> {
         ticket.run = Some(section);
         if outcome.is_ok() {
             release.keep();
+        } else {
+            release.give_back();
         }
         outcome
     }
