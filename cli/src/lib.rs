@@ -9,14 +9,14 @@
 
 pub mod progress;
 
-use nsh_core::config::Config;
+use nsh_core::Config;
 use nsh_core::{ExitStatus, Failure};
 
 /// The start of every tool's `main`: names the tool in log lines and parses
 /// its command line. `--help` and `--version` end the process here with 0, a
 /// usage error with 64 (clap's own message on stderr).
 pub fn start<A: clap::Parser>(program: &str) -> A {
-    nsh_core::log::set_program(program);
+    nsh_core::set_program(program);
     match A::try_parse() {
         Ok(args) => args,
         Err(e) => std::process::exit(clap_exit_code(&e)),

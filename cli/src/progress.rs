@@ -6,8 +6,8 @@ use std::io::IsTerminal;
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use nsh_core::slurm::JobInfo;
-use nsh_core::stage::progress::{
+use nsh_core::progress::JobInfo;
+use nsh_core::progress::{
     describe_wait, LogQueueProgress, LogTransferProgress, QueueProgress, TransferProgress,
 };
 

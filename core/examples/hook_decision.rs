@@ -12,11 +12,11 @@ use std::hint::black_box;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use nsh_core::hook::config::HookConfig;
-use nsh_core::hook::decision::{decide, ClusterCaps, LocalCaps};
-use nsh_core::hook::protocol::{Reply, Request, Settings, Try};
-use nsh_core::hook::slots::SlotDir;
-use nsh_core::hook::{decide_and_lock, Locked};
+use nsh_core::build_hook::HookConfig;
+use nsh_core::build_hook::SlotDir;
+use nsh_core::build_hook::{decide, ClusterCaps, LocalCaps};
+use nsh_core::build_hook::{decide_and_lock, Locked};
+use nsh_core::build_hook::{Reply, Request, Settings, Try};
 
 fn clusters(n: usize, max_jobs: u32) -> Vec<ClusterCaps> {
     (0..n)
@@ -38,7 +38,9 @@ fn the_try() -> Try {
     Try {
         am_willing: true,
         needed_system: "x86_64-linux".into(),
-        drv_path: "/nix/store/1cj0fhkr5qn18x1zz61vdjrb58cfnzp5-hello-2.12.1.drv".into(),
+        drv_path: "/nix/store/1cj0fhkr5qn18x1zz61vdjrb58cfnzp5-hello-2.12.1.drv"
+            .parse()
+            .unwrap(),
         required_features: vec!["big-parallel".into()],
     }
 }

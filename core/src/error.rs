@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-/// What kind of failure, which decides the exit status (see [`crate::exit`]).
+/// What kind of failure, which decides the exit status (see `crate::exit`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Kind {
@@ -34,22 +34,10 @@ pub enum Kind {
     Config,
 }
 
-impl Kind {
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Kind::Permanent => "permanent",
-            Kind::Transient => "transient",
-            Kind::TimedOut => "timed-out",
-            Kind::Usage => "usage",
-            Kind::Input => "input",
-            Kind::Config => "config",
-        }
-    }
-}
-
+/// The ticket's name (`timed-out`), for messages.
 impl fmt::Display for Kind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        f.write_str(&crate::derive::serde_name(self))
     }
 }
 
@@ -139,21 +127,27 @@ impl Failure {
         None
     }
 
+    /// The build itself failed; retrying will not help.
     pub fn permanent(message: impl Into<String>) -> Failure {
         Failure::new(Kind::Permanent, message)
     }
+    /// Cluster, network or node trouble; retrying may help.
     pub fn transient(message: impl Into<String>) -> Failure {
         Failure::new(Kind::Transient, message)
     }
+    /// Out of time.
     pub fn timed_out(message: impl Into<String>) -> Failure {
         Failure::new(Kind::TimedOut, message)
     }
+    /// A wrong command line.
     pub fn usage(message: impl Into<String>) -> Failure {
         Failure::new(Kind::Usage, message)
     }
+    /// Wrong input: a ticket, a derivation, a store path.
     pub fn input(message: impl Into<String>) -> Failure {
         Failure::new(Kind::Input, message)
     }
+    /// A wrong configuration.
     pub fn config(message: impl Into<String>) -> Failure {
         Failure::new(Kind::Config, message)
     }

@@ -4,37 +4,31 @@
 
 use crate::error::Kind;
 
-/// How a tool ended. `code()` is the process exit status.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum ExitStatus {
-    /// Everything asked for was done.
-    Ok,
-    /// The build itself failed; retrying will not help.
-    Permanent,
-    /// Cluster, network or node trouble; retrying may work (`EX_TEMPFAIL`).
-    Transient,
-    /// The build or the wait for it ran out of time (Nix's own "timed out" status).
-    TimedOut,
-    /// The command line was wrong (`EX_USAGE`).
-    Usage,
-    /// The input (a ticket, a derivation, a store path) was wrong (`EX_DATAERR`).
-    BadInput,
-    /// The configuration is wrong (`EX_CONFIG`).
-    BadConfig,
+crate::derive::numbered_enum! {
+    /// How a tool ended; the number is the process exit status.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+    pub enum ExitStatus: i32 {
+        /// Everything asked for was done.
+        Ok = 0,
+        /// The build itself failed; retrying will not help.
+        Permanent = 1,
+        /// Cluster, network or node trouble; retrying may work (`EX_TEMPFAIL`).
+        Transient = 75,
+        /// The build or the wait for it ran out of time (Nix's own "timed out" status).
+        TimedOut = 101,
+        /// The command line was wrong (`EX_USAGE`).
+        Usage = 64,
+        /// The input (a ticket, a derivation, a store path) was wrong (`EX_DATAERR`).
+        BadInput = 65,
+        /// The configuration is wrong (`EX_CONFIG`).
+        BadConfig = 78,
+    }
 }
 
 impl ExitStatus {
     /// The process exit status.
     pub const fn code(self) -> i32 {
-        match self {
-            ExitStatus::Ok => 0,
-            ExitStatus::Permanent => 1,
-            ExitStatus::Transient => 75,
-            ExitStatus::TimedOut => 101,
-            ExitStatus::Usage => 64,
-            ExitStatus::BadInput => 65,
-            ExitStatus::BadConfig => 78,
-        }
+        self as i32
     }
 
     /// The status a failure of this kind ends with.
@@ -47,20 +41,6 @@ impl ExitStatus {
             Kind::Input => ExitStatus::BadInput,
             Kind::Config => ExitStatus::BadConfig,
         }
-    }
-
-    /// Inverse of [`ExitStatus::code`], for a pipeline that reads a child's status.
-    pub const fn from_code(code: i32) -> Option<ExitStatus> {
-        Some(match code {
-            0 => ExitStatus::Ok,
-            1 => ExitStatus::Permanent,
-            75 => ExitStatus::Transient,
-            101 => ExitStatus::TimedOut,
-            64 => ExitStatus::Usage,
-            65 => ExitStatus::BadInput,
-            78 => ExitStatus::BadConfig,
-            _ => return None,
-        })
     }
 }
 
@@ -89,10 +69,10 @@ mod tests {
         for kind in all {
             let status = ExitStatus::of(kind);
             assert!(seen.insert(status.code()), "duplicate code for {kind:?}");
-            assert_eq!(ExitStatus::from_code(status.code()), Some(status));
+            assert_eq!(ExitStatus::try_from(status.code()), Ok(status));
         }
-        assert_eq!(ExitStatus::from_code(0), Some(ExitStatus::Ok));
-        assert_eq!(ExitStatus::from_code(2), None);
+        assert_eq!(ExitStatus::try_from(0), Ok(ExitStatus::Ok));
+        assert_eq!(ExitStatus::try_from(2), Err(2));
     }
 
     #[test]

@@ -7,17 +7,25 @@
 use std::io::Write;
 use std::sync::OnceLock;
 
+/// How much `NSH_LOG` lets through, least first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Level {
+    /// Failures only (`error`, `quiet`).
     Error = 1,
+    /// And warnings (`warn`).
     Warn = 2,
+    /// And what happens (`info`, the default).
     Info = 3,
+    /// And the details (`debug`).
     Debug = 4,
+    /// Everything (`trace`).
     Trace = 5,
 }
 
 impl Level {
     /// Parses an `NSH_LOG` value; unknown values mean the default, `info`.
+    /// Written out, not derived: the setting takes aliases (`quiet`,
+    /// `warning`), any case, and never fails.
     pub fn parse(s: &str) -> Level {
         match s.trim().to_ascii_lowercase().as_str() {
             "error" | "quiet" => Level::Error,
@@ -62,11 +70,15 @@ pub fn write(level: Level, args: std::fmt::Arguments<'_>) {
     let _ = std::io::stderr().lock().write_all(line.as_bytes());
 }
 
+/// Logs a failure to stderr, prefixed with the tool's name.
 #[macro_export]
-macro_rules! log_error { ($($t:tt)*) => { $crate::log::write($crate::log::Level::Error, format_args!($($t)*)) } }
+macro_rules! log_error { ($($t:tt)*) => { $crate::__log_write($crate::__LogLevel::Error, format_args!($($t)*)) } }
+/// Logs a warning to stderr (unless `NSH_LOG=error`).
 #[macro_export]
-macro_rules! log_warn { ($($t:tt)*) => { $crate::log::write($crate::log::Level::Warn, format_args!($($t)*)) } }
+macro_rules! log_warn { ($($t:tt)*) => { $crate::__log_write($crate::__LogLevel::Warn, format_args!($($t)*)) } }
+/// Logs what happens to stderr (the default level).
 #[macro_export]
-macro_rules! log_info { ($($t:tt)*) => { $crate::log::write($crate::log::Level::Info, format_args!($($t)*)) } }
+macro_rules! log_info { ($($t:tt)*) => { $crate::__log_write($crate::__LogLevel::Info, format_args!($($t)*)) } }
+/// Logs details to stderr with `NSH_LOG=debug`.
 #[macro_export]
-macro_rules! log_debug { ($($t:tt)*) => { $crate::log::write($crate::log::Level::Debug, format_args!($($t)*)) } }
+macro_rules! log_debug { ($($t:tt)*) => { $crate::__log_write($crate::__LogLevel::Debug, format_args!($($t)*)) } }

@@ -16,6 +16,7 @@ use serde_json::{Map, Value};
 use crate::config::Backend;
 use crate::error::{Failure, Kind};
 use crate::nix::serve::BuildStatus;
+use crate::nix::store_path::StorePath;
 
 /// The ticket format version this library writes and understands.
 pub const TICKET_VERSION: u32 = 1;
@@ -23,37 +24,48 @@ pub const TICKET_VERSION: u32 = 1;
 /// Unknown fields, kept in their original order and re-emitted as they were.
 pub type Extra = Map<String, Value>;
 
+/// One ticket: a section per tool that has run, and whatever else it carried.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Ticket {
     /// Format version; a ticket with a newer major version is refused.
     pub v: u32,
+    /// The derivation (`nsh-hook`, `nsh-closure`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drv: Option<DrvSection>,
+    /// The local store (`nsh-hook`, `nsh-closure`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store: Option<StoreSection>,
+    /// Nix's build settings (`nsh-hook`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub options: Option<BuildOptions>,
+    /// The input closure (`nsh-closure`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub closure: Option<ClosureSection>,
+    /// The Slurm job (`nsh-alloc`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub alloc: Option<AllocSection>,
+    /// What was copied to the node (`nsh-push`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub push: Option<PushSection>,
+    /// How the build ended (`nsh-run`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run: Option<RunSection>,
+    /// What was copied back (`nsh-fetch`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fetch: Option<FetchSection>,
+    /// The first failure, by the stage where it happened.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<TicketError>,
+    /// Fields this nsh does not know (a newer tool's, a site's), kept in order.
     #[serde(flatten)]
     pub extra: Extra,
 }
 
 /// What the derivation is: written by `nsh-closure`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DrvSection {
     /// The `.drv` store path.
-    pub path: String,
+    pub path: StorePath,
     /// The derivation's `name`.
     #[serde(default)]
     pub name: String,
@@ -66,7 +78,7 @@ pub struct DrvSection {
     /// Output name → output path; `None` (written `""`) for an output whose
     /// path is not known in advance, as for content-addressed derivations.
     #[serde(default, with = "unknown_as_empty")]
-    pub outputs: BTreeMap<String, Option<String>>,
+    pub outputs: BTreeMap<String, Option<StorePath>>,
     /// The outputs the caller wants (names).
     #[serde(default)]
     pub wanted: Vec<String>,
@@ -75,6 +87,22 @@ pub struct DrvSection {
     pub resources: Resources,
     #[serde(flatten)]
     pub extra: Extra,
+}
+
+impl DrvSection {
+    /// The section of a derivation known only by its path.
+    pub fn new(path: StorePath) -> DrvSection {
+        DrvSection {
+            path,
+            name: String::new(),
+            system: String::new(),
+            features: Vec::new(),
+            outputs: BTreeMap::new(),
+            wanted: Vec::new(),
+            resources: Resources::default(),
+            extra: Extra::default(),
+        }
+    }
 }
 
 /// A per-derivation resource request (`nshResources`), bounded by configuration.
@@ -113,14 +141,19 @@ pub struct StoreSection {
 /// Zero means "no limit", as in Nix.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct BuildOptions {
+    /// Nix's `max-silent-time`, seconds.
     #[serde(default)]
     pub max_silent_time: u64,
+    /// Nix's `timeout`, seconds.
     #[serde(default)]
     pub timeout: u64,
+    /// Nix's `max-log-size`, bytes.
     #[serde(default)]
     pub max_log_size: u64,
+    /// Nix's `keep-failed`.
     #[serde(default)]
     pub keep_failed: bool,
+    /// Fields this nsh does not know, kept.
     #[serde(flatten)]
     pub extra: Extra,
 }
@@ -130,7 +163,7 @@ pub struct BuildOptions {
 pub struct ClosureSection {
     /// Store paths, closed under references, in dependency order
     /// (a path comes after every path it refers to).
-    pub paths: Vec<String>,
+    pub paths: Vec<StorePath>,
     /// Sum of the NAR sizes of `paths`.
     pub nar_size: u64,
     #[serde(flatten)]
@@ -175,6 +208,7 @@ pub struct AllocSection {
     /// Seconds since the job started, when it was handed to this build.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub age: Option<u64>,
+    /// Fields this nsh does not know, kept.
     #[serde(flatten)]
     pub extra: Extra,
 }
@@ -209,7 +243,7 @@ pub struct RunSection {
     pub stop: u64,
     /// Output name → output path of what was built.
     #[serde(default)]
-    pub built_outputs: BTreeMap<String, String>,
+    pub built_outputs: BTreeMap<String, StorePath>,
     #[serde(flatten)]
     pub extra: Extra,
 }
@@ -217,7 +251,8 @@ pub struct RunSection {
 /// What `nsh-fetch` brought back.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct FetchSection {
-    pub paths: Vec<String>,
+    /// The paths imported into the local store.
+    pub paths: Vec<StorePath>,
     pub bytes: u64,
     #[serde(default)]
     pub secs: f64,
@@ -232,24 +267,38 @@ mod unknown_as_empty {
 
     use serde::{Deserialize, Deserializer, Serializer};
 
+    use crate::nix::store_path::StorePath;
+
     pub fn serialize<S: Serializer>(
-        map: &BTreeMap<String, Option<String>>,
+        map: &BTreeMap<String, Option<StorePath>>,
         serializer: S,
     ) -> Result<S::Ok, S::Error> {
         serializer.collect_map(
             map.iter()
-                .map(|(name, path)| (name, path.as_deref().unwrap_or(""))),
+                .map(|(name, path)| (name, path.as_ref().map_or("", StorePath::as_str))),
         )
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(
         deserializer: D,
-    ) -> Result<BTreeMap<String, Option<String>>, D::Error> {
-        let map = BTreeMap::<String, String>::deserialize(deserializer)?;
-        Ok(map
-            .into_iter()
-            .map(|(name, path)| (name, (!path.is_empty()).then_some(path)))
-            .collect())
+    ) -> Result<BTreeMap<String, Option<StorePath>>, D::Error> {
+        BTreeMap::<String, PathOrEmpty>::deserialize(deserializer)
+            .map(|map| map.into_iter().map(|(name, path)| (name, path.0)).collect())
+    }
+
+    /// One value: `""`, or a store path (checked).
+    struct PathOrEmpty(Option<StorePath>);
+
+    impl<'de> Deserialize<'de> for PathOrEmpty {
+        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<PathOrEmpty, D::Error> {
+            let text = String::deserialize(deserializer)?;
+            if text.is_empty() {
+                return Ok(PathOrEmpty(None));
+            }
+            StorePath::parse(&text)
+                .map(|path| PathOrEmpty(Some(path)))
+                .map_err(|e| serde::de::Error::custom(e.message))
+        }
     }
 }
 
@@ -281,10 +330,21 @@ impl Ticket {
         }
     }
 
-    /// Parses one line. Empty or malformed lines, and tickets of another
-    /// format version, are bad input.
+    /// Parses one line. Empty or malformed lines, a field of the wrong
+    /// type or a malformed store path (the message names the field), and
+    /// tickets of another format version, are bad input.
     pub fn from_line(line: &str) -> Result<Ticket, Failure> {
-        let ticket: Ticket = serde_json::from_str(line.trim())
+        let mut json = serde_json::Deserializer::from_str(line.trim());
+        let ticket: Ticket = serde_path_to_error::deserialize(&mut json).map_err(|e| {
+            let field = e.path().to_string();
+            let e = e.into_inner();
+            if field == "." {
+                Failure::input(format!("not a ticket: {e}"))
+            } else {
+                Failure::input(format!("not a ticket: {field}: {e}"))
+            }
+        })?;
+        json.end()
             .map_err(|e| Failure::input(format!("not a ticket: {e}")))?;
         if ticket.v != TICKET_VERSION {
             return Err(Failure::input(format!(
@@ -316,7 +376,7 @@ impl Ticket {
     }
 
     /// The local store's URI: the `store` section's, else Nix's default
-    /// store ([`crate::nix::local_store::DEFAULT_STORE_URI`]).
+    /// store (`crate::nix::local_store::DEFAULT_STORE_URI`).
     #[must_use]
     pub fn store_uri(&self) -> &str {
         self.store
@@ -334,12 +394,14 @@ impl Ticket {
         })
     }
 
+    /// The `closure` section, or a bad-input failure naming the stage that writes it.
     pub fn need_closure(&self) -> Result<&ClosureSection, Failure> {
         self.closure.as_ref().ok_or_else(|| {
             Failure::input("the ticket has no `closure` section (run nsh-closure first)")
         })
     }
 
+    /// The `alloc` section, or a bad-input failure naming the stage that writes it.
     pub fn need_alloc(&self) -> Result<&AllocSection, Failure> {
         self.alloc.as_ref().ok_or_else(|| {
             Failure::input("the ticket has no `alloc` section (run nsh-alloc first)")
@@ -390,7 +452,7 @@ mod tests {
 
     #[test]
     fn unknown_fields_survive_at_every_level() {
-        let line = r#"{"v":1,"site":{"queue":"night"},"drv":{"path":"/p","name":"n","system":"s","future":[1,2]},"alloc":{"cluster":"c","backend":"cli","job":1,"node":"n1","ssh":"u@n1","work":"/w","reservation":"r1"}}"#;
+        let line = r#"{"v":1,"site":{"queue":"night"},"drv":{"path":"/nix/store/0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a-n.drv","name":"n","system":"s","future":[1,2]},"alloc":{"cluster":"c","backend":"cli","job":1,"node":"n1","ssh":"u@n1","work":"/w","reservation":"r1"}}"#;
         let ticket = Ticket::from_line(line).unwrap();
         let out: Value = serde_json::from_str(&ticket.to_line()).unwrap();
         assert_eq!(out["site"]["queue"], "night");
@@ -408,6 +470,48 @@ mod tests {
             r#"{"v":1,"error":{"stage":"alloc","kind":"transient","message":"slurmrestd: HTTP 503"}}"#
         );
         assert_eq!(Ticket::from_line(&line).unwrap(), ticket);
+    }
+
+    /// A store path is checked as the ticket is read: a malformed one is
+    /// bad input, named with its field.
+    #[test]
+    fn a_malformed_store_path_is_bad_input_naming_the_field() {
+        let good = "/nix/store/0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a-x";
+        for (line, field, value) in [
+            (r#"{"v":1,"drv":{"path":"/p"}}"#.to_string(), "drv.path", "/p"),
+            (
+                format!(r#"{{"v":1,"drv":{{"path":"{good}.drv","outputs":{{"out":"{good}","dev":"x"}}}}}}"#),
+                "drv.outputs.dev",
+                "x",
+            ),
+            (
+                format!(r#"{{"v":1,"closure":{{"paths":["{good}","/nix/store/abc-y"],"nar_size":0}}}}"#),
+                "closure.paths[1]",
+                "/nix/store/abc-y",
+            ),
+            (
+                r#"{"v":1,"run":{"status":"built","built_outputs":{"out":"/nix/store/x y"}}}"#.into(),
+                "run.built_outputs.out",
+                "/nix/store/x y",
+            ),
+            (
+                r#"{"v":1,"fetch":{"paths":["relative/0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a-x"],"bytes":0}}"#.into(),
+                "fetch.paths[0]",
+                "relative/0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a-x",
+            ),
+        ] {
+            let err = Ticket::from_line(&line).unwrap_err();
+            assert_eq!(err.kind, Kind::Input, "{line}");
+            assert!(
+                err.message
+                    .starts_with(&format!("not a ticket: {field}: {value:?} is not a store path")),
+                "{line}: {}",
+                err.message
+            );
+        }
+        // The exact message, once.
+        let err = Ticket::from_line(r#"{"v":1,"drv":{"path":"/p"}}"#).unwrap_err();
+        insta::assert_snapshot!(err.message);
     }
 
     #[test]

@@ -10,8 +10,8 @@
 
 use std::path::Path;
 
-use nsh_core::config::Config;
-use nsh_core::hook::config::HookConfig;
+use nsh_core::build_hook::HookConfig;
+use nsh_core::Config;
 
 const EXAMPLE: &str = include_str!("../../docs/nsh.toml.example");
 const ADMIN_GUIDE: &str = include_str!("../../docs/admin-guide.md");

@@ -19,8 +19,8 @@
 
 use std::path::PathBuf;
 
-use nsh_core::slurm::rest;
-use nsh_core::slurm::{ApiVersion, JobRequest, JobState};
+use nsh_core::rest;
+use nsh_core::rest::{ApiVersion, JobRequest, JobState};
 use serde_json::{json, Value};
 
 struct Spec {
@@ -216,7 +216,7 @@ impl Spec {
 fn request() -> JobRequest {
     JobRequest {
         name: "nsh-hello".into(),
-        script: nsh_core::stage::alloc::batch_script::SCRIPT.into(),
+        script: nsh_core::alloc::batch_script::SCRIPT.into(),
         env: vec![
             ("PATH".into(), "/usr/bin:/bin".into()),
             ("NSH_WORK_ROOT".into(), "/tmp/nsh".into()),

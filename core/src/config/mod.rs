@@ -27,7 +27,7 @@ mod values;
 
 use raw::RawConfig;
 use values::parse_seconds;
-pub use values::{parse_mem_mb_text, parse_minutes_text, BadValue, UrlProblem};
+pub use values::{parse_mem_mb_text, parse_minutes_text, BadValue};
 
 /// Where the configuration is read from when no `--config` is given and
 /// `$NSH_CONFIG` is unset.
@@ -40,7 +40,9 @@ pub struct Config {
     pub path: PathBuf,
     /// The clusters, by name, in name order.
     pub clusters: BTreeMap<String, Cluster>,
+    /// `[ssh]`: how nodes are reached.
     pub ssh: Ssh,
+    /// `[remote]`: the Nix on the nodes.
     pub remote: Remote,
 }
 
@@ -55,12 +57,10 @@ pub enum Backend {
     Cli,
 }
 
-impl Backend {
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Backend::Rest => "rest",
-            Backend::Cli => "cli",
-        }
+/// The ticket's name (`rest`), for messages.
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&crate::derive::serde_name(self))
     }
 }
 
@@ -441,7 +441,7 @@ impl fmt::Display for ConfigSource {
 
 impl Config {
     /// The file to read: `explicit` (`--config`), else `$NSH_CONFIG`, else
-    /// [`DEFAULT_PATH`].
+    /// `DEFAULT_PATH`.
     pub fn locate(explicit: Option<&Path>) -> PathBuf {
         Config::locate_with_source(explicit).0
     }

@@ -14,37 +14,24 @@ use crate::hook::config::HookConfig;
 use crate::hook::decision::ClusterCaps;
 use crate::hook::pipeline::{Event, Outcome, Stages};
 use crate::hook::protocol::{Accepted, ActivityType, Field, LogLine, Settings, Try, Verbosity};
+use crate::nix::store_path::StorePath;
 use crate::ticket::{BuildOptions, DrvSection, StoreSection, Ticket};
 
 /// The first ticket, from the `try`, what the daemon sent after accept and
 /// its settings.
 pub fn initial_ticket(settings: &Settings, t: &Try, accepted: &Accepted) -> Ticket {
-    let path = Path::new(&t.drv_path);
-    let store_dir = path
-        .parent()
-        .map(|p| p.display().to_string())
-        .unwrap_or_default();
-    let base = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
     // `<hash>-<name>.drv` → `<name>`.
-    let name = base
-        .split_once('-')
-        .map_or(base.as_str(), |(_, rest)| rest)
-        .trim_end_matches(".drv")
-        .to_string();
+    let name = t.drv_path.name().trim_end_matches(".drv").to_string();
     let mut ticket = Ticket::new();
     ticket.drv = Some(DrvSection {
-        path: t.drv_path.clone(),
         name,
         system: t.needed_system.clone(),
         features: t.required_features.clone(),
         wanted: accepted.wanted_outputs.clone(),
-        ..DrvSection::default()
+        ..DrvSection::new(t.drv_path.clone())
     });
     ticket.store = Some(StoreSection {
-        dir: store_dir,
+        dir: t.drv_path.dir().to_string(),
         uri: settings.store().to_string(),
         extra: crate::ticket::Extra::default(),
     });
@@ -78,7 +65,7 @@ impl Progress<'_> {
     fn on_event(&mut self, event: &Event) {
         match event {
             Event::Stderr(line) => relay_stderr_line(self.ui, line),
-            Event::Interrupted(_) => self.switch(None),
+            Event::Interrupted => self.switch(None),
             Event::Ticket { stage, ticket, .. } => {
                 if ticket.error.is_some() {
                     self.switch(None);
@@ -112,7 +99,7 @@ impl Progress<'_> {
                                 drv.map_or("", |d| d.path.as_str())
                             ),
                             vec![
-                                drv.map_or(String::new(), |d| d.path.clone()).into(),
+                                drv.map_or(String::new(), |d| d.path.to_string()).into(),
                                 node.clone().into(),
                                 1.into(),
                                 1.into(),
@@ -197,7 +184,7 @@ impl Build<'_> {
                     w.update(ticket);
                 }
             }
-            if let (Event::Interrupted(_), Some(w)) = (event, watchdog.as_mut()) {
+            if let (Event::Interrupted, Some(w)) = (event, watchdog.as_mut()) {
                 // Before the stages are stopped, and from outside the hook's
                 // process group, which Nix 2.35 kills 500 ms after its SIGTERM.
                 w.cancel_now();
@@ -350,7 +337,7 @@ impl TicketLog {
 /// `valid(paths, store_uri)` checks the outputs in the local store.
 pub fn verdict(
     outcome: &Outcome,
-    valid: impl FnOnce(&[String], &str) -> Result<bool, Failure>,
+    valid: impl FnOnce(&[StorePath], &str) -> Result<bool, Failure>,
 ) -> (i32, Option<String>) {
     let failed_stage =
         outcome
@@ -414,7 +401,11 @@ pub fn verdict(
             EXIT_MISC,
             Some(format!(
                 "the pipeline succeeded but these outputs are not valid in the local store: {}",
-                paths.join(" ")
+                paths
+                    .iter()
+                    .map(StorePath::as_str)
+                    .collect::<Vec<_>>()
+                    .join(" ")
             )),
         ),
         Err(failure) => (EXIT_MISC, Some(failure.message)),
@@ -423,7 +414,11 @@ pub fn verdict(
 
 /// `nix-store --check-validity`: from `nix_bin_dir`, else next to the
 /// process that started the hook (the daemon or nix-build), else on PATH.
-fn outputs_valid(nix_bin_dir: Option<&Path>, uri: &str, paths: &[String]) -> Result<bool, Failure> {
+fn outputs_valid(
+    nix_bin_dir: Option<&Path>,
+    uri: &str,
+    paths: &[StorePath],
+) -> Result<bool, Failure> {
     if paths.is_empty() {
         return Ok(true);
     }
@@ -441,7 +436,7 @@ fn outputs_valid(nix_bin_dir: Option<&Path>, uri: &str, paths: &[String]) -> Res
     }
     let status = cmd
         .arg("--check-validity")
-        .args(paths)
+        .args(paths.iter().map(StorePath::as_str))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

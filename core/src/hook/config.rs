@@ -35,7 +35,9 @@ pub struct HookConfig {
     pub pipeline: Option<Vec<String>>,
     /// A build hook (argv; the verbosity is appended) for declined `try`s.
     pub fallback: Option<Vec<String>>,
+    /// Where the per-cluster slot locks live.
     pub slots_dir: PathBuf,
+    /// The directory holding `nix-store` for the validity check (default: next to the daemon, else PATH).
     pub nix_bin_dir: Option<PathBuf>,
 }
 

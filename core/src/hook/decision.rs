@@ -167,7 +167,9 @@ mod tests {
         Try {
             am_willing,
             needed_system: system.into(),
-            drv_path: "/nix/store/00000000000000000000000000000000-x.drv".into(),
+            drv_path: crate::nix::store_path::test_path(
+                "/nix/store/00000000000000000000000000000000-x.drv",
+            ),
             required_features: features
                 .iter()
                 .map(std::string::ToString::to_string)

@@ -29,7 +29,8 @@ use fallback::{Answer, Fallback};
 mod watchdog;
 use watchdog::watchdog_main;
 
-pub use build::{initial_ticket, verdict, TICKET_LOG_ENV};
+#[cfg(test)]
+use build::{initial_ticket, verdict};
 
 use std::fs::File;
 use std::io::{self, BufReader};
@@ -389,7 +390,9 @@ fn own_dir() -> Result<PathBuf, Failure> {
 pub enum Locked<'c> {
     /// Build on this cluster; the slot is held until dropped.
     Accepted(&'c ClusterCaps, Slot),
+    /// Fitting clusters are full and the daemon cannot build it now: ask again later.
     Postpone,
+    /// Not for this hook: the daemon builds it elsewhere.
     Decline,
 }
 
@@ -465,7 +468,9 @@ mod tests {
         Try {
             am_willing: true,
             needed_system: "x86_64-linux".into(),
-            drv_path: "/nix/store/1cj0fhkr5qn18x1zz61vdjrb58cfnzp5-nsh-hook-top.drv".into(),
+            drv_path: crate::nix::store_path::test_path(
+                "/nix/store/1cj0fhkr5qn18x1zz61vdjrb58cfnzp5-nsh-hook-top.drv",
+            ),
             required_features: vec!["big-parallel".into()],
         }
     }
@@ -491,19 +496,21 @@ mod tests {
         }
     }
 
-    const GOOD: &str = r#"{"v":1,"drv":{"path":"/nix/store/a-x.drv","name":"x","system":"s","outputs":{"out":"/nix/store/b-x","doc":"/nix/store/c-x-doc"},"wanted":["out"]},"store":{"dir":"/nix/store","uri":"daemon"}}"#;
+    const GOOD: &str = r#"{"v":1,"drv":{"path":"/nix/store/0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a-x.drv","name":"x","system":"s","outputs":{"out":"/nix/store/1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b-x","doc":"/nix/store/2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c-x-doc"},"wanted":["out"]},"store":{"dir":"/nix/store","uri":"daemon"}}"#;
 
     #[test]
     fn verdicts() {
-        let valid = |paths: &[String], uri: &str| {
-            assert_eq!(paths, ["/nix/store/b-x"]);
+        let valid = |paths: &[crate::nix::store_path::StorePath], uri: &str| {
+            assert_eq!(paths, ["/nix/store/1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b-x"]);
             assert_eq!(uri, "daemon");
             Ok(true)
         };
         assert_eq!(verdict(&outcome(Some(GOOD), &[0, 0]), valid), (0, None));
         let (code, msg) = verdict(&outcome(Some(GOOD), &[0, 0]), |_, _| Ok(false));
         assert_eq!(code, 1);
-        assert!(msg.unwrap().contains("/nix/store/b-x"));
+        assert!(msg
+            .unwrap()
+            .contains("/nix/store/1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b-x"));
         let (code, msg) = verdict(&outcome(None, &[0, 75]), |_, _| unreachable!());
         assert_eq!(code, 1);
         assert_eq!(

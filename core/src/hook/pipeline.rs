@@ -87,18 +87,14 @@ impl Stages {
 /// What the pipeline reports while it runs.
 pub enum Event {
     /// Stage `stage` (its program name) wrote this ticket.
-    Ticket {
-        stage: String,
-        last: bool,
-        ticket: Box<Ticket>,
-    },
+    Ticket { stage: String, ticket: Box<Ticket> },
     /// A line a stage wrote to stderr.
     Stderr(String),
-    /// The hook got this signal. Every ticket written before it has been
+    /// The hook got a signal. Every ticket written before it has been
     /// seen; the stages are stopped next. (Nix 2.35 sends the hook's group
     /// SIGTERM and SIGKILL 500 ms later: what must outlive the hook, the
     /// job's cancel, is started here.)
-    Interrupted(i32),
+    Interrupted,
 }
 
 /// How the pipeline ended.
@@ -276,7 +272,7 @@ fn watch(
             while let Ok(message) = rx.try_recv() {
                 handle(message, &mut outcome, &mut last_eof, observe);
             }
-            observe(&Event::Interrupted(signal));
+            observe(&Event::Interrupted);
             stop(children);
             break;
         }
@@ -338,7 +334,6 @@ fn handle(
                     }
                     observe(&Event::Ticket {
                         stage,
-                        last,
                         ticket: Box::new(ticket),
                     });
                 }

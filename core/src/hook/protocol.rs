@@ -19,6 +19,7 @@ use std::io::{self, Read, Write};
 use serde_json::{json, Value};
 
 use crate::error::{Kind, KindOf};
+use crate::nix::store_path::StorePath;
 
 /// The longest string accepted (a setting value, a store path, a feature).
 pub const MAX_STRING: u64 = 1 << 20;
@@ -149,11 +150,12 @@ use hook_wire::{
 /// space-joined, booleans `true`/`false`).
 ///
 /// Nix sends every setting; Lix 2.91–2.93 only the overridden ones, so
-/// every accessor falls back to Nix's default (and [`NixDefaults`] has the
+/// every accessor falls back to Nix's default (and `NixDefaults` has the
 /// machine-dependent ones). Values may be secret
 /// (`access-tokens`): never log or display the map.
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct Settings {
+    /// Setting name → value, as the daemon sent them.
     pub values: BTreeMap<String, String>,
 }
 
@@ -167,6 +169,7 @@ impl fmt::Debug for Settings {
 }
 
 impl Settings {
+    /// The value of setting `name`, if the daemon sent it.
     pub fn get(&self, name: &str) -> Option<&str> {
         self.values.get(name).map(String::as_str)
     }
@@ -324,7 +327,7 @@ pub struct Try {
     /// The derivation's `system`.
     pub needed_system: String,
     /// The `.drv` store path.
-    pub drv_path: String,
+    pub drv_path: StorePath,
     /// `requiredSystemFeatures`.
     pub required_features: Vec<String>,
 }
@@ -336,7 +339,7 @@ impl Try {
         write_string(&mut out, "try");
         write_u64(&mut out, u64::from(self.am_willing));
         write_string(&mut out, &self.needed_system);
-        write_string(&mut out, &self.drv_path);
+        write_string(&mut out, self.drv_path.as_str());
         write_strings(&mut out, &self.required_features);
         out
     }
@@ -345,12 +348,14 @@ impl Try {
 /// What the daemon sends after the settings, until the hook accepts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
+    /// A derivation the daemon offers to this hook.
     Try(Try),
     /// The daemon closed stdin: no more work; the hook exits 0.
     Eof,
 }
 
 impl Request {
+    /// Reads the next request.
     pub fn read(r: &mut impl Read) -> Result<Request, ProtoError> {
         // EOF is only clean at a message boundary: peek the length word.
         let Some(len) = read_u64_or_eof(r, "a try message")? else {
@@ -378,7 +383,9 @@ impl Request {
         Ok(Request::Try(Try {
             am_willing,
             needed_system: read_string(r, "the try's system")?,
-            drv_path: read_string(r, "the try's derivation")?,
+            drv_path: read_string(r, "the try's derivation").and_then(|path| {
+                StorePath::parse(&path).map_err(|e| ProtoError::Malformed(e.message))
+            })?,
             required_features: read_strings(r, "the try's required features")?,
         }))
     }
@@ -394,6 +401,7 @@ pub struct Accepted {
 }
 
 impl Accepted {
+    /// Reads what follows `# accept`: the inputs and the wanted outputs.
     pub fn read(r: &mut impl Read) -> Result<Accepted, ProtoError> {
         Ok(Accepted {
             inputs: read_strings(r, "the inputs")?,
@@ -401,6 +409,7 @@ impl Accepted {
         })
     }
 
+    /// The message as the daemon writes it.
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::new();
         write_strings(&mut out, &self.inputs);
@@ -413,7 +422,10 @@ impl Accepted {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reply {
     /// The hook builds it; `machine` is shown to the user (`building … on '<machine>'`).
-    Accept { machine: String },
+    Accept {
+        /// The name Nix shows (`slurm://<cluster>`).
+        machine: String,
+    },
     /// Build it locally or elsewhere; the next `try` comes to this hook.
     Decline,
     /// Ask again later (after `build-poll-interval`).
@@ -464,53 +476,53 @@ pub enum ReplyWord {
     DeclinePermanently,
 }
 
-/// Nix's verbosity levels (`lvlError` … `lvlVomit`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Verbosity {
-    Error = 0,
-    Warn = 1,
-    Notice = 2,
-    Info = 3,
-    Talkative = 4,
-    Chatty = 5,
-    Debug = 6,
-    Vomit = 7,
+crate::derive::numbered_enum! {
+    /// Nix's verbosity levels (`lvlError` … `lvlVomit`).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+    pub enum Verbosity: u8 {
+        Error = 0,
+        Warn = 1,
+        Notice = 2,
+        Info = 3,
+        Talkative = 4,
+        Chatty = 5,
+        Debug = 6,
+        Vomit = 7,
+    }
 }
 
 impl Verbosity {
     /// From the hook's argv (`"3"`); out of range saturates.
     pub fn parse(s: &str) -> Option<Verbosity> {
         let n: u64 = s.trim().parse().ok()?;
-        Some(match n {
-            0 => Verbosity::Error,
-            1 => Verbosity::Warn,
-            2 => Verbosity::Notice,
-            3 => Verbosity::Info,
-            4 => Verbosity::Talkative,
-            5 => Verbosity::Chatty,
-            6 => Verbosity::Debug,
-            _ => Verbosity::Vomit,
-        })
+        let n = u8::try_from(n)
+            .unwrap_or(u8::MAX)
+            .min(Verbosity::Vomit.into());
+        Verbosity::try_from(n).ok()
     }
 }
 
-/// Activity types (Nix's `ActivityType`), the ones nsh reports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ActivityType {
-    Unknown = 0,
-    CopyPath = 100,
-    FileTransfer = 101,
-    CopyPaths = 103,
-    Build = 105,
+crate::derive::numbered_enum! {
+    /// Activity types (Nix's `ActivityType`), the ones nsh reports.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum ActivityType: u32 {
+        Unknown = 0,
+        CopyPath = 100,
+        FileTransfer = 101,
+        CopyPaths = 103,
+        Build = 105,
+    }
 }
 
-/// Result types (Nix's `ResultType`), the ones nsh reports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ResultType {
-    BuildLogLine = 101,
-    SetPhase = 104,
-    /// Fields `[done, expected, running, failed]`.
-    Progress = 105,
+crate::derive::numbered_enum! {
+    /// Result types (Nix's `ResultType`), the ones nsh reports.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum ResultType: u32 {
+        BuildLogLine = 101,
+        SetPhase = 104,
+        /// Fields `[done, expected, running, failed]`.
+        Progress = 105,
+    }
 }
 
 /// A field of an activity: Nix accepts integers and strings.
@@ -563,6 +575,9 @@ pub enum LogLine {
         parent: u64,
         fields: Vec<Field>,
     },
+    // The codec has Nix's whole `@nix` vocabulary; the hook reports with
+    // `msg`, `start` and `stop` today, the tests cover the rest.
+    #[cfg_attr(not(test), allow(dead_code))]
     Result {
         id: u64,
         kind: ResultType,
@@ -572,6 +587,7 @@ pub enum LogLine {
         id: u64,
     },
     /// Sets the build phase shown in the UI (written to the build log, fd 4).
+    #[cfg_attr(not(test), allow(dead_code))]
     SetPhase {
         phase: String,
     },
@@ -582,7 +598,7 @@ impl LogLine {
     pub fn to_line(&self) -> String {
         let value = match self {
             LogLine::Msg { level, msg } => {
-                json!({"action": "msg", "level": *level as u8, "msg": msg})
+                json!({"action": "msg", "level": u8::from(*level), "msg": msg})
             }
             LogLine::Start {
                 id,
@@ -592,11 +608,11 @@ impl LogLine {
                 parent,
                 fields,
             } => json!({
-                "action": "start", "id": id, "level": *level as u8, "type": *kind as u32,
+                "action": "start", "id": id, "level": u8::from(*level), "type": u32::from(*kind),
                 "text": text, "parent": parent, "fields": fields_json(fields),
             }),
             LogLine::Result { id, kind, fields } => json!({
-                "action": "result", "id": id, "type": *kind as u32, "fields": fields_json(fields),
+                "action": "result", "id": id, "type": u32::from(*kind), "fields": fields_json(fields),
             }),
             LogLine::Stop { id } => json!({"action": "stop", "id": id}),
             LogLine::SetPhase { phase } => json!({"action": "setPhase", "phase": phase}),
@@ -651,7 +667,10 @@ mod tests {
             Request::Try(Try {
                 am_willing: true,
                 needed_system: "x86_64-linux".into(),
-                drv_path: "/nix/store/ln651pxapnxq10gd3b4gp2pk710hl9qj-nsh-hook-dep.drv".into(),
+                drv_path: StorePath::parse(
+                    "/nix/store/ln651pxapnxq10gd3b4gp2pk710hl9qj-nsh-hook-dep.drv"
+                )
+                .unwrap(),
                 required_features: vec![],
             })
         );
@@ -930,10 +949,11 @@ mod tests {
         fn a_try_round_trips(
             am_willing: bool,
             system in "[a-z0-9_-]{0,20}",
-            drv in "/[a-z0-9./-]{0,80}",
+            drv in "(/[a-z]{1,8}){1,3}/[0-9a-df-np-sv-z]{32}-[a-z0-9][a-z0-9+._?=-]{0,20}\\.drv",
             features in proptest::collection::vec("[a-z-]{0,12}", 0..5),
         ) {
-            let t = Try { am_willing, needed_system: system, drv_path: drv, required_features: features };
+            let drv_path = StorePath::parse(&drv).unwrap();
+            let t = Try { am_willing, needed_system: system, drv_path, required_features: features };
             let bytes = t.to_bytes();
             proptest::prop_assert_eq!(Request::read(&mut &bytes[..]).unwrap(), Request::Try(t));
         }

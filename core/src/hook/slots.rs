@@ -139,10 +139,12 @@ fn count_held(dir: &Path, max_jobs: u32, held: &HashSet<u64>) -> u32 {
 }
 
 impl SlotDir {
+    /// The slot locks under `root`.
     pub fn new(root: impl Into<PathBuf>) -> SlotDir {
         SlotDir { root: root.into() }
     }
 
+    /// The directory holding the locks.
     pub fn root(&self) -> &Path {
         &self.root
     }

@@ -62,9 +62,9 @@ pub struct Drv {
 /// `store_dir`). `file` is where its bytes are on disk: the same path for
 /// an ordinary store, somewhere else for a store with a different root
 /// (`local?root=…`).
-pub fn read(store_dir: &StoreDir, path: &str, file: &Path) -> Result<Drv, Failure> {
-    let store_path = store_dir.parse(path)?;
-    if !store_path.is_derivation() {
+pub fn read(store_dir: &StoreDir, path: &StorePath, file: &Path) -> Result<Drv, Failure> {
+    store_dir.check(path)?;
+    if !path.is_derivation() {
         return Err(Failure::input(format!("{path} is not a derivation (.drv)")));
     }
     let bytes = std::fs::read(file).map_err(|e| {
@@ -75,7 +75,7 @@ pub fn read(store_dir: &StoreDir, path: &str, file: &Path) -> Result<Drv, Failur
         };
         Failure::input(format!("derivation {} {what}", file.display()))
     })?;
-    parse(store_dir, &store_path, &bytes)
+    parse(store_dir, path, &bytes)
 }
 
 /// The store path `bytes` belong at is `path`: the file is what its name
@@ -132,8 +132,8 @@ fn required_features(
 
 /// Parses the ATerm `bytes` of the derivation at `path`.
 pub fn parse(store_dir: &StoreDir, path: &StorePath, bytes: &[u8]) -> Result<Drv, Failure> {
-    let display = store_dir.render(path);
-    let fail = |msg: String| Failure::input(format!("derivation {display}: {msg}"));
+    store_dir.check(path)?;
+    let fail = |msg: String| Failure::input(format!("derivation {path}: {msg}"));
     let name = path
         .name()
         .strip_suffix(".drv")
@@ -148,7 +148,7 @@ pub fn parse(store_dir: &StoreDir, path: &StorePath, bytes: &[u8]) -> Result<Drv
         let out_path = output
             .path_in(&nix_store_dir, name, output_name)
             .map_err(|e| fail(format!("output {output_name}: {e}")))?
-            .map(|p| StorePath::from_nix(&p));
+            .map(|p| store_dir.join_nix(&p));
         outputs.insert(output_name.clone(), aterm_output(output, out_path));
     }
     let mut input_drvs = BTreeMap::new();
@@ -159,7 +159,7 @@ pub fn parse(store_dir: &StoreDir, path: &StorePath, bytes: &[u8]) -> Result<Drv
                 nix_store_dir.render_path(drv_path)
             )));
         }
-        input_drvs.insert(StorePath::from_nix(drv_path), wanted.outputs().clone());
+        input_drvs.insert(store_dir.join_nix(drv_path), wanted.outputs().clone());
     }
     let mut env = parsed.environment().clone();
     let attrs = parsed.structured_attrs();
@@ -179,7 +179,7 @@ pub fn parse(store_dir: &StoreDir, path: &StorePath, bytes: &[u8]) -> Result<Drv
     let resources = match attr("nshResources") {
         None => Resources::default(),
         Some(value) => {
-            resources::parse(&value).map_err(|e| e.context(format!("derivation {display}")))?
+            resources::parse(&value).map_err(|e| e.context(format!("derivation {path}")))?
         }
     };
 
@@ -192,7 +192,7 @@ pub fn parse(store_dir: &StoreDir, path: &StorePath, bytes: &[u8]) -> Result<Drv
         input_srcs: parsed
             .input_sources()
             .iter()
-            .map(StorePath::from_nix)
+            .map(|p| store_dir.join_nix(p))
             .collect(),
         system: parsed.system().to_string(),
         builder: parsed.builder().to_string(),
@@ -264,11 +264,6 @@ impl Base16Bare for nix_derivation::NixHash {
 }
 
 impl Drv {
-    /// The absolute `.drv` path.
-    pub fn path_string(&self) -> String {
-        self.store_dir.render(&self.path)
-    }
-
     /// Checks `wanted` output names against the derivation's outputs; empty
     /// means all of them.
     pub fn wanted_outputs(&self, wanted: &[String]) -> Result<Vec<String>, Failure> {
@@ -279,7 +274,7 @@ impl Drv {
             if !self.outputs.contains_key(name) {
                 return Err(Failure::input(format!(
                     "derivation {} has no output {name:?} (it has: {})",
-                    self.path_string(),
+                    self.path,
                     self.outputs.keys().cloned().collect::<Vec<_>>().join(", ")
                 )));
             }
@@ -293,17 +288,14 @@ impl Drv {
     /// The ticket's `drv` section.
     pub fn section(&self, wanted: Vec<String>) -> DrvSection {
         DrvSection {
-            path: self.path_string(),
+            path: self.path.clone(),
             name: self.name.clone(),
             system: self.system.clone(),
             features: self.features.clone(),
             outputs: self
                 .outputs
                 .iter()
-                .map(|(name, out)| {
-                    let path = out.path.as_ref().map(|p| self.store_dir.render(p));
-                    (name.clone(), path)
-                })
+                .map(|(name, out)| (name.clone(), out.path.clone()))
                 .collect(),
             wanted,
             resources: self.resources.clone(),
@@ -333,12 +325,7 @@ mod tests {
 
     #[test]
     fn parses_a_real_derivation() {
-        let drv = parse(
-            &store(),
-            &StorePath::from_basename(A_PATH).unwrap(),
-            &a_bytes(),
-        )
-        .unwrap();
+        let drv = parse(&store(), &store().join(A_PATH).unwrap(), &a_bytes()).unwrap();
         assert_eq!(drv.name, "a");
         assert_eq!(drv.builder, "/bin/sh");
         assert_eq!(drv.args, ["-c", "echo a > $out"]);
@@ -356,7 +343,9 @@ mod tests {
 
     #[test]
     fn a_path_that_does_not_match_the_contents_is_bad_input() {
-        let other = StorePath::from_basename("0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a-a.drv").unwrap();
+        let other = store()
+            .join("0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a-a.drv")
+            .unwrap();
         let err = parse(&store(), &other, &a_bytes()).unwrap_err();
         assert_eq!(err.kind, Kind::Input);
         assert!(
@@ -367,12 +356,8 @@ mod tests {
         );
         // The same bytes read as if from another store directory: their
         // output paths are outside it.
-        let err = parse(
-            &StoreDir::new("/nix/store").unwrap(),
-            &StorePath::from_basename(A_PATH).unwrap(),
-            &a_bytes(),
-        )
-        .unwrap_err();
+        let nix_store = StoreDir::new("/nix/store").unwrap();
+        let err = parse(&nix_store, &nix_store.join(A_PATH).unwrap(), &a_bytes()).unwrap_err();
         assert!(
             err.message
                 .contains("outside the configured store directory"),
@@ -383,13 +368,13 @@ mod tests {
 
     #[test]
     fn garbage_is_bad_input() {
-        let path = StorePath::from_basename(A_PATH).unwrap();
+        let path = store().join(A_PATH).unwrap();
         let err = parse(&store(), &path, b"Derive([").unwrap_err();
         assert_eq!(err.kind, Kind::Input);
         assert!(err.message.contains("does not parse"), "{}", err.message);
         let err = read(
             &store(),
-            "/tmp/nshc-try/store/0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a-x",
+            &store().join("0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a-x").unwrap(),
             Path::new("/nonexistent"),
         )
         .unwrap_err();
@@ -402,12 +387,7 @@ mod tests {
 
     #[test]
     fn wanted_outputs_must_exist() {
-        let drv = parse(
-            &store(),
-            &StorePath::from_basename(A_PATH).unwrap(),
-            &a_bytes(),
-        )
-        .unwrap();
+        let drv = parse(&store(), &store().join(A_PATH).unwrap(), &a_bytes()).unwrap();
         assert_eq!(
             drv.wanted_outputs(&["out".into(), "out".into()]).unwrap(),
             ["out"]

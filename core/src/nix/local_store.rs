@@ -13,7 +13,7 @@ use crate::error::Failure;
 use crate::nix::drv::{self, Drv};
 use crate::nix::serve::client::{ServeClient, ServeProcess};
 use crate::nix::serve::PathInfo;
-use crate::nix::store_path::{store_uri_param, StoreDir};
+use crate::nix::store_path::{store_uri_param, StoreDir, StorePath};
 
 /// The store URI that means "Nix's default store" (the daemon when one
 /// runs, else the local store): what a ticket without `store.uri` uses.
@@ -31,7 +31,7 @@ pub fn store_arg(uri: &str) -> Option<&str> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalStore {
     /// The URI, passed to Nix as `--store` unless it names the default
-    /// store ([`store_arg`]).
+    /// store (`store_arg`).
     pub uri: String,
     /// The logical store directory (what store paths start with).
     pub dir: StoreDir,
@@ -40,6 +40,7 @@ pub struct LocalStore {
 }
 
 impl LocalStore {
+    /// The store at `uri`, its directory from the URI (else `NIX_STORE_DIR`, else `/nix/store`).
     pub fn new(uri: &str, nix_bin_dir: &str) -> Result<LocalStore, Failure> {
         Ok(LocalStore {
             uri: uri.to_string(),
@@ -66,14 +67,10 @@ impl LocalStore {
         }
     }
 
-    /// Reads the derivation at the absolute store path `path`.
-    pub fn read_drv(&self, path: &str) -> Result<Drv, Failure> {
-        let store_path = self.dir.parse(path)?;
-        drv::read(
-            &self.dir,
-            path,
-            &self.real_dir().join(store_path.basename()),
-        )
+    /// Reads the derivation at the store path `path` (which must be in
+    /// this store's directory).
+    pub fn read_drv(&self, path: &StorePath) -> Result<Drv, Failure> {
+        drv::read(&self.dir, path, &self.real_dir().join(path.basename()))
     }
 
     /// A `nix-store` command (from `nix_bin_dir`) on this store.
@@ -99,7 +96,7 @@ impl LocalStore {
     /// Which of `paths` are valid in this store now, asked of a new
     /// `nix-store --serve` (not one that answered before, say, locks were
     /// taken).
-    pub fn valid_paths<S: AsRef<str>>(&self, paths: &[S]) -> Result<BTreeSet<String>, Failure> {
+    pub fn valid_paths<S: AsRef<str>>(&self, paths: &[S]) -> Result<BTreeSet<StorePath>, Failure> {
         let mut serve = self.serve(false)?;
         let valid = serve
             .client
@@ -113,29 +110,27 @@ impl LocalStore {
     /// What the build of `drv` needs as input before it is closed under
     /// references: its inputSrcs and, of every input derivation, the
     /// outputs it uses. Input derivations are read from the store's files.
-    pub fn input_roots(&self, drv: &Drv) -> Result<Vec<String>, Failure> {
-        let mut roots: BTreeSet<String> =
-            drv.input_srcs.iter().map(|p| self.dir.render(p)).collect();
+    pub fn input_roots(&self, drv: &Drv) -> Result<Vec<StorePath>, Failure> {
+        let mut roots: BTreeSet<StorePath> = drv.input_srcs.iter().cloned().collect();
         for (input_path, outputs) in &drv.input_drvs {
-            let input_path = self.dir.render(input_path);
             let input = self
-                .read_drv(&input_path)
-                .map_err(|e| e.context(format!("input of {}", drv.path_string())))?;
+                .read_drv(input_path)
+                .map_err(|e| e.context(format!("input of {}", drv.path)))?;
             for output in outputs {
                 let Some(out) = input.outputs.get(output) else {
                     return Err(Failure::input(format!(
                         "derivation {} uses output {output:?} of {input_path}, which has no such output",
-                        drv.path_string()
+                        drv.path
                     )));
                 };
                 let Some(path) = &out.path else {
                     return Err(Failure::input(format!(
                         "derivation {} uses output {output:?} of {input_path}, whose path is not known \
                          in advance (content-addressed derivations are not supported)",
-                        drv.path_string()
+                        drv.path
                     )));
                 };
-                roots.insert(self.dir.render(path));
+                roots.insert(path.clone());
             }
         }
         Ok(roots.into_iter().collect())
@@ -146,7 +141,7 @@ impl LocalStore {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct InputClosure {
     /// In dependency order: every path after all the paths it refers to.
-    pub paths: Vec<String>,
+    pub paths: Vec<StorePath>,
     /// Sum of the NAR sizes.
     pub nar_size: u64,
     /// The path infos, in the order of `paths`.
@@ -157,19 +152,19 @@ pub struct InputClosure {
 /// that are not valid there (outputs not built yet) are bad input, listed.
 pub fn input_closure<R: Read, W: Write>(
     client: &mut ServeClient<R, W>,
-    roots: &[String],
+    roots: &[StorePath],
 ) -> Result<InputClosure, Failure> {
     if roots.is_empty() {
         return Ok(InputClosure::default());
     }
-    let valid: BTreeSet<String> = client
+    let valid: BTreeSet<StorePath> = client
         .query_valid_paths(roots, false, false)?
         .into_iter()
         .collect();
     let missing: Vec<&str> = roots
         .iter()
         .filter(|p| !valid.contains(*p))
-        .map(String::as_str)
+        .map(StorePath::as_str)
         .collect();
     if !missing.is_empty() {
         return Err(Failure::input(format!(
@@ -184,7 +179,7 @@ pub fn input_closure<R: Read, W: Write>(
         let known: BTreeSet<&str> = infos.iter().map(|i| i.path.as_str()).collect();
         let gone: Vec<&str> = closure
             .iter()
-            .map(String::as_str)
+            .map(StorePath::as_str)
             .filter(|p| !known.contains(p))
             .collect();
         // Valid a moment ago, gone now: the garbage collector ran.
@@ -206,9 +201,9 @@ pub fn input_closure<R: Read, W: Write>(
 /// deterministic. References outside the set are ignored (the caller
 /// passes a closure, so there are none).
 pub fn dependency_order(infos: Vec<PathInfo>) -> Result<Vec<PathInfo>, Failure> {
-    let mut by_path: BTreeMap<String, PathInfo> =
+    let mut by_path: BTreeMap<StorePath, PathInfo> =
         infos.into_iter().map(|i| (i.path.clone(), i)).collect();
-    let paths: Vec<String> = by_path.keys().cloned().collect();
+    let paths: Vec<StorePath> = by_path.keys().cloned().collect();
     let index: BTreeMap<&str, usize> = paths
         .iter()
         .enumerate()
@@ -270,31 +265,36 @@ pub fn dependency_order(infos: Vec<PathInfo>) -> Result<Vec<PathInfo>, Failure> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nix::store_path::test_path;
+
+    /// The store path named `name` in the store `/s`.
+    fn p(name: &str) -> String {
+        format!("/s/0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a-{name}")
+    }
 
     fn info(path: &str, refs: &[&str]) -> PathInfo {
         PathInfo {
-            path: path.into(),
-            references: refs.iter().map(std::string::ToString::to_string).collect(),
+            references: refs.iter().map(|r| test_path(&p(r))).collect(),
             nar_size: 1,
-            ..PathInfo::default()
+            ..PathInfo::new(test_path(&p(path)))
         }
     }
 
     #[test]
     fn dependencies_come_first() {
         let infos = vec![
-            info("/s/a", &["/s/b", "/s/c", "/s/a"]),
-            info("/s/c", &["/s/d"]),
-            info("/s/b", &["/s/d"]),
-            info("/s/d", &[]),
-            info("/s/e", &[]),
+            info("a", &["b", "c", "a"]),
+            info("c", &["d"]),
+            info("b", &["d"]),
+            info("d", &[]),
+            info("e", &[]),
         ];
-        let order: Vec<String> = dependency_order(infos)
+        let order: Vec<StorePath> = dependency_order(infos)
             .unwrap()
             .into_iter()
             .map(|i| i.path)
             .collect();
-        assert_eq!(order, ["/s/d", "/s/b", "/s/c", "/s/a", "/s/e"]);
+        assert_eq!(order, [p("d"), p("b"), p("c"), p("a"), p("e")]);
     }
 
     #[test]
@@ -302,27 +302,22 @@ mod tests {
         let n = 200_000;
         let infos: Vec<PathInfo> = (0..n)
             .map(|i| {
-                let refs = if i + 1 < n {
-                    vec![format!("/s/{:07}", i + 1)]
+                let refs: &[&str] = if i + 1 < n {
+                    &[&format!("{:07}", i + 1)]
                 } else {
-                    vec![]
+                    &[]
                 };
-                PathInfo {
-                    path: format!("/s/{i:07}"),
-                    references: refs,
-                    ..PathInfo::default()
-                }
+                info(&format!("{i:07}"), refs)
             })
             .collect();
         let order = dependency_order(infos).unwrap();
-        assert_eq!(order[0].path, format!("/s/{:07}", n - 1));
-        assert_eq!(order[n - 1].path, "/s/0000000");
+        assert_eq!(order[0].path, p(&format!("{:07}", n - 1)));
+        assert_eq!(order[n - 1].path, p("0000000"));
     }
 
     #[test]
     fn cycles_are_reported() {
-        let err =
-            dependency_order(vec![info("/s/a", &["/s/b"]), info("/s/b", &["/s/a"])]).unwrap_err();
+        let err = dependency_order(vec![info("a", &["b"]), info("b", &["a"])]).unwrap_err();
         assert!(err.message.contains("cycle"), "{}", err.message);
     }
 

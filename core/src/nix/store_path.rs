@@ -6,8 +6,19 @@
 //! 32-character nix-base32 hash part and a name of at most 211 characters
 //! from `[A-Za-z0-9+-._?=]`; anything else is refused with a message that
 //! says what is wrong.
+//!
+//! A [`StorePath`] is checked for that shape wherever it is made (a ticket
+//! read, a serve-protocol answer, a derivation); it keeps its directory,
+//! and whether that is the directory of the store at hand is checked where
+//! the store is known ([`StoreDir::parse`], [`StoreDir::check`]). In
+//! tickets it is the plain string, so the format does not change.
 
+use std::borrow::Borrow;
+use std::cmp::Ordering;
 use std::fmt;
+use std::hash::{Hash, Hasher};
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::error::Failure;
 
@@ -22,6 +33,7 @@ pub const HASH_PART_LEN: usize = 32;
 pub struct StoreDir(String);
 
 impl StoreDir {
+    /// A store directory, checked: absolute and canonical.
     pub fn new(dir: impl Into<String>) -> Result<StoreDir, Failure> {
         let dir = dir.into();
         nix_derivation::StoreDir::new(dir.clone())
@@ -53,6 +65,7 @@ impl StoreDir {
         }
     }
 
+    /// The directory, without a trailing `/`.
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -63,20 +76,46 @@ impl StoreDir {
         let basename = path
             .strip_prefix(self.0.as_str())
             .and_then(|rest| rest.strip_prefix('/'))
-            .ok_or_else(|| {
-                Failure::input(format!("{path:?} is not in the store directory {}", self.0))
-            })?;
+            .ok_or_else(|| self.outside(path))?;
         if basename.contains('/') {
             return Err(Failure::input(format!(
                 "{path:?} is inside a store path, not a store path"
             )));
         }
-        StorePath::from_basename(basename).map_err(|e| e.context(format!("{path:?}")))
+        self.join(basename)
+            .map_err(|e| e.context(format!("{path:?}")))
     }
 
-    /// The absolute path of `path` in this store directory.
-    pub fn render(&self, path: &StorePath) -> String {
-        format!("{}/{}", self.0, path.0)
+    /// The store path `<this dir>/<basename>`, checked.
+    pub fn join(&self, basename: &str) -> Result<StorePath, Failure> {
+        check_basename(basename)?;
+        Ok(StorePath {
+            path: format!("{}/{basename}", self.0),
+            base: self.0.len() + 1,
+        })
+    }
+
+    /// Whether `path`, already a store path, is in this store directory.
+    pub fn check(&self, path: &StorePath) -> Result<(), Failure> {
+        if path.dir() == self.0 {
+            Ok(())
+        } else {
+            Err(self.outside(path.as_str()))
+        }
+    }
+
+    fn outside(&self, path: &str) -> Failure {
+        Failure::input(format!("{path:?} is not in the store directory {}", self.0))
+    }
+
+    /// The store path `nix-derivation` made in this directory (which it
+    /// has checked already).
+    pub(crate) fn join_nix(&self, path: &nix_derivation::StorePath) -> StorePath {
+        let basename = path.to_basename();
+        StorePath {
+            path: format!("{}/{basename}", self.0),
+            base: self.0.len() + 1,
+        }
     }
 
     /// This directory for `nix-derivation` (which checks it as
@@ -97,72 +136,213 @@ impl fmt::Display for StoreDir {
     }
 }
 
-/// A store path's base name, `<hash>-<name>`, validated.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct StorePath(String);
+/// An absolute store path, `<store dir>/<hash>-<name>`, checked: a
+/// canonical absolute directory, a 32-character nix-base32 hash part and a
+/// name Nix accepts. Written (in tickets, on the wire) as the plain path;
+/// compared, ordered and hashed as that string.
+#[derive(Clone)]
+pub struct StorePath {
+    path: String,
+    /// Where the base name starts: just after the directory's `/`.
+    base: usize,
+}
 
 impl StorePath {
-    pub fn from_basename(basename: &str) -> Result<StorePath, Failure> {
-        let (hash, name) = match basename.split_at_checked(HASH_PART_LEN) {
-            Some((hash, rest)) if rest.starts_with('-') => (hash, &rest[1..]),
-            _ => {
-                return Err(Failure::input(format!(
-                    "{basename:?} is not <32-character hash>-<name>"
-                )))
-            }
+    /// Parses an absolute store path in any store directory; the store
+    /// that must hold it checks the directory ([`StoreDir::check`]).
+    pub fn parse(path: &str) -> Result<StorePath, Failure> {
+        let not_one = |why: String| {
+            Failure::input(format!(
+                "{path:?} is not a store path (<store dir>/<32-character hash>-<name>): {why}"
+            ))
         };
-        if let Some(bad) = hash
-            .chars()
-            .find(|c| !c.is_ascii() || !crate::nix::hash::NIX_BASE32.contains(&(*c as u8)))
-        {
-            return Err(Failure::input(format!(
-                "hash part {hash:?} has {bad:?}, which is not a nix-base32 digit"
+        let Some((dir, basename)) = path.rsplit_once('/') else {
+            return Err(not_one("it is not absolute".into()));
+        };
+        check_basename(basename).map_err(|e| not_one(e.message))?;
+        if dir.is_empty() {
+            return Err(not_one("it has no store directory".into()));
+        }
+        if nix_derivation::StoreDir::new(dir.to_string()).is_err() {
+            return Err(not_one(format!(
+                "{dir:?} is not an absolute, canonical directory"
             )));
         }
-        if name.is_empty() || name.len() > MAX_NAME_LEN {
-            return Err(Failure::input(format!(
-                "name {name:?} must be 1 to {MAX_NAME_LEN} characters long"
-            )));
-        }
-        if let Some(bad) = name.chars().find(|&c| !is_name_char(c)) {
-            return Err(Failure::input(format!(
-                "name {name:?} has {bad:?} (allowed: letters, digits and +-._?=)"
-            )));
-        }
-        // Everything else Nix insists on (a canonical hash encoding, no `.`
-        // or `..` names) is checked by nix-derivation's own parser.
-        nix_derivation::StorePath::from_basename(basename.as_bytes())
-            .map_err(|e| Failure::input(format!("{basename:?}: {e}")))?;
-        Ok(StorePath(basename.to_string()))
+        Ok(StorePath {
+            path: path.to_string(),
+            base: dir.len() + 1,
+        })
+    }
+
+    /// The whole path.
+    pub fn as_str(&self) -> &str {
+        &self.path
+    }
+
+    /// The store directory it is in (without the trailing `/`).
+    pub fn dir(&self) -> &str {
+        &self.path[..self.base - 1]
     }
 
     /// `<hash>-<name>`.
     pub fn basename(&self) -> &str {
-        &self.0
+        &self.path[self.base..]
     }
 
     /// The 32-character hash part.
     pub fn hash_part(&self) -> &str {
-        &self.0[..HASH_PART_LEN]
+        &self.basename()[..HASH_PART_LEN]
     }
 
+    /// The name after the hash part.
     pub fn name(&self) -> &str {
-        &self.0[HASH_PART_LEN + 1..]
+        &self.basename()[HASH_PART_LEN + 1..]
     }
 
+    /// Whether it names a derivation (`.drv`).
     pub fn is_derivation(&self) -> bool {
-        self.0.ends_with(".drv")
+        self.path.ends_with(".drv")
     }
+}
 
-    pub(crate) fn from_nix(path: &nix_derivation::StorePath) -> StorePath {
-        StorePath(path.to_basename())
+/// A base name `<hash>-<name>` as Nix accepts it.
+fn check_basename(basename: &str) -> Result<(), Failure> {
+    let (hash, name) = match basename.split_at_checked(HASH_PART_LEN) {
+        Some((hash, rest)) if rest.starts_with('-') => (hash, &rest[1..]),
+        _ => {
+            return Err(Failure::input(format!(
+                "{basename:?} is not <32-character hash>-<name>"
+            )))
+        }
+    };
+    if let Some(bad) = hash
+        .chars()
+        .find(|c| !c.is_ascii() || !crate::nix::hash::NIX_BASE32.contains(&(*c as u8)))
+    {
+        return Err(Failure::input(format!(
+            "hash part {hash:?} has {bad:?}, which is not a nix-base32 digit"
+        )));
     }
+    if name.is_empty() || name.len() > MAX_NAME_LEN {
+        return Err(Failure::input(format!(
+            "name {name:?} must be 1 to {MAX_NAME_LEN} characters long"
+        )));
+    }
+    if let Some(bad) = name.chars().find(|&c| !is_name_char(c)) {
+        return Err(Failure::input(format!(
+            "name {name:?} has {bad:?} (allowed: letters, digits and +-._?=)"
+        )));
+    }
+    // Everything else Nix insists on (a canonical hash encoding, no `.`
+    // or `..` names) is checked by nix-derivation's own parser.
+    nix_derivation::StorePath::from_basename(basename.as_bytes())
+        .map_err(|e| Failure::input(format!("{basename:?}: {e}")))?;
+    Ok(())
 }
 
 impl fmt::Display for StorePath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.path)
     }
+}
+
+impl fmt::Debug for StorePath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.path, f)
+    }
+}
+
+impl PartialEq for StorePath {
+    fn eq(&self, other: &StorePath) -> bool {
+        self.path == other.path
+    }
+}
+
+impl Eq for StorePath {}
+
+impl PartialOrd for StorePath {
+    fn partial_cmp(&self, other: &StorePath) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for StorePath {
+    fn cmp(&self, other: &StorePath) -> Ordering {
+        self.path.cmp(&other.path)
+    }
+}
+
+impl Hash for StorePath {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.path.hash(state);
+    }
+}
+
+/// Sound because equality, order and hash are the string's.
+impl Borrow<str> for StorePath {
+    fn borrow(&self) -> &str {
+        &self.path
+    }
+}
+
+impl AsRef<str> for StorePath {
+    fn as_ref(&self) -> &str {
+        &self.path
+    }
+}
+
+impl PartialEq<str> for StorePath {
+    fn eq(&self, other: &str) -> bool {
+        self.path == other
+    }
+}
+
+impl PartialEq<&str> for StorePath {
+    fn eq(&self, other: &&str) -> bool {
+        self.path == *other
+    }
+}
+
+impl PartialEq<String> for StorePath {
+    fn eq(&self, other: &String) -> bool {
+        self.path == *other
+    }
+}
+
+/// A store path reads as the string it is (`ends_with`, `len`, …).
+impl std::ops::Deref for StorePath {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.path
+    }
+}
+
+impl std::str::FromStr for StorePath {
+    type Err = Failure;
+
+    fn from_str(path: &str) -> Result<StorePath, Failure> {
+        StorePath::parse(path)
+    }
+}
+
+impl Serialize for StorePath {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.path)
+    }
+}
+
+impl<'de> Deserialize<'de> for StorePath {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<StorePath, D::Error> {
+        let path = String::deserialize(deserializer)?;
+        StorePath::parse(&path).map_err(|e| serde::de::Error::custom(e.message))
+    }
+}
+
+/// `path` as a store path, for tests (which name valid ones).
+#[cfg(test)]
+pub(crate) fn test_path(path: &str) -> StorePath {
+    StorePath::parse(path).unwrap()
 }
 
 const MAX_NAME_LEN: usize = 211;
@@ -193,14 +373,69 @@ mod tests {
     }
 
     #[test]
-    fn parses_and_renders_in_any_store_dir() {
+    fn parses_in_any_store_dir() {
         let p = dir("/gpfs/nix/store")
             .parse(&format!("/gpfs/nix/store/{HASH}-hello-2.12.drv"))
             .unwrap();
         assert_eq!(p.hash_part(), HASH);
         assert_eq!(p.name(), "hello-2.12.drv");
+        assert_eq!(p.dir(), "/gpfs/nix/store");
+        assert_eq!(p.basename(), format!("{HASH}-hello-2.12.drv"));
         assert!(p.is_derivation());
-        assert_eq!(dir("/x").render(&p), format!("/x/{HASH}-hello-2.12.drv"));
+        let elsewhere = dir("/x").join(p.basename()).unwrap();
+        assert_eq!(elsewhere.as_str(), format!("/x/{HASH}-hello-2.12.drv"));
+        assert_eq!(StorePath::parse(p.as_str()).unwrap(), p);
+        assert!(dir("/gpfs/nix/store").check(&p).is_ok());
+        let err = dir("/nix/store").check(&p).unwrap_err();
+        assert_eq!(err.kind, Kind::Input);
+        assert!(err
+            .message
+            .contains("is not in the store directory /nix/store"));
+    }
+
+    #[test]
+    fn without_a_store_the_shape_is_checked() {
+        for (path, why) in [
+            ("/p", "\"p\" is not <32-character hash>-<name>"),
+            (
+                "/0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a-a",
+                "it has no store directory",
+            ),
+            ("p", "it is not absolute"),
+            (
+                "nix/store/0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a-a",
+                "\"nix/store\" is not an absolute, canonical directory",
+            ),
+            ("/nix/store/", "\"\" is not <32-character hash>-<name>"),
+            (
+                "/nix/../store/0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a-a",
+                "canonical",
+            ),
+            ("/nix/store/0a0a-a", "is not <32-character hash>-<name>"),
+        ] {
+            let err = StorePath::parse(path).unwrap_err();
+            assert_eq!(err.kind, Kind::Input, "{path}");
+            assert!(
+                err.message
+                    .starts_with(&format!("{path:?} is not a store path")),
+                "{path}: {}",
+                err.message
+            );
+            assert!(err.message.contains(why), "{path}: {}", err.message);
+        }
+    }
+
+    #[test]
+    fn in_json_it_is_the_plain_string() {
+        let path = format!("/nix/store/{HASH}-a");
+        let p: StorePath = serde_json::from_str(&format!("{path:?}")).unwrap();
+        assert_eq!(p, path.as_str());
+        assert_eq!(serde_json::to_string(&p).unwrap(), format!("{path:?}"));
+        let err = serde_json::from_str::<StorePath>("\"/p\"").unwrap_err();
+        assert!(
+            err.to_string().contains("\"/p\" is not a store path"),
+            "{err}"
+        );
     }
 
     #[test]

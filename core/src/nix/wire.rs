@@ -141,6 +141,7 @@ impl<R: Read> WireReader<R> {
         &mut self.inner
     }
 
+    #[cfg(test)]
     pub fn into_inner(self) -> R {
         self.inner
     }
@@ -241,10 +242,6 @@ impl<W: Write> WireWriter<W> {
 
     pub fn get_mut(&mut self) -> &mut W {
         &mut self.inner
-    }
-
-    pub fn into_inner(self) -> W {
-        self.inner
     }
 
     pub fn u64(&mut self, value: u64) -> io::Result<()> {

@@ -208,113 +208,46 @@ mod tests {
     #[test]
     fn the_fit_decision() {
         let now = 1010;
+        let with = |change: fn(&mut Need)| {
+            let mut n = need();
+            change(&mut n);
+            n
+        };
         let cases: Vec<(&str, Need)> = vec![
             ("plain build", need()),
             (
                 "same constraint",
-                Need {
-                    constraint: Some("big&ssd".into()),
-                    ..need()
-                },
+                with(|n| n.constraint = Some("big&ssd".into())),
             ),
             (
                 "a feature the node has",
-                Need {
-                    constraint: Some("ssd".into()),
-                    ..need()
-                },
+                with(|n| n.constraint = Some("ssd".into())),
             ),
             (
                 "a feature not known there",
-                Need {
-                    constraint: Some("gpu".into()),
-                    ..need()
-                },
+                with(|n| n.constraint = Some("gpu".into())),
             ),
             (
                 "another expression",
-                Need {
-                    constraint: Some("big|gpu".into()),
-                    ..need()
-                },
+                with(|n| n.constraint = Some("big|gpu".into())),
             ),
             (
                 "other partition",
-                Need {
-                    partition: Some("gpu".into()),
-                    ..need()
-                },
+                with(|n| n.partition = Some("gpu".into())),
             ),
             (
                 "other account",
-                Need {
-                    account: Some("physics".into()),
-                    ..need()
-                },
+                with(|n| n.account = Some("physics".into())),
             ),
-            (
-                "no qos",
-                Need {
-                    qos: None,
-                    ..need()
-                },
-            ),
-            (
-                "as many cpus",
-                Need {
-                    cpus: Some(4),
-                    ..need()
-                },
-            ),
-            (
-                "more cpus",
-                Need {
-                    cpus: Some(5),
-                    ..need()
-                },
-            ),
-            (
-                "less memory",
-                Need {
-                    mem_mb: Some(1024),
-                    ..need()
-                },
-            ),
-            (
-                "more memory",
-                Need {
-                    mem_mb: Some(8192),
-                    ..need()
-                },
-            ),
-            (
-                "gres",
-                Need {
-                    gres: Some("gpu:1".into()),
-                    ..need()
-                },
-            ),
-            (
-                "other settings",
-                Need {
-                    env: "f".into(),
-                    ..need()
-                },
-            ),
-            (
-                "time left exactly",
-                Need {
-                    time_min: 148,
-                    ..need()
-                },
-            ),
-            (
-                "a minute too much",
-                Need {
-                    time_min: 149,
-                    ..need()
-                },
-            ),
+            ("no qos", with(|n| n.qos = None)),
+            ("as many cpus", with(|n| n.cpus = Some(4))),
+            ("more cpus", with(|n| n.cpus = Some(5))),
+            ("less memory", with(|n| n.mem_mb = Some(1024))),
+            ("more memory", with(|n| n.mem_mb = Some(8192))),
+            ("gres", with(|n| n.gres = Some("gpu:1".into()))),
+            ("other settings", with(|n| n.env = "f".into())),
+            ("time left exactly", with(|n| n.time_min = 148)),
+            ("a minute too much", with(|n| n.time_min = 149)),
         ];
         let table: Vec<String> = cases
             .iter()

@@ -32,12 +32,15 @@ pub fn known(dir: &Path, node: &str) -> HashSet<String> {
 }
 
 /// How many of `paths` are known to be on `node`.
-pub fn score<S: std::hash::BuildHasher>(known: &HashSet<String, S>, paths: &[String]) -> usize {
-    paths.iter().filter(|p| known.contains(*p)).count()
+pub fn score<S: std::hash::BuildHasher, P: AsRef<str>>(
+    known: &HashSet<String, S>,
+    paths: &[P],
+) -> usize {
+    paths.iter().filter(|p| known.contains(p.as_ref())).count()
 }
 
 /// Adds `paths` to what `node` holds (the caller holds the pool's lock).
-pub fn note(dir: &Path, node: &str, paths: &[String]) -> Result<(), Failure> {
+pub fn note<P: AsRef<str>>(dir: &Path, node: &str, paths: &[P]) -> Result<(), Failure> {
     let file = node_file(dir, node);
     if let Some(parent) = file.parent() {
         crate::runtime::private_dir(parent)?;
@@ -47,8 +50,8 @@ pub fn note(dir: &Path, node: &str, paths: &[String]) -> Result<(), Failure> {
     let mut seen: HashSet<&str> = lines.iter().copied().collect();
     let before = lines.len();
     for path in paths {
-        if seen.insert(path.as_str()) {
-            lines.push(path);
+        if seen.insert(path.as_ref()) {
+            lines.push(path.as_ref());
         }
     }
     if lines.len() == before {

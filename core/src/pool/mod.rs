@@ -24,9 +24,12 @@ pub mod node;
 pub mod record;
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+#[cfg(test)]
+use std::path::Path;
+use std::path::PathBuf;
 
 use crate::error::{Failure, Kind, ResultExt};
+use crate::nix::store_path::StorePath;
 use crate::runtime;
 use crate::sys::flock::FileLock;
 use fit::{free, Need, Unfit};
@@ -104,6 +107,7 @@ impl Pool {
     }
 
     /// The pool in `dir` (tests).
+    #[cfg(test)]
     pub fn at(dir: &Path) -> Result<Pool, Failure> {
         runtime::private_dir(dir)?;
         Ok(Pool {
@@ -111,6 +115,8 @@ impl Pool {
         })
     }
 
+    /// Where the pool's files are (tests).
+    #[cfg(test)]
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -308,7 +314,7 @@ impl Pool {
     }
 
     /// Notes that `node` now holds `paths` (for locality).
-    pub fn note_paths(&self, node: &str, paths: &[String]) -> Result<(), Failure> {
+    pub fn note_paths<P: AsRef<str>>(&self, node: &str, paths: &[P]) -> Result<(), Failure> {
         if paths.is_empty() || node.is_empty() {
             return Ok(());
         }
@@ -348,7 +354,7 @@ impl Pool {
 pub struct PlanRequest<'a> {
     pub need: &'a Need,
     /// The build's input closure (for locality).
-    pub inputs: &'a [String],
+    pub inputs: &'a [StorePath],
     pub owner: Owner,
     pub max_jobs: u32,
     /// Jobs this build found busy on their node already.

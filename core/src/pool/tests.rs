@@ -9,6 +9,7 @@ use super::node::Answer;
 use super::record::{JobRecord, Owner};
 use super::{Plan, PlanRequest, Pool};
 use crate::config::Backend;
+use crate::nix::store_path::StorePath;
 
 fn now() -> u64 {
     std::time::SystemTime::now()
@@ -93,7 +94,7 @@ fn need() -> Need {
     }
 }
 
-fn plan(pool: &Pool, owner: Owner, max_jobs: u32, inputs: &[String]) -> Plan {
+fn plan(pool: &Pool, owner: Owner, max_jobs: u32, inputs: &[StorePath]) -> Plan {
     pool.plan(&PlanRequest {
         need: &need(),
         inputs,
@@ -190,7 +191,7 @@ fn the_node_with_the_inputs_wins() {
     let mut older = job(2, "node2", None);
     older.last_used -= 5;
     older.write(pool.dir()).unwrap();
-    let inputs = vec!["/nix/store/aaaa-in".to_string()];
+    let inputs = vec![StorePath::parse("/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-in").unwrap()];
     pool.note_paths("node2", &inputs).unwrap();
     let Plan::Take { taken, .. } = plan(&pool, me.1, 8, &inputs) else {
         panic!("not taken")

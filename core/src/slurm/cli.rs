@@ -278,6 +278,8 @@ pub fn partition(name: &str) -> Result<Option<PartitionInfo>, Failure> {
 
 /// Whether the accounting database knows account (`what` = `account`) or
 /// `qos` `name`: `None` when `sacctmgr` cannot tell (no slurmdbd).
+// Fallible like the REST backend's, which the caller matches beside it.
+#[allow(clippy::unnecessary_wraps)]
 pub fn slurmdb_entry(what: &str, name: &str) -> Result<Option<bool>, Failure> {
     let name_filter = format!("name={name}");
     let format = if what == "qos" {

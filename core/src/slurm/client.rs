@@ -94,7 +94,7 @@ impl Slurm {
 /// A server whose versions are all unknown to nsh: a configuration matter
 /// (upgrade nsh, or point `url` at a server that speaks an older version).
 fn none_known(url: &RestUrl, offered: &[String]) -> Failure {
-    let known: Vec<&str> = ApiVersion::ALL.iter().map(|v| v.as_str()).collect();
+    let known: Vec<String> = ApiVersion::ALL.iter().map(ToString::to_string).collect();
     Failure::config(format!(
         "slurmrestd at {url} offers API {}; this nsh speaks {}",
         offered.join(", "),

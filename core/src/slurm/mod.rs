@@ -6,17 +6,28 @@
 use std::fmt;
 use std::str::FromStr;
 
-/// A slurmrestd OpenAPI plugin version nsh can speak.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum ApiVersion {
-    V0038,
-    V0039,
-    V0040,
-    V0041,
-    V0042,
-    V0043,
-    V0044,
-    V0045,
+crate::derive::numbered_enum! {
+    /// A slurmrestd OpenAPI plugin version nsh can speak, numbered by its
+    /// minor version (`v0.0.42` is 42).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+    pub enum ApiVersion: u32 {
+        /// `v0.0.38`.
+        V0038 = 38,
+        /// `v0.0.39`.
+        V0039 = 39,
+        /// `v0.0.40`.
+        V0040 = 40,
+        /// `v0.0.41`.
+        V0041 = 41,
+        /// `v0.0.42`.
+        V0042 = 42,
+        /// `v0.0.43`.
+        V0043 = 43,
+        /// `v0.0.44`.
+        V0044 = 44,
+        /// `v0.0.45`.
+        V0045 = 45,
+    }
 }
 
 impl ApiVersion {
@@ -32,47 +43,26 @@ impl ApiVersion {
         ApiVersion::V0045,
     ];
 
-    /// As slurmrestd spells it in paths: `v0.0.38`.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            ApiVersion::V0038 => "v0.0.38",
-            ApiVersion::V0039 => "v0.0.39",
-            ApiVersion::V0040 => "v0.0.40",
-            ApiVersion::V0041 => "v0.0.41",
-            ApiVersion::V0042 => "v0.0.42",
-            ApiVersion::V0043 => "v0.0.43",
-            ApiVersion::V0044 => "v0.0.44",
-            ApiVersion::V0045 => "v0.0.45",
-        }
-    }
-
     /// The minor number: 38 … 45.
     pub const fn minor(self) -> u32 {
-        match self {
-            ApiVersion::V0038 => 38,
-            ApiVersion::V0039 => 39,
-            ApiVersion::V0040 => 40,
-            ApiVersion::V0041 => 41,
-            ApiVersion::V0042 => 42,
-            ApiVersion::V0043 => 43,
-            ApiVersion::V0044 => 44,
-            ApiVersion::V0045 => 45,
-        }
+        self as u32
     }
 }
 
+/// As slurmrestd spells it in paths: `v0.0.38`.
 impl fmt::Display for ApiVersion {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        write!(f, "v0.0.{}", self.minor())
     }
 }
 
 impl FromStr for ApiVersion {
     type Err = UnknownApiVersion;
     fn from_str(s: &str) -> Result<ApiVersion, UnknownApiVersion> {
-        ApiVersion::ALL
-            .into_iter()
-            .find(|v| v.as_str() == s)
+        s.strip_prefix("v0.0.")
+            .filter(|minor| minor.len() == 2)
+            .and_then(|minor| minor.parse::<u32>().ok())
+            .and_then(|minor| ApiVersion::try_from(minor).ok())
             .ok_or_else(|| UnknownApiVersion(s.to_string()))
     }
 }

@@ -5,7 +5,7 @@ use std::fmt;
 
 /// A batch job to submit. Every field is a value nsh chose or the
 /// configuration allowed; the script is static text (see
-/// [`crate::stage::alloc::batch_script`]) and everything variable reaches it through `env`.
+/// `crate::stage::alloc::batch_script`) and everything variable reaches it through `env`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct JobRequest {
     /// The job name (`sbatch --job-name`).
@@ -14,14 +14,19 @@ pub struct JobRequest {
     pub script: String,
     /// The job's whole environment (nothing is inherited from the submitter).
     pub env: Vec<(String, String)>,
+    /// `--partition`.
     pub partition: Option<String>,
+    /// `--account`.
     pub account: Option<String>,
+    /// `--qos`.
     pub qos: Option<String>,
     /// Node features (`--constraint`).
     pub constraint: Option<String>,
     /// Generic resources per node (`--gres`), as sbatch spells them: `gpu:1`.
     pub gres: Option<String>,
+    /// CPUs for the one task (`--cpus-per-task`).
     pub cpus: Option<u32>,
+    /// Memory per node in MB (`--mem`).
     pub mem_mb: Option<u64>,
     /// The time limit in minutes.
     pub time_min: u32,
@@ -35,17 +40,29 @@ pub struct JobRequest {
 /// in [`JobInfo::flags`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JobState {
+    /// `PENDING` (`PD`).
     Pending,
+    /// `RUNNING` (`R`).
     Running,
+    /// `SUSPENDED` (`S`).
     Suspended,
+    /// `COMPLETED` (`CD`).
     Completed,
+    /// `CANCELLED` (`CA`).
     Cancelled,
+    /// `FAILED` (`F`).
     Failed,
+    /// `TIMEOUT` (`TO`).
     Timeout,
+    /// `NODE_FAIL` (`NF`).
     NodeFail,
+    /// `PREEMPTED` (`PR`).
     Preempted,
+    /// `BOOT_FAIL` (`BF`).
     BootFail,
+    /// `DEADLINE` (`DL`).
     Deadline,
+    /// `OUT_OF_MEMORY` (`OOM`).
     OutOfMemory,
     /// A state this nsh does not know (a newer Slurm).
     Other(String),
@@ -54,6 +71,10 @@ pub enum JobState {
 impl JobState {
     /// Parses a base state as Slurm spells it (`RUNNING`, also the short
     /// squeue codes such as `R`, `PD`).
+    ///
+    /// Written out, not derived: Slurm's words come in two spellings each
+    /// (long and squeue's code), in any case, and a word this nsh does not
+    /// know is kept as `Other`, which no derive gives.
     pub fn parse(s: &str) -> JobState {
         match s.trim().to_ascii_uppercase().as_str() {
             "PENDING" | "PD" => JobState::Pending,
@@ -72,6 +93,7 @@ impl JobState {
         }
     }
 
+    /// As Slurm spells it (`RUNNING`); an unknown state as it came.
     pub fn as_str(&self) -> &str {
         match self {
             JobState::Pending => "PENDING",
@@ -135,7 +157,9 @@ pub fn is_state_flag(word: &str) -> bool {
 /// What Slurm says about a job.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobInfo {
+    /// The job id.
     pub id: u64,
+    /// The base state.
     pub state: JobState,
     /// State flags (`CONFIGURING`, `COMPLETING`, …).
     pub flags: Vec<String>,
@@ -147,6 +171,7 @@ pub struct JobInfo {
     pub exit_code: Option<i64>,
     /// When it started / ended, Unix seconds.
     pub start: Option<u64>,
+    /// (See `start`.)
     pub end: Option<u64>,
 }
 
@@ -257,7 +282,7 @@ impl PartitionInfo {
 
     /// Why `name` may not use this partition as an account (`what` =
     /// "account") or QOS, if it may not.
-    pub fn refuses(allow: &Option<Vec<String>>, deny: &[String], name: &str) -> Option<String> {
+    pub fn refuses(allow: Option<&[String]>, deny: &[String], name: &str) -> Option<String> {
         if deny.iter().any(|d| d == name) {
             return Some(format!("denied ({})", deny.join(",")));
         }

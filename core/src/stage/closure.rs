@@ -17,8 +17,9 @@ use crate::nix::local_store::{self, LocalStore};
 use crate::nix::serve::client::ServeProcess;
 use crate::ticket::{ClosureSection, DrvSection, StoreSection, Ticket};
 use crate::tool::run_stage;
-use crate::{log_debug, log_info};
+use crate::{log_debug, log_error, log_info};
 
+/// What `nsh-closure` is asked to do.
 #[derive(Debug, Clone, Default)]
 pub struct ClosureOptions {
     /// `.drv` paths from the command line; empty: read stdin.
@@ -41,6 +42,7 @@ pub fn run<R: BufRead, W: Write>(options: &ClosureOptions, stdin: R, stdout: W) 
     if options.drvs.is_empty() {
         let input = BufReader::new(PathLines {
             inner: stdin,
+            options,
             buf: Vec::new(),
             pos: 0,
         });
@@ -49,9 +51,20 @@ pub fn run<R: BufRead, W: Write>(options: &ClosureOptions, stdin: R, stdout: W) 
         let lines: String = options
             .drvs
             .iter()
-            .map(|path| path_ticket(path) + "\n")
+            .map(|path| path_ticket(options, path) + "\n")
             .collect();
         run_stage("closure", lines.as_bytes(), stdout, stage)
+    }
+}
+
+impl ClosureOptions {
+    /// The local store's URI: `--store`, else the ticket's `store.uri`,
+    /// else Nix's default.
+    fn store_uri(&self, ticket: &Ticket) -> String {
+        self.store_uri
+            .clone()
+            .filter(|uri| !uri.is_empty())
+            .unwrap_or_else(|| ticket.store_uri().to_string())
     }
 }
 
@@ -65,12 +78,7 @@ impl Session<'_> {
     fn ticket(&mut self, ticket: &mut Ticket) -> Result<(), Failure> {
         let drv_section = ticket.need_drv()?;
         let drv_path = drv_section.path.clone();
-        let uri = self
-            .options
-            .store_uri
-            .clone()
-            .filter(|uri| !uri.is_empty())
-            .unwrap_or_else(|| ticket.store_uri().to_string());
+        let uri = self.options.store_uri(ticket);
         let wanted = if self.options.wanted.is_empty() {
             drv_section.wanted.clone()
         } else {
@@ -78,14 +86,13 @@ impl Session<'_> {
         };
 
         let local = LocalStore::new(&uri, &self.options.nix_bin_dir)?;
-        let drv_path = resolve_link(&local, &drv_path);
         let drv = local.read_drv(&drv_path)?;
         let wanted = drv.wanted_outputs(&wanted)?;
         // The derivation's facts go in first, so that a ticket that fails
         // on its inputs still says what the derivation is.
-        let old_drv = ticket.drv.take().unwrap_or_default();
+        let extra = ticket.drv.take().map(|d| d.extra).unwrap_or_default();
         ticket.drv = Some(DrvSection {
-            extra: old_drv.extra,
+            extra,
             ..drv.section(wanted)
         });
         let store_extra = ticket.store.take().map(|s| s.extra).unwrap_or_default();
@@ -160,25 +167,35 @@ fn resolve_link(local: &LocalStore, path: &str) -> String {
     }
 }
 
-/// A fresh ticket naming a derivation.
-fn path_ticket(path: &str) -> String {
+/// A fresh ticket naming the derivation at `path` (a `.drv` store path,
+/// or a link to one): or, when `path` is not one, a ticket with the
+/// failure and the line under `input`, as the stage loop writes for a line
+/// that is not a ticket.
+fn path_ticket(options: &ClosureOptions, path: &str) -> String {
     let mut ticket = Ticket::new();
-    ticket.drv = Some(DrvSection {
-        path: path.to_string(),
-        ..DrvSection::default()
-    });
+    let drv_path = LocalStore::new(&options.store_uri(&ticket), &options.nix_bin_dir)
+        .and_then(|local| local.dir.parse(&resolve_link(&local, path)));
+    match drv_path {
+        Ok(drv_path) => ticket.drv = Some(DrvSection::new(drv_path)),
+        Err(failure) => {
+            log_error!("{failure}");
+            ticket.fail("closure", &failure);
+            ticket.extra.insert("input".into(), path.into());
+        }
+    }
     ticket.to_line()
 }
 
 /// Stdin with every line that is not a ticket (does not start with `{`)
 /// read as a `.drv` path and turned into a ticket naming it.
-struct PathLines<R> {
+struct PathLines<'a, R> {
     inner: R,
+    options: &'a ClosureOptions,
     buf: Vec<u8>,
     pos: usize,
 }
 
-impl<R: BufRead> Read for PathLines<R> {
+impl<R: BufRead> Read for PathLines<'_, R> {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         if self.pos == self.buf.len() {
             self.buf.clear();
@@ -191,7 +208,8 @@ impl<R: BufRead> Read for PathLines<R> {
             if trimmed.is_empty() || trimmed.starts_with('{') {
                 self.buf.extend_from_slice(line.as_bytes());
             } else {
-                self.buf.extend_from_slice(path_ticket(trimmed).as_bytes());
+                self.buf
+                    .extend_from_slice(path_ticket(self.options, trimmed).as_bytes());
                 self.buf.push(b'\n');
             }
         }
@@ -208,18 +226,29 @@ mod tests {
 
     #[test]
     fn plain_paths_become_tickets_and_tickets_stay() {
-        let input = "/s/a.drv\n\n{\"v\":1,\"x\":2}\n  /s/b.drv  \n";
+        let a = "/s/0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a-a.drv";
+        let b = "/s/1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b-b.drv";
+        let input = format!("{a}\n\n{{\"v\":1,\"x\":2}}\n  {b}  \n/etc/passwd\n");
+        let options = ClosureOptions {
+            store_uri: Some("local?store=/s".into()),
+            ..ClosureOptions::default()
+        };
         let mut out = String::new();
         PathLines {
             inner: input.as_bytes(),
+            options: &options,
             buf: Vec::new(),
             pos: 0,
         }
         .read_to_string(&mut out)
         .unwrap();
+        let ticket = |path: &str| {
+            format!("{{\"v\":1,\"drv\":{{\"path\":\"{path}\",\"name\":\"\",\"system\":\"\",\"features\":[],\"outputs\":{{}},\"wanted\":[]}}}}\n")
+        };
+        let not_one = "{\"v\":1,\"error\":{\"stage\":\"closure\",\"kind\":\"input\",\"message\":\"\\\"/etc/passwd\\\" is not in the store directory /s\"},\"input\":\"/etc/passwd\"}\n";
         assert_eq!(
             out,
-            "{\"v\":1,\"drv\":{\"path\":\"/s/a.drv\",\"name\":\"\",\"system\":\"\",\"features\":[],\"outputs\":{},\"wanted\":[]}}\n\n{\"v\":1,\"x\":2}\n{\"v\":1,\"drv\":{\"path\":\"/s/b.drv\",\"name\":\"\",\"system\":\"\",\"features\":[],\"outputs\":{},\"wanted\":[]}}\n"
+            format!("{}\n{{\"v\":1,\"x\":2}}\n{}{not_one}", ticket(a), ticket(b))
         );
     }
 

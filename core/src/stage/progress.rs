@@ -25,6 +25,7 @@ pub struct LogQueueProgress {
 }
 
 impl LogQueueProgress {
+    /// Nothing reported yet.
     pub fn new() -> LogQueueProgress {
         LogQueueProgress { last: None }
     }
@@ -61,9 +62,13 @@ pub fn describe_wait(info: &JobInfo) -> String {
 
 /// Progress of one transfer: totals first, then bytes and paths as they go.
 pub trait TransferProgress {
+    /// The copy starts: `paths` paths of `bytes` NAR bytes in all.
     fn begin(&mut self, paths: u64, bytes: u64);
+    /// `n` more bytes went through.
     fn bytes(&mut self, n: u64);
+    /// One more path is through.
     fn path_done(&mut self);
+    /// The copy is over.
     fn end(&mut self);
 }
 

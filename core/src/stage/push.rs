@@ -40,6 +40,7 @@ use crate::nix::local_store::LocalStore;
 use crate::nix::nar::{self, NarError};
 use crate::nix::serve::client::{ServeClient, ServeProcess};
 use crate::nix::serve::{self, PathInfo};
+use crate::nix::store_path::StorePath;
 use crate::nix::wire::{WireError, WireReader, WireWriter};
 use crate::stage::progress::{human_bytes, Reporting, TransferProgress};
 use crate::stage::retry;
@@ -49,7 +50,8 @@ use crate::sys::process::stdout_of;
 use crate::ticket::{AllocSection, PushSection, Ticket};
 use crate::{log_debug, log_info};
 
-/// How the missing paths travel.
+/// How the missing paths travel (`nsh-push --method`, whose names are
+/// `nsh-push`'s).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Method {
     /// AddToStoreNar when the node's serve protocol has it (≥ 2.5), else
@@ -69,25 +71,6 @@ pub enum Method {
 }
 
 impl Method {
-    pub fn parse(s: &str) -> Option<Method> {
-        match s {
-            "auto" => Some(Method::Auto),
-            "add-to-store-nar" => Some(Method::AddToStoreNar),
-            "import" => Some(Method::Import),
-            "import-export" => Some(Method::ImportExport),
-            _ => None,
-        }
-    }
-
-    pub const fn name(self) -> &'static str {
-        match self {
-            Method::Auto => "auto",
-            Method::AddToStoreNar => "add-to-store-nar",
-            Method::Import => "import",
-            Method::ImportExport => "import-export",
-        }
-    }
-
     /// How paths travel to a node whose conversation runs at serve protocol
     /// `version`: `Auto` resolved; an explicit AddToStoreNar that the node
     /// does not have refused (exit 78).
@@ -144,7 +127,7 @@ pub fn push(
     for path in &closure {
         local
             .dir
-            .parse(path)
+            .check(path)
             .map_err(|e| e.context("ticket closure.paths"))?;
     }
 
@@ -169,7 +152,7 @@ pub fn push(
 
 /// One attempt: returns (paths copied, NAR bytes sent).
 fn push_once(
-    closure: &[String],
+    closure: &[StorePath],
     alloc: &mut AllocSection,
     config: &Config,
     local: &LocalStore,
@@ -191,17 +174,13 @@ fn push_once(
     let argv = crate::stage::ssh::remote_serve_argv(&config.remote);
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
     let mut remote = ServeProcess::from_command(ssh.command(&argv), ssh.describe())?;
-    let present: BTreeSet<String> = remote
+    let present: BTreeSet<StorePath> = remote
         .client
         .query_valid_paths(closure, true, false)?
         .into_iter()
         .collect();
     // The closure is in dependency order; so is `missing`.
-    let missing: Vec<&str> = closure
-        .iter()
-        .filter(|p| !present.contains(*p))
-        .map(String::as_str)
-        .collect();
+    let missing: Vec<&StorePath> = closure.iter().filter(|p| !present.contains(*p)).collect();
     if missing.is_empty() {
         log_info!("{}: all {} paths present", ssh.describe(), closure.len());
         remote.finish()?;
@@ -250,17 +229,17 @@ fn push_once(
 /// that is not valid there is bad input, named.
 fn local_path_infos<R: Read, W: Write>(
     local: &mut ServeClient<R, W>,
-    missing: &[&str],
+    missing: &[&StorePath],
 ) -> Result<Vec<PathInfo>, Failure> {
-    let mut infos: BTreeMap<String, PathInfo> = local
+    let mut infos: BTreeMap<StorePath, PathInfo> = local
         .query_path_infos(missing)?
         .into_iter()
         .map(|i| (i.path.clone(), i))
         .collect();
     let absent: Vec<&str> = missing
         .iter()
-        .copied()
-        .filter(|p| !infos.contains_key(*p))
+        .filter(|p| !infos.contains_key(**p))
+        .map(|p| p.as_str())
         .collect();
     if !absent.is_empty() {
         return Err(Failure::input(format!(
@@ -328,7 +307,7 @@ fn send_from_export_process(
         let _ = child.kill();
     }
     let status = child.wait();
-    let sent: BTreeSet<String> = result?.into_iter().collect();
+    let sent: BTreeSet<StorePath> = result?.into_iter().collect();
     let status = status.or_fail(Kind::Transient, || "waiting for nix-store --export")?;
     if !status.success() {
         return Err(Failure::transient(format!(
@@ -349,7 +328,7 @@ fn relay_import<R: Read>(
     remote: &mut ServeProcess,
     source: R,
     progress: &mut dyn TransferProgress,
-) -> Result<Vec<String>, Failure> {
+) -> Result<Vec<StorePath>, Failure> {
     // Bytes are counted as they are read, paths as their entries end: both
     // report to the same progress.
     let progress = RefCell::new(progress);
@@ -378,7 +357,7 @@ fn relay_import<R: Read>(
 fn relay_entries<R: Read, W: Write + ?Sized>(
     r: &mut WireReader<R>,
     out: &mut W,
-    mut entry_done: impl FnMut(String),
+    mut entry_done: impl FnMut(StorePath),
 ) -> Result<(), NarError> {
     let written = |result: std::io::Result<()>| result.map_err(NarError::Write);
     loop {
@@ -524,15 +503,7 @@ mod tests {
     }
 
     #[test]
-    fn methods_by_name_and_routes_by_the_nodes_version() {
-        for method in [
-            Method::Auto,
-            Method::AddToStoreNar,
-            Method::Import,
-            Method::ImportExport,
-        ] {
-            assert_eq!(Method::parse(method.name()), Some(method));
-        }
+    fn routes_by_the_nodes_version() {
         assert_eq!(Method::default(), Method::Auto);
         let route = |method: Method, version| method.route_for(version).unwrap();
         // Nix 2.8 – 2.35 all agree on serve 2.7 with nsh.

@@ -45,11 +45,6 @@ pub fn catch_interrupts(syscalls: Syscalls) -> &'static AtomicBool {
     &INTERRUPTED
 }
 
-/// Whether an interrupt arrived since the handlers were installed.
-pub fn interrupted() -> bool {
-    INTERRUPTED.load(Ordering::SeqCst)
-}
-
 /// The last signal received, if any.
 pub fn signalled() -> Option<i32> {
     match SIGNAL.load(Ordering::SeqCst) {

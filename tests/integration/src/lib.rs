@@ -10,11 +10,14 @@ use std::process::{Command, Output};
 /// The running test cluster, as `tests/cluster/cluster up` describes it in
 /// `$NSH_CLUSTER_DIR/env.json`.
 pub struct Cluster {
+    /// `env.json`: addresses, versions, nodes.
     pub info: serde_json::Value,
+    /// The cluster's state directory.
     pub dir: PathBuf,
 }
 
 impl Cluster {
+    /// The cluster this test runs against (`$NSH_CLUSTER_DIR`, else `/tmp/nsh-cluster`).
     pub fn get() -> Cluster {
         let dir = PathBuf::from(
             std::env::var("NSH_CLUSTER_DIR").unwrap_or_else(|_| "/tmp/nsh-cluster".into()),
@@ -45,24 +48,30 @@ impl Cluster {
             .to_string()
     }
 
+    /// slurmrestd's URL.
     pub fn rest_url(&self) -> String {
         self.s("rest_url")
     }
+    /// The build account.
     pub fn user(&self) -> String {
         self.s("user")
     }
+    /// The build account's Slurm token.
     pub fn token(&self) -> String {
         std::fs::read_to_string(self.s("token_file"))
             .expect("token file")
             .trim()
             .to_string()
     }
+    /// The ssh configuration that names the nodes.
     pub fn ssh_config(&self) -> String {
         self.s("ssh_config")
     }
+    /// The nsh configuration for this cluster.
     pub fn nsh_config(&self) -> String {
         self.s("config")
     }
+    /// The compute nodes' names.
     pub fn nodes(&self) -> Vec<String> {
         self.info["nodes"]
             .as_object()
@@ -322,6 +331,7 @@ pub struct NixVersion {
 }
 
 impl NixVersion {
+    /// The Nix of the login side.
     pub fn of(c: &Cluster) -> NixVersion {
         let text = c.info["nix_version"]
             .as_str()

@@ -29,7 +29,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use nsh_cluster_tests::{instantiate, nsh_tool, run_ok, slurm_cmd, unique_salt, Cluster};
-use nsh_core::hook::protocol::{Accepted, Settings, Try};
+use nsh_core::build_hook::{Accepted, Settings, Try};
 
 #[derive(Clone, Copy, Debug)]
 enum Stage {
@@ -88,7 +88,7 @@ fn handshake(drv: &str) -> Vec<u8> {
     let the_try = Try {
         am_willing: false,
         needed_system: "x86_64-linux".into(),
-        drv_path: drv.into(),
+        drv_path: drv.parse().unwrap(),
         required_features: vec![],
     };
     let accepted = Accepted {

@@ -74,7 +74,7 @@ fn build_on_node(c: &Cluster, salt: &str, size: u64) -> String {
         NODE,
         &format!(
             "nix-build --no-out-link -E {}",
-            nsh_core::stage::ssh::shell_quote(&expr)
+            nsh_core::ssh::shell_quote(&expr)
         ),
     );
     assert!(

@@ -9,12 +9,11 @@ use std::io::Write;
 use std::process::Stdio;
 
 use nsh_cluster_tests::{run_ok, unique_salt, Cluster};
-use nsh_core::config;
-use nsh_core::nix::local_store::{self, LocalStore};
-use nsh_core::nix::serve::client::ServeProcess;
-use nsh_core::nix::serve::{self, BuildStatus};
-use nsh_core::stage::ssh::Ssh;
-use nsh_core::ticket::BuildOptions;
+use nsh_core::serve::ServeProcess;
+use nsh_core::serve::{self, BuildStatus};
+use nsh_core::ssh::{self, Ssh};
+use nsh_core::store::{self as local_store, LocalStore};
+use nsh_core::BuildOptions;
 
 #[test]
 fn inputs_are_copied_to_a_node_and_a_request_file_builds_there() {
@@ -27,9 +26,9 @@ fn inputs_are_copied_to_a_node_and_a_request_file_builds_there() {
         .trim()
         .to_string();
     let local = LocalStore::new("", "").unwrap();
-    let b = local.read_drv(&b_path).unwrap();
-    let a_drv = local.dir.render(b.input_drvs.keys().next().unwrap());
-    run_ok(c.command("nix-store").args(["--realise", &a_drv]));
+    let b = local.read_drv(&local.dir.parse(&b_path).unwrap()).unwrap();
+    let a_drv = b.input_drvs.keys().next().unwrap();
+    run_ok(c.command("nix-store").args(["--realise", a_drv.as_str()]));
     let mut here = local.serve(false).unwrap();
     let closure =
         local_store::input_closure(&mut here.client, &local.input_roots(&b).unwrap()).unwrap();
@@ -38,9 +37,9 @@ fn inputs_are_copied_to_a_node_and_a_request_file_builds_there() {
     // Copy what node1 lacks, streamed from the local store.
     let ssh = Ssh::new(
         "node1",
-        &config::Ssh {
+        &ssh::Settings {
             config_file: Some(c.ssh_config().into()),
-            ..config::Ssh::default()
+            ..ssh::Settings::default()
         },
     );
     let mut node = ServeProcess::from_command(
@@ -85,8 +84,8 @@ fn inputs_are_copied_to_a_node_and_a_request_file_builds_there() {
     assert!(out.status.success());
     let result = serve::read_build_response(&out.stdout[..]).unwrap();
     assert_eq!(result.status, BuildStatus::Built, "{}", result.error_msg);
-    let b_out = local.dir.render(b.outputs["out"].path.as_ref().unwrap());
-    assert_eq!(result.output_paths(&local.dir)["out"], b_out);
+    let b_out = b.outputs["out"].path.clone().unwrap();
+    assert_eq!(result.output_paths(&local.dir).unwrap()["out"], b_out);
     assert_eq!(
         node.client
             .query_valid_paths(std::slice::from_ref(&b_out), false, false)

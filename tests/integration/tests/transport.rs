@@ -10,9 +10,8 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use nsh_cluster_tests::{unique_salt, Cluster};
-use nsh_core::config::Config;
-use nsh_core::stage::ssh::Ssh;
-use nsh_core::ticket::AllocSection;
+use nsh_core::ssh::Ssh;
+use nsh_core::{AllocSection, Config};
 
 /// The masters of these tests live in a runtime directory of their own
 /// (set once for the whole test binary): closing one must not cut the
@@ -21,7 +20,7 @@ fn private_runtime_dir() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         let dir = std::env::temp_dir().join(format!("nsh-transport-{}", std::process::id()));
-        std::env::set_var(nsh_core::runtime::RUNTIME_DIR_ENV, dir);
+        std::env::set_var(nsh_core::RUNTIME_DIR_ENV, dir);
     });
 }
 

@@ -6,11 +6,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use nsh_core::config::Config;
-use nsh_core::slurm::Clusters;
-use nsh_core::stage::alloc::{self, AllocTimes};
-use nsh_core::sys::signals::{catch_interrupts, Syscalls};
-use nsh_core::tool::run_stage;
+use nsh_core::alloc::Clusters;
+use nsh_core::alloc::{self, AllocTimes};
+use nsh_core::run_stage;
+use nsh_core::Config;
+use nsh_core::{catch_interrupts, Syscalls};
 
 /// Gets a Slurm job for each ticket read on stdin (one JSON object per line)
 /// and writes the ticket with `alloc: {cluster, backend, job, node, ssh, work,

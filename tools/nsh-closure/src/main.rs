@@ -4,8 +4,8 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use nsh_core::config::Config;
-use nsh_core::stage::closure::{self, ClosureOptions};
+use nsh_core::closure::{self, ClosureOptions};
+use nsh_core::Config;
 use nsh_core::{log_error, ExitStatus};
 
 /// Writes, for each derivation, a ticket with its outputs, required

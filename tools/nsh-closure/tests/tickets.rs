@@ -9,7 +9,7 @@
 // A test fails by panicking: its helpers unwrap too.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::missing_panics_doc)]
 
-use nsh_core::sys::flock::{lock_exclusive, Wait};
+use nsh_core::{lock_exclusive, Wait};
 use std::fs;
 use std::path::PathBuf;
 use std::process::Command;

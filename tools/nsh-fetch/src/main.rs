@@ -5,10 +5,10 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
-use nsh_core::config::Config;
-use nsh_core::stage::fetch::{self, FetchOptions, ImportMethod};
-use nsh_core::tool::run_stage;
+use clap::{Parser, ValueEnum};
+use nsh_core::fetch::{self, FetchOptions, ImportMethod};
+use nsh_core::run_stage;
+use nsh_core::Config;
 
 /// Copies the outputs of each ticket's build (`run.built_outputs`, else the
 /// wanted outputs of `drv`) and the part of their closure the local store
@@ -28,23 +28,39 @@ struct Args {
     /// The nsh configuration (default: $NSH_CONFIG, else /etc/nsh/nsh.toml).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// How paths become valid locally: `load-db` (the default: unpack,
-    /// canonicalise, nix-store --load-db; every Nix version), `held-locks`
-    /// (NIX_HELD_LOCKS + nix-store --import; only Nix <= 2.28 and Lix, a
-    /// newer Nix waits forever for the daemon's lock).
-    #[arg(long, value_name = "METHOD", default_value = "load-db",
-          value_parser = |s: &str| ImportMethod::parse(s).ok_or("expected load-db or held-locks"))]
-    import_method: ImportMethod,
+    /// How paths become valid locally.
+    #[arg(long, value_name = "METHOD", value_enum, default_value_t = ImportMethodArg::LoadDb)]
+    import_method: ImportMethodArg,
     /// Leave the job running and the ssh connection open (no release).
     #[arg(long)]
     keep_job: bool,
+}
+
+/// `--import-method`'s values: clap's names for [`ImportMethod`], which
+/// `nsh-core` keeps without a command line.
+#[derive(Clone, Copy, ValueEnum)]
+enum ImportMethodArg {
+    /// unpack, canonicalise, nix-store --load-db; every Nix version
+    LoadDb,
+    /// NIX_HELD_LOCKS + nix-store --import; only Nix <= 2.28 and Lix (a newer
+    /// Nix waits forever for the daemon's lock)
+    HeldLocks,
+}
+
+impl From<ImportMethodArg> for ImportMethod {
+    fn from(arg: ImportMethodArg) -> ImportMethod {
+        match arg {
+            ImportMethodArg::LoadDb => ImportMethod::LoadDb,
+            ImportMethodArg::HeldLocks => ImportMethod::HeldLocks,
+        }
+    }
 }
 
 fn main() -> ExitCode {
     let args: Args = nsh_cli::start("nsh-fetch");
     let config = Config::load(args.config.as_deref());
     let options = FetchOptions {
-        method: args.import_method,
+        method: args.import_method.into(),
         keep_job: args.keep_job,
     };
     let mut progress = nsh_cli::progress::for_transfer("fetched");

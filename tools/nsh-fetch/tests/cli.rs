@@ -38,7 +38,9 @@ fn help_version_and_usage() {
             .args(["--import-method", method])
             .assert()
             .code(64)
-            .stderr(predicate::str::contains("expected load-db or held-locks"));
+            .stderr(predicate::str::contains(
+                "[possible values: load-db, held-locks]",
+            ));
     }
 }
 

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use nsh_core::hook::check::{self, Line, Options};
+use nsh_core::build_hook::check::{self, Line, Options};
 
 /// Checks an nsh installation on the running system: the configuration
 /// file (the [hook] table included), each cluster live (slurmrestd or the
@@ -43,7 +43,7 @@ struct Args {
 }
 
 pub fn main(argv: &[String]) -> i32 {
-    nsh_core::log::set_program("nsh-hook");
+    nsh_core::set_program("nsh-hook");
     let args = match Args::try_parse_from(argv) {
         Ok(args) => args,
         Err(e) => return nsh_cli::clap_exit_code(&e),

@@ -9,7 +9,7 @@ fn main() {
     let code = if argv.get(1).map(String::as_str) == Some("--check") {
         check::main(&argv)
     } else {
-        nsh_core::hook::main(&argv)
+        nsh_core::build_hook::main(&argv)
     };
     std::process::exit(code);
 }

@@ -21,8 +21,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nsh_core::hook::protocol::{Accepted, Settings, Try};
-use nsh_core::hook::slots::SlotDir;
+use nsh_core::build_hook::SlotDir;
+use nsh_core::build_hook::{Accepted, Settings, Try};
 use serde_json::Value;
 
 const DRV: &str = "/nix/store/1cj0fhkr5qn18x1zz61vdjrb58cfnzp5-hello.drv";
@@ -48,7 +48,7 @@ fn try_(am_willing: bool, system: &str, features: &[&str]) -> Vec<u8> {
     Try {
         am_willing,
         needed_system: system.into(),
-        drv_path: DRV.into(),
+        drv_path: DRV.parse().unwrap(),
         required_features: features
             .iter()
             .map(std::string::ToString::to_string)
@@ -110,8 +110,10 @@ impl Site {
     fn hook(&self) -> PathBuf {
         self.bin().join("nsh-hook")
     }
+    /// The build's output: a store path in the site's directory (the
+    /// hook checks it with the fake nix-store).
     fn out(&self) -> PathBuf {
-        self.path("out-hello")
+        self.path("0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a-hello")
     }
 
     fn script(&self, name: &str, body: &str) -> PathBuf {
@@ -130,7 +132,7 @@ impl Site {
         self.script(
             "nsh-closure",
             &format!(
-                "{TOOL_PRELUDE}read -r t\necho \"$t\" > \"$T/seen-$me\"\necho \"$t\" | sed 's|\"outputs\":{{}}|\"outputs\":{{\"out\":\"{out}\"}}|; s|}}$|,\"closure\":{{\"paths\":[\"/nix/store/a\",\"/nix/store/b\"],\"nar_size\":9}}}}|'\n"
+                "{TOOL_PRELUDE}read -r t\necho \"$t\" > \"$T/seen-$me\"\necho \"$t\" | sed 's|\"outputs\":{{}}|\"outputs\":{{\"out\":\"{out}\"}}|; s|}}$|,\"closure\":{{\"paths\":[\"/nix/store/1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b-a\",\"/nix/store/2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c-b\"],\"nar_size\":9}}}}|'\n"
             ),
         );
         self.script(
@@ -734,7 +736,9 @@ fn probe_try() -> Vec<u8> {
     Try {
         am_willing: false,
         needed_system: "x86_64-linux".into(),
-        drv_path: format!("/nix/store/9wz4rz0z6nxsdmyyq3amsirnkbm7yhgv-{name}.drv"),
+        drv_path: format!("/nix/store/9wz4rz0z6nxsdmyyq3amsirnkbm7yhgv-{name}.drv")
+            .parse()
+            .unwrap(),
         required_features: vec![name],
     }
     .to_bytes()

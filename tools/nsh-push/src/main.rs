@@ -5,10 +5,10 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
-use nsh_core::config::Config;
-use nsh_core::stage::push::{self, Method};
-use nsh_core::tool::run_stage;
+use clap::{Parser, ValueEnum};
+use nsh_core::push::{self, Method};
+use nsh_core::run_stage;
+use nsh_core::Config;
 
 /// Copies into the allocated node's store the paths of `closure` it lacks,
 /// for each ticket read on stdin (one JSON object per line), and writes the
@@ -23,16 +23,36 @@ struct Args {
     /// The nsh configuration (default: $NSH_CONFIG, else /etc/nsh/nsh.toml).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// How the missing paths travel: `auto` (the default: AddToStoreNar
-    /// when the node's serve protocol has it, 2.5 and later, else
-    /// ImportPaths), `add-to-store-nar` (AddToStoreNar per path; the node
-    /// writes each NAR to disk as it arrives), `import` (one ImportPaths
-    /// stream made of the local store's NARs; the node holds each NAR in
-    /// memory first), `import-export` (ImportPaths fed by a nix-store
-    /// --export process). The explicit ones are for benchmarks.
-    #[arg(long, value_name = "METHOD", default_value = "auto",
-          value_parser = |s: &str| Method::parse(s).ok_or("expected auto, add-to-store-nar, import or import-export"))]
-    method: Method,
+    /// How the missing paths travel. The explicit ones are for benchmarks.
+    #[arg(long, value_name = "METHOD", value_enum, default_value_t = MethodArg::Auto)]
+    method: MethodArg,
+}
+
+/// `--method`'s values: clap's names for [`Method`], which `nsh-core`
+/// keeps without a command line.
+#[derive(Clone, Copy, ValueEnum)]
+enum MethodArg {
+    /// AddToStoreNar when the node's serve protocol has it (2.5 and later),
+    /// else ImportPaths
+    Auto,
+    /// AddToStoreNar per path; the node writes each NAR to disk as it arrives
+    AddToStoreNar,
+    /// one ImportPaths stream made of the local store's NARs; the node holds
+    /// each NAR in memory first
+    Import,
+    /// ImportPaths fed by a nix-store --export process
+    ImportExport,
+}
+
+impl From<MethodArg> for Method {
+    fn from(arg: MethodArg) -> Method {
+        match arg {
+            MethodArg::Auto => Method::Auto,
+            MethodArg::AddToStoreNar => Method::AddToStoreNar,
+            MethodArg::Import => Method::Import,
+            MethodArg::ImportExport => Method::ImportExport,
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -45,7 +65,7 @@ fn main() -> ExitCode {
         std::io::stdout().lock(),
         |ticket| {
             let config = config.as_ref().map_err(Clone::clone)?;
-            let section = push::push(ticket, config, args.method, progress.as_mut())?;
+            let section = push::push(ticket, config, args.method.into(), progress.as_mut())?;
             ticket.push = Some(section);
             Ok(())
         },

@@ -43,7 +43,7 @@ fn help_version_and_usage() {
         .assert()
         .code(64)
         .stderr(predicate::str::contains(
-            "expected auto, add-to-store-nar, import or import-export",
+            "[possible values: auto, add-to-store-nar, import, import-export]",
         ));
 }
 

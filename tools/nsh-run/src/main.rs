@@ -5,11 +5,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use nsh_core::config::Config;
-use nsh_core::slurm::Clusters;
-use nsh_core::stage::run::{LogSink, Runner, JOB_CHECK_INTERVAL};
-use nsh_core::sys::signals::{catch_interrupts, Syscalls};
-use nsh_core::tool::run_stage;
+use nsh_core::alloc::Clusters;
+use nsh_core::run::{LogSink, Runner, JOB_CHECK_INTERVAL};
+use nsh_core::run_stage;
+use nsh_core::Config;
+use nsh_core::{catch_interrupts, Syscalls};
 use nsh_core::{ExitStatus, Failure};
 
 /// Builds each ticket's derivation (read on stdin, one JSON object per line,
@@ -55,7 +55,7 @@ fn main() -> ExitCode {
             // The build log must reach no child of ours (an ssh master
             // started here outlives us, and the daemon waits for EOF on the
             // log): it is made close-on-exec.
-            let Some(file) = nsh_core::sys::fds::take_inherited(fd) else {
+            let Some(file) = nsh_core::take_inherited(fd) else {
                 eprintln!("nsh-run: log fd {fd}: not an open file descriptor");
                 return ExitStatus::Usage.into();
             };

@@ -237,7 +237,7 @@ fn check_accounting(
             "qos" => (&p.allow_qos, &p.deny_qos),
             _ => (&p.allow_accounts, &p.deny_accounts),
         };
-        if let Some(why) = PartitionInfo::refuses(allow, deny, name) {
+        if let Some(why) = PartitionInfo::refuses(allow.as_deref(), deny, name) {
             return Line::fail(
                 scope,
                 what,

@@ -65,13 +65,16 @@ pub struct Line {
     pub scope: String,
     /// What was checked: `file`, `slurmrestd`, `token`, `ssh`, `build-hook`, …
     pub check: String,
+    /// Passed, warned or failed.
     pub status: Status,
+    /// What was found, for a person.
     pub detail: String,
     /// How long it took, for the checks that went over the network.
     pub secs: Option<f64>,
 }
 
 impl Line {
+    /// A line with any status.
     pub fn new(scope: &str, check: &str, status: Status, detail: impl Into<String>) -> Line {
         Line {
             scope: scope.to_string(),
@@ -82,18 +85,22 @@ impl Line {
         }
     }
 
+    /// A check that passed.
     pub fn ok(scope: &str, check: &str, detail: impl Into<String>) -> Line {
         Line::new(scope, check, Status::Ok, detail)
     }
 
+    /// A check that passed with a warning.
     pub fn warn(scope: &str, check: &str, detail: impl Into<String>) -> Line {
         Line::new(scope, check, Status::Warn, detail)
     }
 
+    /// A check that failed, with the failure as its detail.
     pub fn fail(scope: &str, check: &str, failure: Failure) -> Line {
         Line::new(scope, check, Status::Fail(failure.kind), failure.message)
     }
 
+    /// The same line with the time since `since`.
     #[must_use]
     pub fn timed(mut self, since: Instant) -> Line {
         self.secs = Some((since.elapsed().as_secs_f64() * 1000.0).round() / 1000.0);
@@ -115,7 +122,7 @@ impl Line {
         value["check"] = json!(self.check);
         value["status"] = json!(self.status.word().to_ascii_lowercase());
         if let Status::Fail(kind) = self.status {
-            value["kind"] = json!(kind.as_str());
+            value["kind"] = json!(kind);
         }
         value["detail"] = json!(self.detail);
         if let Some(secs) = self.secs {
@@ -126,7 +133,7 @@ impl Line {
 }
 
 /// The exit status for these results: [`EXIT_CONFIG`] if any failure is the
-/// configuration's, else [`EXIT_UNREACHABLE`] if any check failed, else 0.
+/// configuration's, else `EXIT_UNREACHABLE` if any check failed, else 0.
 pub fn exit_status(lines: &[Line]) -> i32 {
     let failed = |config: bool| {
         lines

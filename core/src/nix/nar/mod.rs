@@ -18,7 +18,7 @@
 
 mod reader;
 mod unpack;
-#[cfg(any(test, feature = "test-util"))]
+#[cfg(test)]
 pub mod write;
 
 use std::io::{self, Read, Write};
@@ -52,7 +52,7 @@ pub fn copy_nar<R: Read + ?Sized, W: Write + ?Sized>(
 ///
 /// # Errors
 /// As [`copy_nar`]'s reading.
-#[cfg(any(test, feature = "test-util"))]
+#[cfg(test)]
 pub fn skip_nar<R: Read + ?Sized>(from: &mut R) -> Result<u64, NarError> {
     copy_nar(from, &mut io::sink())
 }

@@ -13,6 +13,7 @@ use crate::error::{Failure, Kind, KindOf};
 use crate::nix::drv::Drv;
 use crate::nix::nar;
 use crate::nix::serve::{self, BuildResult, ExportTrailer, PathInfo};
+use crate::nix::store_path::StorePath;
 use crate::nix::wire::{WireError, WireReader, WireWriter};
 use crate::sys::process::{stdin_of, stdout_of};
 use crate::ticket::BuildOptions;
@@ -94,11 +95,11 @@ impl<R: Read, W: Write> ServeClient<R, W> {
         paths: &[S],
         lock: bool,
         substitute: bool,
-    ) -> Result<Vec<String>, Failure> {
+    ) -> Result<Vec<StorePath>, Failure> {
         self.send("QueryValidPaths", |w| {
             serve::write_query_valid_paths(w, paths, lock, substitute)
         })?;
-        self.recv("QueryValidPaths", super::super::wire::WireReader::strings)
+        self.recv("QueryValidPaths", serve::read_store_paths)
     }
 
     /// Information about the valid ones among `paths` (invalid paths are
@@ -119,17 +120,17 @@ impl<R: Read, W: Write> ServeClient<R, W> {
         &mut self,
         paths: &[S],
         include_outputs: bool,
-    ) -> Result<Vec<String>, Failure> {
+    ) -> Result<Vec<StorePath>, Failure> {
         self.send("QueryClosure", |w| {
             serve::write_query_closure(w, paths, include_outputs)
         })?;
-        self.recv("QueryClosure", super::super::wire::WireReader::strings)
+        self.recv("QueryClosure", serve::read_store_paths)
     }
 
     /// Streams the NAR of `path` to `out`; returns its size.
     pub fn dump_store_path(
         &mut self,
-        path: &str,
+        path: &StorePath,
         out: &mut (impl Write + ?Sized),
     ) -> Result<u64, Failure> {
         self.send("DumpStorePath", |w| serve::write_dump_store_path(w, path))?;
@@ -145,7 +146,7 @@ impl<R: Read, W: Write> ServeClient<R, W> {
     /// drop the client.
     pub fn receive_nar<T>(
         &mut self,
-        path: &str,
+        path: &StorePath,
         read_nar: impl FnOnce(&mut BufReader<R>) -> Result<T, Failure>,
     ) -> Result<T, Failure> {
         self.send("DumpStorePath", |w| serve::write_dump_store_path(w, path))?;
@@ -163,7 +164,7 @@ impl<R: Read, W: Write> ServeClient<R, W> {
         &mut self,
         write_stream: impl FnOnce(&mut dyn Write) -> Result<Vec<ExportedPath>, Failure>,
     ) -> Result<Vec<ExportedPath>, Failure> {
-        self.send("ImportPaths", |w| w.u64(serve::Command::ImportPaths as u64))?;
+        self.send("ImportPaths", |w| w.u64(serve::Command::ImportPaths.into()))?;
         let paths = self.stream_to_server("sending the import stream", write_stream)?;
         self.send("ImportPaths", |_| Ok(()))?;
         self.recv("ImportPaths", |r| serve::read_ack(r, "ImportPaths"))?;
@@ -180,7 +181,7 @@ impl<R: Read, W: Write> ServeClient<R, W> {
         infos: &[&PathInfo],
         mut write_nar: impl FnMut(&PathInfo, &mut dyn Write) -> Result<u64, Failure>,
     ) -> Result<(), Failure> {
-        self.send("ImportPaths", |w| w.u64(serve::Command::ImportPaths as u64))?;
+        self.send("ImportPaths", |w| w.u64(serve::Command::ImportPaths.into()))?;
         for info in infos {
             self.send("ImportPaths", |w| w.u64(1))?;
             let what = format!("sending the NAR of {}", info.path);
@@ -309,6 +310,7 @@ fn check_nar_size(peer: &str, info: &PathInfo, size: u64) -> Result<(), Failure>
 /// command ([`ServeProcess::from_command`] with `ssh … nix-store --serve --write`).
 pub struct ServeProcess {
     child: ChildGuard,
+    /// The conversation over the child's stdin and stdout.
     pub client: ServeClient<ChildStdout, ChildStdin>,
 }
 
@@ -402,7 +404,12 @@ impl Drop for ChildGuard {
 mod tests {
     use super::*;
 
+    use crate::nix::store_path::test_path;
     use crate::nix::wire::test_bytes::{le, s};
+
+    const A: &str = "/s/0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a-a";
+    const B: &str = "/s/1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b-b";
+    const X: &str = "/s/2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c-x";
 
     /// A whole conversation, byte for byte: what the client sends given
     /// what a 2.8 server answers.
@@ -425,11 +432,11 @@ mod tests {
             le(0x207),
             // QueryValidPaths → one valid
             le(1),
-            s("/s/a"),
+            s(A),
             // QueryClosure → two
             le(2),
-            s("/s/a"),
-            s("/s/b"),
+            s(A),
+            s(B),
             // DumpStorePath → the NAR
             nar.clone(),
         ]
@@ -438,17 +445,15 @@ mod tests {
         {
             let mut client = ServeClient::handshake(&server[..], &mut sent, "test").unwrap();
             assert_eq!(client.version(), 0x207);
-            let valid = client
-                .query_valid_paths(&["/s/a", "/s/x"], true, false)
-                .unwrap();
-            assert_eq!(valid, ["/s/a"]);
-            let closure = client.query_closure(&["/s/a"], false).unwrap();
-            assert_eq!(closure, ["/s/a", "/s/b"]);
+            let valid = client.query_valid_paths(&[A, X], true, false).unwrap();
+            assert_eq!(valid, [A]);
+            let closure = client.query_closure(&[A], false).unwrap();
+            assert_eq!(closure, [A, B]);
             let mut dumped = Vec::new();
-            client.dump_store_path("/s/a", &mut dumped).unwrap();
+            client.dump_store_path(&test_path(A), &mut dumped).unwrap();
             assert_eq!(dumped, nar);
             // The server has nothing more to say: a clean, transient error.
-            let err = client.query_closure(&["/s/a"], false).unwrap_err();
+            let err = client.query_closure(&[A], false).unwrap_err();
             assert_eq!(err.kind, Kind::Transient);
             assert!(
                 err.message.starts_with("test: QueryClosure: "),
@@ -463,18 +468,18 @@ mod tests {
             le(1),
             le(0),
             le(2),
-            s("/s/a"),
-            s("/s/x"),
+            s(A),
+            s(X),
             le(7),
             le(0),
             le(1),
-            s("/s/a"),
+            s(A),
             le(3),
-            s("/s/a"),
+            s(A),
             le(7),
             le(0),
             le(1),
-            s("/s/a"),
+            s(A),
         ]
         .concat();
         assert_eq!(sent, expected);
@@ -509,9 +514,8 @@ mod tests {
         let writer = GoesAway { room: 4096 };
         let mut client = ServeClient::handshake(&server[..], writer, "node1").unwrap();
         let info = PathInfo {
-            path: "/s/a".into(),
             nar_size: 1 << 20,
-            ..PathInfo::default()
+            ..PathInfo::new(test_path(A))
         };
         // The source reports its own failure, as a local DumpStorePath
         // whose output was refused would.
@@ -525,7 +529,7 @@ mod tests {
         assert_eq!(err.kind, Kind::Transient);
         assert_eq!(
             err.message,
-            "node1: sending the NAR of /s/a: the node went away"
+            format!("node1: sending the NAR of {A}: the node went away")
         );
     }
 
@@ -534,9 +538,8 @@ mod tests {
         let server = [le(serve::SERVE_MAGIC_2), le(0x207)].concat();
         let mut client = ServeClient::handshake(&server[..], Vec::new(), "node1").unwrap();
         let info = PathInfo {
-            path: "/s/a".into(),
             nar_size: 16,
-            ..PathInfo::default()
+            ..PathInfo::new(test_path(A))
         };
         let err = client
             .import_paths_from(&[&info], |_, to| {

@@ -28,7 +28,7 @@ use std::io::{self, Read, Write};
 
 use crate::error::{Failure, Kind};
 use crate::nix::drv::Drv;
-use crate::nix::store_path::StoreDir;
+use crate::nix::store_path::{StoreDir, StorePath};
 use crate::nix::wire::{WireError, WireReader, WireWriter};
 use crate::ticket::BuildOptions;
 
@@ -83,20 +83,21 @@ pub fn version_text(version: u64) -> String {
     format!("{}.{}", major(version), minor(version))
 }
 
-/// Command numbers (those nsh sends). 5, ExportPaths, is left out on
-/// purpose: Nix 2.32 removed it without a version bump, so a client cannot
-/// know whether a peer has it. 6, BuildPaths, nsh has no use for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u64)]
-pub enum Command {
-    QueryValidPaths = 1,
-    QueryPathInfos = 2,
-    DumpStorePath = 3,
-    /// Present in every version except Nix 2.32.0 and 2.32.1.
-    ImportPaths = 4,
-    QueryClosure = 7,
-    BuildDerivation = 8,
-    AddToStoreNar = 9,
+crate::derive::numbered_enum! {
+    /// Command numbers (those nsh sends). 5, ExportPaths, is left out on
+    /// purpose: Nix 2.32 removed it without a version bump, so a client cannot
+    /// know whether a peer has it. 6, BuildPaths, nsh has no use for.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Command: u64 {
+        QueryValidPaths = 1,
+        QueryPathInfos = 2,
+        DumpStorePath = 3,
+        /// Present in every version except Nix 2.32.0 and 2.32.1.
+        ImportPaths = 4,
+        QueryClosure = 7,
+        BuildDerivation = 8,
+        AddToStoreNar = 9,
+    }
 }
 
 /// Client hello: `SERVE_MAGIC_1`. (The client's version follows once the
@@ -126,7 +127,7 @@ pub fn write_query_valid_paths<W: Write, S: AsRef<str>>(
     lock: bool,
     substitute: bool,
 ) -> io::Result<()> {
-    w.u64(Command::QueryValidPaths as u64)?;
+    w.u64(Command::QueryValidPaths.into())?;
     w.bool(lock)?;
     w.bool(substitute)?;
     w.strings(paths.iter().map(std::convert::AsRef::as_ref))
@@ -136,7 +137,7 @@ pub fn write_query_path_infos<W: Write, S: AsRef<str>>(
     w: &mut WireWriter<W>,
     paths: &[S],
 ) -> io::Result<()> {
-    w.u64(Command::QueryPathInfos as u64)?;
+    w.u64(Command::QueryPathInfos.into())?;
     w.strings(paths.iter().map(std::convert::AsRef::as_ref))
 }
 
@@ -145,30 +146,82 @@ pub fn write_query_closure<W: Write, S: AsRef<str>>(
     paths: &[S],
     include_outputs: bool,
 ) -> io::Result<()> {
-    w.u64(Command::QueryClosure as u64)?;
+    w.u64(Command::QueryClosure.into())?;
     w.bool(include_outputs)?;
     w.strings(paths.iter().map(std::convert::AsRef::as_ref))
 }
 
-pub fn write_dump_store_path<W: Write>(w: &mut WireWriter<W>, path: &str) -> io::Result<()> {
-    w.u64(Command::DumpStorePath as u64)?;
-    w.string(path)
+pub fn write_dump_store_path<W: Write>(w: &mut WireWriter<W>, path: &StorePath) -> io::Result<()> {
+    w.u64(Command::DumpStorePath.into())?;
+    w.string(path.as_str())
+}
+
+/// A store path read off the wire: checked as a ticket's are, a bad one is
+/// bytes nsh cannot use (permanent).
+fn read_store_path<R: Read>(r: &mut WireReader<R>) -> Result<StorePath, WireError> {
+    let text = r.string()?;
+    StorePath::parse(&text).map_err(|e| WireError::Unexpected(e.message))
+}
+
+/// A list of store paths read off the wire.
+pub fn read_store_paths<R: Read>(r: &mut WireReader<R>) -> Result<Vec<StorePath>, WireError> {
+    r.strings()?
+        .iter()
+        .map(|text| StorePath::parse(text).map_err(|e| WireError::Unexpected(e.message)))
+        .collect()
+}
+
+/// The deriver as the wire has it: `""` for none.
+fn read_deriver<R: Read>(r: &mut WireReader<R>) -> Result<Option<StorePath>, WireError> {
+    let text = r.string()?;
+    if text.is_empty() {
+        return Ok(None);
+    }
+    StorePath::parse(&text)
+        .map(Some)
+        .map_err(|e| WireError::Unexpected(e.message))
+}
+
+fn deriver_text(deriver: Option<&StorePath>) -> &str {
+    deriver.map_or("", StorePath::as_str)
 }
 
 /// What the store knows about a valid path.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PathInfo {
-    pub path: String,
-    /// The derivation that built it, `""` when unknown.
-    pub deriver: String,
-    pub references: Vec<String>,
+    /// The store path.
+    pub path: StorePath,
+    /// The derivation that built it, when known (`""` on the wire otherwise).
+    pub deriver: Option<StorePath>,
+    /// The paths it refers to (itself included when it does).
+    pub references: Vec<StorePath>,
+    /// The compressed size, where the store knows one (0 otherwise).
     pub download_size: u64,
+    /// The size of its NAR.
     pub nar_size: u64,
     /// `sha256:<nix-base32>`.
     pub nar_hash: String,
     /// Content address, `""` for input-addressed paths.
     pub ca: String,
+    /// Signatures (`<key name>:<base64>`).
     pub sigs: Vec<String>,
+}
+
+impl PathInfo {
+    /// The info of `path` with nothing else known: no deriver, no
+    /// references, sizes 0, no hash.
+    pub fn new(path: StorePath) -> PathInfo {
+        PathInfo {
+            path,
+            deriver: None,
+            references: Vec::new(),
+            download_size: 0,
+            nar_size: 0,
+            nar_hash: String::new(),
+            ca: String::new(),
+            sigs: Vec::new(),
+        }
+    }
 }
 
 /// The reply to QueryPathInfos: one entry per valid path, ended by `""`.
@@ -182,6 +235,7 @@ pub fn read_path_infos<R: Read>(
         if path.is_empty() {
             return Ok(infos);
         }
+        let path = StorePath::parse(&path).map_err(|e| WireError::Unexpected(e.message))?;
         if infos.len() as u64 >= r.limits().max_list {
             return Err(WireError::TooLong {
                 what: "path info list",
@@ -190,12 +244,11 @@ pub fn read_path_infos<R: Read>(
             });
         }
         let mut info = PathInfo {
-            path,
-            deriver: r.string()?,
-            references: r.strings()?,
+            deriver: read_deriver(r)?,
+            references: read_store_paths(r)?,
             download_size: r.u64()?,
             nar_size: r.u64()?,
-            ..PathInfo::default()
+            ..PathInfo::new(path)
         };
         if minor(version) >= 4 {
             info.nar_hash = r.string()?;
@@ -208,11 +261,11 @@ pub fn read_path_infos<R: Read>(
 
 /// AddToStoreNar's header; the NAR follows (streamed by the caller).
 pub fn write_add_to_store_nar<W: Write>(w: &mut WireWriter<W>, info: &PathInfo) -> io::Result<()> {
-    w.u64(Command::AddToStoreNar as u64)?;
-    w.string(&info.path)?;
-    w.string(&info.deriver)?;
+    w.u64(Command::AddToStoreNar.into())?;
+    w.string(info.path.as_str())?;
+    w.string(deriver_text(info.deriver.as_ref()))?;
     w.string(&info.nar_hash)?;
-    w.strings(&info.references)?;
+    w.strings(info.references.iter().map(StorePath::as_str))?;
     w.u64(0)?; // registration time: now
     w.u64(info.nar_size)?;
     w.bool(false)?; // ultimate: not built here
@@ -231,11 +284,12 @@ pub fn read_ack<R: Read>(r: &mut WireReader<R>, what: &str) -> Result<(), WireEr
 }
 
 /// The metadata that follows each NAR in an export stream.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExportTrailer {
-    pub path: String,
-    pub references: Vec<String>,
-    pub deriver: String,
+    pub path: StorePath,
+    pub references: Vec<StorePath>,
+    /// `""` on the wire for none.
+    pub deriver: Option<StorePath>,
 }
 
 impl ExportTrailer {
@@ -258,9 +312,9 @@ pub fn read_export_trailer<R: Read>(r: &mut WireReader<R>) -> Result<ExportTrail
         )));
     }
     let trailer = ExportTrailer {
-        path: r.string()?,
-        references: r.strings()?,
-        deriver: r.string()?,
+        path: read_store_path(r)?,
+        references: read_store_paths(r)?,
+        deriver: read_deriver(r)?,
     };
     // A signature was once possible here; Nix writes 0 and refuses 1.
     match r.u64()? {
@@ -276,9 +330,9 @@ pub fn write_export_trailer<W: Write>(
     trailer: &ExportTrailer,
 ) -> io::Result<()> {
     w.u64(EXPORT_MAGIC)?;
-    w.string(&trailer.path)?;
-    w.strings(&trailer.references)?;
-    w.string(&trailer.deriver)?;
+    w.string(trailer.path.as_str())?;
+    w.strings(trailer.references.iter().map(StorePath::as_str))?;
+    w.string(deriver_text(trailer.deriver.as_ref()))?;
     w.u64(0)
 }
 
@@ -292,8 +346,8 @@ pub fn write_build_derivation<W: Write, S: AsRef<str>>(
     input_closure: &[S],
     options: &BuildOptions,
 ) -> io::Result<()> {
-    w.u64(Command::BuildDerivation as u64)?;
-    w.string(&drv.path_string())?;
+    w.u64(Command::BuildDerivation.into())?;
+    w.string(drv.path.as_str())?;
     write_basic_derivation(w, drv, input_closure)?;
     write_build_options(w, version, options)
 }
@@ -306,12 +360,7 @@ pub fn write_basic_derivation<W: Write, S: AsRef<str>>(
     w.u64(drv.outputs.len() as u64)?;
     for (name, output) in &drv.outputs {
         w.string(name)?;
-        let path = output
-            .path
-            .as_ref()
-            .map(|p| drv.store_dir.render(p))
-            .unwrap_or_default();
-        w.string(&path)?;
+        w.string(output.path.as_ref().map_or("", StorePath::as_str))?;
         w.string(&output.hash_algo)?;
         w.string(&output.hash)?;
     }
@@ -347,72 +396,54 @@ pub fn write_build_options<W: Write>(
     Ok(())
 }
 
-/// BuildResult statuses, numbered as Nix numbers them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum BuildStatus {
-    #[default]
-    Built = 0,
-    Substituted = 1,
-    AlreadyValid = 2,
-    PermanentFailure = 3,
-    InputRejected = 4,
-    OutputRejected = 5,
-    TransientFailure = 6,
-    CachedFailure = 7,
-    TimedOut = 8,
-    MiscFailure = 9,
-    DependencyFailed = 10,
-    LogLimitExceeded = 11,
-    NotDeterministic = 12,
-    ResolvesToAlreadyValid = 13,
-    NoSubstituters = 14,
+crate::derive::numbered_enum! {
+    /// BuildResult statuses, numbered as Nix numbers them; in tickets
+    /// (`run.status`) by their kebab-case names.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+    #[serde(rename_all = "kebab-case")]
+    pub enum BuildStatus: u64 {
+        /// Built now.
+        #[default]
+        Built = 0,
+        /// Fetched from a substituter.
+        Substituted = 1,
+        /// The outputs were valid already.
+        AlreadyValid = 2,
+        /// The builder failed.
+        PermanentFailure = 3,
+        /// An input was refused.
+        InputRejected = 4,
+        /// An output was refused (hash mismatch, …).
+        OutputRejected = 5,
+        /// Worth another try.
+        TransientFailure = 6,
+        /// Failed before and remembered.
+        CachedFailure = 7,
+        /// Ran out of time (`timeout`, `max-silent-time`).
+        TimedOut = 8,
+        /// Anything else, such as a missing system feature.
+        MiscFailure = 9,
+        /// A dependency failed.
+        DependencyFailed = 10,
+        /// The log grew past `max-log-size`.
+        LogLimitExceeded = 11,
+        /// A repeated build differed.
+        NotDeterministic = 12,
+        /// A resolved derivation's outputs were valid already.
+        ResolvesToAlreadyValid = 13,
+        /// No substituter had it.
+        NoSubstituters = 14,
+    }
+}
+
+/// The ticket's name (`permanent-failure`), for messages.
+impl std::fmt::Display for BuildStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&crate::derive::serde_name(self))
+    }
 }
 
 impl BuildStatus {
-    const ALL: [BuildStatus; 15] = [
-        BuildStatus::Built,
-        BuildStatus::Substituted,
-        BuildStatus::AlreadyValid,
-        BuildStatus::PermanentFailure,
-        BuildStatus::InputRejected,
-        BuildStatus::OutputRejected,
-        BuildStatus::TransientFailure,
-        BuildStatus::CachedFailure,
-        BuildStatus::TimedOut,
-        BuildStatus::MiscFailure,
-        BuildStatus::DependencyFailed,
-        BuildStatus::LogLimitExceeded,
-        BuildStatus::NotDeterministic,
-        BuildStatus::ResolvesToAlreadyValid,
-        BuildStatus::NoSubstituters,
-    ];
-
-    pub fn from_code(code: u64) -> Option<BuildStatus> {
-        BuildStatus::ALL.get(usize::try_from(code).ok()?).copied()
-    }
-
-    /// The kebab-case name used in tickets (`run.status`).
-    pub const fn name(self) -> &'static str {
-        match self {
-            BuildStatus::Built => "built",
-            BuildStatus::Substituted => "substituted",
-            BuildStatus::AlreadyValid => "already-valid",
-            BuildStatus::PermanentFailure => "permanent-failure",
-            BuildStatus::InputRejected => "input-rejected",
-            BuildStatus::OutputRejected => "output-rejected",
-            BuildStatus::TransientFailure => "transient-failure",
-            BuildStatus::CachedFailure => "cached-failure",
-            BuildStatus::TimedOut => "timed-out",
-            BuildStatus::MiscFailure => "misc-failure",
-            BuildStatus::DependencyFailed => "dependency-failed",
-            BuildStatus::LogLimitExceeded => "log-limit-exceeded",
-            BuildStatus::NotDeterministic => "not-deterministic",
-            BuildStatus::ResolvesToAlreadyValid => "resolves-to-already-valid",
-            BuildStatus::NoSubstituters => "no-substituters",
-        }
-    }
-
     /// What kind of failure this status is; `None` for success.
     ///
     /// TransientFailure is transient; TimedOut is timed out (Nix's own
@@ -469,11 +500,20 @@ pub struct BuildResult {
 }
 
 impl BuildResult {
-    /// Output name → absolute output path in `store_dir`.
-    pub fn output_paths(&self, store_dir: &StoreDir) -> BTreeMap<String, String> {
+    /// Output name → output path in `store_dir`; a base name that is not
+    /// one of a store path is bad bytes from the node (permanent).
+    pub fn output_paths(
+        &self,
+        store_dir: &StoreDir,
+    ) -> Result<BTreeMap<String, StorePath>, Failure> {
         self.built_outputs
             .iter()
-            .map(|(name, base)| (name.clone(), format!("{store_dir}/{base}")))
+            .map(|(name, base)| {
+                let path = store_dir.join(base).map_err(|e| {
+                    Failure::permanent(format!("built output {name}: {}", e.message))
+                })?;
+                Ok((name.clone(), path))
+            })
             .collect()
     }
 }
@@ -483,8 +523,8 @@ pub fn read_build_result<R: Read>(
     version: u64,
 ) -> Result<BuildResult, WireError> {
     let code = r.u64()?;
-    let status = BuildStatus::from_code(code)
-        .ok_or_else(|| WireError::Unexpected(format!("unknown build status {code}")))?;
+    let status = BuildStatus::try_from(code)
+        .map_err(|code| WireError::Unexpected(format!("unknown build status {code}")))?;
     let mut result = BuildResult {
         status,
         error_msg: r.string()?,
@@ -558,7 +598,7 @@ pub fn read_build_response<R: Read>(from: R) -> Result<BuildResult, Failure> {
 mod tests {
     use super::*;
     use crate::nix::drv;
-    use crate::nix::store_path::{StoreDir, StorePath};
+    use crate::nix::store_path::{test_path, StoreDir};
 
     use crate::nix::wire::test_bytes::{le, s};
 
@@ -571,23 +611,35 @@ mod tests {
 
     #[test]
     fn path_infos_at_2_7_and_2_3() {
-        let entry = [s("/s/a"), s("/s/a.drv"), le(1), s("/s/b"), le(0), le(120)].concat();
+        const A: &str = "/s/0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a-a";
+        const A_DRV: &str = "/s/1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a-a.drv";
+        const B: &str = "/s/2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b-b";
+        let entry = [s(A), s(A_DRV), le(1), s(B), le(0), le(120)].concat();
         let v7 = [entry.clone(), s("sha256:xyz"), s(""), le(0), s("")].concat();
         let infos = read_path_infos(&mut WireReader::new(&v7[..]), 0x207).unwrap();
         assert_eq!(
             infos,
             [PathInfo {
-                path: "/s/a".into(),
-                deriver: "/s/a.drv".into(),
-                references: vec!["/s/b".into()],
+                deriver: Some(test_path(A_DRV)),
+                references: vec![test_path(B)],
                 nar_size: 120,
                 nar_hash: "sha256:xyz".into(),
-                ..PathInfo::default()
+                ..PathInfo::new(test_path(A))
             }]
         );
         let v3 = [entry, s("")].concat();
         let infos = read_path_infos(&mut WireReader::new(&v3[..]), 0x203).unwrap();
         assert_eq!(infos[0].nar_hash, "");
+        // No deriver is `""`; a path that is not one is bad bytes.
+        let none = [s(A), s(""), le(0), le(0), le(0), s("")].concat();
+        let infos = read_path_infos(&mut WireReader::new(&none[..]), 0x203).unwrap();
+        assert_eq!(infos[0].deriver, None);
+        let bad = [s("/s/a"), s(""), le(0), le(0), le(0), s("")].concat();
+        let err = read_path_infos(&mut WireReader::new(&bad[..]), 0x203).unwrap_err();
+        assert!(
+            err.to_string().contains("\"/s/a\" is not a store path"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -601,19 +653,25 @@ mod tests {
             le(1_700_000_042),
             le(1),
             s("sha256:abcd!out"),
-            s(r#"{"id":"sha256:abcd!out","outPath":"/s/x-out","signatures":[],"dependentRealisations":{}}"#),
+            s(r#"{"id":"sha256:abcd!out","outPath":"/s/0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a-x-out","signatures":[],"dependentRealisations":{}}"#),
         ]
         .concat();
         let result = read_build_result(&mut WireReader::new(&bytes[..]), 0x207).unwrap();
         assert_eq!(result.status, BuildStatus::Built);
         assert_eq!(result.stop_time - result.start_time, 42);
-        assert_eq!(result.built_outputs["out"], "x-out");
+        assert_eq!(
+            result.built_outputs["out"],
+            "0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a-x-out"
+        );
         let dir = StoreDir::new("/s").unwrap();
-        assert_eq!(result.output_paths(&dir)["out"], "/s/x-out");
+        assert_eq!(
+            result.output_paths(&dir).unwrap()["out"],
+            "/s/0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a-x-out"
+        );
         // Version 2.2: no times, no outputs.
         let old = [le(3), s("builder failed")].concat();
         let result = read_build_result(&mut WireReader::new(&old[..]), 0x202).unwrap();
-        assert_eq!(result.status.name(), "permanent-failure");
+        assert_eq!(result.status.to_string(), "permanent-failure");
         assert_eq!(result.error_msg, "builder failed");
         let bad = [le(15), s("")].concat();
         assert!(read_build_result(&mut WireReader::new(&bad[..]), 0x207).is_err());
@@ -621,16 +679,21 @@ mod tests {
 
     #[test]
     fn every_status_has_its_number_and_name() {
-        for (code, status) in BuildStatus::ALL.iter().enumerate() {
-            assert_eq!(*status as u64, code as u64);
-            assert_eq!(BuildStatus::from_code(code as u64), Some(*status));
+        let all: Vec<BuildStatus> = (0..15).map(|n| BuildStatus::try_from(n).unwrap()).collect();
+        assert_eq!(BuildStatus::try_from(15), Err(15));
+        for (code, status) in all.iter().enumerate() {
+            assert_eq!(u64::from(*status), code as u64);
         }
         assert_eq!(
-            BuildStatus::from_code(13).unwrap().name(),
+            BuildStatus::try_from(13).unwrap().to_string(),
             "resolves-to-already-valid"
         );
+        assert_eq!(
+            serde_json::to_string(&BuildStatus::LogLimitExceeded).unwrap(),
+            r#""log-limit-exceeded""#
+        );
         assert!(BuildStatus::AlreadyValid.is_success() && !BuildStatus::TimedOut.is_success());
-        for status in BuildStatus::ALL {
+        for status in all {
             assert_eq!(
                 status.is_success(),
                 status.failure_kind().is_none(),
@@ -687,7 +750,9 @@ mod tests {
         let store = StoreDir::new("/tmp/nshc-try/store").unwrap();
         let bytes =
             std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/a.drv")).unwrap();
-        let path = StorePath::from_basename("2hhpx3ayp9ddygkfzmxy0q8zcmj7y5hy-a.drv").unwrap();
+        let path = store
+            .join("2hhpx3ayp9ddygkfzmxy0q8zcmj7y5hy-a.drv")
+            .unwrap();
         let drv = drv::parse(&store, &path, &bytes).unwrap();
         let mut out = Vec::new();
         write_build_request(
@@ -700,8 +765,8 @@ mod tests {
         let mut r = WireReader::new(&out[..]);
         assert_eq!(r.u64().unwrap(), SERVE_MAGIC_1);
         assert_eq!(r.u64().unwrap(), CLIENT_VERSION);
-        assert_eq!(r.u64().unwrap(), Command::BuildDerivation as u64);
-        assert_eq!(r.string().unwrap(), store.render(&path));
+        assert_eq!(r.u64().unwrap(), u64::from(Command::BuildDerivation));
+        assert_eq!(r.string().unwrap(), path.as_str());
         assert_eq!(r.u64().unwrap(), 1);
         assert_eq!(r.string().unwrap(), "out");
         let out_path = r.string().unwrap();

@@ -17,6 +17,7 @@ use sha2::{Digest, Sha256};
 use crate::nix::nar;
 use crate::nix::serve::client::ServeClient;
 use crate::nix::serve::{self, PathInfo};
+use crate::nix::store_path::StorePath;
 use crate::nix::wire::{WireError, WireReader, WireWriter};
 
 /// A path in the fake store: what QueryPathInfos says, what DumpStorePath
@@ -143,8 +144,11 @@ impl FakeNode {
     ) -> Result<(), String> {
         let text = |e: WireError| e.to_string();
         let write = |e: io::Error| e.to_string();
+        let Ok(command) = serve::Command::try_from(command) else {
+            return Err(format!("error: unknown serve command {command}"));
+        };
         match command {
-            1 => {
+            serve::Command::QueryValidPaths => {
                 let (_lock, _substitute) = (r.u64().map_err(text)?, r.u64().map_err(text)?);
                 let paths = r.strings().map_err(text)?;
                 let valid: Vec<&String> = paths
@@ -153,14 +157,14 @@ impl FakeNode {
                     .collect();
                 w.strings(valid).map_err(write)
             }
-            2 => {
+            serve::Command::QueryPathInfos => {
                 let paths = r.strings().map_err(text)?;
                 for stored in paths.iter().filter_map(|p| self.store.get(p)) {
                     write_path_info(w, &stored.info, version).map_err(write)?;
                 }
                 w.string("").map_err(write)
             }
-            3 => {
+            serve::Command::DumpStorePath => {
                 let path = r.string().map_err(text)?;
                 let stored = self
                     .store
@@ -168,20 +172,23 @@ impl FakeNode {
                     .ok_or(format!("error: path '{path}' is not valid"))?;
                 w.get_mut().write_all(&stored.nar).map_err(write)
             }
-            4 => {
+            serve::Command::ImportPaths => {
                 self.import_paths(r)?;
                 w.u64(1).map_err(write)
             }
-            7 => {
+            serve::Command::QueryClosure => {
                 let _include_outputs = r.u64().map_err(text)?;
                 let roots = r.strings().map_err(text)?;
                 w.strings(self.closure(roots)).map_err(write)
             }
-            9 => {
+            serve::Command::AddToStoreNar => {
                 self.add_to_store_nar(r)?;
                 w.u64(1).map_err(write)
             }
-            other => Err(format!("error: unknown serve command {other}")),
+            serve::Command::BuildDerivation => Err(format!(
+                "error: serve command {} is not in this stand-in",
+                u64::from(command)
+            )),
         }
     }
 
@@ -191,22 +198,27 @@ impl FakeNode {
             let mut nar = Vec::new();
             nar::copy_nar(r.get_mut(), &mut nar).map_err(|e| e.to_string())?;
             let trailer = serve::read_export_trailer(r).map_err(text)?;
-            let references: Vec<&str> = trailer.references.iter().map(String::as_str).collect();
+            let references: Vec<&str> = trailer.references.iter().map(StorePath::as_str).collect();
             let mut info = info_for(&trailer.path, &references, &nar);
             info.deriver = trailer.deriver;
-            self.store.insert(trailer.path, StoredPath { info, nar });
+            self.store
+                .insert(trailer.path.to_string(), StoredPath { info, nar });
         }
         Ok(())
     }
 
     fn add_to_store_nar<R: Read>(&mut self, r: &mut WireReader<R>) -> Result<(), String> {
         let text = |e: WireError| e.to_string();
+        let path = r.string().map_err(text)?;
+        let path = StorePath::parse(&path).map_err(|e| e.message)?;
+        let deriver = r.string().map_err(text)?;
         let mut info = PathInfo {
-            path: r.string().map_err(text)?,
-            deriver: r.string().map_err(text)?,
+            deriver: (!deriver.is_empty())
+                .then(|| StorePath::parse(&deriver).map_err(|e| e.message))
+                .transpose()?,
             nar_hash: r.string().map_err(text)?,
-            references: r.strings().map_err(text)?,
-            ..PathInfo::default()
+            references: serve::read_store_paths(r).map_err(text)?,
+            ..PathInfo::new(path)
         };
         let _registration_time = r.u64().map_err(text)?;
         info.nar_size = r.u64().map_err(text)?;
@@ -225,7 +237,7 @@ impl FakeNode {
             ));
         }
         self.store
-            .insert(info.path.clone(), StoredPath { info, nar });
+            .insert(info.path.to_string(), StoredPath { info, nar });
         Ok(())
     }
 
@@ -235,7 +247,7 @@ impl FakeNode {
         while let Some(path) = todo.pop() {
             if let Some(stored) = self.store.get(&path) {
                 if seen.insert(path) {
-                    todo.extend(stored.info.references.iter().cloned());
+                    todo.extend(stored.info.references.iter().map(ToString::to_string));
                 }
             }
         }
@@ -248,9 +260,9 @@ fn write_path_info<W: Write>(
     info: &PathInfo,
     version: u64,
 ) -> io::Result<()> {
-    w.string(&info.path)?;
-    w.string(&info.deriver)?;
-    w.strings(&info.references)?;
+    w.string(info.path.as_str())?;
+    w.string(info.deriver.as_ref().map_or("", StorePath::as_str))?;
+    w.strings(info.references.iter().map(StorePath::as_str))?;
     w.u64(info.download_size)?;
     w.u64(info.nar_size)?;
     if serve::path_infos_have_nar_hash(version) {
@@ -276,14 +288,13 @@ pub fn file_nar(contents: &[u8]) -> Vec<u8> {
 pub fn info_for(path: &str, references: &[&str], nar: &[u8]) -> PathInfo {
     let digest: [u8; 32] = Sha256::digest(nar).into();
     PathInfo {
-        path: path.to_string(),
         references: references
             .iter()
-            .map(std::string::ToString::to_string)
+            .map(|r| StorePath::parse(r).unwrap())
             .collect(),
         nar_size: nar.len() as u64,
         nar_hash: format!("sha256:{}", crate::nix::hash::nix_base32(&digest)),
-        ..PathInfo::default()
+        ..PathInfo::new(StorePath::parse(path).unwrap())
     }
 }
 

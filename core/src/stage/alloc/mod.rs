@@ -339,6 +339,7 @@ pub struct AllocTimes {
     pub queued: Duration,
     /// How many state queries it took, and their total time.
     pub polls: u32,
+    /// (See `polls`.)
     pub polling: Duration,
     /// Taking a job from the pool: the claim on its node.
     pub take: Duration,
@@ -671,7 +672,6 @@ kvm = { constraint = "kvm" }
 
     fn drv(system: &str, features: &[&str], resources: Resources) -> DrvSection {
         DrvSection {
-            path: "/nix/store/00000000000000000000000000000000-x.drv".into(),
             name: "hello-2.12".into(),
             system: system.into(),
             features: features
@@ -679,7 +679,9 @@ kvm = { constraint = "kvm" }
                 .map(std::string::ToString::to_string)
                 .collect(),
             resources,
-            ..DrvSection::default()
+            ..DrvSection::new(crate::nix::store_path::test_path(
+                "/nix/store/00000000000000000000000000000000-x.drv",
+            ))
         }
     }
 

@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 use super::{batch_script, nonce, Submission};
 use crate::config::{Cluster, Config};
 use crate::error::Failure;
+use crate::nix::store_path::StorePath;
 use crate::pool::fit::{plain_features, Need};
 use crate::pool::node::{self, Answer};
 use crate::pool::record::{JobRecord, Owner};
@@ -99,7 +100,7 @@ fn now_secs() -> u64 {
 /// A job for the build from the pool, or a new one kept in it.
 pub(super) fn allocate(
     submission: &mut Submission,
-    inputs: &[String],
+    inputs: &[StorePath],
 ) -> Result<AllocSection, Failure> {
     let pool = Pool::open(&submission.cluster.name)?;
     let owner = pool_owner()?;
@@ -421,7 +422,7 @@ pub fn forget(alloc: &AllocSection) {
 
 /// Notes, for locality, that the ticket's node now holds `paths`. Only
 /// where the pool is on; best effort.
-pub fn note_paths(config: &Config, alloc: &AllocSection, paths: &[String]) {
+pub fn note_paths<P: AsRef<str>>(config: &Config, alloc: &AllocSection, paths: &[P]) {
     let pooled = config
         .clusters
         .get(&alloc.cluster)

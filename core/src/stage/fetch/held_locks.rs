@@ -14,6 +14,7 @@ use crate::nix::local_store::LocalStore;
 use crate::nix::nar::{self, NarError};
 use crate::nix::serve::client::ServeClient;
 use crate::nix::serve::{self, ExportTrailer, PathInfo};
+use crate::nix::store_path::StorePath;
 use crate::nix::wire::WireWriter;
 use crate::stage::progress::{Reporting, TransferProgress};
 
@@ -23,11 +24,11 @@ use crate::stage::progress::{Reporting, TransferProgress};
 pub(super) fn import_held_locks<R: Read, W: Write>(
     remote: &mut ServeClient<R, W>,
     needed: &[PathInfo],
-    outputs: &BTreeSet<String>,
+    outputs: &BTreeSet<StorePath>,
     direct: &LocalStore,
     progress: &mut dyn TransferProgress,
-) -> Result<Vec<String>, Failure> {
-    let held: Vec<&str> = outputs.iter().map(String::as_str).collect();
+) -> Result<Vec<StorePath>, Failure> {
+    let held: Vec<&str> = outputs.iter().map(StorePath::as_str).collect();
     let mut child = direct
         .nix_store()
         .arg("--import")
@@ -76,7 +77,7 @@ pub(super) fn relay_checked<R: Read, W: Write, T: Write>(
     needed: &[PathInfo],
     to: &mut Hashing<T>,
     progress: &mut dyn TransferProgress,
-) -> Result<Vec<String>, Failure> {
+) -> Result<Vec<StorePath>, Failure> {
     let write_fail =
         |e: io::Error| Failure::transient(format!("writing to nix-store --import: {e}"));
     let mut paths = Vec::new();

@@ -19,6 +19,7 @@ use crate::nix::local_store::LocalStore;
 use crate::nix::nar::{self, NarError};
 use crate::nix::serve::client::ServeClient;
 use crate::nix::serve::PathInfo;
+use crate::nix::store_path::StorePath;
 use crate::nix::wire::WireError;
 use crate::stage::progress::{Reporting, TransferProgress};
 
@@ -38,10 +39,10 @@ pub(super) struct Placed {
 pub(super) fn import_load_db<R: Read, W: Write>(
     remote: &mut ServeClient<R, W>,
     needed: &[PathInfo],
-    outputs: &BTreeSet<String>,
+    outputs: &BTreeSet<StorePath>,
     direct: &LocalStore,
     progress: &mut dyn TransferProgress,
-) -> Result<Vec<String>, Failure> {
+) -> Result<Vec<StorePath>, Failure> {
     let real_dir = direct.real_dir();
     let _locks = lock_non_outputs(needed, outputs, direct, &real_dir)?;
     let invalid = still_invalid(direct, needed)?;
@@ -68,14 +69,14 @@ pub(super) fn import_load_db<R: Read, W: Write>(
 /// then cannot deadlock).
 pub(super) fn lock_non_outputs(
     needed: &[PathInfo],
-    outputs: &BTreeSet<String>,
+    outputs: &BTreeSet<StorePath>,
     direct: &LocalStore,
     real_dir: &Path,
 ) -> Result<Vec<NixPathLock>, Failure> {
     let mut reals = BTreeSet::new();
     for info in needed.iter().filter(|i| !outputs.contains(&i.path)) {
-        let store_path = direct.dir.parse(&info.path)?;
-        reals.insert(real_dir.join(store_path.basename()));
+        direct.dir.check(&info.path)?;
+        reals.insert(real_dir.join(info.path.basename()));
     }
     reals
         .iter()
@@ -117,7 +118,8 @@ pub(super) fn receive_into_store<R: Read, W: Write>(
                 return Err(failure);
             }
         };
-        let real = real_dir.join(direct.dir.parse(&info.path)?.basename());
+        direct.dir.check(&info.path)?;
+        let real = real_dir.join(info.path.basename());
         if let Err(failure) = move_into_place(&temp, &real) {
             let _ = remove_tree(&temp);
             return Err(failure);
@@ -180,11 +182,11 @@ pub fn load_db_input(infos: &[&PathInfo], digests: &[[u8; 32]]) -> String {
             info.path,
             hash::hex(digest),
             info.nar_size,
-            info.deriver,
+            info.deriver.as_ref().map_or("", StorePath::as_str),
             info.references.len()
         );
         for r in &info.references {
-            text.push_str(r);
+            text.push_str(r.as_str());
             text.push('\n');
         }
     }

@@ -40,7 +40,6 @@ mod load_db;
 
 use held_locks::import_held_locks;
 use load_db::import_load_db;
-pub use load_db::load_db_input;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
@@ -54,6 +53,7 @@ use crate::nix::local_store::{self, LocalStore};
 use crate::nix::nar::NarError;
 use crate::nix::serve::client::{ServeClient, ServeProcess};
 use crate::nix::serve::{self, PathInfo};
+use crate::nix::store_path::StorePath;
 use crate::stage::progress::{human_bytes, TransferProgress};
 use crate::stage::release::release;
 use crate::stage::retry;
@@ -61,8 +61,11 @@ use crate::stage::ssh::Ssh;
 use crate::ticket::{AllocSection, FetchSection, Ticket};
 use crate::{log_info, log_warn};
 
-/// How fetched paths become valid in the local store.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// How fetched paths become valid in the local store (`nsh-fetch
+/// --import-method`, whose names are `nsh-fetch`'s; the same here, for log
+/// lines).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum ImportMethod {
     /// Unpack, canonicalise, `nix-store --load-db` (every version).
     #[default]
@@ -71,26 +74,17 @@ pub enum ImportMethod {
     HeldLocks,
 }
 
-impl ImportMethod {
-    pub fn parse(s: &str) -> Option<ImportMethod> {
-        match s {
-            "load-db" => Some(ImportMethod::LoadDb),
-            "held-locks" => Some(ImportMethod::HeldLocks),
-            _ => None,
-        }
-    }
-
-    pub const fn name(self) -> &'static str {
-        match self {
-            ImportMethod::LoadDb => "load-db",
-            ImportMethod::HeldLocks => "held-locks",
-        }
+/// `load-db`, `held-locks`.
+impl std::fmt::Display for ImportMethod {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&crate::derive::serde_name(self))
     }
 }
 
 /// What `nsh-fetch` is asked to do.
 #[derive(Debug, Clone, Default)]
 pub struct FetchOptions {
+    /// How fetched paths become valid locally.
     pub method: ImportMethod,
     /// Leave the job running and the ssh master open (no `release`).
     pub keep_job: bool,
@@ -98,7 +92,7 @@ pub struct FetchOptions {
 
 /// The output paths to fetch: what the run reported as built, else the
 /// wanted outputs of the derivation (all of them when none is named).
-pub fn wanted_outputs(ticket: &Ticket) -> Result<Vec<String>, Failure> {
+pub fn wanted_outputs(ticket: &Ticket) -> Result<Vec<StorePath>, Failure> {
     if let Some(run) = &ticket.run {
         if !run.built_outputs.is_empty() {
             return Ok(run.built_outputs.values().cloned().collect());
@@ -140,7 +134,7 @@ pub fn fetch(
     let store_uri = ticket.store_uri().to_string();
     let local = LocalStore::new(&store_uri, "")?;
     for output in &outputs {
-        local.dir.parse(output)?;
+        local.dir.check(output)?;
     }
     let method = options.method;
     let direct = LocalStore::new(&direct_store_uri(&store_uri)?, "")?;
@@ -234,14 +228,14 @@ fn check_writable(real_dir: &Path) -> Result<(), Failure> {
 
 /// One attempt: returns (paths copied, NAR bytes).
 fn fetch_once(
-    outputs: &[String],
+    outputs: &[StorePath],
     alloc: &mut AllocSection,
     config: &Config,
     local: &LocalStore,
     direct: &LocalStore,
     method: ImportMethod,
     progress: &mut dyn TransferProgress,
-) -> Result<(Vec<String>, u64), Failure> {
+) -> Result<(Vec<StorePath>, u64), Failure> {
     let ssh = Ssh::ensure_master(alloc, config)?;
     let argv = crate::stage::ssh::remote_serve_argv(&config.remote);
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
@@ -261,10 +255,10 @@ fn fetch_once(
         ssh.describe(),
         needed.len(),
         human_bytes(total),
-        method.name()
+        method
     );
     progress.begin(needed.len() as u64, total);
-    let outputs: BTreeSet<String> = outputs.iter().cloned().collect();
+    let outputs: BTreeSet<StorePath> = outputs.iter().cloned().collect();
     let imported = match method {
         ImportMethod::LoadDb => {
             import_load_db(&mut remote.client, &needed, &outputs, direct, progress)?
@@ -289,9 +283,9 @@ fn fetch_once(
 fn paths_to_fetch<R: Read, W: Write>(
     remote: &mut ServeClient<R, W>,
     local: &LocalStore,
-    outputs: &[String],
+    outputs: &[StorePath],
 ) -> Result<Vec<PathInfo>, Failure> {
-    let on_node: BTreeSet<String> = remote
+    let on_node: BTreeSet<StorePath> = remote
         .query_valid_paths(outputs, true, false)?
         .into_iter()
         .collect();
@@ -303,7 +297,7 @@ fn paths_to_fetch<R: Read, W: Write>(
     }
     let closure = remote.query_closure(outputs, false)?;
     let here = local.valid_paths(&closure)?;
-    let needed: Vec<String> = closure.into_iter().filter(|p| !here.contains(p)).collect();
+    let needed: Vec<StorePath> = closure.into_iter().filter(|p| !here.contains(p)).collect();
     if needed.is_empty() {
         return Ok(Vec::new());
     }
@@ -347,7 +341,7 @@ pub(super) fn check_nar(info: &PathInfo, digest: &[u8; 32], size: u64) -> Result
 }
 
 /// A failure reading the NAR of `path` from the node.
-pub(super) fn nar_error(path: &str, e: NarError) -> Failure {
+pub(super) fn nar_error(path: &StorePath, e: NarError) -> Failure {
     let message = format!("the NAR of {path} from the node: {e}");
     Failure::caused_by(e.kind(), message, e)
 }
@@ -355,12 +349,13 @@ pub(super) fn nar_error(path: &str, e: NarError) -> Failure {
 #[cfg(test)]
 mod tests {
     use super::held_locks::relay_checked;
-    use super::load_db::{lock_non_outputs, receive_into_store};
+    use super::load_db::{load_db_input, lock_non_outputs, receive_into_store};
     use super::*;
     use crate::error::Kind;
     use crate::nix::hash::Hashing;
     use crate::nix::serve::client::ServeClient;
     use crate::nix::serve::test_server::{file_nar, FakeNode, StoredPath};
+    use crate::nix::store_path::test_path;
     use crate::nix::wire::test_bytes::{le, s};
     use crate::stage::progress::NoProgress;
     use sha2::{Digest, Sha256};
@@ -394,13 +389,10 @@ mod tests {
     }
 
     #[test]
-    fn import_methods_by_name() {
+    fn import_methods_are_named_as_on_the_command_line() {
         assert_eq!(ImportMethod::default(), ImportMethod::LoadDb);
-        for method in [ImportMethod::LoadDb, ImportMethod::HeldLocks] {
-            assert_eq!(ImportMethod::parse(method.name()), Some(method));
-        }
-        // No version detection any more.
-        assert_eq!(ImportMethod::parse("auto"), None);
+        assert_eq!(ImportMethod::LoadDb.to_string(), "load-db");
+        assert_eq!(ImportMethod::HeldLocks.to_string(), "held-locks");
     }
 
     #[test]
@@ -562,7 +554,7 @@ mod tests {
     fn only_paths_that_are_not_outputs_are_locked_and_only_until_dropped() {
         let (dir, store) = scratch_store();
         let needed = infos(&node());
-        let outputs: BTreeSet<String> = [B.to_string()].into();
+        let outputs: BTreeSet<StorePath> = [test_path(B)].into();
         let locks = lock_non_outputs(&needed, &outputs, &store, dir.path()).unwrap();
         assert_eq!(locks.len(), 1);
         let lock_file = |p: &str| {
@@ -576,20 +568,19 @@ mod tests {
 
     #[test]
     fn load_db_lines() {
+        const X: &str = "/s/0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a-x";
+        const X_DRV: &str = "/s/1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b-x.drv";
+        const Y: &str = "/s/2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c-y";
         let info = PathInfo {
-            path: "/s/aaaa-x".into(),
-            deriver: "/s/bbbb-x.drv".into(),
-            references: vec!["/s/aaaa-x".into(), "/s/cccc-y".into()],
+            deriver: Some(test_path(X_DRV)),
+            references: vec![test_path(X), test_path(Y)],
             nar_size: 120,
-            ..PathInfo::default()
+            ..PathInfo::new(test_path(X))
         };
         let text = load_db_input(&[&info], &[[0xab; 32]]);
         assert_eq!(
             text,
-            format!(
-                "/s/aaaa-x\n{}\n120\n/s/bbbb-x.drv\n2\n/s/aaaa-x\n/s/cccc-y\n",
-                "ab".repeat(32)
-            )
+            format!("{X}\n{}\n120\n{X_DRV}\n2\n{X}\n{Y}\n", "ab".repeat(32))
         );
     }
 

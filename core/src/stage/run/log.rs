@@ -7,7 +7,9 @@ use std::io::{self, Write};
 /// Where the build log goes: stderr, or a file descriptor the caller gave
 /// (`nsh-hook` passes Nix's fd 4).
 pub enum LogSink {
+    /// This process's stderr.
     Stderr,
+    /// A descriptor handed over by number.
     Fd(File),
 }
 

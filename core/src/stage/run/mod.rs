@@ -9,7 +9,7 @@
 //!    is written to `W/request.N.tmp` and renamed to `W/request.N`, where the
 //!    job picks it up ([`crate::stage::alloc::batch_script`]);
 //! 2. `W/log.N` is followed as it grows by one small remote `sh` loop
-//!    ([`FOLLOW_SCRIPT`]) and forwarded line by line to stderr or the hook's
+//!    ([`follow::FOLLOW_SCRIPT`]) and forwarded line by line to stderr or the hook's
 //!    log fd; the job's sentinel line `@nsh-end <nonce> <status>` ends it,
 //!    and the loop then sends `W/response.N` on the same stream, so that the
 //!    result costs no further round trip;
@@ -28,7 +28,6 @@
 mod follow;
 mod log;
 
-pub use follow::FOLLOW_SCRIPT;
 use follow::{cancel_if_requeued, follow, tail_text, Ended};
 pub use log::{LogEvent, LogSink, LogSplitter};
 
@@ -41,7 +40,7 @@ use crate::config::Config;
 use crate::error::{Failure, ResultExt};
 use crate::nix::local_store::LocalStore;
 use crate::nix::serve::{self, BuildResult};
-use crate::nix::store_path::StoreDir;
+use crate::nix::store_path::{StoreDir, StorePath};
 use crate::slurm::{Clusters, JobInfo, JobState, Slurm};
 use crate::stage::release::ReleaseOnDrop;
 use crate::stage::ssh::Ssh;
@@ -99,15 +98,15 @@ pub fn build_outcome(result: &BuildResult, what: &str, place: &str) -> Result<()
     };
     let message = plain_text(&result.error_msg);
     let message = if message.is_empty() {
-        result.status.name()
+        result.status.to_string()
     } else {
-        &message
+        message
     };
     Err(Failure::new(
         kind,
         format!(
             "build of {what} failed ({}) on {place}: {message}",
-            result.status.name()
+            result.status
         ),
     ))
 }
@@ -136,17 +135,18 @@ pub fn plain_text(message: &str) -> String {
 }
 
 /// The `run` section for a BuildResult. Outputs Nix did not list (an
-/// already valid derivation lists none) are taken from the derivation.
+/// already valid derivation lists none) are taken from the derivation. A
+/// built output that is no store path is bad bytes from the node.
 pub fn run_section(
     result: &BuildResult,
-    store_dir: &crate::nix::store_path::StoreDir,
-    drv_outputs: &BTreeMap<String, Option<String>>,
+    store_dir: &StoreDir,
+    drv_outputs: &BTreeMap<String, Option<StorePath>>,
     started: u64,
     stopped: u64,
-) -> RunSection {
+) -> Result<RunSection, Failure> {
     let mut built_outputs = BTreeMap::new();
     if result.status.is_success() {
-        built_outputs = result.output_paths(store_dir);
+        built_outputs = result.output_paths(store_dir)?;
         for (name, path) in drv_outputs {
             if let Some(path) = path {
                 built_outputs
@@ -155,7 +155,7 @@ pub fn run_section(
             }
         }
     }
-    RunSection {
+    Ok(RunSection {
         status: result.status,
         error: plain_text(&result.error_msg),
         times_built: result.times_built,
@@ -171,15 +171,19 @@ pub fn run_section(
         },
         built_outputs,
         extra: crate::ticket::Extra::default(),
-    }
+    })
 }
 
 /// One nsh-run process: its configuration, its Slurm connections and where
 /// the log goes.
 pub struct Runner<'a> {
+    /// The configuration.
     pub config: &'a Config,
+    /// One Slurm connection per cluster, to watch the jobs.
     pub clusters: Clusters,
+    /// Where the build log goes.
     pub log: LogSink,
+    /// How often the job is looked at while the build runs.
     pub job_check_interval: Duration,
     /// Set by SIGINT/SIGTERM/SIGHUP: stop following and report transient.
     pub interrupted: &'a AtomicBool,
@@ -243,8 +247,8 @@ impl Runner<'_> {
 
 /// What the build of one ticket needs before the job is involved.
 struct Build {
-    drv_path: String,
-    drv_outputs: BTreeMap<String, Option<String>>,
+    drv_path: StorePath,
+    drv_outputs: BTreeMap<String, Option<StorePath>>,
     store_dir: StoreDir,
     request: Vec<u8>,
     keep_failed: bool,
@@ -316,13 +320,13 @@ impl Build {
             &self.drv_outputs,
             started,
             stopped,
-        );
-        let outcome = build_outcome(&result, &self.drv_path, &job.place);
+        )?;
+        let outcome = build_outcome(&result, self.drv_path.as_str(), &job.place);
         match &outcome {
             Ok(()) => log_info!(
                 "{} {} in {} s",
                 self.drv_path,
-                result.status.name(),
+                result.status,
                 stopped.saturating_sub(started)
             ),
             Err(_) => log.text(&self.failure_tail(&result, job)),
@@ -334,9 +338,7 @@ impl Build {
     fn failure_tail(&self, result: &BuildResult, job: &Job) -> String {
         let mut tail = format!(
             "nsh-run: build of {} failed ({}) on {}",
-            self.drv_path,
-            result.status.name(),
-            job.place
+            self.drv_path, result.status, job.place
         );
         if self.keep_failed {
             tail = format!(
@@ -379,7 +381,7 @@ fn confirm_job_alive(job: &Job, result: &BuildResult) -> Result<(), Failure> {
                 cancel_if_requeued(job.slurm, &info);
                 Err(Failure::transient(format!(
                     "{gone}; the build's result ({}) is not trusted",
-                    result.status.name()
+                    result.status
                 )))
             }
             None => Ok(()),
@@ -404,6 +406,8 @@ fn unix_now() -> u64 {
 mod tests {
     use super::*;
     use crate::nix::serve::BuildStatus;
+    use crate::nix::store_path::test_path;
+    use follow::FOLLOW_SCRIPT;
     use std::io::{Read, Write};
     use std::path::Path;
     use std::process::{Child, Command, Stdio};
@@ -575,24 +579,37 @@ mod tests {
     fn the_run_section_lists_outputs_only_for_success() {
         let dir = crate::nix::store_path::StoreDir::new("/s").unwrap();
         let mut built = result(BuildStatus::Built, "");
-        built.built_outputs.insert("out".into(), "aaaa-x".into());
-        let drv_outputs: BTreeMap<String, String> = [
-            ("out".to_string(), "/s/aaaa-x".to_string()),
-            ("dev".to_string(), "/s/bbbb-x-dev".to_string()),
+        built
+            .built_outputs
+            .insert("out".into(), "0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a-x".into());
+        let drv_outputs: BTreeMap<String, StorePath> = [
+            (
+                "out".to_string(),
+                test_path("/s/0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a-x"),
+            ),
+            (
+                "dev".to_string(),
+                test_path("/s/1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b-x-dev"),
+            ),
         ]
         .into();
-        let known: BTreeMap<String, Option<String>> = drv_outputs
+        let known: BTreeMap<String, Option<StorePath>> = drv_outputs
             .iter()
             .map(|(name, path)| (name.clone(), Some(path.clone())))
             .collect();
-        let section = run_section(&built, &dir, &known, 5, 25);
+        let section = run_section(&built, &dir, &known, 5, 25).unwrap();
         assert_eq!(section.status, BuildStatus::Built);
         assert_eq!((section.start, section.stop), (10, 20));
         assert_eq!(section.built_outputs, drv_outputs);
         let mut failed = result(BuildStatus::PermanentFailure, "boom\n");
         failed.start_time = 0;
         failed.stop_time = 0;
-        let section = run_section(&failed, &dir, &known, 5, 25);
+        let section = run_section(&failed, &dir, &known, 5, 25).unwrap();
+        assert!(section.built_outputs.is_empty());
+        // A built output that is no store path is the node's bad bytes.
+        built.built_outputs.insert("out".into(), "x".into());
+        let err = run_section(&built, &dir, &known, 5, 25).unwrap_err();
+        assert_eq!(err.kind, Kind::Permanent);
         assert_eq!(section.error, "boom");
         assert_eq!((section.start, section.stop), (5, 25));
         assert!(section.built_outputs.is_empty());
