@@ -96,6 +96,11 @@ fn job_state(c: &Cluster, job: u64) -> String {
         .to_string()
 }
 
+/// Rings a job's doorbell (`sh -c RING sh W/wake`, as a shell command
+/// prefix: `{RING} W/wake`): one line into the FIFO, opened read-write so
+/// that it never blocks. A writer puts its file, then rings.
+const RING: &str = "sh -c 'printf \"r\\n\" 1<>\"$1\"' sh";
+
 fn await_state(c: &Cluster, job: u64, want: &[&str], within: Duration) -> String {
     let start = Instant::now();
     loop {
@@ -168,7 +173,9 @@ fn rest_lands_on_the_big_node_and_release_ends_the_job() {
     // `release` ends it: COMPLETED, work dir gone.
     let out = c.ssh(
         node,
-        &format!("touch {work}/release.tmp && mv {work}/release.tmp {work}/release"),
+        &format!(
+            "touch {work}/release.tmp && mv {work}/release.tmp {work}/release && {RING} {work}/wake"
+        ),
     );
     assert!(out.status.success());
     await_state(&c, job, &["COMPLETED"], Duration::from_secs(10));
@@ -471,7 +478,7 @@ fn the_job_serves_a_request_with_the_nodes_nix_store() {
     let mut put = Command::new("ssh")
         .args(["-F", &c.ssh_config(), node])
         .arg(format!(
-            "mkdir -p -m 0700 {work} && cat > {work}/request.1.tmp && mv {work}/request.1.tmp {work}/request.1"
+            "mkdir -p -m 0700 {work} && cat > {work}/request.1.tmp && mv {work}/request.1.tmp {work}/request.1 && {RING} {work}/wake"
         ))
         .stdin(Stdio::piped())
         .spawn()

@@ -18,12 +18,15 @@
 //!   `NIX_CONFIG`, appends `@nsh-end $NSH_NONCE <status>` to `log.N` and
 //!   writes `status.N` (temp + rename); the files of earlier requests go;
 //! * between requests it waits on the doorbell (coreutils `timeout` bounds
-//!   the wait), never polling, for as long as its state allows: a claimed
+//!   the wait; it looks again at least every 10 s, for a file put without a
+//!   ring), for as long as its state allows: a claimed
 //!   number's request (`claim.K`, see below; the first request is claimed
 //!   for the submitter) `$NSH_REQUEST_TIMEOUT` s, and when that was the
 //!   first it exits 75; a build whose owner has not returned the job yet
 //!   `$NSH_IDLE_TIMEOUT` s; a job returned to the pool (`idle.K` for the
-//!   latest claim K) `$NSH_LINGER` s;
+//!   latest claim K) `$NSH_LINGER` s, or not at all when less than two
+//!   minutes of its time limit (`$NSH_TIME_LIMIT` s, set at submission) are
+//!   left, too little for any build the pool hands out;
 //! * a number is claimed with `mkdir W/claim.K`, which exactly one process
 //!   wins: the tool that takes a pooled job claims the number it will use,
 //!   and the job, when its time is up, claims the next number itself before
@@ -78,6 +81,11 @@ fi
 request_timeout=${NSH_REQUEST_TIMEOUT:-300}
 idle_timeout=${NSH_IDLE_TIMEOUT:-120}
 linger=${NSH_LINGER:-0}
+recheck=10
+# The job's time limit in seconds (0: unknown), and when it started: a
+# returned job whose time is too short for any build leaves at once.
+time_limit=${NSH_TIME_LIMIT:-0}
+born=$(date +%s)
 
 # The doorbell: whoever puts a file here for the job rings it (a line into
 # W/wake). Held open read-write (fd 3) for the job's whole life: a ring is
@@ -210,7 +218,19 @@ while :; do
         since=$now
     fi
     left=$((since + limit - now))
+    # Returned, with less time left than the shortest build is handed
+    # (a minute, and a minute's margin): no build will come.
+    if [ "$time_limit" -gt 0 ] && [ "${now_state%% *}" = idle ] &&
+        [ $((now + 120)) -ge $((born + time_limit)) ]; then
+        left=0
+    fi
     if [ "$left" -gt 0 ]; then
+        # At most $recheck s at a time: a file put without a ring (by hand,
+        # or by a writer killed between its rename and its ring) is still
+        # seen, only later.
+        if [ "$left" -gt "$recheck" ]; then
+            left=$recheck
+        fi
         wait_event "$left"
         continue
     fi
@@ -560,6 +580,18 @@ mod tests {
         assert_eq!(status, 0);
         let lingered = returned.elapsed();
         assert!(lingered >= Duration::from_millis(900), "{lingered:?}");
+        assert!(!work.exists());
+    }
+
+    #[test]
+    fn a_returned_job_near_its_time_limit_leaves_at_once() {
+        let job = start(&[("NSH_LINGER", "30"), ("NSH_TIME_LIMIT", "100")], &[]);
+        let work = job.work.clone();
+        job.put("request.1", "ONE");
+        job.wait_for(&work.join("status.1"), Duration::from_secs(2));
+        job.put("idle.1", "");
+        let (status, _) = job.finish(Duration::from_secs(3));
+        assert_eq!(status, 0);
         assert!(!work.exists());
     }
 

@@ -422,6 +422,12 @@ impl Submission<'_> {
         self.times.connect = started.elapsed();
         let mut request = job_request(config, cluster, self.placement, self.drv_name, nonce);
         request.time_min = time_min;
+        // Not part of `environment` (whose digest says which builds a
+        // pooled job fits): it differs from job to job.
+        request.env.push((
+            "NSH_TIME_LIMIT".into(),
+            (u64::from(time_min) * 60).to_string(),
+        ));
         log_debug!("{}: submitting {:?}", cluster.name, self.placement);
         let submitted = Instant::now();
         let job = slurm
