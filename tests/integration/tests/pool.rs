@@ -37,6 +37,22 @@ impl Pool {
             .tempdir()
             .unwrap();
         let text = std::fs::read_to_string(c.nsh_config()).unwrap();
+        // A key set here replaces the cluster's own.
+        let ours: Vec<&str> = cluster_keys
+            .lines()
+            .chain(remote_keys.lines())
+            .filter_map(|l| l.split('=').next())
+            .map(str::trim)
+            .collect();
+        let text: String = text
+            .lines()
+            .filter(|l| {
+                !ours
+                    .iter()
+                    .any(|k| l.split('=').next().map(str::trim) == Some(k))
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
         let text = text
             .replacen(
                 "[cluster.test]\n",
