@@ -215,7 +215,8 @@ impl Runner<'_> {
         })?;
         let ssh = Ssh::ensure_master(alloc, self.config)?;
         let alloc = alloc.clone();
-        let slurm = self.clusters.get(cluster)?;
+        // As nsh-alloc found it: no version probe per build.
+        let slurm = self.clusters.resume(cluster, &alloc)?;
         let job = Job {
             ssh: &ssh,
             slurm,
