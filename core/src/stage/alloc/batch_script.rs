@@ -634,16 +634,19 @@ mod tests {
         // A `timeout` that fails at once must neither spin the deadline
         // away nor stop requests from being seen.
         let job = start(
-            &[("NSH_REQUEST_TIMEOUT", "2")],
+            &[("NSH_REQUEST_TIMEOUT", "4")],
             &[("timeout", "#!/bin/sh\nexit 126\n")],
         );
         let work = job.work.clone();
-        let started = Instant::now();
-        std::thread::sleep(Duration::from_millis(1200));
+        // From the moment the job runs (a loaded machine may take a while
+        // to start it).
+        job.wait_for(&work.join("wake"), Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(1500));
         assert!(work.exists(), "the job gave up early");
+        let put = Instant::now();
         job.put("request.1", "R");
         job.wait_for(&work.join("status.1"), Duration::from_secs(2));
-        assert!(started.elapsed() < Duration::from_secs(2));
+        assert!(put.elapsed() < Duration::from_secs(2));
         job.put("release", "");
         let (status, _) = job.finish(Duration::from_secs(2));
         assert_eq!(status, 0);
