@@ -42,7 +42,8 @@
 #   RPCs during the mode (sdiag, reset before each mode: by nsh's Slurm
 #   user, and by everyone, slurmd's job launches and completions included),
 #   and, for the reuse modes, the jobs still in the queue once `linger` has
-#   passed after the build (each mode has a pool of its own).
+#   passed after the build (each mode has a pool of its own; a
+#   rebuild shares its first build's, and so its knowledge of the node stores).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")/../.." && pwd)
@@ -130,10 +131,10 @@ prepare_nsh() {
 
 # The build hook as Nix (or the daemon, with its own environment) runs it:
 # the ticket log and the peak-memory log go to the mode's directory.
-write_hook() { # dir config
+write_hook() { # dir config runtime-dir
     cat > "$BENCH_DIR/nsh-hook" <<EOF
 #!/bin/sh
-export NSH_CONFIG=$2 NSH_RUNTIME_DIR=$1/run NSH_TICKET_LOG=$1/tickets.jsonl NSH_LOG=${NSH_LOG:-warn}
+export NSH_CONFIG=$2 NSH_RUNTIME_DIR=$3 NSH_TICKET_LOG=$1/tickets.jsonl NSH_LOG=${NSH_LOG:-warn}
 export BENCH_RSS=$1/rss LD_PRELOAD=$BENCH_DIR/peak-rss.so
 export PATH=/usr/local/bin:/usr/bin:/bin NIX_CONF_DIR=$NIX_CONF_DIR
 exec $NSH_BIN/nsh-hook "\$@"
@@ -284,10 +285,10 @@ run_mode() { # mode
             done
             nix_build "$dir" --max-jobs 0 --builders "$builders" ;;
         nsh|nsh-rebuild|nsh-1job)
-            write_hook "$dir" "$(config_for "$mode")"
+            write_hook "$dir" "$(config_for "$mode")" "$BENCH_DIR/${mode%-rebuild}/run"
             nix_build "$dir" --max-jobs 0 --builders '' --option build-hook "$BENCH_DIR/nsh-hook" ;;
         nsh-daemon|nsh-daemon-rebuild|nsh-daemon-1job)
-            write_hook "$dir" "$(config_for "$mode")"
+            write_hook "$dir" "$(config_for "$mode")" "$BENCH_DIR/${mode%-rebuild}/run"
             nix_build "$dir" --store daemon --max-jobs 0 --builders '' \
                 --option build-hook "$BENCH_DIR/nsh-hook" ;;
     esac
