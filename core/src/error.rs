@@ -32,6 +32,9 @@ pub enum Kind {
     Input,
     /// Wrong configuration.
     Config,
+    /// A bug in nsh: a stage panicked. Its own kind so that a panic never
+    /// ends with Rust's status 101, which is Nix's "timed out".
+    Internal,
 }
 
 /// The ticket's name (`timed-out`), for messages.

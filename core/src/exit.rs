@@ -22,6 +22,8 @@ crate::derive::numbered_enum! {
         BadInput = 65,
         /// The configuration is wrong (`EX_CONFIG`).
         BadConfig = 78,
+        /// A bug in nsh: it panicked (`EX_SOFTWARE`; never Rust's 101).
+        Internal = 70,
     }
 }
 
@@ -40,6 +42,7 @@ impl ExitStatus {
             Kind::Usage => ExitStatus::Usage,
             Kind::Input => ExitStatus::BadInput,
             Kind::Config => ExitStatus::BadConfig,
+            Kind::Internal => ExitStatus::Internal,
         }
     }
 }
@@ -64,6 +67,7 @@ mod tests {
             Kind::Usage,
             Kind::Input,
             Kind::Config,
+            Kind::Internal,
         ];
         let mut seen = std::collections::BTreeSet::new();
         for kind in all {
@@ -83,5 +87,6 @@ mod tests {
         assert_eq!(ExitStatus::of(Kind::Usage).code(), 64);
         assert_eq!(ExitStatus::of(Kind::Input).code(), 65);
         assert_eq!(ExitStatus::of(Kind::Config).code(), 78);
+        assert_eq!(ExitStatus::of(Kind::Internal).code(), 70);
     }
 }

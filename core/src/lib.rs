@@ -25,6 +25,7 @@ mod derive;
 mod error;
 mod exit;
 mod hook;
+mod lines;
 mod log;
 mod nix;
 mod pool;

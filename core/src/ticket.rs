@@ -521,4 +521,31 @@ mod tests {
             assert_eq!(err.kind, Kind::Input, "{line:?}");
         }
     }
+
+    proptest::proptest! {
+        /// A line that is not a ticket is an error, never a panic: arbitrary
+        /// text, and the full ticket with a few characters changed (which
+        /// reaches the store path, number and enum checks).
+        #[test]
+        fn arbitrary_lines_never_panic(line in "\\PC{0,400}") {
+            let _ = Ticket::from_line(&line);
+        }
+
+        #[test]
+        fn a_mutated_ticket_never_panics(
+            flips in proptest::collection::vec((0usize..FULL.len(), proptest::char::any()), 1..6),
+        ) {
+            let mut chars: Vec<char> = FULL.chars().collect();
+            for (at, c) in flips {
+                let at = at % chars.len();
+                chars[at] = c;
+            }
+            let line: String = chars.into_iter().collect();
+            if let Ok(ticket) = Ticket::from_line(&line) {
+                // What parses writes back out and parses again the same.
+                let again = Ticket::from_line(&ticket.to_line()).unwrap();
+                proptest::prop_assert_eq!(again.to_line(), ticket.to_line());
+            }
+        }
+    }
 }

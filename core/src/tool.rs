@@ -9,6 +9,8 @@
 
 use std::io::{BufRead, Write};
 
+use crate::lines::{BoundedLines, MAX_TICKET_LINE};
+
 use crate::error::{Failure, Kind};
 use crate::exit::ExitStatus;
 use crate::ticket::Ticket;
@@ -44,6 +46,29 @@ pub fn run_cleanup_stage<R: BufRead, W: Write>(
     run_tickets(stage, input, output, FailedTickets::Visit, cleanup_fn)
 }
 
+/// Runs `stage_fn` on `ticket`, a panic becoming an [`Kind::Internal`]
+/// failure: what the stage held is dropped on the way out (its guards cancel
+/// jobs and remove temporary files), the panic's message is kept, and the
+/// process does not end with Rust's 101, Nix's "timed out".
+fn run_caught(
+    stage_fn: &mut impl FnMut(&mut Ticket) -> Result<(), Failure>,
+    ticket: &mut Ticket,
+) -> Result<(), Failure> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| stage_fn(ticket))).unwrap_or_else(
+        |panic| {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(ToString::to_string)
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".to_string());
+            Err(Failure::new(
+                Kind::Internal,
+                format!("internal error (a bug in nsh; please report it): {what}"),
+            ))
+        },
+    )
+}
+
 /// What the loop does with a ticket that already carries an `error`.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum FailedTickets {
@@ -64,9 +89,10 @@ fn run_tickets<R: BufRead, W: Write>(
             status = s;
         }
     };
-    for line in input.lines() {
+    for line in BoundedLines::new(input, MAX_TICKET_LINE) {
         let line = match line {
-            Ok(line) => line,
+            // A line cut at the bound is no ticket: it is answered as one.
+            Ok(line) => String::from_utf8_lossy(&line.bytes).into_owned(),
             Err(e) => {
                 log_error!("reading tickets from stdin: {e}");
                 note(ExitStatus::BadInput);
@@ -99,7 +125,7 @@ fn run_tickets<R: BufRead, W: Write>(
                         break;
                     }
                 }
-                if let Err(failure) = stage_fn(&mut ticket) {
+                if let Err(failure) = run_caught(&mut stage_fn, &mut ticket) {
                     log_error!("{failure}");
                     note(ExitStatus::of(failure.kind));
                     if ticket.error.is_none() {
@@ -137,6 +163,28 @@ mod tests {
         let mut out = Vec::new();
         let status = run_stage("test", input.as_bytes(), &mut out, f);
         (status, String::from_utf8(out).unwrap())
+    }
+
+    #[test]
+    fn a_panic_is_an_internal_error_not_101_and_the_next_ticket_runs() {
+        let mut n = 0;
+        let (status, out) = run("{\"v\":1}\n{\"v\":1}\n", |_| {
+            n += 1;
+            assert!(n != 1, "the first ticket breaks it");
+            Ok(())
+        });
+        assert_eq!(status, ExitStatus::Internal);
+        assert_eq!(status.code(), 70);
+        let tickets: Vec<serde_json::Value> = out
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(tickets[0]["error"]["kind"], "internal");
+        let message = tickets[0]["error"]["message"].as_str().unwrap();
+        assert!(message.contains("a bug in nsh"), "{message}");
+        assert!(message.contains("the first ticket breaks it"), "{message}");
+        assert!(tickets[1].get("error").is_none());
+        assert_eq!(n, 2);
     }
 
     #[test]

@@ -24,6 +24,7 @@ pub(super) fn validate(
     problems: &Problems,
 ) -> Result<Cluster, Failure> {
     let (backend, url) = backend_and_url(rc.backend.as_deref(), rc.url.as_deref(), problems)?;
+    let url = with_ca_file(url, rc.ca_file, problems)?;
     let api = api_choice(rc.api.as_deref(), problems)?;
     let token = token_source(rc.token_file, rc.token_command, problems)?;
     check_credentials(
@@ -173,6 +174,33 @@ fn backend_and_url(
     Ok((backend, url))
 }
 
+/// `ca_file` belongs to an `https://` url, and is an absolute path.
+fn with_ca_file(
+    url: Option<RestUrl>,
+    ca_file: Option<std::path::PathBuf>,
+    problems: &Problems,
+) -> Result<Option<RestUrl>, Failure> {
+    let Some(path) = ca_file else {
+        return Ok(url);
+    };
+    if !path.is_absolute() {
+        return Err(problems.at(
+            "ca_file",
+            format!("{} is not an absolute path", path.display()),
+        ));
+    }
+    match url {
+        Some(RestUrl::Https { base, .. }) => Ok(Some(RestUrl::Https {
+            base,
+            ca_file: Some(path),
+        })),
+        _ => Err(problems.at(
+            "ca_file",
+            "only for an \"https://\" url (the certificate authority slurmrestd's proxy is checked against)",
+        )),
+    }
+}
+
 fn api_choice(api: Option<&str>, problems: &Problems) -> Result<ApiChoice, Failure> {
     match api {
         None | Some("auto") => Ok(ApiChoice::Auto),
@@ -224,7 +252,10 @@ fn check_credentials(
     has_user: bool,
     problems: &Problems,
 ) -> Result<(), Failure> {
-    if backend == Backend::Rest && matches!(url, Some(RestUrl::Http(_))) && token.is_none() {
+    if backend == Backend::Rest
+        && matches!(url, Some(RestUrl::Http(_) | RestUrl::Https { .. }))
+        && token.is_none()
+    {
         return Err(problems.at(
             "token_file",
             "missing: slurmrestd over HTTP needs a token (token_file or token_command)",
@@ -295,10 +326,39 @@ fn check_features(
     Ok(())
 }
 
+/// What a derivation may ask for when the site says nothing: bounded, so
+/// that no user's `nshResources` asks Slurm for a whole cluster or a year
+/// (a configured default or time limit above them raises them to it).
+pub(super) const DEFAULT_MAX_CPUS: u32 = 64;
+pub(super) const DEFAULT_MAX_MEM_MB: u64 = 256 * 1024;
+pub(super) const DEFAULT_MAX_TIME_MIN: u32 = 2 * 24 * 60;
+
 /// `[cluster.NAME.limits]`: each value parsed, defaults within the maxima,
-/// the cluster's time limit within `max_time`.
+/// the cluster's time limit within `max_time`; a maximum not given is the
+/// conservative default ([`DEFAULT_MAX_CPUS`] & co.), or the configured
+/// default or time limit if that is higher.
 fn limits(rl: &RawLimits, time_limit_min: u32, problems: &Problems) -> Result<Limits, Failure> {
-    let limits = Limits {
+    let mut limits = configured_limits(rl, problems)?;
+    check_limits(&limits, time_limit_min, problems)?;
+    limits.max_cpus = limits.max_cpus.or(Some(
+        limits
+            .default_cpus
+            .map_or(DEFAULT_MAX_CPUS, |d| d.max(DEFAULT_MAX_CPUS)),
+    ));
+    limits.max_mem_mb = limits.max_mem_mb.or(Some(
+        limits
+            .default_mem_mb
+            .map_or(DEFAULT_MAX_MEM_MB, |d| d.max(DEFAULT_MAX_MEM_MB)),
+    ));
+    limits.max_time_min = limits
+        .max_time_min
+        .or(Some(time_limit_min.max(DEFAULT_MAX_TIME_MIN)));
+    Ok(limits)
+}
+
+/// The limits as the file has them, parsed.
+fn configured_limits(rl: &RawLimits, problems: &Problems) -> Result<Limits, Failure> {
+    Ok(Limits {
         max_cpus: rl.max_cpus,
         max_mem_mb: optional(
             rl.max_mem.as_ref(),
@@ -321,7 +381,11 @@ fn limits(rl: &RawLimits, time_limit_min: u32, problems: &Problems) -> Result<Li
         )?,
         allow_gres: rl.allow_gres,
         allow_constraint: rl.allow_constraint,
-    };
+    })
+}
+
+/// Defaults within the maxima, the time limit within `max_time`.
+fn check_limits(limits: &Limits, time_limit_min: u32, problems: &Problems) -> Result<(), Failure> {
     for (key, value) in [
         ("limits.max_cpus", limits.max_cpus),
         ("limits.default_cpus", limits.default_cpus),
@@ -354,5 +418,5 @@ fn limits(rl: &RawLimits, time_limit_min: u32, problems: &Problems) -> Result<Li
             ));
         }
     }
-    Ok(limits)
+    Ok(())
 }

@@ -26,8 +26,8 @@ mod raw;
 mod values;
 
 use raw::RawConfig;
-use values::parse_seconds;
 pub use values::{parse_mem_mb_text, parse_minutes_text, BadValue};
+use values::{parse_seconds, parse_size};
 
 /// Where the configuration is read from when no `--config` is given and
 /// `$NSH_CONFIG` is unset.
@@ -69,6 +69,15 @@ impl fmt::Display for Backend {
 pub enum RestUrl {
     /// `http://host:port` (the base; API paths are appended).
     Http(String),
+    /// `https://host:port` (the base), usually a TLS-terminating proxy in
+    /// front of slurmrestd, which speaks plain HTTP itself.
+    Https {
+        /// The base URL, API paths are appended.
+        base: String,
+        /// The PEM file of the certificate authorities trusted for it
+        /// (`ca_file`); `None`: the system's bundle.
+        ca_file: Option<PathBuf>,
+    },
     /// `unix:/path/to/socket`.
     Unix(PathBuf),
 }
@@ -76,7 +85,7 @@ pub enum RestUrl {
 impl fmt::Display for RestUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            RestUrl::Http(url) => f.write_str(url),
+            RestUrl::Http(url) | RestUrl::Https { base: url, .. } => f.write_str(url),
             RestUrl::Unix(path) => write!(f, "unix:{}", path.display()),
         }
     }
@@ -321,6 +330,8 @@ pub struct Remote {
     pub idle_timeout_s: u64,
     /// Seconds the job waits for its first request.
     pub request_timeout_s: u64,
+    /// The most NAR bytes one build's outputs may bring back from a node.
+    pub max_output_size: u64,
 }
 
 impl Default for Remote {
@@ -331,10 +342,15 @@ impl Default for Remote {
             work_root: "/tmp/nsh".into(),
             idle_timeout_s: 120,
             request_timeout_s: 300,
+            max_output_size: DEFAULT_MAX_OUTPUT_SIZE,
         }
     }
 }
 
+/// 64 GiB: larger than most outputs (a CUDA toolkit's NAR is a few GiB),
+/// small enough that a node sending endless data stops long before the
+/// store's disk is full.
+const DEFAULT_MAX_OUTPUT_SIZE: u64 = 64 << 30;
 const DEFAULT_MAX_JOBS: u32 = 64;
 const DEFAULT_TIME_LIMIT_MIN: u32 = 4 * 60;
 const DEFAULT_QUEUE_TIMEOUT_S: u64 = 3600;
@@ -568,6 +584,12 @@ fn remote_settings(raw: raw::RawRemote, problems: &Problems) -> Result<Remote, F
             raw.request_timeout,
             defaults.request_timeout_s,
         )?,
+        max_output_size: match raw.max_output_size {
+            None => defaults.max_output_size,
+            Some(v) => {
+                parse_size(&v).map_err(|bad| problems.bad_value("remote.max_output_size", bad))?
+            }
+        },
     };
     if !remote.work_root.starts_with('/') {
         return Err(problems.at(
@@ -654,6 +676,81 @@ request_timeout = "5m"
     }
 
     const MINIMAL: &str = "[cluster.c]\nbackend = \"cli\"\nsystems = [\"x86_64-linux\"]\n";
+
+    #[test]
+    fn limits_are_bounded_when_the_site_says_nothing() {
+        let parse = |text: &str| {
+            Config::parse(Path::new("t.toml"), text).unwrap().clusters["c"]
+                .limits
+                .clone()
+        };
+        let limits = parse(MINIMAL);
+        assert_eq!(limits.max_cpus, Some(64));
+        assert_eq!(limits.max_mem_mb, Some(256 * 1024));
+        assert_eq!(limits.max_time_min, Some(2 * 24 * 60));
+        // A default or a time limit above them raises them to it.
+        let limits = parse(&format!(
+            "{MINIMAL}time_limit = \"3d\"\n[cluster.c.limits]\ndefault_cpus = 128\ndefault_mem = \"1T\"\n"
+        ));
+        assert_eq!(limits.max_cpus, Some(128));
+        assert_eq!(limits.max_mem_mb, Some(1 << 20));
+        assert_eq!(limits.max_time_min, Some(3 * 24 * 60));
+        // What the site says is what counts.
+        let limits = parse(&format!("{MINIMAL}[cluster.c.limits]\nmax_cpus = 1000\n"));
+        assert_eq!(limits.max_cpus, Some(1000));
+    }
+
+    #[test]
+    fn max_output_size() {
+        let config = Config::parse(Path::new("t.toml"), MINIMAL).unwrap();
+        assert_eq!(config.remote.max_output_size, 64 << 30);
+        for (text, bytes) in [
+            ("\"512M\"", 512 << 20),
+            ("\"1TiB\"", 1 << 40),
+            ("4096", 4096),
+        ] {
+            let config = Config::parse(
+                Path::new("t.toml"),
+                &format!("{MINIMAL}[remote]\nmax_output_size = {text}\n"),
+            )
+            .unwrap();
+            assert_eq!(config.remote.max_output_size, bytes, "{text}");
+        }
+        let err = Config::parse(
+            Path::new("t.toml"),
+            &format!("{MINIMAL}[remote]\nmax_output_size = \"lots\"\n"),
+        )
+        .unwrap_err();
+        assert!(
+            err.message.contains("remote.max_output_size"),
+            "{}",
+            err.message
+        );
+    }
+
+    #[test]
+    fn https_with_and_without_a_ca_file() {
+        let cluster = |extra: &str| {
+            let text = format!("[cluster.c]\nurl = \"https://head:6821/\"\nuser = \"u\"\ntoken_file = \"/t\"\nsystems = [\"x\"]\n{extra}");
+            Config::parse(Path::new("t.toml"), &text).unwrap().clusters["c"]
+                .url
+                .clone()
+        };
+        assert_eq!(
+            cluster(""),
+            Some(RestUrl::Https {
+                base: "https://head:6821".into(),
+                ca_file: None
+            })
+        );
+        assert_eq!(
+            cluster("ca_file = \"/etc/nsh/ca.pem\"\n"),
+            Some(RestUrl::Https {
+                base: "https://head:6821".into(),
+                ca_file: Some("/etc/nsh/ca.pem".into())
+            })
+        );
+    }
 
     #[test]
     fn a_full_configuration() {
@@ -817,8 +914,16 @@ request_timeout = "5m"
             ("bad_backend", "[cluster.c]\nbackend = \"ssh\"\nsystems = [\"x\"]\n".into()),
             ("rest_without_url", "[cluster.c]\nsystems = [\"x\"]\n".into()),
             (
-                "https_url",
-                "[cluster.c]\nurl = \"https://h:6820\"\nsystems = [\"x\"]\n".into(),
+                "https_without_token",
+                "[cluster.c]\nurl = \"https://h:6820\"\nuser = \"u\"\nsystems = [\"x\"]\n".into(),
+            ),
+            (
+                "ca_file_without_https",
+                "[cluster.c]\nurl = \"unix:/s\"\nca_file = \"/etc/ca.pem\"\nsystems = [\"x\"]\n".into(),
+            ),
+            (
+                "relative_ca_file",
+                "[cluster.c]\nurl = \"https://h\"\nca_file = \"ca.pem\"\nsystems = [\"x\"]\n".into(),
             ),
             (
                 "http_without_token",
@@ -892,5 +997,30 @@ request_timeout = "5m"
         let secret = config.clusters["c"].token.as_ref().unwrap().read().unwrap();
         let dump = format!("{config:?} {secret:?} {secret}");
         assert!(!dump.contains("very-secret"), "{dump}");
+    }
+
+    proptest::proptest! {
+        /// A configuration that does not parse is an error naming the file,
+        /// never a panic: arbitrary text, and the full example with a few
+        /// characters changed (which reaches every key's validation).
+        #[test]
+        fn arbitrary_text_never_panics(text in "\\PC{0,400}") {
+            let _ = Config::parse(Path::new("t.toml"), &text);
+        }
+
+        #[test]
+        fn a_mutated_configuration_never_panics(
+            flips in proptest::collection::vec((0usize..FULL.len(), proptest::char::any()), 1..6),
+        ) {
+            let mut chars: Vec<char> = FULL.chars().collect();
+            for (at, c) in flips {
+                let at = at % chars.len();
+                chars[at] = c;
+            }
+            let text: String = chars.into_iter().collect();
+            if let Err(failure) = Config::parse(Path::new("t.toml"), &text) {
+                proptest::prop_assert!(failure.message.contains("t.toml"), "{}", failure.message);
+            }
+        }
     }
 }

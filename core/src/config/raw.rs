@@ -28,6 +28,7 @@ pub(super) struct RawConfig {
 pub(super) struct RawCluster {
     pub(super) backend: Option<String>,
     pub(super) url: Option<String>,
+    pub(super) ca_file: Option<PathBuf>,
     pub(super) api: Option<String>,
     pub(super) user: Option<String>,
     pub(super) token_file: Option<PathBuf>,
@@ -84,6 +85,7 @@ pub(super) struct RawRemote {
     pub(super) work_root: Option<String>,
     pub(super) idle_timeout: Option<NumberOrText>,
     pub(super) request_timeout: Option<NumberOrText>,
+    pub(super) max_output_size: Option<NumberOrText>,
 }
 
 /// A value that may be written as a number or a string (`90` or `"90m"`).

@@ -18,6 +18,8 @@ pub enum BadValue {
     Duration(String),
     /// A memory size (as written).
     Memory(String),
+    /// A size in bytes (as written).
+    Size(String),
 }
 
 /// What is wrong with slurmrestd's address.
@@ -27,8 +29,6 @@ pub enum UrlProblem {
     RelativeSocket,
     /// `http://` without a host.
     NoHost,
-    /// `https://`: slurmrestd speaks plain HTTP.
-    Https,
     /// Neither `http://` nor `unix:`.
     Scheme,
 }
@@ -40,15 +40,11 @@ impl fmt::Display for BadValue {
                 write!(f, "{url:?}: expected \"unix:/absolute/path/to/socket\"")
             }
             BadValue::Url(url, UrlProblem::NoHost) => {
-                write!(f, "{url:?}: no host; expected \"http://host:port\"")
+                write!(f, "{url:?}: no host; expected \"http(s)://host:port\"")
             }
-            BadValue::Url(url, UrlProblem::Https) => write!(
-                f,
-                "{url:?}: https is not supported (slurmrestd speaks plain HTTP; put it behind a unix socket or a local proxy)"
-            ),
             BadValue::Url(url, UrlProblem::Scheme) => write!(
                 f,
-                "{url:?}: expected \"http://host:port\" or \"unix:/path/to/socket\""
+                "{url:?}: expected \"http://host:port\", \"https://host:port\" or \"unix:/path/to/socket\""
             ),
             BadValue::TimeLimit(v) => write!(
                 f,
@@ -57,6 +53,10 @@ impl fmt::Display for BadValue {
             BadValue::Duration(v) => write!(
                 f,
                 "{v}: expected a duration: seconds (300), or \"30s\", \"10m\", \"1h\""
+            ),
+            BadValue::Size(v) => write!(
+                f,
+                "{v}: expected a size: bytes (1048576), or \"512M\", \"64G\", \"1T\""
             ),
             BadValue::Memory(v) => write!(
                 f,
@@ -76,15 +76,22 @@ pub(super) fn parse_url(url: &str) -> Result<RestUrl, BadValue> {
         }
         return Ok(RestUrl::Unix(PathBuf::from(path)));
     }
-    if let Some(rest) = url.strip_prefix("http://") {
-        let host = rest.split('/').next().unwrap_or("");
-        if host.is_empty() {
+    for (scheme, tls) in [("http://", false), ("https://", true)] {
+        let Some(rest) = url.strip_prefix(scheme) else {
+            continue;
+        };
+        if rest.split('/').next().unwrap_or("").is_empty() {
             return Err(BadValue::Url(url.to_string(), UrlProblem::NoHost));
         }
-        return Ok(RestUrl::Http(url.trim_end_matches('/').to_string()));
-    }
-    if url.starts_with("https://") {
-        return Err(BadValue::Url(url.to_string(), UrlProblem::Https));
+        let base = url.trim_end_matches('/').to_string();
+        return Ok(if tls {
+            RestUrl::Https {
+                base,
+                ca_file: None,
+            }
+        } else {
+            RestUrl::Http(base)
+        });
     }
     Err(BadValue::Url(url.to_string(), UrlProblem::Scheme))
 }
@@ -120,18 +127,23 @@ pub fn parse_minutes_text(s: &str) -> Option<u32> {
                 .map(|f| f.parse().ok())
                 .collect::<Option<_>>()?,
         };
-        let clock_secs = match (clock.is_some(), fields.as_slice()) {
+        // Every number is the writer's (a derivation's `nshResources.time`
+        // among them): checked arithmetic, an overflow is no time limit.
+        let (h, m, sec) = match (clock.is_some(), fields.as_slice()) {
             // D-HH, D-HH:MM, D-HH:MM:SS
-            (true, [h]) => h * 3600,
-            (true, [h, m]) => h * 3600 + m * 60,
-            (true, [h, m, sec]) => h * 3600 + m * 60 + sec,
+            (true, [h]) => (*h, 0, 0),
+            (true, [h, m]) => (*h, *m, 0),
+            (true, [h, m, sec]) => (*h, *m, *sec),
             // MM, MM:SS, HH:MM:SS
-            (false, [m]) => m * 60,
-            (false, [m, sec]) => m * 60 + sec,
-            (false, [h, m, sec]) => h * 3600 + m * 60 + sec,
+            (false, [m]) => (0, *m, 0),
+            (false, [m, sec]) => (0, *m, *sec),
+            (false, [h, m, sec]) => (*h, *m, *sec),
             _ => return None,
         };
-        days * 86400 + clock_secs
+        days.checked_mul(86400)?
+            .checked_add(h.checked_mul(3600)?)?
+            .checked_add(m.checked_mul(60)?)?
+            .checked_add(sec)?
     };
     u32::try_from(secs.div_ceil(60)).ok()
 }
@@ -215,5 +227,39 @@ pub(super) fn parse_mem_mb(v: &NumberOrText) -> Result<u64, BadValue> {
     match mb {
         Some(m) if m > 0 => Ok(m),
         _ => Err(BadValue::Memory(v.to_string())),
+    }
+}
+
+/// A size in bytes: a plain number of bytes, or `"512K"`, `"512M"`, `"64G"`,
+/// `"1T"` (binary units; a trailing `B` or `iB` allowed).
+pub fn parse_size_text(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let n: u64 = number.parse().ok()?;
+    let unit = unit.trim().to_ascii_uppercase();
+    let unit = unit
+        .strip_suffix("IB")
+        .or_else(|| unit.strip_suffix('B'))
+        .unwrap_or(&unit);
+    let shift = match unit {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => return None,
+    };
+    n.checked_mul(1u64 << shift)
+}
+
+pub(super) fn parse_size(v: &NumberOrText) -> Result<u64, BadValue> {
+    let bytes = match v {
+        NumberOrText::Number(n) => u64::try_from(*n).ok(),
+        NumberOrText::Text(s) => parse_size_text(s),
+    };
+    match bytes {
+        Some(b) if b > 0 => Ok(b),
+        _ => Err(BadValue::Size(v.to_string())),
     }
 }

@@ -10,7 +10,7 @@
 //! `NSH_LOG_FD=4`, to `nsh-run` (or the pipeline command) only.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufReader, Write};
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
@@ -18,6 +18,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use crate::error::{Failure, Kind, ResultExt};
+use crate::lines::{BoundedLines, MAX_LOG_LINE, MAX_TICKET_LINE};
 use crate::ticket::Ticket;
 
 /// The default pipeline, in order.
@@ -120,6 +121,9 @@ pub fn signalled() -> Option<i32> {
     crate::sys::signals::signalled()
 }
 
+/// How many lines (tickets, stderr) may wait for the hook's loop.
+const MESSAGES_QUEUED: usize = 1024;
+
 /// How long the children get between SIGTERM and SIGKILL.
 const STOP_GRACE: Duration = Duration::from_millis(700);
 /// How long to wait for the last stage's stdout to close after every stage
@@ -135,7 +139,8 @@ pub fn run(
     log_fd: Option<BorrowedFd<'_>>,
     mut observe: impl FnMut(&Event),
 ) -> Result<Outcome, Failure> {
-    let (tx, rx) = mpsc::channel::<Message>();
+    // Bounded: a flood of stderr lines waits for the loop that shows them.
+    let (tx, rx) = mpsc::sync_channel::<Message>(MESSAGES_QUEUED);
     let (err_read, err_write) =
         pipe().or_fail(Kind::Transient, || "creating a pipe for the stages' stderr")?;
     let mut children = spawn_all(stages, env, log_fd, &err_write)?;
@@ -190,11 +195,16 @@ fn spawn_all(
 
 /// stderr of every stage → events (not joined: a grandchild may keep it
 /// open).
-fn relay_stderr(err_read: File, tx: mpsc::Sender<Message>) {
+///
+/// Lines are cut at [`MAX_LOG_LINE`] and decoded lossily: a node's
+/// `nix-store` writes to a stage's stderr, and a line that is endless or not
+/// UTF-8 must neither grow the hook nor stop the relay (the stages would
+/// then die of SIGPIPE).
+fn relay_stderr(err_read: File, tx: mpsc::SyncSender<Message>) {
     std::thread::spawn(move || {
-        for line in BufReader::new(err_read).lines() {
+        for line in BoundedLines::new(BufReader::new(err_read), MAX_LOG_LINE) {
             let Ok(line) = line else { break };
-            if tx.send(Message::Stderr(line)).is_err() {
+            if tx.send(Message::Stderr(line.lossy())).is_err() {
                 break;
             }
         }
@@ -205,7 +215,7 @@ fn relay_stderr(err_read: File, tx: mpsc::Sender<Message>) {
 /// per stage; returns the first stage's stdin.
 fn connect(
     children: &mut [(String, Child)],
-    tx: &mpsc::Sender<Message>,
+    tx: &mpsc::SyncSender<Message>,
 ) -> Result<Option<ChildStdin>, Failure> {
     let count = children.len();
     let mut stdins: Vec<_> = children.iter_mut().map(|(_, c)| c.stdin.take()).collect();
@@ -228,10 +238,12 @@ fn forward(
     mut next: Option<ChildStdin>,
     name: &str,
     last: bool,
-    tx: &mpsc::Sender<Message>,
+    tx: &mpsc::SyncSender<Message>,
 ) {
-    for line in BufReader::new(stdout).lines() {
+    for line in BoundedLines::new(BufReader::new(stdout), MAX_TICKET_LINE) {
         let Ok(line) = line else { break };
+        // A cut line is no ticket; the next stage (or the verdict) says so.
+        let line = String::from_utf8_lossy(&line.bytes).into_owned();
         // Seen by the hook before the next stage gets it: a signal
         // arriving meanwhile still finds the latest `alloc`.
         let _ = tx.send(Message::Line {

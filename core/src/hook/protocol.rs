@@ -81,6 +81,7 @@ mod hook_wire {
     const LIMITS: Limits = Limits {
         max_string: MAX_STRING,
         max_list: MAX_LIST,
+        max_message: Limits::DEFAULT.max_message,
     };
 
     fn proto_error(e: WireError, what: &'static str) -> ProtoError {

@@ -1,5 +1,6 @@
 //! NAR hashes: SHA-256 over what passes through a reader or writer, and
-//! the encodings stores report them in (Nix's base-32, hex).
+//! the encodings stores report them in (Nix's base-32, hex); and the
+//! algorithms a fixed-output derivation may name ([`HashAlgo`]).
 
 use std::io::{self, Read, Write};
 
@@ -49,6 +50,84 @@ impl<R: Read> Read for Hashing<R> {
         self.hasher.update(&buf[..n]);
         self.count += n as u64;
         Ok(n)
+    }
+}
+
+/// A hash algorithm a fixed-output derivation may name (`outputHashAlgo`):
+/// the four Nix has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HashAlgo {
+    Md5,
+    Sha1,
+    Sha256,
+    Sha512,
+}
+
+impl HashAlgo {
+    /// `md5`, `sha1`, `sha256` or `sha512`, as Nix writes them.
+    pub fn parse(name: &str) -> Option<HashAlgo> {
+        match name {
+            "md5" => Some(HashAlgo::Md5),
+            "sha1" => Some(HashAlgo::Sha1),
+            "sha256" => Some(HashAlgo::Sha256),
+            "sha512" => Some(HashAlgo::Sha512),
+            _ => None,
+        }
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            HashAlgo::Md5 => "md5",
+            HashAlgo::Sha1 => "sha1",
+            HashAlgo::Sha256 => "sha256",
+            HashAlgo::Sha512 => "sha512",
+        }
+    }
+
+    /// A hasher of this algorithm.
+    pub fn hasher(self) -> AnyHasher {
+        match self {
+            HashAlgo::Md5 => AnyHasher::Md5(md5::Md5::new()),
+            HashAlgo::Sha1 => AnyHasher::Sha1(sha1::Sha1::new()),
+            HashAlgo::Sha256 => AnyHasher::Sha256(Sha256::new()),
+            HashAlgo::Sha512 => AnyHasher::Sha512(sha2::Sha512::new()),
+        }
+    }
+}
+
+/// A hasher of any [`HashAlgo`]; bytes go in with `write`.
+#[derive(Clone)]
+pub enum AnyHasher {
+    Md5(md5::Md5),
+    Sha1(sha1::Sha1),
+    Sha256(Sha256),
+    Sha512(sha2::Sha512),
+}
+
+impl AnyHasher {
+    /// The digest of what was written.
+    pub fn finish(self) -> Vec<u8> {
+        match self {
+            AnyHasher::Md5(h) => h.finalize().to_vec(),
+            AnyHasher::Sha1(h) => h.finalize().to_vec(),
+            AnyHasher::Sha256(h) => h.finalize().to_vec(),
+            AnyHasher::Sha512(h) => h.finalize().to_vec(),
+        }
+    }
+}
+
+impl Write for AnyHasher {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            AnyHasher::Md5(h) => h.update(buf),
+            AnyHasher::Sha1(h) => h.update(buf),
+            AnyHasher::Sha256(h) => h.update(buf),
+            AnyHasher::Sha512(h) => h.update(buf),
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 

@@ -67,6 +67,28 @@ impl LocalStore {
         }
     }
 
+    /// The store's state directory (its database, `temproots/`, `gc.lock`):
+    /// the `state=` parameter, else `<root>/nix/var/nix` for a store with
+    /// another root, else `NIX_STATE_DIR`, else `/nix/var/nix` (as Nix's
+    /// `LocalFSStoreConfig` decides).
+    pub fn state_dir(&self) -> PathBuf {
+        if let Some(state) = store_uri_param(&self.uri, "state") {
+            return PathBuf::from(state);
+        }
+        let root = if self.uri.starts_with('/') {
+            Some(self.uri.split('?').next().unwrap_or_default())
+        } else {
+            store_uri_param(&self.uri, "root")
+        };
+        if let Some(root) = root {
+            return PathBuf::from(format!("{root}/nix/var/nix"));
+        }
+        match std::env::var_os("NIX_STATE_DIR") {
+            Some(dir) if !dir.is_empty() => PathBuf::from(dir),
+            _ => PathBuf::from("/nix/var/nix"),
+        }
+    }
+
     /// Reads the derivation at the store path `path` (which must be in
     /// this store's directory).
     pub fn read_drv(&self, path: &StorePath) -> Result<Drv, Failure> {
@@ -334,5 +356,13 @@ mod tests {
             PathBuf::from("/x")
         );
         assert_eq!(store("local?store=/s").real_dir(), PathBuf::from("/s"));
+        assert_eq!(
+            store("local?root=/r").state_dir(),
+            PathBuf::from("/r/nix/var/nix")
+        );
+        assert_eq!(
+            store("local?store=/s&state=/st").state_dir(),
+            PathBuf::from("/st")
+        );
     }
 }

@@ -3,8 +3,9 @@
 //! The wire format ([`wire`]), NARs ([`nar`]), store paths ([`store_path`]),
 //! derivations ([`drv`], with nsh's own `nshResources` attribute in
 //! [`resources`]), the `nix-store --serve` protocol ([`serve`]: codec,
-//! client, and a stand-in server for tests) and the local store reached
-//! through one serve process ([`local_store`]).
+//! client, and a stand-in server for tests), the local store reached
+//! through one serve process ([`local_store`]) and its temporary GC roots
+//! ([`temp_roots`]).
 
 pub mod drv;
 pub mod hash;
@@ -13,4 +14,5 @@ pub mod nar;
 pub mod resources;
 pub mod serve;
 pub mod store_path;
+pub mod temp_roots;
 pub mod wire;

@@ -224,6 +224,21 @@ mod tests {
             assert_eq!(parse_time(&json!(time)), Ok(min), "{time}");
         }
         assert_eq!(parse_time(&json!(7)), Ok(7));
+        // Numbers a derivation may write that overflow: refused, not
+        // wrapped (nor a panic).
+        for time in [
+            "213503982334601-00:00:00",
+            "99999999999999999-00",
+            "5124095576030431:00:00",
+            "307445734561825861",
+            "18446744073709551615:00",
+            "1-18446744073709551615",
+            "99999999999d",
+        ] {
+            assert!(parse_time(&json!(time)).is_err(), "{time}");
+        }
+        assert!(parse_mem(&json!("18446744073709551615T")).is_err());
+        assert!(parse_time(&json!(u64::MAX)).is_err());
     }
 
     #[test]

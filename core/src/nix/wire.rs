@@ -6,8 +6,12 @@
 //!
 //! Reading is bounded: the peer decides the length fields, so a length larger
 //! than the configured [`Limits`] is an error, never an allocation of that
-//! size, and memory grows only with the bytes that actually arrive. Padding
-//! that is not zero is an error too (it means the stream is out of step).
+//! size, and memory grows only with the bytes that actually arrive. Every
+//! item is bounded, and so is one message as a whole (a million strings of
+//! 64 MiB each would pass the per-item limits): the strings and list entries
+//! read since [`WireReader::start_message`] count against
+//! [`Limits::max_message`]. Padding that is not zero is an error too (it
+//! means the stream is out of step).
 
 use std::fmt;
 use std::io::{self, Read, Write};
@@ -15,21 +19,28 @@ use std::io::{self, Read, Write};
 use crate::error::{Failure, Kind, KindOf};
 
 /// Upper bounds for length fields read from a peer.
+// Each field is a maximum and says so; the prefix is the point.
+#[allow(clippy::struct_field_names)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// The longest string accepted, in bytes.
     pub max_string: u64,
     /// The most entries accepted in a list (or a map).
     pub max_list: u64,
+    /// The most bytes one message may make the reader hold, all its strings
+    /// and list entries together ([`WireReader::start_message`]).
+    pub max_message: u64,
 }
 
 impl Limits {
-    /// 64 MiB strings, a million entries per list: far above anything Nix
-    /// sends in practice (the largest strings are `__json` attributes and
-    /// build error messages), far below what would hurt the machine.
+    /// 64 MiB strings, a million entries per list, 128 MiB per message: far
+    /// above anything Nix sends in practice (the largest strings are
+    /// `__json` attributes and build error messages, the largest lists a
+    /// closure's paths), far below what would hurt the machine.
     pub const DEFAULT: Limits = Limits {
         max_string: 64 << 20,
         max_list: 1 << 20,
+        max_message: 128 << 20,
     };
 }
 
@@ -120,7 +131,14 @@ impl WireError {
 pub struct WireReader<R> {
     inner: R,
     limits: Limits,
+    /// What the current message made the reader hold so far.
+    held: u64,
 }
+
+/// What a list entry costs beyond its bytes (a `String` or `Vec` header),
+/// counted against [`Limits::max_message`] so that a list of a million
+/// empty strings is not free.
+const ENTRY_COST: u64 = 24;
 
 impl<R: Read> WireReader<R> {
     pub fn new(inner: R) -> WireReader<R> {
@@ -128,11 +146,35 @@ impl<R: Read> WireReader<R> {
     }
 
     pub fn with_limits(inner: R, limits: Limits) -> WireReader<R> {
-        WireReader { inner, limits }
+        WireReader {
+            inner,
+            limits,
+            held: 0,
+        }
     }
 
     pub fn limits(&self) -> Limits {
         self.limits
+    }
+
+    /// A new message starts: what the previous ones held no longer counts
+    /// against [`Limits::max_message`].
+    pub fn start_message(&mut self) {
+        self.held = 0;
+    }
+
+    /// Counts `cost` bytes against the current message's limit.
+    fn hold(&mut self, cost: u64) -> Result<(), WireError> {
+        let held = self.held.saturating_add(cost);
+        if held > self.limits.max_message {
+            return Err(WireError::TooLong {
+                what: "message",
+                len: held,
+                max: self.limits.max_message,
+            });
+        }
+        self.held = held;
+        Ok(())
     }
 
     /// The underlying reader, for payloads that are not framed (a NAR is
@@ -167,6 +209,7 @@ impl<R: Read> WireReader<R> {
     pub fn bytes(&mut self) -> Result<Vec<u8>, WireError> {
         let len = self.u64()?;
         self.check_len("string", len, self.limits.max_string)?;
+        self.hold(len)?;
         let mut out = Vec::new();
         // `take` + `read_to_end` grows the buffer as data arrives, so a
         // truncated stream never costs more than what it carried.
@@ -198,6 +241,7 @@ impl<R: Read> WireReader<R> {
     pub fn list_len(&mut self) -> Result<u64, WireError> {
         let count = self.u64()?;
         self.check_len("list", count, self.limits.max_list)?;
+        self.hold(count.saturating_mul(ENTRY_COST))?;
         Ok(count)
     }
 
@@ -349,6 +393,7 @@ mod tests {
         let limits = Limits {
             max_string: 4,
             max_list: 2,
+            max_message: 1 << 20,
         };
         let mut w = Vec::new();
         WireWriter::new(&mut w).strings(["a", "b", "c"]).unwrap();
@@ -356,6 +401,45 @@ mod tests {
             .strings()
             .unwrap_err();
         assert_eq!(err.to_string(), "list of length 3 exceeds the limit of 2");
+    }
+
+    #[test]
+    fn a_message_is_bounded_as_a_whole_not_only_per_item() {
+        let limits = Limits {
+            max_string: 8,
+            max_list: 100,
+            max_message: 64,
+        };
+        let mut bytes = Vec::new();
+        let items = ["12345678"; 4];
+        WireWriter::new(&mut bytes).strings(items).unwrap();
+        WireWriter::new(&mut bytes).strings(items).unwrap();
+        let mut r = WireReader::with_limits(&bytes[..], limits);
+        // 4 entries (4 × 24) alone are over 64 bytes.
+        let err = r.strings().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "message of length 96 exceeds the limit of 64"
+        );
+        let limits = Limits {
+            max_message: 4 * (24 + 8),
+            ..limits
+        };
+        let mut r = WireReader::with_limits(&bytes[..], limits);
+        assert_eq!(r.strings().unwrap().len(), 4);
+        // The second list is over the budget of the same message…
+        assert!(matches!(
+            r.strings(),
+            Err(WireError::TooLong {
+                what: "message",
+                ..
+            })
+        ));
+        // …and within that of a new one.
+        let mut r = WireReader::with_limits(&bytes[..], limits);
+        r.strings().unwrap();
+        r.start_message();
+        assert_eq!(r.strings().unwrap().len(), 4);
     }
 
     #[test]
@@ -425,7 +509,7 @@ mod tests {
         /// largest limits, still end in an error at once.
         #[test]
         fn huge_claims_are_cheap(len in any::<u64>(), tail in proptest::collection::vec(any::<u8>(), 0..64)) {
-            let limits = Limits { max_string: u64::MAX, max_list: u64::MAX };
+            let limits = Limits { max_string: u64::MAX, max_list: u64::MAX, max_message: u64::MAX };
             let bytes = [&len.to_le_bytes()[..], &tail].concat();
             let result = WireReader::with_limits(&bytes[..], limits).bytes();
             if len > tail.len() as u64 {

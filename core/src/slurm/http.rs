@@ -1,9 +1,16 @@
-//! HTTP to slurmrestd: ureq for `http://` URLs, and for `unix:/path` sockets
-//! a small HTTP/1.1 client (one request per connection, `Connection: close`),
-//! which is all slurmrestd's socket needs.
+//! HTTP to slurmrestd: ureq for `http://` and `https://` URLs (rustls), and
+//! for `unix:/path` sockets a small HTTP/1.1 client (one request per
+//! connection, `Connection: close`), which is all slurmrestd's socket needs.
 //!
-//! Every failure is transient and names the address and what was being
-//! done; header values (the token) never appear in a message.
+//! The token goes to slurmrestd and nowhere else: no proxy from the
+//! environment (`HTTP(S)_PROXY`, `ALL_PROXY`, often set for nix-daemon), no
+//! redirect followed (a redirect is refused and named). Over `https://` the
+//! server is checked against `ca_file`, or the system's CA bundle.
+//!
+//! A failure to reach slurmrestd is transient; a refused certificate, an
+//! unreadable `ca_file` or a redirect is configuration (the same next time).
+//! Messages name the address and what was being done; header values (the
+//! token) never appear in one.
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
@@ -71,7 +78,10 @@ pub fn request(
     body: Option<&str>,
 ) -> Result<Response, Failure> {
     let result = match url {
-        RestUrl::Http(base) => over_tcp(base, method, path, headers, body),
+        RestUrl::Http(base) => agent(&Transport::Plain)
+            .and_then(|agent| over_tcp(&agent, base, method, path, headers, body)),
+        RestUrl::Https { base, ca_file } => agent(&Transport::Tls(ca_file.clone()))
+            .and_then(|agent| over_tcp(&agent, base, method, path, headers, body)),
         RestUrl::Unix(socket) => over_unix(socket, method, path, headers, body),
     };
     result.map_err(|cause| {
@@ -116,7 +126,24 @@ impl std::error::Error for RequestError {
 
 impl KindOf for RequestError {
     fn kind(&self) -> Kind {
-        Kind::Transient
+        match &self.cause {
+            HttpError::CaFile(..) | HttpError::Redirect { .. } => Kind::Config,
+            HttpError::Client(e) if refused_by_tls(e) => Kind::Config,
+            _ => Kind::Transient,
+        }
+    }
+}
+
+/// TLS said no: the certificate is not vouched for, the name does not
+/// match, the peer does not speak TLS. The same next time, so configuration.
+/// rustls's errors reach ureq's caller inside an I/O error.
+fn refused_by_tls(e: &ureq::Error) -> bool {
+    match e {
+        ureq::Error::Tls(_) | ureq::Error::Rustls(_) | ureq::Error::Pem(_) => true,
+        ureq::Error::Io(io) => io
+            .get_ref()
+            .is_some_and(<dyn std::error::Error + Send + Sync>::is::<rustls::Error>),
+        _ => false,
     }
 }
 
@@ -133,6 +160,16 @@ pub enum HttpError {
     Malformed(&'static str),
     /// The status line is not HTTP/1.x's.
     NotHttp(String),
+    /// The answer is a redirect, which nsh does not follow (the token would
+    /// go with it).
+    Redirect {
+        /// The HTTP status (3xx).
+        status: u16,
+        /// Where it points, as sent.
+        location: String,
+    },
+    /// `ca_file` could not be read, or holds no certificate.
+    CaFile(std::path::PathBuf, String),
 }
 
 impl std::fmt::Display for HttpError {
@@ -147,6 +184,13 @@ impl std::fmt::Display for HttpError {
             HttpError::Malformed(what) => f.write_str(what),
             HttpError::NotHttp(status_line) => {
                 write!(f, "the answer is not HTTP: {status_line:?}")
+            }
+            HttpError::Redirect { status, location } => write!(
+                f,
+                "HTTP {status}: a redirect to {location:?}, not followed (the token goes to the configured url only; set url to where slurmrestd answers)"
+            ),
+            HttpError::CaFile(path, why) => {
+                write!(f, "ca_file {}: {why}", path.display())
             }
         }
     }
@@ -178,13 +222,13 @@ impl From<ureq::Error> for HttpError {
 }
 
 fn over_tcp(
+    agent: &ureq::Agent,
     base: &str,
     method: Method,
     path: &str,
     headers: &[(&'static str, String)],
     body: Option<&str>,
 ) -> Result<Response, HttpError> {
-    let agent = agent();
     let url = format!("{base}{path}");
     let response = match method {
         Method::Get | Method::Delete => {
@@ -212,6 +256,15 @@ fn over_tcp(
     };
     let mut response = response?;
     let status = response.status().as_u16();
+    if (300..400).contains(&status) {
+        let location = response
+            .headers()
+            .get("location")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        return Err(HttpError::Redirect { status, location });
+    }
     let body = response
         .body_mut()
         .with_config()
@@ -220,17 +273,70 @@ fn over_tcp(
     Ok(Response { status, body })
 }
 
-/// One agent per process, so that the state queries of a wait reuse their
-/// connection to slurmrestd.
-fn agent() -> &'static ureq::Agent {
-    static AGENT: std::sync::OnceLock<ureq::Agent> = std::sync::OnceLock::new();
-    AGENT.get_or_init(|| {
-        ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(timeout()))
-            .build()
-            .into()
-    })
+/// Where the system's CA bundle is, on Debian and NixOS alike (the
+/// `ca-certificates` layout); Mozilla's roots, built in, where it is absent.
+const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// How a TCP connection to slurmrestd is made.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Transport {
+    /// Plain HTTP.
+    Plain,
+    /// TLS, the server checked against this `ca_file` (`None`: the system's).
+    Tls(Option<std::path::PathBuf>),
+}
+
+/// The agent for a transport: one per process and trust anchor, so that the
+/// state queries of a wait reuse their connection.
+fn agent(transport: &Transport) -> Result<ureq::Agent, HttpError> {
+    type Agents = std::collections::HashMap<Transport, ureq::Agent>;
+    static AGENTS: std::sync::Mutex<Option<Agents>> = std::sync::Mutex::new(None);
+    let mut agents = AGENTS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let agents = agents.get_or_insert_with(Agents::new);
+    if let Some(agent) = agents.get(transport) {
+        return Ok(agent.clone());
+    }
+    let mut config = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(timeout()))
+        .proxy(None)
+        .max_redirects(0);
+    if let Transport::Tls(ca_file) = transport {
+        config = config.tls_config(
+            ureq::tls::TlsConfig::builder()
+                .root_certs(root_certs(ca_file.as_deref())?)
+                .build(),
+        );
+    }
+    let agent: ureq::Agent = config.build().into();
+    agents.insert(transport.clone(), agent.clone());
+    Ok(agent)
+}
+
+/// The certificates in `ca_file`, or in the system's bundle.
+fn root_certs(ca_file: Option<&std::path::Path>) -> Result<ureq::tls::RootCerts, HttpError> {
+    let system = std::path::Path::new(SYSTEM_CA_BUNDLE);
+    let path = match ca_file {
+        Some(path) => path,
+        None if system.exists() => system,
+        None => return Ok(ureq::tls::RootCerts::WebPki),
+    };
+    let bad = |why: String| HttpError::CaFile(path.to_path_buf(), why);
+    let pem = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+    let mut certs = Vec::new();
+    for item in ureq::tls::parse_pem(&pem) {
+        if let ureq::tls::PemItem::Certificate(cert) =
+            item.map_err(|e| bad(format!("not PEM: {e}")))?
+        {
+            certs.push(cert);
+        }
+    }
+    if certs.is_empty() {
+        return Err(bad("no certificate in it".to_string()));
+    }
+    Ok(ureq::tls::RootCerts::new_with_certs(&certs))
 }
 
 fn over_unix(
@@ -413,6 +519,64 @@ mod tests {
         assert!(seen.contains("Content-Type: application/json\r\n"));
         assert!(seen.contains("Content-Length: 2\r\n"));
         assert_eq!(response.unwrap().body, "{\"job_id\":7}");
+    }
+
+    /// A one-shot TCP server that answers `answer` to the first request and
+    /// hands back what it was sent.
+    fn tcp_server(answer: &'static str) -> (String, std::thread::JoinHandle<String>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let server = std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !seen.ends_with(b"\r\n\r\n") {
+                let n = conn.read(&mut buf).unwrap();
+                assert!(n > 0);
+                seen.extend_from_slice(&buf[..n]);
+            }
+            conn.write_all(answer.as_bytes()).unwrap();
+            String::from_utf8(seen).unwrap()
+        });
+        (base, server)
+    }
+
+    #[test]
+    fn a_redirect_is_not_followed_and_is_configuration() {
+        let (base, server) = tcp_server(
+            "HTTP/1.1 302 Found\r\nLocation: http://elsewhere:6820/x\r\nContent-Length: 0\r\n\r\n",
+        );
+        let secret = [("X-SLURM-USER-TOKEN", "sekrit".to_string())];
+        let failure = request(&RestUrl::Http(base), Method::Get, "/x", &secret, None).unwrap_err();
+        server.join().unwrap();
+        assert_eq!(failure.kind, crate::Kind::Config);
+        assert!(failure.message.contains("HTTP 302"), "{}", failure.message);
+        assert!(
+            failure.message.contains("elsewhere:6820"),
+            "{}",
+            failure.message
+        );
+        assert!(!failure.message.contains("sekrit"));
+    }
+
+    #[test]
+    fn a_ca_file_without_certificates_is_configuration() {
+        let dir = tempfile::tempdir().unwrap();
+        let pem = dir.path().join("empty.pem");
+        std::fs::write(&pem, "not a certificate\n").unwrap();
+        let url = RestUrl::Https {
+            base: "https://127.0.0.1:9".into(),
+            ca_file: Some(pem.clone()),
+        };
+        let failure = request(&url, Method::Get, "/x", &[], None).unwrap_err();
+        assert_eq!(failure.kind, crate::Kind::Config);
+        assert!(
+            failure
+                .message
+                .contains(&format!("ca_file {}: no certificate", pem.display())),
+            "{}",
+            failure.message
+        );
     }
 
     #[test]

@@ -41,6 +41,34 @@ pub fn lock_exclusive(file: &File, wait: Wait) -> io::Result<bool> {
     }
 }
 
+/// Takes a shared `flock` on `file`, as [`lock_exclusive`] takes an
+/// exclusive one.
+///
+/// # Errors
+/// As [`lock_exclusive`]'s.
+pub fn lock_shared(file: &File, wait: Wait) -> io::Result<bool> {
+    let operation = match wait {
+        Wait::Block => FlockOperation::LockShared,
+        Wait::DontWait => FlockOperation::NonBlockingLockShared,
+    };
+    loop {
+        match rustix::fs::flock(file, operation) {
+            Ok(()) => return Ok(true),
+            Err(rustix::io::Errno::INTR) => {}
+            Err(rustix::io::Errno::WOULDBLOCK) if wait == Wait::DontWait => return Ok(false),
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Releases a lock taken with [`lock_exclusive`] or [`lock_shared`].
+///
+/// # Errors
+/// What `flock` reports.
+pub fn unlock(file: &File) -> io::Result<()> {
+    Ok(rustix::fs::flock(file, FlockOperation::Unlock)?)
+}
+
 /// An exclusive lock on a file that is created if needed, held until
 /// dropped.
 #[derive(Debug)]

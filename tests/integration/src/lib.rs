@@ -52,6 +52,14 @@ impl Cluster {
     pub fn rest_url(&self) -> String {
         self.s("rest_url")
     }
+    /// slurmrestd behind the test cluster's TLS proxy (`https://…`).
+    pub fn rest_tls_url(&self) -> String {
+        self.s("rest_tls_url")
+    }
+    /// The test CA that signed the TLS proxy's certificate (PEM).
+    pub fn rest_ca_file(&self) -> String {
+        self.s("rest_ca_file")
+    }
     /// The build account.
     pub fn user(&self) -> String {
         self.s("user")

@@ -632,3 +632,103 @@ fn record_exercised(c: &Cluster, interface: &str) {
         .unwrap();
     writeln!(seen, "{interface}").unwrap();
 }
+
+/// nsh-alloc with `--config config` and every proxy variable pointing at a
+/// port where nothing listens: nsh must not use them.
+fn alloc_past_proxies(
+    c: &Cluster,
+    config: &str,
+    args: &[&str],
+    stdin: &str,
+) -> (i32, String, String) {
+    let mut cmd = c.command(nsh_alloc());
+    for proxy in [
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+        "ALL_PROXY",
+    ] {
+        cmd.env(proxy, "http://127.0.0.1:9");
+    }
+    let mut child = cmd
+        .args(["--config", config])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(format!("{stdin}\n").as_bytes()).unwrap();
+    drop(input);
+    finish(child)
+}
+
+/// A CA of its own (PEM, readable by all), which vouches for nothing the
+/// test cluster serves.
+fn unrelated_ca(dir: &Path) -> String {
+    let key = dir.join("other-ca.key");
+    let pem = dir.join("other-ca.pem");
+    run_ok(
+        Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            ])
+            .args(["-subj", "/CN=not-the-test-ca", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&pem),
+    );
+    std::fs::set_permissions(&pem, std::fs::Permissions::from_mode(0o644)).unwrap();
+    pem.display().to_string()
+}
+
+/// slurmrestd behind a TLS-terminating proxy (stunnel, certificate from the
+/// test CA): allocation and cancel over `https://` with `ca_file`, with
+/// proxies set in the environment that nsh must not use (the token would go
+/// to them). A CA that does not vouch for the server, or a `ca_file` that
+/// is not there, is configuration (78) naming the problem.
+#[test]
+fn rest_over_https_checks_the_server_and_ignores_proxies() {
+    let c = Cluster::get();
+    let dir = shared_tempdir();
+    let with_ca = |name: &str, ca: &str| {
+        config_with(&c, dir.path(), name, |t| {
+            t.replace(
+                &format!("url = \"{}\"", c.rest_url()),
+                &format!("url = \"{}\"\nca_file = \"{ca}\"", c.rest_tls_url()),
+            )
+        })
+    };
+    let good = with_ca("tls.toml", &c.rest_ca_file());
+    assert!(std::fs::read_to_string(&good).unwrap().contains("https://"));
+    let (status, stdout, stderr) = alloc_past_proxies(&c, &good, &[], &ticket(&[]));
+    assert_eq!(status, 0, "{stderr}");
+    let job = parse(&stdout)["alloc"]["job"].as_u64().unwrap();
+    assert_eq!(job_state(&c, job), "RUNNING");
+    let (status, _, stderr) = alloc_past_proxies(&c, &good, &["--cancel"], &stdout);
+    assert_eq!(status, 0, "{stderr}");
+    await_state(&c, job, &["CANCELLED"], Duration::from_secs(10));
+
+    // Another CA: the handshake fails, nothing reaches slurmrestd.
+    let wrong = with_ca("wrong-ca.toml", &unrelated_ca(dir.path()));
+    let (status, stdout, _) = alloc_past_proxies(&c, &wrong, &[], &ticket(&[]));
+    assert_eq!(status, 78, "{stdout}");
+    let message = parse(&stdout)["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(message.contains(&c.rest_tls_url()), "{message}");
+    assert!(message.to_lowercase().contains("certificate"), "{message}");
+
+    let absent = with_ca("absent-ca.toml", "/nonexistent/ca.pem");
+    let (status, stdout, _) = alloc_past_proxies(&c, &absent, &[], &ticket(&[]));
+    assert_eq!(status, 78, "{stdout}");
+    let message = parse(&stdout)["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(message.contains("ca_file /nonexistent/ca.pem"), "{message}");
+}

@@ -67,9 +67,25 @@ fn build_locally(c: &Cluster, salt: &str, size: u64) -> Vec<String> {
     closure_of(c, out.trim())
 }
 
-/// Builds on the node; returns `b`'s path (valid only there).
-fn build_on_node(c: &Cluster, salt: &str, size: u64) -> String {
+/// `b` built on the node (valid only there), as a fetch finds it: its
+/// derivation is here (nsh-fetch imports only the outputs of a derivation in
+/// the local store) and so is `a`, its input, which the pipeline would have
+/// pushed (every reference must be valid here).
+struct NodeBuild {
+    drv: String,
+    out: String,
+}
+
+fn build_on_node(c: &Cluster, salt: &str, size: u64) -> NodeBuild {
     let expr = two_paths_expr(salt, size);
+    let drv = run_ok(c.command("nix-instantiate").args(["-E", &expr]))
+        .trim()
+        .to_string();
+    for input in run_ok(c.command("nix-store").args(["-q", "--references", &drv])).lines() {
+        if input.ends_with(".drv") {
+            run_ok(c.command("nix-store").args(["-r", input]));
+        }
+    }
     let out = c.ssh(
         NODE,
         &format!(
@@ -82,7 +98,10 @@ fn build_on_node(c: &Cluster, salt: &str, size: u64) -> String {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
+    let out = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let here = run_ok(c.command("nix-store").args(["-q", "--outputs", &drv]));
+    assert_eq!(here.trim(), out, "the node built another path than {drv}'s");
+    NodeBuild { drv, out }
 }
 
 fn job_id() -> u64 {
@@ -91,7 +110,7 @@ fn job_id() -> u64 {
     u64::from(std::process::id()) * 100 + n + 900_000_000
 }
 
-fn ticket(closure: &[String], outputs: Option<&str>, job: u64) -> Value {
+fn ticket(closure: &[String], built: Option<&NodeBuild>, job: u64) -> Value {
     let mut t = json!({
         "v": 1,
         "store": {"dir": "/nix/store", "uri": "local"},
@@ -99,9 +118,9 @@ fn ticket(closure: &[String], outputs: Option<&str>, job: u64) -> Value {
         "alloc": {"cluster": "test", "backend": "rest", "job": job, "node": NODE,
                   "ssh": NODE, "work": format!("/tmp/nsh/nsh-{job}")},
     });
-    if let Some(out) = outputs {
-        t["drv"] = json!({"path": "/nix/store/00000000000000000000000000000000-x.drv",
-                          "name": "x", "system": "x86_64-linux",
+    if let Some(NodeBuild { drv, out }) = built {
+        let name = out.split_once('-').map_or("", |(_, name)| name);
+        t["drv"] = json!({"path": drv, "name": name, "system": "x86_64-linux",
                           "outputs": {"out": out}, "wanted": ["out"]});
     }
     t
@@ -506,14 +525,15 @@ impl Drop for HeldLock {
 fn fetch_with_a_held_lock(method: &str) {
     let c = Cluster::get();
     let salt = unique_salt();
-    let out_path = build_on_node(&c, &salt, 1_000_000);
+    let built = build_on_node(&c, &salt, 1_000_000);
+    let out_path = built.out.clone();
     let job = job_id();
     let work = format!("/tmp/nsh/nsh-{job}");
     assert!(c.ssh(NODE, &format!("mkdir -p {work}")).status.success());
     assert!(!local_valid(&c, std::slice::from_ref(&out_path)));
 
     let lock = HeldLock::take(&out_path);
-    let t = ticket(&[], Some(&out_path), job);
+    let t = ticket(&[], Some(&built), job);
     let (code, out, stderr) = run_tool(&c, "nsh-fetch", &["--import-method", method], &t);
     assert_eq!(code, 0, "{stderr}");
     assert!(
@@ -523,10 +543,11 @@ fn fetch_with_a_held_lock(method: &str) {
     drop(lock);
     assert!(stderr.contains(method), "{stderr}");
 
-    // The output and the reference it needs (`a`) are valid and intact here.
+    // The output is valid and intact here, with `a`, which it refers to
+    // and which was here already (only the output was fetched).
     let closure = closure_of(&c, &out_path);
     assert_eq!(closure.len(), 2);
-    assert_eq!(out["fetch"]["paths"].as_array().unwrap().len(), 2, "{out}");
+    assert_eq!(out["fetch"]["paths"], json!([out_path]), "{out}");
     assert!(out["fetch"]["bytes"].as_u64().unwrap() > 1_000_000);
     run_ok(c.command("nix-store").arg("--verify-path").args(&closure));
     let data = std::fs::read(format!("{out_path}/data")).unwrap();
@@ -580,7 +601,8 @@ fn a_corrupt_path_on_the_node_leaves_nothing_behind() {
     let c = Cluster::get();
     for method in import_methods(&c) {
         let salt = unique_salt();
-        let out_path = build_on_node(&c, &salt, 300_000);
+        let built = build_on_node(&c, &salt, 300_000);
+        let out_path = built.out.clone();
         let corrupt = c.ssh(
             NODE,
             &format!(
@@ -590,24 +612,21 @@ fn a_corrupt_path_on_the_node_leaves_nothing_behind() {
             ),
         );
         assert!(corrupt.status.success());
-        let t = ticket(&[], Some(&out_path), job_id());
+        let t = ticket(&[], Some(&built), job_id());
         let (code, out, stderr) = run_tool(&c, "nsh-fetch", &["--import-method", method], &t);
-        assert_ne!(code, 0, "{method}: {stderr}");
+        assert_eq!(code, 1, "{method}: {stderr}");
+        let message = out["error"]["message"].as_str().unwrap();
+        assert!(message.contains("hash mismatch"), "{method}: {message}");
         assert!(out["error"].is_object());
         assert!(
             !local_valid(&c, std::slice::from_ref(&out_path)),
             "{method}"
         );
-        let name = out_path.rsplit('/').next().unwrap();
-        let leftovers: Vec<String> = std::fs::read_dir("/nix/store")
-            .unwrap()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| {
-                n.starts_with(name) && !n.ends_with(".lock") || n.starts_with(".nsh-fetch-")
-            })
-            .collect();
-        assert_eq!(leftovers, Vec::<String>::new(), "{method}: {stderr}");
+        assert_eq!(
+            leftovers_of(&out_path),
+            Vec::<String>::new(),
+            "{method}: {stderr}"
+        );
     }
 }
 
@@ -689,40 +708,35 @@ fn the_whole_pipeline_builds_on_a_node_and_the_job_ends() {
     }
 }
 
-/// A node whose `nix-store` flips one byte of what it sends, after the
-/// handshake and the queries, inside the output's file data: Nix on the node
-/// sees nothing wrong, so only nsh-fetch's own hash check can catch it. The
-/// wrapper is configured as `[remote] nix_bin_dir` (the node sees the host's
-/// /tmp).
-#[test]
-fn a_nar_corrupted_in_transit_is_refused_by_hash_and_leaves_nothing() {
-    let c = Cluster::get();
-    let dir = tempfile_dir();
-    let flip = dir.join("flip.py");
-    std::fs::write(
-        &flip,
-        "import os, sys\n\
-         at = int(sys.argv[1]); seen = 0\n\
-         while True:\n\
-         \x20   chunk = os.read(0, 65536)\n\
-         \x20   if not chunk: break\n\
-         \x20   if seen <= at < seen + len(chunk):\n\
-         \x20       i = at - seen; chunk = chunk[:i] + bytes([chunk[i] ^ 0xff]) + chunk[i + 1:]\n\
-         \x20   seen += len(chunk)\n\
-         \x20   sys.stdout.buffer.write(chunk); sys.stdout.buffer.flush()\n",
-    )
-    .unwrap();
+/// What is in the local store under `out_path`'s name (or a fetch's
+/// temporary name), lock files aside: nothing, after a refused fetch.
+fn leftovers_of(out_path: &str) -> Vec<String> {
+    let name = out_path.rsplit('/').next().unwrap();
+    std::fs::read_dir("/nix/store")
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(name) && !n.ends_with(".lock") || n.starts_with(".nsh-fetch-"))
+        .collect()
+}
+
+/// A configuration whose node-side `nix-store` sends its answers through
+/// `python3 FILTER.py ARG` (in `dir`): a node that tampers with what it
+/// sends. `filter` reads stdin and writes stdout.
+fn config_with_node_filter(c: &Cluster, dir: &Path, filter: &str, arg: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let script = dir.join("filter.py");
+    std::fs::write(&script, filter).unwrap();
     let wrapper = dir.join("nix-store");
     std::fs::write(
         &wrapper,
         format!(
-            "#!/bin/sh\n/usr/bin/nix-store \"$@\" | python3 {} 200000\n",
-            flip.display()
+            "#!/bin/sh\n/usr/bin/nix-store \"$@\" | python3 {} {arg}\n",
+            script.display()
         ),
     )
     .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    for (path, mode) in [(&dir, 0o755), (&flip, 0o644), (&wrapper, 0o755)] {
+    for (path, mode) in [(dir, 0o755), (&script, 0o644), (&wrapper, 0o755)] {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
     }
     let config = std::fs::read_to_string(c.nsh_config()).unwrap();
@@ -733,39 +747,167 @@ fn a_nar_corrupted_in_transit_is_refused_by_hash_and_leaves_nothing() {
     assert!(config.contains(&dir.display().to_string()), "{config}");
     let config_file = dir.join("nsh.toml");
     std::fs::write(&config_file, config).unwrap();
+    config_file
+}
 
-    for method in import_methods(&c) {
-        let out_path = build_on_node(&c, &unique_salt(), 1_000_000);
-        let t = ticket(&[], Some(&out_path), job_id());
-        let (code, out, stderr) = run_tool(
-            &c,
+/// Fetches `built` from the node with `config` and each import method,
+/// expecting a permanent refusal whose message has `words` and the path,
+/// within `limit`, with nothing of it left here.
+fn fetch_is_refused(c: &Cluster, config: &Path, built: &dyn Fn() -> NodeBuild, words: &str) {
+    for method in import_methods(c) {
+        let built = built();
+        let t = ticket(&[], Some(&built), job_id());
+        let config = config.to_str().unwrap();
+        let child = spawn_tool(
+            c,
             "nsh-fetch",
-            &[
-                "--config",
-                config_file.to_str().unwrap(),
-                "--import-method",
-                method,
-            ],
+            &["--config", config, "--import-method", method],
             &t,
         );
+        let (code, out, stderr) = parse(&wait_bounded(child, Duration::from_secs(120)));
         assert_eq!(code, 1, "{method}: {out}\n{stderr}");
         let message = out["error"]["message"].as_str().unwrap();
-        assert!(message.contains("NAR hash mismatch"), "{method}: {message}");
-        assert!(message.contains(&out_path), "{method}: {message}");
+        assert!(message.contains(words), "{method}: {message}");
+        assert!(message.contains(&built.out), "{method}: {message}");
         assert!(
-            !local_valid(&c, std::slice::from_ref(&out_path)),
+            !local_valid(c, std::slice::from_ref(&built.out)),
             "{method}"
         );
-        let name = out_path.rsplit('/').next().unwrap();
-        let leftovers: Vec<String> = std::fs::read_dir("/nix/store")
-            .unwrap()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| {
-                n.starts_with(name) && !n.ends_with(".lock") || n.starts_with(".nsh-fetch-")
-            })
-            .collect();
-        assert_eq!(leftovers, Vec::<String>::new(), "{method}");
+        assert_eq!(leftovers_of(&built.out), Vec::<String>::new(), "{method}");
     }
+}
+
+/// A filter that flips one byte at the offset given: a NAR corrupted on
+/// the way.
+const FLIP_ONE_BYTE: &str = "import os, sys\n\
+     at = int(sys.argv[1]); seen = 0\n\
+     while True:\n\
+     \x20   chunk = os.read(0, 65536)\n\
+     \x20   if not chunk: break\n\
+     \x20   if seen <= at < seen + len(chunk):\n\
+     \x20       i = at - seen; chunk = chunk[:i] + bytes([chunk[i] ^ 0xff]) + chunk[i + 1:]\n\
+     \x20   seen += len(chunk)\n\
+     \x20   sys.stdout.buffer.write(chunk); sys.stdout.buffer.flush()\n";
+
+/// A filter that passes the first bytes on, then sends `y` for ever: a
+/// node that claims one size and streams without end.
+const ENDLESS_AFTER: &str = "import os, sys\n\
+     left = int(sys.argv[1])\n\
+     while left > 0:\n\
+     \x20   chunk = os.read(0, min(65536, left))\n\
+     \x20   if not chunk: break\n\
+     \x20   sys.stdout.buffer.write(chunk); sys.stdout.buffer.flush(); left -= len(chunk)\n\
+     junk = b'y' * 65536\n\
+     try:\n\
+     \x20   while True: sys.stdout.buffer.write(junk)\n\
+     except BrokenPipeError:\n\
+     \x20   pass\n";
+
+/// The output's NAR is corrupted between the node's nix-store and nsh-fetch
+/// (one byte flipped 200 kB in): the hash check refuses it and nothing of
+/// it appears here, whichever import method.
+#[test]
+fn a_nar_corrupted_in_transit_is_refused_by_hash_and_leaves_nothing() {
+    let c = Cluster::get();
+    let dir = tempfile_dir();
+    let config = config_with_node_filter(&c, &dir, FLIP_ONE_BYTE, "200000");
+    fetch_is_refused(
+        &c,
+        &config,
+        &|| build_on_node(&c, &unique_salt(), 1_000_000),
+        "NAR hash mismatch",
+    );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A hostile node streams without end once 200 kB of the answers are out:
+/// nsh-fetch reads no further than the size the node declared and refuses
+/// the path (by its hash, or as a malformed NAR when the junk lands in its
+/// structure), in bounded time and memory.
+#[test]
+fn an_endless_stream_from_the_node_is_cut_at_the_declared_size() {
+    let c = Cluster::get();
+    let dir = tempfile_dir();
+    let config = config_with_node_filter(&c, &dir, ENDLESS_AFTER, "200000");
+    fetch_is_refused(
+        &c,
+        &config,
+        &|| build_on_node(&c, &unique_salt(), 1_000_000),
+        "NAR",
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Someone with a build on the node plants a store path there (valid only
+/// on the node) and makes an output refer to it: nsh-fetch refuses the
+/// output, naming the planted path, and registers nothing.
+#[test]
+fn a_path_planted_on_the_node_never_reaches_the_local_store() {
+    let c = Cluster::get();
+    let salt = unique_salt();
+    let planted = c.ssh(
+        NODE,
+        &format!("f=$(mktemp -d)/openssl-{salt} && printf evil > $f && nix-store --add $f"),
+    );
+    assert!(
+        planted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&planted.stderr)
+    );
+    let planted = String::from_utf8(planted.stdout)
+        .unwrap()
+        .trim()
+        .to_string();
+    assert!(!local_valid(&c, std::slice::from_ref(&planted)));
+    // The output names the planted path; Nix on the node does not count it
+    // as a reference (it is no input), the rewritten database below does.
+    let expr = format!(
+        r#"builtins.derivation {{
+             name = "nsh-plant-{salt}"; system = builtins.currentSystem;
+             builder = "/bin/sh"; PATH = "/usr/bin:/bin";
+             args = [ "-c" "echo {planted} > $out" ];
+           }}"#
+    );
+    let drv = run_ok(c.command("nix-instantiate").args(["-E", &expr]))
+        .trim()
+        .to_string();
+    let out = c.ssh(
+        NODE,
+        &format!(
+            "nix-build --no-out-link -E {}",
+            nsh_core::ssh::shell_quote(&expr)
+        ),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    // The node's store belongs to the build account, so whoever builds
+    // there can rewrite its database: add the planted path to the output's
+    // references, as a hostile node would report them.
+    let rewrite = format!(
+        "nix-store --dump-db {out} | {{ read p; read h; read s; read d; read n; refs=$(cat); \
+         printf '%s\\n' \"$p\" \"$h\" \"$s\" \"$d\" $((n+1)) {planted}; \
+         [ -z \"$refs\" ] || printf '%s\\n' \"$refs\"; }} | nix-store --load-db && \
+         nix-store -q --references {out}"
+    );
+    let refs = c.ssh(NODE, &rewrite);
+    assert!(
+        String::from_utf8_lossy(&refs.stdout).contains(&planted),
+        "the node did not take the reference: {}",
+        String::from_utf8_lossy(&refs.stderr)
+    );
+    let built = NodeBuild { drv, out };
+    fetch_is_refused(
+        &c,
+        Path::new(&c.nsh_config()),
+        &|| NodeBuild {
+            drv: built.drv.clone(),
+            out: built.out.clone(),
+        },
+        &planted,
+    );
+    assert!(!local_valid(&c, std::slice::from_ref(&planted)));
 }

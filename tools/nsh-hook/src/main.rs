@@ -6,10 +6,16 @@ mod check;
 
 fn main() {
     let argv: Vec<String> = std::env::args().collect();
-    let code = if argv.get(1).map(String::as_str) == Some("--check") {
-        check::main(&argv)
-    } else {
-        nsh_core::build_hook::main(&argv)
-    };
+    // A panic must not end the hook with Rust's 101, which Nix reads as
+    // "timed out": it is an internal error (70), after the build's guards
+    // have dropped (jobs cancelled, temporary files removed).
+    let code = std::panic::catch_unwind(|| {
+        if argv.get(1).map(String::as_str) == Some("--check") {
+            check::main(&argv)
+        } else {
+            nsh_core::build_hook::main(&argv)
+        }
+    })
+    .unwrap_or(nsh_core::ExitStatus::Internal.code());
     std::process::exit(code);
 }

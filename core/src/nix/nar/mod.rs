@@ -24,7 +24,7 @@ pub mod write;
 use std::io::{self, Read, Write};
 use std::path::Path;
 
-pub use reader::NarError;
+pub use reader::{Bounds, NarError, NarRead, Root};
 use reader::{Contents, Visitor};
 
 /// The NAR magic string.
@@ -42,10 +42,25 @@ pub fn copy_nar<R: Read + ?Sized, W: Write + ?Sized>(
     from: &mut R,
     to: &mut W,
 ) -> Result<u64, NarError> {
+    copy_nar_bounded(from, to, Bounds::NONE).map(|read| read.size)
+}
+
+/// [`copy_nar`] within `bounds`: at most `bounds.max_size` bytes are read
+/// ([`NarError::Oversized`] past them), and the contents of a root that is
+/// a regular file are also written to `bounds.root_contents`. Returns the
+/// NAR's size and what its root is.
+///
+/// # Errors
+/// As [`copy_nar`]'s, and [`NarError::Oversized`].
+pub fn copy_nar_bounded<R: Read + ?Sized, W: Write + ?Sized>(
+    from: &mut R,
+    to: &mut W,
+    bounds: Bounds<'_>,
+) -> Result<NarRead, NarError> {
     let mut to = io::BufWriter::with_capacity(64 * 1024, to);
-    let size = reader::read(from, Some(&mut to), &mut Relay)?;
+    let read = reader::read(from, Some(&mut to), &mut Relay, bounds)?;
     to.flush().map_err(NarError::Write)?;
-    Ok(size)
+    Ok(read)
 }
 
 /// Reads one NAR from `from` and discards it, returning its size.
@@ -68,8 +83,22 @@ pub fn skip_nar<R: Read + ?Sized>(from: &mut R) -> Result<u64, NarError> {
 /// # Errors
 /// [`NarError::Read`] for the stream, [`NarError::Unpack`] for the file
 /// system.
+#[cfg(test)]
 pub fn unpack<R: Read + ?Sized>(from: &mut R, dest: &Path) -> Result<u64, NarError> {
-    reader::read(from, None, &mut unpack::Unpacker::new(dest))
+    unpack_bounded(from, dest, Bounds::NONE).map(|read| read.size)
+}
+
+/// [`unpack`] within `bounds` (as [`copy_nar_bounded`]): never more than
+/// `bounds.max_size` bytes read, so never more written.
+///
+/// # Errors
+/// As [`unpack`]'s, and [`NarError::Oversized`].
+pub fn unpack_bounded<R: Read + ?Sized>(
+    from: &mut R,
+    dest: &Path,
+    bounds: Bounds<'_>,
+) -> Result<NarRead, NarError> {
+    reader::read(from, None, &mut unpack::Unpacker::new(dest), bounds)
 }
 
 /// What a relay does with each part: nothing (the reader's tee copies every
@@ -313,6 +342,90 @@ mod tests {
         }
         let err = copy_nar(&mut &sample()[..], &mut Refuses).unwrap_err();
         assert!(matches!(err, NarError::Write(_)), "{err:?}");
+    }
+
+    #[test]
+    fn a_bounded_read_stops_at_the_bound_and_reads_nothing_past_it() {
+        let nar = sample();
+        let max = 1000;
+        // A source that counts what is taken from it.
+        let mut source = &nar[..];
+        let err = copy_nar_bounded(
+            &mut source,
+            &mut Vec::new(),
+            Bounds {
+                max_size: max,
+                root_contents: None,
+            },
+        )
+        .unwrap_err();
+        assert!(matches!(err, NarError::Oversized { max: 1000 }), "{err:?}");
+        assert_eq!(crate::error::KindOf::kind(&err), crate::Kind::Permanent);
+        assert_eq!(nar.len() - source.len(), 1000);
+        let dir = tempfile::tempdir().unwrap();
+        let err = unpack_bounded(
+            &mut &nar[..],
+            &dir.path().join("d"),
+            Bounds {
+                max_size: max,
+                root_contents: None,
+            },
+        )
+        .unwrap_err();
+        assert!(matches!(err, NarError::Oversized { .. }), "{err:?}");
+        use std::os::unix::fs::PermissionsExt;
+        let _ =
+            std::fs::set_permissions(dir.path().join("d"), std::fs::Permissions::from_mode(0o755));
+        // Exactly its size is enough.
+        let read = copy_nar_bounded(
+            &mut &nar[..],
+            &mut Vec::new(),
+            Bounds {
+                max_size: nar.len() as u64,
+                root_contents: None,
+            },
+        )
+        .unwrap();
+        assert_eq!(read.size, nar.len() as u64);
+        assert_eq!(read.root, Root::Directory);
+    }
+
+    #[test]
+    fn the_contents_of_a_root_file_are_tapped() {
+        let mut bytes = Vec::new();
+        nar(
+            &mut bytes,
+            &Node::Regular {
+                executable: true,
+                contents: b"flat contents",
+            },
+        )
+        .unwrap();
+        let mut tapped = Vec::new();
+        let read = copy_nar_bounded(
+            &mut &bytes[..],
+            &mut Vec::new(),
+            Bounds {
+                max_size: u64::MAX,
+                root_contents: Some(&mut tapped),
+            },
+        )
+        .unwrap();
+        assert_eq!(read.root, Root::Regular { executable: true });
+        assert_eq!(tapped, b"flat contents");
+        // Files inside a directory are not the root's contents.
+        let mut tapped = Vec::new();
+        let read = copy_nar_bounded(
+            &mut &sample()[..],
+            &mut Vec::new(),
+            Bounds {
+                max_size: u64::MAX,
+                root_contents: Some(&mut tapped),
+            },
+        )
+        .unwrap();
+        assert_eq!(read.root, Root::Directory);
+        assert!(tapped.is_empty());
     }
 
     proptest! {

@@ -23,6 +23,12 @@ pub enum NarError {
     Read(WireError),
     /// Writing what was read to the copy's destination failed.
     Write(io::Error),
+    /// The NAR went on past the most bytes it may have (the size its sender
+    /// declared): it was cut there.
+    Oversized {
+        /// The most bytes it could have.
+        max: u64,
+    },
     /// Making the unpacked tree failed: what was being done, where.
     Unpack {
         /// `creating`, `writing`, `chmod`, …
@@ -39,6 +45,9 @@ impl fmt::Display for NarError {
         match self {
             NarError::Read(e) => e.fmt(f),
             NarError::Write(e) => e.fmt(f),
+            NarError::Oversized { max } => {
+                write!(f, "the NAR goes on past the {max} bytes it may have")
+            }
             NarError::Unpack { what, path, source } => {
                 write!(f, "{what} {}: {source}", path.display())
             }
@@ -51,16 +60,19 @@ impl std::error::Error for NarError {
         match self {
             NarError::Read(e) => Some(e),
             NarError::Write(e) | NarError::Unpack { source: e, .. } => Some(e),
+            NarError::Oversized { .. } => None,
         }
     }
 }
 
 /// A stream that broke, a destination that went away and a file system
-/// that failed may all work next time; a NAR that is not valid will not.
+/// that failed may all work next time; a NAR that is not valid, or longer
+/// than its sender said, will not.
 impl KindOf for NarError {
     fn kind(&self) -> Kind {
         match self {
             NarError::Read(e) => e.kind(),
+            NarError::Oversized { .. } => Kind::Permanent,
             NarError::Write(_) | NarError::Unpack { .. } => Kind::Transient,
         }
     }
@@ -79,6 +91,7 @@ impl From<NarError> for WireError {
         match e {
             NarError::Read(e) => e,
             NarError::Write(e) => WireError::Io(e),
+            oversized @ NarError::Oversized { .. } => WireError::Unexpected(oversized.to_string()),
             unpack @ NarError::Unpack { .. } => {
                 let kind = match &unpack {
                     NarError::Unpack { source, .. } => source.kind(),
@@ -106,18 +119,30 @@ pub(super) trait Visitor {
     fn directory_done(&mut self) -> Result<(), NarError>;
 }
 
-/// The NAR's source: counts what it reads and copies it to the tee, keeping
-/// a failed write apart from a failed read.
+/// The NAR's source: counts what it reads, never reads past `max` bytes,
+/// and copies what it reads to the tee, keeping a failed write and an
+/// oversized NAR apart from a failed read.
 struct Source<'a, 't, R: ?Sized> {
     from: &'a mut R,
     tee: Option<&'t mut dyn Write>,
     count: u64,
+    max: u64,
+    oversized: bool,
     write_error: Option<io::Error>,
 }
 
 impl<R: Read + ?Sized> Read for Source<'_, '_, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.from.read(buf)?;
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let room = self.max - self.count;
+        if room == 0 {
+            self.oversized = true;
+            return Err(io::Error::other("the NAR is longer than it may be"));
+        }
+        let want = usize::try_from(room).map_or(buf.len(), |room| room.min(buf.len()));
+        let n = self.from.read(&mut buf[..want])?;
         if let Some(tee) = &mut self.tee {
             if let Err(e) = tee.write_all(&buf[..n]) {
                 let reported = io::Error::new(e.kind(), e.to_string());
@@ -130,10 +155,13 @@ impl<R: Read + ?Sized> Read for Source<'_, '_, R> {
     }
 }
 
-/// A regular file's contents, read from the NAR as the visitor asks.
+/// A regular file's contents, read from the NAR as the visitor asks (and
+/// copied to `tap` as they are read, when the caller wants the contents of
+/// the root file).
 pub(super) struct Contents<'r> {
     reader: &'r mut dyn Read,
     left: u64,
+    tap: Option<&'r mut dyn Write>,
 }
 
 impl Contents<'_> {
@@ -152,6 +180,9 @@ impl Contents<'_> {
         if n == 0 {
             return Err(NarError::Read(WireError::Eof));
         }
+        if let Some(tap) = &mut self.tap {
+            tap.write_all(&buf[..n]).map_err(NarError::Write)?;
+        }
         self.left -= n as u64;
         Ok(n)
     }
@@ -164,43 +195,96 @@ impl Contents<'_> {
     }
 }
 
+/// What the root of a NAR is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Root {
+    Regular { executable: bool },
+    Symlink,
+    Directory,
+}
+
+/// What reading one NAR found: its size and what its root is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NarRead {
+    pub size: u64,
+    pub root: Root,
+}
+
+/// How one NAR is read: never past `max_size` bytes, and, when the root is
+/// a regular file, its contents also written to `root_contents` (what a
+/// flat content hash covers).
+pub struct Bounds<'a> {
+    pub max_size: u64,
+    pub root_contents: Option<&'a mut dyn Write>,
+}
+
+impl Bounds<'_> {
+    /// No bound but the NAR's own end, no tap.
+    pub const NONE: Bounds<'static> = Bounds {
+        max_size: u64::MAX,
+        root_contents: None,
+    };
+}
+
 /// Reads one NAR from `from` (copying every byte to `tee`, if given) and
-/// hands its parts to `visitor`; returns its size.
+/// hands its parts to `visitor`; returns its size and root.
 pub(super) fn read<R: Read + ?Sized>(
     from: &mut R,
     tee: Option<&mut dyn Write>,
     visitor: &mut dyn Visitor,
-) -> Result<u64, NarError> {
+    bounds: Bounds<'_>,
+) -> Result<NarRead, NarError> {
     let mut source = Source {
         from,
         tee,
         count: 0,
+        max: bounds.max_size,
+        oversized: false,
         write_error: None,
     };
     let limits = Limits {
         max_string: MAX_TOKEN,
         max_list: 0,
+        // Tokens are read one at a time and dropped; only each one's own
+        // bound matters.
+        max_message: u64::MAX,
     };
     let parsed = {
         let mut parser = Parser {
             r: WireReader::with_limits(&mut source, limits),
             visitor,
+            root_contents: bounds.root_contents,
+            root: None,
         };
-        parser.expect(NAR_MAGIC).and_then(|()| parser.node(0))
+        parser
+            .expect(NAR_MAGIC)
+            .and_then(|()| parser.node(0))
+            .and_then(|()| {
+                parser
+                    .root
+                    .ok_or_else(|| invalid("a NAR without a root".into()))
+            })
     };
     match (parsed, source.write_error) {
         (Err(_), Some(e)) => Err(NarError::Write(e)),
+        (Err(_), None) if source.oversized => Err(NarError::Oversized { max: source.max }),
         (Err(e), None) => Err(e),
-        (Ok(()), _) => Ok(source.count),
+        (Ok(root), _) => Ok(NarRead {
+            size: source.count,
+            root,
+        }),
     }
 }
 
-struct Parser<'v, R> {
+struct Parser<'v, 't, R> {
     r: WireReader<R>,
     visitor: &'v mut dyn Visitor,
+    root_contents: Option<&'t mut dyn Write>,
+    /// What the root node is, once its type was read.
+    root: Option<Root>,
 }
 
-impl<R: Read> Parser<'_, R> {
+impl<R: Read> Parser<'_, '_, R> {
     fn node(&mut self, depth: usize) -> Result<(), NarError> {
         if depth > MAX_DEPTH {
             return Err(invalid(format!(
@@ -210,19 +294,30 @@ impl<R: Read> Parser<'_, R> {
         self.expect("(")?;
         self.expect("type")?;
         match self.token()?.as_slice() {
-            b"regular" => self.regular()?,
+            b"regular" => self.regular(depth)?,
             b"symlink" => {
                 self.expect("target")?;
                 let target = self.token()?;
+                self.found(depth, Root::Symlink);
                 self.visitor.symlink(&target)?;
             }
-            b"directory" => return self.directory(depth),
+            b"directory" => {
+                self.found(depth, Root::Directory);
+                return self.directory(depth);
+            }
             other => return Err(unexpected("regular, symlink or directory", other)),
         }
         self.expect(")")
     }
 
-    fn regular(&mut self) -> Result<(), NarError> {
+    /// Notes what the root is (the node at depth 0).
+    fn found(&mut self, depth: usize, root: Root) {
+        if depth == 0 {
+            self.root = Some(root);
+        }
+    }
+
+    fn regular(&mut self, depth: usize) -> Result<(), NarError> {
         let mut tag = self.token()?;
         let executable = tag == b"executable";
         if executable {
@@ -232,10 +327,16 @@ impl<R: Read> Parser<'_, R> {
         if tag != b"contents" {
             return Err(unexpected("contents", &tag));
         }
+        self.found(depth, Root::Regular { executable });
         let len = self.r.u64()?;
+        let tap = match &mut self.root_contents {
+            Some(tap) if depth == 0 => Some(&mut **tap as &mut dyn Write),
+            _ => None,
+        };
         let mut contents = Contents {
             reader: self.r.get_mut(),
             left: len,
+            tap,
         };
         self.visitor.regular(executable, &mut contents)?;
         if contents.left > 0 {

@@ -84,6 +84,8 @@ impl<R: Read, W: Write> ServeClient<R, W> {
         what: &str,
         f: impl FnOnce(&mut WireReader<BufReader<R>>) -> Result<T, WireError>,
     ) -> Result<T, Failure> {
+        // Each answer is bounded as a whole (`Limits::max_message`).
+        self.r.start_message();
         f(&mut self.r).map_err(|e| e.fail(format!("{}: {what}", self.peer)))
     }
 

@@ -3,20 +3,19 @@
 //! each entry's trailer written only once its NAR checked out.
 
 use crate::sys::process::stdin_of;
-use std::collections::BTreeSet;
 use std::io::{self, BufWriter, Read, Write};
 use std::process::Stdio;
 
-use super::{check_nar, nar_error};
+use super::trust::Declared;
+use super::{nar_error, read_checked};
 use crate::error::{Failure, Kind, ResultExt};
-use crate::nix::hash::Hashing;
 use crate::nix::local_store::LocalStore;
-use crate::nix::nar::{self, NarError};
+use crate::nix::nar::{self, Bounds, NarError};
 use crate::nix::serve::client::ServeClient;
 use crate::nix::serve::{self, ExportTrailer, PathInfo};
 use crate::nix::store_path::StorePath;
 use crate::nix::wire::WireWriter;
-use crate::stage::progress::{Reporting, TransferProgress};
+use crate::stage::progress::TransferProgress;
 
 /// Feeds `nix-store --import` with `NIX_HELD_LOCKS` an export stream made
 /// of the node's NARs, each entry's trailer written only after its NAR
@@ -24,11 +23,11 @@ use crate::stage::progress::{Reporting, TransferProgress};
 pub(super) fn import_held_locks<R: Read, W: Write>(
     remote: &mut ServeClient<R, W>,
     needed: &[PathInfo],
-    outputs: &BTreeSet<StorePath>,
+    declared: &Declared,
     direct: &LocalStore,
     progress: &mut dyn TransferProgress,
 ) -> Result<Vec<StorePath>, Failure> {
-    let held: Vec<&str> = outputs.iter().map(StorePath::as_str).collect();
+    let held: Vec<&str> = declared.outputs.keys().map(StorePath::as_str).collect();
     let mut child = direct
         .nix_store()
         .arg("--import")
@@ -39,8 +38,8 @@ pub(super) fn import_held_locks<R: Read, W: Write>(
         .spawn()
         .or_fail(Kind::Config, || "starting nix-store --import")?;
     let stdin = stdin_of(&mut child).or_fail(Kind::Transient, || "nix-store --import")?;
-    let mut to = Hashing::new(BufWriter::with_capacity(1 << 16, stdin));
-    let relayed = relay_checked(remote, needed, &mut to, progress);
+    let mut to = BufWriter::with_capacity(1 << 16, stdin);
+    let relayed = relay_checked(remote, needed, declared, &mut to, progress);
     let closed = relayed.and_then(|paths| {
         to.flush()
             .or_fail(Kind::Transient, || "writing to nix-store --import")?;
@@ -70,12 +69,14 @@ pub(super) fn import_held_locks<R: Read, W: Write>(
 }
 
 /// Writes the export stream of `needed` to `to`: per path `1`, the NAR as
-/// DumpStorePath sends it, then (once hash and size match the node's path
-/// info) the trailer; `0` at the end. Returns the paths written.
+/// DumpStorePath sends it (no further than its declared size), then (once
+/// hash and size match the node's path info, and a fixed output's hash its
+/// derivation) the trailer; `0` at the end. Returns the paths written.
 pub(super) fn relay_checked<R: Read, W: Write, T: Write>(
     remote: &mut ServeClient<R, W>,
     needed: &[PathInfo],
-    to: &mut Hashing<T>,
+    declared: &Declared,
+    to: &mut T,
     progress: &mut dyn TransferProgress,
 ) -> Result<Vec<StorePath>, Failure> {
     let write_fail =
@@ -83,19 +84,22 @@ pub(super) fn relay_checked<R: Read, W: Write, T: Write>(
     let mut paths = Vec::new();
     for info in needed {
         to.write_all(&1u64.to_le_bytes()).map_err(write_fail)?;
-        to.take_digest();
         remote.receive_nar(&info.path, |nar| {
-            let mut counting = Reporting {
-                inner: nar,
-                to: &mut *progress,
-            };
-            nar::copy_nar(&mut counting, to).map_err(|e| match e {
+            let mut copy =
+                |from: &mut dyn Read, bounds: Bounds<'_>| nar::copy_nar_bounded(from, to, bounds);
+            let fail = |e: NarError| match e {
                 NarError::Write(e) => write_fail(e),
                 other => nar_error(&info.path, other),
-            })
+            };
+            read_checked(
+                nar,
+                info,
+                declared.fixed(&info.path),
+                progress,
+                &mut copy,
+                &fail,
+            )
         })?;
-        let (digest, size) = to.take_digest();
-        check_nar(info, &digest, size)?;
         serve::write_export_trailer(
             &mut WireWriter::new(&mut *to),
             &ExportTrailer::for_path(info),

@@ -1,27 +1,30 @@
 //! `load-db`: each NAR unpacked into the store directory under a temporary
 //! name, hashed on the way, given the store's metadata, moved into place
 //! and registered with `nix-store --load-db`; paths that are not outputs
-//! locked the way Nix locks them.
+//! locked the way Nix locks them, and every placed path (and its temporary
+//! name) a temporary GC root, until they are registered.
 
 use crate::sys::flock::{lock_exclusive, Wait};
 use crate::sys::process::stdin_of;
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
-use std::io::{self, Read, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
-use super::{check_nar, nar_error};
+use super::fixed::FixedHash;
+use super::trust::Declared;
+use super::{nar_error, read_checked};
 use crate::error::{Failure, Kind, ResultExt};
-use crate::nix::hash::{self, Hashing};
+use crate::nix::hash;
 use crate::nix::local_store::LocalStore;
-use crate::nix::nar::{self, NarError};
+use crate::nix::nar::{self, Bounds, NarError};
 use crate::nix::serve::client::ServeClient;
 use crate::nix::serve::PathInfo;
-use crate::nix::store_path::StorePath;
+use crate::nix::store_path::{StoreDir, StorePath};
+use crate::nix::temp_roots::TempRoots;
 use crate::nix::wire::WireError;
-use crate::stage::progress::{Reporting, TransferProgress};
+use crate::stage::progress::TransferProgress;
 
 /// A path unpacked into its place in the store, verified, not yet
 /// registered.
@@ -31,26 +34,50 @@ pub(super) struct Placed {
     pub(super) digest: [u8; 32],
 }
 
+/// Where the NARs are unpacked: the store imported into, its directory on
+/// this machine, the temporary roots that keep what is placed there.
+pub(super) struct Target<'a> {
+    pub direct: &'a LocalStore,
+    pub real_dir: PathBuf,
+    pub roots: &'a mut TempRoots,
+}
+
 /// Unpacks every needed path into the store directory and registers them
 /// with `nix-store --load-db`. The paths that are not outputs (whose locks
 /// the daemon does not hold for us) are locked first, and stay locked until
 /// they are registered, so that no other Nix process writes or registers
 /// them meanwhile; under those locks, a path already valid is skipped.
+/// Every path is a temporary GC root from before it is placed (`roots`,
+/// held by the caller until after registration).
 pub(super) fn import_load_db<R: Read, W: Write>(
     remote: &mut ServeClient<R, W>,
     needed: &[PathInfo],
-    outputs: &BTreeSet<StorePath>,
+    declared: &Declared,
     direct: &LocalStore,
+    roots: &mut TempRoots,
     progress: &mut dyn TransferProgress,
 ) -> Result<Vec<StorePath>, Failure> {
     let real_dir = direct.real_dir();
-    let _locks = lock_non_outputs(needed, outputs, direct, &real_dir)?;
+    let outputs: BTreeSet<StorePath> = declared.outputs.keys().cloned().collect();
+    let locks = lock_non_outputs(needed, &outputs, direct, &real_dir)?;
     let invalid = still_invalid(direct, needed)?;
     for _ in invalid.len()..needed.len() {
         progress.path_done();
     }
     let mut placed = Vec::new();
-    let received = receive_into_store(remote, &invalid, direct, &real_dir, progress, &mut placed);
+    let mut target = Target {
+        direct,
+        real_dir,
+        roots,
+    };
+    let received = receive_into_store(
+        remote,
+        &invalid,
+        &mut target,
+        declared,
+        progress,
+        &mut placed,
+    );
     // Register what is complete even when a later path failed: those paths
     // are whole and verified, and their references come before them.
     let registered = register(direct, &placed);
@@ -59,6 +86,8 @@ pub(super) fn import_load_db<R: Read, W: Write>(
             let _ = remove_tree(&entry.real);
         }
     }
+    // Only now: registered (or removed again), the paths need no lock.
+    drop(locks);
     received?;
     registered?;
     Ok(placed.into_iter().map(|entry| entry.info.path).collect())
@@ -96,20 +125,28 @@ fn still_invalid<'a>(
     Ok(needed.iter().filter(|i| !valid.contains(&i.path)).collect())
 }
 
-/// Receives each path's NAR into a temporary name in the store directory,
-/// checks it, and moves it into place; appends what was placed.
+/// Receives each path's NAR into a temporary name in the store directory
+/// (itself a temporary root, like the path), checks it, and moves it into
+/// place; appends what was placed.
 pub(super) fn receive_into_store<R: Read, W: Write>(
     remote: &mut ServeClient<R, W>,
     invalid: &[&PathInfo],
-    direct: &LocalStore,
-    real_dir: &Path,
+    target: &mut Target,
+    declared: &Declared,
     progress: &mut dyn TransferProgress,
     placed: &mut Vec<Placed>,
 ) -> Result<(), Failure> {
-    for (n, info) in invalid.iter().enumerate() {
-        let temp = real_dir.join(format!(".nsh-fetch-{}-{n}", std::process::id()));
+    for info in invalid {
+        target.direct.dir.check(&info.path)?;
+        let temp_path = temporary_name(&target.direct.dir, &info.path)?;
+        for root in [&temp_path, &info.path] {
+            target.roots.add(root).map_err(|e| {
+                Failure::transient(format!("adding a temporary GC root for {root}: {e}"))
+            })?;
+        }
+        let temp = target.real_dir.join(temp_path.basename());
         let received = remote.receive_nar(&info.path, |nar| {
-            unpack_checked(nar, info, &temp, &mut *progress)
+            unpack_checked(nar, info, declared.fixed(&info.path), &temp, &mut *progress)
         });
         let digest = match received {
             Ok(digest) => digest,
@@ -118,8 +155,7 @@ pub(super) fn receive_into_store<R: Read, W: Write>(
                 return Err(failure);
             }
         };
-        direct.dir.check(&info.path)?;
-        let real = real_dir.join(info.path.basename());
+        let real = target.real_dir.join(info.path.basename());
         if let Err(failure) = move_into_place(&temp, &real) {
             let _ = remove_tree(&temp);
             return Err(failure);
@@ -134,29 +170,37 @@ pub(super) fn receive_into_store<R: Read, W: Write>(
     Ok(())
 }
 
-/// Unpacks one NAR from `nar` to `temp`, hashing it; returns its digest
-/// once hash and size match the node's path info.
+/// A fresh store path of `path`'s name with a random hash part: a name the
+/// garbage collector skips while it is a temporary root, which no one can
+/// guess or mistake for the path itself.
+fn temporary_name(dir: &StoreDir, path: &StorePath) -> Result<StorePath, Failure> {
+    let random = crate::sys::fs::random_bytes(20).or_fail(Kind::Transient, || {
+        "reading random bytes for a temporary name"
+    })?;
+    dir.join(&format!("{}-{}", hash::nix_base32(&random), path.name()))
+}
+
+/// Unpacks one NAR from `nar` to `temp`, no further than its declared size,
+/// hashing it; returns its digest once hash and size match the node's path
+/// info (and, for a fixed output, the derivation's hash).
 fn unpack_checked(
     nar: &mut dyn Read,
     info: &PathInfo,
+    fixed: Option<&FixedHash>,
     temp: &Path,
     progress: &mut dyn TransferProgress,
 ) -> Result<[u8; 32], Failure> {
-    let mut reader = Hashing::new(Reporting {
-        inner: nar,
-        to: progress,
-    });
-    let size = nar::unpack(&mut reader, temp).map_err(|e| match e {
+    let mut unpack =
+        |from: &mut dyn Read, bounds: Bounds<'_>| nar::unpack_bounded(from, temp, bounds);
+    let fail = |e: NarError| match e {
         // The file system's trouble, or the stream's other than its end.
         NarError::Unpack { .. } | NarError::Read(WireError::Io(_)) => {
             let message = format!("unpacking into {}: {e}", temp.display());
             Failure::caused_by(Kind::Transient, message, e)
         }
         other => nar_error(&info.path, other),
-    })?;
-    let (digest, _) = reader.take_digest();
-    check_nar(info, &digest, size)?;
-    Ok(digest)
+    };
+    read_checked(nar, info, fixed, progress, &mut unpack, &fail)
 }
 
 /// Renames the verified tree at `temp` to its store path `real`. The path is
@@ -173,9 +217,32 @@ fn move_into_place(temp: &Path, real: &Path) -> Result<(), Failure> {
 
 /// `nix-store --load-db` input: per path `path`, the NAR's sha256 in hex,
 /// the NAR size, the deriver, the number of references, the references.
-pub fn load_db_input(infos: &[&PathInfo], digests: &[[u8; 32]]) -> String {
+///
+/// `--load-db` reads lines and registers whatever they say (valid paths
+/// again too), so every path written here is checked once more first: in
+/// the store directory `dir` and on one line (a [`StorePath`] cannot hold a
+/// newline; this says so where it matters).
+///
+/// # Errors
+/// A path, reference or deriver outside `dir` or with a line break.
+pub fn load_db_input(
+    infos: &[&PathInfo],
+    digests: &[[u8; 32]],
+    dir: &StoreDir,
+) -> Result<String, Failure> {
     let mut text = String::new();
     for (info, digest) in infos.iter().zip(digests) {
+        let named = std::iter::once(&info.path)
+            .chain(&info.deriver)
+            .chain(&info.references);
+        for path in named {
+            dir.check(path)?;
+            if path.as_str().contains(['\n', '\r']) {
+                return Err(Failure::permanent(format!(
+                    "{path:?} has a line break: not written to nix-store --load-db"
+                )));
+            }
+        }
         let _ = write!(
             text,
             "{}\n{}\n{}\n{}\n{}\n",
@@ -190,7 +257,7 @@ pub fn load_db_input(infos: &[&PathInfo], digests: &[[u8; 32]]) -> String {
             text.push('\n');
         }
     }
-    text
+    Ok(text)
 }
 
 fn register(direct: &LocalStore, placed: &[Placed]) -> Result<(), Failure> {
@@ -199,7 +266,7 @@ fn register(direct: &LocalStore, placed: &[Placed]) -> Result<(), Failure> {
     }
     let infos: Vec<&PathInfo> = placed.iter().map(|entry| &entry.info).collect();
     let digests: Vec<[u8; 32]> = placed.iter().map(|entry| entry.digest).collect();
-    let input = load_db_input(&infos, &digests);
+    let input = load_db_input(&infos, &digests, &direct.dir)?;
     let mut child = direct
         .nix_store()
         .arg("--load-db")
@@ -222,47 +289,37 @@ fn register(direct: &LocalStore, placed: &[Placed]) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Removes a tree that may be read-only (store metadata).
+/// Removes a tree that may be read-only (store metadata), following no
+/// symlink on the way (`sys::fs::remove_tree`).
 fn remove_tree(path: &Path) -> Result<(), Failure> {
-    let meta = match path.symlink_metadata() {
-        Ok(m) => m,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(Failure::transient(format!("{}: {e}", path.display()))),
-    };
-    if meta.is_dir() {
-        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755));
-        let entries = std::fs::read_dir(path)
-            .or_fail(Kind::Transient, || format!("reading {}", path.display()))?;
-        for entry in entries {
-            let entry = entry.or_fail(Kind::Transient, || format!("reading {}", path.display()))?;
-            remove_tree(&entry.path())?;
-        }
-        std::fs::remove_dir(path)
-    } else {
-        std::fs::remove_file(path)
-    }
-    .or_fail(Kind::Transient, || format!("removing {}", path.display()))
+    crate::sys::fs::remove_tree(path)
+        .or_fail(Kind::Transient, || format!("removing {}", path.display()))
 }
 
 /// Nix's lock on a store path: flock(2) on `<path>.lock`; a lock file that
 /// has content was deleted by its last holder (stale) and is opened again.
 /// Released like Nix releases it: unlink, then mark the open file stale.
+///
+/// Unlike Nix's, the lock file is never opened through a symlink (the store
+/// directory is writable by the build users' group, and a planted
+/// `<path>.lock` symlink would otherwise have root write its mark into the
+/// link's target), and a lock file that keeps coming back stale is an error
+/// after [`STALE_TRIES`] tries, not a loop forever.
 pub(super) struct NixPathLock {
     file: std::fs::File,
     path: PathBuf,
 }
+
+/// How often a stale lock file is opened again before giving up.
+const STALE_TRIES: u32 = 100;
 
 impl NixPathLock {
     fn acquire(real: &Path) -> Result<NixPathLock, Failure> {
         let mut name = real.as_os_str().to_owned();
         name.push(".lock");
         let path = PathBuf::from(name);
-        loop {
-            let file = std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&path)
+        for _ in 0..STALE_TRIES {
+            let file = crate::sys::fs::open_lock_file(&path)
                 .or_fail(Kind::Transient, || format!("opening {}", path.display()))?;
             lock_exclusive(&file, Wait::Block)
                 .map_err(|e| Failure::transient(format!("locking {}: {e}", path.display())))?;
@@ -271,6 +328,10 @@ impl NixPathLock {
                 return Ok(NixPathLock { file, path });
             }
         }
+        Err(Failure::transient(format!(
+            "{} was stale each of {STALE_TRIES} times it was locked",
+            path.display()
+        )))
     }
 }
 

@@ -1,19 +1,24 @@
-//! `nsh-fetch`: copy the built outputs (and whatever of their closure the
-//! local store lacks) from the node into the local store, then let the job
-//! end.
+//! `nsh-fetch`: copy the built outputs from the node into the local store,
+//! then let the job end.
 //!
-//! From the node: QueryValidPaths, QueryClosure, QueryPathInfos, then one
-//! DumpStorePath per path, in dependency order — commands every serve
-//! protocol version has (ExportPaths, which Nix 2.32 removed without a
-//! version bump, is never used). Every NAR is hashed and counted as it
-//! arrives and checked against the hash and size in the node's path info
+//! The node is not trusted ([`trust`]): what may be imported is decided
+//! from the derivation in the local store: its declared outputs, of which
+//! the wanted ones and the others they refer to, whose other references
+//! must be valid here already. Each NAR is read no further than the size
+//! the node declared (and all of them together within `[remote]
+//! max_output_size`), hashed as it arrives and checked against the node's
+//! hash and size, and a fixed output's hash is recomputed ([`fixed`]),
 //! before the path may become valid here.
 //!
+//! From the node: QueryValidPaths, QueryPathInfos, then one DumpStorePath
+//! per path, in dependency order — commands every serve protocol version
+//! has (ExportPaths, which Nix 2.32 removed without a version bump, is
+//! never used).
+//!
 //! While a build hook runs, the Nix daemon holds `<output>.lock` on every
-//! wanted output, so a plain `nix-store --import` of an output would wait for
-//! the daemon, which waits for the hook: a deadlock
-//! (`docs/nsh-push-fetch.md`, "Importing while the daemon holds the output
-//! locks"). Two ways around it
+//! output, so a plain `nix-store --import` of an output would wait for the
+//! daemon, which waits for the hook: a deadlock (`docs/nsh-push-fetch.md`,
+//! "Importing while the daemon holds the output locks"). Two ways around it
 //! ([`ImportMethod`]):
 //!
 //! * `load-db` (the default; every Nix version): we unpack each NAR ourselves
@@ -22,44 +27,51 @@
 //!   register it with `nix-store --load-db`. Paths that are not outputs are
 //!   locked the way Nix locks them, from before their validity is checked
 //!   until they are registered, and a path found valid is never registered
-//!   again;
+//!   again; every placed path (and its temporary name) is a temporary GC
+//!   root until it is registered;
 //! * `held-locks` (Nix ≤ 2.28 and Lix only: Nix 2.29 removed
 //!   `NIX_HELD_LOCKS`): `nix-store --import` against the local store
 //!   directly, with `NIX_HELD_LOCKS` naming the outputs, so it does not take
 //!   their locks again. On a newer Nix the import waits for the daemon
 //!   forever; nsh cannot tell, so this is for an admin who chose it.
 //!
-//! A truncated or corrupt NAR never leaves a partial or invalid path: with
-//! `load-db` the temporary tree is removed and nothing is renamed or
-//! registered; with `held-locks` the entry's trailer, which is what makes
+//! A truncated, oversized or corrupt NAR never leaves a partial or invalid
+//! path: with `load-db` the temporary tree is removed and nothing is renamed
+//! or registered; with `held-locks` the entry's trailer, which is what makes
 //! `nix-store --import` register a path, is written only after its NAR
 //! checked out.
 
+mod fixed;
 mod held_locks;
 mod load_db;
+pub mod trust;
 
 use held_locks::import_held_locks;
 use load_db::import_load_db;
+pub use trust::{Declared, ImportRefused};
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::Path;
 use std::time::Instant;
 
 use crate::config::Config;
 use crate::error::{Failure, KindOf};
-use crate::nix::hash::{self};
-use crate::nix::local_store::{self, LocalStore};
-use crate::nix::nar::NarError;
-use crate::nix::serve::client::{ServeClient, ServeProcess};
-use crate::nix::serve::{self, PathInfo};
+use crate::nix::hash::{self, Hashing};
+use crate::nix::local_store::LocalStore;
+use crate::nix::nar::{Bounds, NarError, NarRead};
+use crate::nix::serve::client::ServeProcess;
+use crate::nix::serve::PathInfo;
 use crate::nix::store_path::StorePath;
-use crate::stage::progress::{human_bytes, TransferProgress};
+use crate::nix::temp_roots::TempRoots;
+use crate::stage::progress::{human_bytes, Reporting, TransferProgress};
 use crate::stage::release::release;
 use crate::stage::retry;
 use crate::stage::ssh::Ssh;
 use crate::ticket::{AllocSection, FetchSection, Ticket};
 use crate::{log_info, log_warn};
+use fixed::{FixedCheck, FixedHash, Tee};
+use trust::Here;
 
 /// How fetched paths become valid in the local store (`nsh-fetch
 /// --import-method`, whose names are `nsh-fetch`'s; the same here, for log
@@ -90,35 +102,32 @@ pub struct FetchOptions {
     pub keep_job: bool,
 }
 
-/// The output paths to fetch: what the run reported as built, else the
-/// wanted outputs of the derivation (all of them when none is named).
-pub fn wanted_outputs(ticket: &Ticket) -> Result<Vec<StorePath>, Failure> {
-    if let Some(run) = &ticket.run {
-        if !run.built_outputs.is_empty() {
-            return Ok(run.built_outputs.values().cloned().collect());
-        }
-    }
+/// The ticket names a derivation and, for every wanted output, a path (its
+/// own or the one `run.built_outputs` reports): checked before anything is
+/// read or asked.
+fn check_ticket(ticket: &Ticket) -> Result<(), Failure> {
     let drv = ticket.need_drv()?;
-    let mut outputs = Vec::new();
+    let reported = ticket.run.as_ref().map(|run| &run.built_outputs);
+    let mut wanted = 0;
     for (name, path) in &drv.outputs {
         if !drv.wanted.is_empty() && !drv.wanted.contains(name) {
             continue;
         }
-        let Some(path) = path else {
+        wanted += 1;
+        if path.is_none() && reported.and_then(|r| r.get(name)).is_none() {
             return Err(Failure::input(format!(
                 "output {name:?} of {} has no known path and the ticket has no run.built_outputs",
                 drv.path
             )));
-        };
-        outputs.push(path.clone());
+        }
     }
-    if outputs.is_empty() {
+    if wanted == 0 {
         return Err(Failure::input(format!(
             "no wanted output of {} to fetch",
             drv.path
         )));
     }
-    Ok(outputs)
+    Ok(())
 }
 
 /// Fetches the ticket's outputs; returns the `fetch` section.
@@ -129,32 +138,38 @@ pub fn fetch(
     progress: &mut dyn TransferProgress,
 ) -> Result<FetchSection, Failure> {
     let started = Instant::now();
-    let outputs = wanted_outputs(ticket)?;
+    check_ticket(ticket)?;
     let mut alloc = ticket.need_alloc()?.clone();
     let store_uri = ticket.store_uri().to_string();
     let local = LocalStore::new(&store_uri, "")?;
-    for output in &outputs {
-        local.dir.check(output)?;
-    }
     let method = options.method;
     let direct = LocalStore::new(&direct_store_uri(&store_uri)?, "")?;
     check_writable(&direct.real_dir())?;
-
+    let declared = Declared::of(ticket, &direct)?;
+    let mut roots = temp_roots(&direct)?;
     let outcome = retry::transient(|| {
-        fetch_once(
-            &outputs, &mut alloc, config, &local, &direct, method, progress,
-        )
+        let mut here = Here {
+            local: &local,
+            roots: &mut roots,
+            max_output_size: config.remote.max_output_size,
+        };
+        let place = Place {
+            direct: &direct,
+            method,
+        };
+        fetch_once(&declared, &mut alloc, config, &mut here, &place, progress)
     });
     let finished = outcome.and_then(|(paths, bytes)| {
         // Whatever happened in between, the outputs must be valid now.
-        let valid = local.valid_paths(&outputs)?;
-        if let Some(missing) = outputs.iter().find(|o| !valid.contains(*o)) {
+        let valid = local.valid_paths(&declared.wanted)?;
+        if let Some(missing) = declared.wanted.iter().find(|o| !valid.contains(*o)) {
             return Err(Failure::permanent(format!(
                 "{missing} is not valid in the local store after fetching it"
             )));
         }
         Ok((paths, bytes))
     });
+    drop(roots);
     let result = finished.map(|(paths, bytes)| FetchSection {
         paths,
         bytes,
@@ -162,7 +177,7 @@ pub fn fetch(
         extra: crate::ticket::Extra::default(),
     });
     if result.is_ok() {
-        crate::stage::alloc::pooled::note_paths(config, &alloc, &outputs);
+        crate::stage::alloc::pooled::note_paths(config, &alloc, &declared.wanted);
         if !options.keep_job {
             end_use(config, &mut alloc);
         }
@@ -196,6 +211,25 @@ fn end_use(config: &Config, alloc: &mut AllocSection) {
     }
 }
 
+/// This process's temporary GC roots in the store imported into.
+fn temp_roots(direct: &LocalStore) -> Result<TempRoots, Failure> {
+    let state_dir = direct.state_dir();
+    TempRoots::new(&state_dir).map_err(|e| {
+        let kind = if e.kind() == std::io::ErrorKind::PermissionDenied {
+            crate::Kind::Config
+        } else {
+            crate::Kind::Transient
+        };
+        Failure::new(
+            kind,
+            format!(
+                "making this process's temporary GC roots in {}: {e}",
+                state_dir.join("temproots").display()
+            ),
+        )
+    })
+}
+
 /// The store to import into without going through the daemon (which would
 /// take the output locks again): the local store itself. `daemon` means the
 /// store the daemon serves, which only its owner (root) may write directly.
@@ -226,25 +260,30 @@ fn check_writable(real_dir: &Path) -> Result<(), Failure> {
     })
 }
 
+/// Where fetched paths go and how.
+struct Place<'a> {
+    direct: &'a LocalStore,
+    method: ImportMethod,
+}
+
 /// One attempt: returns (paths copied, NAR bytes).
 fn fetch_once(
-    outputs: &[StorePath],
+    declared: &Declared,
     alloc: &mut AllocSection,
     config: &Config,
-    local: &LocalStore,
-    direct: &LocalStore,
-    method: ImportMethod,
+    here: &mut Here,
+    place: &Place,
     progress: &mut dyn TransferProgress,
 ) -> Result<(Vec<StorePath>, u64), Failure> {
     let ssh = Ssh::ensure_master(alloc, config)?;
     let argv = crate::stage::ssh::remote_serve_argv(&config.remote);
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
     let mut remote = ServeProcess::from_command(ssh.command(&argv), ssh.describe())?;
-    let needed = paths_to_fetch(&mut remote.client, local, outputs)?;
+    let needed = trust::plan(&mut remote.client, declared, here)?;
     if needed.is_empty() {
         log_info!(
-            "all {} outputs are already in the local store",
-            outputs.len()
+            "all {} wanted outputs are already in the local store",
+            declared.wanted.len()
         );
         remote.finish()?;
         return Ok((Vec::new(), 0));
@@ -255,17 +294,28 @@ fn fetch_once(
         ssh.describe(),
         needed.len(),
         human_bytes(total),
-        method
+        place.method
     );
     progress.begin(needed.len() as u64, total);
-    let outputs: BTreeSet<StorePath> = outputs.iter().cloned().collect();
-    let imported = match method {
+    let imported = match place.method {
         ImportMethod::LoadDb => {
-            import_load_db(&mut remote.client, &needed, &outputs, direct, progress)?
+            let roots = &mut *here.roots;
+            import_load_db(
+                &mut remote.client,
+                &needed,
+                declared,
+                place.direct,
+                roots,
+                progress,
+            )?
         }
-        ImportMethod::HeldLocks => {
-            import_held_locks(&mut remote.client, &needed, &outputs, direct, progress)?
-        }
+        ImportMethod::HeldLocks => import_held_locks(
+            &mut remote.client,
+            &needed,
+            declared,
+            place.direct,
+            progress,
+        )?,
     };
     progress.end();
     remote.finish()?;
@@ -277,48 +327,46 @@ fn fetch_once(
     Ok((imported, bytes))
 }
 
-/// What of the outputs' closure on the node the local store lacks, with the
-/// node's path infos, in dependency order (references first). The outputs
-/// get temporary GC roots on the node for the rest of the conversation.
-fn paths_to_fetch<R: Read, W: Write>(
-    remote: &mut ServeClient<R, W>,
-    local: &LocalStore,
-    outputs: &[StorePath],
-) -> Result<Vec<PathInfo>, Failure> {
-    let on_node: BTreeSet<StorePath> = remote
-        .query_valid_paths(outputs, true, false)?
-        .into_iter()
-        .collect();
-    if let Some(missing) = outputs.iter().find(|o| !on_node.contains(*o)) {
-        return Err(Failure::permanent(format!(
-            "{missing} is not valid on {} (was it built?)",
-            remote.peer()
-        )));
+/// Reads the NAR of `info` with `read` (a copy or an unpack) from `nar`,
+/// never past the size the node declared, and checks it: the size and
+/// SHA-256 the node declared and, for a fixed output, the hash its
+/// derivation declares. Returns the NAR's SHA-256. `fail` makes a failure
+/// of `read`'s errors.
+pub(super) fn read_checked(
+    nar: &mut dyn Read,
+    info: &PathInfo,
+    fixed: Option<&FixedHash>,
+    progress: &mut dyn TransferProgress,
+    read: &mut dyn FnMut(&mut dyn Read, Bounds<'_>) -> Result<NarRead, NarError>,
+    fail: &dyn Fn(NarError) -> Failure,
+) -> Result<[u8; 32], Failure> {
+    let mut check = fixed.map(FixedCheck::new);
+    let (nar_tap, root_tap): (Option<&mut dyn Write>, Option<&mut dyn Write>) = match check.as_mut()
+    {
+        Some(check) if check.whole_nar() => (Some(check), None),
+        Some(check) => (None, Some(check)),
+        None => (None, None),
+    };
+    let mut reader = Hashing::new(Tee {
+        inner: Reporting {
+            inner: nar,
+            to: progress,
+        },
+        tap: nar_tap,
+    });
+    let bounds = Bounds {
+        max_size: info.nar_size,
+        root_contents: root_tap,
+    };
+    let got = read(&mut reader, bounds).map_err(fail)?;
+    let (digest, size) = reader.take_digest();
+    check_nar(info, &digest, size)?;
+    if let Some(check) = check {
+        check
+            .finish(&info.path, got.root)
+            .map_err(|refused| refused.fail("the node"))?;
     }
-    let closure = remote.query_closure(outputs, false)?;
-    let here = local.valid_paths(&closure)?;
-    let needed: Vec<StorePath> = closure.into_iter().filter(|p| !here.contains(p)).collect();
-    if needed.is_empty() {
-        return Ok(Vec::new());
-    }
-    if !serve::path_infos_have_nar_hash(remote.version()) {
-        return Err(Failure::permanent(format!(
-            "{} speaks serve protocol {}, whose path infos carry no NAR hash: nsh cannot \
-             check what it would fetch (2.{} or later is needed)",
-            remote.peer(),
-            serve::version_text(remote.version()),
-            serve::MINOR_NAR_HASH
-        )));
-    }
-    let infos = remote.query_path_infos(&needed)?;
-    let known: BTreeSet<&str> = infos.iter().map(|i| i.path.as_str()).collect();
-    if let Some(gone) = needed.iter().find(|p| !known.contains(p.as_str())) {
-        return Err(Failure::transient(format!(
-            "{gone} vanished from {} while being fetched",
-            remote.peer()
-        )));
-    }
-    local_store::dependency_order(infos)
+    Ok(digest)
 }
 
 /// Checks a received NAR against the node's path info.
@@ -342,25 +390,41 @@ pub(super) fn check_nar(info: &PathInfo, digest: &[u8; 32], size: u64) -> Result
 
 /// A failure reading the NAR of `path` from the node.
 pub(super) fn nar_error(path: &StorePath, e: NarError) -> Failure {
-    let message = format!("the NAR of {path} from the node: {e}");
+    let message = match &e {
+        NarError::Oversized { max } => format!(
+            "the NAR of {path} from the node goes on past the {max} bytes the node declared; \
+             cut there and refused"
+        ),
+        _ => format!("the NAR of {path} from the node: {e}"),
+    };
     Failure::caused_by(e.kind(), message, e)
 }
 
 #[cfg(test)]
 mod tests {
     use super::held_locks::relay_checked;
-    use super::load_db::{load_db_input, lock_non_outputs, receive_into_store};
+    use super::load_db::{load_db_input, lock_non_outputs, receive_into_store, Target};
     use super::*;
     use crate::error::Kind;
-    use crate::nix::hash::Hashing;
     use crate::nix::serve::client::ServeClient;
     use crate::nix::serve::test_server::{file_nar, FakeNode, StoredPath};
+    use crate::nix::serve::{self};
     use crate::nix::store_path::test_path;
     use crate::nix::wire::test_bytes::{le, s};
     use crate::stage::progress::NoProgress;
     use sha2::{Digest, Sha256};
+    use std::collections::BTreeSet;
     use std::os::unix::fs::PermissionsExt;
     use std::path::Path;
+
+    /// What may be imported when nothing is a fixed output.
+    fn plain() -> Declared {
+        Declared {
+            drv: test_path("/nix/store/22222222222222222222222222222222-x.drv"),
+            outputs: BTreeMap::new(),
+            wanted: Vec::new(),
+        }
+    }
 
     const A: &str = "/nix/store/00000000000000000000000000000000-a";
     const B: &str = "/nix/store/11111111111111111111111111111111-b";
@@ -401,8 +465,8 @@ mod tests {
         let needed = infos(&node);
         let (nar_a, nar_b) = (node.store[A].nar.clone(), node.store[B].nar.clone());
         let (mut client, thread) = node.start();
-        let mut out = Hashing::new(Vec::new());
-        let sent = relay_checked(&mut client, &needed, &mut out, &mut NoProgress);
+        let mut out = Vec::new();
+        let sent = relay_checked(&mut client, &needed, &plain(), &mut out, &mut NoProgress);
         assert_eq!(sent.unwrap(), [A, B]);
         let trailer = |path: &str, references: &[&str]| {
             let refs: Vec<Vec<u8>> = references.iter().map(|r| s(r)).collect();
@@ -426,7 +490,7 @@ mod tests {
             le(0),
         ]
         .concat();
-        assert_eq!(out.inner, stream);
+        assert_eq!(out, stream);
         drop(client);
         let node = thread.join().unwrap();
         // DumpStorePath per path; nothing a 2.34 node lacks.
@@ -448,15 +512,16 @@ mod tests {
         let node = corrupt(node(), B);
         let needed = infos(&node);
         let (mut client, _thread) = node.start();
-        let mut out = Hashing::new(Vec::new());
-        let err = relay_checked(&mut client, &needed, &mut out, &mut NoProgress).unwrap_err();
+        let mut out = Vec::new();
+        let err =
+            relay_checked(&mut client, &needed, &plain(), &mut out, &mut NoProgress).unwrap_err();
         assert_eq!(err.kind, Kind::Permanent);
         assert!(err.message.contains("NAR hash mismatch"), "{}", err.message);
         assert!(err.message.contains(B), "{}", err.message);
         // `a` went through whole; `b`'s trailer, which makes the importer
         // register it, never did.
         let magic = serve::EXPORT_MAGIC.to_le_bytes();
-        assert_eq!(out.inner.windows(8).filter(|w| *w == magic).count(), 1);
+        assert_eq!(out.windows(8).filter(|w| *w == magic).count(), 1);
     }
 
     #[test]
@@ -470,11 +535,12 @@ mod tests {
         ]
         .concat();
         let mut client = ServeClient::handshake(&server[..], Vec::new(), "node1").unwrap();
-        let mut out = Hashing::new(Vec::new());
-        let err = relay_checked(&mut client, &[info], &mut out, &mut NoProgress).unwrap_err();
+        let mut out = Vec::new();
+        let err =
+            relay_checked(&mut client, &[info], &plain(), &mut out, &mut NoProgress).unwrap_err();
         assert_eq!(err.kind, Kind::Transient, "{}", err.message);
         let magic = serve::EXPORT_MAGIC.to_le_bytes();
-        assert!(!out.inner.windows(8).any(|w| w == magic));
+        assert!(!out.windows(8).any(|w| w == magic));
     }
 
     /// A scratch store directory (`/nix/store` by name, `real=` a temp dir).
@@ -482,6 +548,38 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let uri = format!("local?store=/nix/store&real={}", dir.path().display());
         (dir, LocalStore::new(&uri, "").unwrap())
+    }
+
+    /// Temporary roots in a scratch state directory.
+    fn scratch_roots() -> (tempfile::TempDir, TempRoots) {
+        let state = tempfile::tempdir().unwrap();
+        let roots = TempRoots::new(state.path()).unwrap();
+        (state, roots)
+    }
+
+    /// Receives `invalid` from `client` into `store` (at `dir`).
+    fn receive(
+        client: &mut crate::nix::serve::test_server::FakeClient,
+        invalid: &[&PathInfo],
+        store: &LocalStore,
+        dir: &Path,
+        declared: &Declared,
+        placed: &mut Vec<super::load_db::Placed>,
+    ) -> Result<(), Failure> {
+        let (_state, mut roots) = scratch_roots();
+        let mut target = Target {
+            direct: store,
+            real_dir: dir.to_path_buf(),
+            roots: &mut roots,
+        };
+        receive_into_store(
+            client,
+            invalid,
+            &mut target,
+            declared,
+            &mut NoProgress,
+            placed,
+        )
     }
 
     fn entries(dir: &Path) -> Vec<String> {
@@ -505,12 +603,12 @@ mod tests {
         std::fs::write(b_real.join("junk"), "x").unwrap();
         let (mut client, _thread) = node.start();
         let mut placed = Vec::new();
-        receive_into_store(
+        receive(
             &mut client,
             &invalid,
             &store,
             dir.path(),
-            &mut NoProgress,
+            &plain(),
             &mut placed,
         )
         .unwrap();
@@ -534,12 +632,12 @@ mod tests {
         let invalid: Vec<&PathInfo> = needed.iter().collect();
         let (mut client, _thread) = node.start();
         let mut placed = Vec::new();
-        let err = receive_into_store(
+        let err = receive(
             &mut client,
             &invalid,
             &store,
             dir.path(),
-            &mut NoProgress,
+            &plain(),
             &mut placed,
         )
         .unwrap_err();
@@ -548,6 +646,108 @@ mod tests {
         // even its temporary name.
         assert_eq!(placed.len(), 1);
         assert_eq!(entries(dir.path()), [&A["/nix/store/".len()..]]);
+    }
+
+    /// `A` declared as a fixed output (flat sha256) of `contents`.
+    fn fixed_a(contents: &[u8]) -> Declared {
+        let hex = crate::nix::hash::hex(&Sha256::digest(contents));
+        let output = crate::nix::drv::DrvOutput {
+            path: Some(test_path(A)),
+            hash_algo: "sha256".into(),
+            hash: hex,
+        };
+        let fixed = FixedHash::of(&test_path(A), &output).unwrap();
+        Declared {
+            outputs: [(
+                test_path(A),
+                trust::DeclaredOutput {
+                    name: "out".into(),
+                    fixed,
+                },
+            )]
+            .into(),
+            ..plain()
+        }
+    }
+
+    #[test]
+    fn a_fixed_output_is_checked_against_its_derivation_not_the_node() {
+        // The node's database agrees with what it sends (its NAR hash
+        // matches): only the derivation's hash can tell.
+        for (declared, ok) in [(fixed_a(b"a"), true), (fixed_a(b"b"), false)] {
+            let (dir, store) = scratch_store();
+            let node = FakeNode::nix_2_34().with_file(A, &[], b"a");
+            let info = node.store[A].info.clone();
+            let (mut client, _thread) = node.start();
+            let mut placed = Vec::new();
+            let got = receive(
+                &mut client,
+                &[&info],
+                &store,
+                dir.path(),
+                &declared,
+                &mut placed,
+            );
+            if ok {
+                got.unwrap();
+                assert_eq!(placed.len(), 1);
+                continue;
+            }
+            let err = got.unwrap_err();
+            assert!(
+                matches!(
+                    err.cause::<ImportRefused>(),
+                    Some(ImportRefused::FixedHashMismatch { .. })
+                ),
+                "{}",
+                err.message
+            );
+            assert!(placed.is_empty());
+            assert_eq!(entries(dir.path()), Vec::<String>::new());
+            // The same through the held-locks relay: no trailer.
+            let node = FakeNode::nix_2_34().with_file(A, &[], b"a");
+            let (mut client, _thread) = node.start();
+            let mut out = Vec::new();
+            let err = relay_checked(&mut client, &[info], &declared, &mut out, &mut NoProgress)
+                .unwrap_err();
+            assert!(err.cause::<ImportRefused>().is_some(), "{}", err.message);
+            let magic = serve::EXPORT_MAGIC.to_le_bytes();
+            assert!(!out.windows(8).any(|w| w == magic));
+        }
+    }
+
+    #[test]
+    fn a_nar_longer_than_declared_is_cut_there_and_refused() {
+        let (dir, store) = scratch_store();
+        let node = FakeNode::nix_2_34().with_file(A, &[], &vec![b'x'; 100_000]);
+        let mut info = node.store[A].info.clone();
+        info.nar_size = 1000;
+        let (mut client, _thread) = node.start();
+        let mut placed = Vec::new();
+        let err = receive(
+            &mut client,
+            &[&info],
+            &store,
+            dir.path(),
+            &plain(),
+            &mut placed,
+        )
+        .unwrap_err();
+        assert_eq!(err.kind, Kind::Permanent);
+        assert!(
+            matches!(
+                err.cause::<NarError>(),
+                Some(NarError::Oversized { max: 1000 })
+            ),
+            "{}",
+            err.message
+        );
+        assert!(
+            err.message.contains("1000 bytes the node declared"),
+            "{}",
+            err.message
+        );
+        assert_eq!(entries(dir.path()), Vec::<String>::new());
     }
 
     #[test]
@@ -577,11 +777,20 @@ mod tests {
             nar_size: 120,
             ..PathInfo::new(test_path(X))
         };
-        let text = load_db_input(&[&info], &[[0xab; 32]]);
+        let dir = crate::nix::store_path::StoreDir::new("/s").unwrap();
+        let text = load_db_input(&[&info], &[[0xab; 32]], &dir).unwrap();
         assert_eq!(
             text,
             format!("{X}\n{}\n120\n{X_DRV}\n2\n{X}\n{Y}\n", "ab".repeat(32))
         );
+        // Nothing outside the store imported into reaches --load-db.
+        let other = crate::nix::store_path::StoreDir::new("/t").unwrap();
+        assert!(load_db_input(&[&info], &[[0xab; 32]], &other).is_err());
+        let elsewhere = PathInfo {
+            references: vec![test_path("/t/2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c-y")],
+            ..info
+        };
+        assert!(load_db_input(&[&elsewhere], &[[0xab; 32]], &dir).is_err());
     }
 
     #[test]

@@ -97,6 +97,11 @@ pub(super) fn follow(
         reconnects: 0,
     };
     match following.until_end() {
+        Ok(_) if following.splitter.response_overflowed() => Err(Failure::permanent(format!(
+            "the build response from {} is longer than {} bytes: not a BuildResult",
+            job.alloc.node,
+            super::log::MAX_RESPONSE
+        ))),
         Ok(status) => Ok(Ended {
             status,
             response: following.splitter.response().to_vec(),
@@ -341,13 +346,17 @@ impl Follower {
             let _ = stdin.write_all(request);
         }
         let stdout = stdout_of(&mut child).or_fail(Kind::Transient, || "running ssh")?;
-        let (tx, chunks) = mpsc::channel();
+        // Bounded: a node that sends faster than the log is written waits.
+        let (tx, chunks) = mpsc::sync_channel(CHUNKS_QUEUED);
         std::thread::spawn(move || pump(stdout, &tx));
         let mut stderr_pipe = stderr_of(&mut child).or_fail(Kind::Transient, || "running ssh")?;
         let stderr = std::thread::spawn(move || {
-            let mut text = String::new();
-            let _ = stderr_pipe.read_to_string(&mut text);
-            text
+            // The first bytes are the message; the rest is read and dropped,
+            // so that ssh never blocks on a full pipe.
+            let mut kept = Vec::new();
+            let _ = (&mut stderr_pipe).take(STDERR_KEPT).read_to_end(&mut kept);
+            let _ = io::copy(&mut stderr_pipe, &mut io::sink());
+            String::from_utf8_lossy(&kept).into_owned()
         });
         Ok(Follower {
             child,
@@ -380,7 +389,12 @@ impl Follower {
     }
 }
 
-fn pump(mut from: ChildStdout, to: &mpsc::Sender<Vec<u8>>) {
+/// How many chunks of the follower's output may wait to be split.
+const CHUNKS_QUEUED: usize = 16;
+/// How much of the follower's stderr is kept for a message.
+const STDERR_KEPT: u64 = 64 * 1024;
+
+fn pump(mut from: ChildStdout, to: &mpsc::SyncSender<Vec<u8>>) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         match from.read(&mut buf) {

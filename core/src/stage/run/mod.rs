@@ -134,24 +134,44 @@ pub fn plain_text(message: &str) -> String {
     out.trim().to_string()
 }
 
-/// The `run` section for a BuildResult. Outputs Nix did not list (an
-/// already valid derivation lists none) are taken from the derivation. A
-/// built output that is no store path is bad bytes from the node.
+/// The `run` section for a BuildResult. The outputs are the derivation's:
+/// its paths for the outputs it declares with a path, the node's report
+/// only for those whose path only the build tells (floating
+/// content-addressed; nsh-fetch checks their names). A node that reports
+/// another path for a declared one, or an output the derivation does not
+/// have, is refused; a built output that is no store path is bad bytes from
+/// the node. Outputs Nix did not list (an already valid derivation lists
+/// none) are taken from the derivation.
 pub fn run_section(
     result: &BuildResult,
     store_dir: &StoreDir,
+    drv_path: &StorePath,
     drv_outputs: &BTreeMap<String, Option<StorePath>>,
-    started: u64,
-    stopped: u64,
+    times: (u64, u64),
 ) -> Result<RunSection, Failure> {
+    let (started, stopped) = times;
     let mut built_outputs = BTreeMap::new();
     if result.status.is_success() {
-        built_outputs = result.output_paths(store_dir)?;
+        for (name, reported) in result.output_paths(store_dir)? {
+            let declared = match drv_outputs.get(&name) {
+                None => Some("no such output".to_string()),
+                Some(Some(path)) if *path != reported => Some(path.to_string()),
+                _ => None,
+            };
+            if let Some(declared) = declared {
+                let refused = crate::stage::fetch::ImportRefused::Undeclared {
+                    drv: drv_path.clone(),
+                    output: name,
+                    declared,
+                    reported,
+                };
+                return Err(refused.fail("the node"));
+            }
+            built_outputs.insert(name, reported);
+        }
         for (name, path) in drv_outputs {
             if let Some(path) = path {
-                built_outputs
-                    .entry(name.clone())
-                    .or_insert_with(|| path.clone());
+                built_outputs.insert(name.clone(), path.clone());
             }
         }
     }
@@ -318,9 +338,9 @@ impl Build {
         let section = run_section(
             &result,
             &self.store_dir,
+            &self.drv_path,
             &self.drv_outputs,
-            started,
-            stopped,
+            (started, stopped),
         )?;
         let outcome = build_outcome(&result, self.drv_path.as_str(), &job.place);
         match &outcome {
@@ -598,18 +618,42 @@ mod tests {
             .iter()
             .map(|(name, path)| (name.clone(), Some(path.clone())))
             .collect();
-        let section = run_section(&built, &dir, &known, 5, 25).unwrap();
+        let drv = test_path("/s/2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c-x.drv");
+        let section = run_section(&built, &dir, &drv, &known, (5, 25)).unwrap();
         assert_eq!(section.status, BuildStatus::Built);
         assert_eq!((section.start, section.stop), (10, 20));
         assert_eq!(section.built_outputs, drv_outputs);
         let mut failed = result(BuildStatus::PermanentFailure, "boom\n");
         failed.start_time = 0;
         failed.stop_time = 0;
-        let section = run_section(&failed, &dir, &known, 5, 25).unwrap();
+        let section = run_section(&failed, &dir, &drv, &known, (5, 25)).unwrap();
         assert!(section.built_outputs.is_empty());
+        // The node does not decide where a declared output is, nor that
+        // there are others.
+        for (name, base) in [
+            ("out", "3d3d3d3d3d3d3d3d3d3d3d3d3d3d3d3d-x"),
+            ("lib", "0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a-x-lib"),
+        ] {
+            let mut lying = built.clone();
+            lying.built_outputs.insert(name.into(), base.into());
+            let err = run_section(&lying, &dir, &drv, &known, (5, 25)).unwrap_err();
+            assert_eq!(err.kind, Kind::Permanent);
+            assert!(
+                err.cause::<crate::stage::fetch::ImportRefused>().is_some(),
+                "{}",
+                err.message
+            );
+        }
+        // A floating output's path is the node's to tell.
+        let floating: BTreeMap<String, Option<StorePath>> = [("out".to_string(), None)].into();
+        let told = run_section(&built, &dir, &drv, &floating, (5, 25)).unwrap();
+        assert_eq!(
+            told.built_outputs["out"],
+            "/s/0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a-x"
+        );
         // A built output that is no store path is the node's bad bytes.
         built.built_outputs.insert("out".into(), "x".into());
-        let err = run_section(&built, &dir, &known, 5, 25).unwrap_err();
+        let err = run_section(&built, &dir, &drv, &known, (5, 25)).unwrap_err();
         assert_eq!(err.kind, Kind::Permanent);
         assert_eq!(section.error, "boom");
         assert_eq!((section.start, section.stop), (5, 25));
