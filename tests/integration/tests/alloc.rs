@@ -692,7 +692,8 @@ fn unrelated_ca(dir: &Path) -> String {
 /// is not there, is configuration (78) naming the problem.
 #[test]
 fn rest_over_https_checks_the_server_and_ignores_proxies() {
-    let c = Cluster::get();
+    let c = Cluster::get().one_job_per_build();
+    // One job per build: the cancel ends the job (a pooled one would go back to the pool).
     let dir = shared_tempdir();
     let with_ca = |name: &str, ca: &str| {
         config_with(&c, dir.path(), name, |t| {
