@@ -17,6 +17,7 @@
 //!
 //! Inside, the folders are `nix/` (what Nix speaks and keeps), `slurm/`,
 //! `stage/` (the five tools' logic), `hook/`, `sys/` (the only `unsafe`),
+//! `pool/` (running jobs kept for later builds, in the `runtime` directory),
 //! and at the top the ticket, the stage loop, errors, exit statuses, the
 //! log and the configuration.
 
@@ -29,6 +30,8 @@ mod lines;
 mod log;
 mod nix;
 mod redact;
+mod pool;
+mod runtime;
 mod slurm;
 mod stage;
 mod sys;
@@ -41,6 +44,7 @@ pub use exit::ExitStatus;
 pub use log::set_program;
 pub use nix::store_path::{StoreDir, StorePath};
 pub use redact::Redactor;
+pub use runtime::RUNTIME_DIR_ENV;
 pub use sys::fds::take_inherited;
 pub use sys::flock::{lock_exclusive, Wait};
 pub use sys::signals::{catch_interrupts, Syscalls};
@@ -60,6 +64,11 @@ pub mod closure {
 pub mod alloc {
     pub use crate::slurm::Clusters;
     pub use crate::stage::alloc::{allocate, cancel_stage, times_json, AllocTimes};
+
+    /// The pool seen by an admin: `nsh-alloc --pool-list` and `--pool-drain`.
+    pub mod admin {
+        pub use crate::stage::alloc::admin::{drain, list};
+    }
 
     /// The batch script every job runs.
     pub mod batch_script {

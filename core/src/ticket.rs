@@ -202,6 +202,12 @@ pub struct AllocSection {
     /// higher when an allocation is reused).
     #[serde(default = "first_request")]
     pub request: u32,
+    /// Whether the job came from the pool (it ran earlier builds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reused: Option<bool>,
+    /// Seconds since the job started, when it was handed to this build.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub age: Option<u64>,
     /// Fields this nsh does not know, kept.
     #[serde(flatten)]
     pub extra: Extra,

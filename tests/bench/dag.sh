@@ -4,12 +4,14 @@
 # (Slurm jobs on the same nodes), on the local store and through the local
 # nix-daemon; each remote mode once more with every output deleted locally
 # but present on the nodes (a rebuild: pure overhead, nothing to build).
+# The nsh modes reuse jobs (the pool, docs/pool.md, with the cluster's
+# linger); the -1job modes run one Slurm job per build (linger = 0).
 #
 #   tests/bench/dag.sh [MODE...]
 #
-# MODE is any of: local ssh ssh-rebuild nsh nsh-rebuild nsh-daemon
-# nsh-daemon-rebuild (default: all of them; the nsh modes are skipped, with a
-# message, when the nsh tools cannot be built). Run it as root on a machine
+# MODE is any of: local ssh ssh-rebuild nsh nsh-rebuild nsh-1job nsh-daemon
+# nsh-daemon-rebuild nsh-daemon-1job (default: all of them; the nsh modes are
+# skipped, with a message, when the nsh tools cannot be built). Run it as root on a machine
 # where the test cluster is up (tests/cluster/cluster up); it prints a
 # Markdown table of results and keeps every log under $BENCH_DIR
 # (default /tmp/nsh-bench-dag/<date>).
@@ -18,7 +20,8 @@
 # depending on 3 of the layer before; BIG_MB (30) MiB per large output (three
 # of them, one needing the feature `big`, which only node2 has); JOBS (8)
 # builds at a time in every mode (= Nix's slots on the two nodes, 4 each, and
-# the cluster's max_jobs); NSH_LOG (warn) for the tools, whose lines land,
+# the cluster's max_jobs); LINGER (the cluster's, else 60) for the reuse
+# modes; NSH_LOG (warn) for the tools, whose lines land,
 # time-stamped, in each mode's nix.log; NSH_BIN (default: target/release of this repo,
 # built if missing) holds the nsh-* tools.
 #
@@ -34,11 +37,17 @@
 # * bytes and paths moved: paths that appeared in each node's store (NAR
 #   sizes, queried on the node) and the outputs copied back;
 # * peak memory (VmHWM at exit, tests/bench/peak-rss.c) of nsh-hook, each
-#   nsh tool and the nix-store and ssh processes they start.
+#   nsh tool and the nix-store and ssh processes they start;
+# * Slurm: the jobs the builds used (from the tickets), the controller's
+#   RPCs during the mode (sdiag, reset before each mode: by nsh's Slurm
+#   user, and by everyone, slurmd's job launches and completions included),
+#   and, for the reuse modes, the jobs still in the queue once `linger` has
+#   passed after the build (each mode has a pool of its own; a
+#   rebuild shares its first build's, and so its knowledge of the node stores).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")/../.." && pwd)
-ALL_MODES="local ssh ssh-rebuild nsh nsh-rebuild nsh-daemon nsh-daemon-rebuild"
+ALL_MODES="local ssh ssh-rebuild nsh nsh-rebuild nsh-1job nsh-daemon nsh-daemon-rebuild nsh-daemon-1job"
 MODES=${*:-$ALL_MODES}
 DAG_WIDTH=${DAG_WIDTH:-9}
 DAG_DEPTH=${DAG_DEPTH:-6}
@@ -122,15 +131,61 @@ prepare_nsh() {
 
 # The build hook as Nix (or the daemon, with its own environment) runs it:
 # the ticket log and the peak-memory log go to the mode's directory.
-write_hook() { # dir
+write_hook() { # dir config runtime-dir
     cat > "$BENCH_DIR/nsh-hook" <<EOF
 #!/bin/sh
-export NSH_CONFIG=$NSH_CONFIG NSH_TICKET_LOG=$1/tickets.jsonl NSH_LOG=${NSH_LOG:-warn}
+export NSH_CONFIG=$2 NSH_RUNTIME_DIR=$3 NSH_TICKET_LOG=$1/tickets.jsonl NSH_LOG=${NSH_LOG:-warn}
 export BENCH_RSS=$1/rss LD_PRELOAD=$BENCH_DIR/peak-rss.so
 export PATH=/usr/local/bin:/usr/bin:/bin NIX_CONF_DIR=$NIX_CONF_DIR
 exec $NSH_BIN/nsh-hook "\$@"
 EOF
     chmod +x "$BENCH_DIR/nsh-hook"
+}
+
+# The cluster's configuration with one job per build (linger = 0), and the
+# linger of the reuse modes.
+write_configs() {
+    grep -v '^linger *=' "$NSH_CONFIG" | sed 's/^\[cluster\.test\]$/&\nlinger = 0/' > "$BENCH_DIR/nsh-1job.toml"
+    LINGER=${LINGER:-$(sed -n 's/^linger *= *\([0-9]*\).*/\1/p' "$NSH_CONFIG" | head -1)}
+    LINGER=${LINGER:-60}
+    grep -v '^linger *=' "$NSH_CONFIG" | sed "s/^\\[cluster\\.test\\]\$/&\\nlinger = $LINGER/" > "$BENCH_DIR/nsh-pool.toml"
+}
+config_for() { # mode
+    case $1 in *-1job) echo "$BENCH_DIR/nsh-1job.toml" ;; *) echo "$BENCH_DIR/nsh-pool.toml" ;; esac
+}
+
+# --- Slurm: controller RPCs and jobs left -------------------------------------
+SLURM_USER=$(sed -n 's/^user *= *"\(.*\)"/\1/p' "$NSH_CONFIG" | head -1)
+rpcs_reset() { sdiag -r > /dev/null 2>&1 || say "sdiag -r failed: RPC counts include earlier calls"; }
+rpcs_save() { # dir → "user all" RPC counts since the reset
+    sdiag 2>/dev/null | sed -n '/by user/,/^$/p' | awk -v u="$SLURM_USER" '
+        /count:/ { n = $0; sub(/.*count:/, "", n); sub(/ .*/, "", n); all += n; if ($1 == u) mine += n }
+        END { print mine + 0, all + 0 }' > "$1/rpcs"
+}
+# The reuse modes: wait until every job the builds used has left the queue
+# (each leaves by itself, `linger` after its last build); "left secs" in
+# $dir/left: how many were still there after linger + 15 s, and how long the
+# last took.
+jobs_left_after_linger() { # dir
+    local dir=$1 start jobs left=0 j
+    jobs=$($PY -c '
+import json, sys
+print(" ".join(sorted({str(json.loads(l).get("alloc", {}).get("job", "")) for l in open(sys.argv[1]) if l.strip()} - {""})))
+' "$dir/tickets.jsonl")
+    start=$(date +%s)
+    while :; do
+        left=0
+        for j in $jobs; do
+            if squeue -h -j "$j" -o %T 2>/dev/null | grep -q .; then left=$((left + 1)); fi
+        done
+        [ "$left" -gt 0 ] && [ $(( $(date +%s) - start )) -lt $(( LINGER + 15 )) ] || break
+        sleep 1
+    done
+    echo "$left $(( $(date +%s) - start ))" > "$dir/left"
+    if [ "$left" -gt 0 ]; then
+        say "$(basename "$dir"): $left jobs still in the queue $(( LINGER + 15 )) s after the build; cancelling them"
+        for j in $jobs; do scancel "$j" 2>/dev/null || true; done
+    fi
 }
 
 # --- the node stores ---------------------------------------------------------
@@ -215,7 +270,7 @@ run_mode() { # mode
     esac
     local remote=
     case $mode in local) ;; *) remote=1 ;; esac
-    if [ -n "$remote" ]; then snapshot_nodes "$dir" before; fi
+    if [ -n "$remote" ]; then snapshot_nodes "$dir" before; rpcs_reset; fi
     say "$mode: building $(( DAG_WIDTH * DAG_DEPTH + 4 )) derivations"
     case $mode in
         local)
@@ -229,13 +284,18 @@ run_mode() { # mode
                 builders="$builders${builders:+; }ssh://$n x86_64-linux - $(( JOBS / 2 )) 1 $feats"
             done
             nix_build "$dir" --max-jobs 0 --builders "$builders" ;;
-        nsh|nsh-rebuild)
-            write_hook "$dir"
+        nsh|nsh-rebuild|nsh-1job)
+            write_hook "$dir" "$(config_for "$mode")" "$BENCH_DIR/${mode%-rebuild}/run"
             nix_build "$dir" --max-jobs 0 --builders '' --option build-hook "$BENCH_DIR/nsh-hook" ;;
-        nsh-daemon|nsh-daemon-rebuild)
-            write_hook "$dir"
+        nsh-daemon|nsh-daemon-rebuild|nsh-daemon-1job)
+            write_hook "$dir" "$(config_for "$mode")" "$BENCH_DIR/${mode%-rebuild}/run"
             nix_build "$dir" --store daemon --max-jobs 0 --builders '' \
                 --option build-hook "$BENCH_DIR/nsh-hook" ;;
+    esac
+    if [ -n "$remote" ]; then rpcs_save "$dir"; fi
+    case $mode in
+        nsh*-1job) ;;
+        nsh*) jobs_left_after_linger "$dir" ;;
     esac
     if [ -n "$remote" ]; then new_on_nodes "$dir"; fi
     dag_outputs "$dir" > "$dir/outputs"
@@ -248,7 +308,7 @@ for mode in $MODES; do
     case " $ALL_MODES " in *" $mode "*) ;; *) die "unknown mode $mode (known: $ALL_MODES)" ;; esac
 done
 case " $MODES " in
-    *" nsh"*) prepare_nsh || true ;;
+    *" nsh"*) prepare_nsh || true; write_configs ;;
 esac
 ran=
 for mode in $MODES; do
@@ -332,7 +392,7 @@ RSS_ORDER = ["nsh-hook", "nsh-hook--watchdog", "nsh-closure", "nsh-alloc", "nsh-
 def small(drv):
     return "-dag-s" in drv
 
-rows, split_rows, rss_rows, moved_rows, connect_rows = [], [], [], [], []
+rows, split_rows, rss_rows, moved_rows, connect_rows, slurm_rows = [], [], [], [], [], []
 for mode in modes:
     d = os.path.join(bench, mode)
     t0, t1 = map(float, open(os.path.join(d, "wall")).read().split())
@@ -414,6 +474,20 @@ for mode in modes:
                           ["total", "closure", "alloc", "queued", "push", "run", "fetch", "valid", "excl"])
         split_rows.append(f"| {mode} | {len(parts['total'])} | {cols} | {per_node} |")
 
+    # Slurm: jobs used, controller RPCs, jobs left after linger.
+    if os.path.exists(os.path.join(d, "rpcs")):
+        mine, every = map(int, open(os.path.join(d, "rpcs")).read().split())
+        nb = len(b) or 1
+        used = {t.get("alloc", {}).get("job") for t in tickets} - {None}
+        reused = sum(1 for t in tickets if t.get("alloc", {}).get("reused"))
+        left = "—"
+        if os.path.exists(os.path.join(d, "left")):
+            n, secs = open(os.path.join(d, "left")).read().split()
+            left = f"{n} (last left after {secs} s)"
+        slurm_rows.append(f"| {mode} | {len(b)} | {len(used) if tickets else '—'} | "
+                          f"{reused if tickets else '—'} | {mine} / {mine / nb:.1f} | "
+                          f"{every} / {every / nb:.1f} | {left} |")
+
     # Peak memory (kB per process, at exit).
     rss = {}
     if os.path.exists(os.path.join(d, "rss")):
@@ -455,6 +529,15 @@ if split_rows:
     print("| mode | builds | total | closure | alloc | queued | push | run | fetch | valid | excl. queue | jobs per node |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     print("\n".join(split_rows))
+if slurm_rows:
+    print("\nSlurm: the jobs the builds used and how many builds took a pooled job (from the tickets); "
+          "the controller's RPCs during the mode (`sdiag`, reset before it), in all / per build, "
+          "by nsh's Slurm user (nsh's own REST or CLI calls) and by everyone (slurmd's job "
+          "launches and completions too); for the reuse modes, the jobs still queued once "
+          "`linger` + 15 s had passed after the build.\n")
+    print("| mode | builds | Slurm jobs | reused | RPCs, nsh's user (all / per build) | RPCs, everyone | jobs left after linger |")
+    print("|---|---:|---:|---:|---:|---:|---|")
+    print("\n".join(slurm_rows))
 if rss_rows:
     print("\nPeak memory: each process's own VmHWM at exit, MiB, max / median (number of processes). "
           "`nix-store` and `ssh` are the processes the tools start.\n")

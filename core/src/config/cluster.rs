@@ -4,10 +4,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::raw::{NumberOrText, RawCluster, RawClusterSsh, RawLimits};
-use super::values::{is_slurm_word, parse_mem_mb, parse_minutes, parse_seconds, parse_url};
+use super::values::{
+    is_slurm_word, parse_mem_mb, parse_minutes, parse_minutes_or_zero, parse_seconds,
+    parse_seconds_or_zero, parse_url,
+};
 use super::{
     ApiChoice, Backend, Cluster, FeatureRequest, Limits, Problems, RestUrl, SubmitIdentity,
-    TokenSource, DEFAULT_MAX_JOBS, DEFAULT_QUEUE_TIMEOUT_S, DEFAULT_TIME_LIMIT_MIN,
+    TokenSource, DEFAULT_LINGER_S, DEFAULT_MAX_JOBS, DEFAULT_QUEUE_TIMEOUT_S,
+    DEFAULT_REUSE_TIME_MIN, DEFAULT_TIME_LIMIT_MIN,
 };
 use crate::error::Failure;
 
@@ -43,20 +47,20 @@ pub(super) fn validate(
     if max_jobs == 0 {
         return Err(problems.at("max_jobs", "0: expected at least 1"));
     }
-    let time_limit_min = optional(
-        rc.time_limit.as_ref(),
-        parse_minutes,
-        "time_limit",
+    let Durations {
+        time_limit_min,
+        queue_timeout_s,
+        linger_s,
+        reuse_time_min,
+    } = durations(
+        [
+            &rc.time_limit,
+            &rc.queue_timeout,
+            &rc.linger,
+            &rc.reuse_time,
+        ],
         problems,
-    )?
-    .unwrap_or(DEFAULT_TIME_LIMIT_MIN);
-    let queue_timeout_s = optional(
-        rc.queue_timeout.as_ref(),
-        parse_seconds,
-        "queue_timeout",
-        problems,
-    )?
-    .unwrap_or(DEFAULT_QUEUE_TIMEOUT_S);
+    )?;
     let limits = limits(&rc.limits, time_limit_min, problems)?;
     for (key, value) in [
         ("partition", &rc.partition),
@@ -86,6 +90,8 @@ pub(super) fn validate(
         max_jobs,
         time_limit_min,
         queue_timeout_s,
+        linger_s,
+        reuse_time_min,
         limits,
         features: rc.features,
         priority: rc.priority.unwrap_or(0),
@@ -139,6 +145,43 @@ fn is_user_name(name: &str) -> bool {
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+}
+
+/// A cluster's durations, each with its default.
+struct Durations {
+    time_limit_min: u32,
+    queue_timeout_s: u64,
+    linger_s: u64,
+    reuse_time_min: u32,
+}
+
+/// `keys`: `time_limit`, `queue_timeout`, `linger`, `reuse_time` as written.
+fn durations(keys: [&Option<NumberOrText>; 4], problems: &Problems) -> Result<Durations, Failure> {
+    let [time_limit, queue_timeout, linger, reuse_time] = keys;
+    let time_limit_min = optional(time_limit.as_ref(), parse_minutes, "time_limit", problems)?
+        .unwrap_or(DEFAULT_TIME_LIMIT_MIN);
+    let queue_timeout_s = optional(
+        queue_timeout.as_ref(),
+        parse_seconds,
+        "queue_timeout",
+        problems,
+    )?
+    .unwrap_or(DEFAULT_QUEUE_TIMEOUT_S);
+    let linger_s = optional(linger.as_ref(), parse_seconds_or_zero, "linger", problems)?
+        .unwrap_or(DEFAULT_LINGER_S);
+    let reuse_time_min = optional(
+        reuse_time.as_ref(),
+        parse_minutes_or_zero,
+        "reuse_time",
+        problems,
+    )?
+    .unwrap_or(DEFAULT_REUSE_TIME_MIN);
+    Ok(Durations {
+        time_limit_min,
+        queue_timeout_s,
+        linger_s,
+        reuse_time_min,
+    })
 }
 
 /// A value that may be absent, parsed when present.

@@ -254,6 +254,13 @@ pub struct Cluster {
     pub time_limit_min: u32,
     /// How long to wait for a submitted job to start running, in seconds.
     pub queue_timeout_s: u64,
+    /// Seconds a job waits, idle in the pool, for another build after its
+    /// last one; 0: one job per build (`docs/pool.md`).
+    pub linger_s: u64,
+    /// Minutes a pooled job is asked for beyond the time its first build
+    /// needs, so that later builds fit in what is left (capped by
+    /// `limits.max_time`).
+    pub reuse_time_min: u32,
     pub limits: Limits,
     /// requiredSystemFeature → what to ask Slurm for.
     pub features: BTreeMap<String, FeatureRequest>,
@@ -306,7 +313,7 @@ pub struct FeatureRequest {
 }
 
 /// How to reach the nodes.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ssh {
     /// The login user on the nodes; the cluster's `user` when unset.
     pub user: Option<String>,
@@ -316,7 +323,25 @@ pub struct Ssh {
     pub config_file: Option<PathBuf>,
     /// Extra `-o` options, as `Key=Value`.
     pub options: Vec<String>,
+    /// How many sessions one ssh connection may carry at once: the nodes'
+    /// sshd `MaxSessions`.
+    pub max_sessions: u32,
 }
+
+impl Default for Ssh {
+    fn default() -> Ssh {
+        Ssh {
+            user: None,
+            identity: None,
+            config_file: None,
+            options: Vec::new(),
+            max_sessions: DEFAULT_MAX_SESSIONS,
+        }
+    }
+}
+
+/// sshd's own default for `MaxSessions`.
+const DEFAULT_MAX_SESSIONS: u32 = 10;
 
 /// Where things are on the nodes, and how long the job waits.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -355,6 +380,8 @@ const DEFAULT_MAX_OUTPUT_SIZE: u64 = 64 << 30;
 const DEFAULT_MAX_JOBS: u32 = 64;
 const DEFAULT_TIME_LIMIT_MIN: u32 = 4 * 60;
 const DEFAULT_QUEUE_TIMEOUT_S: u64 = 3600;
+const DEFAULT_LINGER_S: u64 = 60;
+const DEFAULT_REUSE_TIME_MIN: u32 = 60;
 
 /// A value in the configuration file that is missing or wrong.
 #[derive(Debug, Clone)]
@@ -568,7 +595,11 @@ fn ssh_settings(raw: raw::RawSsh, problems: &Problems) -> Result<Ssh, Failure> {
         identity: raw.identity,
         config_file: raw.config_file,
         options: raw.options,
+        max_sessions: raw.max_sessions.unwrap_or(DEFAULT_MAX_SESSIONS),
     };
+    if ssh.max_sessions == 0 {
+        return Err(problems.at("ssh.max_sessions", "0: expected at least 1"));
+    }
     for (i, option) in ssh.options.iter().enumerate() {
         if !option.contains('=') || option.starts_with('-') {
             return Err(problems.at(

@@ -44,6 +44,8 @@ pub(super) struct RawCluster {
     pub(super) max_jobs: Option<u32>,
     pub(super) time_limit: Option<NumberOrText>,
     pub(super) queue_timeout: Option<NumberOrText>,
+    pub(super) linger: Option<NumberOrText>,
+    pub(super) reuse_time: Option<NumberOrText>,
     #[serde(default)]
     pub(super) limits: RawLimits,
     #[serde(default)]
@@ -85,6 +87,7 @@ pub(super) struct RawSsh {
     pub(super) config_file: Option<PathBuf>,
     #[serde(default)]
     pub(super) options: Vec<String>,
+    pub(super) max_sessions: Option<u32>,
 }
 
 #[derive(Deserialize, Default)]

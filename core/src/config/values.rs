@@ -184,6 +184,25 @@ pub(super) fn parse_seconds(v: &NumberOrText) -> Result<u64, BadValue> {
     }
 }
 
+/// Seconds as [`parse_seconds`] reads them, where 0 is allowed too (it
+/// switches something off: `linger = 0`).
+pub(super) fn parse_seconds_or_zero(v: &NumberOrText) -> Result<u64, BadValue> {
+    match v {
+        NumberOrText::Number(0) => Ok(0),
+        NumberOrText::Text(s) if s.trim() == "0" => Ok(0),
+        _ => parse_seconds(v),
+    }
+}
+
+/// Minutes as [`parse_minutes`] reads them, where 0 is allowed too.
+pub(super) fn parse_minutes_or_zero(v: &NumberOrText) -> Result<u32, BadValue> {
+    match v {
+        NumberOrText::Number(0) => Ok(0),
+        NumberOrText::Text(s) if s.trim() == "0" => Ok(0),
+        _ => parse_minutes(v),
+    }
+}
+
 /// Memory in MB: a plain number of MB, or `"512M"`, `"16G"`, `"1T"` (binary
 /// units, as Slurm reads them).
 pub fn parse_mem_mb_text(s: &str) -> Option<u64> {

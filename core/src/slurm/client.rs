@@ -34,6 +34,27 @@ impl Slurm {
         }
     }
 
+    /// The cluster's Slurm as an earlier tool found it (a ticket's
+    /// `alloc.api` and `alloc.slurm`): nothing is asked of the server until
+    /// a job is (no version probe per build). Without both, or with a
+    /// version this nsh does not speak, as [`Slurm::connect`].
+    pub fn resume(
+        cluster: &Cluster,
+        api: Option<&str>,
+        release: Option<&str>,
+    ) -> Result<Slurm, Failure> {
+        let known = api.and_then(|a| a.parse::<ApiVersion>().ok()).zip(release);
+        match (cluster.backend, known) {
+            (Backend::Rest, Some((version, release))) => {
+                let mut client = RestClient::unconnected(cluster)?;
+                client.version = version;
+                client.release = Some(release.to_string());
+                Ok(Slurm::Rest(client))
+            }
+            _ => Slurm::connect(cluster),
+        }
+    }
+
     pub fn submit(&self, req: &JobRequest) -> Result<u64, Failure> {
         match self {
             Slurm::Rest(client) => client.submit(req),
@@ -173,21 +194,26 @@ pub struct RestClient {
 }
 
 impl RestClient {
-    pub fn connect(cluster: &Cluster) -> Result<RestClient, Failure> {
+    /// The client of `cluster`, its version not settled yet.
+    fn unconnected(cluster: &Cluster) -> Result<RestClient, Failure> {
         let url = cluster.url.clone().ok_or_else(|| {
             Failure::config(format!(
                 "cluster {}: the rest backend needs a url",
                 cluster.name
             ))
         })?;
-        let mut client = RestClient {
+        Ok(RestClient {
             url,
             version: ApiVersion::V0038,
             release: None,
             user: cluster.user.clone(),
             token: cluster.token.clone(),
             token_only: std::cell::Cell::new(false),
-        };
+        })
+    }
+
+    pub fn connect(cluster: &Cluster) -> Result<RestClient, Failure> {
+        let mut client = RestClient::unconnected(cluster)?;
         let started = Instant::now();
         client.version = match cluster.api {
             ApiChoice::Fixed(v) => v,
@@ -490,6 +516,47 @@ mod tests {
         assert!(
             last.contains("X-SLURM-USER-TOKEN: tok\r\n") && !last.contains("X-SLURM-USER-NAME")
         );
+    }
+
+    /// A later tool resumes the connection from the ticket: no version
+    /// probe and no ping, only the job query it needs, with the headers of
+    /// the release the ticket names; without the ticket's words, it asks.
+    #[test]
+    fn a_resumed_connection_asks_nothing_until_a_job_is_asked_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("s");
+        let token = dir.path().join("jwt");
+        std::fs::write(&token, "SLURM_JWT=tok\n").unwrap();
+        let seen = server(
+            &socket,
+            vec![
+                ("GET /slurm/v0.0.42/ping/", 200, PING_2511.into()),
+                (
+                    "GET /slurm/v0.0.42/job/7",
+                    200,
+                    r#"{"jobs":[{"job_id":7,"job_state":["RUNNING"]}],"errors":[]}"#.into(),
+                ),
+            ],
+        );
+        let extra = format!("user = \"u\"\ntoken_file = \"{}\"\n", token.display());
+        let c = cluster(&socket, &extra);
+        let slurm = Slurm::resume(&c, Some("v0.0.42"), Some("25.11.2")).unwrap();
+        assert!(seen.lock().unwrap().is_empty(), "nothing asked yet");
+        slurm.job(7).unwrap();
+        {
+            let seen = seen.lock().unwrap();
+            assert_eq!(seen.len(), 1, "{seen:?}");
+            assert!(seen[0].starts_with("GET /slurm/v0.0.42/job/7 "));
+            assert!(
+                !seen[0].contains("X-SLURM-USER-NAME"),
+                "25.11: the token alone"
+            );
+        }
+        // An unknown version in the ticket: connected as usual.
+        let unknown = Slurm::resume(&c, Some("v9.9.9"), Some("25.11.2"));
+        assert!(unknown.is_ok());
+        let seen = seen.lock().unwrap();
+        assert!(seen[1].starts_with("GET /openapi/v3 "), "{seen:?}");
     }
 
     #[test]

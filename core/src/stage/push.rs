@@ -135,6 +135,10 @@ pub fn push(
         retry::transient(|| push_once(&closure, &mut alloc, config, &local, method, progress));
     // The master's socket is worth recording even when the push failed: the
     // next tool (or the hook's cleanup) closes it.
+    if outcome.is_ok() {
+        // The whole closure is on the node now (for the pool's locality).
+        crate::stage::alloc::pooled::note_paths(config, &alloc, &closure);
+    }
     ticket.alloc = Some(alloc);
     let (copied, bytes) = outcome?;
     Ok(PushSection {
@@ -158,7 +162,7 @@ fn push_once(
     if closure.is_empty() {
         return Ok((0, 0));
     }
-    let ssh = Ssh::ensure_master(alloc, &config.ssh_for(&alloc.cluster))?;
+    let ssh = Ssh::ensure_master(alloc, config)?;
     let lock_path = node_lock_path(alloc, &ssh)?;
     let _lock = FileLock::acquire(&lock_path).map_err(|e| match e {
         LockError::Open(_) => {

@@ -8,24 +8,39 @@
 //! `srun --jobid=<job> --overlap` transport, which carries the same bytes,
 //! behind the same few calls.
 //!
-//! One connection per node is shared by the tools of a ticket: the first tool
-//! that needs the node starts an ssh ControlMaster ([`Ssh::ensure_master`])
-//! whose socket is recorded in the ticket (`alloc.control`); later tools
-//! multiplex over it, and the last one (or `nsh-hook`) closes it. The master
+//! One connection per node (per cluster and node, not per job: it outlives
+//! builds and jobs) is shared by every tool and every build on that node:
+//! the first tool that needs the node starts an ssh ControlMaster
+//! ([`Ssh::ensure_master`]) in the private runtime directory
+//! (`<runtime>/ssh/<cluster>-<user@node>`, recorded in the ticket as
+//! `alloc.control`); later tools multiplex over it, and it ends by itself
+//! `ControlPersist` seconds after its last use (at least the cluster's
+//! `linger`, so that a pooled job's next build finds it open). The master
 //! runs detached with its stdio on /dev/null, so that it never holds a pipe a
 //! caller (a Nix daemon waiting for EOF) is reading.
+//!
+//! sshd carries at most `MaxSessions` (default 10) sessions per connection.
+//! Each tool process holds one session slot, a `flock` on
+//! `<cluster>-<user@node>.session-<s>`, for as long as it talks to the node
+//! (a tool runs one remote command at a time); slot `s` uses master number
+//! `s / max_sessions`, so the eleventh concurrent tool on a node opens a
+//! second master (`<cluster>-<user@node>-1`) instead of being refused.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 
-use crate::config;
+use crate::config::{self, Config};
 use crate::error::{Failure, ResultExt};
+use crate::runtime;
+use crate::sys::flock::{FileLock, LockError};
 use crate::ticket::AllocSection;
 use crate::Kind;
 
-/// How long an idle master connection stays open after its last user.
-pub const CONTROL_PERSIST_SECS: u32 = 120;
+/// How long an idle master connection stays open after its last user, at
+/// least (a cluster's `linger` may make it longer).
+pub const CONTROL_PERSIST_SECS: u64 = 120;
 
 /// The ssh transport to one node.
 #[derive(Debug, Clone)]
@@ -33,15 +48,21 @@ pub struct Ssh {
     destination: String,
     control: Option<PathBuf>,
     settings: config::Ssh,
+    /// The session slot this process holds on `control` (sshd's
+    /// MaxSessions), released when the last clone is dropped.
+    _session: Option<Arc<FileLock>>,
 }
 
 impl Ssh {
-    /// The transport for a ticket's allocation.
+    /// The transport for a ticket's allocation, over the master the ticket
+    /// names (if any), holding no session slot: for a command that must run
+    /// even when the slots are busy.
     pub fn for_alloc(alloc: &AllocSection, settings: &config::Ssh) -> Ssh {
         Ssh {
             destination: alloc.ssh.clone(),
             control: alloc.control.as_ref().map(PathBuf::from),
             settings: settings.clone(),
+            _session: None,
         }
     }
 
@@ -51,6 +72,7 @@ impl Ssh {
             destination: destination.to_string(),
             control: None,
             settings: settings.clone(),
+            _session: None,
         }
     }
 
@@ -60,8 +82,9 @@ impl Ssh {
     }
 
     /// ssh's options (without the destination): the site's settings, then ours.
-    /// `master`: for the command that starts the shared connection.
-    fn options(&self, master: bool) -> Vec<OsString> {
+    /// `persist`: for the command that starts the shared connection, how
+    /// long it stays after its last user.
+    fn options(&self, persist: Option<u64>) -> Vec<OsString> {
         let mut args: Vec<OsString> = Vec::new();
         if let Some(file) = &self.settings.config_file {
             args.push("-F".into());
@@ -88,10 +111,10 @@ impl Ssh {
             args.push("-o".into());
             args.push(format!("ControlPath={}", control.display()).into());
             args.push("-o".into());
-            if master {
+            if let Some(persist) = persist {
                 args.push("ControlMaster=yes".into());
                 args.push("-o".into());
-                args.push(format!("ControlPersist={CONTROL_PERSIST_SECS}").into());
+                args.push(format!("ControlPersist={persist}").into());
             } else {
                 // Users of the master never become masters themselves: if the
                 // master is gone they connect directly instead of leaving a new
@@ -102,47 +125,54 @@ impl Ssh {
         args
     }
 
-    /// Makes sure a ControlMaster runs for this node, starting one if needed,
-    /// and records its socket in `alloc.control`.
-    ///
-    /// The socket lives in a private directory of the caller
-    /// (`$XDG_RUNTIME_DIR/nsh` or `/tmp/nsh-<uid>`), named by cluster and job,
-    /// short enough for the 108-byte limit on socket paths.
-    pub fn ensure_master(alloc: &mut AllocSection, settings: &config::Ssh) -> Result<Ssh, Failure> {
-        let control = match &alloc.control {
-            Some(path) => PathBuf::from(path),
-            None => control_dir()?.join(format!("{}-{}", alloc.cluster, alloc.job)),
+    /// Makes sure a ControlMaster runs for the ticket's node, starting one
+    /// if needed, takes a session slot on it for this process, and records
+    /// its socket in `alloc.control`.
+    pub fn ensure_master(alloc: &mut AllocSection, config: &Config) -> Result<Ssh, Failure> {
+        let dir = runtime::subdir("ssh")?;
+        // Named by the destination (`user@node`): it is what the master
+        // connects to.
+        let base = format!(
+            "{}-{}",
+            runtime::file_name_safe(&alloc.cluster),
+            runtime::file_name_safe(&alloc.ssh)
+        );
+        let settings = config.ssh_for(&alloc.cluster);
+        let max_sessions = settings.max_sessions.max(1);
+        let (session, master) = session_slot(&dir, &base, max_sessions)?;
+        let name = if master == 0 {
+            base.clone()
+        } else {
+            format!("{base}-{master}")
         };
+        let control = dir.join(&name);
         let ssh = Ssh {
             destination: alloc.ssh.clone(),
             control: Some(control.clone()),
-            settings: settings.clone(),
+            settings,
+            _session: Some(Arc::new(session)),
         };
-        if !ssh.master_alive() {
-            ssh.start_master()?;
+        {
+            // One starter at a time: two masters on one socket would leave
+            // the loser running without multiplexing, forever.
+            let start_lock = dir.join(format!("{name}.start"));
+            let _starting =
+                FileLock::acquire(&start_lock).map_err(|e| lock_failure(&start_lock, &e))?;
+            if !master_alive(&control) {
+                // A socket left by a master that died refuses a new one.
+                let _ = std::fs::remove_file(&control);
+                let linger = config
+                    .clusters
+                    .get(&alloc.cluster)
+                    .map_or(0, |c| c.linger_s);
+                ssh.start_master(CONTROL_PERSIST_SECS.max(linger + 60))?;
+            }
         }
         alloc.control = Some(control.display().to_string());
         Ok(ssh)
     }
 
-    fn master_alive(&self) -> bool {
-        let Some(control) = &self.control else {
-            return false;
-        };
-        if !control.exists() {
-            return false;
-        }
-        Command::new("ssh")
-            .args(self.options(false))
-            .args(["-O", "check", &self.destination])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    }
-
-    fn start_master(&self) -> Result<(), Failure> {
+    fn start_master(&self, persist: u64) -> Result<(), Failure> {
         let Some(control) = &self.control else {
             return Err(Failure::transient(format!(
                 "no control socket for an ssh master to {}",
@@ -154,7 +184,7 @@ impl Ssh {
         // it failed (a pipe would be held open by the background master).
         let errors = tempfile_in(control.parent().unwrap_or(Path::new("/tmp")))?;
         let status = Command::new("ssh")
-            .args(self.options(true))
+            .args(self.options(Some(persist)))
             .args(["-N", "-f", &self.destination])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -181,7 +211,7 @@ impl Ssh {
             return;
         }
         let _ = Command::new("ssh")
-            .args(self.options(false))
+            .args(self.options(None))
             .args(["-O", "exit", &self.destination])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -190,13 +220,41 @@ impl Ssh {
     }
 }
 
+/// Whether a master listens on `control`: a connect(2) to its socket, no
+/// process (a master that died leaves a socket nobody accepts on).
+fn master_alive(control: &Path) -> bool {
+    std::os::unix::net::UnixStream::connect(control).is_ok()
+}
+
+/// A free session slot on the node's masters: the lock that holds it, and
+/// the number of the master it belongs to.
+fn session_slot(dir: &Path, base: &str, max_sessions: u32) -> Result<(FileLock, u32), Failure> {
+    // Far more than a node ever carries at once; past it, wait for slot 0.
+    const MASTERS: u32 = 64;
+    for slot in 0..max_sessions.saturating_mul(MASTERS) {
+        let path = dir.join(format!("{base}.session-{slot}"));
+        match FileLock::try_acquire(&path) {
+            Ok(Some(lock)) => return Ok((lock, slot / max_sessions)),
+            Ok(None) => {}
+            Err(e) => return Err(lock_failure(&path, &e)),
+        }
+    }
+    let path = dir.join(format!("{base}.session-0"));
+    let lock = FileLock::acquire(&path).map_err(|e| lock_failure(&path, &e))?;
+    Ok((lock, 0))
+}
+
+fn lock_failure(path: &Path, e: &LockError) -> Failure {
+    Failure::transient(format!("locking {}: {e}", path.display()))
+}
+
 impl Ssh {
     /// A command that runs `remote` (an argv; each word is quoted for the
     /// remote shell) on the node. The caller sets up stdio and runs it.
     #[must_use]
     pub fn command(&self, remote: &[&str]) -> Command {
         let mut cmd = Command::new("ssh");
-        cmd.args(self.options(false))
+        cmd.args(self.options(None))
             .arg(&self.destination)
             .arg("--")
             .arg(remote_command_line(remote));
@@ -232,30 +290,6 @@ pub fn shell_quote(word: &str) -> String {
     } else {
         format!("'{}'", word.replace('\'', r"'\''"))
     }
-}
-
-/// A private directory for control sockets (and the tools' other small
-/// per-user state).
-pub fn control_dir() -> Result<PathBuf, Failure> {
-    let dir = match std::env::var_os("XDG_RUNTIME_DIR") {
-        Some(d) if !d.is_empty() => PathBuf::from(d).join("nsh"),
-        _ => PathBuf::from(format!("/tmp/nsh-{}", crate::sys::process::euid())),
-    };
-    std::fs::create_dir_all(&dir).or_fail(Kind::Transient, || {
-        format!("creating the ssh control directory {}", dir.display())
-    })?;
-    use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    let meta = std::fs::metadata(&dir)
-        .or_fail(Kind::Transient, || format!("reading {}", dir.display()))?;
-    if meta.uid() != crate::sys::process::euid() {
-        return Err(Failure::config(format!(
-            "{} belongs to another user; refusing to put ssh control sockets there",
-            dir.display()
-        )));
-    }
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
-        .or_fail(Kind::Transient, || format!("chmod 0700 {}", dir.display()))?;
-    Ok(dir)
 }
 
 /// A new file for ssh's stderr, and its path.

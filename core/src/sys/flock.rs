@@ -91,6 +91,22 @@ impl FileLock {
         lock_exclusive(&file, Wait::Block).map_err(LockError::Lock)?;
         Ok(FileLock { _file: file })
     }
+
+    /// Opens (or creates) `path` and takes its lock if it is free; `None`
+    /// when another holder has it.
+    ///
+    /// # Errors
+    /// Opening the file or locking it; the error says which.
+    pub fn try_acquire(path: &std::path::Path) -> Result<Option<FileLock>, LockError> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .map_err(LockError::Open)?;
+        let held = lock_exclusive(&file, Wait::DontWait).map_err(LockError::Lock)?;
+        Ok(held.then_some(FileLock { _file: file }))
+    }
 }
 
 /// Why a [`FileLock`] could not be taken.

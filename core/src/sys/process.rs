@@ -21,6 +21,25 @@ pub fn uid() -> u32 {
     rustix::process::getuid().as_raw()
 }
 
+/// This process's parent's id.
+#[must_use]
+pub fn parent_pid() -> u32 {
+    std::os::unix::process::parent_id()
+}
+
+/// When process `pid` started, in clock ticks since boot (`/proc/<pid>/stat`
+/// field 22): with the pid, it names one process, never a later one that
+/// got the same pid. `None` when there is no such process.
+#[must_use]
+pub fn start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold anything,
+    // spaces and parentheses too: the fields after it follow its last ')'.
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    // Field 3 (the state) is the first after the name; 22 is 19 further.
+    after_name.split_whitespace().nth(19)?.parse().ok()
+}
+
 /// This process's user name (its uid when it has none).
 #[must_use]
 pub fn user_name() -> String {

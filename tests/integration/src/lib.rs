@@ -133,6 +133,39 @@ impl Cluster {
             .expect("ssh runs")
     }
 
+    /// The same cluster with `lines` added to its `[cluster.test]` table
+    /// (e.g. `linger = 0`): `nsh_config()`, `envs()` and `command()` then
+    /// use that configuration, written once per test process beside the
+    /// cluster's own.
+    #[must_use]
+    pub fn with_cluster_keys(mut self, lines: &str) -> Cluster {
+        use std::hash::{Hash, Hasher};
+        let text = std::fs::read_to_string(self.nsh_config()).expect("the cluster's nsh.toml");
+        assert!(
+            text.contains("[cluster.test]\n"),
+            "no [cluster.test] in nsh.toml"
+        );
+        let text = text.replacen("[cluster.test]\n", &format!("[cluster.test]\n{lines}\n"), 1);
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        text.hash(&mut hasher);
+        let name = format!("nsh-{}-{:x}.toml", std::process::id(), hasher.finish());
+        let path = std::env::temp_dir().join(name);
+        if !path.exists() {
+            let tmp = path.with_extension(format!("tmp{:?}", std::thread::current().id()));
+            std::fs::write(&tmp, text).expect("writing a configuration");
+            std::fs::rename(&tmp, &path).expect("renaming a configuration");
+        }
+        self.info["config"] = path.display().to_string().into();
+        self
+    }
+
+    /// The cluster as it was before allocation reuse: one Slurm job per
+    /// build (`linger = 0`), for the tests of a job's own life.
+    #[must_use]
+    pub fn one_job_per_build(self) -> Cluster {
+        self.with_cluster_keys("linger = 0")
+    }
+
     /// Where `tests/cluster` is.
     pub fn repo_root() -> &'static Path {
         Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))

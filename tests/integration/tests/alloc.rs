@@ -96,6 +96,11 @@ fn job_state(c: &Cluster, job: u64) -> String {
         .to_string()
 }
 
+/// Rings a job's doorbell (`sh -c RING sh W/wake`, as a shell command
+/// prefix: `{RING} W/wake`): one line into the FIFO, opened read-write so
+/// that it never blocks. A writer puts its file, then rings.
+const RING: &str = "sh -c 'printf \"r\\n\" 1<>\"$1\"' sh";
+
 fn await_state(c: &Cluster, job: u64, want: &[&str], within: Duration) -> String {
     let start = Instant::now();
     loop {
@@ -150,7 +155,7 @@ fn shared_tempdir() -> tempfile::TempDir {
 
 #[test]
 fn rest_lands_on_the_big_node_and_release_ends_the_job() {
-    let c = Cluster::get();
+    let c = Cluster::get().one_job_per_build();
     let (status, stdout, stderr) = run(&c, None, &[], &ticket(&["big"]));
     assert_eq!(status, 0, "{stderr}");
     let token = c.token();
@@ -184,7 +189,9 @@ fn rest_lands_on_the_big_node_and_release_ends_the_job() {
     // `release` ends it: COMPLETED, work dir gone.
     let out = c.ssh(
         node,
-        &format!("touch {work}/release.tmp && mv {work}/release.tmp {work}/release"),
+        &format!(
+            "touch {work}/release.tmp && mv {work}/release.tmp {work}/release && {RING} {work}/wake"
+        ),
     );
     assert!(out.status.success());
     await_state(&c, job, &["COMPLETED"], Duration::from_secs(10));
@@ -193,7 +200,7 @@ fn rest_lands_on_the_big_node_and_release_ends_the_job() {
 
 #[test]
 fn rest_cancel_ends_the_job_and_removes_its_work_dir() {
-    let c = Cluster::get();
+    let c = Cluster::get().one_job_per_build();
     let (status, stdout, stderr) = run(&c, None, &[], &ticket(&[]));
     assert_eq!(status, 0, "{stderr}");
     let t = parse(&stdout);
@@ -201,41 +208,10 @@ fn rest_cancel_ends_the_job_and_removes_its_work_dir() {
     let node = t["alloc"]["node"].as_str().unwrap().to_string();
     let work = t["alloc"]["work"].as_str().unwrap().to_string();
 
-    // A ControlMaster as the other tools would have left it.
-    let dir = shared_tempdir();
-    let control = dir.path().join("cm");
-    let master = Command::new("ssh")
-        .args([
-            "-F",
-            &c.ssh_config(),
-            "-o",
-            "ControlMaster=yes",
-            "-o",
-            "ControlPersist=60",
-        ])
-        .arg("-o")
-        .arg(format!("ControlPath={}", control.display()))
-        .args(["-f", "-N", &node])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(master.success());
-    assert!(control.exists());
-    let mut t = t;
-    t["alloc"]["control"] = Value::String(control.display().to_string());
-
+    // (The node's ssh master is shared by every build there and outlives
+    // jobs: a cancel leaves it; transport.rs tests it.)
     let (status, out, stderr) = run(&c, None, &["--cancel"], &t.to_string());
     assert_eq!(status, 0, "{stderr}");
-    let start = Instant::now();
-    while control.exists() {
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "the ControlMaster stays"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
     let cancelled = parse(&out);
     assert_eq!(cancelled["alloc"]["cancelled"], true);
     assert_eq!(cancelled["alloc"]["job"], job);
@@ -252,7 +228,7 @@ fn rest_cancel_ends_the_job_and_removes_its_work_dir() {
 
 #[test]
 fn cli_backend_as_the_build_user() {
-    let c = Cluster::get();
+    let c = Cluster::get().one_job_per_build();
     let dir = shared_tempdir();
     let config = config_with(&c, dir.path(), "cli.toml", |t| {
         t.replace("backend = \"rest\"", "backend = \"cli\"")
@@ -284,7 +260,7 @@ fn cli_backend_as_the_build_user() {
 
 #[test]
 fn a_refused_token_is_a_config_error_naming_the_key_and_never_printed() {
-    let c = Cluster::get();
+    let c = Cluster::get().one_job_per_build();
     let dir = shared_tempdir();
     let canary = "nsh-canary-token-5f1d2c";
     let token_file = dir.path().join("bad.jwt");
@@ -378,7 +354,8 @@ fn what_slurm_refuses_is_a_config_error_naming_the_key_and_value() {
 /// the key) unless `allow_root = true`.
 #[test]
 fn cli_backend_run_by_root_submits_as_the_build_account() {
-    let c = Cluster::get();
+    // One job per build: the cancel ends the job rather than pooling it.
+    let c = Cluster::get().one_job_per_build();
     let dir = shared_tempdir();
     let user = c.user();
     let as_root = config_with(&c, dir.path(), "cli-root.toml", |t| {
@@ -422,7 +399,7 @@ fn cli_backend_run_by_root_submits_as_the_build_account() {
 
 #[test]
 fn nothing_fits_and_bad_config() {
-    let c = Cluster::get();
+    let c = Cluster::get().one_job_per_build();
     let (status, stdout, _) = run(&c, None, &[], &ticket(&["kvm"]));
     assert_eq!(status, 65);
     assert!(parse(&stdout)["error"]["message"]
@@ -446,7 +423,7 @@ fn nothing_fits_and_bad_config() {
 /// interrupted by SIGTERM while pending (cancelled).
 #[test]
 fn queue_timeout_and_signals_cancel_the_pending_job() {
-    let c = Cluster::get();
+    let c = Cluster::get().one_job_per_build();
     let dir = shared_tempdir();
     let config = config_with(&c, dir.path(), "full.toml", |t| {
         t.replace(
@@ -522,7 +499,7 @@ fn queue_timeout_and_signals_cancel_the_pending_job() {
 #[test]
 fn rest_over_a_unix_socket_with_local_auth() {
     use std::os::unix::process::CommandExt;
-    let c = Cluster::get();
+    let c = Cluster::get().one_job_per_build();
     let user = c.user();
     let id = |flag: &str| -> u32 {
         run_ok(Command::new("id").args([flag, &user]))
@@ -589,7 +566,7 @@ fn rest_over_a_unix_socket_with_local_auth() {
 /// the sentinel with the ticket's nonce, the status file, and release.
 #[test]
 fn the_job_serves_a_request_with_the_nodes_nix_store() {
-    let c = Cluster::get();
+    let c = Cluster::get().one_job_per_build();
     let (status, stdout, stderr) = run(&c, None, &[], &ticket(&[]));
     assert_eq!(status, 0, "{stderr}");
     let t = parse(&stdout);
@@ -605,7 +582,7 @@ fn the_job_serves_a_request_with_the_nodes_nix_store() {
     let mut put = Command::new("ssh")
         .args(["-F", &c.ssh_config(), node])
         .arg(format!(
-            "mkdir -p -m 0700 {work} && cat > {work}/request.1.tmp && mv {work}/request.1.tmp {work}/request.1"
+            "mkdir -p -m 0700 {work} && cat > {work}/request.1.tmp && mv {work}/request.1.tmp {work}/request.1 && {RING} {work}/wake"
         ))
         .stdin(Stdio::piped())
         .spawn()
@@ -647,7 +624,7 @@ fn the_job_serves_a_request_with_the_nodes_nix_store() {
 /// reach Slurm as asked, through both backends.
 #[test]
 fn resources_and_time_limits_reach_slurm() {
-    let c = Cluster::get();
+    let c = Cluster::get().one_job_per_build();
     let dir = shared_tempdir();
     let cli = config_with(&c, dir.path(), "cli.toml", |t| {
         t.replace("backend = \"rest\"", "backend = \"cli\"")
@@ -702,7 +679,7 @@ fn resources_and_time_limits_reach_slurm() {
 /// in the cluster's state directory, for the matrix `scripts/test` prints.
 #[test]
 fn every_rest_api_version_the_server_offers_submits_reads_and_cancels() {
-    let c = Cluster::get();
+    let c = Cluster::get().one_job_per_build();
     let offered = c.rest_versions();
     assert!(!offered.is_empty(), "slurmrestd serves no version");
     let dir = shared_tempdir();
@@ -819,7 +796,8 @@ fn unrelated_ca(dir: &Path) -> String {
 /// is not there, is configuration (78) naming the problem.
 #[test]
 fn rest_over_https_checks_the_server_and_ignores_proxies() {
-    let c = Cluster::get();
+    let c = Cluster::get().one_job_per_build();
+    // One job per build: the cancel ends the job (a pooled one would go back to the pool).
     let dir = shared_tempdir();
     let with_ca = |name: &str, ca: &str| {
         config_with(&c, dir.path(), name, |t| {

@@ -43,6 +43,8 @@ fn the_dag_benchmark_builds_through_every_mode_and_its_figures_agree() {
         .env("DAG_WIDTH", "2")
         .env("DAG_DEPTH", "2")
         .env("BIG_MB", "1")
+        // The reuse modes wait for their jobs to leave after linger.
+        .env("LINGER", "5")
         .env("NSH_BIN", &tools)
         .env("BENCH_DIR", bench_dir.path())
         .output()
@@ -78,8 +80,19 @@ fn the_dag_benchmark_builds_through_every_mode_and_its_figures_agree() {
         assert_eq!(row[2], row[4], "{mode}: fetched per local store vs tickets");
         assert!(row[2].starts_with("8 / "), "{mode}: {row:?}");
     }
-    // Nothing is pushed again when the nodes have every input.
-    assert_eq!(moved["nsh-rebuild"][0], "0 / 0.0", "{report}");
+    // The nodes keep what the first build put there: the rebuild pushes
+    // only what a build placed on the other node than before lacks (with
+    // the pool, a new job goes where Slurm puts it), never the DAG again.
+    let paths_and_mib = |cell: &str| -> (u32, f64) {
+        let (paths, mib) = cell.split_once(" / ").unwrap();
+        (paths.parse().unwrap(), mib.parse().unwrap())
+    };
+    let (pushed, pushed_mib) = paths_and_mib(&moved["nsh-rebuild"][0]);
+    let (fetched, fetched_mib) = paths_and_mib(&moved["nsh-rebuild"][2]);
+    assert!(
+        pushed < fetched && pushed_mib < fetched_mib,
+        "the rebuild pushed the DAG again: {report}"
+    );
 
     // The per-stage split comes from one final ticket per build.
     let split = table(&report, "| mode | builds | total |");
@@ -93,6 +106,19 @@ fn the_dag_benchmark_builds_through_every_mode_and_its_figures_agree() {
         assert_eq!(t["hook"]["exit"], 0, "{line}");
         assert_eq!(t["hook"]["stages"].as_object().unwrap().len(), 5, "{line}");
         assert!(t["alloc"]["job"].as_u64().unwrap() > 0, "{line}");
+    }
+
+    // With the pool, a few jobs served the builds and left by themselves
+    // after linger.
+    let slurm = table(&report, "| mode | builds | Slurm jobs |");
+    for mode in ["nsh", "nsh-rebuild", "nsh-daemon"] {
+        let row = &slurm[mode];
+        let jobs: u32 = row[1].parse().unwrap();
+        assert!(
+            (1..8).contains(&jobs),
+            "{mode}: {jobs} jobs for 8 builds: {report}"
+        );
+        assert!(row[5].starts_with("0 "), "{mode}: jobs left: {report}");
     }
 
     // Peak memory was recorded for the hook and every tool.

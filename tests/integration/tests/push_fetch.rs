@@ -203,15 +203,6 @@ fn local_valid(c: &Cluster, paths: &[String]) -> bool {
         .success()
 }
 
-fn close_master(ticket: &Value) {
-    if let Some(control) = ticket["alloc"]["control"].as_str() {
-        let _ = Command::new("ssh")
-            .args(["-o", &format!("ControlPath={control}"), "-O", "exit", NODE])
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
 /// Held by the test that copies 256 MiB paths and by the one that times a
 /// re-push: on two cores the copy's hashing and ssh would be measured too.
 static HEAVY_COPY: Mutex<()> = Mutex::new(());
@@ -255,7 +246,6 @@ fn push_copies_what_is_missing_and_a_repush_moves_nothing() {
         "{:?}",
         started.elapsed()
     );
-    close_master(&again);
 }
 
 #[test]
@@ -269,7 +259,6 @@ fn every_push_method_copies_the_closure() {
         assert_eq!(out["push"]["copied"], 2, "{method}");
         assert!(out["push"]["bytes"].as_u64().unwrap() > 100_000);
         assert!(node_valid(&c, &closure) && node_verified(&c, &closure));
-        close_master(&out);
     }
 }
 
@@ -285,7 +274,6 @@ fn a_path_missing_locally_is_bad_input_naming_it() {
     let message = out["error"]["message"].as_str().unwrap();
     assert!(message.contains(&absent), "{message}");
     assert_eq!(out["error"]["stage"], "push");
-    close_master(&out);
 }
 
 #[test]
@@ -343,8 +331,6 @@ fn two_pushes_of_the_same_paths_copy_them_once() {
     let copied = t1["push"]["copied"].as_u64().unwrap() + t2["push"]["copied"].as_u64().unwrap();
     assert_eq!(copied, 2, "{t1}\n{t2}");
     assert!(node_valid(&c, &closure));
-    close_master(&t1);
-    close_master(&t2);
 }
 
 /// The pids of `parent`'s ssh children that carry a serve conversation (not
@@ -422,14 +408,13 @@ fn a_connection_killed_mid_copy_leaves_no_invalid_path_and_a_repush_completes() 
     };
     std::thread::sleep(Duration::from_millis(300));
     kill9(victim);
-    let (code, out, stderr) = parse(&wait_bounded(child, Duration::from_secs(120)));
+    let (code, _, stderr) = parse(&wait_bounded(child, Duration::from_secs(120)));
     assert_eq!(code, 0, "{stderr}");
     assert!(
         stderr.contains("trying again"),
         "the copy was not cut:\n{stderr}"
     );
     assert!(node_valid(&c, &closure) && node_verified(&c, &closure));
-    close_master(&out);
 
     // Kill every connection it makes: it gives up with 75, and the path it
     // was sending is not valid on the node. With ImportPaths (the node holds
@@ -452,10 +437,9 @@ fn a_connection_killed_mid_copy_leaves_no_invalid_path_and_a_repush_completes() 
         }
 
         // And a push now completes.
-        let (code, out, stderr) = run_tool(&c, "nsh-push", &[], &out_without_error(out));
+        let (code, _, stderr) = run_tool(&c, "nsh-push", &[], &out_without_error(out));
         assert_eq!(code, 0, "{method}: {stderr}");
         assert!(node_valid(&c, &closure) && node_verified(&c, &closure));
-        close_master(&out);
     }
 }
 
@@ -569,20 +553,20 @@ fn fetch_with_a_held_lock(method: &str) {
     let data = std::fs::read(format!("{out_path}/data")).unwrap();
     assert_eq!(data.len(), 1_000_000);
 
-    // The job was released and the connection closed.
+    // The job was released (it is in no pool).
     assert!(c
         .ssh(NODE, &format!("test -e {work}/release"))
         .status
         .success());
+    // The node's ssh master stays for the next build on that node.
     let control = out["alloc"]["control"].as_str().unwrap();
-    assert!(!Path::new(control).exists(), "the ssh master is still open");
+    assert!(Path::new(control).exists(), "the node's ssh master is gone");
     let _ = c.ssh(NODE, &format!("rm -rf {work}"));
 
     // Fetching again finds everything present.
     let (code, again, stderr) = run_tool(&c, "nsh-fetch", &["--keep-job"], &t);
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(again["fetch"]["paths"], json!([]));
-    close_master(&again);
 }
 
 #[test]
@@ -643,7 +627,6 @@ fn a_corrupt_path_on_the_node_leaves_nothing_behind() {
             Vec::<String>::new(),
             "{method}: {stderr}"
         );
-        close_master(&out);
     }
 }
 
@@ -652,7 +635,9 @@ fn a_corrupt_path_on_the_node_leaves_nothing_behind() {
 /// output comes back valid, and the job ends once nsh-fetch released it.
 #[test]
 fn the_whole_pipeline_builds_on_a_node_and_the_job_ends() {
-    let c = Cluster::get();
+    // One job per build: this is about the job's own end (pool.rs has the
+    // pooled pipeline).
+    let c = Cluster::get().one_job_per_build();
     let salt = unique_salt();
     let expr = format!(
         r#"let a = builtins.derivation {{
@@ -789,7 +774,6 @@ fn fetch_is_refused(c: &Cluster, config: &Path, built: &dyn Fn() -> NodeBuild, w
             "{method}"
         );
         assert_eq!(leftovers_of(&built.out), Vec::<String>::new(), "{method}");
-        close_master(&out);
     }
 }
 

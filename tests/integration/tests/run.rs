@@ -58,7 +58,7 @@ struct Job {
 
 impl Drop for Job {
     fn drop(&mut self) {
-        let c = Cluster::get();
+        let c = Cluster::get().one_job_per_build();
         let _ = slurm_cmd(&c, "scancel", &[&self.id.to_string()]);
     }
 }
@@ -84,8 +84,13 @@ struct Running {
 }
 
 fn start_run(c: &Cluster, ticket: &Value) -> Running {
+    start_run_with(c, ticket, &[])
+}
+
+fn start_run_with(c: &Cluster, ticket: &Value, envs: &[(&str, &std::path::Path)]) -> Running {
     let mut child = c
         .command(nsh_tool("nsh-run"))
+        .envs(envs.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -187,7 +192,7 @@ fn assert_job_ends_clean(c: &Cluster, job: &Job, within: Duration) {
 #[test]
 fn a_multi_output_build() {
     let _shared = shared();
-    let c = Cluster::get();
+    let c = Cluster::get().one_job_per_build();
     let drv = sh_drv(
         &c,
         "nsh-run-multi",
@@ -228,7 +233,7 @@ fn a_multi_output_build() {
 #[test]
 fn a_failing_build_reports_nix_error_and_its_log_and_leaves_the_node_clean() {
     let _shared = shared();
-    let c = Cluster::get();
+    let c = Cluster::get().one_job_per_build();
     let drv = sh_drv(
         &c,
         "nsh-run-fails",
@@ -268,7 +273,7 @@ fn a_failing_build_reports_nix_error_and_its_log_and_leaves_the_node_clean() {
 #[test]
 fn a_hundred_thousand_lines_arrive_in_order_on_the_log_fd() {
     let _shared = shared();
-    let c = Cluster::get();
+    let c = Cluster::get().one_job_per_build();
     let drv = sh_drv(
         &c,
         "nsh-run-chatty",
@@ -325,7 +330,7 @@ fn tempfile_path(name: &str) -> std::path::PathBuf {
 #[test]
 fn a_silent_build_is_stopped_by_max_silent_time() {
     let _shared = shared();
-    let c = Cluster::get();
+    let c = Cluster::get().one_job_per_build();
     let drv = sh_drv(
         &c,
         "nsh-run-silent",
@@ -358,7 +363,7 @@ fn a_silent_build_is_stopped_by_max_silent_time() {
 #[test]
 fn a_build_timeout_is_enforced_and_the_job_time_limit_covers_it() {
     let _shared = shared();
-    let c = Cluster::get();
+    let c = Cluster::get().one_job_per_build();
     let drv = sh_drv(
         &c,
         "nsh-run-slow",
@@ -381,7 +386,7 @@ fn a_build_timeout_is_enforced_and_the_job_time_limit_covers_it() {
 #[test]
 fn a_job_cancelled_mid_build_is_transient() {
     let _shared = shared();
-    let c = Cluster::get();
+    let c = Cluster::get().one_job_per_build();
     let drv = sh_drv(
         &c,
         "nsh-run-cancelled",
@@ -428,7 +433,7 @@ fn a_node_whose_slurmd_dies_mid_build_is_transient_and_nothing_is_built() {
     let _alone = NODES
         .write()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let c = Cluster::get();
+    let c = Cluster::get().one_job_per_build();
     let drv = sh_drv(
         &c,
         "nsh-run-node-fails",
@@ -524,7 +529,7 @@ fn fail_node(c: &Cluster, node: &str, job: u64) {
 #[test]
 fn losing_ssh_mid_build_reconnects_and_loses_no_line() {
     let _shared = shared();
-    let c = Cluster::get();
+    let c = Cluster::get().one_job_per_build();
     let drv = sh_drv(
         &c,
         "nsh-run-ssh-lost",
@@ -532,17 +537,21 @@ fn losing_ssh_mid_build_reconnects_and_loses_no_line() {
         "i=0; while [ $i -lt 40 ]; do echo \"tick $i\"; /bin/sleep 0.1; i=$((i + 1)); done; \
          echo x >$out",
     );
-    let (mut ticket, job) = allocate(&c, &closure_ticket(&c, &drv, Value::Null));
-    let control = std::env::temp_dir().join(format!("nsh-run-test-{}.ssh", job.id));
-    ticket["alloc"]["control"] = json!(control);
-    let mut run = start_run(&c, &ticket);
+    let (ticket, job) = allocate(&c, &closure_ticket(&c, &drv, Value::Null));
+    // A runtime directory of its own: the node's master that goes away is
+    // this test's alone.
+    let runtime = tempfile::tempdir().unwrap();
+    let ssh = ticket["alloc"]["ssh"].as_str().unwrap().to_string();
+    let control = runtime.path().join(format!("ssh/test-{ssh}"));
+    let mut run = start_run_with(&c, &ticket, &[("NSH_RUNTIME_DIR", runtime.path())]);
     run.wait_for_line("tick 5", Duration::from_secs(20));
+    assert!(control.exists(), "no master at {}", control.display());
     // The shared connection goes away under the follower.
     run_ok(
         std::process::Command::new("ssh")
             .args(["-F", &c.ssh_config(), "-o"])
             .arg(format!("ControlPath={}", control.display()))
-            .args(["-O", "exit", ticket["alloc"]["ssh"].as_str().unwrap()]),
+            .args(["-O", "exit", &ssh]),
     );
     let (status, ticket, stderr) = run.finish(Duration::from_secs(60));
     assert_eq!(status, 0, "{stderr}");
@@ -557,7 +566,7 @@ fn losing_ssh_mid_build_reconnects_and_loses_no_line() {
 #[test]
 fn sigterm_stops_nsh_run_at_once_as_transient() {
     let _shared = shared();
-    let c = Cluster::get();
+    let c = Cluster::get().one_job_per_build();
     let drv = sh_drv(
         &c,
         "nsh-run-interrupted",
@@ -584,7 +593,7 @@ fn sigterm_stops_nsh_run_at_once_as_transient() {
 #[test]
 fn max_log_size_stops_a_build_that_says_too_much() {
     let _shared = shared();
-    let c = Cluster::get();
+    let c = Cluster::get().one_job_per_build();
     let drv = sh_drv(
         &c,
         "nsh-run-verbose",
@@ -602,7 +611,7 @@ fn max_log_size_stops_a_build_that_says_too_much() {
 #[test]
 fn keep_failed_keeps_the_build_directory_on_the_node() {
     let _shared = shared();
-    let c = Cluster::get();
+    let c = Cluster::get().one_job_per_build();
     let marker = format!("evidence-{}", unique_salt());
     let drv = sh_drv(
         &c,

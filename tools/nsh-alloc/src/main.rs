@@ -25,9 +25,17 @@ struct Args {
     /// The nsh configuration (default: $NSH_CONFIG, else /etc/nsh/nsh.toml).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Cancel the Slurm jobs of the tickets read (tickets pass through).
+    /// End the use of the tickets' jobs (tickets pass through): a healthy
+    /// pooled job goes back to the pool, any other is cancelled.
     #[arg(long)]
     cancel: bool,
+    /// List the pooled jobs, one JSON object per line.
+    #[arg(long, conflicts_with_all = ["cancel", "pool_drain"])]
+    pool_list: bool,
+    /// Empty the pool: idle jobs are let go now, jobs in use when their
+    /// build is done; one JSON line per job says what was done.
+    #[arg(long, conflicts_with = "cancel")]
+    pool_drain: bool,
     /// Use only this configured cluster (nsh-hook sets NSH_CLUSTER to the
     /// cluster whose slot it took).
     #[arg(long, value_name = "NAME", env = "NSH_CLUSTER")]
@@ -48,6 +56,23 @@ fn main() -> ExitCode {
 
     if args.cancel {
         return alloc::cancel_stage(config.as_ref(), &mut clusters, stdin, stdout).into();
+    }
+    if args.pool_list || args.pool_drain {
+        let mut stdout = stdout;
+        let done = config.and_then(|config| {
+            if args.pool_list {
+                alloc::admin::list(&config, &mut stdout)
+            } else {
+                alloc::admin::drain(&config, &mut clusters, &mut stdout)
+            }
+        });
+        return match done {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(failure) => {
+                nsh_core::log_error!("{failure}");
+                nsh_core::ExitStatus::of(failure.kind).into()
+            }
+        };
     }
 
     let interrupted = catch_interrupts(Syscalls::Restart);

@@ -130,3 +130,54 @@ fn cancel_passes_tickets_on_and_keeps_their_status() {
         .code(78)
         .stdout(predicate::str::contains(r#"on cluster \"gone\", which"#));
 }
+
+/// `--pool-list` prints the pool's records, one JSON line each, with their
+/// state; an empty pool prints nothing; `--pool-drain` of an empty pool does
+/// nothing; the pool options do not go with `--cancel`.
+#[test]
+fn the_pool_is_listed_and_drained_by_hand() {
+    let config = config_file(CONFIG);
+    let runtime = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let mut command = nsh_alloc();
+        command
+            .arg("--config")
+            .arg(config.path())
+            .env("NSH_RUNTIME_DIR", runtime.path())
+            .args(args);
+        command
+    };
+    run(&["--pool-list"]).assert().success().stdout("");
+    run(&["--pool-drain"]).assert().success().stdout("");
+    run(&["--pool-list", "--cancel"]).assert().code(64);
+
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let record = serde_json::json!({
+        "job": 5, "node": "node1", "ssh": "node1", "work": "/tmp/nsh/nsh-5", "nonce": "n",
+        "backend": "cli", "env": "e", "started": now - 100, "ends": now + 3600,
+        "linger": 60, "request": 2, "last_used": now - 10, "owner": null,
+    });
+    let dir = runtime.path().join("pool/only");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("job-5.json"), record.to_string()).unwrap();
+    let out = run(&["--pool-list"])
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    let lines: Vec<Value> = String::from_utf8(out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["cluster"], "only");
+    assert_eq!(lines[0]["job"], 5);
+    assert_eq!(lines[0]["state"], "idle");
+    let leaves_in = lines[0]["leaves_in"].as_u64().unwrap();
+    assert!((45..=50).contains(&leaves_in), "{leaves_in}");
+}

@@ -6,25 +6,38 @@
 //! derivation names can reach a shell as code.
 //!
 //! What the job does (the contract between `nsh-alloc`, `nsh-push`,
-//! `nsh-run` and `nsh-fetch`):
+//! `nsh-run`, `nsh-fetch` and the pool; `docs/pool.md` has the whole story):
 //!
-//! * work dir `W = $NSH_WORK_ROOT/nsh-$SLURM_JOB_ID`, `mkdir -p -m 0700`;
-//! * requests are numbered from 1. The job waits (at most
-//!   `$NSH_REQUEST_TIMEOUT` s for the first, else exit 75) for `W/request.N`
-//!   (writers create `W/request.N.tmp` and rename it), then runs
-//!   `nix-store --serve --write < request.N > response.N 2> log.N` with
-//!   `system-features = $NSH_SYSTEM_FEATURES` in `NIX_CONFIG`, appends
-//!   `@nsh-end $NSH_NONCE <status>` to `log.N` and writes `<status>` to
-//!   `status.N` (temp + rename);
-//! * after request N it waits up to `$NSH_IDLE_TIMEOUT` s for
-//!   `W/request.N+1` (while N < `$NSH_MAX_REQUESTS`) or `W/release`, then
-//!   removes W and exits 0; SIGTERM (scancel) also removes W.
+//! * work dir `W = $NSH_WORK_ROOT/nsh-$SLURM_JOB_ID`, `mkdir -p -m 0700`,
+//!   and in it the doorbell `W/wake`, a FIFO the job holds open read-write
+//!   for its whole life (so a ring is never lost and a writer never blocks);
+//! * it serves `W/request.N` files (writers create `request.N.tmp`, rename
+//!   it, then ring the doorbell) in increasing N, skipping gaps: for each it
+//!   writes `started.N`, runs `nix-store --serve --write < request.N >
+//!   response.N 2> log.N` with `system-features = $NSH_SYSTEM_FEATURES` in
+//!   `NIX_CONFIG`, appends `@nsh-end $NSH_NONCE <status>` to `log.N` and
+//!   writes `status.N` (temp + rename); the files of earlier requests go;
+//! * between requests it waits on the doorbell (coreutils `timeout` bounds
+//!   the wait; it looks again at least every 10 s, for a file put without a
+//!   ring), for as long as its state allows: a claimed
+//!   number's request (`claim.K`, see below; the first request is claimed
+//!   for the submitter) `$NSH_REQUEST_TIMEOUT` s, and when that was the
+//!   first it exits 75; a build whose owner has not returned the job yet
+//!   `$NSH_IDLE_TIMEOUT` s; a job returned to the pool (`idle.K` for the
+//!   latest claim K) `$NSH_LINGER` s, or not at all when less than two
+//!   minutes of its time limit (`$NSH_TIME_LIMIT` s, set at submission) are
+//!   left, too little for any build the pool hands out;
+//! * a number is claimed with `mkdir W/claim.K`, which exactly one process
+//!   wins: the tool that takes a pooled job claims the number it will use,
+//!   and the job, when its time is up, claims the next number itself before
+//!   it leaves. So a job never leaves under a tool that has just taken it:
+//!   whoever claims first wins, and the loser knows at once;
+//! * `W/release` ends it at once (between requests); SIGTERM (scancel)
+//!   also removes W, and so does every other way out.
 //!
-//! The job stays alive until `release` so that outputs can be fetched from
-//! clusters whose sshd only admits users with a running job.
-//!
-//! Waiting is a 0.1 s poll (or `inotifywait` where the node has it), so a
-//! request is picked up within a tenth of a second of its rename.
+//! The job stays alive between requests so that outputs can be fetched from
+//! clusters whose sshd only admits users with a running job, and so that
+//! later builds skip Slurm's queue (allocation reuse).
 
 use crate::config::{Cluster, Config};
 
@@ -36,7 +49,11 @@ set -u
 
 W="${NSH_WORK_ROOT:?}/nsh-${SLURM_JOB_ID:?}"
 owned=0
+waiter=
 cleanup() {
+    if [ -n "$waiter" ]; then
+        kill "$waiter" 2>/dev/null
+    fi
     if [ "$owned" = 1 ]; then
         rm -rf "$W"
     fi
@@ -61,41 +78,100 @@ if [ -n "${NSH_NIX_BIN:-}" ]; then
 else
     nix_store=nix-store
 fi
-if command -v inotifywait >/dev/null 2>&1; then
-    have_inotify=1
-else
-    have_inotify=0
+request_timeout=${NSH_REQUEST_TIMEOUT:-300}
+idle_timeout=${NSH_IDLE_TIMEOUT:-120}
+linger=${NSH_LINGER:-0}
+recheck=10
+# The job's time limit in seconds (0: unknown), and when it started: a
+# returned job whose time is too short for any build leaves at once.
+time_limit=${NSH_TIME_LIMIT:-0}
+born=$(date +%s)
+
+# The doorbell: whoever puts a file here for the job rings it (a line into
+# W/wake). Held open read-write (fd 3) for the job's whole life: a ring is
+# never lost, and a writer never blocks. The files are the truth; a ring
+# only says "look again". Without a FIFO or `timeout` the job polls.
+doorbell=0
+if mkfifo -m 0600 "$W/wake" 2>/dev/null && command exec 3<>"$W/wake"; then
+    if command -v timeout >/dev/null 2>&1; then
+        doorbell=1
+    fi
 fi
 
-# await FILE SECONDS: wait until FILE or $W/release exists.
-# Returns 0 for FILE, 1 for release, 2 when SECONDS have passed.
-await() {
-    ticks=$(( $2 * 10 ))
-    while :; do
-        [ -e "$1" ] && return 0
-        [ -e "$W/release" ] && return 1
-        [ "$ticks" -le 0 ] && return 2
-        if [ "$have_inotify" = 1 ]; then
-            inotifywait -qq -t 1 -e moved_to -e create "$W" >/dev/null 2>&1
-            case $? in
-                0|2) ticks=$(( ticks - 10 )) ;;
-                # Not usable here (no watches left, …): poll instead.
-                *) have_inotify=0 ;;
-            esac
-        else
-            sleep 0.1
-            ticks=$(( ticks - 1 ))
+# wait_event SECONDS: until the doorbell rings or SECONDS have passed. In
+# the background, so that a signal is acted on at once (`wait` returns).
+wait_event() {
+    if [ "$doorbell" = 1 ]; then
+        timeout "$1" dd bs=512 count=1 <&3 >/dev/null 2>&1 &
+        waiter=$!
+        wait "$waiter"
+        rang=$?
+        waiter=
+        case $rang in
+            0|124) ;;
+            # Not usable after all: poll from now on.
+            *) doorbell=0 ;;
+        esac
+    else
+        sleep 0.1
+    fi
+}
+
+# next_request: the lowest request number above $last, in $next (empty if
+# none). Numbers may have gaps: a tool may die after claiming one.
+next_request() {
+    next=
+    if [ -e "$W/request.$((last + 1))" ]; then
+        next=$((last + 1))
+        return
+    fi
+    for f in "$W"/request.*; do
+        k=${f##*.}
+        case $k in ''|*[!0-9]*) continue ;; esac
+        if [ "$k" -gt "$last" ] && { [ -z "$next" ] || [ "$k" -lt "$next" ]; }; then
+            next=$k
         fi
     done
 }
 
+# top_claim: the highest claimed number, at least $last, in $top.
+top_claim() {
+    top=$last
+    for f in "$W"/claim.*; do
+        k=${f##*.}
+        case $k in ''|*[!0-9]*) continue ;; esac
+        if [ "$k" -gt "$top" ]; then
+            top=$k
+        fi
+    done
+}
+
+# prune N: the files of the requests before N; their owners are done.
+prune() {
+    below=$1
+    set --
+    for f in "$W"/request.* "$W"/response.* "$W"/log.* "$W"/status.* \
+        "$W"/started.* "$W"/idle.* "$W"/claim.*; do
+        k=${f##*.}
+        case $k in ''|*[!0-9]*) continue ;; esac
+        if [ "$k" -lt "$below" ]; then
+            set -- "$@" "$f"
+        fi
+    done
+    if [ $# -gt 0 ]; then
+        rm -rf "$@"
+    fi
+}
+
 # serve N: one request through nix-store --serve --write.
 serve() {
-    if [ -n "${NSH_STORE:-}" ]; then
-        set -- "$1" --store "$NSH_STORE"
-    fi
     n=$1
-    shift
+    : > "$W/started.$n"
+    prune "$n"
+    set --
+    if [ -n "${NSH_STORE:-}" ]; then
+        set -- --store "$NSH_STORE"
+    fi
     # The builder gets as many cores as Slurm gave the job (NIX_BUILD_CORES).
     NIX_CONFIG="${NIX_CONFIG:+$NIX_CONFIG
 }system-features = ${NSH_SYSTEM_FEATURES:-}
@@ -108,23 +184,67 @@ cores = ${SLURM_CPUS_ON_NODE:-0}" \
     mv "$W/status.$n.tmp" "$W/status.$n"
 }
 
-n=1
-await "$W/request.$n" "${NSH_REQUEST_TIMEOUT:-300}"
-case $? in
-    1) cleanup; exit 0 ;;
-    2) echo "nsh: no request came within ${NSH_REQUEST_TIMEOUT:-300} s" >&2
-       cleanup; exit 75 ;;
-esac
+# Request 1 is the submitter's: claimed on its behalf.
+mkdir "$W/claim.1" 2>/dev/null
+last=0
+state=
+since=0
 while :; do
-    serve "$n"
-    if [ "$n" -lt "${NSH_MAX_REQUESTS:-1}" ]; then
-        next="$W/request.$(( n + 1 ))"
-    else
-        next="$W/release"
+    if [ -e "$W/release" ]; then
+        break
     fi
-    await "$next" "${NSH_IDLE_TIMEOUT:-120}"
-    [ $? -eq 0 ] && [ "$next" != "$W/release" ] || break
-    n=$(( n + 1 ))
+    next_request
+    if [ -n "$next" ]; then
+        serve "$next"
+        last=$next
+        state=
+        continue
+    fi
+    # What the job waits for now, and how long it may: returned to the pool
+    # (idle.K for the latest claim K: its build is done, or it never came),
+    # claimed for a request still to come, or held by the owner of the
+    # build it just ran (who fetches, then returns it).
+    top_claim
+    if [ -e "$W/idle.$top" ]; then
+        now_state="idle $top" limit=$linger
+    elif [ "$top" -gt "$last" ]; then
+        now_state="claimed $top" limit=$request_timeout
+    else
+        now_state="held $top" limit=$idle_timeout
+    fi
+    now=$(date +%s)
+    if [ "$now_state" != "$state" ]; then
+        state=$now_state
+        since=$now
+    fi
+    left=$((since + limit - now))
+    # Returned, with less time left than the shortest build is handed
+    # (a minute, and a minute's margin): no build will come.
+    if [ "$time_limit" -gt 0 ] && [ "${now_state%% *}" = idle ] &&
+        [ $((now + 120)) -ge $((born + time_limit)) ]; then
+        left=0
+    fi
+    if [ "$left" -gt 0 ]; then
+        # At most $recheck s at a time: a file put without a ring (by hand,
+        # or by a writer killed between its rename and its ring) is still
+        # seen, only later.
+        if [ "$left" -gt "$recheck" ]; then
+            left=$recheck
+        fi
+        wait_event "$left"
+        continue
+    fi
+    # Time is up: leave by claiming the next number, so that no tool can
+    # take the job as it goes. A tool that claimed it first wins, and the
+    # job waits for that tool's request instead.
+    if mkdir "$W/claim.$((top + 1))" 2>/dev/null; then
+        if [ "$last" = 0 ]; then
+            echo "nsh: no request came within $request_timeout s" >&2
+            cleanup
+            exit 75
+        fi
+        break
+    fi
 done
 cleanup
 exit 0
@@ -134,9 +254,6 @@ exit 0
 /// places, the Nix profile ones first.
 pub const JOB_PATH: &str =
     "/run/current-system/sw/bin:/nix/var/nix/profiles/default/bin:/usr/local/bin:/usr/bin:/bin";
-
-/// How many requests one job serves (allocation reuse will raise this).
-pub const MAX_REQUESTS: u32 = 1;
 
 /// The job's whole environment. Every value comes from the configuration or
 /// from nsh-alloc itself (the nonce); `system_features` is the cluster's
@@ -162,7 +279,7 @@ pub fn environment(config: &Config, cluster: &Cluster, nonce: &str) -> Vec<(Stri
         ("NSH_STORE", remote.store.clone()),
         ("NSH_REQUEST_TIMEOUT", remote.request_timeout_s.to_string()),
         ("NSH_IDLE_TIMEOUT", remote.idle_timeout_s.to_string()),
-        ("NSH_MAX_REQUESTS", MAX_REQUESTS.to_string()),
+        ("NSH_LINGER", cluster.linger_s.to_string()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
@@ -188,7 +305,7 @@ mod tests {
 
     #[test]
     fn the_environment() {
-        let text = "[cluster.c]\nbackend = \"cli\"\nsystems = [\"x86_64-linux\"]\nsupported_features = [\"kvm\", \"big\"]\n[remote]\nnix_bin_dir = \"/opt/nix/bin\"\nstore = \"local\"\n";
+        let text = "[cluster.c]\nbackend = \"cli\"\nsystems = [\"x86_64-linux\"]\nsupported_features = [\"kvm\", \"big\"]\nlinger = 30\n[remote]\nnix_bin_dir = \"/opt/nix/bin\"\nstore = \"local\"\n";
         let config = Config::parse(Path::new("t.toml"), text).unwrap();
         let env = environment(&config, &config.clusters["c"], "n0nce");
         insta::assert_debug_snapshot!(env);
@@ -207,18 +324,21 @@ mod tests {
         cat\n\
         exit \"${FAKE_STATUS:-0}\"\n";
 
-    fn start(request_timeout: u32, idle_timeout: u32, extra_env: &[(&str, &str)]) -> Job {
+    fn executable(path: &Path, text: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(path, text).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
+    /// Starts the job with the timeouts 5 s, linger 0, and `env` on top;
+    /// `fakes` are (name, script) put first on its PATH.
+    fn start(env: &[(&str, &str)], fakes: &[(&str, &str)]) -> Job {
         let root = tempfile::tempdir().unwrap();
         let bin = root.path().join("bin");
         std::fs::create_dir(&bin).unwrap();
-        let fake = bin.join("nix-store");
-        std::fs::write(&fake, FAKE_NIX_STORE).unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
-        if extra_env.iter().any(|(k, _)| *k == "FAKE_INOTIFY") {
-            let fake = bin.join("inotifywait");
-            std::fs::write(&fake, "#!/bin/sh\nexit 1\n").unwrap();
-            std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        executable(&bin.join("nix-store"), FAKE_NIX_STORE);
+        for (name, text) in fakes {
+            executable(&bin.join(name), text);
         }
         let script = root.path().join("job.sh");
         std::fs::write(&script, SCRIPT).unwrap();
@@ -234,13 +354,13 @@ mod tests {
             .env("NSH_SYSTEM_FEATURES", "kvm big")
             .env("NSH_NIX_BIN", &bin)
             .env("NSH_STORE", "")
-            .env("NSH_REQUEST_TIMEOUT", request_timeout.to_string())
-            .env("NSH_IDLE_TIMEOUT", idle_timeout.to_string())
-            .env("NSH_MAX_REQUESTS", "1")
+            .env("NSH_REQUEST_TIMEOUT", "5")
+            .env("NSH_IDLE_TIMEOUT", "5")
+            .env("NSH_LINGER", "0")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        for (k, v) in extra_env {
+        for (k, v) in env {
             command.env(k, v);
         }
         let child = command.spawn().unwrap();
@@ -257,15 +377,42 @@ mod tests {
                     "{} did not appear",
                     path.display()
                 );
-                std::thread::sleep(Duration::from_millis(10));
+                std::thread::sleep(Duration::from_millis(5));
             }
         }
-        /// Writes `name` the way writers must: temp file, then rename.
+        /// Rings the doorbell, as the tools do: one line, the FIFO opened
+        /// read-write (which never blocks).
+        fn ring(&self) {
+            use std::io::Write;
+            let wake = self.work.join("wake");
+            let mut fifo = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&wake)
+                .unwrap();
+            fifo.write_all(b"r\n").unwrap();
+        }
+        /// Writes `name` the way writers must: temp file, rename, ring.
         fn put(&self, name: &str, content: &str) {
-            self.wait_for(&self.work, Duration::from_secs(5));
+            self.wait_for(&self.work.join("wake"), Duration::from_secs(5));
             let tmp = self.work.join(format!("{name}.tmp"));
             std::fs::write(&tmp, content).unwrap();
             std::fs::rename(&tmp, self.work.join(name)).unwrap();
+            self.ring();
+        }
+        /// Claims number `n` as a tool taking the job does; whether it won.
+        fn claim(&self, n: u32) -> bool {
+            let won = std::fs::create_dir(self.work.join(format!("claim.{n}"))).is_ok();
+            if won {
+                self.ring();
+            }
+            won
+        }
+        fn read(&self, name: &str) -> String {
+            std::fs::read_to_string(self.work.join(name)).unwrap()
+        }
+        fn alive(&mut self) -> bool {
+            self.child.try_wait().unwrap().is_none()
         }
         fn finish(mut self, within: Duration) -> (i32, String) {
             let start = Instant::now();
@@ -293,7 +440,7 @@ mod tests {
 
     #[test]
     fn serves_one_request_then_waits_for_release() {
-        let job = start(5, 5, &[("SLURM_CPUS_ON_NODE", "3")]);
+        let job = start(&[("SLURM_CPUS_ON_NODE", "3")], &[]);
         let work = job.work.clone();
         let mode = {
             job.wait_for(&work, Duration::from_secs(5));
@@ -303,17 +450,11 @@ mod tests {
         assert_eq!(mode, 0o700);
         job.put("request.1", "REQUEST BYTES");
         job.wait_for(&work.join("status.1"), Duration::from_secs(2));
+        assert!(work.join("started.1").exists());
+        assert_eq!(job.read("status.1"), "0\n");
+        assert_eq!(job.read("response.1"), "REQUEST BYTES");
         assert_eq!(
-            std::fs::read_to_string(work.join("status.1")).unwrap(),
-            "0\n"
-        );
-        assert_eq!(
-            std::fs::read_to_string(work.join("response.1")).unwrap(),
-            "REQUEST BYTES"
-        );
-        let log = std::fs::read_to_string(work.join("log.1")).unwrap();
-        assert_eq!(
-            log,
+            job.read("log.1"),
             "args: --serve --write\nconfig: system-features = kvm big\ncores = 3\n@nsh-end n0nce 0\n"
         );
         // Still alive (waiting for release), then gone promptly on release.
@@ -323,31 +464,32 @@ mod tests {
         job.put("release", "");
         let (status, _) = job.finish(Duration::from_secs(3));
         assert_eq!(status, 0);
-        assert!(released.elapsed() < Duration::from_millis(1500));
+        assert!(released.elapsed() < Duration::from_millis(500));
         assert!(!work.exists(), "the work dir is removed");
     }
 
     #[test]
     fn a_failing_build_is_reported_with_its_status_and_the_store_option() {
         let job = start(
-            5,
-            1,
-            &[("FAKE_STATUS", "3"), ("NSH_STORE", "local?root=/x")],
+            &[
+                ("FAKE_STATUS", "3"),
+                ("NSH_STORE", "local?root=/x"),
+                ("NSH_IDLE_TIMEOUT", "1"),
+            ],
+            &[],
         );
         let work = job.work.clone();
         job.put("request.1", "");
         job.wait_for(&work.join("status.1"), Duration::from_secs(2));
-        assert_eq!(
-            std::fs::read_to_string(work.join("status.1")).unwrap(),
-            "3\n"
-        );
-        let log = std::fs::read_to_string(work.join("log.1")).unwrap();
+        assert_eq!(job.read("status.1"), "3\n");
+        let log = job.read("log.1");
         assert!(
             log.starts_with("args: --store local?root=/x --serve --write\n"),
             "{log}"
         );
         assert!(log.ends_with("@nsh-end n0nce 3\n"), "{log}");
-        // No release: the idle timeout (1 s) ends the job, cleanly.
+        // Never returned nor released: the idle timeout (1 s) ends the job,
+        // cleanly.
         let (status, _) = job.finish(Duration::from_secs(4));
         assert_eq!(status, 0);
         assert!(!work.exists());
@@ -355,7 +497,7 @@ mod tests {
 
     #[test]
     fn no_request_in_time_is_transient() {
-        let job = start(1, 5, &[]);
+        let job = start(&[("NSH_REQUEST_TIMEOUT", "1")], &[]);
         let work = job.work.clone();
         let (status, stderr) = job.finish(Duration::from_secs(4));
         assert_eq!(status, 75);
@@ -363,18 +505,148 @@ mod tests {
         assert!(!work.exists());
     }
 
+    /// A `sleep` that would make a polling job miss every deadline here: a
+    /// request served at once proves the job woke on the doorbell.
+    const SLOW_SLEEP: &str = "#!/bin/sh\nexec /bin/sleep 5\n";
+
     #[test]
-    fn a_broken_inotifywait_falls_back_to_polling() {
-        // An inotifywait that fails at once must neither spin the timeout
-        // away nor stop requests from being seen.
-        let job = start(2, 5, &[("FAKE_INOTIFY", "1")]);
+    fn requests_are_served_in_turn_on_the_doorbell() {
+        let job = start(&[("NSH_LINGER", "5")], &[("sleep", SLOW_SLEEP)]);
         let work = job.work.clone();
-        let started = Instant::now();
-        std::thread::sleep(Duration::from_millis(1200));
+        job.put("request.1", "ONE");
+        job.wait_for(&work.join("status.1"), Duration::from_secs(2));
+        // Returned by its owner, then taken (claim 2) and the request put.
+        assert!(job.put_and_time("idle.1") < Duration::from_secs(1));
+        assert!(job.claim(2));
+        let rang = Instant::now();
+        job.put("request.2", "TWO");
+        job.wait_for(&work.join("started.2"), Duration::from_secs(2));
+        assert!(
+            rang.elapsed() < Duration::from_millis(500),
+            "picked up after {:?}",
+            rang.elapsed()
+        );
+        job.wait_for(&work.join("status.2"), Duration::from_secs(2));
+        assert_eq!(job.read("response.2"), "TWO");
+        assert!(job.read("log.2").ends_with("@nsh-end n0nce 0\n"));
+        // The first request's files are gone; the second's stay.
+        for name in ["request.1", "response.1", "log.1", "status.1", "idle.1"] {
+            assert!(!work.join(name).exists(), "{name} is left");
+        }
+        assert!(work.join("status.2").exists());
+        job.put("release", "");
+        assert_eq!(job.finish(Duration::from_secs(3)).0, 0);
+    }
+
+    impl Job {
+        /// Puts `name` (an empty file) and returns how long that took.
+        fn put_and_time(&self, name: &str) -> Duration {
+            let t = Instant::now();
+            self.put(name, "");
+            t.elapsed()
+        }
+    }
+
+    #[test]
+    fn a_gap_left_by_a_dead_taker_is_skipped() {
+        let job = start(&[("NSH_LINGER", "5")], &[]);
+        let work = job.work.clone();
+        job.put("request.1", "ONE");
+        job.wait_for(&work.join("status.1"), Duration::from_secs(2));
+        // 2 was claimed by a tool that died before writing its request;
+        // the next taker claims 3.
+        assert!(job.claim(2));
+        assert!(job.claim(3));
+        job.put("request.3", "THREE");
+        job.wait_for(&work.join("status.3"), Duration::from_secs(2));
+        assert_eq!(job.read("response.3"), "THREE");
+        assert!(!work.join("started.2").exists());
+        job.put("release", "");
+        assert_eq!(job.finish(Duration::from_secs(3)).0, 0);
+    }
+
+    #[test]
+    fn a_returned_job_lingers_then_leaves_by_itself() {
+        let job = start(&[("NSH_LINGER", "1")], &[]);
+        let work = job.work.clone();
+        job.put("request.1", "ONE");
+        job.wait_for(&work.join("status.1"), Duration::from_secs(2));
+        // Held (not returned yet) it waits the idle timeout, 5 s.
+        std::thread::sleep(Duration::from_millis(1500));
+        assert!(work.exists());
+        let returned = Instant::now();
+        job.put("idle.1", "");
+        let (status, _) = job.finish(Duration::from_secs(4));
+        assert_eq!(status, 0);
+        let lingered = returned.elapsed();
+        assert!(lingered >= Duration::from_millis(900), "{lingered:?}");
+        assert!(!work.exists());
+    }
+
+    #[test]
+    fn a_returned_job_near_its_time_limit_leaves_at_once() {
+        let job = start(&[("NSH_LINGER", "30"), ("NSH_TIME_LIMIT", "100")], &[]);
+        let work = job.work.clone();
+        job.put("request.1", "ONE");
+        job.wait_for(&work.join("status.1"), Duration::from_secs(2));
+        job.put("idle.1", "");
+        let (status, _) = job.finish(Duration::from_secs(3));
+        assert_eq!(status, 0);
+        assert!(!work.exists());
+    }
+
+    #[test]
+    fn a_claim_keeps_a_lingering_job() {
+        let mut job = start(&[("NSH_LINGER", "1"), ("NSH_REQUEST_TIMEOUT", "2")], &[]);
+        let work = job.work.clone();
+        job.put("request.1", "ONE");
+        job.wait_for(&work.join("status.1"), Duration::from_secs(2));
+        job.put("idle.1", "");
+        // Taken at once: past its linger it still waits for request 2.
+        assert!(job.claim(2));
+        std::thread::sleep(Duration::from_millis(1500));
+        assert!(job.alive(), "the job left under a taker");
+        job.put("request.2", "TWO");
+        job.wait_for(&work.join("status.2"), Duration::from_secs(2));
+        // Returned again: when its linger is up it claims 3 itself and
+        // leaves.
+        job.put("idle.2", "");
+        let (status, _) = job.finish(Duration::from_secs(4));
+        assert_eq!(status, 0);
+        assert!(!work.exists());
+    }
+
+    #[test]
+    fn a_claimed_number_whose_request_never_comes_lets_the_job_go() {
+        let job = start(&[("NSH_LINGER", "5"), ("NSH_REQUEST_TIMEOUT", "1")], &[]);
+        let work = job.work.clone();
+        job.put("request.1", "ONE");
+        job.wait_for(&work.join("status.1"), Duration::from_secs(2));
+        job.put("idle.1", "");
+        assert!(job.claim(2));
+        let (status, _) = job.finish(Duration::from_secs(4));
+        assert_eq!(status, 0);
+        assert!(!work.exists());
+    }
+
+    #[test]
+    fn without_a_usable_timeout_the_job_polls() {
+        // A `timeout` that fails at once must neither spin the deadline
+        // away nor stop requests from being seen.
+        let job = start(
+            &[("NSH_REQUEST_TIMEOUT", "4")],
+            &[("timeout", "#!/bin/sh\nexit 126\n")],
+        );
+        let work = job.work.clone();
+        // From the moment the job runs (a loaded machine may take a while
+        // to start it).
+        job.wait_for(&work.join("wake"), Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(1500));
         assert!(work.exists(), "the job gave up early");
+        let put = Instant::now();
         job.put("request.1", "R");
         job.wait_for(&work.join("status.1"), Duration::from_secs(2));
-        assert!(started.elapsed() < Duration::from_secs(2));
+        assert!(put.elapsed() < Duration::from_secs(2));
         job.put("release", "");
         let (status, _) = job.finish(Duration::from_secs(2));
         assert_eq!(status, 0);
@@ -382,7 +654,7 @@ mod tests {
 
     #[test]
     fn release_before_any_request_ends_the_job() {
-        let job = start(5, 5, &[]);
+        let job = start(&[], &[]);
         let work = job.work.clone();
         job.put("release", "");
         let (status, _) = job.finish(Duration::from_secs(2));
@@ -392,11 +664,11 @@ mod tests {
 
     #[test]
     fn sigterm_removes_the_work_dir() {
-        let mut job = start(30, 30, &[]);
+        let mut job = start(&[("NSH_REQUEST_TIMEOUT", "30")], &[]);
         let work = job.work.clone();
-        job.wait_for(&work, Duration::from_secs(5));
-        // Past the few builtins between mkdir and taking ownership: this is
-        // about a job that is waiting for its request.
+        job.wait_for(&work.join("wake"), Duration::from_secs(5));
+        // Past the few builtins between mkfifo and the wait: this is about a
+        // job that is waiting for its request.
         std::thread::sleep(Duration::from_millis(200));
         crate::sys::process::terminate(&mut job.child);
         let (status, _) = job.finish(Duration::from_secs(3));

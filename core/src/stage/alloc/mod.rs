@@ -5,7 +5,9 @@
 //! [`allocate`] submits and waits for the job to run; [`cancel`] ends a
 //! ticket's job.
 
+pub mod admin;
 pub mod batch_script;
+pub mod pooled;
 
 use std::io::{BufRead, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -343,6 +345,8 @@ pub struct AllocTimes {
     pub polls: u32,
     /// (See `polls`.)
     pub polling: Duration,
+    /// Taking a job from the pool: the claim on its node.
+    pub take: Duration,
 }
 
 /// Polling: quick at first (most jobs start within a second on an idle
@@ -357,8 +361,11 @@ fn poll_interval(polls: u32) -> Duration {
     Duration::from_millis(ms)
 }
 
-/// Places, submits and waits until the job runs; returns the ticket's
-/// `alloc` section. `interrupted` set (SIGINT/SIGTERM) cancels the job.
+/// Places the ticket's derivation and gets it a running job: from the
+/// cluster's pool when its `linger` is on and a job there fits
+/// ([`pooled`]), else a new one, submitted and waited for. Returns the
+/// ticket's `alloc` section. `interrupted` set (SIGINT/SIGTERM) cancels a
+/// job still waiting in the queue.
 pub fn allocate(
     config: &Config,
     clusters: &mut Clusters,
@@ -373,54 +380,112 @@ pub fn allocate(
     let drv = ticket.need_drv()?;
     let placement = place(config, drv, ticket.options.as_ref())?;
     let cluster = &config.clusters[&placement.cluster];
-    let started = Instant::now();
-    let slurm = clusters.get(cluster)?;
-    times.connect = started.elapsed();
+    let mut submission = Submission {
+        config,
+        clusters,
+        cluster,
+        placement: &placement,
+        drv_name: &drv.name,
+        progress,
+        interrupted,
+        times,
+    };
+    if cluster.linger_s > 0 {
+        let inputs = ticket.closure.as_ref().map_or(&[][..], |c| &c.paths[..]);
+        return pooled::allocate(&mut submission, inputs);
+    }
     let nonce = nonce()?;
-    let request = job_request(config, cluster, &placement, &drv.name, &nonce);
-    log_debug!("{}: submitting {placement:?}", cluster.name);
-    let submitted = Instant::now();
-    let job = slurm
-        .submit(&request)
-        .map_err(|f| crate::slurm::rejection::classify_submit(cluster, &request, f))?;
-    times.submit = submitted.elapsed();
-    log_debug!("{}: job {job} submitted", cluster.name);
+    let (section, _) = submission.submit(&nonce, placement.time_min)?;
+    Ok(section)
+}
 
-    let result = wait_running(cluster, slurm, job, progress, interrupted, times);
-    progress.done();
-    let info = match result {
-        Ok(info) => info,
-        Err(failure) => {
-            if let Err(e) = slurm.cancel(job) {
-                log_warn!("cancelling job {job}: {e}");
+/// A new job for one placement: what submitting it and waiting for it
+/// needs.
+pub(crate) struct Submission<'a> {
+    pub(crate) config: &'a Config,
+    pub(crate) clusters: &'a mut Clusters,
+    pub(crate) cluster: &'a Cluster,
+    pub(crate) placement: &'a Placement,
+    pub(crate) drv_name: &'a str,
+    pub(crate) progress: &'a mut dyn QueueProgress,
+    pub(crate) interrupted: &'a AtomicBool,
+    pub(crate) times: &'a mut AllocTimes,
+}
+
+impl Submission<'_> {
+    /// Submits the job with `nonce` and a time limit of `time_min`, and
+    /// waits until it runs: its `alloc` section, and what Slurm says of it.
+    pub(crate) fn submit(
+        &mut self,
+        nonce: &str,
+        time_min: u32,
+    ) -> Result<(AllocSection, JobInfo), Failure> {
+        let (config, cluster) = (self.config, self.cluster);
+        let started = Instant::now();
+        let slurm = self.clusters.get(cluster)?;
+        self.times.connect = started.elapsed();
+        let mut request = job_request(config, cluster, self.placement, self.drv_name, nonce);
+        request.time_min = time_min;
+        // Not part of `environment` (whose digest says which builds a
+        // pooled job fits): it differs from job to job.
+        request.env.push((
+            "NSH_TIME_LIMIT".into(),
+            (u64::from(time_min) * 60).to_string(),
+        ));
+        log_debug!("{}: submitting {:?}", cluster.name, self.placement);
+        let submitted = Instant::now();
+        let job = slurm
+            .submit(&request)
+            .map_err(|f| crate::slurm::rejection::classify_submit(cluster, &request, f))?;
+        self.times.submit = submitted.elapsed();
+        log_debug!("{}: job {job} submitted", cluster.name);
+
+        let result = wait_running(
+            cluster,
+            slurm,
+            job,
+            self.progress,
+            self.interrupted,
+            self.times,
+        );
+        self.progress.done();
+        let info = match result {
+            Ok(info) => info,
+            Err(failure) => {
+                if let Err(e) = slurm.cancel(job) {
+                    log_warn!("cancelling job {job}: {e}");
+                }
+                return Err(failure.context(format!("cluster {} job {job}", cluster.name)));
             }
-            return Err(failure.context(format!("cluster {} job {job}", cluster.name)));
-        }
-    };
-    let Some(node) = info.node.clone() else {
-        return Err(Failure::transient(format!(
-            "cluster {} job {job} runs, but Slurm names no node for it",
-            cluster.name
-        )));
-    };
-    let ssh = match config.ssh_user(cluster) {
-        Some(user) => format!("{user}@{node}"),
-        None => node.clone(),
-    };
-    Ok(AllocSection {
-        cluster: cluster.name.clone(),
-        backend: cluster.backend,
-        api: slurm.api_version().map(|v| v.to_string()),
-        slurm: slurm.release().map(str::to_string),
-        job,
-        work: batch_script::work_dir(&config.remote.work_root, job),
-        node,
-        ssh,
-        control: None,
-        nonce,
-        request: 1,
-        extra: crate::ticket::Extra::default(),
-    })
+        };
+        let Some(node) = info.node.clone() else {
+            return Err(Failure::transient(format!(
+                "cluster {} job {job} runs, but Slurm names no node for it",
+                cluster.name
+            )));
+        };
+        let ssh = match config.ssh_user(cluster) {
+            Some(user) => format!("{user}@{node}"),
+            None => node.clone(),
+        };
+        let section = AllocSection {
+            cluster: cluster.name.clone(),
+            backend: cluster.backend,
+            api: slurm.api_version().map(|v| v.to_string()),
+            slurm: slurm.release().map(str::to_string),
+            job,
+            work: batch_script::work_dir(&config.remote.work_root, job),
+            node,
+            ssh,
+            control: None,
+            nonce: nonce.to_string(),
+            request: 1,
+            reused: Some(false),
+            age: Some(0),
+            extra: crate::ticket::Extra::default(),
+        };
+        Ok((section, info))
+    }
 }
 
 fn wait_running(
@@ -499,14 +564,20 @@ fn sleep_unless(interrupted: &AtomicBool, duration: Duration) {
     }
 }
 
-/// Cancels the job of a ticket that has an `alloc` section (also a failed
-/// ticket: that is when it matters most), closes the ticket's ssh
-/// ControlMaster if it has one, and marks it `alloc.cancelled`.
+/// Ends a ticket's use of its job (also of a failed ticket: that is when it
+/// matters most). A pooled job that is healthy (the build itself failed, or
+/// none ran, and no build runs there now) goes back to the pool
+/// (`alloc.returned`); any other job is cancelled (`alloc.cancelled`). A
+/// ticket whose job was already given back, or is someone else's by now,
+/// is left as it is.
 pub fn cancel(
     config: &Config,
     clusters: &mut Clusters,
     ticket: &mut Ticket,
 ) -> Result<(), Failure> {
+    let healthy = ticket.error.as_ref().is_none_or(|e| {
+        e.stage == "run" && matches!(e.kind, crate::Kind::Permanent | crate::Kind::TimedOut)
+    });
     let Some(alloc) = ticket.alloc.as_mut() else {
         return Ok(());
     };
@@ -518,28 +589,20 @@ pub fn cancel(
             config.path.display()
         ))
     })?;
+    if cluster.linger_s > 0 {
+        match pooled::settle(config, alloc, healthy)? {
+            pooled::Settled::Returned => {
+                alloc.extra.insert("returned".into(), true.into());
+                return Ok(());
+            }
+            pooled::Settled::NotThisTickets => return Ok(()),
+            pooled::Settled::ToCancel => {}
+        }
+    }
     let slurm = clusters.get(cluster)?;
-    let cancelled = slurm
+    slurm
         .cancel(alloc.job)
-        .map_err(|f| f.context(format!("cluster {}", cluster.name)));
-    // The tools' shared ssh connection to the node has nothing left to do.
-    // The ticket may not name it: a push with nothing to copy opens no
-    // connection, and nsh-run, which then does, records it only in the
-    // ticket it writes after the build; so the master's usual socket
-    // (`<cluster>-<job>` in this user's control directory) is closed too.
-    let mut with_master = alloc.clone();
-    if with_master.control.is_none() {
-        with_master.control = crate::stage::ssh::control_dir()
-            .ok()
-            .map(|dir| dir.join(format!("{}-{}", alloc.cluster, alloc.job)))
-            .filter(|socket| socket.exists())
-            .map(|socket| socket.display().to_string());
-    }
-    if with_master.control.is_some() {
-        crate::stage::ssh::Ssh::for_alloc(&with_master, &config.ssh_for(&alloc.cluster))
-            .stop_master();
-    }
-    cancelled?;
+        .map_err(|f| f.context(format!("cluster {}", cluster.name)))?;
     alloc.extra.insert("cancelled".into(), true.into());
     Ok(())
 }
@@ -566,13 +629,17 @@ pub fn cancel_stage<R: BufRead, W: Write>(
 /// The times of an allocation as the ticket records them (`alloc.secs`).
 pub fn times_json(times: &AllocTimes) -> serde_json::Value {
     let secs = |d: Duration| (d.as_secs_f64() * 1000.0).round() / 1000.0;
-    serde_json::json!({
+    let mut json = serde_json::json!({
         "connect": secs(times.connect),
         "submit": secs(times.submit),
         "queued": secs(times.queued),
         "polls": times.polls,
         "polling": secs(times.polling),
-    })
+    });
+    if !times.take.is_zero() {
+        json["take"] = secs(times.take).into();
+    }
+    json
 }
 
 #[cfg(test)]

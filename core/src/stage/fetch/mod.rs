@@ -57,7 +57,6 @@ use std::time::Instant;
 
 use crate::config::Config;
 use crate::error::{Failure, KindOf};
-use crate::log_info;
 use crate::nix::hash::{self, Hashing};
 use crate::nix::local_store::LocalStore;
 use crate::nix::nar::{Bounds, NarError, NarRead};
@@ -70,6 +69,7 @@ use crate::stage::release::release;
 use crate::stage::retry;
 use crate::stage::ssh::Ssh;
 use crate::ticket::{AllocSection, FetchSection, Ticket};
+use crate::{log_info, log_warn};
 use fixed::{FixedCheck, FixedHash, Tee};
 use trust::Here;
 
@@ -176,13 +176,39 @@ pub fn fetch(
         secs: started.elapsed().as_secs_f64(),
         extra: crate::ticket::Extra::default(),
     });
-    if result.is_ok() && !options.keep_job {
-        let ssh = Ssh::for_alloc(&alloc, &config.ssh_for(&alloc.cluster));
-        release(&ssh, &alloc);
-        ssh.stop_master();
+    if result.is_ok() {
+        crate::stage::alloc::pooled::note_paths(config, &alloc, &declared.wanted);
+        if !options.keep_job {
+            end_use(config, &mut alloc);
+        }
     }
     ticket.alloc = Some(alloc);
     result
+}
+
+/// The build is over: a pooled job (the cluster's `linger` > 0) goes back
+/// to the pool, any other is released. The node's ssh master stays for the
+/// next build (it ends by itself when unused).
+fn end_use(config: &Config, alloc: &mut AllocSection) {
+    let pooled = config
+        .clusters
+        .get(&alloc.cluster)
+        .is_some_and(|c| c.linger_s > 0);
+    let ssh = match Ssh::ensure_master(alloc, config) {
+        Ok(ssh) => ssh,
+        Err(failure) => {
+            log_warn!(
+                "job {}: {failure}; it ends after its idle timeout",
+                alloc.job
+            );
+            return;
+        }
+    };
+    if pooled {
+        crate::stage::alloc::pooled::give_back(&ssh, alloc);
+    } else {
+        release(&ssh, alloc);
+    }
 }
 
 /// This process's temporary GC roots in the store imported into.
@@ -249,7 +275,7 @@ fn fetch_once(
     place: &Place,
     progress: &mut dyn TransferProgress,
 ) -> Result<(Vec<StorePath>, u64), Failure> {
-    let ssh = Ssh::ensure_master(alloc, &config.ssh_for(&alloc.cluster))?;
+    let ssh = Ssh::ensure_master(alloc, config)?;
     let argv = crate::stage::ssh::remote_serve_argv(&config.remote);
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
     let mut remote = ServeProcess::from_command(ssh.command(&argv), ssh.describe())?;

@@ -22,8 +22,9 @@ use super::{job_gone, Job, LogEvent, LogSink, LogSplitter, Watch, FOLLOW_RECONNE
 ///
 /// It waits (at most 30 s) for the work dir, which the job makes as it
 /// starts; writes the request atomically unless a previous attempt already
-/// did; then copies the bytes of `log.N` from OFFSET on to stdout as they
-/// are written, polling every tenth of a second. Once `status.N` exists
+/// did, and rings the job's doorbell (`W/wake`); then copies the bytes of
+/// `log.N` from OFFSET on to stdout as they are written, polling every tenth
+/// of a second. Once `status.N` exists
 /// (the job writes it after the sentinel line) it copies the rest of the log
 /// and then `response.N`, and exits 0. Exit 3: the work dir is gone (the job
 /// ended); 4: the request could not be written; 5: stdout was closed.
@@ -48,6 +49,9 @@ if [ -e "$W/request.$n" ] || [ -e "$log" ]; then
     cat >/dev/null
 else
     cat >"$W/request.$n.tmp" && mv "$W/request.$n.tmp" "$W/request.$n" || exit 4
+    if [ -p "$W/wake" ]; then
+        { printf 'request %s\n' "$n" >&3; } 2>/dev/null 3<>"$W/wake"
+    fi
 fi
 while :; do
     if [ -e "$W/status.$n" ]; then ended=1; else ended=0; fi

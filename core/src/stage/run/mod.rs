@@ -233,9 +233,10 @@ impl Runner<'_> {
                 self.config.path.display()
             ))
         })?;
-        let ssh = Ssh::ensure_master(alloc, &self.config.ssh_for(&alloc.cluster))?;
+        let ssh = Ssh::ensure_master(alloc, self.config)?;
         let alloc = alloc.clone();
-        let slurm = self.clusters.get(cluster)?;
+        // As nsh-alloc found it: no version probe per build.
+        let slurm = self.clusters.resume(cluster, &alloc)?;
         let job = Job {
             ssh: &ssh,
             slurm,
@@ -245,9 +246,10 @@ impl Runner<'_> {
                 alloc.node, alloc.cluster, alloc.job
             ),
         };
-        // Every way out but a successful build lets the job end now:
-        // nothing will be fetched.
-        let release = ReleaseOnDrop::new(&ssh, &alloc);
+        // Every way out but a successful build lets the job end now
+        // (nothing will be fetched), or, when the build failed on its own,
+        // gives a pooled job back for the next build.
+        let release = ReleaseOnDrop::new(&ssh, &alloc, cluster.linger_s > 0);
         log_info!("building {} on {}", build.drv_path, job.place);
         let watch = Watch {
             check_every: self.job_check_interval,
@@ -257,6 +259,8 @@ impl Runner<'_> {
         ticket.run = Some(section);
         if outcome.is_ok() {
             release.keep();
+        } else {
+            release.give_back();
         }
         outcome
     }
