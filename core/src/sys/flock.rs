@@ -31,14 +31,7 @@ pub fn lock_exclusive(file: &File, wait: Wait) -> io::Result<bool> {
         Wait::Block => FlockOperation::LockExclusive,
         Wait::DontWait => FlockOperation::NonBlockingLockExclusive,
     };
-    loop {
-        match rustix::fs::flock(file, operation) {
-            Ok(()) => return Ok(true),
-            Err(rustix::io::Errno::INTR) => {}
-            Err(rustix::io::Errno::WOULDBLOCK) if wait == Wait::DontWait => return Ok(false),
-            Err(e) => return Err(e.into()),
-        }
-    }
+    flock_retrying(file, operation, wait)
 }
 
 /// Takes a shared `flock` on `file`, as [`lock_exclusive`] takes an
@@ -51,6 +44,12 @@ pub fn lock_shared(file: &File, wait: Wait) -> io::Result<bool> {
         Wait::Block => FlockOperation::LockShared,
         Wait::DontWait => FlockOperation::NonBlockingLockShared,
     };
+    flock_retrying(file, operation, wait)
+}
+
+/// `flock(file, operation)`, EINTR retried; `Ok(false)` for a lock held
+/// elsewhere when not waiting.
+fn flock_retrying(file: &File, operation: FlockOperation, wait: Wait) -> io::Result<bool> {
     loop {
         match rustix::fs::flock(file, operation) {
             Ok(()) => return Ok(true),
