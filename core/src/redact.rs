@@ -226,6 +226,11 @@ impl Redactor {
             ["alloc", "api"] => "<API-VERSION>".into(),
             ["alloc", "slurm"] => "<SLURM-VERSION>".into(),
             ["run", "start" | "stop"] | ["hook", "accepted"] => TIME.into(),
+            // With allocation reuse, which job a build gets, its age and
+            // its request number depend on what ran before.
+            ["alloc", "age"] => SECS.into(),
+            ["alloc", "request"] => COUNT.into(),
+            ["alloc", "reused"] => "<REUSED>".into(),
             // 1 for a build, but 0 from a node on Nix 2.34.8, which sends
             // 0 whatever happened (docs/reference/versions.md).
             ["run", "times_built"] => COUNT.into(),

@@ -50,10 +50,22 @@ pub fn pool_owner() -> Result<Owner, Failure> {
     })
 }
 
-/// A digest of what the job's script gets from the configuration (and of
-/// whom ssh logs in as): a job made under other settings fits no build.
+/// A digest of what the job's script gets from the configuration, of how
+/// and as whom it was submitted (backend, slurmrestd, the job's account),
+/// and of whom ssh logs in as: a job made under other settings fits no
+/// build, even in a cluster of the same name.
 pub fn environment_digest(config: &Config, cluster: &Cluster) -> String {
     let mut hasher = Sha256::new();
+    let url = cluster.url.as_ref().map(ToString::to_string);
+    for part in [
+        Some(cluster.backend.to_string()),
+        url,
+        cluster.user.clone(),
+        cluster.submit.submit_as.clone(),
+    ] {
+        hasher.update(part.unwrap_or_default().as_bytes());
+        hasher.update(b"\0");
+    }
     for (key, value) in batch_script::environment(config, cluster, "") {
         hasher.update(key.as_bytes());
         hasher.update(b"=");
@@ -433,5 +445,28 @@ pub fn note_paths<P: AsRef<str>>(config: &Config, alloc: &AllocSection, paths: &
     let noted = Pool::open(&alloc.cluster).and_then(|pool| pool.note_paths(&alloc.node, paths));
     if let Err(failure) = noted {
         log_debug!("pool: noting paths on {}: {failure}", alloc.node);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    /// A cluster of the same name under another backend or account is not
+    /// the same pool: its jobs were submitted differently, as someone else.
+    #[test]
+    fn the_digest_tells_backends_and_accounts_apart() {
+        let digest = |cluster: &str| {
+            let text = format!("[cluster.test]\nsystems = [\"x86_64-linux\"]\n{cluster}");
+            let config = Config::parse(Path::new("t.toml"), &text).unwrap();
+            environment_digest(&config, &config.clusters["test"])
+        };
+        let rest = digest("url = \"unix:/run/slurmrestd.sock\"\n");
+        let cli = digest("backend = \"cli\"\n");
+        let cli_as = digest("backend = \"cli\"\nsubmit_as = \"nixbuild\"\n");
+        assert_ne!(rest, cli);
+        assert_ne!(cli, cli_as);
+        assert_eq!(cli, digest("backend = \"cli\"\n"));
     }
 }
