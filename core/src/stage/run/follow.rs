@@ -233,6 +233,18 @@ impl Following<'_> {
                     alloc.work, alloc.node
                 )))
             }
+            (FollowExit::Unwritable(why), _) => Err(Failure::new(
+                Kind::Config,
+                format!(
+                    "ssh.user: {} cannot write the job's work dir {} on {}, so the job runs as \
+                     another account ({why}); log in as the account the jobs run as \
+                     ([ssh] user or [cluster.{}.ssh] user; submit_as for a cli cluster)",
+                    self.job.ssh.describe(),
+                    alloc.work,
+                    alloc.node,
+                    alloc.cluster
+                ),
+            )),
             (FollowExit::Failed(why), _) => self.reconnect(&why).map(|()| None),
         }
     }
@@ -302,8 +314,27 @@ enum FollowExit {
     Done,
     /// The work dir vanished: the job ended (scancel, time limit, …).
     WorkDirGone,
+    /// The request could not be written: the work dir is not the ssh
+    /// user's (permission denied), so the job runs as another account. The
+    /// same next time: configuration, not retried.
+    Unwritable(String),
     /// ssh failed, or something else went wrong; the job may still run.
     Failed(String),
+}
+
+/// How the follower ended, from its exit status and what it said: 3 and 4
+/// are [`FOLLOW_SCRIPT`]'s own.
+fn follow_exit(status: std::process::ExitStatus, stderr: &str) -> FollowExit {
+    let said = stderr.trim();
+    match status.code() {
+        Some(0) => FollowExit::Done,
+        Some(3) => FollowExit::WorkDirGone,
+        Some(4) if said.contains("Permission denied") => FollowExit::Unwritable(said.to_string()),
+        Some(4) => FollowExit::Failed(format!(
+            "could not write the request into the job's work dir: {said}"
+        )),
+        _ => FollowExit::Failed(format!("ssh ended with {status}: {said}")),
+    }
 }
 
 /// The ssh process running [`FOLLOW_SCRIPT`] on the node, and a thread
@@ -372,15 +403,7 @@ impl Follower {
             Err(e) => return FollowExit::Failed(format!("waiting for ssh: {e}")),
         };
         let stderr = self.stderr.join().unwrap_or_default();
-        match status.code() {
-            Some(0) => FollowExit::Done,
-            Some(3) => FollowExit::WorkDirGone,
-            Some(4) => FollowExit::Failed(format!(
-                "could not write the request into the job's work dir: {}",
-                stderr.trim()
-            )),
-            _ => FollowExit::Failed(format!("ssh ended with {status}: {}", stderr.trim())),
-        }
+        follow_exit(status, &stderr)
     }
 
     fn stop(mut self) {
@@ -407,5 +430,35 @@ fn pump(mut from: ChildStdout, to: &mpsc::SyncSender<Vec<u8>>) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(_) => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::ExitStatusExt;
+
+    fn exited(code: i32) -> std::process::ExitStatus {
+        std::process::ExitStatus::from_raw(code << 8)
+    }
+
+    #[test]
+    fn a_work_dir_of_another_account_is_unwritable_not_a_lost_connection() {
+        let denied = "sh: 17: cannot create /tmp/nsh/nsh-306/request.1.tmp: Permission denied\n";
+        assert!(matches!(
+            follow_exit(exited(4), denied),
+            FollowExit::Unwritable(why) if why.ends_with("Permission denied")
+        ));
+        // Another reason to fail the write (a full disk) may pass: retried.
+        assert!(matches!(
+            follow_exit(exited(4), "No space left on device"),
+            FollowExit::Failed(_)
+        ));
+        assert!(matches!(follow_exit(exited(0), ""), FollowExit::Done));
+        assert!(matches!(follow_exit(exited(3), ""), FollowExit::WorkDirGone));
+        assert!(matches!(
+            follow_exit(exited(255), "Connection reset"),
+            FollowExit::Failed(why) if why.contains("Connection reset")
+        ));
     }
 }
