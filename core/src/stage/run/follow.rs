@@ -455,7 +455,10 @@ mod tests {
             FollowExit::Failed(_)
         ));
         assert!(matches!(follow_exit(exited(0), ""), FollowExit::Done));
-        assert!(matches!(follow_exit(exited(3), ""), FollowExit::WorkDirGone));
+        assert!(matches!(
+            follow_exit(exited(3), ""),
+            FollowExit::WorkDirGone
+        ));
         assert!(matches!(
             follow_exit(exited(255), "Connection reset"),
             FollowExit::Failed(why) if why.contains("Connection reset")
