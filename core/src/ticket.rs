@@ -256,6 +256,9 @@ pub struct FetchSection {
     pub bytes: u64,
     #[serde(default)]
     pub secs: f64,
+    /// How they became valid (`load-db`, `held-locks`, `daemon`, `signed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub import_method: Option<String>,
     #[serde(flatten)]
     pub extra: Extra,
 }

@@ -44,6 +44,19 @@ pub struct Config {
     pub ssh: Ssh,
     /// `[remote]`: the Nix on the nodes.
     pub remote: Remote,
+    /// `[fetch]`: how `nsh-fetch` makes paths valid in the local store.
+    pub fetch: Fetch,
+}
+
+/// `[fetch]`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Fetch {
+    /// A Nix binary-cache secret key (`name:base64`, as `nix-store
+    /// --generate-binary-cache-key` writes it) with which a user the Nix
+    /// daemon does not trust signs what it imports (`nsh-fetch
+    /// --import-method signed`); the daemon checks the signatures against
+    /// its `trusted-public-keys`.
+    pub secret_key_file: Option<PathBuf>,
 }
 
 /// How nsh talks to a cluster's Slurm (`alloc.backend` in the ticket).
@@ -538,11 +551,13 @@ impl Config {
         }
         let ssh = ssh_settings(raw.ssh, &problems)?;
         let remote = remote_settings(raw.remote, &problems)?;
+        let fetch = fetch_settings(raw.fetch, &problems)?;
         Ok(Config {
             path: path.to_path_buf(),
             clusters,
             ssh,
             remote,
+            fetch,
         })
     }
 
@@ -609,6 +624,21 @@ fn ssh_settings(raw: raw::RawSsh, problems: &Problems) -> Result<Ssh, Failure> {
         }
     }
     Ok(ssh)
+}
+
+/// `[fetch]`: a key file is named by its absolute path.
+fn fetch_settings(raw: raw::RawFetch, problems: &Problems) -> Result<Fetch, Failure> {
+    if let Some(file) = &raw.secret_key_file {
+        if !file.is_absolute() {
+            return Err(problems.at(
+                "fetch.secret_key_file",
+                format!("{:?} is not an absolute path", file.display()),
+            ));
+        }
+    }
+    Ok(Fetch {
+        secret_key_file: raw.secret_key_file,
+    })
 }
 
 /// `[remote]`: what the nodes have where, defaults for what is not given.

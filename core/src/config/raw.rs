@@ -18,6 +18,8 @@ pub(super) struct RawConfig {
     pub(super) ssh: RawSsh,
     #[serde(default)]
     pub(super) remote: RawRemote,
+    #[serde(default)]
+    pub(super) fetch: RawFetch,
     /// `[hook]`: read and validated by `crate::hook::config`.
     #[serde(default, rename = "hook")]
     pub(super) _hook: Option<toml::Table>,
@@ -99,6 +101,13 @@ pub(super) struct RawRemote {
     pub(super) idle_timeout: Option<NumberOrText>,
     pub(super) request_timeout: Option<NumberOrText>,
     pub(super) max_output_size: Option<NumberOrText>,
+}
+
+/// `[fetch]`: how `nsh-fetch` makes paths valid here.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawFetch {
+    pub(super) secret_key_file: Option<PathBuf>,
 }
 
 /// A value that may be written as a number or a string (`90` or `"90m"`).

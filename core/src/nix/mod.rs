@@ -13,6 +13,7 @@ pub mod local_store;
 pub mod nar;
 pub mod resources;
 pub mod serve;
+pub mod signing;
 pub mod store_path;
 pub mod temp_roots;
 pub mod wire;

@@ -16,12 +16,14 @@ use nsh_core::Config;
 /// so that the job ends, closes the ssh connection, and writes the ticket
 /// with `fetch: {paths, bytes, secs}` to stdout.
 ///
-/// Works while the Nix daemon holds the outputs' locks (as it does while a
-/// build hook runs).
+/// As root, works while the Nix daemon holds the outputs' locks (as it does
+/// while a build hook runs). As another user, imports through the daemon:
+/// as a trusted user, or signed with `[fetch] secret_key_file`.
 ///
 /// Exit status: 0 ok, 1 the node does not have the outputs or sent corrupt
 /// data, 75 transient (ssh refused, connection dropped, after one retry),
-/// 65 bad input, 78 bad configuration, 64 usage.
+/// 65 bad input, 78 bad configuration (also: no way to import is open to
+/// this user; the job is then ended), 64 usage.
 #[derive(Parser)]
 #[command(name = "nsh-fetch", version)]
 struct Args {
@@ -29,7 +31,7 @@ struct Args {
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// How paths become valid locally.
-    #[arg(long, value_name = "METHOD", value_enum, default_value_t = ImportMethodArg::LoadDb)]
+    #[arg(long, value_name = "METHOD", value_enum, default_value_t = ImportMethodArg::Auto)]
     import_method: ImportMethodArg,
     /// Leave the job running and the ssh connection open (no release).
     #[arg(long)]
@@ -40,17 +42,30 @@ struct Args {
 /// `nsh-core` keeps without a command line.
 #[derive(Clone, Copy, ValueEnum)]
 enum ImportMethodArg {
+    /// load-db as root or the store's owner; else signed when [fetch]
+    /// secret_key_file is set; else daemon unless the daemon says it does not
+    /// trust this user
+    Auto,
     /// unpack, canonicalise, nix-store --load-db; every Nix version
     LoadDb,
     /// NIX_HELD_LOCKS + nix-store --import; only Nix <= 2.28 and Lix (a newer
     /// Nix waits forever for the daemon's lock)
     HeldLocks,
+    /// nix-store --import through the Nix daemon; for users in its
+    /// trusted-users
+    Daemon,
+    /// a binary cache signed with [fetch] secret_key_file, nix copy into the
+    /// daemon's store; the daemon must trust the key (trusted-public-keys)
+    Signed,
 }
 
 impl From<ImportMethodArg> for ImportMethod {
     fn from(arg: ImportMethodArg) -> ImportMethod {
         match arg {
+            ImportMethodArg::Auto => ImportMethod::Auto,
             ImportMethodArg::LoadDb => ImportMethod::LoadDb,
+            ImportMethodArg::Daemon => ImportMethod::Daemon,
+            ImportMethodArg::Signed => ImportMethod::Signed,
             ImportMethodArg::HeldLocks => ImportMethod::HeldLocks,
         }
     }

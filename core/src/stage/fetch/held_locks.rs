@@ -3,8 +3,8 @@
 //! each entry's trailer written only once its NAR checked out.
 
 use crate::sys::process::stdin_of;
-use std::io::{self, BufWriter, Read, Write};
-use std::process::Stdio;
+use std::io::{self, BufRead, BufWriter, Read, Write};
+use std::process::{Child, Command, ExitStatus, Stdio};
 
 use super::trust::Declared;
 use super::{nar_error, read_checked};
@@ -28,15 +28,44 @@ pub(super) fn import_held_locks<R: Read, W: Write>(
     progress: &mut dyn TransferProgress,
 ) -> Result<Vec<StorePath>, Failure> {
     let held: Vec<&str> = declared.outputs.keys().map(StorePath::as_str).collect();
-    let mut child = direct
-        .nix_store()
+    let mut command = direct.nix_store();
+    command
         .arg("--import")
-        .env("NIX_HELD_LOCKS", held.join(" "))
+        .env("NIX_HELD_LOCKS", held.join(" "));
+    let importer = Importer {
+        command,
+        refused: &|status, _| Failure::permanent(format!("nix-store --import ended with {status}")),
+    };
+    import_stream(importer, remote, needed, declared, progress)
+}
+
+/// A `nix-store --import` to feed, and what its failure means (given its
+/// exit status and the last lines it wrote to stderr).
+pub(super) struct Importer<'a> {
+    pub command: Command,
+    pub refused: &'a dyn Fn(ExitStatus, &str) -> Failure,
+}
+
+/// Runs the importer on the export stream of `needed` ([`relay_checked`]);
+/// its stderr is relayed to ours, its last lines kept for `refused`.
+pub(super) fn import_stream<R: Read, W: Write>(
+    importer: Importer,
+    remote: &mut ServeClient<R, W>,
+    needed: &[PathInfo],
+    declared: &Declared,
+    progress: &mut dyn TransferProgress,
+) -> Result<Vec<StorePath>, Failure> {
+    let Importer {
+        mut command,
+        refused,
+    } = importer;
+    let mut child = command
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
+        .stderr(Stdio::piped())
         .spawn()
         .or_fail(Kind::Config, || "starting nix-store --import")?;
+    let tail = relay_stderr_tail(&mut child);
     let stdin = stdin_of(&mut child).or_fail(Kind::Transient, || "nix-store --import")?;
     let mut to = BufWriter::with_capacity(1 << 16, stdin);
     let relayed = relay_checked(remote, needed, declared, &mut to, progress);
@@ -51,21 +80,50 @@ pub(super) fn import_held_locks<R: Read, W: Write>(
             let status = child
                 .wait()
                 .or_fail(Kind::Transient, || "waiting for nix-store --import")?;
+            let said = tail.join().unwrap_or_default();
             if !status.success() {
-                return Err(Failure::permanent(format!(
-                    "nix-store --import ended with {status}"
-                )));
+                return Err(refused(status, &said));
             }
             Ok(paths)
         }
         Err(failure) => {
             // Killed before it read the failed entry's trailer: that entry
-            // is never registered.
+            // is never registered. (Through the daemon, nothing of the entry
+            // was sent: nix-store reads the whole entry before it adds it.)
             let _ = child.kill();
             let _ = child.wait();
+            let said = tail.join().unwrap_or_default();
+            // The importer may have stopped first, refusing an earlier entry.
+            if failure.message.starts_with("writing to nix-store --import") {
+                return Err(refused(ExitStatus::default(), &said));
+            }
             Err(failure)
         }
     }
+}
+
+/// How many of a child's last stderr lines are kept for messages.
+const STDERR_TAIL_LINES: usize = 20;
+
+/// Relays `child`'s stderr to ours line by line on a thread, which returns
+/// the last [`STDERR_TAIL_LINES`].
+pub(super) fn relay_stderr_tail(child: &mut Child) -> std::thread::JoinHandle<String> {
+    let stderr = child.stderr.take();
+    std::thread::spawn(move || {
+        let Some(stderr) = stderr else {
+            return String::new();
+        };
+        let mut tail = std::collections::VecDeque::new();
+        for line in io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            eprintln!("{line}");
+            if tail.len() == STDERR_TAIL_LINES {
+                tail.pop_front();
+            }
+            tail.push_back(line);
+        }
+        Vec::from(tail).join("\n")
+    })
 }
 
 /// Writes the export stream of `needed` to `to`: per path `1`, the NAR as

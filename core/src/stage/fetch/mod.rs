@@ -29,6 +29,10 @@
 //!   until they are registered, and a path found valid is never registered
 //!   again; every placed path (and its temporary name) is a temporary GC
 //!   root until it is registered;
+//! * `daemon` and `signed`, for a user who may not write the store (a CI
+//!   user running the tools by hand; no hook holds locks then): through the
+//!   daemon, as a trusted user or with signatures it trusts ([`daemon`],
+//!   [`signed`]);
 //! * `held-locks` (Nix ≤ 2.28 and Lix only: Nix 2.29 removed
 //!   `NIX_HELD_LOCKS`): `nix-store --import` against the local store
 //!   directly, with `NIX_HELD_LOCKS` naming the outputs, so it does not take
@@ -41,13 +45,16 @@
 //! `nix-store --import` register a path, is written only after its NAR
 //! checked out.
 
+pub mod daemon;
 mod fixed;
 mod held_locks;
 mod load_db;
+mod signed;
 pub mod trust;
 
-use held_locks::import_held_locks;
+use held_locks::{import_held_locks, import_stream, Importer};
 use load_db::import_load_db;
+use signed::import_signed;
 pub use trust::{Declared, ImportRefused};
 
 use std::collections::BTreeMap;
@@ -60,8 +67,9 @@ use crate::error::{Failure, KindOf};
 use crate::nix::hash::{self, Hashing};
 use crate::nix::local_store::LocalStore;
 use crate::nix::nar::{Bounds, NarError, NarRead};
-use crate::nix::serve::client::ServeProcess;
+use crate::nix::serve::client::{ServeClient, ServeProcess};
 use crate::nix::serve::PathInfo;
+use crate::nix::signing::SecretKey;
 use crate::nix::store_path::StorePath;
 use crate::nix::temp_roots::TempRoots;
 use crate::stage::progress::{human_bytes, Reporting, TransferProgress};
@@ -75,15 +83,21 @@ use trust::Here;
 
 /// How fetched paths become valid in the local store (`nsh-fetch
 /// --import-method`, whose names are `nsh-fetch`'s; the same here, for log
-/// lines).
+/// lines and the ticket's `fetch.import_method`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ImportMethod {
-    /// Unpack, canonicalise, `nix-store --load-db` (every version).
+    /// The first of the others that applies ([`daemon::choose`]).
     #[default]
+    Auto,
+    /// Unpack, canonicalise, `nix-store --load-db` (every version).
     LoadDb,
     /// `NIX_HELD_LOCKS` + `nix-store --import` (Nix ≤ 2.28, Lix).
     HeldLocks,
+    /// `nix-store --import` through the daemon (a trusted user).
+    Daemon,
+    /// A signed binary cache of our own, `nix copy` into the daemon's store.
+    Signed,
 }
 
 /// `load-db`, `held-locks`.
@@ -130,7 +144,9 @@ fn check_ticket(ticket: &Ticket) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Fetches the ticket's outputs; returns the `fetch` section.
+/// Fetches the ticket's outputs; returns the `fetch` section. When no way
+/// to import is open to this user (configuration), the job is ended too
+/// (unless `keep_job`): fetching again cannot succeed before an admin acts.
 pub fn fetch(
     ticket: &mut Ticket,
     config: &Config,
@@ -140,50 +156,111 @@ pub fn fetch(
     let started = Instant::now();
     check_ticket(ticket)?;
     let mut alloc = ticket.need_alloc()?.clone();
-    let store_uri = ticket.store_uri().to_string();
-    let local = LocalStore::new(&store_uri, "")?;
-    let method = options.method;
-    let direct = LocalStore::new(&direct_store_uri(&store_uri)?, "")?;
-    check_writable(&direct.real_dir())?;
-    let declared = Declared::of(ticket, &direct)?;
-    let mut roots = temp_roots(&direct)?;
-    let outcome = retry::transient(|| {
-        let mut here = Here {
-            local: &local,
-            roots: &mut roots,
-            max_output_size: config.remote.max_output_size,
-        };
-        let place = Place {
-            direct: &direct,
-            method,
-        };
-        fetch_once(&declared, &mut alloc, config, &mut here, &place, progress)
+    let local = LocalStore::new(ticket.store_uri(), "")?;
+    let result = choose_way(options.method, config, &local).and_then(|way| {
+        let (paths, bytes) = fetch_with(&way, ticket, &local, config, &mut alloc, progress)?;
+        Ok(FetchSection {
+            paths,
+            bytes,
+            secs: started.elapsed().as_secs_f64(),
+            import_method: Some(way.method.to_string()),
+            extra: crate::ticket::Extra::default(),
+        })
     });
-    let finished = outcome.and_then(|(paths, bytes)| {
-        // Whatever happened in between, the outputs must be valid now.
-        let valid = local.valid_paths(&declared.wanted)?;
-        if let Some(missing) = declared.wanted.iter().find(|o| !valid.contains(*o)) {
-            return Err(Failure::permanent(format!(
-                "{missing} is not valid in the local store after fetching it"
-            )));
+    match &result {
+        Ok(_) => {
+            let wanted = Declared::of(ticket, &local).map(|d| d.wanted);
+            if let Ok(wanted) = wanted {
+                crate::stage::alloc::pooled::note_paths(config, &alloc, &wanted);
+            }
+            if !options.keep_job {
+                end_use(config, &mut alloc);
+            }
         }
-        Ok((paths, bytes))
-    });
-    drop(roots);
-    let result = finished.map(|(paths, bytes)| FetchSection {
-        paths,
-        bytes,
-        secs: started.elapsed().as_secs_f64(),
-        extra: crate::ticket::Extra::default(),
-    });
-    if result.is_ok() {
-        crate::stage::alloc::pooled::note_paths(config, &alloc, &declared.wanted);
-        if !options.keep_job {
+        Err(failure) if failure.kind == crate::Kind::Config && !options.keep_job => {
             end_use(config, &mut alloc);
         }
+        Err(_) => {}
     }
     ticket.alloc = Some(alloc);
     result
+}
+
+/// How this nsh-fetch imports: the method, the store it writes directly
+/// (`load-db`, `held-locks`), the signing key (`signed`).
+struct Way {
+    method: ImportMethod,
+    direct: Option<LocalStore>,
+    key: Option<SecretKey>,
+}
+
+/// Decides the import method ([`daemon::choose`]) and gets what it needs.
+fn choose_way(
+    requested: ImportMethod,
+    config: &Config,
+    local: &LocalStore,
+) -> Result<Way, Failure> {
+    let root = crate::sys::process::euid() == 0;
+    let store_writable = direct_store_uri(&local.uri)
+        .and_then(|uri| LocalStore::new(&uri, ""))
+        .is_ok_and(|direct| crate::sys::fs::check_writable(&direct.real_dir()).is_ok());
+    let situation = daemon::Situation {
+        root,
+        store_writable,
+        has_key: config.fetch.secret_key_file.is_some(),
+    };
+    let method = daemon::choose(requested, situation, || daemon::ask_trust(&local.uri))?;
+    let mut way = Way {
+        method,
+        direct: None,
+        key: None,
+    };
+    match method {
+        ImportMethod::LoadDb | ImportMethod::HeldLocks => {
+            let direct = LocalStore::new(&direct_store_uri(&local.uri)?, "")?;
+            check_writable(&direct.real_dir())?;
+            way.direct = Some(direct);
+        }
+        ImportMethod::Signed => {
+            if let Some(file) = &config.fetch.secret_key_file {
+                way.key = Some(SecretKey::read(file, "fetch.secret_key_file")?);
+            }
+        }
+        ImportMethod::Daemon | ImportMethod::Auto => {}
+    }
+    Ok(way)
+}
+
+/// Fetches with `way`, retrying transient failures; the wanted outputs
+/// must be valid afterwards. Returns (paths imported, NAR bytes).
+fn fetch_with(
+    way: &Way,
+    ticket: &Ticket,
+    local: &LocalStore,
+    config: &Config,
+    alloc: &mut AllocSection,
+    progress: &mut dyn TransferProgress,
+) -> Result<(Vec<StorePath>, u64), Failure> {
+    let declared = Declared::of(ticket, way.direct.as_ref().unwrap_or(local))?;
+    // Writing the store directly, we keep what we rely on alive ourselves;
+    // through the daemon, the daemon does.
+    let mut roots = way.direct.as_ref().map(temp_roots).transpose()?;
+    let (paths, bytes) = retry::transient(|| {
+        let mut here = Here {
+            local,
+            roots: roots.as_mut(),
+            max_output_size: config.remote.max_output_size,
+        };
+        fetch_once(&declared, alloc, config, &mut here, way, progress)
+    })?;
+    // Whatever happened in between, the outputs must be valid now.
+    let valid = local.valid_paths(&declared.wanted)?;
+    if let Some(missing) = declared.wanted.iter().find(|o| !valid.contains(*o)) {
+        return Err(Failure::permanent(format!(
+            "{missing} is not valid in the local store after fetching it"
+        )));
+    }
+    Ok((paths, bytes))
 }
 
 /// The build is over: a pooled job (the cluster's `linger` > 0) goes back
@@ -260,19 +337,13 @@ fn check_writable(real_dir: &Path) -> Result<(), Failure> {
     })
 }
 
-/// Where fetched paths go and how.
-struct Place<'a> {
-    direct: &'a LocalStore,
-    method: ImportMethod,
-}
-
 /// One attempt: returns (paths copied, NAR bytes).
 fn fetch_once(
     declared: &Declared,
     alloc: &mut AllocSection,
     config: &Config,
     here: &mut Here,
-    place: &Place,
+    way: &Way,
     progress: &mut dyn TransferProgress,
 ) -> Result<(Vec<StorePath>, u64), Failure> {
     let ssh = Ssh::ensure_master(alloc, config)?;
@@ -294,29 +365,10 @@ fn fetch_once(
         ssh.describe(),
         needed.len(),
         human_bytes(total),
-        place.method
+        way.method
     );
     progress.begin(needed.len() as u64, total);
-    let imported = match place.method {
-        ImportMethod::LoadDb => {
-            let roots = &mut *here.roots;
-            import_load_db(
-                &mut remote.client,
-                &needed,
-                declared,
-                place.direct,
-                roots,
-                progress,
-            )?
-        }
-        ImportMethod::HeldLocks => import_held_locks(
-            &mut remote.client,
-            &needed,
-            declared,
-            place.direct,
-            progress,
-        )?,
-    };
+    let imported = import(&mut remote.client, &needed, declared, here, way, progress)?;
     progress.end();
     remote.finish()?;
     let sizes: BTreeMap<&str, u64> = needed
@@ -325,6 +377,51 @@ fn fetch_once(
         .collect();
     let bytes = imported.iter().map(|p| sizes[p.as_str()]).sum();
     Ok((imported, bytes))
+}
+
+/// Imports `needed` (checked on the way) from the node with `way`.
+fn import<R: Read, W: Write>(
+    remote: &mut ServeClient<R, W>,
+    needed: &[PathInfo],
+    declared: &Declared,
+    here: &mut Here,
+    way: &Way,
+    progress: &mut dyn TransferProgress,
+) -> Result<Vec<StorePath>, Failure> {
+    let missing = |what: &str| {
+        Failure::new(
+            crate::Kind::Internal,
+            format!("import method {} without {what}", way.method),
+        )
+    };
+    match way.method {
+        ImportMethod::LoadDb => {
+            let direct = way.direct.as_ref().ok_or_else(|| missing("a store"))?;
+            let roots = here.roots.as_deref_mut().ok_or_else(|| missing("roots"))?;
+            import_load_db(remote, needed, declared, direct, roots, progress)
+        }
+        ImportMethod::HeldLocks => {
+            let direct = way.direct.as_ref().ok_or_else(|| missing("a store"))?;
+            import_held_locks(remote, needed, declared, direct, progress)
+        }
+        ImportMethod::Daemon => {
+            let mut command = here.local.nix_store();
+            command.arg("--import");
+            let importer = Importer {
+                command,
+                refused: &|status, said| {
+                    daemon::import_refused("nix-store --import", status, said, None)
+                },
+            };
+            import_stream(importer, remote, needed, declared, progress)
+        }
+        ImportMethod::Signed => {
+            let key = way.key.as_ref().ok_or_else(|| missing("a key"))?;
+            let store = (here.local.uri.as_str(), &here.local.dir);
+            import_signed(remote, needed, declared, key, store, progress)
+        }
+        ImportMethod::Auto => Err(missing("a choice")),
+    }
 }
 
 /// Reads the NAR of `info` with `read` (a copy or an unpack) from `nar`,
@@ -454,7 +551,8 @@ mod tests {
 
     #[test]
     fn import_methods_are_named_as_on_the_command_line() {
-        assert_eq!(ImportMethod::default(), ImportMethod::LoadDb);
+        assert_eq!(ImportMethod::default(), ImportMethod::Auto);
+        assert_eq!(ImportMethod::Signed.to_string(), "signed");
         assert_eq!(ImportMethod::LoadDb.to_string(), "load-db");
         assert_eq!(ImportMethod::HeldLocks.to_string(), "held-locks");
     }

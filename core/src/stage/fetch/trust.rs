@@ -269,7 +269,8 @@ fn undeclared(drv: &StorePath, output: &str, declared: &str, reported: &StorePat
 /// What [`plan`] needs besides the node.
 pub(super) struct Here<'a> {
     pub local: &'a LocalStore,
-    pub roots: &'a mut TempRoots,
+    /// This process's temporary roots, when it writes the store itself.
+    pub roots: Option<&'a mut TempRoots>,
     pub max_output_size: u64,
 }
 
@@ -340,10 +341,12 @@ pub(super) fn plan<R: Read, W: Write>(
 /// Of `paths`, those the local store lacks; each is made a temporary root
 /// first, so that what is found valid stays valid.
 fn missing_here(paths: &[StorePath], here: &mut Here) -> Result<Vec<StorePath>, Failure> {
-    for path in paths {
-        here.roots.add(path).map_err(|e| {
-            Failure::transient(format!("adding a temporary GC root for {path}: {e}"))
-        })?;
+    if let Some(roots) = here.roots.as_deref_mut() {
+        for path in paths {
+            roots.add(path).map_err(|e| {
+                Failure::transient(format!("adding a temporary GC root for {path}: {e}"))
+            })?;
+        }
     }
     if paths.is_empty() {
         return Ok(Vec::new());
@@ -513,7 +516,7 @@ mod tests {
         let (mut client, _thread) = node.start();
         let mut here = Here {
             local: &s.local,
-            roots: &mut s.roots,
+            roots: Some(&mut s.roots),
             max_output_size: max,
         };
         plan(&mut client, declared, &mut here)
