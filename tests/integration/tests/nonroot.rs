@@ -1,0 +1,222 @@
+//! The pipeline by hand as a non-root CI user (docs/user-guide.md, "The
+//! tools as a non-root user (CI)"): `nsh-closure | nsh-alloc | nsh-push |
+//! nsh-run | nsh-fetch` run with `runuser` as the test cluster's CI users
+//! (tests/cluster/cluster: `nshci` is in the login daemon's trusted-users,
+//! `nshci-signer` is not, and has a signing key whose public half is in its
+//! trusted-public-keys), each with its own token and ssh key.
+//!
+//! * trusted: nsh-fetch imports through the daemon (`daemon`);
+//! * untrusted with `[fetch] secret_key_file`: a signed binary cache of its
+//!   own, `nix copy` (`signed`); the path keeps the signature;
+//! * untrusted without a key: 78 naming both fixes, nothing imported, the
+//!   job ended.
+//!
+//! Either way the outputs are valid in the login store and the daemon's
+//! (root's), and the user's ssh sockets are in its own runtime directory.
+// A test fails by panicking.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nsh_cluster_tests::{nsh_tool, run_ok, runnable_by_anyone, unique_salt, Cluster};
+use serde_json::Value;
+
+const TRUSTED: &str = "nshci";
+const SIGNER: &str = "nshci-signer";
+const TOOLS: [&str; 5] = [
+    "nsh-closure",
+    "nsh-alloc",
+    "nsh-push",
+    "nsh-run",
+    "nsh-fetch",
+];
+
+/// A derivation whose output refers to an input built here first (so
+/// that the import has a reference the daemon must find valid): (drv,
+/// output path).
+fn derivation(c: &Cluster, tag: &str) -> (String, String) {
+    let salt = unique_salt();
+    let expr = format!(
+        r#"let a = builtins.derivation {{
+             name = "nsh-nonroot-in-{tag}-{salt}"; system = builtins.currentSystem;
+             builder = "/bin/sh"; args = [ "-c" "echo input > $out" ];
+           }};
+           in builtins.derivation {{
+             name = "nsh-nonroot-{tag}-{salt}"; system = builtins.currentSystem;
+             builder = "/bin/sh"; PATH = "/usr/bin:/bin";
+             args = [ "-c" "mkdir $out; echo ${{a}} > $out/input; cat /proc/sys/kernel/hostname > $out/host" ];
+           }}"#
+    );
+    let drv = run_ok(c.command("nix-instantiate").args(["-E", &expr]))
+        .trim()
+        .to_string();
+    let input_drv = run_ok(c.command("nix-store").args(["-q", "--references", &drv]))
+        .lines()
+        .find(|l| l.ends_with(".drv"))
+        .unwrap()
+        .to_string();
+    run_ok(c.command("nix-store").args(["-r", &input_drv]));
+    let out = run_ok(c.command("nix-store").args(["-q", "--outputs", &drv]))
+        .trim()
+        .to_string();
+    (drv, out)
+}
+
+/// The user's uid.
+fn uid_of(user: &str) -> u32 {
+    run_ok(Command::new("id").args(["-u", user]))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// The five tools piped, by hand, as `user` with `config`: (status, last
+/// ticket, stderr). The user's environment is its own: its home, no
+/// runtime directory given (nsh then uses /tmp/nsh-<uid>).
+fn pipeline_as(c: &Cluster, user: &str, config: &str, drv: &str) -> (i32, Value, String) {
+    let tools: Vec<String> = TOOLS
+        .iter()
+        .map(|t| runnable_by_anyone(&nsh_tool(t)).display().to_string())
+        .collect();
+    let script = format!("{} {drv} | {}", tools[0], tools[1..].join(" | "));
+    let mut command = Command::new("runuser");
+    command
+        .args(["-u", user, "--", "sh", "-c", &script])
+        .envs(c.envs())
+        .env_remove("NIX_SSHOPTS")
+        .env_remove("XDG_RUNTIME_DIR")
+        .env_remove(nsh_core::RUNTIME_DIR_ENV)
+        .env("HOME", format!("/var/lib/{user}"))
+        .env("NSH_CONFIG", config)
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = command.spawn().unwrap();
+    let out = wait_bounded(child, Duration::from_secs(240));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let ticket = serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("no ticket ({e}): {stdout:?}\n{stderr}"));
+    (out.status.code().unwrap_or(-1), ticket, stderr)
+}
+
+fn wait_bounded(mut child: std::process::Child, limit: Duration) -> std::process::Output {
+    let deadline = Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the pipeline took more than {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// The CI user's configuration `name` (in its own directory), with one job
+/// per build (`linger = 0`: the job's end is what is checked), written
+/// where the user can read it.
+fn ci_config(c: &Cluster, user: &str, name: &str) -> String {
+    let own = c.dir.join("ci").join(user).join(name);
+    let text = std::fs::read_to_string(&own).unwrap();
+    let text = text.replacen("[cluster.test]\n", "[cluster.test]\nlinger = 0\n", 1);
+    assert!(text.contains("linger = 0"), "{}", own.display());
+    let path =
+        std::env::temp_dir().join(format!("nsh-nonroot-{}-{user}-{name}", std::process::id()));
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+/// The ticket's job leaves the queue soon (released, not left to idle out).
+fn job_ends(c: &Cluster, ticket: &Value) {
+    let job = ticket["alloc"]["job"].as_u64().expect("a job").to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let state = run_ok(c.command("squeue").args(["-h", "-j", &job, "-o", "%T"]));
+        if state.trim().is_empty() || state.contains("COMPLET") {
+            return;
+        }
+        assert!(Instant::now() < deadline, "job {job} still {state}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The output is valid in the login store, its files the daemon's, its
+/// reference to the input kept; the user's ssh sockets were in its own
+/// runtime directory.
+fn imported_and_private(c: &Cluster, user: &str, out: &str, ticket: &Value) {
+    run_ok(c.command("nix-store").args(["--verify-path", out]));
+    let meta = std::fs::metadata(format!("{out}/host")).unwrap();
+    assert_eq!(meta.uid(), 0, "{out}/host belongs to uid {}", meta.uid());
+    let node = ticket["alloc"]["node"].as_str().unwrap();
+    let host = std::fs::read_to_string(format!("{out}/host")).unwrap();
+    assert_eq!(host.trim(), node);
+    let refs = run_ok(c.command("nix-store").args(["-q", "--references", out]));
+    let input = std::fs::read_to_string(format!("{out}/input")).unwrap();
+    assert!(refs.contains(input.trim()), "{refs}");
+    let runtime = PathBuf::from(format!("/tmp/nsh-{}", uid_of(user)));
+    let ssh = std::fs::metadata(runtime.join("ssh")).unwrap();
+    assert_eq!(ssh.uid(), uid_of(user));
+    assert_eq!(ssh.mode() & 0o777, 0o700);
+}
+
+#[test]
+fn a_trusted_user_imports_through_the_daemon() {
+    let c = Cluster::get();
+    let (drv, out) = derivation(&c, "trusted");
+    let config = ci_config(&c, TRUSTED, "nsh.toml");
+    let (code, ticket, stderr) = pipeline_as(&c, TRUSTED, &config, &drv);
+    assert_eq!(code, 0, "{ticket}\n{stderr}");
+    assert_eq!(ticket["fetch"]["import_method"], "daemon", "{ticket}");
+    assert_eq!(ticket["fetch"]["paths"], serde_json::json!([out]));
+    imported_and_private(&c, TRUSTED, &out, &ticket);
+    job_ends(&c, &ticket);
+}
+
+#[test]
+fn an_untrusted_user_imports_paths_signed_with_its_key() {
+    let c = Cluster::get();
+    let (drv, out) = derivation(&c, "signed");
+    let config = ci_config(&c, SIGNER, "nsh-signed.toml");
+    let (code, ticket, stderr) = pipeline_as(&c, SIGNER, &config, &drv);
+    assert_eq!(code, 0, "{ticket}\n{stderr}");
+    assert_eq!(ticket["fetch"]["import_method"], "signed", "{ticket}");
+    imported_and_private(&c, SIGNER, &out, &ticket);
+    // The daemon kept the signature it checked.
+    let info = run_ok(
+        c.command("nix")
+            .args(["path-info", "--json", "--sigs", &out]),
+    );
+    assert!(info.contains("\"nsh-test-ci-1:"), "{info}");
+    // The user's binary cache is gone.
+    let fetch_dir = PathBuf::from(format!("/tmp/nsh-{}/fetch", uid_of(SIGNER)));
+    let left: Vec<_> = std::fs::read_dir(&fetch_dir).unwrap().flatten().collect();
+    assert!(left.is_empty(), "{left:?}");
+    job_ends(&c, &ticket);
+}
+
+#[test]
+fn an_untrusted_user_without_a_key_gets_78_naming_the_fix_and_nothing_is_imported() {
+    let c = Cluster::get();
+    let (drv, out) = derivation(&c, "refused");
+    let config = ci_config(&c, SIGNER, "nsh.toml");
+    let (code, ticket, stderr) = pipeline_as(&c, SIGNER, &config, &drv);
+    assert_eq!(code, 78, "{ticket}\n{stderr}");
+    assert_eq!(ticket["error"]["stage"], "fetch", "{ticket}");
+    assert_eq!(ticket["run"]["status"], "built", "{ticket}");
+    let message = ticket["error"]["message"].as_str().unwrap();
+    for fix in ["trusted-users", "secret_key_file", "trusted-public-keys"] {
+        assert!(message.contains(fix), "{message}");
+    }
+    let valid = c
+        .command("nix-store")
+        .args(["--check-validity", &out])
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(!valid.success(), "{out} was imported");
+    job_ends(&c, &ticket);
+}
