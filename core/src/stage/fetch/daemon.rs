@@ -85,7 +85,9 @@ fn neither_way(auto: bool) -> Failure {
     ))
 }
 
-/// Asks the daemon (`nix store ping`) whether it trusts this user.
+/// Asks the daemon (`nix store ping`) whether it trusts this user. Nix
+/// 2.34 writes the answer to stderr when stdout is not a terminal, earlier
+/// versions to stdout: both are read.
 pub fn ask_trust(store_uri: &str) -> DaemonTrust {
     let mut command = std::process::Command::new("nix");
     command.args([
@@ -97,8 +99,12 @@ pub fn ask_trust(store_uri: &str) -> DaemonTrust {
     if let Some(uri) = store_arg(store_uri) {
         command.arg("--store").arg(uri);
     }
-    match command.stderr(std::process::Stdio::null()).output() {
-        Ok(out) if out.status.success() => trust_of(&String::from_utf8_lossy(&out.stdout)),
+    match command.stdin(std::process::Stdio::null()).output() {
+        Ok(out) if out.status.success() => trust_of(&format!(
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )),
         _ => DaemonTrust::Unknown,
     }
 }
@@ -231,6 +237,9 @@ mod tests {
             DaemonTrust::Unknown
         );
         let newer = "Store URL: daemon\nVersion: 2.26.3\nTrusted: ";
+        // 2.34: on stderr, after a warning.
+        let sid = "warning: 'ping' is a deprecated alias for 'info'\nStore URL: daemon\nTrusted: 0";
+        assert_eq!(trust_of(sid), DaemonTrust::Untrusted);
         assert_eq!(trust_of(&format!("{newer}1\n")), DaemonTrust::Trusted);
         assert_eq!(trust_of(&format!("{newer}0\n")), DaemonTrust::Untrusted);
     }
