@@ -70,8 +70,10 @@ pub(super) fn import_stream<R: Read, W: Write>(
     let mut to = BufWriter::with_capacity(1 << 16, stdin);
     let relayed = relay_checked(remote, needed, declared, &mut to, progress);
     let closed = relayed.and_then(|paths| {
-        to.flush()
-            .or_fail(Kind::Transient, || "writing to nix-store --import")?;
+        to.flush().map_err(|e| {
+            let failed = WriteFailed(e);
+            Failure::caused_by(Kind::Transient, failed.to_string(), failed)
+        })?;
         Ok(paths)
     });
     drop(to);
@@ -91,16 +93,29 @@ pub(super) fn import_stream<R: Read, W: Write>(
             // is never registered. (Through the daemon, nothing of the entry
             // was sent: nix-store reads the whole entry before it adds it.)
             let _ = child.kill();
-            let _ = child.wait();
+            let status = child.wait();
             let said = tail.join().unwrap_or_default();
-            // The importer may have stopped first, refusing an earlier entry.
-            if failure.message.starts_with("writing to nix-store --import") {
-                return Err(refused(ExitStatus::default(), &said));
+            // The importer may have stopped first, refusing an earlier
+            // entry: its own exit status (a reaped child keeps it) and words.
+            match (failure.cause::<WriteFailed>(), status) {
+                (Some(_), Ok(status)) => Err(refused(status, &said)),
+                _ => Err(failure),
             }
-            Err(failure)
         }
     }
 }
+
+/// Writing to the importer failed (it stopped reading).
+#[derive(Debug)]
+struct WriteFailed(io::Error);
+
+impl std::fmt::Display for WriteFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "writing to nix-store --import: {}", self.0)
+    }
+}
+
+impl std::error::Error for WriteFailed {}
 
 /// How many of a child's last stderr lines are kept for messages.
 const STDERR_TAIL_LINES: usize = 20;
@@ -137,8 +152,10 @@ pub(super) fn relay_checked<R: Read, W: Write, T: Write>(
     to: &mut T,
     progress: &mut dyn TransferProgress,
 ) -> Result<Vec<StorePath>, Failure> {
-    let write_fail =
-        |e: io::Error| Failure::transient(format!("writing to nix-store --import: {e}"));
+    let write_fail = |e: io::Error| {
+        let failed = WriteFailed(e);
+        Failure::caused_by(Kind::Transient, failed.to_string(), failed)
+    };
     let mut paths = Vec::new();
     for info in needed {
         to.write_all(&1u64.to_le_bytes()).map_err(write_fail)?;

@@ -319,7 +319,8 @@ pub fn direct_store_uri(uri: &str) -> Result<String, Failure> {
         return Err(Failure::config(format!(
             "the local store is {uri:?}: importing outputs while the daemon holds their \
              locks needs direct access to the store (run nsh-fetch as root, or set \
-             store.uri to the local store)"
+             store.uri to the local store; without root, --import-method auto imports \
+             through the daemon)"
         )));
     }
     Ok("local".into())
@@ -331,7 +332,8 @@ fn check_writable(real_dir: &Path) -> Result<(), Failure> {
     crate::sys::fs::check_writable(real_dir).map_err(|e| {
         Failure::config(format!(
             "cannot write the local store {} directly ({e}); nsh-fetch imports outputs \
-             while the daemon holds their locks, which needs the store owner (root)",
+             while the daemon holds their locks, which needs the store owner (root); \
+             without root, --import-method auto imports through the daemon",
             real_dir.display(),
         ))
     })
@@ -555,6 +557,36 @@ mod tests {
         assert_eq!(ImportMethod::Signed.to_string(), "signed");
         assert_eq!(ImportMethod::LoadDb.to_string(), "load-db");
         assert_eq!(ImportMethod::HeldLocks.to_string(), "held-locks");
+    }
+
+    #[test]
+    fn an_importer_refusing_mid_stream_is_its_refusal_not_a_broken_pipe() {
+        // 1 MiB: more than a pipe holds, so the importer's end is seen as a
+        // failed write, whose exit status and words are the importer's.
+        let node = FakeNode::nix_2_34().with_file(A, &[], &vec![b'x'; 1 << 20]);
+        let needed = vec![node.store[A].info.clone()];
+        let (mut client, _thread) = node.start();
+        let mut command = std::process::Command::new("sh");
+        command.args([
+            "-c",
+            "echo \"error: cannot add path '/nix/store/x' because it lacks a valid signature\" >&2; exit 1",
+        ]);
+        let importer = Importer {
+            command,
+            refused: &|status, said| {
+                assert_eq!(status.code(), Some(1));
+                daemon::import_refused("nix-store --import", status, said, None)
+            },
+        };
+        let err =
+            import_stream(importer, &mut client, &needed, &plain(), &mut NoProgress).unwrap_err();
+        assert_eq!(err.kind, Kind::Config, "{}", err.message);
+        assert!(
+            err.message.contains("lacks a valid signature"),
+            "{}",
+            err.message
+        );
+        assert!(err.message.contains("trusted-users"), "{}", err.message);
     }
 
     #[test]
