@@ -145,8 +145,8 @@ fn job_ends(c: &Cluster, ticket: &Value) {
 }
 
 /// The output is valid in the login store, its files the daemon's, its
-/// reference to the input kept; the user's ssh sockets were in its own
-/// runtime directory.
+/// reference to the input kept; the user's ssh sockets and push lock were
+/// in its own runtime directory.
 fn imported_and_private(c: &Cluster, user: &str, out: &str, ticket: &Value) {
     run_ok(c.command("nix-store").args(["--verify-path", out]));
     let meta = std::fs::metadata(format!("{out}/host")).unwrap();
@@ -161,6 +161,13 @@ fn imported_and_private(c: &Cluster, user: &str, out: &str, ticket: &Value) {
     let ssh = std::fs::metadata(runtime.join("ssh")).unwrap();
     assert_eq!(ssh.uid(), uid_of(user));
     assert_eq!(ssh.mode() & 0o777, 0o700);
+    // The push lock of the node is there too, the user's own.
+    let lock = std::fs::read_dir(runtime.join("ssh"))
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with("push-test-"))
+        .expect("the push lock in the user's runtime directory");
+    assert_eq!(lock.metadata().unwrap().uid(), uid_of(user));
 }
 
 #[test]
