@@ -158,21 +158,19 @@ pub fn fetch(
     let mut alloc = ticket.need_alloc()?.clone();
     let local = LocalStore::new(ticket.store_uri(), "")?;
     let result = choose_way(options.method, config, &local).and_then(|way| {
-        let (paths, bytes) = fetch_with(&way, ticket, &local, config, &mut alloc, progress)?;
-        Ok(FetchSection {
-            paths,
-            bytes,
+        let fetched = fetch_with(&way, ticket, &local, config, &mut alloc, progress)?;
+        let section = FetchSection {
+            paths: fetched.paths,
+            bytes: fetched.bytes,
             secs: started.elapsed().as_secs_f64(),
             import_method: Some(way.method.to_string()),
             extra: crate::ticket::Extra::default(),
-        })
+        };
+        Ok((section, fetched.wanted))
     });
     match &result {
-        Ok(_) => {
-            let wanted = Declared::of(ticket, &local).map(|d| d.wanted);
-            if let Ok(wanted) = wanted {
-                crate::stage::alloc::pooled::note_paths(config, &alloc, &wanted);
-            }
+        Ok((_, wanted)) => {
+            crate::stage::alloc::pooled::note_paths(config, &alloc, wanted);
             if !options.keep_job {
                 end_use(config, &mut alloc);
             }
@@ -183,7 +181,17 @@ pub fn fetch(
         Err(_) => {}
     }
     ticket.alloc = Some(alloc);
-    result
+    result.map(|(section, _)| section)
+}
+
+/// What [`fetch_with`] did.
+struct Fetched {
+    /// The paths imported.
+    paths: Vec<StorePath>,
+    /// Their NAR bytes.
+    bytes: u64,
+    /// The wanted outputs, valid here now.
+    wanted: Vec<StorePath>,
 }
 
 /// How this nsh-fetch imports: the method, the store it writes directly
@@ -232,7 +240,7 @@ fn choose_way(
 }
 
 /// Fetches with `way`, retrying transient failures; the wanted outputs
-/// must be valid afterwards. Returns (paths imported, NAR bytes).
+/// must be valid afterwards.
 fn fetch_with(
     way: &Way,
     ticket: &Ticket,
@@ -240,7 +248,7 @@ fn fetch_with(
     config: &Config,
     alloc: &mut AllocSection,
     progress: &mut dyn TransferProgress,
-) -> Result<(Vec<StorePath>, u64), Failure> {
+) -> Result<Fetched, Failure> {
     let declared = Declared::of(ticket, way.direct.as_ref().unwrap_or(local))?;
     // Writing the store directly, we keep what we rely on alive ourselves;
     // through the daemon, the daemon does.
@@ -260,7 +268,11 @@ fn fetch_with(
             "{missing} is not valid in the local store after fetching it"
         )));
     }
-    Ok((paths, bytes))
+    Ok(Fetched {
+        paths,
+        bytes,
+        wanted: declared.wanted,
+    })
 }
 
 /// The build is over: a pooled job (the cluster's `linger` > 0) goes back
