@@ -32,16 +32,19 @@ fn help_version_and_usage() {
         .assert()
         .success()
         .stdout(predicate::str::starts_with("nsh-fetch "));
-    // `auto` (a version probe) is gone: load-db works on every Nix.
-    for method in ["hope", "auto"] {
-        nsh_fetch()
-            .args(["--import-method", method])
-            .assert()
-            .code(64)
-            .stderr(predicate::str::contains(
-                "[possible values: load-db, held-locks]",
-            ));
-    }
+    // `auto` chooses by who runs nsh-fetch (no Nix version probe).
+    nsh_fetch()
+        .args(["--import-method", "hope"])
+        .assert()
+        .code(64)
+        .stderr(predicate::str::contains(
+            "[possible values: auto, load-db, held-locks, daemon, signed]",
+        ));
+    nsh_fetch()
+        .arg("--help")
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("[default: auto]"));
 }
 
 #[test]
