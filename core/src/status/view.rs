@@ -136,9 +136,39 @@ fn drv_cell(row: &Value) -> String {
     drv.rsplit('/').next().unwrap_or_default().to_string()
 }
 
-/// A reason on one line, cut to `max` characters.
+/// `text` with each store path's directory and hash left out
+/// (`/nix/store/<hash>-hello.drv` → `hello.drv`): the table names the
+/// derivation in its own column, and a reason reads better without them.
+fn without_store_hashes(text: &str) -> String {
+    const PREFIX: &str = "/nix/store/";
+    const HASH_LEN: usize = 32;
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(at) = rest.find(PREFIX) {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + PREFIX.len()..];
+        let is_hash = after.len() > HASH_LEN
+            && after.as_bytes()[HASH_LEN] == b'-'
+            && after.as_bytes()[..HASH_LEN]
+                .iter()
+                .all(u8::is_ascii_alphanumeric);
+        if is_hash {
+            rest = &after[HASH_LEN + 1..];
+        } else {
+            out.push_str(PREFIX);
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// A reason on one line, store hashes left out, cut to `max` characters.
 fn one_line(reason: &str, max: usize) -> String {
-    let flat = reason.split_whitespace().collect::<Vec<_>>().join(" ");
+    let flat = without_store_hashes(reason)
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
     if flat.chars().count() <= max {
         return flat;
     }
@@ -239,7 +269,7 @@ fn failures_table(rows: &[Value], now: u64) -> String {
                 text(r, "job"),
                 text(r, "node"),
                 text(r, "exit"),
-                one_line(&text(r, "reason"), 100),
+                one_line(&text(r, "reason"), 160),
             ]
         })
         .collect();
@@ -328,7 +358,7 @@ mod tests {
         failed.fail(
             "run",
             &crate::error::Failure::permanent(
-                "builder for '/nix/store/…-hello.drv' failed with exit code 1;\nlast 10 log lines: …",
+                "builder for '/nix/store/0123456789abcdfghijklmnpqrsvwxyz-hello.drv' failed with exit code 1;\nlast 10 log lines: …",
             ),
         );
         let failure = FailureLine::of(&failed, None, NOW - 600).unwrap();
@@ -375,5 +405,12 @@ mod tests {
         assert_eq!(duration(7_380), "2h03m");
         assert_eq!(one_line("a\n  b", 10), "a b");
         assert_eq!(one_line("abcdefghijkl", 5), "abcd…");
+        assert_eq!(
+            one_line(
+                "of /nix/store/0123456789abcdfghijklmnpqrsvwxyz-a.drv, /nix/store/x",
+                80
+            ),
+            "of a.drv, /nix/store/x"
+        );
     }
 }
