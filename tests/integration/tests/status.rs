@@ -1,12 +1,13 @@
 //! `nsh-status` against the real cluster (`docs/nsh-status.md`): a build in
 //! flight shows, as JSON and as a table, with its derivation, stage,
 //! cluster, job (the one squeue lists) and node; its job shows in the pool
-//! once the build gave it back; a failed build shows with its reason; and a
+//! once the build gave it back; a failed build shows with its reason; a
+//! build the nix-daemon's hook runs shows to root, from `/run/nsh`; and a
 //! user other than root sees its own runtime directory (the CLI backend
 //! asking Slurm as that user).
 //!
-//! Each test has a runtime directory of its own, so that tests running at
-//! the same time never see each other's builds or jobs.
+//! Each test but the daemon's has a runtime directory of its own, so that
+//! tests running at the same time never see each other's builds or jobs.
 // A test fails by panicking: its helpers unwrap too.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::missing_panics_doc)]
 
@@ -480,4 +481,80 @@ fn status_of_a_user_other_than_root_is_its_own() {
     assert!(!stdout.contains("status-kvm"), "{stdout}");
     owner.kill().unwrap();
     owner.wait().unwrap();
+}
+
+/// Root, with no runtime directory named: `/run/nsh`, where the
+/// nix-daemon's hook (root, the daemon's environment) records. A build
+/// through the daemon shows there while it runs on a node.
+#[test]
+fn status_shows_the_daemons_hook_build_to_root() {
+    let c = Cluster::get();
+    let name = format!("status-hook-{}", unique_salt());
+    let expr = format!(
+        r#"builtins.derivation {{
+             name = "{name}";
+             system = builtins.currentSystem;
+             builder = "/bin/sh";
+             args = [ "-c" "/bin/sleep 12; echo built > $out" ];
+           }}"#
+    );
+    let build = c
+        .command("nix-build")
+        .args(["-E", &expr, "--no-out-link", "--max-jobs", "0"])
+        .args(["--option", "build-hook"])
+        .arg(nsh_tool("nsh-hook"))
+        .args(["--store", "daemon"])
+        .env_remove("NIX_REMOTE")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let rows_now = || {
+        let out = c
+            .command(nsh_tool("nsh-status"))
+            .args(["--json", "--builds"])
+            .env_remove("NSH_RUNTIME_DIR")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        json_rows(&String::from_utf8(out.stdout).unwrap())
+    };
+    let ours = |rows: &[Value]| -> Option<Value> {
+        matching(rows, "build", "name", &name.clone().into())
+            .into_iter()
+            .find(|r| r["stage"] == "run")
+            .cloned()
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let row = loop {
+        if let Some(row) = ours(&rows_now()) {
+            break row;
+        }
+        assert!(Instant::now() < deadline, "{name} never ran on a node");
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let job = row["job"].as_u64().unwrap();
+    assert_eq!(row["cluster"], "test", "{row}");
+    assert_eq!(row["slurm"], "RUNNING", "{row}");
+    assert_eq!(
+        squeue(&c, job),
+        (
+            "RUNNING".to_string(),
+            row["node"].as_str().unwrap().to_string()
+        )
+    );
+    let out = build.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !rows_now().iter().any(|r| r["name"] == name.as_str()),
+        "the build is over"
+    );
 }
