@@ -17,10 +17,10 @@ pub mod record;
 pub mod store;
 pub mod view;
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, PoisonError};
 
 use serde_json::Value;
 
@@ -42,7 +42,11 @@ struct Current {
     flight: Option<InFlight>,
 }
 
-static CURRENT: Mutex<Option<Current>> = Mutex::new(None);
+thread_local! {
+    /// Per thread: a stage works on its ticket in the thread of its loop,
+    /// and tests running side by side each have their own.
+    static CURRENT: RefCell<Option<Current>> = const { RefCell::new(None) };
+}
 
 fn now_secs() -> u64 {
     std::time::SystemTime::now()
@@ -66,39 +70,39 @@ pub fn begin(stage: &str, ticket: &Ticket) {
     if !RECORDING.load(Ordering::SeqCst) {
         return;
     }
+    begin_at(StatusDir::at(&crate::runtime::location()), stage, ticket);
+}
+
+/// [`begin`], recording under `dir`.
+fn begin_at(dir: StatusDir, stage: &str, ticket: &Ticket) {
     let Some(owner) = Owner::of(std::process::id()) else {
         return;
     };
-    let dir = StatusDir::at(&crate::runtime::location());
     let flight = InFlight::of(ticket, stage, now_secs(), owner);
     let path = flight.as_ref().and_then(|f| write_logged(&dir, f));
-    *CURRENT.lock().unwrap_or_else(PoisonError::into_inner) = Some(Current { dir, path, flight });
+    CURRENT.with_borrow_mut(|current| *current = Some(Current { dir, path, flight }));
 }
 
 /// The current build got `job` on `cluster` (submitted, not running yet).
 pub fn note_job(cluster: &str, job: u64) {
-    let mut current = CURRENT.lock().unwrap_or_else(PoisonError::into_inner);
-    let Some(Current {
-        dir,
-        path,
-        flight: Some(flight),
-    }) = current.as_mut()
-    else {
-        return;
-    };
-    flight.cluster = Some(cluster.to_string());
-    flight.job = Some(job);
-    *path = write_logged(dir, flight);
+    CURRENT.with_borrow_mut(|current| {
+        if let Some(Current {
+            dir,
+            path,
+            flight: Some(flight),
+        }) = current.as_mut()
+        {
+            flight.cluster = Some(cluster.to_string());
+            flight.job = Some(job);
+            *path = write_logged(dir, flight);
+        }
+    });
 }
 
 /// The stage is done with `ticket`: its build is no longer in flight and,
 /// if the stage failed it (`failed_here`), the failure is recorded.
 pub fn end(ticket: &Ticket, failed_here: bool) {
-    let Some(current) = CURRENT
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .take()
-    else {
+    let Some(current) = CURRENT.with_borrow_mut(Option::take) else {
         return;
     };
     if let Some(path) = &current.path {
@@ -277,4 +281,42 @@ fn job_rows(
             view::job_row(cluster, record, state, now, &says)
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stage_records_its_build_while_it_works_and_its_own_failure_once() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = StatusDir::at(root.path());
+        let ticket = Ticket::from_line(
+            r#"{"v":1,"drv":{"path":"/nix/store/0123456789abcdfghijklmnpqrsvwxyz-hello.drv","name":"hello"}}"#,
+        )
+        .unwrap();
+        begin_at(dir.clone(), "alloc", &ticket);
+        note_job("test", 7);
+        let flights = dir.in_flight();
+        assert_eq!(flights.len(), 1, "{flights:?}");
+        assert_eq!(flights[0].stage, "alloc");
+        assert_eq!(flights[0].cluster.as_deref(), Some("test"));
+        assert_eq!(flights[0].job, Some(7));
+        assert_eq!(flights[0].owner.pid, std::process::id());
+        let mut failed = ticket.clone();
+        failed.fail("alloc", &Failure::timed_out("queue timeout"));
+        end(&failed, true);
+        assert!(dir.in_flight().is_empty());
+        let failures = dir.recent_failures(10);
+        assert_eq!(failures.len(), 1);
+        assert_eq!((failures[0].job, failures[0].exit), (Some(7), 101));
+        // A later stage passing the failed ticket on records nothing more.
+        begin_at(dir.clone(), "push", &failed);
+        end(&failed, false);
+        assert_eq!(dir.recent_failures(10).len(), 1);
+        assert!(dir.in_flight().is_empty());
+        // Not recording (no tool's main asked for it): nothing is written.
+        end(&failed, true);
+        assert_eq!(dir.recent_failures(10).len(), 1);
+    }
 }
