@@ -6,7 +6,8 @@
 //!   (`--help` and `--version` exit 0, a usage error 64); `TOOL --generate
 //!   man|bash|zsh|fish` writes the tool's man page or a shell's completion
 //!   script, made from the same clap command as its `--help`
-//!   ([`generate_if_asked`], used by `scripts/manuals`);
+//!   ([`generate_if_asked`], used by `scripts/manuals`); and from then on
+//!   the stage a tool runs records the build it works on, for `nsh-status`;
 //! * [`progress`]: a progress bar or spinner when stderr is a terminal, log
 //!   lines otherwise.
 
@@ -23,6 +24,8 @@ use nsh_core::{ExitStatus, Failure};
 /// usage error with 64 (clap's own message on stderr).
 pub fn start<A: clap::Parser>(program: &str) -> A {
     nsh_core::set_program(program);
+    // A stage records the build it works on, for nsh-status.
+    nsh_core::record_builds();
     let argv: Vec<OsString> = std::env::args_os().collect();
     if let Some(code) = generate_if_asked(&argv, A::command) {
         std::process::exit(code);

@@ -18,6 +18,8 @@
 //! Inside, the folders are `nix/` (what Nix speaks and keeps), `slurm/`,
 //! `stage/` (the five tools' logic), `hook/`, `sys/` (the only `unsafe`),
 //! `pool/` (running jobs kept for later builds, in the `runtime` directory),
+//! `status/` (what the stages record for `nsh-status`: builds in flight,
+//! recent failures),
 //! and at the top the ticket, the stage loop, errors, exit statuses, the
 //! log and the configuration.
 
@@ -34,6 +36,7 @@ mod redact;
 mod runtime;
 mod slurm;
 mod stage;
+mod status;
 mod sys;
 mod ticket;
 mod tool;
@@ -45,6 +48,7 @@ pub use log::set_program;
 pub use nix::store_path::{StoreDir, StorePath};
 pub use redact::Redactor;
 pub use runtime::RUNTIME_DIR_ENV;
+pub use status::record_builds;
 pub use sys::fds::take_inherited;
 pub use sys::flock::{lock_exclusive, Wait};
 pub use sys::signals::{catch_interrupts, Syscalls};
@@ -67,7 +71,7 @@ pub mod alloc {
 
     /// The pool seen by an admin: `nsh-alloc --pool-list` and `--pool-drain`.
     pub mod admin {
-        pub use crate::stage::alloc::admin::{drain, list};
+        pub use crate::stage::alloc::admin::{drain, list, pooled};
     }
 
     /// The batch script every job runs.
@@ -140,4 +144,12 @@ pub mod rest {
         check, parse_cancel, parse_job, parse_submit, server_release, submit_body,
     };
     pub use crate::slurm::{ApiVersion, JobRequest, JobState};
+}
+
+/// `nsh-status`: the builds in flight, the pooled jobs and the recent
+/// failures, as rows for JSON lines or a table.
+pub mod nsh_status {
+    pub use crate::runtime::location as runtime_dir;
+    pub use crate::status::view::{table, Sections};
+    pub use crate::status::{gather, Options, Report};
 }

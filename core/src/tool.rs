@@ -125,12 +125,21 @@ fn run_tickets<R: BufRead, W: Write>(
                         break;
                     }
                 }
-                if let Err(failure) = run_caught(&mut stage_fn, &mut ticket) {
+                // A clean-up step (`--cancel`) is no build in flight.
+                let recorded = failed_tickets == FailedTickets::PassOn;
+                if recorded {
+                    crate::status::begin(stage, &ticket);
+                }
+                let result = run_caught(&mut stage_fn, &mut ticket);
+                if let Err(failure) = &result {
                     log_error!("{failure}");
                     note(ExitStatus::of(failure.kind));
                     if ticket.error.is_none() {
-                        ticket.fail(stage, &failure);
+                        ticket.fail(stage, failure);
                     }
+                }
+                if recorded {
+                    crate::status::end(&ticket, result.is_err());
                 }
                 ticket
             }

@@ -30,6 +30,7 @@ fn tools() -> Vec<String> {
         "nsh-fetch",
         "nsh-hook",
         "nsh-redact",
+        "nsh-status",
     ] {
         assert!(
             tools.iter().any(|t| t == tool),

@@ -43,16 +43,26 @@ pub fn list_line(cluster: &str, record: &JobRecord, now: u64) -> String {
     value.to_string()
 }
 
+/// Every pooled job of the configured clusters (records of jobs known to
+/// be gone are dropped first), with its cluster's name.
+pub fn pooled(config: &Config) -> Result<Vec<(String, JobRecord)>, Failure> {
+    let mut jobs = Vec::new();
+    for cluster in config.clusters.values() {
+        let pool = Pool::open(&cluster.name)?;
+        for entry in pool.current()? {
+            jobs.push((cluster.name.clone(), entry.record));
+        }
+    }
+    Ok(jobs)
+}
+
 /// `--pool-list`: every pooled job of the configured clusters, one JSON
 /// object per line.
 pub fn list(config: &Config, out: &mut dyn Write) -> Result<(), Failure> {
     let now = now_secs();
-    for cluster in config.clusters.values() {
-        let pool = Pool::open(&cluster.name)?;
-        for entry in pool.current()? {
-            writeln!(out, "{}", list_line(&cluster.name, &entry.record, now))
-                .or_fail(Kind::Transient, || "writing the list")?;
-        }
+    for (cluster, record) in pooled(config)? {
+        writeln!(out, "{}", list_line(&cluster, &record, now))
+            .or_fail(Kind::Transient, || "writing the list")?;
     }
     Ok(())
 }

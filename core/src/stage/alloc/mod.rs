@@ -439,6 +439,7 @@ impl Submission<'_> {
             .map_err(|f| crate::slurm::rejection::classify_submit(cluster, &request, f))?;
         self.times.submit = submitted.elapsed();
         log_debug!("{}: job {job} submitted", cluster.name);
+        crate::status::note_job(&cluster.name, job);
 
         let result = wait_running(
             cluster,
