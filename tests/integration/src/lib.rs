@@ -371,3 +371,93 @@ impl NixVersion {
         true
     }
 }
+
+/// The test cluster's CI user in the login daemon's `trusted-users`
+/// (`tests/cluster/cluster`, `docs/test-cluster.md`).
+pub const CI_TRUSTED: &str = "nshci";
+/// The test cluster's CI user the daemon does not trust; it has a signing
+/// key whose public half is in the daemon's `trusted-public-keys`.
+pub const CI_SIGNER: &str = "nshci-signer";
+
+/// `user`'s uid.
+pub fn uid_of(user: &str) -> u32 {
+    run_ok(Command::new("id").args(["-u", user]))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// The CI user's configuration `name` (in its own directory under the
+/// cluster's, with its token and ssh key), with the test cluster's `linger`
+/// set to `linger`, written where the user can read it.
+pub fn ci_config(c: &Cluster, user: &str, name: &str, linger: u32) -> String {
+    let own = c.dir.join("ci").join(user).join(name);
+    let text = std::fs::read_to_string(&own).unwrap();
+    let set = format!("[cluster.test]\nlinger = {linger}\n");
+    let text = text.replacen("[cluster.test]\n", &set, 1);
+    assert!(text.contains(&set), "{}", own.display());
+    let path = std::env::temp_dir().join(format!(
+        "nsh-ci-{}-{user}-linger{linger}-{name}",
+        std::process::id()
+    ));
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+/// `program` run by `user` (`runuser`) with `config`, in the user's own
+/// environment: its home, no runtime directory given (nsh then uses
+/// `/tmp/nsh-<uid>`), no ssh options of root's. `program` must be one any
+/// user may run ([`runnable_by_anyone`]).
+pub fn as_ci_user(
+    c: &Cluster,
+    user: &str,
+    config: &str,
+    program: impl AsRef<std::ffi::OsStr>,
+) -> Command {
+    let mut command = Command::new("runuser");
+    command
+        .args(["-u", user, "--"])
+        .arg(program)
+        .envs(c.envs())
+        .env_remove("NIX_SSHOPTS")
+        .env_remove("XDG_RUNTIME_DIR")
+        .env_remove("NSH_RUNTIME_DIR")
+        .env("HOME", format!("/var/lib/{user}"))
+        .env("NSH_CONFIG", config)
+        .current_dir("/");
+    command
+}
+
+/// The shell script piping the five tools of a build by hand
+/// (`nsh-closure "$1" | nsh-alloc | nsh-push | nsh-run | nsh-fetch`),
+/// copies any user may run: for `sh -c SCRIPT sh DRV`.
+pub fn pipeline_script() -> String {
+    [
+        "nsh-closure \"$1\"",
+        "nsh-alloc",
+        "nsh-push",
+        "nsh-run",
+        "nsh-fetch",
+    ]
+    .iter()
+    .map(|tool| {
+        let (name, args) = tool.split_once(' ').unwrap_or((tool, ""));
+        let path = runnable_by_anyone(&nsh_tool(name)).display().to_string();
+        format!("{path} {args}").trim_end().to_string()
+    })
+    .collect::<Vec<_>>()
+    .join(" | ")
+}
+
+/// Waits for `child` to end, killing it (and failing) after `limit`.
+pub fn wait_bounded(mut child: std::process::Child, limit: std::time::Duration) -> Output {
+    let deadline = std::time::Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{child:?} took more than {limit:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    child.wait_with_output().unwrap()
+}

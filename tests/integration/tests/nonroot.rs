@@ -18,21 +18,14 @@
 
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use nsh_cluster_tests::{nsh_tool, run_ok, runnable_by_anyone, unique_salt, Cluster, NixVersion};
+use nsh_cluster_tests::{
+    as_ci_user, ci_config, pipeline_script, run_ok, uid_of, unique_salt, wait_bounded, Cluster,
+    NixVersion, CI_SIGNER as SIGNER, CI_TRUSTED as TRUSTED,
+};
 use serde_json::Value;
-
-const TRUSTED: &str = "nshci";
-const SIGNER: &str = "nshci-signer";
-const TOOLS: [&str; 5] = [
-    "nsh-closure",
-    "nsh-alloc",
-    "nsh-push",
-    "nsh-run",
-    "nsh-fetch",
-];
 
 /// A derivation whose output refers to an input built here first (so
 /// that the import has a reference the daemon must find valid): (drv,
@@ -65,69 +58,23 @@ fn derivation(c: &Cluster, tag: &str) -> (String, String) {
     (drv, out)
 }
 
-/// The user's uid.
-fn uid_of(user: &str) -> u32 {
-    run_ok(Command::new("id").args(["-u", user]))
-        .trim()
-        .parse()
-        .unwrap()
-}
-
 /// The five tools piped, by hand, as `user` with `config`: (status, last
 /// ticket, stderr). The user's environment is its own: its home, no
 /// runtime directory given (nsh then uses /tmp/nsh-<uid>).
 fn pipeline_as(c: &Cluster, user: &str, config: &str, drv: &str) -> (i32, Value, String) {
-    let tools: Vec<String> = TOOLS
-        .iter()
-        .map(|t| runnable_by_anyone(&nsh_tool(t)).display().to_string())
-        .collect();
-    let script = format!("{} {drv} | {}", tools[0], tools[1..].join(" | "));
-    let mut command = Command::new("runuser");
-    command
-        .args(["-u", user, "--", "sh", "-c", &script])
-        .envs(c.envs())
-        .env_remove("NIX_SSHOPTS")
-        .env_remove("XDG_RUNTIME_DIR")
-        .env_remove(nsh_core::RUNTIME_DIR_ENV)
-        .env("HOME", format!("/var/lib/{user}"))
-        .env("NSH_CONFIG", config)
-        .current_dir("/")
+    let child = as_ci_user(c, user, config, "sh")
+        .args(["-c", &pipeline_script(), "sh", drv])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let child = command.spawn().unwrap();
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let out = wait_bounded(child, Duration::from_secs(240));
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let ticket = serde_json::from_str(stdout.trim())
         .unwrap_or_else(|e| panic!("no ticket ({e}): {stdout:?}\n{stderr}"));
     (out.status.code().unwrap_or(-1), ticket, stderr)
-}
-
-fn wait_bounded(mut child: std::process::Child, limit: Duration) -> std::process::Output {
-    let deadline = Instant::now() + limit;
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("the pipeline took more than {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    child.wait_with_output().unwrap()
-}
-
-/// The CI user's configuration `name` (in its own directory), with one job
-/// per build (`linger = 0`: the job's end is what is checked), written
-/// where the user can read it.
-fn ci_config(c: &Cluster, user: &str, name: &str) -> String {
-    let own = c.dir.join("ci").join(user).join(name);
-    let text = std::fs::read_to_string(&own).unwrap();
-    let text = text.replacen("[cluster.test]\n", "[cluster.test]\nlinger = 0\n", 1);
-    assert!(text.contains("linger = 0"), "{}", own.display());
-    let path =
-        std::env::temp_dir().join(format!("nsh-nonroot-{}-{user}-{name}", std::process::id()));
-    std::fs::write(&path, text).unwrap();
-    path.display().to_string()
 }
 
 /// The ticket's job leaves the queue soon (released, not left to idle out).
@@ -174,7 +121,7 @@ fn imported_and_private(c: &Cluster, user: &str, out: &str, ticket: &Value) {
 fn a_trusted_user_imports_through_the_daemon() {
     let c = Cluster::get();
     let (drv, out) = derivation(&c, "trusted");
-    let config = ci_config(&c, TRUSTED, "nsh.toml");
+    let config = ci_config(&c, TRUSTED, "nsh.toml", 0);
     let (code, ticket, stderr) = pipeline_as(&c, TRUSTED, &config, &drv);
     assert_eq!(code, 0, "{ticket}\n{stderr}");
     assert_eq!(ticket["fetch"]["import_method"], "daemon", "{ticket}");
@@ -187,7 +134,7 @@ fn a_trusted_user_imports_through_the_daemon() {
 fn an_untrusted_user_imports_paths_signed_with_its_key() {
     let c = Cluster::get();
     let (drv, out) = derivation(&c, "signed");
-    let config = ci_config(&c, SIGNER, "nsh-signed.toml");
+    let config = ci_config(&c, SIGNER, "nsh-signed.toml", 0);
     let (code, ticket, stderr) = pipeline_as(&c, SIGNER, &config, &drv);
     assert_eq!(code, 0, "{ticket}\n{stderr}");
     assert_eq!(ticket["fetch"]["import_method"], "signed", "{ticket}");
@@ -209,7 +156,7 @@ fn an_untrusted_user_imports_paths_signed_with_its_key() {
 fn an_untrusted_user_without_a_key_gets_78_naming_the_fix_and_nothing_is_imported() {
     let c = Cluster::get();
     let (drv, out) = derivation(&c, "refused");
-    let config = ci_config(&c, SIGNER, "nsh.toml");
+    let config = ci_config(&c, SIGNER, "nsh.toml", 0);
     let (code, ticket, stderr) = pipeline_as(&c, SIGNER, &config, &drv);
     assert_eq!(code, 78, "{ticket}\n{stderr}");
     assert_eq!(ticket["error"]["stage"], "fetch", "{ticket}");

@@ -2,12 +2,14 @@
 //! flight shows, as JSON and as a table, with its derivation, stage,
 //! cluster, job (the one squeue lists) and node; its job shows in the pool
 //! once the build gave it back; a failed build shows with its reason; a
-//! build the nix-daemon's hook runs shows to root, from `/run/nsh`; and a
+//! build the nix-daemon's hook runs shows to root, from `/run/nsh`; a
 //! user other than root sees its own runtime directory (the CLI backend
-//! asking Slurm as that user).
+//! asking Slurm as that user); and the CI user `nshci` sees its own build
+//! while it runs on a node, then its job in its own pool.
 //!
-//! Each test but the daemon's has a runtime directory of its own, so that
-//! tests running at the same time never see each other's builds or jobs.
+//! Each test but the daemon's has a runtime directory of its own (the CI
+//! user's, `/tmp/nsh-<uid>`, no other test here uses), so that tests
+//! running at the same time never see each other's builds or jobs.
 // A test fails by panicking: its helpers unwrap too.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::missing_panics_doc)]
 
@@ -17,7 +19,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nsh_cluster_tests::{
-    instantiate, nsh_tool, run_ok, runnable_by_anyone, slurm_cmd, unique_salt, Cluster,
+    as_ci_user, ci_config, instantiate, nsh_tool, pipeline_script, run_ok, runnable_by_anyone,
+    slurm_cmd, uid_of, unique_salt, wait_bounded, Cluster, CI_TRUSTED,
 };
 use serde_json::Value;
 
@@ -179,6 +182,40 @@ fn await_stage(rows_now: impl Fn() -> Vec<Value>, drv: &str, stage: &str) -> Val
     }
 }
 
+/// `table` (`nsh-status --table`) has `drv`'s line: stage `run` on
+/// cluster `test`, `job`, `node`.
+fn table_shows_running(table: &str, drv: &str, job: u64, node: &str) {
+    let base = drv.rsplit('/').next().unwrap();
+    let line = table
+        .lines()
+        .find(|l| l.starts_with(base))
+        .unwrap_or_else(|| panic!("{base} not in the table:\n{table}"));
+    let cells: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(
+        cells[1..5],
+        ["run", "test", &job.to_string(), node],
+        "{table}"
+    );
+}
+
+/// Root's `nsh-status --json ARGS`, no runtime directory named (so
+/// `/run/nsh`), which must succeed: its rows.
+fn root_rows(c: &Cluster, args: &[&str]) -> Vec<Value> {
+    let out = c
+        .command(nsh_tool("nsh-status"))
+        .arg("--json")
+        .args(args)
+        .env_remove("NSH_RUNTIME_DIR")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    json_rows(&String::from_utf8(out.stdout).unwrap())
+}
+
 /// What squeue says of `job`: (state, node).
 fn squeue(c: &Cluster, job: u64) -> (String, String) {
     let out = slurm_cmd(c, "squeue", &["-h", "-j", &job.to_string(), "-o", "%T %N"]);
@@ -206,17 +243,7 @@ fn status_shows_a_running_build_as_json_and_as_a_table_then_its_job_in_the_pool(
     // The same, as a table for a person.
     let (status, table) = site.status(&["--table", "--builds"]);
     assert_eq!(status, 0, "{table}");
-    let base = drv.rsplit('/').next().unwrap();
-    let line = table
-        .lines()
-        .find(|l| l.starts_with(base))
-        .unwrap_or_else(|| panic!("{base} not in the table:\n{table}"));
-    let cells: Vec<&str> = line.split_whitespace().collect();
-    assert_eq!(
-        cells[1..5],
-        ["run", "test", &job.to_string(), &node],
-        "{table}"
-    );
+    table_shows_running(&table, &drv, job, &node);
     assert!(
         table.starts_with("Builds in flight:\nDERIVATION"),
         "{table}"
@@ -509,20 +536,7 @@ fn status_shows_the_daemons_hook_build_to_root() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let rows_now = || {
-        let out = c
-            .command(nsh_tool("nsh-status"))
-            .args(["--json", "--builds"])
-            .env_remove("NSH_RUNTIME_DIR")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        json_rows(&String::from_utf8(out.stdout).unwrap())
-    };
+    let rows_now = || root_rows(&c, &["--builds"]);
     let ours = |rows: &[Value]| -> Option<Value> {
         matching(rows, "build", "name", &name.clone().into())
             .into_iter()
@@ -557,4 +571,131 @@ fn status_shows_the_daemons_hook_build_to_root() {
         !rows_now().iter().any(|r| r["name"] == name.as_str()),
         "the build is over"
     );
+}
+
+/// `nsh-status ARGS` as the CI user `nshci` with `config`: (status,
+/// stdout, stderr).
+fn status_as_ci(c: &Cluster, config: &str, args: &[&str]) -> (i32, String, String) {
+    let out = as_ci_user(
+        c,
+        CI_TRUSTED,
+        config,
+        runnable_by_anyone(&nsh_tool("nsh-status")),
+    )
+    .args(args)
+    .output()
+    .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `nsh-status --json ARGS` as `nshci`, which must succeed: its rows.
+fn rows_as_ci(c: &Cluster, config: &str, args: &[&str]) -> Vec<Value> {
+    let (status, stdout, stderr) = status_as_ci(c, config, &[&["--json"], args].concat());
+    assert_eq!(status, 0, "{stderr}");
+    json_rows(&stdout)
+}
+
+/// Drains `nshci`'s pool and cancels `job` when the test ends, however
+/// it ends: no job of the test is left in the queue.
+struct CiPool<'a> {
+    c: &'a Cluster,
+    config: String,
+    job: std::cell::Cell<Option<u64>>,
+}
+
+impl Drop for CiPool<'_> {
+    fn drop(&mut self) {
+        let alloc = runnable_by_anyone(&nsh_tool("nsh-alloc"));
+        let _ = as_ci_user(self.c, CI_TRUSTED, &self.config, alloc)
+            .arg("--pool-drain")
+            .output();
+        if let Some(job) = self.job.get() {
+            let _ = slurm_cmd(self.c, "scancel", &[&job.to_string()]);
+        }
+    }
+}
+
+/// The CI user `nshci` (tests/cluster/cluster: its own token, ssh key and
+/// nsh.toml, trusted by the daemon) runs the pipeline by hand, with no
+/// runtime directory given (so `/tmp/nsh-<uid>`). While the build runs on
+/// a node, its `nsh-status` shows it, as JSON and as a table, with the job
+/// squeue lists (asked with nshci's token) and its node; root's does not
+/// (it reads `/run/nsh`). Once `nsh-fetch` has imported through the daemon
+/// and given the job back, no build is in flight and the job waits in
+/// nshci's pool, idle, for nshci's next build (`docs/pool.md`: a pool is
+/// its runtime directory's, so per user); draining the pool ends it.
+#[test]
+fn status_of_the_ci_user_shows_its_build_on_a_node_then_its_pooled_job() {
+    let c = Cluster::get();
+    let config = ci_config(&c, CI_TRUSTED, "nsh.toml", 20);
+    let pool = CiPool {
+        c: &c,
+        config: config.clone(),
+        job: std::cell::Cell::new(None),
+    };
+    let drv = drv(&c, "status-ci", "/bin/sleep 12; echo built > $out");
+    let build = as_ci_user(&c, CI_TRUSTED, &config, "sh")
+        .args(["-c", &pipeline_script(), "sh", &drv])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let row = await_stage(|| rows_as_ci(&c, &config, &["--builds"]), &drv, "run");
+    let job = row["job"].as_u64().expect("a job while it runs");
+    pool.job.set(Some(job));
+    let node = row["node"].as_str().expect("a node").to_string();
+    assert_eq!(row["cluster"], "test", "{row}");
+    assert_eq!(row["slurm"], "RUNNING", "nshci's token: {row}");
+    assert_eq!(squeue(&c, job), ("RUNNING".to_string(), node.clone()));
+    let (status, table, stderr) = status_as_ci(&c, &config, &["--table", "--builds"]);
+    assert_eq!(status, 0, "{stderr}");
+    table_shows_running(&table, &drv, job, &node);
+    // Root's runtime directory is /run/nsh: nshci's build is not there.
+    let root = root_rows(&c, &["--no-slurm"]);
+    assert!(
+        !root.iter().any(|r| r["drv"] == drv.as_str()),
+        "root's: {root:?}"
+    );
+
+    let out = wait_bounded(build, Duration::from_secs(240));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let ticket: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+        panic!(
+            "no ticket ({e}): {stdout:?}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert!(out.status.success(), "{ticket}");
+    assert_eq!(ticket["fetch"]["import_method"], "daemon", "{ticket}");
+    assert_eq!(ticket["alloc"]["job"], job, "{ticket}");
+    let rows = rows_as_ci(&c, &config, &[]);
+    assert!(
+        !rows.iter().any(|r| r["kind"] == "build"),
+        "nothing in flight: {rows:?}"
+    );
+    let jobs = matching(&rows, "job", "job", &job.into());
+    assert_eq!(jobs.len(), 1, "the job lingers in nshci's pool: {rows:?}");
+    assert_eq!(jobs[0]["state"], "idle", "{rows:?}");
+    assert_eq!(jobs[0]["node"], node.as_str(), "{rows:?}");
+    assert_eq!(jobs[0]["slurm"], "RUNNING", "{rows:?}");
+    assert!(jobs[0]["leaves_in"].as_u64().unwrap() <= 20, "{rows:?}");
+    assert!(Path::new(&format!("/tmp/nsh-{}/pool/test", uid_of(CI_TRUSTED))).is_dir());
+
+    // Drained (by nshci: its pool), the job leaves the queue.
+    let alloc = runnable_by_anyone(&nsh_tool("nsh-alloc"));
+    run_ok(as_ci_user(&c, CI_TRUSTED, &config, alloc).arg("--pool-drain"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (state, _) = squeue(&c, job);
+        if state.is_empty() || state == "COMPLETED" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "job {job} still {state}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
 }
