@@ -99,6 +99,8 @@ pub(super) struct RawRemote {
     pub(super) idle_timeout: Option<NumberOrText>,
     pub(super) request_timeout: Option<NumberOrText>,
     pub(super) max_output_size: Option<NumberOrText>,
+    pub(super) io_timeout: Option<NumberOrText>,
+    pub(super) lock_timeout: Option<NumberOrText>,
 }
 
 /// A value that may be written as a number or a string (`90` or `"90m"`).

@@ -8,6 +8,7 @@
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::Path;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::Duration;
 
 use crate::error::{Failure, Kind, KindOf};
 use crate::nix::drv::Drv;
@@ -15,6 +16,7 @@ use crate::nix::nar;
 use crate::nix::serve::{self, BuildResult, ExportTrailer, PathInfo};
 use crate::nix::store_path::StorePath;
 use crate::nix::wire::{WireError, WireReader, WireWriter};
+use crate::sys::idle::IdleLimited;
 use crate::sys::process::{stdin_of, stdout_of};
 use crate::ticket::BuildOptions;
 
@@ -313,7 +315,7 @@ fn check_nar_size(peer: &str, info: &PathInfo, size: u64) -> Result<(), Failure>
 pub struct ServeProcess {
     child: ChildGuard,
     /// The conversation over the child's stdin and stdout.
-    pub client: ServeClient<ChildStdout, ChildStdin>,
+    pub client: ServeClient<IdleLimited<ChildStdout>, IdleLimited<ChildStdin>>,
 }
 
 impl ServeProcess {
@@ -343,14 +345,19 @@ impl ServeProcess {
             None => "the local store".to_string(),
             Some(uri) => format!("the local store {uri}"),
         };
-        ServeProcess::from_command(command, peer)
+        ServeProcess::from_command(command, peer, None)
     }
 
     /// Starts `command` (a `nix-store --serve` of some kind: with its own
     /// environment, or behind ssh) and says hello. Its stderr is inherited.
+    /// With `idle_limit`, a server that sends nothing (or takes nothing) for
+    /// that long while it is awaited ends the conversation: a transient
+    /// failure naming the peer and what was awaited; the child is killed
+    /// when the process is dropped.
     pub fn from_command(
         mut command: Command,
         peer: impl Into<String>,
+        idle_limit: Option<Duration>,
     ) -> Result<ServeProcess, Failure> {
         let program = command.get_program().to_string_lossy().into_owned();
         command
@@ -365,7 +372,12 @@ impl ServeProcess {
             };
             Failure::new(kind, format!("starting {program}: {e}"))
         })?;
-        let pipes = stdin_of(&mut child).and_then(|stdin| Ok((stdin, stdout_of(&mut child)?)));
+        let pipes = stdin_of(&mut child).and_then(|stdin| {
+            Ok((
+                IdleLimited::new(stdin, idle_limit, "remote.io_timeout")?,
+                IdleLimited::new(stdout_of(&mut child)?, idle_limit, "remote.io_timeout")?,
+            ))
+        });
         let child = ChildGuard(child);
         let (stdin, stdout) = pipes.map_err(|e| Failure::transient(format!("{program}: {e}")))?;
         let client = ServeClient::handshake(stdout, stdin, peer)?;

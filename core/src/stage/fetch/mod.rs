@@ -53,7 +53,7 @@ pub use trust::{Declared, ImportRefused};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::error::{Failure, KindOf};
@@ -156,6 +156,7 @@ pub fn fetch(
         let place = Place {
             direct: &direct,
             method,
+            lock_limit: Duration::from_secs(config.remote.lock_timeout_s),
         };
         fetch_once(&declared, &mut alloc, config, &mut here, &place, progress)
     });
@@ -264,6 +265,8 @@ fn check_writable(real_dir: &Path) -> Result<(), Failure> {
 struct Place<'a> {
     direct: &'a LocalStore,
     method: ImportMethod,
+    /// How long a store path's lock is waited for (`remote.lock_timeout`).
+    lock_limit: Duration,
 }
 
 /// One attempt: returns (paths copied, NAR bytes).
@@ -278,7 +281,11 @@ fn fetch_once(
     let ssh = Ssh::ensure_master(alloc, config)?;
     let argv = crate::stage::ssh::remote_serve_argv(&config.remote);
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-    let mut remote = ServeProcess::from_command(ssh.command(&argv), ssh.describe())?;
+    let mut remote = ServeProcess::from_command(
+        ssh.command(&argv),
+        ssh.describe(),
+        Some(Duration::from_secs(config.remote.io_timeout_s)),
+    )?;
     let needed = trust::plan(&mut remote.client, declared, here)?;
     if needed.is_empty() {
         log_info!(
@@ -307,6 +314,7 @@ fn fetch_once(
                 place.direct,
                 roots,
                 progress,
+                place.lock_limit,
             )?
         }
         ImportMethod::HeldLocks => import_held_locks(
@@ -755,7 +763,14 @@ mod tests {
         let (dir, store) = scratch_store();
         let needed = infos(&node());
         let outputs: BTreeSet<StorePath> = [test_path(B)].into();
-        let locks = lock_non_outputs(&needed, &outputs, &store, dir.path()).unwrap();
+        let locks = lock_non_outputs(
+            &needed,
+            &outputs,
+            &store,
+            dir.path(),
+            std::time::Duration::from_secs(5),
+        )
+        .unwrap();
         assert_eq!(locks.len(), 1);
         let lock_file = |p: &str| {
             dir.path()
