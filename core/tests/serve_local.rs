@@ -395,7 +395,7 @@ fn a_server_that_stops_answering_is_transient_after_the_idle_limit() {
     for words in [
         "nixbuild@node9",
         "handshake",
-        "nothing came for 0.5 s (remote.io_timeout)",
+        "nothing came from nixbuild@node9 for 0.5 s (remote.io_timeout)",
     ] {
         assert!(err.message.contains(words), "{words}: {}", err.message);
     }

@@ -183,7 +183,8 @@ fn push_once(
         ssh.command(&argv),
         ssh.describe(),
         Some(Duration::from_secs(config.remote.io_timeout_s)),
-    )?;
+    )?
+    .when_stalled(crate::stage::ssh::stop_master_of(&ssh));
     let present: BTreeSet<StorePath> = remote
         .client
         .query_valid_paths(closure, true, false)?

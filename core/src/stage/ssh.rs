@@ -222,13 +222,33 @@ impl Ssh {
         if self.control.is_none() {
             return;
         }
-        let _ = Command::new("ssh")
-            .args(self.options(None))
-            .args(["-O", "exit", &self.destination])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+        let _ = crate::sys::process::status_within(
+            Command::new("ssh")
+                .args(self.options(None))
+                .args(["-O", "exit", &self.destination])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+            MASTER_SETUP_DEADLINE,
+        );
+    }
+}
+
+/// What stops `ssh`'s master later (for a session that stalled: the
+/// master would keep its channel, the remote processes' end and the
+/// descriptors passed to it, as long as the node does not close it).
+/// Other sessions on that master fail and are retried over a new one.
+pub fn stop_master_of(ssh: &Ssh) -> impl FnOnce() + 'static {
+    let ssh = Ssh {
+        _session: None,
+        ..ssh.clone()
+    };
+    move || {
+        crate::log_warn!(
+            "{}: closing the ssh connection to a stalled node",
+            ssh.destination
+        );
+        ssh.stop_master();
     }
 }
 

@@ -5,6 +5,8 @@
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// A pipe end (put in non-blocking mode) on which every read and write
@@ -16,6 +18,11 @@ pub struct IdleLimited<T> {
     limit: Option<Duration>,
     /// What sets the limit, for the message (`remote.io_timeout`).
     source: &'static str,
+    /// Who is at the other end, for the message.
+    peer: String,
+    /// Set once a wait ran past the limit (shared with whoever must clean
+    /// up after a stalled peer).
+    stalled: Arc<AtomicBool>,
 }
 
 impl<T: AsFd> IdleLimited<T> {
@@ -37,7 +44,24 @@ impl<T: AsFd> IdleLimited<T> {
             inner,
             limit,
             source,
+            peer: "the peer".into(),
+            stalled: Arc::new(AtomicBool::new(false)),
         })
+    }
+
+    /// Names the other end in the message (`nixbuild@node1`).
+    #[must_use]
+    pub fn with_peer(mut self, peer: impl Into<String>) -> IdleLimited<T> {
+        self.peer = peer.into();
+        self
+    }
+
+    /// Shares `flag`, set when a wait runs past the limit (one flag for
+    /// both ends of a conversation).
+    #[must_use]
+    pub fn flagging(mut self, flag: Arc<AtomicBool>) -> IdleLimited<T> {
+        self.stalled = flag;
+        self
     }
 
     /// Retries `op` while it would block, each time waiting for `events`
@@ -53,7 +77,14 @@ impl<T: AsFd> IdleLimited<T> {
         loop {
             match op(&mut self.inner) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    wait_for(self.inner.as_fd().as_raw_fd(), events, limit, self.source)?;
+                    let waited = wait_for(self.inner.as_fd().as_raw_fd(), events, limit)
+                        .map_err(|e| self.explained(e, events, limit));
+                    if let Err(e) = waited {
+                        if e.kind() == io::ErrorKind::TimedOut {
+                            self.stalled.store(true, Ordering::SeqCst);
+                        }
+                        return Err(e);
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 other => return other,
@@ -62,30 +93,38 @@ impl<T: AsFd> IdleLimited<T> {
     }
 }
 
+impl<T> IdleLimited<T> {
+    /// A timeout said in words: who sent or took nothing, for how long, and
+    /// what sets the limit; other errors as they are.
+    fn explained(&self, e: io::Error, events: libc::c_short, limit: Duration) -> io::Error {
+        if e.kind() != io::ErrorKind::TimedOut {
+            return e;
+        }
+        let (did, direction) = if events == libc::POLLIN {
+            ("came", "from")
+        } else {
+            ("was taken", "by")
+        };
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "nothing {did} {direction} {} for {} s ({})",
+                self.peer,
+                limit.as_secs_f64(),
+                self.source
+            ),
+        )
+    }
+}
+
 /// Waits until `fd` is ready for `events` (or has an error or hang-up,
 /// which the next read or write reports), at most `limit`.
-fn wait_for(
-    fd: std::os::fd::RawFd,
-    events: libc::c_short,
-    limit: Duration,
-    source: &str,
-) -> io::Result<()> {
+fn wait_for(fd: std::os::fd::RawFd, events: libc::c_short, limit: Duration) -> io::Result<()> {
     let deadline = Instant::now() + limit;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!(
-                    "nothing {} for {} s ({source})",
-                    if events == libc::POLLIN {
-                        "came"
-                    } else {
-                        "was taken"
-                    },
-                    limit.as_secs_f64()
-                ),
-            ));
+            return Err(io::ErrorKind::TimedOut.into());
         }
         let mut entry = libc::pollfd {
             fd,
@@ -136,15 +175,21 @@ mod tests {
             .spawn()
             .unwrap();
         let stdout = child.stdout.take().unwrap();
-        let mut reader =
-            IdleLimited::new(stdout, Some(Duration::from_millis(300)), "the test").unwrap();
+        let flag = Arc::new(AtomicBool::new(false));
+        let mut reader = IdleLimited::new(stdout, Some(Duration::from_millis(300)), "the test")
+            .unwrap()
+            .flagging(flag.clone());
         let mut got = [0u8; 3];
         reader.read_exact(&mut got).unwrap();
         assert_eq!(&got, b"abc");
         let started = Instant::now();
         let err = reader.read(&mut [0u8; 8]).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
-        assert_eq!(err.to_string(), "nothing came for 0.3 s (the test)");
+        assert_eq!(
+            err.to_string(),
+            "nothing came from the peer for 0.3 s (the test)"
+        );
+        assert!(flag.load(Ordering::SeqCst));
         assert!(started.elapsed() < Duration::from_secs(5));
         child.kill().unwrap();
         child.wait().unwrap();
@@ -163,7 +208,10 @@ mod tests {
         // Far more than a pipe holds: the write fills it and then waits.
         let err = writer.write_all(&vec![0u8; 4 << 20]).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
-        assert_eq!(err.to_string(), "nothing was taken for 0.3 s (the test)");
+        assert_eq!(
+            err.to_string(),
+            "nothing was taken by the peer for 0.3 s (the test)"
+        );
         child.kill().unwrap();
         child.wait().unwrap();
     }

@@ -285,7 +285,8 @@ fn fetch_once(
         ssh.command(&argv),
         ssh.describe(),
         Some(Duration::from_secs(config.remote.io_timeout_s)),
-    )?;
+    )?
+    .when_stalled(crate::stage::ssh::stop_master_of(&ssh));
     let needed = trust::plan(&mut remote.client, declared, here)?;
     if needed.is_empty() {
         log_info!(
