@@ -284,3 +284,91 @@ fn ssh_dropped_mid_fetch_is_retried_and_the_output_arrives_whole() {
     assert!(verified.success(), "{} does not verify", built.out);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The cluster's configuration (one job per build) with `work_root` set to
+/// `root`, written in `dir`.
+fn config_with_work_root(c: &Cluster, dir: &Path, root: &Path) -> PathBuf {
+    let config = std::fs::read_to_string(c.nsh_config()).unwrap();
+    let config = config.replace(
+        "work_root = \"/tmp/nsh\"",
+        &format!("work_root = \"{}\"", root.display()),
+    );
+    assert!(config.contains(&root.display().to_string()), "{config}");
+    let file = dir.join("nsh.toml");
+    std::fs::write(&file, config).unwrap();
+    file
+}
+
+/// Whether Slurm still knows `job` as queued or running.
+fn job_alive(c: &Cluster, job: u64) -> bool {
+    let out =
+        nsh_cluster_tests::slurm_cmd(c, "squeue", &["-h", "-j", &job.to_string(), "-o", "%T"]);
+    let state = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    matches!(state.as_str(), "RUNNING" | "PENDING" | "COMPLETING")
+}
+
+/// A `work_root` another user made (nobody's, open to all: a Slurm user
+/// could have made it before the first nsh job), or a symlink to a
+/// directory: the job refuses it and ends, nsh-run refuses it too (78),
+/// naming it, and the job is not left running. Nothing is written there.
+#[test]
+fn a_work_root_another_user_made_or_a_symlink_is_refused_naming_it() {
+    use std::os::unix::fs::PermissionsExt;
+    let c = Cluster::get().one_job_per_build();
+    let dir = test_dir();
+    let target = dir.join("state/target");
+    std::fs::create_dir(&target).unwrap();
+    let foreign = dir.join("foreign");
+    std::fs::create_dir(&foreign).unwrap();
+    std::os::unix::fs::chown(&foreign, Some(65534), Some(65534)).unwrap();
+    std::fs::set_permissions(&foreign, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let link = dir.join("link");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    for (root, words) in [
+        (&foreign, "is owned by nobody (uid 65534)"),
+        (&link, "is a symbolic link"),
+    ] {
+        let config = config_with_work_root(&c, &dir, root);
+        let config = config.to_str().unwrap();
+        let drv = nsh_cluster_tests::instantiate(
+            &c,
+            &format!(
+                r#"builtins.derivation {{
+                     name = "nsh-wr-{}"; system = "x86_64-linux"; builder = "/bin/sh";
+                     args = [ "-c" "echo hi > $out" ];
+                   }}"#,
+                unique_salt()
+            ),
+        );
+        let ticket = nsh_cluster_tests::closure_ticket(&c, &drv, Value::Null);
+        let (code, ticket, stderr) =
+            nsh_cluster_tests::pipe_ticket(&c, "nsh-alloc", &["--config", config], &ticket);
+        let job = ticket["alloc"]["job"].as_u64();
+        if code == 0 {
+            let (code, out, stderr) =
+                nsh_cluster_tests::pipe_ticket(&c, "nsh-run", &["--config", config], &ticket);
+            assert_eq!(code, 78, "{}: {out}\n{stderr}", root.display());
+            let message = out["error"]["message"].as_str().unwrap();
+            let named = format!("work_root {}", root.display());
+            for words in [named.as_str(), words, "refusing"] {
+                assert!(message.contains(words), "{words}: {message}");
+            }
+        } else {
+            // The job refused its work_root before nsh-alloc saw it run:
+            // its exit status says so (its words go to no file).
+            assert_eq!(code, 75, "{}: {ticket}\n{stderr}", root.display());
+            let message = ticket["error"]["message"].as_str().unwrap();
+            assert!(message.contains("exit code 78"), "{message}");
+        }
+        if let Some(job) = job {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while job_alive(&c, job) {
+                assert!(Instant::now() < deadline, "job {job} left running");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+        assert!(std::fs::read_dir(&foreign).unwrap().next().is_none());
+        assert!(std::fs::read_dir(&target).unwrap().next().is_none());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
