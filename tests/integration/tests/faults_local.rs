@@ -372,3 +372,73 @@ fn a_work_root_another_user_made_or_a_symlink_is_refused_naming_it() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Two `nix-build`s (two daemons' worth of hooks: each its own nsh-hook) of
+/// the same derivation at once, on the local store: Nix's lock on the
+/// output makes one wait for the other, so the derivation is built once on
+/// the cluster; both succeed with the same valid, verified output, and no
+/// job is left.
+#[test]
+fn two_hooks_building_the_same_derivation_build_it_once_and_both_succeed() {
+    use std::os::unix::fs::PermissionsExt;
+    let c = Cluster::get().one_job_per_build();
+    let dir = test_dir();
+    let count = dir.join("state/builds");
+    let salt = unique_salt();
+    let name = format!("nsh-twice-{salt}");
+    let expr = format!(
+        r#"derivation {{ name = "{name}"; system = builtins.currentSystem; builder = "/bin/sh";
+             PATH = "/usr/bin:/bin";
+             args = ["-c" "echo built on $(hostname) >> {}; sleep 3; echo {salt} > $out"]; }}"#,
+        count.display()
+    );
+    std::fs::set_permissions(dir.join("state"), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let spawn = || {
+        c.command("nix-build")
+            .args(["-E", &expr, "--no-out-link", "--max-jobs", "0"])
+            .args(["--option", "build-hook"])
+            .arg(nsh_cluster_tests::nsh_tool("nsh-hook"))
+            .env_remove("NIX_REMOTE")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (first, second) = (spawn(), spawn());
+    let outs: Vec<Output> = [first, second]
+        .into_iter()
+        .map(|child| wait_bounded(child, Duration::from_secs(240)))
+        .collect();
+    let mut paths = Vec::new();
+    for out in &outs {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        paths.push(String::from_utf8_lossy(&out.stdout).trim().to_string());
+    }
+    assert_eq!(paths[0], paths[1]);
+    let built = std::fs::read_to_string(&count).unwrap_or_default();
+    assert_eq!(built.lines().count(), 1, "built more than once:\n{built}");
+    assert!(built.contains("built on node"), "{built}");
+    let verified = c
+        .command("nix-store")
+        .args(["--verify-path", &paths[0]])
+        .status()
+        .unwrap();
+    assert!(verified.success(), "{} does not verify", paths[0]);
+    let job_name = format!("nsh-{name}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out =
+            nsh_cluster_tests::slurm_cmd(&c, "squeue", &["-h", "-n", &job_name, "-o", "%i %T"]);
+        let left = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if left.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "jobs left: {left}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
