@@ -442,3 +442,80 @@ fn two_hooks_building_the_same_derivation_build_it_once_and_both_succeed() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The local store's disk fills up during a fetch: a store with another
+/// root (`nsh-fetch` writes it directly, as it writes `/nix/store`) on a
+/// 16 MiB file system (room for the new database, and the 8 MiB that Nix
+/// 2.34 reserves beside it for the collector), and a 24 MB output. The fetch fails naming the full
+/// disk, nothing of the output is valid there and no temporary tree is
+/// left (the file system has its space back).
+#[test]
+fn a_full_local_disk_fails_the_fetch_and_leaves_nothing() {
+    let c = Cluster::get();
+    let dir = test_dir();
+    let root = dir.join("root");
+    std::fs::create_dir(&root).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
+        .arg(&root)
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mounting a small file system");
+    let built = build_on_node(&c, &unique_salt(), 24_000_000);
+    // The derivation (no inputs) into the small store: nsh-fetch reads the
+    // outputs it may import from there.
+    let export = c
+        .command("nix-store")
+        .args(["--export", &built.drv])
+        .output()
+        .unwrap();
+    assert!(export.status.success());
+    let mut import = c
+        .command("nix-store")
+        .arg("--store")
+        .arg(&root)
+        .arg("--import")
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        import
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(&export.stdout)
+            .unwrap();
+    }
+    assert!(import.wait().unwrap().success(), "importing the .drv");
+    let mut ticket = fetch_ticket(&built);
+    ticket["store"]["uri"] = json!(root.display().to_string());
+    let child = spawn_fetch(&c, Path::new(&c.nsh_config()), &ticket);
+    let (code, out, stderr) = parse(&wait_bounded(child, Duration::from_secs(120)));
+    let store_files: Vec<String> = std::fs::read_dir(root.join("nix/store"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        // Nix's own: lock files, the derivation, the hard-link directory.
+        .filter(|n| !n.ends_with(".lock") && !n.ends_with(".drv") && n != ".links")
+        .collect();
+    let valid = c
+        .command("nix-store")
+        .arg("--store")
+        .arg(&root)
+        .args(["--check-validity", &built.out])
+        .stderr(Stdio::null())
+        .status()
+        .unwrap()
+        .success();
+    let _ = std::process::Command::new("umount")
+        .arg("-l")
+        .arg(&root)
+        .status();
+    assert_ne!(code, 0, "{out}\n{stderr}");
+    let message = out["error"]["message"].as_str().unwrap();
+    assert!(message.contains("No space left on device"), "{message}");
+    assert!(!valid, "{} is valid in the full store", built.out);
+    assert_eq!(store_files, Vec::<String>::new());
+    let _ = std::fs::remove_dir_all(&dir);
+}
