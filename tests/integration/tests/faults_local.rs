@@ -20,6 +20,18 @@ use serde_json::{json, Value};
 
 const NODE: &str = "node1";
 
+/// Held by every test here: they break connections to the nodes (an sshd
+/// killed, a master closed after a stall), which would break the other
+/// tests' connections over the same ssh master.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn alone() -> std::sync::MutexGuard<'static, ()> {
+    // A test that failed holding it leaves it poisoned; the others still run.
+    ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// An output built on the node only (its derivation and inputs here), as
 /// nsh-fetch finds it after a build.
 struct NodeBuild {
@@ -226,6 +238,7 @@ const DROP_SSH_ONCE_AFTER: &str = "import os, signal, sys\n\
 /// awaited and the limit, with nothing of the output here.
 #[test]
 fn a_node_that_stops_answering_mid_fetch_is_transient_within_the_io_timeout() {
+    let _alone = alone();
     let c = Cluster::get();
     let dir = test_dir();
     let config = config_with_node_filter(&c, &dir, STOP_AFTER, "200000", "io_timeout = 3");
@@ -263,6 +276,7 @@ fn a_node_that_stops_answering_mid_fetch_is_transient_within_the_io_timeout() {
 /// and the next try fetches the output whole.
 #[test]
 fn ssh_dropped_mid_fetch_is_retried_and_the_output_arrives_whole() {
+    let _alone = alone();
     let c = Cluster::get();
     let dir = test_dir();
     let config = config_with_node_filter(&c, &dir, DROP_SSH_ONCE_AFTER, "200000", "");
@@ -313,6 +327,7 @@ fn job_alive(c: &Cluster, job: u64) -> bool {
 /// naming it, and the job is not left running. Nothing is written there.
 #[test]
 fn a_work_root_another_user_made_or_a_symlink_is_refused_naming_it() {
+    let _alone = alone();
     use std::os::unix::fs::PermissionsExt;
     let c = Cluster::get().one_job_per_build();
     let dir = test_dir();
@@ -380,6 +395,7 @@ fn a_work_root_another_user_made_or_a_symlink_is_refused_naming_it() {
 /// job is left.
 #[test]
 fn two_hooks_building_the_same_derivation_build_it_once_and_both_succeed() {
+    let _alone = alone();
     use std::os::unix::fs::PermissionsExt;
     let c = Cluster::get().one_job_per_build();
     let dir = test_dir();
@@ -451,6 +467,7 @@ fn two_hooks_building_the_same_derivation_build_it_once_and_both_succeed() {
 /// left (the file system has its space back).
 #[test]
 fn a_full_local_disk_fails_the_fetch_and_leaves_nothing() {
+    let _alone = alone();
     let c = Cluster::get();
     let dir = test_dir();
     let root = dir.join("root");

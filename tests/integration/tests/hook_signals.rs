@@ -336,7 +336,12 @@ fn stop_at(stage: Stage, how: Stop) {
 }
 
 fn stop_at_with(stage: Stage, how: Stop, pipeline: Pipeline) {
-    let c = Cluster::get();
+    // A pipeline command's job is found by its name: it must be a new job,
+    // not an idle one of another test's build from the pool.
+    let c = match pipeline {
+        Pipeline::Tools => Cluster::get(),
+        Pipeline::Command => Cluster::get().one_job_per_build(),
+    };
     let salt = unique_salt();
     let dir = tempfile::tempdir().unwrap();
     let hold = matches!(stage, Stage::WaitingForAllocation).then(|| HoldPartition::new(&c, &salt));
