@@ -81,7 +81,7 @@ impl TestStore {
         if write {
             command.arg("--write");
         }
-        ServeProcess::from_command(command, format!("test store {}", self.uri)).unwrap()
+        ServeProcess::from_command(command, format!("test store {}", self.uri), None).unwrap()
     }
 
     fn local_store(&self) -> LocalStore {
@@ -217,7 +217,7 @@ fn serve_on(uri: &str, write: bool) -> ServeProcess {
     if write {
         command.arg("--write");
     }
-    ServeProcess::from_command(command, "target store").unwrap()
+    ServeProcess::from_command(command, "target store", None).unwrap()
 }
 
 #[test]
@@ -355,7 +355,9 @@ fn a_failing_build_says_why(s: &TestStore, store: &LocalStore) {
 fn a_server_that_is_not_one_is_refused() {
     let mut command = Command::new("sh");
     command.args(["-c", "printf NOTSERVE; cat >/dev/null"]);
-    let err = ServeProcess::from_command(command, "sh").err().unwrap();
+    let err = ServeProcess::from_command(command, "sh", None)
+        .err()
+        .unwrap();
     assert!(
         err.message.contains("not a nix-store --serve server"),
         "{}",
@@ -363,9 +365,40 @@ fn a_server_that_is_not_one_is_refused() {
     );
     let command = Command::new("/nonexistent/nix-store");
     assert_eq!(
-        ServeProcess::from_command(command, "x").err().unwrap().kind,
+        ServeProcess::from_command(command, "x", None)
+            .err()
+            .unwrap()
+            .kind,
         Kind::Config
     );
+}
+
+/// A server that answers part of a reply and then goes silent (a node
+/// whose nix-store is stopped) fails the conversation as transient after
+/// the idle limit, naming the peer, what was awaited and the key; the
+/// child is killed with the conversation.
+#[test]
+fn a_server_that_stops_answering_is_transient_after_the_idle_limit() {
+    let mut command = Command::new("sh");
+    // Half of the 8-byte magic, then nothing (and stdin still open).
+    command.args(["-c", "printf '\\357\\315'; exec sleep 60"]);
+    let started = std::time::Instant::now();
+    let err = ServeProcess::from_command(
+        command,
+        "nixbuild@node9",
+        Some(std::time::Duration::from_millis(500)),
+    )
+    .err()
+    .unwrap();
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    assert_eq!(err.kind, Kind::Transient, "{}", err.message);
+    for words in [
+        "nixbuild@node9",
+        "handshake",
+        "nothing came from nixbuild@node9 for 0.5 s (remote.io_timeout)",
+    ] {
+        assert!(err.message.contains(words), "{words}: {}", err.message);
+    }
 }
 
 #[test]

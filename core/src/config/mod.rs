@@ -159,6 +159,10 @@ impl fmt::Display for Secret {
     }
 }
 
+/// How long a `token_command` may run before it is stopped and the token
+/// counts as not had (transient): `scontrol token` answers at once.
+pub const TOKEN_COMMAND_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
+
 impl TokenSource {
     /// Reads the token now. Failures are transient (a token file being
     /// rotated, a token command failing): they name the file or command but
@@ -178,12 +182,13 @@ impl TokenSource {
                 Failure::from(TokenError(message, kind))
             })?,
             TokenSource::Command(argv) => {
-                let output = Command::new(&argv[0])
-                    .args(&argv[1..])
-                    .stdin(Stdio::null())
-                    .stderr(Stdio::null())
-                    .output()
-                    .map_err(|e| token_error(format!("running the token command {argv:?}: {e}")))?;
+                let mut command = Command::new(&argv[0]);
+                command.args(&argv[1..]).stdin(Stdio::null());
+                let output =
+                    crate::sys::process::output_within(&mut command, TOKEN_COMMAND_DEADLINE)
+                        .map_err(|e| {
+                            token_error(format!("running the token command {argv:?}: {e}"))
+                        })?;
                 if !output.status.success() {
                     return Err(token_error(format!(
                         "the token command {argv:?} failed ({})",
@@ -371,6 +376,13 @@ pub struct Remote {
     pub request_timeout_s: u64,
     /// The most NAR bytes one build's outputs may bring back from a node.
     pub max_output_size: u64,
+    /// Seconds a node's `nix-store --serve` may send (or take) nothing while
+    /// nsh-push or nsh-fetch waits for it, before the copy fails (75).
+    pub io_timeout_s: u64,
+    /// Seconds a tool waits for a lock (a node's push lock, a store path's
+    /// lock, the pool's) another process holds, before it fails (75)
+    /// naming the lock file.
+    pub lock_timeout_s: u64,
 }
 
 impl Default for Remote {
@@ -382,6 +394,8 @@ impl Default for Remote {
             idle_timeout_s: 120,
             request_timeout_s: 300,
             max_output_size: DEFAULT_MAX_OUTPUT_SIZE,
+            io_timeout_s: 300,
+            lock_timeout_s: 3600,
         }
     }
 }
@@ -668,7 +682,21 @@ fn remote_settings(raw: raw::RawRemote, problems: &Problems) -> Result<Remote, F
                 parse_size(&v).map_err(|bad| problems.bad_value("remote.max_output_size", bad))?
             }
         },
+        io_timeout_s: seconds("remote.io_timeout", raw.io_timeout, defaults.io_timeout_s)?,
+        lock_timeout_s: seconds(
+            "remote.lock_timeout",
+            raw.lock_timeout,
+            defaults.lock_timeout_s,
+        )?,
     };
+    for (key, value) in [
+        ("remote.io_timeout", remote.io_timeout_s),
+        ("remote.lock_timeout", remote.lock_timeout_s),
+    ] {
+        if value == 0 {
+            return Err(problems.at(key, "0 would fail every wait; give at least 1 second"));
+        }
+    }
     if !remote.work_root.starts_with('/') {
         return Err(problems.at(
             "remote.work_root",
@@ -776,6 +804,33 @@ request_timeout = "5m"
         // What the site says is what counts.
         let limits = parse(&format!("{MINIMAL}[cluster.c.limits]\nmax_cpus = 1000\n"));
         assert_eq!(limits.max_cpus, Some(1000));
+    }
+
+    #[test]
+    fn io_and_lock_timeouts() {
+        let config = Config::parse(Path::new("t.toml"), MINIMAL).unwrap();
+        assert_eq!(config.remote.io_timeout_s, 300);
+        assert_eq!(config.remote.lock_timeout_s, 3600);
+        let config = Config::parse(
+            Path::new("t.toml"),
+            &format!("{MINIMAL}[remote]\nio_timeout = \"2m\"\nlock_timeout = 90\n"),
+        )
+        .unwrap();
+        assert_eq!(config.remote.io_timeout_s, 120);
+        assert_eq!(config.remote.lock_timeout_s, 90);
+        for key in ["io_timeout", "lock_timeout"] {
+            let err = Config::parse(
+                Path::new("t.toml"),
+                &format!("{MINIMAL}[remote]\n{key} = 0\n"),
+            )
+            .unwrap_err();
+            assert_eq!(err.kind, Kind::Config);
+            assert!(
+                err.message.contains(&format!("remote.{key}")),
+                "{}",
+                err.message
+            );
+        }
     }
 
     #[test]

@@ -101,6 +101,8 @@ pub(super) struct RawRemote {
     pub(super) idle_timeout: Option<NumberOrText>,
     pub(super) request_timeout: Option<NumberOrText>,
     pub(super) max_output_size: Option<NumberOrText>,
+    pub(super) io_timeout: Option<NumberOrText>,
+    pub(super) lock_timeout: Option<NumberOrText>,
 }
 
 /// `[fetch]`: how `nsh-fetch` makes paths valid here.

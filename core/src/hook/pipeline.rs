@@ -179,7 +179,7 @@ fn spawn_all(
             cmd.env("NSH_LOG_FD", LOG_FD.to_string());
             crate::sys::process::with_fd_as(&mut cmd, fd.as_raw_fd(), LOG_FD);
         }
-        if name == QUEUE_WAITER {
+        if name == QUEUE_WAITER || matches!(stages, Stages::Command(_)) {
             outlive_the_group_kill(&mut cmd);
         }
         match cmd.spawn() {
@@ -397,6 +397,12 @@ pub fn stop(children: &mut [(String, Child)]) {
 /// own, which that SIGKILL misses, and SIGTERM when the hook is gone, on
 /// which it cancels its job and exits. (The parent-death signal follows the
 /// spawning thread: `run` is called on the hook's main thread.)
+///
+/// A pipeline command is started the same way, for the same reason: the
+/// hook cannot see its job, so the command must outlive the group kill to
+/// cancel it, which it does on the SIGTERM (`hook.sh.example` stops its
+/// running stage, nsh-alloc cancelling a job it waits for, and ends the
+/// job's use with `nsh-alloc --cancel`).
 fn outlive_the_group_kill(cmd: &mut Command) {
     crate::sys::process::in_own_group_terminated_with_parent(cmd);
 }

@@ -39,6 +39,11 @@ use record::{JobRecord, Owner};
 /// (the job has left by then: it claims its next number and exits).
 pub const LINGER_GRACE_S: u64 = 10;
 
+/// How long a tool waits for the pool's lock, which is held only while its
+/// records are read or written: a holder stopped half-way must not stall
+/// every build of the cluster.
+pub const POOL_LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// The pool of one cluster.
 #[derive(Debug, Clone)]
 pub struct Pool {
@@ -123,7 +128,7 @@ impl Pool {
 
     fn lock(&self) -> Result<FileLock, Failure> {
         let path = self.dir.join("lock");
-        FileLock::acquire(&path).map_err(|e| {
+        FileLock::acquire(&path, POOL_LOCK_TIMEOUT).map_err(|e| {
             Failure::caused_by(
                 Kind::Transient,
                 format!("locking the pool {}: {e}", path.display()),

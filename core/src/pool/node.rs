@@ -14,7 +14,7 @@ use crate::stage::ssh::Ssh;
 /// build runs or waits there; 5: the number is taken (the job claimed it
 /// itself to leave).
 pub const TAKE_SCRIPT: &str = r#"W=$1 n=$2
-[ -d "$W" ] || exit 3
+{ [ -d "$W" ] && [ ! -L "$W" ] && [ -O "$W" ]; } || exit 3
 for f in "$W"/request.*; do
     k=${f##*.}
     case $k in ''|*[!0-9]*) continue ;; esac
@@ -31,7 +31,7 @@ exit 0
 /// job: no build runs or waits there any more, and `idle.N` says so, which
 /// starts the job's linger. Exit 3: gone; 4: a build still runs or waits.
 pub const GIVE_BACK_SCRIPT: &str = r#"W=$1 n=$2
-[ -d "$W" ] || exit 3
+{ [ -d "$W" ] && [ ! -L "$W" ] && [ -O "$W" ]; } || exit 3
 for f in "$W"/request.*; do
     k=${f##*.}
     case $k in ''|*[!0-9]*) continue ;; esac
@@ -47,7 +47,7 @@ exit 0
 /// `sh -c RELEASE_SCRIPT sh W`: the job ends (between requests); a job that
 /// is gone needs nothing.
 pub const RELEASE_SCRIPT: &str = r#"W=$1
-[ -d "$W" ] || exit 0
+{ [ -d "$W" ] && [ ! -L "$W" ] && [ -O "$W" ]; } || exit 0
 : > "$W/release" || exit 3
 if [ -p "$W/wake" ]; then
     { printf 'release\n' >&3; } 2>/dev/null 3<>"$W/wake"

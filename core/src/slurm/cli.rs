@@ -3,11 +3,19 @@
 //! shell anywhere), `scontrol show job -o` for the state, `scancel`.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use super::model::{JobInfo, JobRequest, NodeInfo, PartitionInfo};
 use crate::error::Failure;
+use crate::sys::process::{output_within, output_within_feeding};
+
+/// How long one Slurm command (`sbatch`, `scontrol`, `scancel`, `sinfo`,
+/// `sacctmgr`) may run before it is stopped and the step fails as
+/// transient: slurmctld answers in seconds, and a client retrying a
+/// slurmctld that is down gives up well within it (`MessageTimeout`, 10 s
+/// by default, a few times over).
+pub const COMMAND_DEADLINE: Duration = Duration::from_secs(90);
 
 /// The sbatch options for `req` (without the program name).
 pub fn sbatch_args(req: &JobRequest) -> Vec<String> {
@@ -162,18 +170,8 @@ pub fn submit(submitter: &Submitter, req: &JobRequest) -> Result<u64, Failure> {
     if let Some(conf) = std::env::var_os("SLURM_CONF") {
         command.env("SLURM_CONF", conf);
     }
-    let mut child = command
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
+    let output = output_within_feeding(&mut command, Some(req.script.as_bytes()), COMMAND_DEADLINE)
         .map_err(|e| Failure::transient(format!("running sbatch: {e}")))?;
-    let written = crate::sys::process::stdin_of(&mut child)
-        .and_then(|mut stdin| stdin.write_all(req.script.as_bytes()));
-    let output = child
-        .wait_with_output()
-        .map_err(|e| Failure::transient(format!("running sbatch: {e}")))?;
-    written.map_err(|e| Failure::transient(format!("writing the script to sbatch: {e}")))?;
     if !output.status.success() {
         // Transient here; nsh-alloc tells a refused setting by Slurm's
         // words (`slurm::rejection`).
@@ -190,10 +188,11 @@ pub fn submit(submitter: &Submitter, req: &JobRequest) -> Result<u64, Failure> {
 
 /// The job's state from `scontrol show job -o`.
 pub fn job(job: u64) -> Result<JobInfo, Failure> {
-    let output = Command::new(program("scontrol"))
+    let mut command = Command::new(program("scontrol"));
+    command
         .args(["show", "job", "-o", &job.to_string()])
-        .stdin(Stdio::null())
-        .output()
+        .stdin(Stdio::null());
+    let output = output_within(&mut command, COMMAND_DEADLINE)
         .map_err(|e| Failure::transient(format!("running scontrol: {e}")))?;
     if !output.status.success() {
         return Err(Failure::transient(format!(
@@ -209,11 +208,9 @@ pub fn job(job: u64) -> Result<JobInfo, Failure> {
 
 /// Cancels with `scancel`. A job that already ended is not an error.
 pub fn cancel(submitter: &Submitter, job: u64) -> Result<(), Failure> {
-    let output = submitter
-        .command("scancel")
-        .arg(job.to_string())
-        .stdin(Stdio::null())
-        .output()
+    let mut command = submitter.command("scancel");
+    command.arg(job.to_string()).stdin(Stdio::null());
+    let output = output_within(&mut command, COMMAND_DEADLINE)
         .map_err(|e| Failure::transient(format!("running scancel: {e}")))?;
     if !output.status.success() {
         return Err(Failure::transient(format!(
@@ -325,7 +322,7 @@ pub fn slurmdb_entry(what: &str, name: &str) -> Result<Option<bool>, Failure> {
 }
 
 /// How long a query command ([`nodes`], [`partition`], [`slurmdb_entry`])
-/// may run, in ms (0: as long as it takes; `nsh-hook --check` sets a few
+/// may run, in ms (0: [`COMMAND_DEADLINE`]; `nsh-hook --check` sets a few
 /// seconds).
 static QUERY_TIMEOUT_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
@@ -339,13 +336,12 @@ pub fn set_query_timeout(limit: std::time::Duration) {
 fn run_query(name: &str, args: &[&str]) -> Result<String, Failure> {
     let mut command = Command::new(program(name));
     command.args(args).stdin(Stdio::null());
-    let output = match QUERY_TIMEOUT_MS.load(std::sync::atomic::Ordering::Relaxed) {
-        0 => command.output(),
-        ms => {
-            crate::sys::process::output_within(&mut command, std::time::Duration::from_millis(ms))
-        }
-    }
-    .map_err(|e| Failure::transient(format!("running {name}: {e}")))?;
+    let limit = match QUERY_TIMEOUT_MS.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => COMMAND_DEADLINE,
+        ms => Duration::from_millis(ms).min(COMMAND_DEADLINE),
+    };
+    let output = output_within(&mut command, limit)
+        .map_err(|e| Failure::transient(format!("running {name}: {e}")))?;
     if !output.status.success() {
         return Err(Failure::from(CommandError {
             command: format!("{name} {}", args.join(" ")),

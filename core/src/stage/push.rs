@@ -32,7 +32,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufReader, Read, Write};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::error::{Failure, Kind, KindOf, ResultExt};
@@ -164,16 +164,27 @@ fn push_once(
     }
     let ssh = Ssh::ensure_master(alloc, config)?;
     let lock_path = node_lock_path(alloc, &ssh)?;
-    let _lock = FileLock::acquire(&lock_path).map_err(|e| match e {
+    let lock_limit = Duration::from_secs(config.remote.lock_timeout_s);
+    let _lock = FileLock::acquire(&lock_path, lock_limit).map_err(|e| match e {
         LockError::Open(_) => {
             Failure::transient(format!("opening the lock {}: {e}", lock_path.display()))
         }
-        LockError::Lock(_) => Failure::transient(format!("locking {}: {e}", lock_path.display())),
+        LockError::Lock(_) => Failure::transient(format!(
+            "locking {} (the push lock of {}): {e}{}",
+            lock_path.display(),
+            alloc.node,
+            crate::stage::ssh::lock_timeout_hint(&e)
+        )),
     })?;
 
     let argv = crate::stage::ssh::remote_serve_argv(&config.remote);
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-    let mut remote = ServeProcess::from_command(ssh.command(&argv), ssh.describe())?;
+    let mut remote = ServeProcess::from_command(
+        ssh.command(&argv),
+        ssh.describe(),
+        Some(Duration::from_secs(config.remote.io_timeout_s)),
+    )?
+    .when_stalled(crate::stage::ssh::stop_master_of(&ssh));
     let present: BTreeSet<StorePath> = remote
         .client
         .query_valid_paths(closure, true, false)?

@@ -42,6 +42,11 @@ use crate::Kind;
 /// least (a cluster's `linger` may make it longer).
 pub const CONTROL_PERSIST_SECS: u64 = 120;
 
+/// How long starting a node's ssh master (connect, authenticate, fork) may
+/// take before it is stopped and the step fails as transient: past
+/// `ConnectTimeout`, a node that accepts the connection and then stalls.
+pub const MASTER_SETUP_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// The ssh transport to one node.
 #[derive(Debug, Clone)]
 pub struct Ssh {
@@ -93,6 +98,9 @@ impl Ssh {
         if let Some(identity) = &self.settings.identity {
             args.push("-i".into());
             args.push(identity.into());
+            // That key only: not whatever an agent or ~/.ssh offers.
+            args.push("-o".into());
+            args.push("IdentitiesOnly=yes".into());
         }
         for option in &self.settings.options {
             args.push("-o".into());
@@ -139,7 +147,8 @@ impl Ssh {
         );
         let settings = config.ssh_for(&alloc.cluster);
         let max_sessions = settings.max_sessions.max(1);
-        let (session, master) = session_slot(&dir, &base, max_sessions)?;
+        let lock_limit = std::time::Duration::from_secs(config.remote.lock_timeout_s);
+        let (session, master) = session_slot(&dir, &base, max_sessions, lock_limit)?;
         let name = if master == 0 {
             base.clone()
         } else {
@@ -156,8 +165,8 @@ impl Ssh {
             // One starter at a time: two masters on one socket would leave
             // the loser running without multiplexing, forever.
             let start_lock = dir.join(format!("{name}.start"));
-            let _starting =
-                FileLock::acquire(&start_lock).map_err(|e| lock_failure(&start_lock, &e))?;
+            let _starting = FileLock::acquire(&start_lock, lock_limit)
+                .map_err(|e| lock_failure(&start_lock, &e))?;
             if !master_alive(&control) {
                 // A socket left by a master that died refuses a new one.
                 let _ = std::fs::remove_file(&control);
@@ -183,14 +192,17 @@ impl Ssh {
         // its stdio is /dev/null, and stderr goes to a file we read only when
         // it failed (a pipe would be held open by the background master).
         let errors = tempfile_in(control.parent().unwrap_or(Path::new("/tmp")))?;
-        let status = Command::new("ssh")
+        let mut command = Command::new("ssh");
+        command
             .args(self.options(Some(persist)))
             .args(["-N", "-f", &self.destination])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(errors.1)
-            .status()
-            .or_fail(Kind::Transient, || "running ssh")?;
+            .stderr(errors.1);
+        let status = crate::sys::process::status_within(&mut command, MASTER_SETUP_DEADLINE)
+            .or_fail(Kind::Transient, || {
+                format!("starting the ssh connection to {}", self.destination)
+            })?;
         let message = std::fs::read_to_string(&errors.0).unwrap_or_default();
         let _ = std::fs::remove_file(&errors.0);
         if status.success() {
@@ -210,13 +222,33 @@ impl Ssh {
         if self.control.is_none() {
             return;
         }
-        let _ = Command::new("ssh")
-            .args(self.options(None))
-            .args(["-O", "exit", &self.destination])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+        let _ = crate::sys::process::status_within(
+            Command::new("ssh")
+                .args(self.options(None))
+                .args(["-O", "exit", &self.destination])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+            MASTER_SETUP_DEADLINE,
+        );
+    }
+}
+
+/// What stops `ssh`'s master later (for a session that stalled: the
+/// master would keep its channel, the remote processes' end and the
+/// descriptors passed to it, as long as the node does not close it).
+/// Other sessions on that master fail and are retried over a new one.
+pub fn stop_master_of(ssh: &Ssh) -> impl FnOnce() + 'static {
+    let ssh = Ssh {
+        _session: None,
+        ..ssh.clone()
+    };
+    move || {
+        crate::log_warn!(
+            "{}: closing the ssh connection to a stalled node",
+            ssh.destination
+        );
+        ssh.stop_master();
     }
 }
 
@@ -228,7 +260,12 @@ fn master_alive(control: &Path) -> bool {
 
 /// A free session slot on the node's masters: the lock that holds it, and
 /// the number of the master it belongs to.
-fn session_slot(dir: &Path, base: &str, max_sessions: u32) -> Result<(FileLock, u32), Failure> {
+fn session_slot(
+    dir: &Path,
+    base: &str,
+    max_sessions: u32,
+    lock_limit: std::time::Duration,
+) -> Result<(FileLock, u32), Failure> {
     // Far more than a node ever carries at once; past it, wait for slot 0.
     const MASTERS: u32 = 64;
     for slot in 0..max_sessions.saturating_mul(MASTERS) {
@@ -240,12 +277,26 @@ fn session_slot(dir: &Path, base: &str, max_sessions: u32) -> Result<(FileLock, 
         }
     }
     let path = dir.join(format!("{base}.session-0"));
-    let lock = FileLock::acquire(&path).map_err(|e| lock_failure(&path, &e))?;
+    let lock = FileLock::acquire(&path, lock_limit).map_err(|e| lock_failure(&path, &e))?;
     Ok((lock, 0))
 }
 
 fn lock_failure(path: &Path, e: &LockError) -> Failure {
-    Failure::transient(format!("locking {}: {e}", path.display()))
+    Failure::transient(format!(
+        "locking {}: {e}{}",
+        path.display(),
+        lock_timeout_hint(e)
+    ))
+}
+
+/// " (remote.lock_timeout)" for a lock that was still held at the deadline:
+/// the key that sets it.
+#[must_use]
+pub fn lock_timeout_hint(e: &LockError) -> &'static str {
+    match e {
+        LockError::Lock(e) if e.kind() == std::io::ErrorKind::TimedOut => " (remote.lock_timeout)",
+        _ => "",
+    }
 }
 
 impl Ssh {
@@ -379,6 +430,29 @@ mod tests {
             .map(String::from)
             .collect();
         assert_eq!(got, words);
+    }
+
+    #[test]
+    fn a_configured_identity_is_the_only_one_offered() {
+        let settings = config::Ssh {
+            identity: Some("/etc/nsh/id_ed25519".into()),
+            ..config::Ssh::default()
+        };
+        let cmd = Ssh::for_alloc(&AllocSection::default(), &settings).command(&["true"]);
+        let args: Vec<String> = cmd
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let at = args.iter().position(|a| a == "-i").unwrap();
+        assert_eq!(
+            args[at..at + 4],
+            ["-i", "/etc/nsh/id_ed25519", "-o", "IdentitiesOnly=yes"]
+        );
+        let none =
+            Ssh::for_alloc(&AllocSection::default(), &config::Ssh::default()).command(&["true"]);
+        assert!(!none
+            .get_args()
+            .any(|a| a.to_string_lossy().starts_with("IdentitiesOnly")));
     }
 
     #[test]

@@ -10,6 +10,10 @@ use crate::error::{Failure, Kind, ResultExt};
 use crate::status::record::{append_bounded, FailureLine, InFlight, MAX_FAILURES};
 use crate::sys::flock::FileLock;
 
+/// How long adding a failure waits for another writer: each holds the
+/// lock only to rewrite a file of at most [`MAX_FAILURES`] lines.
+const FAILURES_LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The status files under one runtime directory.
 #[derive(Debug, Clone)]
 pub struct StatusDir {
@@ -84,7 +88,7 @@ impl StatusDir {
     pub fn add_failure(&self, line: &FailureLine) -> Result<(), Failure> {
         crate::runtime::private_dir(&self.root)?;
         let lock_path = self.root.join("failures.lock");
-        let _lock = FileLock::acquire(&lock_path).map_err(|e| {
+        let _lock = FileLock::acquire(&lock_path, FAILURES_LOCK_TIMEOUT).map_err(|e| {
             Failure::caused_by(
                 Kind::Transient,
                 format!("locking {}: {e}", lock_path.display()),

@@ -4,20 +4,25 @@
 
 use std::fs::File;
 use std::io;
+use std::time::{Duration, Instant};
 
 use rustix::fs::FlockOperation;
 
 /// Whether to wait for a lock another process holds.
-///
-/// (A timeout would be a third variant: a blocking lock interrupted by an
-/// alarm; nothing needs one yet.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Wait {
     /// Block until the lock is granted.
     Block,
     /// Return at once; [`lock_exclusive`] returns `false` when it is held.
     DontWait,
+    /// Wait at most this long (trying again and again, no signal involved);
+    /// then a `TimedOut` error: a stalled holder must not stall every
+    /// later taker for ever.
+    Within(Duration),
 }
+
+/// The longest pause between two tries of a lock taken [`Wait::Within`].
+const RETRY_PAUSE_MAX: Duration = Duration::from_millis(200);
 
 /// Takes an exclusive `flock` on `file`: `Ok(true)` once held, `Ok(false)`
 /// when `wait` is [`Wait::DontWait`] and another holder has it. A signal
@@ -29,7 +34,7 @@ pub enum Wait {
 pub fn lock_exclusive(file: &File, wait: Wait) -> io::Result<bool> {
     let operation = match wait {
         Wait::Block => FlockOperation::LockExclusive,
-        Wait::DontWait => FlockOperation::NonBlockingLockExclusive,
+        Wait::DontWait | Wait::Within(_) => FlockOperation::NonBlockingLockExclusive,
     };
     flock_retrying(file, operation, wait)
 }
@@ -42,22 +47,49 @@ pub fn lock_exclusive(file: &File, wait: Wait) -> io::Result<bool> {
 pub fn lock_shared(file: &File, wait: Wait) -> io::Result<bool> {
     let operation = match wait {
         Wait::Block => FlockOperation::LockShared,
-        Wait::DontWait => FlockOperation::NonBlockingLockShared,
+        Wait::DontWait | Wait::Within(_) => FlockOperation::NonBlockingLockShared,
     };
     flock_retrying(file, operation, wait)
 }
 
 /// `flock(file, operation)`, EINTR retried; `Ok(false)` for a lock held
-/// elsewhere when not waiting.
+/// elsewhere when not waiting; tried again with growing pauses until the
+/// deadline when waiting [`Wait::Within`] a limit (`operation` is then the
+/// non-blocking one).
 fn flock_retrying(file: &File, operation: FlockOperation, wait: Wait) -> io::Result<bool> {
+    let deadline = match wait {
+        Wait::Within(limit) => Some((Instant::now() + limit, limit)),
+        Wait::Block | Wait::DontWait => None,
+    };
+    let mut pause = Duration::from_millis(5);
     loop {
         match rustix::fs::flock(file, operation) {
             Ok(()) => return Ok(true),
             Err(rustix::io::Errno::INTR) => {}
             Err(rustix::io::Errno::WOULDBLOCK) if wait == Wait::DontWait => return Ok(false),
+            Err(rustix::io::Errno::WOULDBLOCK) if deadline.is_some() => {
+                let (deadline, limit) = deadline.unwrap_or((Instant::now(), Duration::ZERO));
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(still_held(limit));
+                }
+                std::thread::sleep(pause.min(left));
+                pause = (pause * 2).min(RETRY_PAUSE_MAX);
+            }
             Err(e) => return Err(e.into()),
         }
     }
+}
+
+/// The error of a lock another process held past the limit.
+fn still_held(limit: Duration) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!(
+            "another process still held it after {} s",
+            limit.as_secs_f64()
+        ),
+    )
 }
 
 /// Releases a lock taken with [`lock_exclusive`] or [`lock_shared`].
@@ -76,18 +108,19 @@ pub struct FileLock {
 }
 
 impl FileLock {
-    /// Opens (or creates) `path` and waits for its lock.
+    /// Opens (or creates) `path` and waits for its lock, at most `limit`.
     ///
     /// # Errors
-    /// Opening the file or locking it; the error says which.
-    pub fn acquire(path: &std::path::Path) -> Result<FileLock, LockError> {
+    /// Opening the file or locking it; the error says which. A lock still
+    /// held by another process after `limit` is a `TimedOut` [`LockError::Lock`].
+    pub fn acquire(path: &std::path::Path, limit: Duration) -> Result<FileLock, LockError> {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .open(path)
             .map_err(LockError::Open)?;
-        lock_exclusive(&file, Wait::Block).map_err(LockError::Lock)?;
+        lock_exclusive(&file, Wait::Within(limit)).map_err(LockError::Lock)?;
         Ok(FileLock { _file: file })
     }
 
@@ -141,10 +174,32 @@ mod tests {
     fn a_held_lock_is_busy_for_another_open_file_until_dropped() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("l");
-        let held = FileLock::acquire(&path).unwrap();
+        let held = FileLock::acquire(&path, Duration::from_secs(1)).unwrap();
         let other = File::options().write(true).open(&path).unwrap();
         assert!(!lock_exclusive(&other, Wait::DontWait).unwrap());
         drop(held);
         assert!(lock_exclusive(&other, Wait::DontWait).unwrap());
+    }
+
+    #[test]
+    fn a_lock_held_past_the_limit_is_timed_out_and_one_freed_in_time_is_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l");
+        let held = FileLock::acquire(&path, Duration::from_secs(1)).unwrap();
+        let started = Instant::now();
+        let err = FileLock::acquire(&path, Duration::from_millis(300)).unwrap_err();
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(300) && took < Duration::from_secs(3),
+            "{took:?}"
+        );
+        assert!(matches!(&err, LockError::Lock(e) if e.kind() == io::ErrorKind::TimedOut));
+        assert_eq!(err.to_string(), "another process still held it after 0.3 s");
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            drop(held);
+        });
+        FileLock::acquire(&path, Duration::from_secs(5)).unwrap();
+        release.join().unwrap();
     }
 }

@@ -143,54 +143,169 @@ pub fn with_fd_as(cmd: &mut Command, fd: std::os::fd::RawFd, target: std::os::fd
 }
 
 /// Runs `command` with its output read, for at most `limit`; a command still
-/// running then is killed and reported as timed out.
+/// running then is stopped (see [`output_within_feeding`]) and reported as
+/// timed out.
 ///
 /// # Errors
 /// Starting or waiting for the command; `TimedOut` when it took too long.
 pub fn output_within(command: &mut Command, limit: Duration) -> std::io::Result<Output> {
+    output_within_feeding(command, None, limit)
+}
+
+/// How long a command told to stop (SIGTERM) has before it is killed: time
+/// for `runuser` to pass the signal on to the command it runs and reap it.
+pub const STOP_GRACE: Duration = Duration::from_secs(2);
+
+/// Runs `command` with `input` (if any) on its stdin and its output read, for
+/// at most `limit`. A command still running then gets SIGTERM, and SIGKILL
+/// [`STOP_GRACE`] later: `runuser` forwards SIGTERM to the program it
+/// runs, where a SIGKILL would leave that program running on its own.
+///
+/// # Errors
+/// Starting or waiting for the command; `TimedOut` ("no answer within N s")
+/// when it took too long.
+pub fn output_within_feeding(
+    command: &mut Command,
+    input: Option<&[u8]>,
+    limit: Duration,
+) -> std::io::Result<Output> {
+    if input.is_some() {
+        command.stdin(Stdio::piped());
+    }
     let mut child = command
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
-    let reader = |pipe: Option<Box<dyn Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut bytes = Vec::new();
-            if let Some(mut pipe) = pipe {
-                let _ = pipe.read_to_end(&mut bytes);
-            }
-            bytes
+    let writer = input.map(|bytes| {
+        let bytes = bytes.to_vec();
+        let stdin = child.stdin.take();
+        std::thread::spawn(move || match stdin {
+            Some(mut stdin) => std::io::Write::write_all(&mut stdin, &bytes),
+            None => Err(not_piped("stdin")),
         })
+    });
+    let stdout = read_all_in_thread(child.stdout.take());
+    let stderr = read_all_in_thread(child.stderr.take());
+    let Some(status) = wait_within(&mut child, limit)? else {
+        return Err(timed_out(limit));
     };
-    let stdout = reader(
-        child
-            .stdout
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    );
-    let stderr = reader(
-        child
-            .stderr
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    );
-    let deadline = Instant::now() + limit;
-    let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("no answer within {} s", limit.as_secs_f64()),
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    if let Some(writer) = writer {
+        // A command that exits without reading its input is not an error of
+        // ours; one that read part of it and failed says so in its status.
+        let _ = writer.join();
+    }
     Ok(Output {
         status,
         stdout: stdout.join().unwrap_or_default(),
         stderr: stderr.join().unwrap_or_default(),
     })
+}
+
+fn read_all_in_thread<R: Read + Send + 'static>(
+    pipe: Option<R>,
+) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        if let Some(mut pipe) = pipe {
+            let _ = pipe.read_to_end(&mut bytes);
+        }
+        bytes
+    })
+}
+
+/// The error of a command that ran past its deadline.
+fn timed_out(limit: Duration) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("no answer within {} s", limit.as_secs_f64()),
+    )
+}
+
+/// Waits for `child` at most `limit`: its status, or `None` once it was
+/// stopped (SIGTERM, SIGKILL after [`STOP_GRACE`]) and reaped for running
+/// too long.
+///
+/// # Errors
+/// Waiting for the child.
+pub fn wait_within(
+    child: &mut Child,
+    limit: Duration,
+) -> std::io::Result<Option<std::process::ExitStatus>> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(Some(status));
+        }
+        if Instant::now() >= deadline {
+            stop(child);
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// SIGTERM to `child`, SIGKILL [`STOP_GRACE`] later if it still runs; reaped.
+fn stop(child: &mut Child) {
+    terminate(child);
+    let grace = Instant::now() + STOP_GRACE;
+    while Instant::now() < grace {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Runs `command` (its stdio as set) to its end, for at most `limit`.
+///
+/// # Errors
+/// Starting or waiting for it; `TimedOut` as [`output_within_feeding`].
+pub fn status_within(
+    command: &mut Command,
+    limit: Duration,
+) -> std::io::Result<std::process::ExitStatus> {
+    let mut child = command.spawn()?;
+    wait_within(&mut child, limit)?.ok_or_else(|| timed_out(limit))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_command_past_its_deadline_is_stopped_and_timed_out() {
+        let started = Instant::now();
+        let err =
+            output_within(Command::new("sleep").arg("30"), Duration::from_millis(200)).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+        assert!(err.to_string().contains("no answer within 0.2 s"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_command_ignoring_sigterm_is_killed_after_the_grace() {
+        let started = Instant::now();
+        let err = status_within(
+            Command::new("sh").args(["-c", "trap '' TERM; exec sleep 30"]),
+            Duration::from_millis(200),
+        )
+        .unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+        let took = started.elapsed();
+        assert!(took >= STOP_GRACE && took < STOP_GRACE * 3, "{took:?}");
+    }
+
+    #[test]
+    fn input_reaches_the_command_and_its_output_comes_back() {
+        let out = output_within_feeding(
+            &mut Command::new("cat"),
+            Some(b"the script\n"),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        assert!(out.status.success());
+        assert_eq!(out.stdout, b"the script\n");
+    }
 }

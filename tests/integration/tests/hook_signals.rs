@@ -121,6 +121,8 @@ fn start_hook(
     let mut cmd = c.command(nsh_tool("nsh-hook"));
     cmd.arg("3")
         .env("NSH_CONFIG", &config_path)
+        // For a pipeline command (hook.sh.example): where the tools are.
+        .env("NSH_BIN_DIR", nsh_tool("nsh-alloc").parent().unwrap())
         .env("NSH_TEST_TAG", tag)
         .process_group(0)
         .stdin(Stdio::piped())
@@ -261,7 +263,12 @@ fn eventually(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
 }
 
 /// Waits until the build reaches `stage`; the Slurm job.
-fn reach(c: &Cluster, hook: &mut RunningHook, stage: Stage, name: &str) -> u64 {
+fn reach(
+    c: &Cluster,
+    hook: &mut RunningHook,
+    (stage, pipeline): (Stage, Pipeline),
+    name: &str,
+) -> u64 {
     match stage {
         Stage::WaitingForAllocation => {
             let job_name = format!("nsh-{name}");
@@ -274,6 +281,26 @@ fn reach(c: &Cluster, hook: &mut RunningHook, stage: Stage, name: &str) -> u64 {
                     .next()
                     .and_then(|id| id.parse::<u64>().ok());
                 text.contains("PENDING")
+            });
+            job.unwrap()
+        }
+        Stage::Building if pipeline == Pipeline::Command => {
+            // The hook shows no stage of a pipeline command: the job by name.
+            let job_name = format!("nsh-{name}");
+            let mut job = None;
+            eventually("the job to run", Duration::from_secs(60), || {
+                let out = slurm_cmd(c, "squeue", &["-h", "-n", &job_name, "-o", "%i %T"]);
+                let text = String::from_utf8_lossy(&out.stdout).to_string();
+                job = text
+                    .split_whitespace()
+                    .next()
+                    .and_then(|id| id.parse::<u64>().ok());
+                text.contains("RUNNING")
+            });
+            eventually("the builder to start", Duration::from_secs(60), || {
+                fs::read_to_string(&hook.log)
+                    .unwrap_or_default()
+                    .contains("started")
             });
             job.unwrap()
         }
@@ -293,10 +320,28 @@ fn reach(c: &Cluster, hook: &mut RunningHook, stage: Stage, name: &str) -> u64 {
     }
 }
 
+/// What the hook runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pipeline {
+    /// The nsh-* tools, connected by the hook.
+    Tools,
+    /// `hook.sh.example` as `[hook] pipeline` (the hook sees no ticket).
+    Command,
+}
+
 /// Starts a build through the hook, lets it reach `stage`, stops the hook
 /// `how`, and checks that the job is cancelled and nothing is left.
 fn stop_at(stage: Stage, how: Stop) {
-    let c = Cluster::get();
+    stop_at_with(stage, how, Pipeline::Tools);
+}
+
+fn stop_at_with(stage: Stage, how: Stop, pipeline: Pipeline) {
+    // A pipeline command's job is found by its name: it must be a new job,
+    // not an idle one of another test's build from the pool.
+    let c = match pipeline {
+        Pipeline::Tools => Cluster::get(),
+        Pipeline::Command => Cluster::get().one_job_per_build(),
+    };
     let salt = unique_salt();
     let dir = tempfile::tempdir().unwrap();
     let hold = matches!(stage, Stage::WaitingForAllocation).then(|| HoldPartition::new(&c, &salt));
@@ -307,14 +352,21 @@ fn stop_at(stage: Stage, how: Stop) {
             &format!("partition = \"{}\"", hold.name),
         );
     }
+    let command = match pipeline {
+        Pipeline::Tools => String::new(),
+        Pipeline::Command => format!(
+            "pipeline = [\"{}\"]\n",
+            Cluster::repo_root().join("hook.sh.example").display()
+        ),
+    };
     config = format!(
-        "{config}\n[hook]\nslots_dir = \"{}\"\n",
+        "{config}\n[hook]\nslots_dir = \"{}\"\n{command}",
         dir.path().join("slots").display()
     );
     let name = format!(
         "sig-{}-{}",
         &salt[salt.len() - 10..],
-        stage as u8 * 2 + how as u8
+        stage as u8 * 2 + how as u8 + 4 * u8::from(pipeline == Pipeline::Command)
     );
     let drv = instantiate(
         &c,
@@ -325,7 +377,7 @@ fn stop_at(stage: Stage, how: Stop) {
     );
     let tag = format!("{name}-{}", std::process::id());
     let mut hook = start_hook(&c, dir.path(), &config, &drv, &tag);
-    let job = reach(&c, &mut hook, stage, &name);
+    let job = reach(&c, &mut hook, (stage, pipeline), &name);
     assert!(in_squeue(&c, job), "job {job} should be in squeue");
     let stopped = Instant::now();
     hook.stop(how);
@@ -366,4 +418,28 @@ fn a_group_sigkill_while_nsh_alloc_waits_cancels_the_job() {
 #[test]
 fn a_group_sigkill_during_the_build_cancels_the_job() {
     stop_at(Stage::Building, Stop::GroupKill);
+}
+
+/// `[hook] pipeline` (hook.sh.example): the command outlives the group kill
+/// in a group of its own and, on the SIGTERM it gets when the hook is gone,
+/// stops nsh-alloc (which cancels the job it waits for).
+#[test]
+fn a_group_sigkill_of_a_pipeline_command_while_nsh_alloc_waits_cancels_the_job() {
+    stop_at_with(
+        Stage::WaitingForAllocation,
+        Stop::GroupKill,
+        Pipeline::Command,
+    );
+}
+
+/// As above, during the build: the command ends the job's use with
+/// `nsh-alloc --cancel`.
+#[test]
+fn a_group_sigkill_of_a_pipeline_command_during_the_build_cancels_the_job() {
+    stop_at_with(Stage::Building, Stop::GroupKill, Pipeline::Command);
+}
+
+#[test]
+fn nix_2_35_stopping_a_pipeline_command_during_the_build_cancels_the_job() {
+    stop_at_with(Stage::Building, Stop::TermThenKill, Pipeline::Command);
 }

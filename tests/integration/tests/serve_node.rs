@@ -45,6 +45,7 @@ fn inputs_are_copied_to_a_node_and_a_request_file_builds_there() {
     let mut node = ServeProcess::from_command(
         ssh.command(&["nix-store", "--serve", "--write"]),
         ssh.describe(),
+        Some(std::time::Duration::from_secs(120)),
     )
     .unwrap();
     let present = node

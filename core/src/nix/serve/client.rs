@@ -8,6 +8,9 @@
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::Path;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use crate::error::{Failure, Kind, KindOf};
 use crate::nix::drv::Drv;
@@ -15,6 +18,7 @@ use crate::nix::nar;
 use crate::nix::serve::{self, BuildResult, ExportTrailer, PathInfo};
 use crate::nix::store_path::StorePath;
 use crate::nix::wire::{WireError, WireReader, WireWriter};
+use crate::sys::idle::IdleLimited;
 use crate::sys::process::{stdin_of, stdout_of};
 use crate::ticket::BuildOptions;
 
@@ -311,9 +315,28 @@ fn check_nar_size(peer: &str, info: &PathInfo, size: u64) -> Result<(), Failure>
 /// ([`ServeProcess::spawn_local`]) or on a node through a transport's
 /// command ([`ServeProcess::from_command`] with `ssh … nix-store --serve --write`).
 pub struct ServeProcess {
+    /// What to do, before the child is killed, when the server stalled
+    /// (dropped first: see [`ServeProcess::when_stalled`]).
+    on_stall: OnStall,
     child: ChildGuard,
     /// The conversation over the child's stdin and stdout.
-    pub client: ServeClient<ChildStdout, ChildStdin>,
+    pub client: ServeClient<IdleLimited<ChildStdout>, IdleLimited<ChildStdin>>,
+}
+
+/// Runs its action when dropped, if the flag is set.
+struct OnStall {
+    stalled: Arc<AtomicBool>,
+    action: Option<Box<dyn FnOnce()>>,
+}
+
+impl Drop for OnStall {
+    fn drop(&mut self) {
+        if self.stalled.load(Ordering::SeqCst) {
+            if let Some(action) = self.action.take() {
+                action();
+            }
+        }
+    }
 }
 
 impl ServeProcess {
@@ -343,14 +366,19 @@ impl ServeProcess {
             None => "the local store".to_string(),
             Some(uri) => format!("the local store {uri}"),
         };
-        ServeProcess::from_command(command, peer)
+        ServeProcess::from_command(command, peer, None)
     }
 
     /// Starts `command` (a `nix-store --serve` of some kind: with its own
     /// environment, or behind ssh) and says hello. Its stderr is inherited.
+    /// With `idle_limit`, a server that sends nothing (or takes nothing) for
+    /// that long while it is awaited ends the conversation: a transient
+    /// failure naming the peer and what was awaited; the child is killed
+    /// when the process is dropped.
     pub fn from_command(
         mut command: Command,
         peer: impl Into<String>,
+        idle_limit: Option<Duration>,
     ) -> Result<ServeProcess, Failure> {
         let program = command.get_program().to_string_lossy().into_owned();
         command
@@ -365,16 +393,55 @@ impl ServeProcess {
             };
             Failure::new(kind, format!("starting {program}: {e}"))
         })?;
-        let pipes = stdin_of(&mut child).and_then(|stdin| Ok((stdin, stdout_of(&mut child)?)));
+        let peer = peer.into();
+        let stalled = Arc::new(AtomicBool::new(false));
+        let pipes = stdin_of(&mut child).and_then(|stdin| {
+            Ok((
+                IdleLimited::new(stdin, idle_limit, "remote.io_timeout")?
+                    .with_peer(&peer)
+                    .flagging(stalled.clone()),
+                IdleLimited::new(stdout_of(&mut child)?, idle_limit, "remote.io_timeout")?
+                    .with_peer(&peer)
+                    .flagging(stalled.clone()),
+            ))
+        });
         let child = ChildGuard(child);
         let (stdin, stdout) = pipes.map_err(|e| Failure::transient(format!("{program}: {e}")))?;
         let client = ServeClient::handshake(stdout, stdin, peer)?;
-        Ok(ServeProcess { child, client })
+        Ok(ServeProcess {
+            on_stall: OnStall {
+                stalled,
+                action: None,
+            },
+            child,
+            client,
+        })
+    }
+
+    /// `action` runs when this process is dropped after the server stalled
+    /// (sent or took nothing within the idle limit), before the child is
+    /// killed: e.g. stopping the ssh master, which would otherwise keep the
+    /// stalled session, and the descriptors passed to it, for ever.
+    #[must_use]
+    pub fn when_stalled(mut self, action: impl FnOnce() + 'static) -> ServeProcess {
+        self.on_stall.action = Some(Box::new(action));
+        self
+    }
+
+    /// Whether the server stalled (see [`ServeProcess::when_stalled`]).
+    #[must_use]
+    pub fn stalled(&self) -> bool {
+        self.on_stall.stalled.load(Ordering::SeqCst)
     }
 
     /// Ends the conversation (closing the server's stdin) and waits for it.
     pub fn finish(self) -> Result<(), Failure> {
-        let ServeProcess { mut child, client } = self;
+        let ServeProcess {
+            mut child,
+            client,
+            on_stall,
+        } = self;
+        drop(on_stall);
         drop(client);
         let status = child
             .0

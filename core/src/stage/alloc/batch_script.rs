@@ -8,7 +8,10 @@
 //! What the job does (the contract between `nsh-alloc`, `nsh-push`,
 //! `nsh-run`, `nsh-fetch` and the pool; `docs/pool.md` has the whole story):
 //!
-//! * work dir `W = $NSH_WORK_ROOT/nsh-$SLURM_JOB_ID`, `mkdir -p -m 0700`,
+//! * work dir `W = $NSH_WORK_ROOT/nsh-$SLURM_JOB_ID`, made fresh with
+//!   `mkdir -m 0700` (one already there is refused: exit 75), in a
+//!   `work_root` that is the job account's own and writable by nobody else,
+//!   or root's with the sticky bit (anything else, a symlink too: exit 78),
 //!   and in it the doorbell `W/wake`, a FIFO the job holds open read-write
 //!   for its whole life (so a ring is never lost and a writer never blocks);
 //! * it serves `W/request.N` files (writers create `request.N.tmp`, rename
@@ -64,11 +67,33 @@ trap 'cleanup; exit 129' HUP
 trap 'cleanup; exit 130' INT
 
 umask 077
-mkdir -p -m 0700 "$W" || exit 75
-# The work dir may have been made by the tools already (same account); one
-# made by anybody else, or a symlink, is not used (nor removed).
-if [ -L "$W" ] || [ ! -O "$W" ]; then
-    echo "nsh: $W is not this job's own directory" >&2
+# work_root: this account's own (the first job makes it, 0700), writable by
+# nobody else unless sticky; or root's with the sticky bit (like /tmp). One
+# that another user owns or can rename in, or a symlink, could be swapped
+# under the job: refused (78), naming it and its owner.
+R=$NSH_WORK_ROOT
+[ -e "$R" ] || [ -L "$R" ] || mkdir -m 0700 "$R" 2>/dev/null || [ -d "$R" ] || exit 75
+if [ -L "$R" ] || [ ! -d "$R" ]; then
+    echo "nsh: work_root $R is not a directory but a symbolic link or a file; refusing to use it" >&2
+    exit 78
+fi
+mode=$(stat -c %A "$R") || exit 75
+case $mode in
+    *[tT]) others_may_rename=0 ;;
+    ?????w????|????????w?) others_may_rename=1 ;;
+    *) others_may_rename=0 ;;
+esac
+if { [ -O "$R" ] && [ "$others_may_rename" = 0 ]; } ||
+    { [ "$(stat -c %u "$R")" = 0 ] && [ -k "$R" ]; }; then
+    :
+else
+    echo "nsh: work_root $R ($mode) is owned by $(stat -c '%U (uid %u)' "$R"), not by this job's user $(id -un) (uid $(id -u)) alone nor by root with the sticky bit; refusing to use it" >&2
+    exit 78
+fi
+# The job's own dir, made fresh: never one that is there already (someone
+# else's, a symlink, a leftover), which is not used (nor removed).
+if ! mkdir -m 0700 "$W" 2>/dev/null; then
+    echo "nsh: $W is there already (owned by $(stat -c '%U (uid %u)' "$W" 2>/dev/null)); refusing to use it" >&2
     exit 75
 fi
 owned=1
@@ -698,11 +723,85 @@ mod tests {
             .output()
             .unwrap();
         assert_eq!(out.status.code(), Some(75));
-        assert!(String::from_utf8_lossy(&out.stderr).contains("is not this job's own directory"));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("is there already"));
         assert!(
             elsewhere.path().join("keep").exists(),
             "the target is left alone"
         );
+    }
+
+    /// Runs the script with `work_root` as NSH_WORK_ROOT until it starts
+    /// serving or refuses: (exit status, stderr). A job that starts is
+    /// stopped at once (its first request never comes: 75 after 1 s).
+    fn run_in(work_root: &Path) -> (Option<i32>, String) {
+        let root = tempfile::tempdir().unwrap();
+        let script = root.path().join("job.sh");
+        std::fs::write(&script, SCRIPT).unwrap();
+        let out = Command::new("sh")
+            .arg(&script)
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .env("SLURM_JOB_ID", "42")
+            .env("NSH_WORK_ROOT", work_root)
+            .env("NSH_NONCE", "n")
+            .env("NSH_REQUEST_TIMEOUT", "1")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    #[test]
+    fn a_work_root_others_could_swap_is_refused_naming_it() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        // A symlink (to a directory that would do).
+        let target = dir.path().join("target");
+        std::fs::create_dir(&target).unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let (status, stderr) = run_in(&link);
+        assert_eq!(status, Some(78), "{stderr}");
+        assert!(
+            stderr.contains(&format!("work_root {}", link.display())),
+            "{stderr}"
+        );
+        assert!(stderr.contains("symbolic link"), "{stderr}");
+        assert!(std::fs::read_dir(&target).unwrap().next().is_none());
+        // Ours, but anybody may rename in it (0777, not sticky).
+        let open = dir.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let (status, stderr) = run_in(&open);
+        assert_eq!(status, Some(78), "{stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "work_root {} (drwxrwxrwx) is owned by",
+                open.display()
+            )),
+            "{stderr}"
+        );
+        assert!(std::fs::read_dir(&open).unwrap().next().is_none());
+    }
+
+    #[test]
+    fn a_work_root_of_our_own_is_made_private_or_used_when_sticky() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        // Not there yet: made, 0700.
+        let fresh = dir.path().join("fresh");
+        let (status, stderr) = run_in(&fresh);
+        assert_eq!(status, Some(75), "no first request: {stderr}");
+        assert!(!stderr.contains("refusing"), "{stderr}");
+        let mode = std::fs::metadata(&fresh).unwrap().permissions().mode();
+        assert_eq!(mode & 0o7777, 0o700);
+        // Ours, sticky and open to all (as an admin may make it).
+        std::fs::set_permissions(&fresh, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        let (status, stderr) = run_in(&fresh);
+        assert_eq!(status, Some(75), "{stderr}");
+        assert!(!stderr.contains("refusing"), "{stderr}");
     }
 
     #[test]

@@ -11,6 +11,7 @@ use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::time::Duration;
 
 use super::fixed::FixedHash;
 use super::trust::Declared;
@@ -56,10 +57,11 @@ pub(super) fn import_load_db<R: Read, W: Write>(
     direct: &LocalStore,
     roots: &mut TempRoots,
     progress: &mut dyn TransferProgress,
+    lock_limit: Duration,
 ) -> Result<Vec<StorePath>, Failure> {
     let real_dir = direct.real_dir();
     let outputs: BTreeSet<StorePath> = declared.outputs.keys().cloned().collect();
-    let locks = lock_non_outputs(needed, &outputs, direct, &real_dir)?;
+    let locks = lock_non_outputs(needed, &outputs, direct, &real_dir, lock_limit)?;
     let invalid = still_invalid(direct, needed)?;
     for _ in invalid.len()..needed.len() {
         progress.path_done();
@@ -101,6 +103,7 @@ pub(super) fn lock_non_outputs(
     outputs: &BTreeSet<StorePath>,
     direct: &LocalStore,
     real_dir: &Path,
+    limit: Duration,
 ) -> Result<Vec<NixPathLock>, Failure> {
     let mut reals = BTreeSet::new();
     for info in needed.iter().filter(|i| !outputs.contains(&i.path)) {
@@ -109,7 +112,7 @@ pub(super) fn lock_non_outputs(
     }
     reals
         .iter()
-        .map(|real| NixPathLock::acquire(real))
+        .map(|real| NixPathLock::acquire(real, limit))
         .collect()
 }
 
@@ -314,15 +317,21 @@ pub(super) struct NixPathLock {
 const STALE_TRIES: u32 = 100;
 
 impl NixPathLock {
-    fn acquire(real: &Path) -> Result<NixPathLock, Failure> {
+    fn acquire(real: &Path, limit: Duration) -> Result<NixPathLock, Failure> {
         let mut name = real.as_os_str().to_owned();
         name.push(".lock");
         let path = PathBuf::from(name);
         for _ in 0..STALE_TRIES {
             let file = crate::sys::fs::open_lock_file(&path)
                 .or_fail(Kind::Transient, || format!("opening {}", path.display()))?;
-            lock_exclusive(&file, Wait::Block)
-                .map_err(|e| Failure::transient(format!("locking {}: {e}", path.display())))?;
+            lock_exclusive(&file, Wait::Within(limit)).map_err(|e| {
+                let hint = if e.kind() == std::io::ErrorKind::TimedOut {
+                    " (remote.lock_timeout)"
+                } else {
+                    ""
+                };
+                Failure::transient(format!("locking {}: {e}{hint}", path.display()))
+            })?;
             let stale = file.metadata().map_or(true, |m| m.len() != 0);
             if !stale {
                 return Ok(NixPathLock { file, path });

@@ -60,7 +60,7 @@ pub use trust::{Declared, ImportRefused};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::error::{Failure, KindOf};
@@ -200,6 +200,8 @@ struct Way {
     method: ImportMethod,
     direct: Option<LocalStore>,
     key: Option<SecretKey>,
+    /// How long a store path's lock is waited for (`remote.lock_timeout`).
+    lock_limit: Duration,
 }
 
 /// Decides the import method ([`daemon::choose`]) and gets what it needs.
@@ -222,6 +224,7 @@ fn choose_way(
         method,
         direct: None,
         key: None,
+        lock_limit: Duration::from_secs(config.remote.lock_timeout_s),
     };
     match method {
         ImportMethod::LoadDb | ImportMethod::HeldLocks => {
@@ -363,7 +366,12 @@ fn fetch_once(
     let ssh = Ssh::ensure_master(alloc, config)?;
     let argv = crate::stage::ssh::remote_serve_argv(&config.remote);
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-    let mut remote = ServeProcess::from_command(ssh.command(&argv), ssh.describe())?;
+    let mut remote = ServeProcess::from_command(
+        ssh.command(&argv),
+        ssh.describe(),
+        Some(Duration::from_secs(config.remote.io_timeout_s)),
+    )?
+    .when_stalled(crate::stage::ssh::stop_master_of(&ssh));
     let needed = trust::plan(&mut remote.client, declared, here)?;
     if needed.is_empty() {
         log_info!(
@@ -412,7 +420,15 @@ fn import<R: Read, W: Write>(
         ImportMethod::LoadDb => {
             let direct = way.direct.as_ref().ok_or_else(|| missing("a store"))?;
             let roots = here.roots.as_deref_mut().ok_or_else(|| missing("roots"))?;
-            import_load_db(remote, needed, declared, direct, roots, progress)
+            import_load_db(
+                remote,
+                needed,
+                declared,
+                direct,
+                roots,
+                progress,
+                way.lock_limit,
+            )
         }
         ImportMethod::HeldLocks => {
             let direct = way.direct.as_ref().ok_or_else(|| missing("a store"))?;
@@ -897,7 +913,14 @@ mod tests {
         let (dir, store) = scratch_store();
         let needed = infos(&node());
         let outputs: BTreeSet<StorePath> = [test_path(B)].into();
-        let locks = lock_non_outputs(&needed, &outputs, &store, dir.path()).unwrap();
+        let locks = lock_non_outputs(
+            &needed,
+            &outputs,
+            &store,
+            dir.path(),
+            std::time::Duration::from_secs(5),
+        )
+        .unwrap();
         assert_eq!(locks.len(), 1);
         let lock_file = |p: &str| {
             dir.path()

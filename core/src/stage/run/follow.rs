@@ -27,7 +27,9 @@ use super::{job_gone, Job, LogEvent, LogSink, LogSplitter, Watch, FOLLOW_RECONNE
 /// of a second. Once `status.N` exists
 /// (the job writes it after the sentinel line) it copies the rest of the log
 /// and then `response.N`, and exits 0. Exit 3: the work dir is gone (the job
-/// ended); 4: the request could not be written; 5: stdout was closed.
+/// ended); 4: the request could not be written; 5: stdout was closed; 6:
+/// `work_root` or the work dir is not the ssh user's own (a symlink, or
+/// another user's), so it is not used.
 ///
 /// `status.N` is looked at *before* the log is read, so the final read
 /// always includes the sentinel. Writes to the log file never wait for this
@@ -35,6 +37,26 @@ use super::{job_gone, Job, LogEvent, LogSink, LogSplitter, Watch, FOLLOW_RECONNE
 pub const FOLLOW_SCRIPT: &str = r#"set -u
 W=$1 n=$2 off=$3
 log="$W/log.$n"
+R=${W%/*}
+if [ -L "$R" ]; then
+    cat >/dev/null
+    echo "work_root $R is a symbolic link" >&2
+    exit 6
+fi
+if [ -d "$R" ]; then
+    mode=$(stat -c %A "$R")
+    case $mode in
+        *[tT]) alone=1 ;;
+        ?????w????|????????w?) alone=0 ;;
+        *) alone=1 ;;
+    esac
+    if ! { [ -O "$R" ] && [ "$alone" = 1 ]; } &&
+        ! { [ "$(stat -c %u "$R")" = 0 ] && [ -k "$R" ]; }; then
+        cat >/dev/null
+        echo "work_root $R ($mode) is owned by $(stat -c '%U (uid %u)' "$R"), not by $(id -un) (uid $(id -u)) alone nor by root with the sticky bit" >&2
+        exit 6
+    fi
+fi
 tries=0
 while [ ! -d "$W" ]; do
     if [ "$tries" -ge 300 ]; then
@@ -45,6 +67,11 @@ while [ ! -d "$W" ]; do
     sleep 0.1
     tries=$((tries + 1))
 done
+if [ -L "$W" ] || [ ! -O "$W" ]; then
+    cat >/dev/null
+    echo "the work dir $W is not $(id -un)'s own directory (a symbolic link, or owned by $(stat -c '%U (uid %u)' "$W"))" >&2
+    exit 6
+fi
 if [ -e "$W/request.$n" ] || [ -e "$log" ]; then
     cat >/dev/null
 else
@@ -245,6 +272,15 @@ impl Following<'_> {
                     alloc.cluster
                 ),
             )),
+            (FollowExit::NotOurs(why), _) => Err(Failure::new(
+                Kind::Config,
+                format!(
+                    "remote.work_root on {}: {why}; refusing to use it (the job refuses it \
+                     too): make it the build account's own directory, writable by nobody \
+                     else, or root's with the sticky bit",
+                    alloc.node
+                ),
+            )),
             (FollowExit::Failed(why), _) => self.reconnect(&why).map(|()| None),
         }
     }
@@ -318,17 +354,21 @@ enum FollowExit {
     /// user's (permission denied), so the job runs as another account. The
     /// same next time: configuration, not retried.
     Unwritable(String),
+    /// `work_root` or the work dir belongs to someone else or is a
+    /// symlink: not used; the same next time (configuration, 78).
+    NotOurs(String),
     /// ssh failed, or something else went wrong; the job may still run.
     Failed(String),
 }
 
-/// How the follower ended, from its exit status and what it said: 3 and 4
-/// are [`FOLLOW_SCRIPT`]'s own.
+/// How the follower ended, from its exit status and what it said: 3, 4 and
+/// 6 are [`FOLLOW_SCRIPT`]'s own.
 fn follow_exit(status: std::process::ExitStatus, stderr: &str) -> FollowExit {
     let said = stderr.trim();
     match status.code() {
         Some(0) => FollowExit::Done,
         Some(3) => FollowExit::WorkDirGone,
+        Some(6) => FollowExit::NotOurs(said.to_string()),
         Some(4) if said.contains("Permission denied") => FollowExit::Unwritable(said.to_string()),
         Some(4) => FollowExit::Failed(format!(
             "could not write the request into the job's work dir: {said}"
@@ -458,6 +498,10 @@ mod tests {
         assert!(matches!(
             follow_exit(exited(3), ""),
             FollowExit::WorkDirGone
+        ));
+        assert!(matches!(
+            follow_exit(exited(6), "work_root /tmp/nsh is a symbolic link\n"),
+            FollowExit::NotOurs(why) if why == "work_root /tmp/nsh is a symbolic link"
         ));
         assert!(matches!(
             follow_exit(exited(255), "Connection reset"),

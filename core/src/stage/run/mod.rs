@@ -686,6 +686,34 @@ mod tests {
         Follow { child, out }
     }
 
+    /// A work_root that is a symlink, or one anybody may rename in, is not
+    /// used: exit 6 at once, the request not written, nothing put there.
+    #[test]
+    fn the_follower_refuses_a_work_root_others_could_swap() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("target");
+        std::fs::create_dir_all(target.join("nsh-1")).unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let (status, _) = follow_local(&link.join("nsh-1"), 0, b"req").finish();
+        assert_eq!(status, 6);
+        assert!(!target.join("nsh-1/request.1").exists());
+        let open = dir.path().join("open");
+        std::fs::create_dir_all(open.join("nsh-1")).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let (status, _) = follow_local(&open.join("nsh-1"), 0, b"req").finish();
+        assert_eq!(status, 6);
+        assert!(!open.join("nsh-1/request.1").exists());
+        // A work dir that is a symlink, in a good work_root.
+        let good = dir.path().join("good");
+        std::fs::create_dir(&good).unwrap();
+        std::os::unix::fs::symlink(&target, good.join("nsh-1")).unwrap();
+        let (status, _) = follow_local(&good.join("nsh-1"), 0, b"req").finish();
+        assert_eq!(status, 6);
+        assert!(!target.join("request.1").exists());
+    }
+
     impl Follow {
         fn finish(mut self) -> (i32, Vec<u8>) {
             let deadline = Instant::now() + Duration::from_secs(5);
