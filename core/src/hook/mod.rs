@@ -26,6 +26,7 @@ pub mod slots;
 mod build;
 mod fallback;
 pub mod health;
+pub mod retry;
 use fallback::{Answer, Fallback};
 mod watchdog;
 use watchdog::watchdog_main;

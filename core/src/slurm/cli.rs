@@ -41,6 +41,12 @@ pub fn sbatch_args(req: &JobRequest) -> Vec<String> {
     if let Some(mem) = req.mem_mb {
         args.push(format!("--mem={mem}M"));
     }
+    if let Some(comment) = &req.comment {
+        args.push(format!("--comment={comment}"));
+    }
+    if !req.exclude.is_empty() {
+        args.push(format!("--exclude={}", req.exclude.join(",")));
+    }
     args
 }
 
@@ -421,6 +427,8 @@ mod tests {
             time_min: 60,
             work_dir: "/tmp".into(),
             stdout: "/dev/null".into(),
+            comment: Some("nsh:abc".into()),
+            exclude: vec!["node1".into(), "node3".into()],
             ..JobRequest::default()
         };
         insta::assert_debug_snapshot!(sbatch_args(&req));

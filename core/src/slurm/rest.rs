@@ -109,6 +109,15 @@ pub fn submit_body(v: ApiVersion, req: &JobRequest) -> Value {
         put("memory_per_node", number(v, mem));
     }
     put("time_limit", number(v, u64::from(req.time_min)));
+    if let Some(comment) = &req.comment {
+        put("comment", json!(comment));
+    }
+    // v0.0.38's job description has no field for it (22.05): a job may land
+    // on a node an earlier attempt failed on; Slurm places none on a node
+    // it has set DOWN, the usual case.
+    if v != ApiVersion::V0038 && !req.exclude.is_empty() {
+        put("excluded_nodes", json!(req.exclude));
+    }
     // A failed node should fail the job (nsh retries elsewhere), not requeue
     // it under the same id with a stale work dir.
     put("requeue", json!(false));
@@ -685,6 +694,8 @@ mod tests {
             time_min: 120,
             work_dir: "/tmp".into(),
             stdout: "/dev/null".into(),
+            comment: Some("nsh:abc".into()),
+            exclude: vec!["node1".into(), "node3".into()],
         }
     }
 

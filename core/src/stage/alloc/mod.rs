@@ -329,7 +329,16 @@ pub fn job_request(
         // Exists on every node; the script makes its own work dir.
         work_dir: "/".into(),
         stdout: "/dev/null".into(),
+        comment: Some(job_tag(nonce)),
+        exclude: Vec::new(),
     }
+}
+
+/// The tag every nsh job carries in its comment: `nsh:` and the job's
+/// nonce, which only the submitter knows. A job whose submit reply was
+/// lost is found by it ([`find_tagged`]).
+pub fn job_tag(nonce: &str) -> String {
+    format!("nsh:{nonce}")
 }
 
 /// Timing of one allocation, for `--json`-style reporting and benchmarks.
@@ -389,6 +398,7 @@ pub fn allocate(
         progress,
         interrupted,
         times,
+        exclude: ticket.retry.as_ref().map_or(&[][..], |r| &r.exclude[..]),
     };
     if cluster.linger_s > 0 {
         let inputs = ticket.closure.as_ref().map_or(&[][..], |c| &c.paths[..]);
@@ -410,6 +420,8 @@ pub(crate) struct Submission<'a> {
     pub(crate) progress: &'a mut dyn QueueProgress,
     pub(crate) interrupted: &'a AtomicBool,
     pub(crate) times: &'a mut AllocTimes,
+    /// Nodes the job must not run on (`retry.exclude`).
+    pub(crate) exclude: &'a [String],
 }
 
 impl Submission<'_> {
@@ -426,6 +438,7 @@ impl Submission<'_> {
         self.times.connect = started.elapsed();
         let mut request = job_request(config, cluster, self.placement, self.drv_name, nonce);
         request.time_min = time_min;
+        request.exclude = self.exclude.to_vec();
         // Not part of `environment` (whose digest says which builds a
         // pooled job fits): it differs from job to job.
         request.env.push((

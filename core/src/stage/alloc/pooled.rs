@@ -124,6 +124,7 @@ pub(super) fn allocate(
             return Err(Failure::transient("interrupted before a job was found"));
         }
         let nonce = nonce()?;
+        skip.extend(jobs_on(&pool, submission.exclude));
         let pending = pending_record(submission, &need, &nonce, owner);
         let plan = pool.plan(&PlanRequest {
             need: &need,
@@ -176,6 +177,19 @@ pub(super) fn allocate(
             }
         }
     }
+}
+
+/// The pooled jobs on `nodes` (where an earlier attempt of this build
+/// failed): not taken.
+fn jobs_on(pool: &Pool, nodes: &[String]) -> Vec<u64> {
+    if nodes.is_empty() {
+        return Vec::new();
+    }
+    pool.entries()
+        .into_iter()
+        .filter(|e| nodes.contains(&e.record.node))
+        .filter_map(|e| e.record.job)
+        .collect()
 }
 
 /// How often, at most, a full pool's jobs in use are looked at in Slurm.

@@ -1,0 +1,398 @@
+//! The fault matrix of `docs/reliability.md`, through the hook: a build
+//! started as the daemon starts `nsh-hook` (the protocol on stdin, the log on
+//! fd 4, the real nsh-* tools), a fault injected on the test cluster while it
+//! runs, and then what Nix would see (the hook's exit status, its outputs
+//! valid in the local store) and what is left in Slurm (nothing).
+//!
+//! The tests of this file take the whole cluster (a node failed, slurmrestd
+//! stopped): they run one at a time, and no other test binary runs beside
+//! them (cargo runs test binaries one after the other).
+// The test sets up a child's fd 4: libc, which needs unsafe.
+#![allow(unsafe_code)]
+// A test fails by panicking: its helpers unwrap too.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::missing_panics_doc)]
+// Process ids fit an i32 (pid_max is at most 2^22).
+#![allow(clippy::cast_possible_wrap)]
+
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use nsh_cluster_tests::{instantiate, nsh_tool, run_ok, slurm_cmd, unique_salt, Cluster};
+use nsh_core::build_hook::{Accepted, Settings, Try};
+
+/// One fault at a time.
+static CLUSTER: Mutex<()> = Mutex::new(());
+
+fn alone() -> MutexGuard<'static, ()> {
+    CLUSTER
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// What the daemon says to a hook before and after `# accept`: one `try`
+/// for `drv`, which the daemon cannot build itself.
+fn handshake(drv: &str) -> Vec<u8> {
+    let mut settings = Settings::default();
+    for (k, v) in [
+        ("store", "auto"),
+        ("system", "x86_64-linux"),
+        ("max-silent-time", "0"),
+    ] {
+        settings.values.insert(k.into(), v.into());
+    }
+    let the_try = Try {
+        am_willing: false,
+        needed_system: "x86_64-linux".into(),
+        drv_path: drv.parse().unwrap(),
+        required_features: vec![],
+    };
+    [settings.to_bytes(), the_try.to_bytes()].concat()
+}
+
+/// A configuration: the cluster's, with `cluster_keys` in its table and a
+/// `[hook]` of the test's own.
+fn config(c: &Cluster, dir: &Path, cluster_keys: &str) -> PathBuf {
+    let text = fs::read_to_string(c.nsh_config()).unwrap();
+    let text = text.replacen(
+        "[cluster.test]\n",
+        &format!("[cluster.test]\nlinger = 0\n{cluster_keys}\n"),
+        1,
+    );
+    let path = dir.join("nsh.toml");
+    fs::write(
+        &path,
+        format!(
+            "{text}\n[hook]\nslots_dir = \"{}\"\n",
+            dir.join("slots").display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// A derivation that says `started`, takes `secs`, and writes its output.
+fn slow_drv(c: &Cluster, name: &str, secs: u32) -> String {
+    instantiate(
+        c,
+        &format!(
+            r#"derivation {{ name = "{name}"; system = builtins.currentSystem; builder = "/bin/sh";
+                 PATH = "/usr/bin:/bin";
+                 args = ["-c" "echo started on $(cat /proc/sys/kernel/hostname); sleep {secs}; echo done >$out"]; }}"#
+        ),
+    )
+}
+
+/// The hook, started as the daemon starts it.
+struct Hook {
+    child: Child,
+    stdin: Option<std::process::ChildStdin>,
+    stderr: mpsc::Receiver<String>,
+    said: Vec<String>,
+    log: PathBuf,
+    drv: String,
+}
+
+impl Hook {
+    fn start(c: &Cluster, dir: &Path, config: &Path, drv: &str) -> Hook {
+        let log = dir.join(format!("build-{}.log", unique_salt()));
+        let log_file = fs::File::create(&log).unwrap();
+        let log_fd = log_file.as_raw_fd();
+        let mut cmd = c.command(nsh_tool("nsh-hook"));
+        cmd.arg("3")
+            .env("NSH_CONFIG", config)
+            .process_group(0)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        // SAFETY: dup2/fcntl in the child before exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let rc = if log_fd == 4 {
+                    libc::fcntl(4, libc::F_SETFD, 0)
+                } else {
+                    libc::dup2(log_fd, 4)
+                };
+                if rc < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().unwrap();
+        drop(log_file);
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(&handshake(drv)).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Hook {
+            child,
+            stdin: Some(stdin),
+            stderr: rx,
+            said: Vec::new(),
+            log,
+            drv: drv.to_string(),
+        }
+    }
+
+    /// The first line `pick` takes among those the hook writes within
+    /// `limit`; `None` if it answered the `try` otherwise.
+    fn wait_for_line<T>(&mut self, limit: Duration, mut pick: impl FnMut(&str) -> Option<T>) -> T {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stderr.recv_timeout(left) {
+                Ok(line) => {
+                    let found = pick(&line);
+                    self.said.push(line);
+                    if let Some(found) = found {
+                        return found;
+                    }
+                }
+                Err(e) => panic!(
+                    "the hook never said it ({e}); it said:\n{}",
+                    self.said.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// Sends what follows `# accept` once the hook accepted.
+    fn accepted(&mut self) {
+        self.wait_for_line(Duration::from_secs(30), |l| (l == "# accept").then_some(()));
+        let accepted = Accepted {
+            inputs: vec![],
+            wanted_outputs: vec!["out".into()],
+        };
+        let stdin = self.stdin.as_mut().unwrap();
+        stdin.write_all(&accepted.to_bytes()).unwrap();
+        stdin.flush().unwrap();
+    }
+
+    /// Waits for the build to start on a node: (node, Slurm job).
+    fn building(&mut self) -> (String, u64) {
+        let found = self.wait_for_line(Duration::from_secs(90), |line| {
+            let (head, tail) = line.split_once(" (Slurm job ")?;
+            if !line.contains("building '") {
+                return None;
+            }
+            let node = head.rsplit(' ').next()?.to_string();
+            let job = tail.split(')').next()?.parse::<u64>().ok()?;
+            Some((node, job))
+        });
+        let log = self.log.clone();
+        eventually("the builder to start", Duration::from_secs(60), || {
+            fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains(&format!("started on {}", found.0))
+        });
+        found
+    }
+
+    /// Closes stdin (the daemon's end of the conversation) and waits for
+    /// the hook to exit: its status and everything it said.
+    fn finish(mut self, limit: Duration) -> (i32, String) {
+        drop(self.stdin.take());
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                while let Ok(line) = self.stderr.recv_timeout(Duration::from_millis(200)) {
+                    self.said.push(line);
+                }
+                return (status.code().unwrap_or(-1), self.said.join("\n"));
+            }
+            while let Ok(line) = self.stderr.try_recv() {
+                self.said.push(line);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the hook is still running after {limit:?}:\n{}",
+                self.said.join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Hook {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            // SAFETY: kill(2) on the hook's process group.
+            unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn eventually(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The jobs named `nsh-<name>` still in squeue, with their states.
+fn jobs_named(c: &Cluster, name: &str) -> String {
+    let out = slurm_cmd(
+        c,
+        "squeue",
+        &["-h", "-n", &format!("nsh-{name}"), "-o", "%i %T"],
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn assert_no_job_left(c: &Cluster, name: &str) {
+    let mut left = String::new();
+    eventually(
+        &format!("jobs left in squeue: {left}"),
+        Duration::from_secs(30),
+        || {
+            left = jobs_named(c, name);
+            left.is_empty()
+        },
+    );
+}
+
+fn valid_locally(c: &Cluster, drv: &str) -> bool {
+    let out = run_ok(c.command("nix-store").args(["-q", "--outputs", drv]));
+    c.command("nix-store")
+        .arg("--check-validity")
+        .args(out.split_whitespace())
+        .status()
+        .unwrap()
+        .success()
+}
+
+/// Puts a node back into service when the test ends, whatever happened.
+struct RestoreNode(String);
+
+impl Drop for RestoreNode {
+    fn drop(&mut self) {
+        let script = Cluster::repo_root().join("tests/cluster/cluster");
+        let out = Command::new(&script)
+            .args(["restart-node", &self.0])
+            .output()
+            .expect("cluster restart-node runs");
+        if !std::thread::panicking() {
+            assert!(
+                out.status.success(),
+                "restart-node {}: {}",
+                self.0,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
+
+/// The node's slurmd dies and the controller declares the node down (as it
+/// would after SlurmdTimeout, minutes). Other jobs are kept off it first.
+fn fail_node(c: &Cluster, node: &str) {
+    run_ok(c.command("scontrol").args([
+        "update",
+        &format!("nodename={node}"),
+        "state=drain",
+        "reason=nsh faults test: failing this node",
+    ]));
+    let pid = fs::read_to_string(c.dir.join(format!("pids/slurmd-{node}.pid"))).unwrap();
+    run_ok(Command::new("kill").args(["-KILL", pid.trim()]));
+    let stat = format!("/proc/{}/stat", pid.trim());
+    eventually("slurmd to die", Duration::from_secs(5), || {
+        fs::read_to_string(&stat).map_or(true, |s| s.contains(") Z "))
+    });
+    run_ok(c.command("scontrol").args([
+        "update",
+        &format!("nodename={node}"),
+        "state=down",
+        "reason=nsh faults test: slurmd killed",
+    ]));
+}
+
+/// A build whose node dies mid-build: the hook runs it again in a new job
+/// on the other node, the build succeeds, and no job is left.
+#[test]
+fn a_node_that_dies_mid_build_costs_no_build() {
+    let _alone = alone();
+    let c = Cluster::get();
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(&c, dir.path(), "");
+    let salt = unique_salt();
+    let name = format!("faults-node-dies-{}", &salt[salt.len() - 10..]);
+    let drv = slow_drv(&c, &name, 8);
+    let mut hook = Hook::start(&c, dir.path(), &config, &drv);
+    hook.accepted();
+    let (node, job) = hook.building();
+    let _restore = RestoreNode(node.clone());
+    fail_node(&c, &node);
+    let (second_node, second_job) = hook.building();
+    assert_ne!(second_node, node, "the retry excludes the failed node");
+    assert_ne!(second_job, job);
+    let drv = hook.drv.clone();
+    let (status, said) = hook.finish(Duration::from_secs(120));
+    assert_eq!(status, 0, "{said}");
+    assert!(
+        said.contains("trying again in a new job (attempt 2 of 3, not on "),
+        "{said}"
+    );
+    assert!(valid_locally(&c, &drv), "{said}");
+    assert_no_job_left(&c, &name);
+}
+
+/// An admin's `scancel` mid-build: the build is run again in a new job and
+/// succeeds; no job is left.
+#[test]
+fn a_job_cancelled_by_an_admin_mid_build_is_retried_and_succeeds() {
+    let _alone = alone();
+    let c = Cluster::get();
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(&c, dir.path(), "");
+    let salt = unique_salt();
+    let name = format!("faults-scancel-{}", &salt[salt.len() - 10..]);
+    let drv = slow_drv(&c, &name, 6);
+    let mut hook = Hook::start(&c, dir.path(), &config, &drv);
+    hook.accepted();
+    let (_, job) = hook.building();
+    run_ok(c.command("scancel").arg(job.to_string()));
+    let (_, second_job) = hook.building();
+    assert_ne!(second_job, job);
+    let drv = hook.drv.clone();
+    let (status, said) = hook.finish(Duration::from_secs(120));
+    assert_eq!(status, 0, "{said}");
+    assert!(said.contains("was cancelled"), "{said}");
+    assert!(valid_locally(&c, &drv), "{said}");
+    assert_no_job_left(&c, &name);
+}
+
+/// `retries = 0`: the fault is Nix's to see, at once, and nothing is left.
+#[test]
+fn without_retries_a_cancelled_job_fails_the_build_and_leaves_nothing() {
+    let _alone = alone();
+    let c = Cluster::get();
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(&c, dir.path(), "retries = 0");
+    let salt = unique_salt();
+    let name = format!("faults-no-retry-{}", &salt[salt.len() - 10..]);
+    let drv = slow_drv(&c, &name, 30);
+    let mut hook = Hook::start(&c, dir.path(), &config, &drv);
+    hook.accepted();
+    let (_, job) = hook.building();
+    run_ok(c.command("scancel").arg(job.to_string()));
+    let (status, said) = hook.finish(Duration::from_secs(60));
+    assert_eq!(status, 1, "{said}");
+    assert!(!said.contains("trying again"), "{said}");
+    assert_no_job_left(&c, &name);
+}
