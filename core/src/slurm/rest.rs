@@ -37,6 +37,26 @@ pub fn job_path(v: ApiVersion, job: u64) -> String {
     format!("/slurm/{v}/job/{job}")
 }
 
+/// `/slurm/v0.0.NN/jobs/`: every job slurmctld knows.
+pub fn jobs_path(v: ApiVersion) -> String {
+    format!("/slurm/{v}/jobs/")
+}
+
+/// The jobs in a `jobs` answer whose comment is `tag`.
+///
+/// # Errors
+/// What `check` says of the answer.
+pub fn parse_tagged(status: u16, body: &str, tag: &str) -> Result<Vec<u64>, Failure> {
+    let value = check("listing the jobs", status, body)?;
+    let jobs = value.get("jobs").and_then(Value::as_array);
+    Ok(jobs
+        .into_iter()
+        .flatten()
+        .filter(|job| job.get("comment").and_then(Value::as_str) == Some(tag))
+        .filter_map(|job| job.get("job_id").and_then(Value::as_u64))
+        .collect())
+}
+
 /// `/slurm/v0.0.NN/nodes/`: every node.
 pub fn nodes_path(v: ApiVersion) -> String {
     format!("/slurm/{v}/nodes/")
@@ -712,6 +732,18 @@ mod tests {
                 "{v}"
             );
         }
+    }
+
+    #[test]
+    fn tagged_jobs_are_found_by_their_comment() {
+        let body = json!({"jobs": [
+            {"job_id": 41, "comment": "nsh:aa"},
+            {"job_id": 42, "comment": "nsh:bb"},
+            {"job_id": 43},
+        ], "errors": []})
+        .to_string();
+        assert_eq!(parse_tagged(200, &body, "nsh:bb").unwrap(), vec![42]);
+        assert!(parse_tagged(500, "{}", "nsh:bb").is_err());
     }
 
     #[test]

@@ -396,3 +396,319 @@ fn without_retries_a_cancelled_job_fails_the_build_and_leaves_nothing() {
     assert!(!said.contains("trying again"), "{said}");
     assert_no_job_left(&c, &name);
 }
+
+/// `tests/cluster/cluster service ACTION DAEMON`.
+fn service(action: &str, daemon: &str) {
+    let script = Cluster::repo_root().join("tests/cluster/cluster");
+    let out = Command::new(&script)
+        .args(["service", action, daemon])
+        .output()
+        .expect("cluster service runs");
+    assert!(
+        out.status.success(),
+        "service {action} {daemon}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A login-side Slurm daemon stopped (or frozen) until dropped.
+struct Outage {
+    daemon: &'static str,
+    frozen: bool,
+    over: bool,
+}
+
+impl Outage {
+    fn stop(daemon: &'static str) -> Outage {
+        service("stop", daemon);
+        Outage {
+            daemon,
+            frozen: false,
+            over: false,
+        }
+    }
+
+    fn freeze(daemon: &'static str) -> Outage {
+        service("pause", daemon);
+        Outage {
+            daemon,
+            frozen: true,
+            over: false,
+        }
+    }
+
+    fn end(&mut self) {
+        if !self.over {
+            self.over = true;
+            service(if self.frozen { "resume" } else { "start" }, self.daemon);
+        }
+    }
+}
+
+impl Drop for Outage {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            self.end();
+        } else if !self.over {
+            let _ = Command::new(Cluster::repo_root().join("tests/cluster/cluster"))
+                .args([
+                    "service",
+                    if self.frozen { "resume" } else { "start" },
+                    self.daemon,
+                ])
+                .status();
+        }
+    }
+}
+
+impl Hook {
+    /// The hook's answer to the latest `try`: `# accept`, `# postpone`, …
+    fn reply(&mut self) -> String {
+        self.wait_for_line(Duration::from_secs(30), |l| {
+            (l.starts_with("# ") && !l.starts_with("# log")).then(|| l.to_string())
+        })
+    }
+
+    /// The daemon asks again about the same derivation.
+    fn ask_again(&mut self) {
+        let the_try = Try {
+            am_willing: false,
+            needed_system: "x86_64-linux".into(),
+            drv_path: self.drv.parse().unwrap(),
+            required_features: vec![],
+        };
+        let stdin = self.stdin.as_mut().unwrap();
+        stdin.write_all(&the_try.to_bytes()).unwrap();
+        stdin.flush().unwrap();
+    }
+
+    /// Sends what follows `# accept` (the hook has said it).
+    fn send_accepted(&mut self) {
+        let accepted = Accepted {
+            inputs: vec![],
+            wanted_outputs: vec!["out".into()],
+        };
+        let stdin = self.stdin.as_mut().unwrap();
+        stdin.write_all(&accepted.to_bytes()).unwrap();
+        stdin.flush().unwrap();
+    }
+}
+
+/// `daemon` stopped when a build arrives: the hook postpones within its
+/// `connect_timeout` (2 s) instead of accepting and failing; once the
+/// daemon is back, the next `try` is accepted and the build succeeds.
+fn a_build_arriving_while_stopped(daemon: &'static str) {
+    let _alone = alone();
+    let c = Cluster::get();
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(&c, dir.path(), "");
+    let salt = unique_salt();
+    let name = format!("faults-{daemon}-down-{}", &salt[salt.len() - 10..]);
+    let drv = slow_drv(&c, &name, 1);
+    let mut outage = Outage::stop(daemon);
+    let asked = Instant::now();
+    let mut hook = Hook::start(&c, dir.path(), &config, &drv);
+    assert_eq!(hook.reply(), "# postpone", "{}", hook.said.join("\n"));
+    let answered = asked.elapsed();
+    assert!(
+        answered < Duration::from_millis(2500),
+        "postponed after {answered:?}"
+    );
+    outage.end();
+    // Nix asks again after a while, until the hook takes it.
+    let mut tries = 1;
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+        hook.ask_again();
+        tries += 1;
+        match hook.reply().as_str() {
+            "# accept" => break,
+            "# postpone" if tries < 60 => {}
+            other => panic!("try {tries}: {other}\n{}", hook.said.join("\n")),
+        }
+    }
+    hook.send_accepted();
+    let drv = hook.drv.clone();
+    let (status, said) = hook.finish(Duration::from_secs(120));
+    assert_eq!(status, 0, "{said}");
+    assert!(valid_locally(&c, &drv), "{said}");
+    assert_no_job_left(&c, &name);
+    eprintln!("{daemon} down: postponed in {answered:?}, accepted at try {tries}");
+}
+
+#[test]
+fn slurmrestd_stopped_when_a_build_arrives_postpones_it_and_it_goes_through_later() {
+    a_build_arriving_while_stopped("slurmrestd");
+}
+
+#[test]
+fn slurmctld_stopped_when_a_build_arrives_postpones_it_and_it_goes_through_later() {
+    a_build_arriving_while_stopped("slurmctld");
+}
+
+/// A partition that holds every job submitted to it (State=DOWN) until
+/// opened.
+struct HoldPartition<'c> {
+    cluster: &'c Cluster,
+    name: String,
+}
+
+impl<'c> HoldPartition<'c> {
+    fn new(cluster: &'c Cluster, salt: &str) -> HoldPartition<'c> {
+        let name = format!("nsh-hold-{}", &salt[salt.len() - 8..]);
+        let spec = format!("PartitionName={name}");
+        run_ok(
+            cluster
+                .command("scontrol")
+                .args(["create", &spec, "Nodes=ALL", "State=DOWN"]),
+        );
+        HoldPartition { cluster, name }
+    }
+
+    fn open(&self) {
+        let spec = format!("PartitionName={}", self.name);
+        run_ok(
+            self.cluster
+                .command("scontrol")
+                .args(["update", &spec, "State=UP"]),
+        );
+    }
+}
+
+impl Drop for HoldPartition<'_> {
+    fn drop(&mut self) {
+        let spec = format!("PartitionName={}", self.name);
+        let _ = slurm_cmd(self.cluster, "scontrol", &["delete", &spec]);
+    }
+}
+
+/// nsh-alloc waiting for a job held in its queue, with `cluster_keys`:
+/// (the running nsh-alloc, the partition, the job name).
+fn waiting_alloc<'c>(
+    c: &'c Cluster,
+    dir: &Path,
+    cluster_keys: &str,
+) -> (Child, HoldPartition<'c>, String, PathBuf) {
+    let salt = unique_salt();
+    let hold = HoldPartition::new(c, &salt);
+    let keys = format!("partition = \"{}\"\n{cluster_keys}", hold.name);
+    let text = fs::read_to_string(c.nsh_config()).unwrap();
+    let text = text.replace("partition = \"build\"\n", "");
+    let text = text.replacen(
+        "[cluster.test]\n",
+        &format!("[cluster.test]\nlinger = 0\n{keys}\n"),
+        1,
+    );
+    let config = dir.join("nsh.toml");
+    fs::write(&config, text).unwrap();
+    let name = format!("faults-wait-{}", &salt[salt.len() - 10..]);
+    let drv = slow_drv(c, &name, 1);
+    let ticket = nsh_cluster_tests::closure_ticket(c, &drv, serde_json::Value::Null);
+    let mut child = c
+        .command(nsh_tool("nsh-alloc"))
+        .env("NSH_CONFIG", &config)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    writeln!(child.stdin.take().unwrap(), "{ticket}").unwrap();
+    eventually("the job to be queued", Duration::from_secs(30), || {
+        jobs_named(c, &name).contains("PENDING")
+    });
+    (child, hold, name, config)
+}
+
+/// Waits for nsh-alloc: (status, ticket, stderr).
+fn alloc_result(child: Child) -> (i32, serde_json::Value, String) {
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    let ticket = serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("no ticket ({e}): {stdout:?}\n{stderr}"));
+    (out.status.code().unwrap_or(-1), ticket, stderr)
+}
+
+/// An outage of slurmrestd (stopped, or frozen: a slurmrestd that does
+/// not answer) shorter than `outage_tolerance` while nsh-alloc waits for a
+/// queued job: the wait goes on, and the job is had once it runs.
+fn a_wait_survives(outage: fn() -> Outage) {
+    let _alone = alone();
+    let c = Cluster::get();
+    let dir = tempfile::tempdir().unwrap();
+    let (child, hold, name, config) = waiting_alloc(&c, dir.path(), "outage_tolerance = \"60s\"");
+    let mut down = outage();
+    std::thread::sleep(Duration::from_secs(5));
+    down.end();
+    hold.open();
+    let (status, ticket, stderr) = alloc_result(child);
+    assert_eq!(status, 0, "{stderr}");
+    // Let the job go, as a failed build would.
+    let cancel = c
+        .command(nsh_tool("nsh-alloc"))
+        .args(["--cancel"])
+        .env("NSH_CONFIG", &config)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .and_then(|mut p| {
+            writeln!(p.stdin.take().unwrap(), "{ticket}")?;
+            p.wait()
+        })
+        .unwrap();
+    assert!(cancel.success());
+    assert_no_job_left(&c, &name);
+}
+
+#[test]
+fn slurmrestd_stopped_during_a_wait_shorter_than_the_tolerance_is_ridden_out() {
+    a_wait_survives(|| Outage::stop("slurmrestd"));
+}
+
+#[test]
+fn a_slurmrestd_that_hangs_during_a_wait_shorter_than_the_tolerance_is_ridden_out() {
+    a_wait_survives(|| Outage::freeze("slurmrestd"));
+}
+
+/// An outage longer than `outage_tolerance`: the wait ends (75), its cancel
+/// cannot reach Slurm and is owed; the next nsh-alloc that reaches the
+/// cluster cancels the job. No job is left.
+#[test]
+fn a_wait_that_outlasts_the_tolerance_ends_and_its_cancel_is_not_lost() {
+    let _alone = alone();
+    let c = Cluster::get();
+    let dir = tempfile::tempdir().unwrap();
+    let (child, _hold, name, _) = waiting_alloc(&c, dir.path(), "outage_tolerance = 3");
+    let mut down = Outage::stop("slurmrestd");
+    let (status, _, stderr) = alloc_result(child);
+    down.end();
+    assert_eq!(status, 75, "{stderr}");
+    assert!(stderr.contains("Slurm did not answer for"), "{stderr}");
+    assert!(stderr.contains("the next nsh-alloc"), "{stderr}");
+    assert!(
+        !jobs_named(&c, &name).is_empty(),
+        "the job waits for its cancel"
+    );
+    // The next allocation on the cluster pays what is owed.
+    let drv = slow_drv(&c, &format!("{name}-next"), 1);
+    let ticket = nsh_cluster_tests::closure_ticket(&c, &drv, serde_json::Value::Null);
+    let (status, next, stderr) = nsh_cluster_tests::pipe_ticket(
+        &Cluster::get().with_cluster_keys("linger = 0"),
+        "nsh-alloc",
+        &[],
+        &ticket,
+    );
+    assert_eq!(status, 0, "{stderr}");
+    assert!(
+        stderr.contains("owed since Slurm did not answer"),
+        "{stderr}"
+    );
+    assert_no_job_left(&c, &name);
+    let _ = nsh_cluster_tests::pipe_ticket(
+        &Cluster::get().with_cluster_keys("linger = 0"),
+        "nsh-alloc",
+        &["--cancel"],
+        &next,
+    );
+}
