@@ -60,9 +60,15 @@ fn handshake(drv: &str) -> Vec<u8> {
 /// `[hook]` of the test's own.
 fn config(c: &Cluster, dir: &Path, cluster_keys: &str) -> PathBuf {
     let text = fs::read_to_string(c.nsh_config()).unwrap();
+    // One job per build unless the test says otherwise.
+    let linger = if cluster_keys.contains("linger") {
+        ""
+    } else {
+        "linger = 0\n"
+    };
     let text = text.replacen(
         "[cluster.test]\n",
-        &format!("[cluster.test]\nlinger = 0\n{cluster_keys}\n"),
+        &format!("[cluster.test]\n{linger}{cluster_keys}\n"),
         1,
     );
     let path = dir.join("nsh.toml");
@@ -710,5 +716,59 @@ fn a_wait_that_outlasts_the_tolerance_ends_and_its_cancel_is_not_lost() {
         "nsh-alloc",
         &["--cancel"],
         &next,
+    );
+}
+
+/// A pooled job requeued after its build (as Slurm does when its node
+/// fails, and an admin may): it runs again with `SLURM_RESTART_COUNT` set,
+/// and ends at once instead of waiting for a request that never comes
+/// (before, it waited its idle timeout); none is left.
+#[test]
+fn a_job_requeued_after_its_build_ends_and_is_not_left() {
+    let _alone = alone();
+    let c = Cluster::get();
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(&c, dir.path(), "linger = 300");
+    let salt = unique_salt();
+    let name = format!("faults-requeued-{}", &salt[salt.len() - 10..]);
+    let drv = slow_drv(&c, &name, 1);
+    let mut hook = Hook::start(&c, dir.path(), &config, &drv);
+    hook.accepted();
+    let (_, job) = hook.building();
+    let (status, said) = hook.finish(Duration::from_secs(60));
+    assert_eq!(status, 0, "{said}");
+    assert!(
+        jobs_named(&c, &name).contains("RUNNING"),
+        "job {job} waits in the pool"
+    );
+    let requeue = slurm_cmd(&c, "scontrol", &["requeue", &job.to_string()]);
+    assert!(
+        requeue.status.success(),
+        "scontrol requeue {job}: {}",
+        String::from_utf8_lossy(&requeue.stderr)
+    );
+    // Slurm holds a requeued job back (COMPLETING for up to a minute, then
+    // PENDING with a BeginTime 2 minutes after the requeue, seen on 22.05):
+    // once it is pending, let it start now, as it would later.
+    eventually(
+        &format!("job {job} pending again: {}", jobs_named(&c, &name)),
+        Duration::from_secs(150),
+        || {
+            let left = jobs_named(&c, &name);
+            left.is_empty() || left.contains("PENDING")
+        },
+    );
+    let _ = slurm_cmd(
+        &c,
+        "scontrol",
+        &["update", &format!("jobid={job}"), "begintime=now"],
+    );
+    eventually(
+        &format!(
+            "the requeued job {job} is still there: {}",
+            jobs_named(&c, &name)
+        ),
+        Duration::from_secs(60),
+        || jobs_named(&c, &name).is_empty(),
     );
 }
