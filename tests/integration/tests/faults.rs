@@ -761,7 +761,7 @@ fn a_job_requeued_after_its_build_ends_and_is_not_left() {
     let _ = slurm_cmd(
         &c,
         "scontrol",
-        &["update", &format!("jobid={job}"), "begintime=now"],
+        &["update", &format!("jobid={job}"), "StartTime=now"],
     );
     eventually(
         &format!(
@@ -770,5 +770,37 @@ fn a_job_requeued_after_its_build_ends_and_is_not_left() {
         ),
         Duration::from_secs(60),
         || jobs_named(&c, &name).is_empty(),
+    );
+}
+
+/// slurmctld stopped mid-build and started again 3 s later (with its saved
+/// state): the build succeeds; no job is left.
+#[test]
+fn slurmctld_restarted_mid_build_costs_no_build() {
+    let _alone = alone();
+    let c = Cluster::get();
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(&c, dir.path(), "");
+    let salt = unique_salt();
+    let name = format!("faults-ctld-restart-{}", &salt[salt.len() - 10..]);
+    let drv = slow_drv(&c, &name, 8);
+    let mut hook = Hook::start(&c, dir.path(), &config, &drv);
+    hook.accepted();
+    hook.building();
+    let mut down = Outage::stop("slurmctld");
+    std::thread::sleep(Duration::from_secs(3));
+    down.end();
+    let drv = hook.drv.clone();
+    let (status, said) = hook.finish(Duration::from_secs(180));
+    assert_eq!(status, 0, "{said}");
+    assert!(valid_locally(&c, &drv), "{said}");
+    assert_no_job_left(&c, &name);
+    eprintln!(
+        "slurmctld restarted mid-build: {}",
+        if said.contains("trying again") {
+            "retried in a new job"
+        } else {
+            "the build went on"
+        }
     );
 }
