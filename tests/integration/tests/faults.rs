@@ -742,6 +742,26 @@ fn a_job_requeued_after_its_build_ends_and_is_not_left() {
         "job {job} waits in the pool"
     );
     let requeue = slurm_cmd(&c, "scontrol", &["requeue", &job.to_string()]);
+    let refused = String::from_utf8_lossy(&requeue.stderr).to_string();
+    if !requeue.status.success() && refused.contains("presently disabled") {
+        // The job was submitted with `requeue: false`, which only Slurm
+        // 22.05's REST API ignores: elsewhere no requeue can happen.
+        eprintln!(
+            "skipped on {}: Slurm {} honours requeue: false ({})",
+            c.stack(),
+            c.slurm_version(),
+            refused.trim()
+        );
+        let drained = c
+            .command(nsh_tool("nsh-alloc"))
+            .arg("--pool-drain")
+            .env("NSH_CONFIG", &config)
+            .output()
+            .unwrap();
+        assert!(drained.status.success(), "{drained:?}");
+        assert_no_job_left(&c, &name);
+        return;
+    }
     assert!(
         requeue.status.success(),
         "scontrol requeue {job}: {}",
