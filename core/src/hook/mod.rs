@@ -575,6 +575,37 @@ mod tests {
     }
 
     #[test]
+    fn a_cluster_whose_slurm_does_not_answer_counts_as_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let slots = SlotDir::new(dir.path());
+        let caps = |name: &str| ClusterCaps {
+            name: name.into(),
+            systems: vec!["x86_64-linux".into()],
+            supported_features: vec!["big-parallel".into()],
+            max_jobs: 2,
+            ..ClusterCaps::default()
+        };
+        let clusters = [caps("a"), caps("b")];
+        let local = LocalCaps::default();
+        let mut t = the_try();
+        t.am_willing = false;
+        // The one that answers takes it.
+        let locked = decide_and_lock_with(&clusters, vec![true, false], &local, &t, &slots);
+        assert!(matches!(locked, Ok(Locked::Accepted(c, _)) if c.name == "b"));
+        // None answers: the daemon cannot build it, so it waits …
+        let locked = decide_and_lock_with(&clusters, vec![true, true], &local, &t, &slots);
+        assert!(matches!(locked, Ok(Locked::Postpone)));
+        // … unless it can build it itself.
+        let local = LocalCaps {
+            systems: vec!["x86_64-linux".into()],
+            features: vec!["big-parallel".into()],
+        };
+        t.am_willing = true;
+        let locked = decide_and_lock_with(&clusters[..1], vec![true], &local, &t, &slots);
+        assert!(matches!(locked, Ok(Locked::Decline)));
+    }
+
+    #[test]
     fn the_initial_ticket() {
         let accepted = Accepted {
             inputs: vec!["/nix/store/vh2m0g9jsj81vrkr4m2sq2jz375ykp01-nsh-hook-dep".into()],
