@@ -344,8 +344,14 @@ impl Session {
                         unreachable.push(false);
                         true
                     }
+                    // Slurm answered its ping, but the pre-flight check could
+                    // not finish: used as before, and checked again next time.
                     health::Verdict::Unchecked(why) => {
-                        unreachable.push(waits(why));
+                        self.ui.msg(
+                            Verbosity::Talkative,
+                            format!("nsh-hook: cluster {} not checked now: {why}", caps.name),
+                        );
+                        unreachable.push(false);
                         true
                     }
                     health::Verdict::Broken(reason) => {
