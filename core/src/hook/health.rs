@@ -101,8 +101,9 @@ impl<'a> Health<'a> {
         }
     }
 
-    /// Whether `cluster`'s Slurm answers now (REST: slurmrestd's ping,
-    /// which slurmctld answers), within its `connect_timeout`; why not,
+    /// Whether `cluster`'s Slurm answers now (REST: slurmrestd's ping and
+    /// the cluster's partition, which slurmctld answers), within its
+    /// `connect_timeout`; why not,
     /// if not. An answer is trusted for [`REACHED_FOR`], a failure for
     /// `connect_timeout` (the `try`s that come meanwhile are answered at
     /// once). A configuration error is left to the verdict and the
@@ -121,7 +122,11 @@ impl<'a> Health<'a> {
             return Err(why.trim().to_string());
         }
         crate::slurm::http::set_timeout(limit);
-        let answer = Slurm::connect(cluster);
+        // From 23.02 on slurmrestd answers its ping with slurmctld down
+        // (seen on 24.11 and 26.05): one small query slurmctld must answer.
+        let partition = cluster.partition.as_deref().unwrap_or("nsh-probe");
+        let answer =
+            Slurm::connect(cluster).and_then(|slurm| slurm.partition(partition).map(|_| ()));
         let _ = std::fs::create_dir_all(self.dir);
         match answer {
             Err(failure) if failure.kind != Kind::Config => {

@@ -344,14 +344,12 @@ impl Session {
                         unreachable.push(false);
                         true
                     }
-                    // Slurm answered its ping, but the pre-flight check could
-                    // not finish: used as before, and checked again next time.
+                    // slurmrestd answered its ping, but the pre-flight check
+                    // could not finish: from 23.02 on slurmrestd answers the
+                    // ping with slurmctld down (seen on 24.11 and 26.05), and
+                    // the check's first query to slurmctld then fails.
                     health::Verdict::Unchecked(why) => {
-                        self.ui.msg(
-                            Verbosity::Talkative,
-                            format!("nsh-hook: cluster {} not checked now: {why}", caps.name),
-                        );
-                        unreachable.push(false);
+                        unreachable.push(waits(why));
                         true
                     }
                     health::Verdict::Broken(reason) => {
