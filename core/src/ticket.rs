@@ -56,6 +56,10 @@ pub struct Ticket {
     /// The first failure, by the stage where it happened.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<TicketError>,
+    /// Earlier attempts of this build that failed transiently (`nsh-hook`,
+    /// `nsh-alloc --exclude`): the nodes its next job must avoid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetrySection>,
     /// Fields this nsh does not know (a newer tool's, a site's), kept in order.
     #[serde(flatten)]
     pub extra: Extra,
@@ -215,6 +219,32 @@ pub struct AllocSection {
 
 fn first_request() -> u32 {
     1
+}
+
+/// A build tried again in a new job after a transient failure.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RetrySection {
+    /// This attempt's number: 2 for the first retry.
+    pub attempt: u32,
+    /// Nodes the job must not run on (Slurm's `--exclude`): those where
+    /// earlier attempts failed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exclude: Vec<String>,
+    /// The Slurm jobs of the earlier attempts, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub jobs: Vec<u64>,
+    /// Fields this nsh does not know, kept.
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+impl RetrySection {
+    /// The nodes to avoid, once each, in order.
+    pub fn excluding(&mut self, node: &str) {
+        if !node.is_empty() && !self.exclude.iter().any(|n| n == node) {
+            self.exclude.push(node.to_string());
+        }
+    }
 }
 
 /// What `nsh-push` moved.

@@ -232,6 +232,8 @@ fn request() -> JobRequest {
         time_min: 120,
         work_dir: "/".into(),
         stdout: "/dev/null".into(),
+        comment: Some("nsh:abc".into()),
+        exclude: vec!["node1".into(), "node3".into()],
     }
 }
 

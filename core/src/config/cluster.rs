@@ -10,8 +10,9 @@ use super::values::{
 };
 use super::{
     ApiChoice, Backend, Cluster, FeatureRequest, Limits, Problems, RestUrl, SubmitIdentity,
-    TokenSource, DEFAULT_LINGER_S, DEFAULT_MAX_JOBS, DEFAULT_QUEUE_TIMEOUT_S,
-    DEFAULT_REUSE_TIME_MIN, DEFAULT_TIME_LIMIT_MIN,
+    TokenSource, DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_LINGER_S, DEFAULT_MAX_JOBS,
+    DEFAULT_OUTAGE_TOLERANCE_S, DEFAULT_QUEUE_TIMEOUT_S, DEFAULT_RETRIES, DEFAULT_REUSE_TIME_MIN,
+    DEFAULT_TIME_LIMIT_MIN,
 };
 use crate::error::Failure;
 
@@ -62,17 +63,19 @@ pub(super) fn validate(
         problems,
     )?;
     let limits = limits(&rc.limits, time_limit_min, problems)?;
-    for (key, value) in [
-        ("partition", &rc.partition),
-        ("account", &rc.account),
-        ("qos", &rc.qos),
-    ] {
-        if let Some(value) = value {
-            if !is_slurm_word(value) {
-                return Err(problems.at(key, format!("{value:?}: expected a Slurm {key} name")));
-            }
-        }
-    }
+    let (connect_timeout_s, outage_tolerance_s) = slurm_patience(
+        rc.connect_timeout.as_ref(),
+        rc.outage_tolerance.as_ref(),
+        problems,
+    )?;
+    slurm_words(
+        [
+            ("partition", &rc.partition),
+            ("account", &rc.account),
+            ("qos", &rc.qos),
+        ],
+        problems,
+    )?;
     let submit = submit_identity(backend, rc.submit_as, rc.allow_root, rc.ssh, problems)?;
     Ok(Cluster {
         name: name.to_string(),
@@ -92,11 +95,26 @@ pub(super) fn validate(
         queue_timeout_s,
         linger_s,
         reuse_time_min,
+        retries: rc.retries.unwrap_or(DEFAULT_RETRIES),
+        connect_timeout_s,
+        outage_tolerance_s,
         limits,
         features: rc.features,
         priority: rc.priority.unwrap_or(0),
         submit,
     })
+}
+
+/// `partition`, `account` and `qos`: Slurm names.
+fn slurm_words(words: [(&str, &Option<String>); 3], problems: &Problems) -> Result<(), Failure> {
+    for (key, value) in words {
+        if let Some(value) = value {
+            if !is_slurm_word(value) {
+                return Err(problems.at(key, format!("{value:?}: expected a Slurm {key} name")));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `submit_as`, `allow_root` and `[cluster.NAME.ssh]`: who the jobs are and
@@ -182,6 +200,24 @@ fn durations(keys: [&Option<NumberOrText>; 4], problems: &Problems) -> Result<Du
         linger_s,
         reuse_time_min,
     })
+}
+
+/// `connect_timeout` and `outage_tolerance`, in seconds, with their defaults.
+fn slurm_patience(
+    connect_timeout: Option<&NumberOrText>,
+    outage_tolerance: Option<&NumberOrText>,
+    problems: &Problems,
+) -> Result<(u64, u64), Failure> {
+    let connect = optional(connect_timeout, parse_seconds, "connect_timeout", problems)?
+        .unwrap_or(DEFAULT_CONNECT_TIMEOUT_S);
+    let outage = optional(
+        outage_tolerance,
+        parse_seconds_or_zero,
+        "outage_tolerance",
+        problems,
+    )?
+    .unwrap_or(DEFAULT_OUTAGE_TOLERANCE_S);
+    Ok((connect, outage))
 }
 
 /// A value that may be absent, parsed when present.

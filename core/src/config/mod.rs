@@ -279,6 +279,15 @@ pub struct Cluster {
     /// needs, so that later builds fit in what is left (capped by
     /// `limits.max_time`).
     pub reuse_time_min: u32,
+    /// How many times a build that failed transiently on a node (it died,
+    /// the job was preempted or cancelled, ssh dropped) is tried again in a
+    /// new job, elsewhere, before Nix is told.
+    pub retries: u32,
+    /// How long the hook waits for Slurm to answer before it postpones a
+    /// build, in seconds.
+    pub connect_timeout_s: u64,
+    /// How long a wait for a job rides out Slurm not answering, in seconds.
+    pub outage_tolerance_s: u64,
     pub limits: Limits,
     /// requiredSystemFeature → what to ask Slurm for.
     pub features: BTreeMap<String, FeatureRequest>,
@@ -405,6 +414,12 @@ impl Default for Remote {
 /// store's disk is full.
 const DEFAULT_MAX_OUTPUT_SIZE: u64 = 64 << 30;
 const DEFAULT_MAX_JOBS: u32 = 64;
+/// `retries`: a build is tried at most three times.
+const DEFAULT_RETRIES: u32 = 2;
+/// `connect_timeout`.
+const DEFAULT_CONNECT_TIMEOUT_S: u64 = 2;
+/// `outage_tolerance`.
+const DEFAULT_OUTAGE_TOLERANCE_S: u64 = 60;
 const DEFAULT_TIME_LIMIT_MIN: u32 = 4 * 60;
 const DEFAULT_QUEUE_TIMEOUT_S: u64 = 3600;
 const DEFAULT_LINGER_S: u64 = 60;

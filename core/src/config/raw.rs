@@ -48,6 +48,9 @@ pub(super) struct RawCluster {
     pub(super) queue_timeout: Option<NumberOrText>,
     pub(super) linger: Option<NumberOrText>,
     pub(super) reuse_time: Option<NumberOrText>,
+    pub(super) retries: Option<u32>,
+    pub(super) connect_timeout: Option<NumberOrText>,
+    pub(super) outage_tolerance: Option<NumberOrText>,
     #[serde(default)]
     pub(super) limits: RawLimits,
     #[serde(default)]

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use super::pipeline;
+use super::retry;
 use super::watchdog::Watchdog;
 use super::{Ui, CANCEL_IN_HOOK, EXIT_MISC, EXIT_PERMANENT, EXIT_TIMED_OUT};
 use crate::config::ConfigSource;
@@ -162,9 +163,10 @@ pub(super) struct Build<'a> {
 }
 
 impl Build<'_> {
-    /// Runs the pipeline for the accepted `try`; returns the exit status.
+    /// Runs the pipeline for the accepted `try`, again in a new job while a
+    /// node's fault allows ([`super::retry`]); returns the exit status.
     pub(super) fn run(&self) -> i32 {
-        let ticket = match self.first_ticket() {
+        let first = match self.first_ticket() {
             Ok(ticket) => ticket,
             Err(code) => return code,
         };
@@ -172,15 +174,18 @@ impl Build<'_> {
             Stages::Tools(paths) => paths.get(1).cloned(),
             Stages::Command(_) => None,
         };
-        let mut watchdog = alloc_tool.as_deref().and_then(Watchdog::spawn);
-        let mut progress = Progress {
-            ui: self.ui,
-            cluster: self.cluster.name.clone(),
-            current: None,
+        let mut run = Attempts {
+            watchdog: alloc_tool.as_deref().and_then(Watchdog::spawn),
+            progress: Progress {
+                ui: self.ui,
+                cluster: self.cluster.name.clone(),
+                current: None,
+            },
+            timing: TicketLog::from_env(),
         };
         if let Stages::Command(argv) = self.stages {
             // Nix already shows "building '…' on 'slurm://<cluster>'"; say how.
-            progress.switch(Some((
+            run.progress.switch(Some((
                 ActivityType::Unknown,
                 format!(
                     "nsh: running the pipeline {}",
@@ -189,34 +194,16 @@ impl Build<'_> {
                 vec![],
             )));
         }
-        let env = [("NSH_CLUSTER", self.cluster.name.clone())];
-        let mut timing = TicketLog::from_env();
-        let log_fd = self.log_fd.map(AsFd::as_fd);
-        let result = pipeline::run(self.stages, &ticket, &env, log_fd, |event| {
-            if let Event::Ticket { stage, ticket, .. } = event {
-                if let Some(log) = timing.as_mut() {
-                    log.stage_done(stage);
-                }
-                if let (Some(w), true) = (watchdog.as_mut(), ticket.alloc.is_some()) {
-                    w.update(ticket);
-                }
-            }
-            if let (Event::Interrupted, Some(w)) = (event, watchdog.as_mut()) {
-                // Before the stages are stopped, and from outside the hook's
-                // process group, which Nix 2.35 kills 500 ms after its SIGTERM.
-                w.cancel_now();
-            }
-            progress.on_event(event);
-        });
-        progress.switch(None);
-        let outcome = match result {
+        let outcome = match self.attempts(first, &mut run, alloc_tool.as_deref()) {
             Ok(outcome) => outcome,
-            Err(failure) => {
-                self.ui
-                    .msg(Verbosity::Error, format!("nsh-hook: {failure}"));
-                return EXIT_MISC;
-            }
+            Err(code) => return code,
         };
+        run.progress.switch(None);
+        let Attempts {
+            mut watchdog,
+            timing,
+            ..
+        } = run;
         if let Some(signal) = outcome.interrupted_by {
             self.interrupted(signal, watchdog, alloc_tool.as_deref(), &outcome);
             if let Some(log) = timing {
@@ -241,6 +228,113 @@ impl Build<'_> {
             }
         }
         code
+    }
+
+    /// The pipeline from `ticket`, then from the next attempt's ticket while
+    /// [`retry::next_attempt`] gives one; the last attempt's outcome.
+    fn attempts(
+        &self,
+        mut ticket: Ticket,
+        run: &mut Attempts,
+        alloc_tool: Option<&Path>,
+    ) -> Result<Outcome, i32> {
+        let retries = self
+            .config
+            .config
+            .clusters
+            .get(&self.cluster.name)
+            .map_or(0, |c| c.retries);
+        loop {
+            let mut outcome = self.attempt(&ticket, run)?;
+            if outcome.interrupted_by.is_some() {
+                return Ok(outcome);
+            }
+            let next = outcome
+                .final_ticket
+                .as_ref()
+                .and_then(|last| retry::next_attempt(&ticket, last, retries));
+            let Some(next) = next else {
+                return Ok(outcome);
+            };
+            run.progress.switch(None);
+            self.end_failed_attempt(&outcome, alloc_tool, &next, retries);
+            if let Some(signal) =
+                sleep_unless_signalled(retry::backoff(next.retry.as_ref().map_or(2, |r| r.attempt)))
+            {
+                outcome.interrupted_by = Some(signal);
+                return Ok(outcome);
+            }
+            ticket = next;
+        }
+    }
+
+    /// One run of the pipeline from `ticket`, its tickets shown and watched.
+    fn attempt(&self, ticket: &Ticket, run: &mut Attempts) -> Result<Outcome, i32> {
+        let env = [("NSH_CLUSTER", self.cluster.name.clone())];
+        let log_fd = self.log_fd.map(AsFd::as_fd);
+        let Attempts {
+            watchdog,
+            progress,
+            timing,
+        } = run;
+        let result = pipeline::run(self.stages, ticket, &env, log_fd, |event| {
+            if let Event::Ticket { stage, ticket, .. } = event {
+                if let Some(log) = timing.as_mut() {
+                    log.stage_done(stage);
+                }
+                if let (Some(w), true) = (watchdog.as_mut(), ticket.alloc.is_some()) {
+                    w.update(ticket);
+                }
+            }
+            if let (Event::Interrupted, Some(w)) = (event, watchdog.as_mut()) {
+                // Before the stages are stopped, and from outside the hook's
+                // process group, which Nix 2.35 kills 500 ms after its SIGTERM.
+                w.cancel_now();
+            }
+            progress.on_event(event);
+        });
+        result.map_err(|failure| {
+            self.ui
+                .msg(Verbosity::Error, format!("nsh-hook: {failure}"));
+            EXIT_MISC
+        })
+    }
+
+    /// Before the next attempt: the failed attempt's job is cancelled (a
+    /// job Slurm requeued would otherwise wait for a request that never
+    /// comes; a pooled job on a failing node must not be taken again), and
+    /// the user is told.
+    fn end_failed_attempt(
+        &self,
+        outcome: &Outcome,
+        alloc_tool: Option<&Path>,
+        next: &Ticket,
+        retries: u32,
+    ) {
+        let last = outcome.final_ticket.as_ref();
+        if let (Some(tool), Some(last)) = (alloc_tool, last.filter(|t| t.alloc.is_some())) {
+            let _ =
+                pipeline::run_bounded(tool, &["--cancel"], &last.to_line(), CANCEL_FAILED_ATTEMPT);
+        }
+        let why = last
+            .and_then(|t| t.error.as_ref())
+            .map_or(String::new(), |e| {
+                format!("{} failed: {}", e.stage, e.message)
+            });
+        let retry = next.retry.clone().unwrap_or_default();
+        self.ui.msg(
+            Verbosity::Error,
+            format!(
+                "nsh-hook: {why}; trying again in a new job (attempt {} of {}{})",
+                retry.attempt,
+                retries + 1,
+                if retry.exclude.is_empty() {
+                    String::new()
+                } else {
+                    format!(", not on {}", retry.exclude.join(", "))
+                }
+            ),
+        );
     }
 
     /// The first ticket, once the derivation is known to fit the cluster's
@@ -287,11 +381,14 @@ impl Build<'_> {
     }
 
     /// A configuration error (exit 78) from the pipeline sets the cluster
-    /// aside ([`super::health`]): later builds go elsewhere.
+    /// aside ([`super::health`]): later builds go elsewhere. Not one of a
+    /// retry that excluded nodes: Slurm refuses a job that excludes every
+    /// node as it refuses a bad configuration.
     fn set_aside_if_refused(&self, outcome: &Outcome) {
         let refused = outcome
             .final_ticket
             .as_ref()
+            .filter(|t| t.retry.as_ref().is_none_or(|r| r.exclude.is_empty()))
             .and_then(|t| t.error.as_ref())
             .filter(|e| e.kind == Kind::Config);
         if let Some(error) = refused {
@@ -340,6 +437,28 @@ impl Build<'_> {
             }
         }
     }
+}
+
+/// What lasts across the attempts of one build.
+struct Attempts<'a> {
+    watchdog: Option<Watchdog>,
+    progress: Progress<'a>,
+    timing: Option<TicketLog>,
+}
+
+/// How long the cancel of a failed attempt's job may take (one Slurm call).
+const CANCEL_FAILED_ATTEMPT: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Sleeps `pause` in small steps; the signal that came meanwhile, if one did.
+fn sleep_unless_signalled(pause: std::time::Duration) -> Option<i32> {
+    let until = std::time::Instant::now() + pause;
+    while std::time::Instant::now() < until {
+        if let Some(signal) = pipeline::signalled() {
+            return Some(signal);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    pipeline::signalled()
 }
 
 /// `NSH_TICKET_LOG=FILE` in the hook's environment: after each build, the

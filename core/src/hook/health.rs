@@ -27,6 +27,10 @@ pub const VERDICT_FOR: Duration = Duration::from_secs(10 * 60);
 /// How long the hook waits for each answer of the pre-flight check.
 pub const PREFLIGHT_DEADLINE: Duration = Duration::from_secs(5);
 
+/// How long a cluster that answered is taken to answer without asking
+/// again (the check is one ping; a `try` comes per derivation).
+pub const REACHED_FOR: Duration = Duration::from_secs(2);
+
 /// The verdicts beside the slot locks of one configuration.
 pub struct Health<'a> {
     dir: &'a Path,
@@ -95,6 +99,54 @@ impl<'a> Health<'a> {
         if std::fs::write(&tmp, text).is_ok() && std::fs::rename(&tmp, &path).is_err() {
             let _ = std::fs::remove_file(&tmp);
         }
+    }
+
+    /// Whether `cluster`'s Slurm answers now (REST: slurmrestd's ping and
+    /// the cluster's partition, which slurmctld answers), within its
+    /// `connect_timeout`; why not,
+    /// if not. An answer is trusted for [`REACHED_FOR`], a failure for
+    /// `connect_timeout` (the `try`s that come meanwhile are answered at
+    /// once). A configuration error is left to the verdict and the
+    /// pipeline to report; the CLI backend is not checked here.
+    pub fn reachable(&self, cluster: &Cluster) -> Result<(), String> {
+        if cluster.backend != Backend::Rest {
+            return Ok(());
+        }
+        let limit = Duration::from_secs(cluster.connect_timeout_s.max(1));
+        if self.written_within(&self.marker(&cluster.name, "reached"), REACHED_FOR) {
+            return Ok(());
+        }
+        let down = self.marker(&cluster.name, "unreachable");
+        if self.written_within(&down, limit) {
+            let why = std::fs::read_to_string(&down).unwrap_or_default();
+            return Err(why.trim().to_string());
+        }
+        crate::slurm::http::set_timeout(limit);
+        // From 23.02 on slurmrestd answers its ping with slurmctld down
+        // (seen on 24.11 and 26.05): one small query slurmctld must answer.
+        let partition = cluster.partition.as_deref().unwrap_or("nsh-probe");
+        let answer =
+            Slurm::connect(cluster).and_then(|slurm| slurm.partition(partition).map(|_| ()));
+        let _ = std::fs::create_dir_all(self.dir);
+        match answer {
+            Err(failure) if failure.kind != Kind::Config => {
+                let _ = std::fs::remove_file(self.marker(&cluster.name, "reached"));
+                let _ = std::fs::write(&down, format!("{}\n", failure.message));
+                Err(failure.message)
+            }
+            _ => {
+                let _ = std::fs::remove_file(&down);
+                let _ = std::fs::write(self.marker(&cluster.name, "reached"), "");
+                Ok(())
+            }
+        }
+    }
+
+    /// Whether `path` was written less than `limit` ago.
+    fn written_within(&self, path: &Path, limit: Duration) -> bool {
+        std::fs::metadata(path)
+            .and_then(|m| m.modified())
+            .is_ok_and(|written| written.elapsed().is_ok_and(|age| age < limit))
     }
 
     /// The verdict on `cluster`: the one kept, else [`preflight`]'s, which

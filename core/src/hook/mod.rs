@@ -26,6 +26,7 @@ pub mod slots;
 mod build;
 mod fallback;
 pub mod health;
+pub mod retry;
 use fallback::{Answer, Fallback};
 mod watchdog;
 use watchdog::watchdog_main;
@@ -275,11 +276,12 @@ impl Session {
             }
         };
         let slots = SlotDir::new(&config.slots_dir);
-        let clusters = self.usable_clusters(config, stages, t);
-        let decision = decide_and_lock(&clusters, &self.local, t, &slots).unwrap_or_else(|e| {
-            self.ui.msg(Verbosity::Error, format!("nsh-hook: {e}"));
-            Locked::Decline
-        });
+        let (clusters, unreachable) = self.usable_clusters(config, stages, t);
+        let decision = decide_and_lock_with(&clusters, unreachable, &self.local, t, &slots)
+            .unwrap_or_else(|e| {
+                self.ui.msg(Verbosity::Error, format!("nsh-hook: {e}"));
+                Locked::Decline
+            });
         match decision {
             Locked::Accepted(cluster, slot) => {
                 let code = self.accept(config, stages, cluster, t, input);
@@ -294,28 +296,60 @@ impl Session {
         }
     }
 
-    /// The clusters that fit `t` and are not set aside ([`health`]). Only
-    /// the nsh tools' clusters are checked: a pipeline command of the
-    /// site's own does with them what it does.
-    fn usable_clusters(&self, config: &HookConfig, stages: &Stages, t: &Try) -> Vec<ClusterCaps> {
+    /// The clusters that fit `t` and are not set aside ([`health`]), and
+    /// for each whether its Slurm does not answer now (it is then counted
+    /// full: the `try` is postponed, or built locally, rather than accepted
+    /// and failed). Only the nsh tools' clusters are checked: a pipeline
+    /// command of the site's own does with them what it does.
+    fn usable_clusters(
+        &self,
+        config: &HookConfig,
+        stages: &Stages,
+        t: &Try,
+    ) -> (Vec<ClusterCaps>, Vec<bool>) {
         let health = health::Health::new(&config.slots_dir, &config.path);
         let fitting = config
             .clusters
             .iter()
             .filter(|c| c.fits(&t.needed_system, &t.required_features));
-        fitting
+        let mut unreachable = Vec::new();
+        let usable = fitting
             .filter(|caps| {
-                let verdict = match (stages, config.config.clusters.get(&caps.name)) {
-                    (Stages::Tools(_), Some(cluster)) => health.verdict(cluster),
-                    _ => health.known(&caps.name).unwrap_or(health::Verdict::Usable),
+                let cluster = match stages {
+                    Stages::Tools(_) => config.config.clusters.get(&caps.name),
+                    Stages::Command(_) => None,
+                };
+                let waits = |why: String| {
+                    self.ui.msg(
+                        Verbosity::Info,
+                        format!(
+                            "nsh-hook: cluster {}: Slurm does not answer now ({why}); the build waits",
+                            caps.name
+                        ),
+                    );
+                    true
+                };
+                // First the quick check, so that a Slurm that hangs costs
+                // `connect_timeout`, not the pre-flight check's deadlines.
+                if let Err(why) = cluster.map_or(Ok(()), |c| health.reachable(c)) {
+                    unreachable.push(waits(why));
+                    return true;
+                }
+                let verdict = match cluster {
+                    Some(cluster) => health.verdict(cluster),
+                    None => health.known(&caps.name).unwrap_or(health::Verdict::Usable),
                 };
                 match verdict {
-                    health::Verdict::Usable => true,
+                    health::Verdict::Usable => {
+                        unreachable.push(false);
+                        true
+                    }
+                    // slurmrestd answered its ping, but the pre-flight check
+                    // could not finish: from 23.02 on slurmrestd answers the
+                    // ping with slurmctld down (seen on 24.11 and 26.05), and
+                    // the check's first query to slurmctld then fails.
                     health::Verdict::Unchecked(why) => {
-                        self.ui.msg(
-                            Verbosity::Talkative,
-                            format!("nsh-hook: cluster {} not checked now: {why}", caps.name),
-                        );
+                        unreachable.push(waits(why));
                         true
                     }
                     health::Verdict::Broken(reason) => {
@@ -333,7 +367,8 @@ impl Session {
                 }
             })
             .cloned()
-            .collect()
+            .collect();
+        (usable, unreachable)
     }
 
     fn report_once(&mut self, message: String) {
@@ -461,11 +496,24 @@ pub fn decide_and_lock<'c>(
     t: &Try,
     slots: &SlotDir,
 ) -> Result<Locked<'c>, Failure> {
+    decide_and_lock_with(clusters, vec![false; clusters.len()], local, t, slots)
+}
+
+/// [`decide_and_lock`], with the clusters whose Slurm does not answer now
+/// (`unreachable[i]`) counted full.
+fn decide_and_lock_with<'c>(
+    clusters: &'c [ClusterCaps],
+    unreachable: Vec<bool>,
+    local: &LocalCaps,
+    t: &Try,
+    slots: &SlotDir,
+) -> Result<Locked<'c>, Failure> {
     let fitting = clusters
         .iter()
         .filter(|c| c.fits(&t.needed_system, &t.required_features))
         .count();
-    let mut full = vec![false; clusters.len()];
+    let mut full = unreachable;
+    full.resize(clusters.len(), false);
     let mut table: Option<LockTable> = None;
     for _ in 0..=clusters.len() {
         let mut slot_error = None;
@@ -528,6 +576,37 @@ mod tests {
             ),
             required_features: vec!["big-parallel".into()],
         }
+    }
+
+    #[test]
+    fn a_cluster_whose_slurm_does_not_answer_counts_as_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let slots = SlotDir::new(dir.path());
+        let caps = |name: &str| ClusterCaps {
+            name: name.into(),
+            systems: vec!["x86_64-linux".into()],
+            supported_features: vec!["big-parallel".into()],
+            max_jobs: 2,
+            ..ClusterCaps::default()
+        };
+        let clusters = [caps("a"), caps("b")];
+        let local = LocalCaps::default();
+        let mut t = the_try();
+        t.am_willing = false;
+        // The one that answers takes it.
+        let locked = decide_and_lock_with(&clusters, vec![true, false], &local, &t, &slots);
+        assert!(matches!(locked, Ok(Locked::Accepted(c, _)) if c.name == "b"));
+        // None answers: the daemon cannot build it, so it waits …
+        let locked = decide_and_lock_with(&clusters, vec![true, true], &local, &t, &slots);
+        assert!(matches!(locked, Ok(Locked::Postpone)));
+        // … unless it can build it itself.
+        let local = LocalCaps {
+            systems: vec!["x86_64-linux".into()],
+            features: vec!["big-parallel".into()],
+        };
+        t.am_willing = true;
+        let locked = decide_and_lock_with(&clusters[..1], vec![true], &local, &t, &slots);
+        assert!(matches!(locked, Ok(Locked::Decline)));
     }
 
     #[test]

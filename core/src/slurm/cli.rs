@@ -49,7 +49,43 @@ pub fn sbatch_args(req: &JobRequest) -> Vec<String> {
     if let Some(mem) = req.mem_mb {
         args.push(format!("--mem={mem}M"));
     }
+    if let Some(comment) = &req.comment {
+        args.push(format!("--comment={comment}"));
+    }
+    if !req.exclude.is_empty() {
+        args.push(format!("--exclude={}", req.exclude.join(",")));
+    }
     args
+}
+
+/// The submitting user's jobs whose comment is `tag` (`squeue --me`).
+///
+/// # Errors
+/// squeue could not be run or failed.
+pub fn tagged(submitter: &Submitter, tag: &str) -> Result<Vec<u64>, Failure> {
+    let output = submitter
+        .command("squeue")
+        .args(["-h", "--me", "-o", "%i|%k"])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| Failure::transient(format!("running squeue: {e}")))?;
+    if !output.status.success() {
+        return Err(Failure::transient(format!(
+            "squeue --me failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        )));
+    }
+    Ok(parse_tagged(&String::from_utf8_lossy(&output.stdout), tag))
+}
+
+/// The jobs in `squeue -o %i|%k` output whose comment is `tag`.
+pub fn parse_tagged(text: &str, tag: &str) -> Vec<u64> {
+    text.lines()
+        .filter_map(|line| line.trim().split_once('|'))
+        .filter(|(_, comment)| comment.trim() == tag)
+        .filter_map(|(id, _)| id.trim().parse().ok())
+        .collect()
 }
 
 /// The job id in `sbatch --parsable`'s output: `jobid` or `jobid;cluster`.
@@ -417,9 +453,18 @@ mod tests {
             time_min: 60,
             work_dir: "/tmp".into(),
             stdout: "/dev/null".into(),
+            comment: Some("nsh:abc".into()),
+            exclude: vec!["node1".into(), "node3".into()],
             ..JobRequest::default()
         };
         insta::assert_debug_snapshot!(sbatch_args(&req));
+    }
+
+    #[test]
+    fn tagged_jobs_are_found_by_their_comment() {
+        let out = "41|nsh:aa\n42|nsh:bb\n43|(null)\n44|nsh:bb\n";
+        assert_eq!(parse_tagged(out, "nsh:bb"), vec![42, 44]);
+        assert_eq!(parse_tagged(out, "nsh:cc"), Vec::<u64>::new());
     }
 
     #[test]

@@ -69,6 +69,15 @@ impl Slurm {
         }
     }
 
+    /// The jobs whose comment is `tag` (nsh's `nsh:<nonce>`): a job whose
+    /// submit reply was lost, found again.
+    pub fn tagged(&self, tag: &str) -> Result<Vec<u64>, Failure> {
+        match self {
+            Slurm::Rest(client) => client.tagged(tag),
+            Slurm::Cli(submitter) => cli::tagged(submitter, tag),
+        }
+    }
+
     pub fn cancel(&self, job: u64) -> Result<(), Failure> {
         match self {
             Slurm::Rest(client) => client.cancel(job),
@@ -333,6 +342,11 @@ impl RestClient {
         let body = rest::submit_body(self.version, req).to_string();
         let response = self.call(Method::Post, &rest::submit_path(self.version), Some(&body))?;
         rest::parse_submit(response.status, &response.body)
+    }
+
+    pub fn tagged(&self, tag: &str) -> Result<Vec<u64>, Failure> {
+        let response = self.call(Method::Get, &rest::jobs_path(self.version), None)?;
+        rest::parse_tagged(response.status, &response.body, tag)
     }
 
     pub fn job(&self, job: u64) -> Result<JobInfo, Failure> {

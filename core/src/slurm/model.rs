@@ -34,6 +34,12 @@ pub struct JobRequest {
     pub work_dir: String,
     /// Where Slurm writes the script's own stdout/stderr (on the node).
     pub stdout: String,
+    /// The job's comment (`--comment`): nsh's tag, `nsh:<nonce>`, by which
+    /// a job whose submit reply was lost is found again.
+    pub comment: Option<String>,
+    /// Nodes the job must not run on (`--exclude`): where earlier attempts
+    /// of the build failed.
+    pub exclude: Vec<String>,
 }
 
 /// A job's base state. Flags (`COMPLETING`, `CONFIGURING`, …) are kept apart

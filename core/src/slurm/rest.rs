@@ -37,6 +37,26 @@ pub fn job_path(v: ApiVersion, job: u64) -> String {
     format!("/slurm/{v}/job/{job}")
 }
 
+/// `/slurm/v0.0.NN/jobs/`: every job slurmctld knows.
+pub fn jobs_path(v: ApiVersion) -> String {
+    format!("/slurm/{v}/jobs/")
+}
+
+/// The jobs in a `jobs` answer whose comment is `tag`.
+///
+/// # Errors
+/// What `check` says of the answer.
+pub fn parse_tagged(status: u16, body: &str, tag: &str) -> Result<Vec<u64>, Failure> {
+    let value = check("listing the jobs", status, body)?;
+    let jobs = value.get("jobs").and_then(Value::as_array);
+    Ok(jobs
+        .into_iter()
+        .flatten()
+        .filter(|job| job.get("comment").and_then(Value::as_str) == Some(tag))
+        .filter_map(|job| job.get("job_id").and_then(Value::as_u64))
+        .collect())
+}
+
 /// `/slurm/v0.0.NN/nodes/`: every node.
 pub fn nodes_path(v: ApiVersion) -> String {
     format!("/slurm/{v}/nodes/")
@@ -109,6 +129,15 @@ pub fn submit_body(v: ApiVersion, req: &JobRequest) -> Value {
         put("memory_per_node", number(v, mem));
     }
     put("time_limit", number(v, u64::from(req.time_min)));
+    if let Some(comment) = &req.comment {
+        put("comment", json!(comment));
+    }
+    // v0.0.38's job description has no field for it (22.05): a job may land
+    // on a node an earlier attempt failed on; Slurm places none on a node
+    // it has set DOWN, the usual case.
+    if v != ApiVersion::V0038 && !req.exclude.is_empty() {
+        put("excluded_nodes", json!(req.exclude));
+    }
     // A failed node should fail the job (nsh retries elsewhere), not requeue
     // it under the same id with a stale work dir.
     put("requeue", json!(false));
@@ -685,6 +714,8 @@ mod tests {
             time_min: 120,
             work_dir: "/tmp".into(),
             stdout: "/dev/null".into(),
+            comment: Some("nsh:abc".into()),
+            exclude: vec!["node1".into(), "node3".into()],
         }
     }
 
@@ -701,6 +732,18 @@ mod tests {
                 "{v}"
             );
         }
+    }
+
+    #[test]
+    fn tagged_jobs_are_found_by_their_comment() {
+        let body = json!({"jobs": [
+            {"job_id": 41, "comment": "nsh:aa"},
+            {"job_id": 42, "comment": "nsh:bb"},
+            {"job_id": 43},
+        ], "errors": []})
+        .to_string();
+        assert_eq!(parse_tagged(200, &body, "nsh:bb").unwrap(), vec![42]);
+        assert!(parse_tagged(500, "{}", "nsh:bb").is_err());
     }
 
     #[test]

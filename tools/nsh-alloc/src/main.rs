@@ -40,6 +40,11 @@ struct Args {
     /// cluster whose slot it took).
     #[arg(long, value_name = "NAME", env = "NSH_CLUSTER")]
     cluster: Option<String>,
+    /// Never run the job on NODE (repeatable; Slurm's `--exclude`): a node
+    /// where an earlier attempt of the build failed. Recorded in the
+    /// ticket's `retry.exclude`, with the nodes already there.
+    #[arg(long, value_name = "NODE", conflicts_with_all = ["cancel", "pool_list", "pool_drain"])]
+    exclude: Vec<String>,
 }
 
 fn main() -> ExitCode {
@@ -79,6 +84,12 @@ fn main() -> ExitCode {
     let mut progress = nsh_cli::progress::for_queue_wait();
     run_stage("alloc", stdin, stdout, |ticket| {
         let config = config.as_ref().map_err(Clone::clone)?;
+        if !args.exclude.is_empty() {
+            let retry = ticket.retry.get_or_insert_with(Default::default);
+            for node in &args.exclude {
+                retry.excluding(node);
+            }
+        }
         let mut times = AllocTimes::default();
         let mut section = alloc::allocate(
             config,

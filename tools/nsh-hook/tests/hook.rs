@@ -550,13 +550,20 @@ fn the_exit_status_follows_the_final_ticket() {
         ),
     );
     site.add_hook_key(&format!("pipeline = [\"{}\"]", pipeline.display()));
-    for (mode, want, said) in [
-        ("ok", 0, ""),
-        ("missing", 1, "not valid in the local store"),
-        ("permanent", 100, "run failed (permanent): boom"),
-        ("timed-out", 101, "run failed (timed-out): boom"),
-        ("transient", 1, "run failed (transient): boom"),
-        ("silent", 1, "wrote no final ticket"),
+    // A transient failure of a node's stage is run again, twice (the
+    // default `retries`), before Nix is told: three builds, three logs.
+    for (mode, want, said, attempts) in [
+        ("ok", 0, "", 1),
+        ("missing", 1, "not valid in the local store", 1),
+        ("permanent", 100, "run failed (permanent): boom", 1),
+        ("timed-out", 101, "run failed (timed-out): boom", 1),
+        (
+            "transient",
+            1,
+            "trying again in a new job (attempt 3 of 3)",
+            3,
+        ),
+        ("silent", 1, "wrote no final ticket", 1),
     ] {
         let _ = fs::remove_file(site.out());
         fs::write(site.path("mode"), mode).unwrap();
@@ -567,7 +574,11 @@ fn the_exit_status_follows_the_final_ticket() {
         ]));
         assert_eq!(code, want, "{mode}: {stderr}");
         assert!(stderr.contains(said), "{mode}: {stderr}");
-        assert_eq!(site.read("build.log"), "log line\n", "{mode}");
+        assert_eq!(
+            site.read("build.log"),
+            "log line\n".repeat(attempts),
+            "{mode}"
+        );
     }
     // NSH_TICKET_LOG: one line per build that wrote a ticket, with the
     // hook's exit status.

@@ -50,6 +50,14 @@ pub const SCRIPT: &str = r#"#!/bin/sh
 # comes from the environment set at submission (see nsh's batch_script.rs).
 set -u
 
+# Requeued (a node failed; Slurm 22.05's REST API ignores `requeue: false`,
+# and an admin may requeue any job): no build will come for this run of
+# the job, so it ends at once rather than wait for one.
+if [ "${SLURM_RESTART_COUNT:-0}" != 0 ]; then
+    echo "nsh: job ${SLURM_JOB_ID:-?} was requeued (restart $SLURM_RESTART_COUNT); ending" >&2
+    exit 0
+fi
+
 W="${NSH_WORK_ROOT:?}/nsh-${SLURM_JOB_ID:?}"
 owned=0
 waiter=
@@ -461,6 +469,16 @@ mod tests {
                 std::thread::sleep(Duration::from_millis(10));
             }
         }
+    }
+
+    #[test]
+    fn a_requeued_job_ends_at_once_and_makes_no_work_dir() {
+        let job = start(&[("SLURM_RESTART_COUNT", "1")], &[]);
+        let work = job.work.clone();
+        let (status, stderr) = job.finish(Duration::from_secs(2));
+        assert_eq!(status, 0, "{stderr}");
+        assert!(stderr.contains("was requeued"), "{stderr}");
+        assert!(!work.exists());
     }
 
     #[test]

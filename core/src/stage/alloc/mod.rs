@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod batch_script;
+pub mod later;
 pub mod pooled;
 
 use std::io::{BufRead, Write};
@@ -14,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::config::{Cluster, Config};
-use crate::error::Failure;
+use crate::error::{Failure, Kind};
 use crate::exit::ExitStatus;
 use crate::slurm::{Clusters, JobInfo, JobRequest, Slurm};
 use crate::stage::progress::{describe_wait, QueueProgress};
@@ -329,7 +330,16 @@ pub fn job_request(
         // Exists on every node; the script makes its own work dir.
         work_dir: "/".into(),
         stdout: "/dev/null".into(),
+        comment: Some(job_tag(nonce)),
+        exclude: Vec::new(),
     }
+}
+
+/// The tag every nsh job carries in its comment: `nsh:` and the job's
+/// nonce, which only the submitter knows. A job whose submit reply was
+/// lost is found by it ([`find_tagged`]).
+pub fn job_tag(nonce: &str) -> String {
+    format!("nsh:{nonce}")
 }
 
 /// Timing of one allocation, for `--json`-style reporting and benchmarks.
@@ -389,6 +399,7 @@ pub fn allocate(
         progress,
         interrupted,
         times,
+        exclude: ticket.retry.as_ref().map_or(&[][..], |r| &r.exclude[..]),
     };
     if cluster.linger_s > 0 {
         let inputs = ticket.closure.as_ref().map_or(&[][..], |c| &c.paths[..]);
@@ -410,6 +421,8 @@ pub(crate) struct Submission<'a> {
     pub(crate) progress: &'a mut dyn QueueProgress,
     pub(crate) interrupted: &'a AtomicBool,
     pub(crate) times: &'a mut AllocTimes,
+    /// Nodes the job must not run on (`retry.exclude`).
+    pub(crate) exclude: &'a [String],
 }
 
 impl Submission<'_> {
@@ -424,8 +437,10 @@ impl Submission<'_> {
         let started = Instant::now();
         let slurm = self.clusters.get(cluster)?;
         self.times.connect = started.elapsed();
+        later::pay(&cluster.name, slurm);
         let mut request = job_request(config, cluster, self.placement, self.drv_name, nonce);
         request.time_min = time_min;
+        request.exclude = self.exclude.to_vec();
         // Not part of `environment` (whose digest says which builds a
         // pooled job fits): it differs from job to job.
         request.env.push((
@@ -434,9 +449,13 @@ impl Submission<'_> {
         ));
         log_debug!("{}: submitting {:?}", cluster.name, self.placement);
         let submitted = Instant::now();
-        let job = slurm
-            .submit(&request)
-            .map_err(|f| crate::slurm::rejection::classify_submit(cluster, &request, f))?;
+        let job = slurm.submit(&request).map_err(|f| {
+            // The job may be queued all the same (the reply lost, or an
+            // error in it: Slurm 22.05's REST API answers "Required node not
+            // available" and queues the job): found by its tag, cancelled.
+            later::cancel_tagged(&cluster.name, slurm, nonce);
+            crate::slurm::rejection::classify_submit(cluster, &request, f)
+        })?;
         self.times.submit = submitted.elapsed();
         log_debug!("{}: job {job} submitted", cluster.name);
         crate::status::note_job(&cluster.name, job);
@@ -455,6 +474,7 @@ impl Submission<'_> {
             Err(failure) => {
                 if let Err(e) = slurm.cancel(job) {
                     log_warn!("cancelling job {job}: {e}");
+                    later::owe(&cluster.name, job);
                 }
                 return Err(failure.context(format!("cluster {} job {job}", cluster.name)));
             }
@@ -499,7 +519,7 @@ fn wait_running(
 ) -> Result<JobInfo, Failure> {
     let queued = Instant::now();
     let timeout = Duration::from_secs(cluster.queue_timeout_s);
-    let mut failed_polls = 0;
+    let mut outage = Outage::new(Duration::from_secs(cluster.outage_tolerance_s));
     loop {
         if interrupted.load(Ordering::SeqCst) {
             return Err(Failure::transient(
@@ -512,15 +532,15 @@ fn wait_running(
         times.polling += polled.elapsed();
         let info = match answer {
             Ok(info) => {
-                failed_polls = 0;
+                outage.over();
                 info
             }
-            // A hiccup (slurmctld busy, a dropped connection) should not
-            // throw away a queued job; several in a row end the wait.
-            Err(failure) if failed_polls + 1 < MAX_FAILED_POLLS => {
-                failed_polls += 1;
-                log_warn!("job {job}: {failure} (will ask again)");
-                sleep_unless(interrupted, poll_interval(times.polls));
+            // Slurm not answering (slurmrestd restarting, slurmctld busy, a
+            // dropped connection) should not throw away a queued job: it is
+            // asked again, less and less often, for `outage_tolerance`.
+            Err(failure) if failure.kind == Kind::Transient => {
+                let pause = outage_pause_or_end(&mut outage, failure, cluster, queued.elapsed())?;
+                sleep_unless(interrupted, pause);
                 continue;
             }
             Err(failure) => return Err(failure),
@@ -554,8 +574,77 @@ fn wait_running(
     }
 }
 
-/// How many state queries in a row may fail before the wait gives up.
-const MAX_FAILED_POLLS: u32 = 3;
+/// After a failed question in a wait that has lasted `waited`: the pause
+/// before the next one, or the failure that ends the wait (the outage
+/// outlasted `outage_tolerance`, or the queue timeout came).
+fn outage_pause_or_end(
+    outage: &mut Outage,
+    failure: Failure,
+    cluster: &Cluster,
+    waited: Duration,
+) -> Result<Duration, Failure> {
+    match outage.pause() {
+        Some(pause) if waited.as_secs() < cluster.queue_timeout_s => {
+            log_warn!("{failure} (will ask again in {pause:?})");
+            Ok(pause)
+        }
+        Some(_) => Err(failure.context(format!(
+            "Slurm still did not answer at the queue timeout of {} s",
+            cluster.queue_timeout_s
+        ))),
+        None => Err(failure.context(format!(
+            "Slurm did not answer for {} s (outage_tolerance {} s)",
+            outage.lasted().as_secs(),
+            cluster.outage_tolerance_s
+        ))),
+    }
+}
+
+/// The clock of Slurm not answering a wait: tolerance is by time, with
+/// backoff between the questions, not by how many failed.
+#[derive(Debug)]
+pub struct Outage {
+    tolerance: Duration,
+    since: Option<Instant>,
+}
+
+impl Outage {
+    /// No outage yet; `tolerance` is how long one may last.
+    pub fn new(tolerance: Duration) -> Outage {
+        Outage {
+            tolerance,
+            since: None,
+        }
+    }
+
+    /// Slurm answered: the outage (if any) is over.
+    pub fn over(&mut self) {
+        self.since = None;
+    }
+
+    /// How long the current outage has lasted.
+    pub fn lasted(&self) -> Duration {
+        self.since.map_or(Duration::ZERO, |s| s.elapsed())
+    }
+
+    /// A question failed: how long to wait before the next, or `None` once
+    /// the outage has outlasted the tolerance.
+    pub fn pause(&mut self) -> Option<Duration> {
+        let lasted = self.since.get_or_insert_with(Instant::now).elapsed();
+        outage_pause(lasted, self.tolerance)
+    }
+}
+
+/// The pause after a failed question, `lasted` into an outage tolerated
+/// for `tolerance`: half of what it lasted, from 0.25 s up to 5 s, and never
+/// past the tolerance; `None` once it has run out.
+pub fn outage_pause(lasted: Duration, tolerance: Duration) -> Option<Duration> {
+    if lasted >= tolerance {
+        return None;
+    }
+    let pause = (lasted / 2).clamp(Duration::from_millis(250), Duration::from_secs(5));
+    Some(pause.min(tolerance.saturating_sub(lasted)))
+}
 
 /// Sleeps in small steps, so that a signal is acted on at once.
 fn sleep_unless(interrupted: &AtomicBool, duration: Duration) {
@@ -965,13 +1054,13 @@ kvm = { constraint = "kvm" }
                 .unwrap_err()
                 .message
                 .contains("HTTP 500: slurmctld busy"));
-            assert_eq!(
-                lines
-                    .iter()
-                    .filter(|l| l.starts_with("GET /slurm/v0.0.41/job/7"))
-                    .count(),
-                3
-            );
+            // Asked again with backoff (0.25 s, …) until the queue timeout
+            // of 1 s, well within the outage tolerance.
+            let polls = lines
+                .iter()
+                .filter(|l| l.starts_with("GET /slurm/v0.0.41/job/7"))
+                .count();
+            assert!((3..=6).contains(&polls), "{polls} polls");
             assert!(lines.last().unwrap().starts_with("DELETE"));
         }
 
@@ -981,6 +1070,33 @@ kvm = { constraint = "kvm" }
             assert!(result.unwrap_err().message.contains("interrupted"));
             assert!(!lines.iter().any(|l| l.starts_with("POST")));
         }
+    }
+
+    #[test]
+    fn an_outage_is_tolerated_by_time_with_backoff() {
+        let tolerance = Duration::from_secs(60);
+        let pauses: Vec<u64> = [0, 1, 4, 20, 59]
+            .into_iter()
+            .map(|s| {
+                outage_pause(Duration::from_secs(s), tolerance)
+                    .unwrap()
+                    .as_millis()
+                    .try_into()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(pauses, [250, 500, 2000, 5000, 1000]);
+        assert_eq!(outage_pause(tolerance, tolerance), None);
+        assert_eq!(
+            outage_pause(Duration::ZERO, Duration::ZERO),
+            None,
+            "outage_tolerance = 0: the first failure ends the wait"
+        );
+        let mut outage = Outage::new(Duration::from_secs(60));
+        assert_eq!(outage.pause(), Some(Duration::from_millis(250)));
+        assert!(outage.lasted() < Duration::from_secs(1));
+        outage.over();
+        assert_eq!(outage.lasted(), Duration::ZERO);
     }
 
     #[test]

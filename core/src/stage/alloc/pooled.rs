@@ -124,6 +124,7 @@ pub(super) fn allocate(
             return Err(Failure::transient("interrupted before a job was found"));
         }
         let nonce = nonce()?;
+        skip.extend(jobs_on(&pool, submission.exclude));
         let pending = pending_record(submission, &need, &nonce, owner);
         let plan = pool.plan(&PlanRequest {
             need: &need,
@@ -149,6 +150,9 @@ pub(super) fn allocate(
                 }
                 log_debug!("pool: job {:?} said {answer:?} to a take", taken.job);
                 pool.untake(&previous, &answer)?;
+                if let (Answer::Gone, Some(job)) = (&answer, taken.job) {
+                    cancel_if_requeued(submission, job);
+                }
                 if let (Answer::Busy, Some(job)) = (&answer, taken.job) {
                     skip.insert(job);
                 }
@@ -178,6 +182,36 @@ pub(super) fn allocate(
     }
 }
 
+/// The pooled jobs on `nodes` (where an earlier attempt of this build
+/// failed): not taken.
+fn jobs_on(pool: &Pool, nodes: &[String]) -> Vec<u64> {
+    if nodes.is_empty() {
+        return Vec::new();
+    }
+    pool.entries()
+        .into_iter()
+        .filter(|e| nodes.contains(&e.record.node))
+        .filter_map(|e| e.record.job)
+        .collect()
+}
+
+/// A pooled job whose work dir is gone from its node may have been
+/// requeued (its node failed; Slurm 22.05's REST API ignores `requeue:
+/// false`, and an admin may requeue any job): one that is pending again is
+/// cancelled rather than left to wait, for minutes, to run for nothing.
+fn cancel_if_requeued(submission: &mut Submission, job: u64) {
+    let Ok(slurm) = submission.clusters.get(submission.cluster) else {
+        return;
+    };
+    if slurm
+        .job(job)
+        .is_ok_and(|info| info.state == crate::slurm::JobState::Pending)
+        && slurm.cancel(job).is_ok()
+    {
+        log_info!("pool: job {job} was requeued; cancelled it");
+    }
+}
+
 /// How often, at most, a full pool's jobs in use are looked at in Slurm.
 const ENDED_JOBS_CHECK: Duration = Duration::from_secs(10);
 
@@ -195,6 +229,15 @@ fn drop_ended_jobs(submission: &mut Submission, pool: &Pool) {
     for record in pool.in_use() {
         let Some(job) = record.job else { continue };
         let ended = match slurm.job(job) {
+            Ok(info) if info.state == crate::slurm::JobState::Pending => {
+                // Requeued (a node failure on Slurm 22.05, whose REST API
+                // ignores `requeue: false`): it would only wait for a
+                // request that never comes.
+                if slurm.cancel(job).is_ok() {
+                    log_info!("pool: job {job} was requeued; cancelled it");
+                }
+                true
+            }
             Ok(info) => !matches!(
                 info.state,
                 crate::slurm::JobState::Running | crate::slurm::JobState::Suspended
