@@ -830,3 +830,107 @@ fn slurmctld_restarted_mid_build_costs_no_build() {
         }
     );
 }
+
+/// A small file system (4 MiB, the store's owner and mode) mounted over a
+/// node's `/nix/store`, in the node's own mount namespace (entered through
+/// its slurmd); unmounted when dropped, whatever happened.
+struct FullStore {
+    node_pid: String,
+}
+
+impl FullStore {
+    fn mount(c: &Cluster, node: &str) -> FullStore {
+        let pid = fs::read_to_string(c.dir.join(format!("pids/slurmd-{node}.pid"))).unwrap();
+        let full = FullStore {
+            node_pid: pid.trim().to_string(),
+        };
+        full.in_node(
+            "set -e; s=/nix/store; o=$(stat -c %u $s); g=$(stat -c %g $s); m=$(stat -c %a $s)
+             mount -t tmpfs -o size=4m,mode=$m,uid=$o,gid=$g nsh-full-store $s",
+        );
+        full
+    }
+
+    fn in_node(&self, script: &str) -> std::process::Output {
+        Command::new("nsenter")
+            .args(["-t", &self.node_pid, "-m", "sh", "-c", script])
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for FullStore {
+    fn drop(&mut self) {
+        let out = self.in_node(
+            "while grep -q ' /nix/store tmpfs ' /proc/self/mounts; do umount /nix/store || exit 1; done",
+        );
+        if !std::thread::panicking() {
+            assert!(
+                out.status.success(),
+                "unmounting the small store: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
+
+/// The nodes' disks are full: every node's store has 4 MiB free (a small
+/// file system over `/nix/store`, in the node's mount namespace) and the
+/// build writes a 16 MB output. The builder fails on "No space left on
+/// device"; Nix on the node sees its store all but full after the failure
+/// and reports it as a transient failure ("may have been caused by lack of
+/// free disk space"), so the hook tries again in new jobs, excluding the
+/// full nodes (where the REST API can: not 22.05's), until `retries` are
+/// used up or Slurm refuses a job that excludes every node, then fails the
+/// build as transient. Nothing is imported here, no job is left.
+#[test]
+fn a_full_node_disk_fails_the_build_naming_it_and_leaves_nothing() {
+    let _alone = alone();
+    let c = Cluster::get();
+    let stores: Vec<FullStore> = c.nodes().iter().map(|n| FullStore::mount(&c, n)).collect();
+    for store in &stores {
+        let mounts = store.in_node("grep ' /nix/store tmpfs ' /proc/self/mounts");
+        assert!(mounts.status.success(), "the small store is mounted");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(&c, dir.path(), "");
+    let salt = unique_salt();
+    let name = format!("faults-disk-full-{}", &salt[salt.len() - 10..]);
+    let drv = instantiate(
+        &c,
+        &format!(
+            r#"derivation {{ name = "{name}"; system = builtins.currentSystem; builder = "/bin/sh";
+                 PATH = "/usr/bin:/bin";
+                 args = ["-c" "echo started on $(cat /proc/sys/kernel/hostname); head -c 16000000 /dev/zero >$out"]; }}"#
+        ),
+    );
+    let mut hook = Hook::start(&c, dir.path(), &config, &drv);
+    hook.accepted();
+    hook.building();
+    let log = hook.log.clone();
+    let (status, said) = hook.finish(Duration::from_secs(120));
+    let log = fs::read_to_string(log).unwrap();
+    assert_eq!(status, 1, "{said}\n{log}");
+    assert!(
+        log.contains("No space left on device"),
+        "the log: {log}\nthe hook: {said}"
+    );
+    for words in [
+        "lack of free disk space",
+        "trying again in a new job (attempt 2 of 3",
+    ] {
+        assert!(said.contains(words), "{words}: {said}");
+    }
+    // The last attempt: on a node already full where Slurm cannot exclude
+    // it (22.05's REST API), or refused by Slurm (every node excluded).
+    let last = said.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("nsh-hook: run failed (transient)")
+            || last.contains("nsh-hook: alloc failed (transient)")
+                && last.contains("Requested node configuration is not available"),
+        "{said}"
+    );
+    assert!(!valid_locally(&c, &drv), "{said}");
+    assert_no_job_left(&c, &name);
+    drop(stores);
+}
