@@ -42,7 +42,10 @@ pub fn jobs_path(v: ApiVersion) -> String {
     format!("/slurm/{v}/jobs/")
 }
 
-/// The jobs in a `jobs` answer whose comment is `tag`.
+/// The jobs in a `jobs` answer whose comment is `tag`, but for those that
+/// have ended: the answer lists those too (until `MinJobAge`), and a
+/// submit Slurm refused can leave one (24.11: `FAILED`, `BadConstraints`,
+/// for a job that excludes every node), which no cancel would end.
 ///
 /// # Errors
 /// What `check` says of the answer.
@@ -53,8 +56,21 @@ pub fn parse_tagged(status: u16, body: &str, tag: &str) -> Result<Vec<u64>, Fail
         .into_iter()
         .flatten()
         .filter(|job| job.get("comment").and_then(Value::as_str) == Some(tag))
+        .filter(|job| may_still_run(job))
         .filter_map(|job| job.get("job_id").and_then(Value::as_u64))
         .collect())
+}
+
+/// Whether a `jobs[]` entry is queued, running or suspended (or in a
+/// state this nsh cannot read: cancelling it is the safe side).
+fn may_still_run(entry: &Value) -> bool {
+    use super::model::JobState;
+    job_from_value(0, entry).map_or(true, |job| {
+        matches!(
+            job.state,
+            JobState::Pending | JobState::Running | JobState::Suspended | JobState::Other(_)
+        )
+    })
 }
 
 /// `/slurm/v0.0.NN/nodes/`: every node.
@@ -743,6 +759,15 @@ mod tests {
         ], "errors": []})
         .to_string();
         assert_eq!(parse_tagged(200, &body, "nsh:bb").unwrap(), vec![42]);
+        // Ended jobs are not cancelled: a submit refused on 24.11 leaves one.
+        let body = json!({"jobs": [
+            {"job_id": 3, "comment": "nsh:bb", "job_state": ["FAILED"], "state_reason": "BadConstraints"},
+            {"job_id": 4, "comment": "nsh:bb", "job_state": "COMPLETED"},
+            {"job_id": 5, "comment": "nsh:bb", "job_state": ["PENDING"]},
+            {"job_id": 6, "comment": "nsh:bb", "job_state": "RUNNING"},
+        ], "errors": []})
+        .to_string();
+        assert_eq!(parse_tagged(200, &body, "nsh:bb").unwrap(), vec![5, 6]);
         assert!(parse_tagged(500, "{}", "nsh:bb").is_err());
     }
 

@@ -930,6 +930,8 @@ fn a_full_node_disk_fails_the_build_naming_it_and_leaves_nothing() {
                 && last.contains("Requested node configuration is not available"),
         "{said}"
     );
+    // A refused submit's job record (24.11: FAILED) is not a job to cancel.
+    assert!(!said.contains("could not be cancelled"), "{said}");
     assert!(!valid_locally(&c, &drv), "{said}");
     assert_no_job_left(&c, &name);
     drop(stores);
