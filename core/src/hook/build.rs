@@ -6,6 +6,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use super::failures::Attempt;
 use super::pipeline;
 use super::retry;
 use super::watchdog::Watchdog;
@@ -182,6 +183,7 @@ impl Build<'_> {
                 current: None,
             },
             timing: TicketLog::from_env(),
+            current: None,
         };
         if let Stages::Command(argv) = self.stages {
             // Nix already shows "building '…' on 'slurm://<cluster>'"; say how.
@@ -202,6 +204,7 @@ impl Build<'_> {
         let Attempts {
             mut watchdog,
             timing,
+            current,
             ..
         } = run;
         if let Some(signal) = outcome.interrupted_by {
@@ -218,6 +221,14 @@ impl Build<'_> {
             log.append(&outcome, code, self.ui);
         }
         self.set_aside_if_refused(&outcome);
+        if let (Some(attempt), true) = (current, code != 0) {
+            settle(
+                &attempt,
+                &outcome,
+                message.as_deref().unwrap_or_default(),
+                false,
+            );
+        }
         if let Some(message) = message {
             self.ui
                 .msg(Verbosity::Error, format!("nsh-hook: {message}"));
@@ -245,6 +256,7 @@ impl Build<'_> {
             .get(&self.cluster.name)
             .map_or(0, |c| c.retries);
         loop {
+            run.current = Some(Attempt::new(&ticket, crate::status::now()));
             let mut outcome = self.attempt(&ticket, run)?;
             if outcome.interrupted_by.is_some() {
                 return Ok(outcome);
@@ -258,6 +270,10 @@ impl Build<'_> {
             };
             run.progress.switch(None);
             self.end_failed_attempt(&outcome, alloc_tool, &next, retries);
+            if let Some(attempt) = &run.current {
+                let (_, message) = verdict(&outcome, |_, _| Ok(true));
+                settle(attempt, &outcome, &message.unwrap_or_default(), true);
+            }
             if let Some(signal) =
                 sleep_unless_signalled(retry::backoff(next.retry.as_ref().map_or(2, |r| r.attempt)))
             {
@@ -276,6 +292,7 @@ impl Build<'_> {
             watchdog,
             progress,
             timing,
+            ..
         } = run;
         let result = pipeline::run(self.stages, ticket, &env, log_fd, |event| {
             if let Event::Ticket { stage, ticket, .. } = event {
@@ -444,6 +461,16 @@ struct Attempts<'a> {
     watchdog: Option<Watchdog>,
     progress: Progress<'a>,
     timing: Option<TicketLog>,
+    /// The attempt under way, or the last one.
+    current: Option<Attempt>,
+}
+
+/// A failed attempt, in the status files: marked retried, or recorded by
+/// the hook when no stage recorded it ([`super::failures`]).
+fn settle(attempt: &Attempt, outcome: &Outcome, message: &str, retried: bool) {
+    if let Some(end) = attempt.end(outcome, message, retried, crate::status::now()) {
+        crate::status::settle_attempt(&end);
+    }
 }
 
 /// How long the cancel of a failed attempt's job may take (one Slurm call).

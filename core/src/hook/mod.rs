@@ -24,6 +24,7 @@ pub mod protocol;
 pub mod slots;
 
 mod build;
+mod failures;
 mod fallback;
 pub mod health;
 pub mod retry;

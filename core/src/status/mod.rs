@@ -118,6 +118,23 @@ pub fn end(ticket: &Ticket, failed_here: bool) {
     }
 }
 
+/// The hook ends a failed attempt of a build: recorded as
+/// [`record::settle_attempt`] says (when this process records builds).
+pub fn settle_attempt(end: &record::AttemptEnd) {
+    if !RECORDING.load(Ordering::SeqCst) {
+        return;
+    }
+    let dir = StatusDir::at(&crate::runtime::location());
+    if let Err(failure) = dir.settle_attempt(end) {
+        crate::log_debug!("status: failure not recorded: {failure}");
+    }
+}
+
+/// The time now, in Unix seconds, as the status files say it.
+pub fn now() -> u64 {
+    now_secs()
+}
+
 /// What `nsh-status` gathers.
 #[derive(Debug, Clone)]
 pub struct Options {

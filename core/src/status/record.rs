@@ -106,6 +106,23 @@ pub struct FailureLine {
     pub exit: i32,
     /// The failure's message.
     pub reason: String,
+    /// The hook's attempt at the build (2 for the first retry); absent for
+    /// a build tried once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+    /// The hook tried the build again after this failure, in a new job not
+    /// on this node: the build may have succeeded since (a flaky node).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub retried: bool,
+    /// Recorded by the hook, as no stage did: a stage killed by a signal, a
+    /// `[hook] pipeline` command that failed, outputs not valid.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub by_hook: bool,
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if takes a reference
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 impl FailureLine {
@@ -132,6 +149,9 @@ impl FailureLine {
             error: error.kind,
             exit: ExitStatus::of(error.kind).code(),
             reason: error.message.clone(),
+            attempt: ticket.retry.as_ref().map(|r| r.attempt),
+            retried: false,
+            by_hook: false,
         })
     }
 
@@ -156,6 +176,57 @@ pub fn append_bounded(old: &str, line: &FailureLine, keep: usize) -> String {
         .map(str::to_string)
         .collect();
     lines.push(line.to_json());
+    let skip = lines.len().saturating_sub(keep);
+    lines[skip..].iter().map(|l| format!("{l}\n")).collect()
+}
+
+/// How one failed attempt of a build under the hook ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptEnd {
+    /// The `.drv` store path.
+    pub drv: String,
+    /// When the attempt started (Unix seconds): the lines its stages added
+    /// are those of `drv` since then, not yet marked retried.
+    pub since: u64,
+    /// The attempt's number (1 for the first).
+    pub attempt: u32,
+    /// The hook tries the build again.
+    pub retried: bool,
+    /// The line the hook adds when no stage recorded the failure.
+    pub seen_by_hook: FailureLine,
+}
+
+/// The text of `failures.jsonl` once the hook has settled `end`: the lines
+/// the attempt's stages added say the attempt and whether it was retried;
+/// when there is none, the hook's own line is added (never both: one
+/// failure, one line). At most `keep` lines stay.
+pub fn settle_attempt(old: &str, end: &AttemptEnd, keep: usize) -> String {
+    let mut lines: Vec<String> = Vec::new();
+    let mut found = false;
+    for text in old.lines() {
+        let Some(mut line) = FailureLine::parse(text) else {
+            continue;
+        };
+        if line.drv != end.drv || line.time < end.since || line.retried {
+            lines.push(text.to_string());
+            continue;
+        }
+        found = true;
+        if end.retried || end.attempt > 1 {
+            line.attempt = Some(line.attempt.unwrap_or(end.attempt));
+        }
+        line.retried = end.retried;
+        lines.push(line.to_json());
+    }
+    if !found {
+        let mut own = end.seen_by_hook.clone();
+        own.by_hook = true;
+        own.retried = end.retried;
+        if end.retried || end.attempt > 1 {
+            own.attempt = Some(end.attempt);
+        }
+        lines.push(own.to_json());
+    }
     let skip = lines.len().saturating_sub(keep);
     lines[skip..].iter().map(|l| format!("{l}\n")).collect()
 }

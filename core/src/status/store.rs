@@ -7,7 +7,9 @@
 use std::path::{Path, PathBuf};
 
 use crate::error::{Failure, Kind, ResultExt};
-use crate::status::record::{append_bounded, FailureLine, InFlight, MAX_FAILURES};
+use crate::status::record::{
+    append_bounded, settle_attempt, AttemptEnd, FailureLine, InFlight, MAX_FAILURES,
+};
 use crate::sys::flock::FileLock;
 
 /// How long adding a failure waits for another writer: each holds the
@@ -86,6 +88,18 @@ impl StatusDir {
     /// Adds `line` to `failures.jsonl`, which keeps its last
     /// [`MAX_FAILURES`] lines (rewritten whole under a lock, renamed in).
     pub fn add_failure(&self, line: &FailureLine) -> Result<(), Failure> {
+        self.rewrite_failures(|old| append_bounded(old, line, MAX_FAILURES))
+    }
+
+    /// Settles a failed attempt of a build under the hook in
+    /// `failures.jsonl` ([`settle_attempt`]).
+    pub fn settle_attempt(&self, end: &AttemptEnd) -> Result<(), Failure> {
+        self.rewrite_failures(|old| settle_attempt(old, end, MAX_FAILURES))
+    }
+
+    /// Rewrites `failures.jsonl` as `change` says, under its lock: a
+    /// temporary file renamed in.
+    fn rewrite_failures(&self, change: impl FnOnce(&str) -> String) -> Result<(), Failure> {
         crate::runtime::private_dir(&self.root)?;
         let lock_path = self.root.join("failures.lock");
         let _lock = FileLock::acquire(&lock_path, FAILURES_LOCK_TIMEOUT).map_err(|e| {
@@ -98,7 +112,7 @@ impl StatusDir {
         let path = self.failures();
         let old = std::fs::read_to_string(&path).unwrap_or_default();
         let tmp = self.root.join(".failures.jsonl");
-        std::fs::write(&tmp, append_bounded(&old, line, MAX_FAILURES))
+        std::fs::write(&tmp, change(&old))
             .or_fail(Kind::Transient, || format!("writing {}", tmp.display()))?;
         std::fs::rename(&tmp, &path)
             .or_fail(Kind::Transient, || format!("renaming {}", tmp.display()))

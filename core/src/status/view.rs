@@ -269,7 +269,7 @@ fn failures_table(rows: &[Value], now: u64) -> String {
                 text(r, "job"),
                 text(r, "node"),
                 text(r, "exit"),
-                one_line(&text(r, "reason"), 160),
+                one_line(&format!("{}{}", retry_note(r), text(r, "reason")), 160),
             ]
         })
         .collect();
@@ -284,6 +284,18 @@ fn failures_table(rows: &[Value], now: u64) -> String {
         "REASON",
     ];
     section("Recent failures", &header, &cells)
+}
+
+/// `(attempt 1, retried) `: a failure the hook tried again after; empty
+/// for a build tried once.
+fn retry_note(row: &Value) -> String {
+    let retried = row.get("retried").and_then(Value::as_bool) == Some(true);
+    match (row.get("attempt").and_then(Value::as_u64), retried) {
+        (Some(n), true) => format!("(attempt {n}, retried) "),
+        (Some(n), false) => format!("(attempt {n}) "),
+        (None, true) => "(retried) ".to_string(),
+        (None, false) => String::new(),
+    }
 }
 
 fn section(title: &str, header: &[&str], cells: &[Vec<String>]) -> String {
@@ -372,6 +384,15 @@ mod tests {
                 NOW,
                 &SlurmSays::Unknown("unreachable".into()),
             ),
+            failure_row(&FailureLine {
+                time: NOW - 900,
+                attempt: Some(1),
+                retried: true,
+                reason: "job 42 was cancelled".into(),
+                error: crate::error::Kind::Transient,
+                exit: 75,
+                ..failure.clone()
+            }),
             failure_row(&failure),
         ]
     }

@@ -383,6 +383,79 @@ fn a_job_cancelled_by_an_admin_mid_build_is_retried_and_succeeds() {
     assert!(said.contains("trying again in a new job"), "{said}");
     assert!(valid_locally(&c, &drv), "{said}");
     assert_no_job_left(&c, &name);
+    // The admin sees the flaky attempt: its job and node, and that the
+    // build was tried again; once (nsh-run recorded it, the hook marked it).
+    let failures = failures_of(&c, &drv);
+    let first: Vec<&serde_json::Value> = failures.iter().filter(|f| f["job"] == job).collect();
+    assert_eq!(first.len(), 1, "{failures:?}");
+    let row = first[0];
+    assert_eq!(row["retried"], true, "{row}");
+    assert_eq!(row["attempt"], 1, "{row}");
+    assert_eq!(
+        row["by_hook"],
+        serde_json::Value::Null,
+        "a stage recorded it: {row}"
+    );
+    assert!(row["node"].as_str().is_some_and(|n| !n.is_empty()), "{row}");
+    assert!(
+        failures.iter().all(|f| f["job"] != second_job),
+        "the attempt that succeeded is no failure: {failures:?}"
+    );
+}
+
+/// Root's `nsh-status --json --failures`, as the hook's runtime directory
+/// has them: the rows of `drv`.
+fn failures_of(c: &Cluster, drv: &str) -> Vec<serde_json::Value> {
+    let out = c
+        .command(nsh_tool("nsh-status"))
+        .args(["--json", "--failures"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|row| row["kind"] == "failure" && row["drv"] == drv)
+        .collect()
+}
+
+/// A `[hook] pipeline` command that fails writes no failure of its own:
+/// the hook records it, once.
+#[test]
+fn a_failing_pipeline_command_is_recorded_by_the_hook() {
+    let _alone = alone();
+    let c = Cluster::get();
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(&c, dir.path(), "");
+    let mut text = fs::read_to_string(&config).unwrap();
+    text.push_str("pipeline = [\"/bin/sh\", \"-c\", \"cat >/dev/null; exit 3\"]\n");
+    fs::write(&config, text).unwrap();
+    let salt = unique_salt();
+    let name = format!("faults-pipeline-{}", &salt[salt.len() - 10..]);
+    let drv = slow_drv(&c, &name, 1);
+    let mut hook = Hook::start(&c, dir.path(), &config, &drv);
+    hook.accepted();
+    let drv = hook.drv.clone();
+    let (status, said) = hook.finish(Duration::from_secs(60));
+    assert_ne!(status, 0, "{said}");
+    let failures = failures_of(&c, &drv);
+    assert_eq!(failures.len(), 1, "{failures:?}\n{said}");
+    let row = &failures[0];
+    assert_eq!(row["by_hook"], true, "{row}");
+    assert_eq!(row["stage"], "sh", "{row}");
+    assert!(
+        row["reason"]
+            .as_str()
+            .unwrap()
+            .contains("exited with status 3"),
+        "{row}"
+    );
+    assert_eq!(row["retried"], serde_json::Value::Null, "{row}");
 }
 
 /// `retries = 0`: the fault is Nix's to see, at once, and nothing is left.

@@ -18,6 +18,8 @@ fn main() {
         if argv.get(1).map(String::as_str) == Some("--check") {
             check::main(&argv)
         } else {
+            // Failures the stages did not record (`docs/nsh-status.md`).
+            nsh_core::record_builds();
             nsh_core::build_hook::main(&argv)
         }
     })
