@@ -133,6 +133,29 @@ impl Cluster {
             .expect("ssh runs")
     }
 
+    /// Instantiates the Nix expression `expr` here and builds it on `node`
+    /// only (the output exists there, not here), as nsh-fetch finds a
+    /// build; returns (the derivation here, the output the node built).
+    pub fn instantiate_here_build_on(&self, node: &str, expr: &str) -> (String, String) {
+        let drv = run_ok(self.command("nix-instantiate").args(["-E", expr]))
+            .trim()
+            .to_string();
+        let built = self.ssh(
+            node,
+            &format!(
+                "nix-build --no-out-link -E {}",
+                nsh_core::ssh::shell_quote(expr)
+            ),
+        );
+        assert!(
+            built.status.success(),
+            "{}",
+            String::from_utf8_lossy(&built.stderr)
+        );
+        let out = String::from_utf8(built.stdout).unwrap().trim().to_string();
+        (drv, out)
+    }
+
     /// The same cluster with `lines` added to its `[cluster.test]` table
     /// (e.g. `linger = 0`): `nsh_config()`, `envs()` and `command()` then
     /// use that configuration, written once per test process beside the

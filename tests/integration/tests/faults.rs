@@ -105,6 +105,25 @@ struct Hook {
     drv: String,
 }
 
+/// A build of `secs` seconds named `faults-<tag>-…`, accepted by a hook
+/// whose cluster has `cluster_keys` added; returns its name (what squeue
+/// shows) and the hook.
+fn accepted_build(
+    c: &Cluster,
+    dir: &Path,
+    cluster_keys: &str,
+    tag: &str,
+    secs: u32,
+) -> (String, Hook) {
+    let config = config(c, dir, cluster_keys);
+    let salt = unique_salt();
+    let name = format!("faults-{tag}-{}", &salt[salt.len() - 10..]);
+    let drv = slow_drv(c, &name, secs);
+    let mut hook = Hook::start(c, dir, &config, &drv);
+    hook.accepted();
+    (name, hook)
+}
+
 impl Hook {
     fn start(c: &Cluster, dir: &Path, config: &Path, drv: &str) -> Hook {
         let log = dir.join(format!("build-{}.log", unique_salt()));
@@ -335,12 +354,7 @@ fn a_node_that_dies_mid_build_costs_no_build() {
     let _alone = alone();
     let c = Cluster::get();
     let dir = tempfile::tempdir().unwrap();
-    let config = config(&c, dir.path(), "");
-    let salt = unique_salt();
-    let name = format!("faults-node-dies-{}", &salt[salt.len() - 10..]);
-    let drv = slow_drv(&c, &name, 8);
-    let mut hook = Hook::start(&c, dir.path(), &config, &drv);
-    hook.accepted();
+    let (name, mut hook) = accepted_build(&c, dir.path(), "", "node-dies", 8);
     let (node, job) = hook.building();
     let _restore = RestoreNode(node.clone());
     fail_node(&c, &node);
@@ -365,12 +379,7 @@ fn a_job_cancelled_by_an_admin_mid_build_is_retried_and_succeeds() {
     let _alone = alone();
     let c = Cluster::get();
     let dir = tempfile::tempdir().unwrap();
-    let config = config(&c, dir.path(), "");
-    let salt = unique_salt();
-    let name = format!("faults-scancel-{}", &salt[salt.len() - 10..]);
-    let drv = slow_drv(&c, &name, 6);
-    let mut hook = Hook::start(&c, dir.path(), &config, &drv);
-    hook.accepted();
+    let (name, mut hook) = accepted_build(&c, dir.path(), "", "scancel", 6);
     let (_, job) = hook.building();
     run_ok(c.command("scancel").arg(job.to_string()));
     let (_, second_job) = hook.building();
@@ -464,12 +473,7 @@ fn without_retries_a_cancelled_job_fails_the_build_and_leaves_nothing() {
     let _alone = alone();
     let c = Cluster::get();
     let dir = tempfile::tempdir().unwrap();
-    let config = config(&c, dir.path(), "retries = 0");
-    let salt = unique_salt();
-    let name = format!("faults-no-retry-{}", &salt[salt.len() - 10..]);
-    let drv = slow_drv(&c, &name, 30);
-    let mut hook = Hook::start(&c, dir.path(), &config, &drv);
-    hook.accepted();
+    let (name, mut hook) = accepted_build(&c, dir.path(), "retries = 0", "no-retry", 30);
     let (_, job) = hook.building();
     run_ok(c.command("scancel").arg(job.to_string()));
     let (status, said) = hook.finish(Duration::from_secs(60));
@@ -879,12 +883,7 @@ fn slurmctld_restarted_mid_build_costs_no_build() {
     let _alone = alone();
     let c = Cluster::get();
     let dir = tempfile::tempdir().unwrap();
-    let config = config(&c, dir.path(), "");
-    let salt = unique_salt();
-    let name = format!("faults-ctld-restart-{}", &salt[salt.len() - 10..]);
-    let drv = slow_drv(&c, &name, 8);
-    let mut hook = Hook::start(&c, dir.path(), &config, &drv);
-    hook.accepted();
+    let (name, mut hook) = accepted_build(&c, dir.path(), "", "ctld-restart", 8);
     hook.building();
     let mut down = Outage::stop("slurmctld");
     std::thread::sleep(Duration::from_secs(3));

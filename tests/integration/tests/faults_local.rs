@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use nsh_cluster_tests::{run_ok, unique_salt, Cluster};
+use nsh_cluster_tests::{unique_salt, Cluster};
 use serde_json::{json, Value};
 
 const NODE: &str = "node1";
@@ -48,22 +48,7 @@ fn build_on_node(c: &Cluster, salt: &str, size: u64) -> NodeBuild {
              args = [ "-c" "head -c {size} /dev/urandom > $out" ];
            }}"#
     );
-    let drv = run_ok(c.command("nix-instantiate").args(["-E", &expr]))
-        .trim()
-        .to_string();
-    let out = c.ssh(
-        NODE,
-        &format!(
-            "nix-build --no-out-link -E {}",
-            nsh_core::ssh::shell_quote(&expr)
-        ),
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let (drv, out) = c.instantiate_here_build_on(NODE, &expr);
     NodeBuild { drv, out }
 }
 

@@ -78,27 +78,12 @@ struct NodeBuild {
 
 fn build_on_node(c: &Cluster, salt: &str, size: u64) -> NodeBuild {
     let expr = two_paths_expr(salt, size);
-    let drv = run_ok(c.command("nix-instantiate").args(["-E", &expr]))
-        .trim()
-        .to_string();
+    let (drv, out) = c.instantiate_here_build_on(NODE, &expr);
     for input in run_ok(c.command("nix-store").args(["-q", "--references", &drv])).lines() {
         if input.ends_with(".drv") {
             run_ok(c.command("nix-store").args(["-r", input]));
         }
     }
-    let out = c.ssh(
-        NODE,
-        &format!(
-            "nix-build --no-out-link -E {}",
-            nsh_core::ssh::shell_quote(&expr)
-        ),
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = String::from_utf8(out.stdout).unwrap().trim().to_string();
     let here = run_ok(c.command("nix-store").args(["-q", "--outputs", &drv]));
     assert_eq!(here.trim(), out, "the node built another path than {drv}'s");
     NodeBuild { drv, out }
@@ -865,22 +850,7 @@ fn a_path_planted_on_the_node_never_reaches_the_local_store() {
              args = [ "-c" "echo {planted} > $out" ];
            }}"#
     );
-    let drv = run_ok(c.command("nix-instantiate").args(["-E", &expr]))
-        .trim()
-        .to_string();
-    let out = c.ssh(
-        NODE,
-        &format!(
-            "nix-build --no-out-link -E {}",
-            nsh_core::ssh::shell_quote(&expr)
-        ),
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let (drv, out) = c.instantiate_here_build_on(NODE, &expr);
     // The node's store belongs to the build account, so whoever builds
     // there can rewrite its database: add the planted path to the output's
     // references, as a hostile node would report them.
