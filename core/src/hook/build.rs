@@ -214,8 +214,13 @@ impl Build<'_> {
             }
             return EXIT_MISC;
         }
-        let (code, message) = verdict(&outcome, |paths, uri| {
-            outputs_valid(self.config.nix_bin_dir.as_deref(), uri, paths)
+        let (code, message) = verdict(&outcome, |paths, uri| match self.stages {
+            // nsh-fetch writes its ticket only once the wanted outputs are
+            // valid in the local store (it asks the store itself, or has
+            // just registered them): asking again here would cost one more
+            // `nix-store` per build for an answer already had.
+            Stages::Tools(_) => Ok(true),
+            Stages::Command(_) => outputs_valid(self.config.nix_bin_dir.as_deref(), uri, paths),
         });
         if let Some(log) = timing {
             log.append(&outcome, code, self.ui);

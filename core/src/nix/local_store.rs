@@ -129,6 +129,15 @@ impl LocalStore {
         Ok(valid)
     }
 
+    /// Validity questions to one `nix-store --serve`, started at the first.
+    #[must_use]
+    pub fn validity(&self) -> Validity<'_> {
+        Validity {
+            store: self,
+            serve: None,
+        }
+    }
+
     /// What the build of `drv` needs as input before it is closed under
     /// references: its inputSrcs and, of every input derivation, the
     /// outputs it uses. Input derivations are read from the store's files.
@@ -168,6 +177,40 @@ pub struct InputClosure {
     pub nar_size: u64,
     /// The path infos, in the order of `paths`.
     pub infos: Vec<PathInfo>,
+}
+
+/// Several validity questions to one `nix-store --serve` on a store, started
+/// at the first question: one process where each question would start its
+/// own. Only for questions about paths nothing is known to have made valid
+/// in between: a newer Nix may answer from what it looked up before. A
+/// question after locks were taken or after an import goes to a new one
+/// ([`LocalStore::valid_paths`]).
+pub struct Validity<'s> {
+    store: &'s LocalStore,
+    serve: Option<ServeProcess>,
+}
+
+impl Validity<'_> {
+    /// Which of `paths` are valid.
+    pub fn of<S: AsRef<str>>(&mut self, paths: &[S]) -> Result<BTreeSet<StorePath>, Failure> {
+        if paths.is_empty() {
+            return Ok(BTreeSet::new());
+        }
+        let serve = match &mut self.serve {
+            Some(serve) => serve,
+            None => self.serve.insert(self.store.serve(false)?),
+        };
+        Ok(serve
+            .client
+            .query_valid_paths(paths, false, false)?
+            .into_iter()
+            .collect())
+    }
+
+    /// Ends the conversation, if one was started.
+    pub fn finish(self) -> Result<(), Failure> {
+        self.serve.map_or(Ok(()), ServeProcess::finish)
+    }
 }
 
 /// Closes `roots` under references in the store `client` talks to. Roots

@@ -151,6 +151,12 @@ pub fn push(
 }
 
 /// One attempt: returns (paths copied, NAR bytes sent).
+///
+/// The node is asked first without the per-node lock: in a DAG's chain the
+/// node mostly has everything already, and several builds on one node then
+/// do not wait for each other. Only when something is missing is the lock
+/// taken and the node asked again, so that two pushes needing the same path
+/// copy it once (the second finds it present).
 fn push_once(
     closure: &[StorePath],
     alloc: &mut AllocSection,
@@ -163,20 +169,6 @@ fn push_once(
         return Ok((0, 0));
     }
     let ssh = Ssh::ensure_master(alloc, config)?;
-    let lock_path = node_lock_path(alloc, &ssh)?;
-    let lock_limit = Duration::from_secs(config.remote.lock_timeout_s);
-    let _lock = FileLock::acquire(&lock_path, lock_limit).map_err(|e| match e {
-        LockError::Open(_) => {
-            Failure::transient(format!("opening the lock {}: {e}", lock_path.display()))
-        }
-        LockError::Lock(_) => Failure::transient(format!(
-            "locking {} (the push lock of {}): {e}{}",
-            lock_path.display(),
-            alloc.node,
-            crate::stage::ssh::lock_timeout_hint(&e)
-        )),
-    })?;
-
     let argv = crate::stage::ssh::remote_serve_argv(&config.remote);
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
     let mut remote = ServeProcess::from_command(
@@ -185,19 +177,22 @@ fn push_once(
         Some(Duration::from_secs(config.remote.io_timeout_s)),
     )?
     .when_stalled(crate::stage::ssh::stop_master_of(&ssh));
-    let present: BTreeSet<StorePath> = remote
-        .client
-        .query_valid_paths(closure, true, false)?
-        .into_iter()
-        .collect();
-    // The closure is in dependency order; so is `missing`.
-    let missing: Vec<&StorePath> = closure.iter().filter(|p| !present.contains(*p)).collect();
-    if missing.is_empty() {
+    if missing_on_node(&mut remote, closure)?.is_empty() {
         log_info!("{}: all {} paths present", ssh.describe(), closure.len());
         remote.finish()?;
         return Ok((0, 0));
     }
-
+    let _lock = push_lock(alloc, &ssh, config)?;
+    let missing = missing_on_node(&mut remote, closure)?;
+    if missing.is_empty() {
+        log_info!(
+            "{}: all {} paths present (another push copied the rest)",
+            ssh.describe(),
+            closure.len()
+        );
+        remote.finish()?;
+        return Ok((0, 0));
+    }
     let mut local_serve = local.serve(false)?;
     let infos = local_path_infos(&mut local_serve.client, &missing)?;
     let infos: Vec<&PathInfo> = infos.iter().collect();
@@ -234,6 +229,38 @@ fn push_once(
     remote.finish()?;
     local_serve.finish()?;
     Ok((infos.len() as u64, total))
+}
+
+/// The paths of `closure` (in dependency order; so is the answer) that the
+/// node lacks. QueryValidPaths with `lock`: the node keeps what it has as
+/// temporary GC roots for the rest of the conversation.
+fn missing_on_node<'c>(
+    remote: &mut ServeProcess,
+    closure: &'c [StorePath],
+) -> Result<Vec<&'c StorePath>, Failure> {
+    let present: BTreeSet<StorePath> = remote
+        .client
+        .query_valid_paths(closure, true, false)?
+        .into_iter()
+        .collect();
+    Ok(closure.iter().filter(|p| !present.contains(*p)).collect())
+}
+
+/// The per-node push lock, within `remote.lock_timeout`.
+fn push_lock(alloc: &AllocSection, ssh: &Ssh, config: &Config) -> Result<FileLock, Failure> {
+    let lock_path = node_lock_path(alloc, ssh)?;
+    let lock_limit = Duration::from_secs(config.remote.lock_timeout_s);
+    FileLock::acquire(&lock_path, lock_limit).map_err(|e| match e {
+        LockError::Open(_) => {
+            Failure::transient(format!("opening the lock {}: {e}", lock_path.display()))
+        }
+        LockError::Lock(_) => Failure::transient(format!(
+            "locking {} (the push lock of {}): {e}{}",
+            lock_path.display(),
+            alloc.node,
+            crate::stage::ssh::lock_timeout_hint(&e)
+        )),
+    })
 }
 
 /// The path infos of `missing` in the local store, in the same order. A path

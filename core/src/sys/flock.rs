@@ -21,8 +21,15 @@ pub enum Wait {
     Within(Duration),
 }
 
-/// The longest pause between two tries of a lock taken [`Wait::Within`].
-const RETRY_PAUSE_MAX: Duration = Duration::from_millis(200);
+/// The first and the longest pause between two tries of a lock taken
+/// [`Wait::Within`]. The locks nsh waits for (the pool, a node's push, an
+/// ssh master's start) are held for milliseconds, by up to `max_jobs`
+/// builds at once: a long pause would cost a waiter far more than the
+/// holder held the lock (with 200 ms, 8 builds on one node queued behind
+/// each other's pauses). A try is one syscall, so trying every 10 ms costs
+/// nothing worth counting.
+const RETRY_PAUSE_FIRST: Duration = Duration::from_millis(1);
+const RETRY_PAUSE_MAX: Duration = Duration::from_millis(10);
 
 /// Takes an exclusive `flock` on `file`: `Ok(true)` once held, `Ok(false)`
 /// when `wait` is [`Wait::DontWait`] and another holder has it. A signal
@@ -61,7 +68,7 @@ fn flock_retrying(file: &File, operation: FlockOperation, wait: Wait) -> io::Res
         Wait::Within(limit) => Some((Instant::now() + limit, limit)),
         Wait::Block | Wait::DontWait => None,
     };
-    let mut pause = Duration::from_millis(5);
+    let mut pause = RETRY_PAUSE_FIRST;
     loop {
         match rustix::fs::flock(file, operation) {
             Ok(()) => return Ok(true),

@@ -264,7 +264,19 @@ fn fetch_with(
         };
         fetch_once(&declared, alloc, config, &mut here, way, progress)
     })?;
-    // Whatever happened in between, the outputs must be valid now.
+    if way.method == ImportMethod::LoadDb {
+        // Every wanted output was found valid (and made a temporary root
+        // first, so it stays so) or was registered by the `nix-store
+        // --load-db` that just succeeded: asking the store again would cost
+        // one more process per build for an answer already had.
+        return Ok(Fetched {
+            paths,
+            bytes,
+            wanted: declared.wanted,
+        });
+    }
+    // Through the daemon, whatever happened in between, the outputs must be
+    // valid now.
     let valid = local.valid_paths(&declared.wanted)?;
     if let Some(missing) = declared.wanted.iter().find(|o| !valid.contains(*o)) {
         return Err(Failure::permanent(format!(

@@ -27,7 +27,7 @@ use std::io::{Read, Write};
 
 use super::fixed::FixedHash;
 use crate::error::{Failure, Kind, KindOf};
-use crate::nix::local_store::{self, LocalStore};
+use crate::nix::local_store::{self, LocalStore, Validity};
 use crate::nix::serve::client::ServeClient;
 use crate::nix::serve::{self, PathInfo};
 use crate::nix::store_path::StorePath;
@@ -285,7 +285,24 @@ pub(super) fn plan<R: Read, W: Write>(
     here: &mut Here,
 ) -> Result<Vec<PathInfo>, Failure> {
     let peer = remote.peer().to_string();
-    let mut todo = missing_here(&declared.wanted, here)?;
+    // Every local question of the plan goes to one `nix-store --serve`:
+    // nothing here makes a path valid, so no answer goes stale.
+    let mut validity = here.local.validity();
+    let planned = plan_with_validity(remote, declared, here, &mut validity, &peer);
+    let finished = validity.finish();
+    let planned = planned?;
+    finished?;
+    Ok(planned)
+}
+
+fn plan_with_validity<R: Read, W: Write>(
+    remote: &mut ServeClient<R, W>,
+    declared: &Declared,
+    here: &mut Here,
+    validity: &mut Validity,
+    peer: &str,
+) -> Result<Vec<PathInfo>, Failure> {
+    let mut todo = missing_here(&declared.wanted, here, validity)?;
     lock_on_node(remote, &todo, &BTreeMap::new())?;
     let mut infos: BTreeMap<StorePath, PathInfo> = BTreeMap::new();
     // A reference that is no output → the first output referring to it.
@@ -306,7 +323,7 @@ pub(super) fn plan<R: Read, W: Write>(
                         output: info.path.clone(),
                         reference: reference.clone(),
                     }
-                    .fail(&peer));
+                    .fail(peer));
                 }
                 if declared.outputs.contains_key(reference) {
                     let planned = infos.contains_key(reference) || todo.contains(reference);
@@ -323,24 +340,28 @@ pub(super) fn plan<R: Read, W: Write>(
             infos.insert(info.path.clone(), registered(info, &declared.drv));
         }
         let needed: Vec<StorePath> = next.keys().cloned().collect();
-        let needed = missing_here(&needed, here)?;
+        let needed = missing_here(&needed, here, validity)?;
         lock_on_node(remote, &needed, &next)?;
         todo = needed;
     }
-    check_others(&others, declared, here, &peer)?;
+    check_others(&others, declared, here, validity, peer)?;
     let total = infos
         .values()
         .fold(0u64, |sum, info| sum.saturating_add(info.nar_size));
     if total > here.max_output_size {
         let max = here.max_output_size;
-        return Err(ImportRefused::TooLarge { total, max }.fail(&peer));
+        return Err(ImportRefused::TooLarge { total, max }.fail(peer));
     }
     local_store::dependency_order(infos.into_values().collect())
 }
 
 /// Of `paths`, those the local store lacks; each is made a temporary root
 /// first, so that what is found valid stays valid.
-fn missing_here(paths: &[StorePath], here: &mut Here) -> Result<Vec<StorePath>, Failure> {
+fn missing_here(
+    paths: &[StorePath],
+    here: &mut Here,
+    validity: &mut Validity,
+) -> Result<Vec<StorePath>, Failure> {
     if let Some(roots) = here.roots.as_deref_mut() {
         for path in paths {
             roots.add(path).map_err(|e| {
@@ -348,10 +369,7 @@ fn missing_here(paths: &[StorePath], here: &mut Here) -> Result<Vec<StorePath>, 
             })?;
         }
     }
-    if paths.is_empty() {
-        return Ok(Vec::new());
-    }
-    let valid = here.local.valid_paths(paths)?;
+    let valid = validity.of(paths)?;
     Ok(paths
         .iter()
         .filter(|p| !valid.contains(*p))
@@ -425,10 +443,11 @@ fn check_others(
     others: &BTreeMap<StorePath, StorePath>,
     declared: &Declared,
     here: &mut Here,
+    validity: &mut Validity,
     peer: &str,
 ) -> Result<(), Failure> {
     let paths: Vec<StorePath> = others.keys().cloned().collect();
-    let missing = missing_here(&paths, here)?;
+    let missing = missing_here(&paths, here, validity)?;
     let Some(reference) = missing.into_iter().next() else {
         return Ok(());
     };
