@@ -134,7 +134,9 @@ pub mod store {
 /// request written ahead of time.
 pub mod serve {
     pub use crate::nix::serve::client::ServeProcess;
-    pub use crate::nix::serve::{read_build_response, write_build_request, BuildStatus, PathInfo};
+    pub use crate::nix::serve::{
+        read_build_response, write_build_request, BuildResponse, BuildStatus, PathInfo,
+    };
 }
 
 /// Slurm's job model as nsh sees it, and the slurmrestd codec of every API

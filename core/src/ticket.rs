@@ -254,6 +254,11 @@ pub struct PushSection {
     pub present: u64,
     pub bytes: u64,
     pub secs: f64,
+    /// The node was not asked: the pool knew it to hold the whole closure
+    /// (nsh-run's request asks it, and a build it lacked inputs for fails
+    /// as transient).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub by_locality: bool,
     #[serde(flatten)]
     pub extra: Extra,
 }

@@ -319,7 +319,10 @@ fn build_derivation_live_and_as_a_request_file() {
         .status()
         .unwrap();
     assert!(status.success());
-    let result = serve::read_build_response(fs::File::open(&response).unwrap()).unwrap();
+    let response = serve::read_build_response(fs::File::open(&response).unwrap()).unwrap();
+    // The request's first question: the store had every input.
+    assert_eq!(response.inputs_valid, closure.paths);
+    let result = response.result.unwrap();
     assert_eq!(result.status, BuildStatus::Built, "{}", result.error_msg);
     assert_eq!(
         result.built_outputs.keys().collect::<Vec<_>>(),
@@ -331,6 +334,46 @@ fn build_derivation_live_and_as_a_request_file() {
     }
 
     a_failing_build_says_why(&s, &store);
+    // An input no store has (as if the node's garbage collector took it).
+    let gone = store
+        .dir
+        .join("0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a-gone")
+        .unwrap();
+    let inputs = [closure.paths[0].clone(), gone];
+    let mut request = Vec::new();
+    serve::write_build_request(&mut request, &b, &inputs, &BuildOptions::default()).unwrap();
+    a_build_without_an_input_says_which(&s, &request, &closure.paths[0]);
+}
+
+/// A request with an input the store lacks (a push skipped on the pool's
+/// word, whose path the node's garbage collector took): the response still
+/// parses, and its first answer leaves out what was missing, whatever the
+/// build result says.
+fn a_build_without_an_input_says_which(s: &TestStore, request: &[u8], there: &StorePath) {
+    let out = s
+        .nix("nix-store")
+        .args(["--serve", "--write"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            child.stdin.take().unwrap().write_all(request)?;
+            child.wait_with_output()
+        })
+        .unwrap();
+    let response = serve::read_build_response(&out.stdout[..]).unwrap();
+    assert_eq!(response.inputs_valid, std::slice::from_ref(there));
+    // Built it is not; some versions end the conversation at the missing
+    // input, without a build result.
+    if let Ok(result) = &response.result {
+        assert_ne!(result.status, BuildStatus::Built);
+    }
+    eprintln!(
+        "with an input missing: {:?}; the server said: {}",
+        response.result.map(|r| (r.status, r.error_msg)),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
 }
 
 /// A failing build: the status and message come back.
@@ -434,7 +477,10 @@ fn a_structured_attrs_derivation_builds_from_a_request_file() {
         .status()
         .unwrap();
     assert!(status.success());
-    let result = serve::read_build_response(fs::File::open(&response).unwrap()).unwrap();
+    let response = serve::read_build_response(fs::File::open(&response).unwrap()).unwrap();
+    // No inputs: the request's first question asks about none.
+    assert!(response.inputs_valid.is_empty(), "no inputs were asked");
+    let result = response.result.unwrap();
     assert_eq!(result.status, BuildStatus::Built, "{}", result.error_msg);
     let out = &result.output_paths(&store.dir).unwrap()["out"];
     assert_eq!(
@@ -544,7 +590,10 @@ fn fixed_output_derivations_build_from_request_files() {
             .status()
             .unwrap();
         assert!(status.success());
-        let result = serve::read_build_response(fs::File::open(&response).unwrap()).unwrap();
+        let result = serve::read_build_response(fs::File::open(&response).unwrap())
+            .unwrap()
+            .result
+            .unwrap();
         assert_eq!(
             result.status,
             BuildStatus::Built,

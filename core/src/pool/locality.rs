@@ -65,6 +65,27 @@ pub fn note<P: AsRef<str>>(dir: &Path, node: &str, paths: &[P]) -> Result<(), Fa
     std::fs::rename(&tmp, &file).or_fail(Kind::Transient, || format!("renaming {}", tmp.display()))
 }
 
+/// Takes `paths` out of what `node` holds: the node was found without them
+/// (the caller holds the pool's lock).
+pub fn forget<P: AsRef<str>>(dir: &Path, node: &str, paths: &[P]) -> Result<(), Failure> {
+    let file = node_file(dir, node);
+    let Ok(text) = std::fs::read_to_string(&file) else {
+        return Ok(());
+    };
+    let gone: HashSet<&str> = paths.iter().map(AsRef::as_ref).collect();
+    let kept: Vec<&str> = text.lines().filter(|l| !gone.contains(l)).collect();
+    if kept.len() == text.lines().count() {
+        return Ok(());
+    }
+    let mut out = kept.join("\n");
+    if !out.is_empty() {
+        out.push('\n');
+    }
+    let tmp = file.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, out).or_fail(Kind::Transient, || format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &file).or_fail(Kind::Transient, || format!("renaming {}", tmp.display()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -79,6 +100,10 @@ mod tests {
         assert_eq!(known1.len(), 3);
         assert_eq!(score(&known1, &[p(1), p(3), p(9)]), 2);
         assert!(known(dir.path(), "node2").is_empty());
+        forget(dir.path(), "node1", &[p(2)]).unwrap();
+        forget(dir.path(), "node2", &[p(2)]).unwrap();
+        assert_eq!(known(dir.path(), "node1").len(), 2, "p(2) forgotten");
+        note(dir.path(), "node1", &[p(2)]).unwrap();
         let many: Vec<String> = (10..10 + MAX_PATHS_PER_NODE).map(p).collect();
         note(dir.path(), "node1", &many).unwrap();
         let known1 = known(dir.path(), "node1");

@@ -327,6 +327,25 @@ impl Pool {
         locality::note(&self.dir, node, paths)
     }
 
+    /// Notes that `node` lacks `paths` after all (for locality).
+    pub fn forget_paths<P: AsRef<str>>(&self, node: &str, paths: &[P]) -> Result<(), Failure> {
+        if paths.is_empty() || node.is_empty() {
+            return Ok(());
+        }
+        let _lock = self.lock()?;
+        locality::forget(&self.dir, node, paths)
+    }
+
+    /// Whether every one of `paths` is known to be on `node` (no lock: the
+    /// record is replaced whole, by a rename).
+    pub fn knows_all<P: AsRef<str>>(&self, node: &str, paths: &[P]) -> bool {
+        if node.is_empty() {
+            return false;
+        }
+        let known = locality::known(&self.dir, node);
+        locality::score(&known, paths) == paths.len()
+    }
+
     /// Empties the pool: free jobs are removed from it (returned: to be let
     /// go by the caller), jobs in use are marked to end when their owner is
     /// done, submissions in progress are left alone. Returns the free ones

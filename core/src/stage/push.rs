@@ -131,6 +131,24 @@ pub fn push(
             .map_err(|e| e.context("ticket closure.paths"))?;
     }
 
+    if !closure.is_empty() && crate::stage::alloc::pooled::known_on_node(config, &alloc, &closure) {
+        // What nsh put on this node is there still, unless the node's
+        // garbage collector took it: nsh-run's request asks the node first,
+        // and a build that lacked an input fails as transient (and is tried
+        // again, pushing). One ssh session and one `nix-store` fewer per
+        // build of a DAG's chain.
+        log_info!(
+            "{}: the pool knows it holds all {} paths; not asked",
+            alloc.node,
+            closure.len()
+        );
+        return Ok(PushSection {
+            present: closure.len() as u64,
+            secs: started.elapsed().as_secs_f64(),
+            by_locality: true,
+            ..PushSection::default()
+        });
+    }
     let outcome =
         retry::transient(|| push_once(&closure, &mut alloc, config, &local, method, progress));
     // The master's socket is worth recording even when the push failed: the
@@ -146,6 +164,7 @@ pub fn push(
         present: closure.len() as u64 - copied,
         bytes,
         secs: started.elapsed().as_secs_f64(),
+        by_locality: false,
         extra: crate::ticket::Extra::default(),
     })
 }

@@ -456,3 +456,87 @@ fn max_jobs_holds_with_a_full_pool() {
     assert_eq!(listed.len(), 1, "{listed:?}");
     assert_eq!(listed[0]["job"], job_of(&big));
 }
+
+/// Three derivations, each copying the one before and adding a line (`a`
+/// ← `b` ← `c`; the shell's own `read`: a builder has no PATH), new each
+/// run; their derivation paths, `a` first.
+fn chain(c: &Cluster, prefix: &str) -> Vec<String> {
+    let salt = unique_salt();
+    let expr = |top: &str| {
+        format!(
+            r#"let mk = name: script: builtins.derivation {{
+                 inherit name;
+                 system = "x86_64-linux";
+                 builder = "/bin/sh";
+                 args = [ "-c" script ];
+                 salt = "{salt}";
+               }};
+               a = mk "{prefix}-a" "echo a > $out";
+               copy = from: "while read -r l; do echo $l; done < ${{from}} > $out";
+               b = mk "{prefix}-b" "${{copy a}}; echo b >> $out";
+               c = mk "{prefix}-c" "${{copy b}}; echo c >> $out";
+             in {top}"#
+        )
+    };
+    ["a", "b", "c"]
+        .iter()
+        .map(|top| instantiate(c, &expr(top)))
+        .collect()
+}
+
+/// A chain's next build on the node that built its input skips the push's
+/// session (the pool knows the node holds the input: `push.by_locality`);
+/// when the node lost that input after all (its garbage collector took it),
+/// nsh-run finds it out from its request's first answer: a transient
+/// failure naming the node, and the pool forgets the path, so the next try
+/// pushes it and builds.
+#[test]
+fn a_chain_skips_the_push_and_a_lost_input_is_found_by_the_run() {
+    let pool = Pool::new("linger = 30", "");
+    let c = &pool.c;
+    let drvs = chain(c, "pool-chain");
+    let a = pool.build(&drvs[0], None);
+    assert_eq!(a["push"]["by_locality"], Value::Null, "no inputs: {a}");
+    let b = pool.build(&drvs[1], None);
+    assert_eq!(b["alloc"]["reused"], true, "{b}");
+    assert_eq!(b["push"]["by_locality"], true, "{b}");
+    assert_eq!(b["push"]["present"], 1, "{b}");
+    assert_eq!(b["run"]["status"], "built", "{b}");
+
+    // The node loses b's output; the pool still thinks it is there.
+    let node = b["alloc"]["node"].as_str().unwrap().to_string();
+    let b_out = b["fetch"]["paths"][0].as_str().unwrap().to_string();
+    let deleted = c.ssh(&node, &format!("nix-store --delete {b_out}"));
+    assert!(
+        deleted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&deleted.stderr)
+    );
+    let mut ticket = pool.allocate(&closure_ticket(c, &drvs[2], Value::Null), None);
+    assert_eq!(ticket["alloc"]["node"], node.as_str(), "{ticket}");
+    let pushed = pool.pipe("nsh-push", &[], &ticket, None);
+    pushed.ok();
+    assert_eq!(
+        pushed.ticket["push"]["by_locality"], true,
+        "{}",
+        pushed.ticket
+    );
+    ticket = pushed.ticket;
+    let run = pool.pipe("nsh-run", &[], &ticket, None);
+    assert_eq!(run.status, 75, "{}", run.stderr);
+    let error = run.ticket["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        error.contains(&node) && error.contains("lacked 1 of the build's 1 input paths"),
+        "{}",
+        run.ticket
+    );
+    assert_eq!(run.ticket["error"]["kind"], "transient", "{}", run.ticket);
+
+    // Tried again: the push asks the node and copies b's output back.
+    let again = pool.build(&drvs[2], None);
+    assert_eq!(again["push"]["by_locality"], Value::Null, "{again}");
+    assert_eq!(again["push"]["copied"], 1, "{again}");
+    assert_eq!(again["run"]["status"], "built", "{again}");
+    let c_out = again["fetch"]["paths"][0].as_str().unwrap();
+    assert_eq!(std::fs::read_to_string(c_out).unwrap(), "a\nb\nc\n");
+}

@@ -83,7 +83,10 @@ fn inputs_are_copied_to_a_node_and_a_request_file_builds_there() {
     child.stdin.take().unwrap().write_all(&request).unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
-    let result = serve::read_build_response(&out.stdout[..]).unwrap();
+    let response = serve::read_build_response(&out.stdout[..]).unwrap();
+    // The node had every input when the build began.
+    assert_eq!(response.inputs_valid, closure.paths);
+    let result = response.result.unwrap();
     assert_eq!(result.status, BuildStatus::Built, "{}", result.error_msg);
     let b_out = b.outputs["out"].path.clone().unwrap();
     assert_eq!(result.output_paths(&local.dir).unwrap()["out"], b_out);

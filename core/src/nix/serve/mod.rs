@@ -570,8 +570,14 @@ fn realisation_out_path(json: &str) -> Result<String, WireError> {
 }
 
 /// Writes a complete build request as a file: the client's half of a whole
-/// conversation (hello, version, BuildDerivation), for
-/// `nix-store --serve --write < request > response` on a node.
+/// conversation (hello, version, QueryValidPaths of the input closure with
+/// `lock`, BuildDerivation), for `nix-store --serve --write < request >
+/// response` on a node.
+///
+/// The QueryValidPaths comes first so that the response says which inputs
+/// the node had when the build began (a build without them fails on the
+/// node, however Nix words it), and so that the node keeps them as
+/// temporary GC roots until the build is done.
 pub fn write_build_request<W: Write, S: AsRef<str>>(
     to: W,
     drv: &Drv,
@@ -581,17 +587,35 @@ pub fn write_build_request<W: Write, S: AsRef<str>>(
     let mut w = WireWriter::new(to);
     write_hello(&mut w)?;
     write_client_version(&mut w)?;
+    write_query_valid_paths(&mut w, input_closure, true, false)?;
     write_build_derivation(&mut w, CLIENT_VERSION, drv, input_closure, options)?;
     w.flush()
 }
 
+/// What the node answered to a build request.
+#[derive(Debug, Clone)]
+pub struct BuildResponse {
+    /// The inputs the node had when the build began (of the closure asked).
+    pub inputs_valid: Vec<StorePath>,
+    /// The build's result; none when the server ended without one (a bad
+    /// request, a missing input on some versions, a killed server).
+    pub result: Result<BuildResult, Failure>,
+}
+
 /// Parses the response file of such a request: the server's hello and
-/// version, then the BuildResult.
-pub fn read_build_response<R: Read>(from: R) -> Result<BuildResult, Failure> {
+/// version, the valid inputs, then the BuildResult. Only a response that
+/// does not get as far as the inputs is an error.
+pub fn read_build_response<R: Read>(from: R) -> Result<BuildResponse, Failure> {
     let mut r = WireReader::new(from);
     let server = read_server_hello(&mut r).map_err(|e| e.fail("reading the build response"))?;
     let version = negotiate(server).map_err(|e| e.fail("reading the build response"))?;
-    read_build_result(&mut r, version).map_err(|e| e.fail("reading the build result"))
+    let inputs_valid =
+        read_store_paths(&mut r).map_err(|e| e.fail("reading the node's valid inputs"))?;
+    let result = read_build_result(&mut r, version).map_err(|e| e.fail("reading the build result"));
+    Ok(BuildResponse {
+        inputs_valid,
+        result,
+    })
 }
 
 #[cfg(test)]
@@ -765,6 +789,13 @@ mod tests {
         let mut r = WireReader::new(&out[..]);
         assert_eq!(r.u64().unwrap(), SERVE_MAGIC_1);
         assert_eq!(r.u64().unwrap(), CLIENT_VERSION);
+        // The inputs, asked with `lock` before the build.
+        assert_eq!(r.u64().unwrap(), u64::from(Command::QueryValidPaths));
+        assert_eq!((r.u64().unwrap(), r.u64().unwrap()), (1, 0));
+        assert_eq!(
+            r.strings().unwrap(),
+            ["/tmp/nshc-try/store/0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a-src"]
+        );
         assert_eq!(r.u64().unwrap(), u64::from(Command::BuildDerivation));
         assert_eq!(r.string().unwrap(), path.as_str());
         assert_eq!(r.u64().unwrap(), 1);
@@ -797,9 +828,12 @@ mod tests {
 
     #[test]
     fn a_build_response_file() {
+        const SRC: &str = "/s/0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a-src";
         let bytes = [
             le(SERVE_MAGIC_2),
             le(0x207),
+            le(1),
+            s(SRC),
             le(8),
             s("timed out after 5 seconds"),
             le(1),
@@ -809,7 +843,9 @@ mod tests {
             le(0),
         ]
         .concat();
-        let result = read_build_response(&bytes[..]).unwrap();
+        let response = read_build_response(&bytes[..]).unwrap();
+        assert_eq!(response.inputs_valid, [test_path(SRC)]);
+        let result = response.result.unwrap();
         assert_eq!(result.status, BuildStatus::TimedOut);
         assert_eq!(result.error_msg, "timed out after 5 seconds");
         let err = read_build_response(&le(7)[..]).unwrap_err();
@@ -820,6 +856,12 @@ mod tests {
         );
         let err = read_build_response(&le(SERVE_MAGIC_2)[..]).unwrap_err();
         assert_eq!(err.kind, crate::Kind::Transient);
+        // The inputs, then nothing: the result is what is missing.
+        let cut = [le(SERVE_MAGIC_2), le(0x207), le(0)].concat();
+        let response = read_build_response(&cut[..]).unwrap();
+        assert!(response.inputs_valid.is_empty());
+        let err = response.result.unwrap_err();
+        assert!(err.message.contains("build result"), "{}", err.message);
     }
 
     proptest::proptest! {

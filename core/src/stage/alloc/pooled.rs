@@ -475,6 +475,26 @@ pub fn forget(alloc: &AllocSection) {
     }
 }
 
+/// Whether the pool knows the ticket's node to hold every one of `paths`
+/// (what nsh pushed there or fetched from there). Only where the pool is on.
+pub fn known_on_node<P: AsRef<str>>(config: &Config, alloc: &AllocSection, paths: &[P]) -> bool {
+    let pooled = config
+        .clusters
+        .get(&alloc.cluster)
+        .is_some_and(|c| c.linger_s > 0);
+    pooled && Pool::open(&alloc.cluster).is_ok_and(|pool| pool.knows_all(&alloc.node, paths))
+}
+
+/// Notes, for locality, that the ticket's node lacks `paths` after all;
+/// best effort.
+pub fn forget_paths<P: AsRef<str>>(alloc: &AllocSection, paths: &[P]) {
+    let forgotten =
+        Pool::open(&alloc.cluster).and_then(|pool| pool.forget_paths(&alloc.node, paths));
+    if let Err(failure) = forgotten {
+        log_debug!("pool: forgetting paths on {}: {failure}", alloc.node);
+    }
+}
+
 /// Notes, for locality, that the ticket's node now holds `paths`. Only
 /// where the pool is on; best effort.
 pub fn note_paths<P: AsRef<str>>(config: &Config, alloc: &AllocSection, paths: &[P]) {

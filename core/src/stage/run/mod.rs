@@ -31,7 +31,7 @@ mod log;
 use follow::{cancel_if_requeued, follow, tail_text, Ended};
 pub use log::{LogEvent, LogSink, LogSplitter};
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -39,7 +39,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::config::Config;
 use crate::error::{Failure, ResultExt};
 use crate::nix::local_store::LocalStore;
-use crate::nix::serve::{self, BuildResult};
+use crate::nix::serve::{self, BuildResponse, BuildResult};
 use crate::nix::store_path::{StoreDir, StorePath};
 use crate::slurm::{Clusters, JobInfo, JobState, Slurm};
 use crate::stage::release::ReleaseOnDrop;
@@ -271,6 +271,8 @@ struct Build {
     drv_path: StorePath,
     drv_outputs: BTreeMap<String, Option<StorePath>>,
     store_dir: StoreDir,
+    /// The input closure, which the request asks the node about first.
+    inputs: Vec<StorePath>,
     request: Vec<u8>,
     keep_failed: bool,
 }
@@ -306,6 +308,7 @@ impl Build {
             drv_path: drv_section.path.clone(),
             drv_outputs: drv_section.outputs.clone(),
             store_dir: drv.store_dir,
+            inputs: closure.paths.clone(),
             request,
             keep_failed: options.keep_failed,
         })
@@ -329,9 +332,11 @@ impl Build {
                 self.drv_path, job.place, failure.message
             ));
         })?;
-        let result = read_result(&ended, &job.place).inspect_err(|failure| {
-            log.text(&format!("nsh-run: {}", failure.message));
-        })?;
+        let result = read_result(&ended, &job.place)
+            .and_then(|response| self.inputs_were_there(response, job))
+            .inspect_err(|failure| {
+                log.text(&format!("nsh-run: {}", failure.message));
+            })?;
         confirm_job_alive(job, &result).inspect_err(|failure| {
             log.text(&format!("nsh-run: {}", failure.message));
         })?;
@@ -355,6 +360,31 @@ impl Build {
         Ok((section, outcome))
     }
 
+    /// The node had every input when the build began (the request's first
+    /// question): else the result is not the derivation's, whatever it says
+    /// (a push skipped on the pool's word, which the node's garbage
+    /// collector made wrong), and the build may be tried again elsewhere.
+    fn inputs_were_there(
+        &self,
+        response: BuildResponse,
+        job: &Job,
+    ) -> Result<BuildResult, Failure> {
+        let valid: BTreeSet<&StorePath> = response.inputs_valid.iter().collect();
+        let missing: Vec<&StorePath> = self.inputs.iter().filter(|p| !valid.contains(p)).collect();
+        let Some(first) = missing.first() else {
+            return response.result;
+        };
+        crate::stage::alloc::pooled::forget_paths(job.alloc, &missing);
+        Err(Failure::transient(format!(
+            "{} lacked {} of the build's {} input paths when the build began ({first}{}); \
+             its result is not used",
+            job.place,
+            missing.len(),
+            self.inputs.len(),
+            if missing.len() > 1 { ", …" } else { "" },
+        )))
+    }
+
     /// The build log's last line after a failed build.
     fn failure_tail(&self, result: &BuildResult, job: &Job) -> String {
         let mut tail = format!(
@@ -371,11 +401,11 @@ impl Build {
     }
 }
 
-/// The BuildResult in the response; without one, nix-store --serve itself
-/// failed (bad request, missing input, killed) and its own words are the
-/// last log lines.
-fn read_result(ended: &Ended, place: &str) -> Result<BuildResult, Failure> {
-    serve::read_build_response(&ended.response[..]).map_err(|failure| {
+/// The response: the inputs the node had, and the BuildResult; without one,
+/// nix-store --serve itself failed (bad request, missing input, killed) and
+/// its own words are the last log lines.
+fn read_result(ended: &Ended, place: &str) -> Result<BuildResponse, Failure> {
+    let no_result = |failure: Failure| {
         let kind = if ended.status == 1 {
             Kind::Permanent
         } else {
@@ -390,7 +420,10 @@ fn read_result(ended: &Ended, place: &str) -> Result<BuildResult, Failure> {
                 tail_text(&ended.last_lines)
             ),
         )
-    })
+    };
+    let mut response = serve::read_build_response(&ended.response[..]).map_err(no_result)?;
+    response.result = response.result.map_err(no_result);
+    Ok(response)
 }
 
 /// The job must still be there: one that died (a node failure seen late)
