@@ -55,6 +55,59 @@ fi
 exit 0
 "#;
 
+/// `sh -c THEN_GIVE_BACK_SCRIPT sh W N GIVE_BACK COMMAND...`: runs COMMAND
+/// (the fetch's `nix-store --serve`); once it ended well, gives the job back
+/// as GIVE_BACK (the text of [`GIVE_BACK_SCRIPT`]) does, in the same ssh
+/// session: one session fewer per build. COMMAND's own status when it
+/// failed; else 0 (given back), 93 (gone), 94 (busy), 95 (the give-back
+/// failed otherwise): [`after_serve`].
+pub const THEN_GIVE_BACK_SCRIPT: &str = r#"W=$1 n=$2 g=$3
+shift 3
+"$@" || exit $?
+sh -c "$g" sh "$W" "$n"
+case $? in
+    0) exit 0 ;;
+    3) exit 93 ;;
+    4) exit 94 ;;
+    *) exit 95 ;;
+esac
+"#;
+
+/// The remote argv that runs `command`, then gives back claim `n` of the
+/// job whose work dir is `work` ([`THEN_GIVE_BACK_SCRIPT`]).
+#[must_use]
+pub fn then_give_back_argv(command: &[&str], work: &str, n: u32) -> Vec<String> {
+    let n = n.to_string();
+    [
+        "sh",
+        "-c",
+        THEN_GIVE_BACK_SCRIPT,
+        "sh",
+        work,
+        &n,
+        GIVE_BACK_SCRIPT,
+    ]
+    .into_iter()
+    .chain(command.iter().copied())
+    .map(ToString::to_string)
+    .collect()
+}
+
+/// The give-back's answer from the exit status of a
+/// [`THEN_GIVE_BACK_SCRIPT`] command; `Err(status)` when the command before
+/// it failed (or was killed: `None`).
+pub fn after_serve(status: Option<i32>) -> Result<Answer, Option<i32>> {
+    match status {
+        Some(0) => Ok(Answer::Done),
+        Some(93) => Ok(Answer::Gone),
+        Some(94) => Ok(Answer::Busy),
+        Some(95) => Ok(Answer::Unreachable(
+            "the give-back after the fetch failed".to_string(),
+        )),
+        other => Err(other),
+    }
+}
+
 /// What the node said.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Answer {
@@ -140,6 +193,29 @@ mod tests {
         assert_eq!(run(TAKE_SCRIPT, &w, "2"), 5, "claimed already");
         assert_eq!(run(RELEASE_SCRIPT, &w, ""), 0);
         assert!(w.join("release").exists());
+    }
+
+    #[test]
+    fn a_give_back_follows_a_command_that_ended_well() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = dir.path().join("nsh-1");
+        std::fs::create_dir(&w).unwrap();
+        std::fs::write(w.join("request.1"), "r").unwrap();
+        std::fs::write(w.join("status.1"), "0\n").unwrap();
+        let work = w.to_str().unwrap();
+        let run = |command: &[&str]| {
+            let argv = then_give_back_argv(command, work, 1);
+            let status = Command::new(&argv[0]).args(&argv[1..]).status().unwrap();
+            after_serve(status.code())
+        };
+        assert_eq!(run(&["sh", "-c", "exit 1"]), Err(Some(1)));
+        assert!(!w.join("idle.1").exists(), "no give-back after a failure");
+        assert_eq!(run(&["true"]), Ok(Answer::Done));
+        assert!(w.join("idle.1").exists());
+        std::fs::remove_file(w.join("status.1")).unwrap();
+        assert_eq!(run(&["true"]), Ok(Answer::Busy));
+        std::fs::remove_dir_all(&w).unwrap();
+        assert_eq!(run(&["true"]), Ok(Answer::Gone));
     }
 
     #[test]

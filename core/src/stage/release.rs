@@ -58,7 +58,7 @@ impl<'a> ReleaseOnDrop<'a> {
     pub fn give_back(mut self) {
         self.armed = false;
         if self.pooled {
-            crate::stage::alloc::pooled::give_back(self.ssh, self.alloc);
+            crate::stage::alloc::pooled::give_back(self.ssh, self.alloc, None);
         } else {
             release(self.ssh, self.alloc);
         }

@@ -436,6 +436,18 @@ impl ServeProcess {
 
     /// Ends the conversation (closing the server's stdin) and waits for it.
     pub fn finish(self) -> Result<(), Failure> {
+        let status = self.finish_with_status()?;
+        if !status.success() {
+            return Err(Failure::transient(format!(
+                "nix-store --serve ended with {status}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Ends the conversation as [`ServeProcess::finish`] does, and says how
+    /// the process ended (for a command that does more after the server).
+    pub fn finish_with_status(self) -> Result<std::process::ExitStatus, Failure> {
         let ServeProcess {
             mut child,
             client,
@@ -443,16 +455,10 @@ impl ServeProcess {
         } = self;
         drop(on_stall);
         drop(client);
-        let status = child
+        child
             .0
             .wait()
-            .map_err(|e| Failure::transient(format!("waiting for nix-store --serve: {e}")))?;
-        if !status.success() {
-            return Err(Failure::transient(format!(
-                "nix-store --serve ended with {status}"
-            )));
-        }
-        Ok(())
+            .map_err(|e| Failure::transient(format!("waiting for nix-store --serve: {e}")))
     }
 }
 

@@ -428,8 +428,9 @@ pub fn settle(config: &Config, alloc: &AllocSection, healthy: bool) -> Result<Se
 /// After a good build (`nsh-fetch`): the job goes back to the pool, idle on
 /// its node, when this ticket still holds it; a job being drained, or one
 /// that is not pooled, is let go instead. Best effort: a job that cannot be
-/// told ends by itself after its idle timeout.
-pub fn give_back(ssh: &Ssh, alloc: &AllocSection) {
+/// told ends by itself after its idle timeout. `told`: the node's answer to
+/// a give-back already asked (in the fetch's session), else it is asked.
+pub fn give_back(ssh: &Ssh, alloc: &AllocSection, told: Option<node::Answer>) {
     let pool = match Pool::open(&alloc.cluster) {
         Ok(pool) => pool,
         Err(failure) => {
@@ -447,7 +448,8 @@ pub fn give_back(ssh: &Ssh, alloc: &AllocSection) {
         crate::stage::release::release(ssh, alloc);
         return;
     }
-    match node::give_back(ssh, &alloc.work, alloc.request) {
+    let answer = told.unwrap_or_else(|| node::give_back(ssh, &alloc.work, alloc.request));
+    match answer {
         Answer::Done => match pool.returned(alloc.job, alloc.request) {
             Ok(_) => log_info!(
                 "job {} on {} is back in the pool",

@@ -72,6 +72,7 @@ use crate::nix::serve::PathInfo;
 use crate::nix::signing::SecretKey;
 use crate::nix::store_path::StorePath;
 use crate::nix::temp_roots::TempRoots;
+use crate::pool::node::{self, Answer};
 use crate::stage::progress::{human_bytes, Reporting, TransferProgress};
 use crate::stage::release::release;
 use crate::stage::retry;
@@ -157,8 +158,15 @@ pub fn fetch(
     check_ticket(ticket)?;
     let mut alloc = ticket.need_alloc()?.clone();
     let local = LocalStore::new(ticket.store_uri(), "")?;
+    // A pooled job is given back in the fetch's own ssh session, once its
+    // `nix-store --serve` ended well: one ssh session fewer per build.
+    let give_back = !options.keep_job && pooled(config, &alloc);
+    let mut told = None;
     let result = choose_way(options.method, config, &local).and_then(|way| {
-        let fetched = fetch_with(&way, ticket, &local, config, &mut alloc, progress)?;
+        let fetched = fetch_with(
+            &way, ticket, &local, config, &mut alloc, give_back, progress,
+        )?;
+        told = fetched.given_back;
         let section = FetchSection {
             paths: fetched.paths,
             bytes: fetched.bytes,
@@ -172,11 +180,11 @@ pub fn fetch(
         Ok((_, wanted)) => {
             crate::stage::alloc::pooled::note_paths(config, &alloc, wanted);
             if !options.keep_job {
-                end_use(config, &mut alloc);
+                end_use(config, &mut alloc, told);
             }
         }
         Err(failure) if failure.kind == crate::Kind::Config && !options.keep_job => {
-            end_use(config, &mut alloc);
+            end_use(config, &mut alloc, None);
         }
         Err(_) => {}
     }
@@ -192,6 +200,21 @@ struct Fetched {
     bytes: u64,
     /// The wanted outputs, valid here now.
     wanted: Vec<StorePath>,
+    /// What the node said to the give-back in the fetch's session, if one
+    /// was asked for and the session got that far.
+    given_back: Option<Answer>,
+}
+
+/// What one attempt did: paths imported, their NAR bytes, the give-back's
+/// answer.
+type Attempt = (Vec<StorePath>, u64, Option<Answer>);
+
+/// Whether the ticket's cluster keeps jobs in a pool (`linger` > 0).
+fn pooled(config: &Config, alloc: &AllocSection) -> bool {
+    config
+        .clusters
+        .get(&alloc.cluster)
+        .is_some_and(|c| c.linger_s > 0)
 }
 
 /// How this nsh-fetch imports: the method, the store it writes directly
@@ -250,19 +273,21 @@ fn fetch_with(
     local: &LocalStore,
     config: &Config,
     alloc: &mut AllocSection,
+    give_back: bool,
     progress: &mut dyn TransferProgress,
 ) -> Result<Fetched, Failure> {
     let declared = Declared::of(ticket, way.direct.as_ref().unwrap_or(local))?;
     // Writing the store directly, we keep what we rely on alive ourselves;
     // through the daemon, the daemon does.
     let mut roots = way.direct.as_ref().map(temp_roots).transpose()?;
-    let (paths, bytes) = retry::transient(|| {
+    let (paths, bytes, given_back) = retry::transient(|| {
         let mut here = Here {
             local,
             roots: roots.as_mut(),
             max_output_size: config.remote.max_output_size,
         };
-        fetch_once(&declared, alloc, config, &mut here, way, progress)
+        let session = Session { way, give_back };
+        fetch_once(&declared, alloc, config, &mut here, &session, progress)
     })?;
     if way.method == ImportMethod::LoadDb {
         // Every wanted output was found valid (and made a temporary root
@@ -273,6 +298,7 @@ fn fetch_with(
             paths,
             bytes,
             wanted: declared.wanted,
+            given_back,
         });
     }
     // Through the daemon, whatever happened in between, the outputs must be
@@ -287,17 +313,17 @@ fn fetch_with(
         paths,
         bytes,
         wanted: declared.wanted,
+        given_back,
     })
 }
 
 /// The build is over: a pooled job (the cluster's `linger` > 0) goes back
 /// to the pool, any other is released. The node's ssh master stays for the
 /// next build (it ends by itself when unused).
-fn end_use(config: &Config, alloc: &mut AllocSection) {
-    let pooled = config
-        .clusters
-        .get(&alloc.cluster)
-        .is_some_and(|c| c.linger_s > 0);
+/// `told`: what the node answered to a give-back already asked in the
+/// fetch's session.
+fn end_use(config: &Config, alloc: &mut AllocSection, told: Option<Answer>) {
+    let pooled = pooled(config, alloc);
     let ssh = match Ssh::ensure_master(alloc, config) {
         Ok(ssh) => ssh,
         Err(failure) => {
@@ -309,7 +335,7 @@ fn end_use(config: &Config, alloc: &mut AllocSection) {
         }
     };
     if pooled {
-        crate::stage::alloc::pooled::give_back(&ssh, alloc);
+        crate::stage::alloc::pooled::give_back(&ssh, alloc, told);
     } else {
         release(&ssh, alloc);
     }
@@ -372,11 +398,18 @@ fn fetch_once(
     alloc: &mut AllocSection,
     config: &Config,
     here: &mut Here,
-    way: &Way,
+    session: &Session,
     progress: &mut dyn TransferProgress,
-) -> Result<(Vec<StorePath>, u64), Failure> {
+) -> Result<Attempt, Failure> {
+    let way = session.way;
     let ssh = Ssh::ensure_master(alloc, config)?;
-    let argv = crate::stage::ssh::remote_serve_argv(&config.remote);
+    let serve = crate::stage::ssh::remote_serve_argv(&config.remote);
+    let serve: Vec<&str> = serve.iter().map(String::as_str).collect();
+    let argv = if session.give_back {
+        node::then_give_back_argv(&serve, &alloc.work, alloc.request)
+    } else {
+        serve.iter().map(ToString::to_string).collect()
+    };
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
     let mut remote = ServeProcess::from_command(
         ssh.command(&argv),
@@ -390,8 +423,8 @@ fn fetch_once(
             "all {} wanted outputs are already in the local store",
             declared.wanted.len()
         );
-        remote.finish()?;
-        return Ok((Vec::new(), 0));
+        let told = end_session(remote, session)?;
+        return Ok((Vec::new(), 0, told));
     }
     let total: u64 = needed.iter().map(|i| i.nar_size).sum();
     log_info!(
@@ -404,13 +437,33 @@ fn fetch_once(
     progress.begin(needed.len() as u64, total);
     let imported = import(&mut remote.client, &needed, declared, here, way, progress)?;
     progress.end();
-    remote.finish()?;
+    let told = end_session(remote, session)?;
     let sizes: BTreeMap<&str, u64> = needed
         .iter()
         .map(|i| (i.path.as_str(), i.nar_size))
         .collect();
     let bytes = imported.iter().map(|p| sizes[p.as_str()]).sum();
-    Ok((imported, bytes))
+    Ok((imported, bytes, told))
+}
+
+/// How one attempt talks to the node: the import method, and whether its
+/// session gives the job back at its end.
+struct Session<'w> {
+    way: &'w Way,
+    give_back: bool,
+}
+
+/// Ends the node's `nix-store --serve` (which must have ended well) and
+/// returns what the give-back after it answered, when there was one.
+fn end_session(remote: ServeProcess, session: &Session) -> Result<Option<Answer>, Failure> {
+    if !session.give_back {
+        remote.finish()?;
+        return Ok(None);
+    }
+    let status = remote.finish_with_status()?;
+    node::after_serve(status.code())
+        .map(Some)
+        .map_err(|_| Failure::transient(format!("nix-store --serve ended with {status}")))
 }
 
 /// Imports `needed` (checked on the way) from the node with `way`.
