@@ -7,6 +7,7 @@
 //! through one serve process ([`local_store`]) and its temporary GC roots
 //! ([`temp_roots`]).
 
+pub mod daemon;
 pub mod drv;
 pub mod hash;
 pub mod local_store;
