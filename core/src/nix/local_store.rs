@@ -250,7 +250,8 @@ pub enum ValidityWay {
 }
 
 impl Validity<'_> {
-    /// Which of `paths` are valid.
+    /// Which of `paths` are valid. After a failure the conversation may be
+    /// out of step: ask no more of this `Validity`.
     pub fn of<S: AsRef<str>>(&mut self, paths: &[S]) -> Result<BTreeSet<StorePath>, Failure> {
         if paths.is_empty() {
             return Ok(BTreeSet::new());
