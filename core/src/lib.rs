@@ -127,7 +127,9 @@ pub mod ssh {
 /// The local store: its directory, derivations read from it, and the input
 /// closure a build needs.
 pub mod store {
-    pub use crate::nix::local_store::{dependency_order, input_closure, LocalStore};
+    pub use crate::nix::local_store::{
+        dependency_order, input_closure, LocalStore, Validity, ValidityWay,
+    };
 }
 
 /// The `nix-store --serve` protocol: a client over any pipe, and a build

@@ -4,12 +4,18 @@
 //! All queries for a derivation go over one `nix-store --serve` process
 //! ([`ServeProcess`]): QueryValidPaths for the roots, QueryClosure, then one
 //! QueryPathInfos for the whole closure. Never one process per path.
+//!
+//! Which paths are valid is asked of the Nix daemon instead when it serves
+//! the store ([`Validity`]): a connection to its socket starts no process
+//! here, where each `nix-store` costs an exec and its dynamic linking
+//! (`docs/reference/nix-daemon-protocol.md`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::path::PathBuf;
 
 use crate::error::Failure;
+use crate::nix::daemon::client::{self as daemon, DaemonConnection};
 use crate::nix::drv::{self, Drv};
 use crate::nix::serve::client::{ServeClient, ServeProcess};
 use crate::nix::serve::PathInfo;
@@ -37,6 +43,9 @@ pub struct LocalStore {
     pub dir: StoreDir,
     /// The directory holding `nix-store` (empty: from PATH).
     pub nix_bin_dir: String,
+    /// The socket of the Nix daemon that serves this store, if one does
+    /// ([`daemon::socket_for_store`]); validity is asked there.
+    pub daemon_socket: Option<PathBuf>,
 }
 
 impl LocalStore {
@@ -46,6 +55,7 @@ impl LocalStore {
             uri: uri.to_string(),
             dir: StoreDir::for_store_uri(uri)?,
             nix_bin_dir: nix_bin_dir.to_string(),
+            daemon_socket: daemon::socket_for_store(uri, &|name| std::env::var(name).ok()),
         })
     }
 
@@ -115,26 +125,56 @@ impl LocalStore {
         ServeProcess::spawn_local(&self.nix_bin_dir, &self.uri, write)
     }
 
-    /// Which of `paths` are valid in this store now, asked of a new
-    /// `nix-store --serve` (not one that answered before, say, locks were
-    /// taken).
+    /// Which of `paths` are valid in this store now, asked of a new daemon
+    /// worker or a new `nix-store --serve` (not one that answered before,
+    /// say, locks were taken).
     pub fn valid_paths<S: AsRef<str>>(&self, paths: &[S]) -> Result<BTreeSet<StorePath>, Failure> {
-        let mut serve = self.serve(false)?;
-        let valid = serve
-            .client
-            .query_valid_paths(paths, false, false)?
-            .into_iter()
-            .collect();
-        serve.finish()?;
+        let mut validity = self.validity();
+        let valid = validity.of(paths);
+        let finished = validity.finish();
+        let valid = valid?;
+        finished?;
         Ok(valid)
     }
 
-    /// Validity questions to one `nix-store --serve`, started at the first.
+    /// Validity questions to one daemon worker or one `nix-store --serve`,
+    /// started at the first.
     #[must_use]
     pub fn validity(&self) -> Validity<'_> {
         Validity {
             store: self,
-            serve: None,
+            asker: None,
+        }
+    }
+
+    /// Connects to the daemon serving this store, else starts a
+    /// `nix-store --serve` on it.
+    fn validity_asker(&self) -> Result<Asker, Failure> {
+        if let Some(socket) = &self.daemon_socket {
+            if let Some(daemon) = daemon::connect(socket)? {
+                crate::log_debug!(
+                    "validity in {}: asking the Nix daemon at {} (worker protocol {}, Nix {})",
+                    self.describe(),
+                    socket.display(),
+                    crate::nix::daemon::version_text(daemon.version()),
+                    daemon.info().nix_version.as_deref().unwrap_or("unknown")
+                );
+                return Ok(Asker::Daemon(daemon));
+            }
+        }
+        crate::log_debug!(
+            "validity in {}: asking a local nix-store --serve",
+            self.describe()
+        );
+        Ok(Asker::Serve(self.serve(false)?))
+    }
+
+    /// The store, for messages.
+    fn describe(&self) -> &str {
+        if self.uri.is_empty() {
+            DEFAULT_STORE_URI
+        } else {
+            &self.uri
         }
     }
 
@@ -179,37 +219,70 @@ pub struct InputClosure {
     pub infos: Vec<PathInfo>,
 }
 
-/// Several validity questions to one `nix-store --serve` on a store, started
-/// at the first question: one process where each question would start its
-/// own. Only for questions about paths nothing is known to have made valid
-/// in between: a newer Nix may answer from what it looked up before. A
-/// question after locks were taken or after an import goes to a new one
-/// ([`LocalStore::valid_paths`]).
+/// Several validity questions to one daemon worker (when the daemon
+/// serves the store, [`LocalStore::daemon_socket`]) or else one
+/// `nix-store --serve`, started at the first question: one connection or
+/// process where each question would start its own. Only for questions
+/// about paths nothing is known to have made valid in between: a newer Nix
+/// may answer from what it looked up before. A question after locks were
+/// taken or after an import goes to a new one ([`LocalStore::valid_paths`]):
+/// each connection to the daemon is a new worker, with a store of its own.
 pub struct Validity<'s> {
     store: &'s LocalStore,
-    serve: Option<ServeProcess>,
+    asker: Option<Asker>,
+}
+
+/// Who answers a [`Validity`]'s questions.
+enum Asker {
+    /// A daemon worker.
+    Daemon(DaemonConnection),
+    /// A local `nix-store --serve`.
+    Serve(ServeProcess),
+}
+
+/// Which way a [`Validity`] asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ValidityWay {
+    /// The Nix daemon, over its socket.
+    Daemon,
+    /// A local `nix-store --serve`.
+    Serve,
 }
 
 impl Validity<'_> {
-    /// Which of `paths` are valid.
+    /// Which of `paths` are valid. After a failure the conversation may be
+    /// out of step: ask no more of this `Validity`.
     pub fn of<S: AsRef<str>>(&mut self, paths: &[S]) -> Result<BTreeSet<StorePath>, Failure> {
         if paths.is_empty() {
             return Ok(BTreeSet::new());
         }
-        let serve = match &mut self.serve {
-            Some(serve) => serve,
-            None => self.serve.insert(self.store.serve(false)?),
+        let asker = match &mut self.asker {
+            Some(asker) => asker,
+            None => self.asker.insert(self.store.validity_asker()?),
         };
-        Ok(serve
-            .client
-            .query_valid_paths(paths, false, false)?
-            .into_iter()
-            .collect())
+        let valid = match asker {
+            Asker::Daemon(daemon) => daemon.query_valid_paths(paths)?,
+            Asker::Serve(serve) => serve.client.query_valid_paths(paths, false, false)?,
+        };
+        Ok(valid.into_iter().collect())
     }
 
-    /// Ends the conversation, if one was started.
+    /// Which way the questions went; `None` before the first.
+    #[must_use]
+    pub fn way(&self) -> Option<ValidityWay> {
+        self.asker.as_ref().map(|asker| match asker {
+            Asker::Daemon(_) => ValidityWay::Daemon,
+            Asker::Serve(_) => ValidityWay::Serve,
+        })
+    }
+
+    /// Ends the conversation, if one was started (a daemon worker ends when
+    /// its connection closes).
     pub fn finish(self) -> Result<(), Failure> {
-        self.serve.map_or(Ok(()), ServeProcess::finish)
+        match self.asker {
+            Some(Asker::Serve(serve)) => serve.finish(),
+            Some(Asker::Daemon(_)) | None => Ok(()),
+        }
     }
 }
 

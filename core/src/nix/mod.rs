@@ -3,10 +3,12 @@
 //! The wire format ([`wire`]), NARs ([`nar`]), store paths ([`store_path`]),
 //! derivations ([`drv`], with nsh's own `nshResources` attribute in
 //! [`resources`]), the `nix-store --serve` protocol ([`serve`]: codec,
-//! client, and a stand-in server for tests), the local store reached
-//! through one serve process ([`local_store`]) and its temporary GC roots
-//! ([`temp_roots`]).
+//! client, and a stand-in server for tests), the Nix daemon's worker
+//! protocol as far as validity questions ([`daemon`]), the local store
+//! reached through one serve process or the daemon's socket
+//! ([`local_store`]) and its temporary GC roots ([`temp_roots`]).
 
+pub mod daemon;
 pub mod drv;
 pub mod hash;
 pub mod local_store;

@@ -117,8 +117,9 @@ pub(super) fn lock_non_outputs(
 }
 
 /// The needed paths that are not valid in the local store now, asked of a
-/// new `nix-store --serve` on the store itself (not a daemon or a process
-/// that answered before the locks were taken).
+/// new daemon worker (the daemon serves this store: each connection is a
+/// worker with a store of its own) or a new `nix-store --serve` on the store
+/// itself; never of one that answered before the locks were taken.
 fn still_invalid<'a>(
     direct: &LocalStore,
     needed: &'a [PathInfo],

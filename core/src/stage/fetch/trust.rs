@@ -285,8 +285,9 @@ pub(super) fn plan<R: Read, W: Write>(
     here: &mut Here,
 ) -> Result<Vec<PathInfo>, Failure> {
     let peer = remote.peer().to_string();
-    // Every local question of the plan goes to one `nix-store --serve`:
-    // nothing here makes a path valid, so no answer goes stale.
+    // Every local question of the plan goes to one daemon worker or one
+    // `nix-store --serve`: nothing here makes a path valid, so no answer
+    // goes stale.
     let mut validity = here.local.validity();
     let planned = plan_with_validity(remote, declared, here, &mut validity, &peer);
     let finished = validity.finish();
