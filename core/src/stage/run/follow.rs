@@ -24,7 +24,7 @@ use super::{job_gone, Job, LogEvent, LogSink, LogSplitter, Watch, FOLLOW_RECONNE
 /// starts; writes the request atomically unless a previous attempt already
 /// did, and rings the job's doorbell (`W/wake`); then copies the bytes of
 /// `log.N` from OFFSET on to stdout as they are written, polling every 20 ms
-/// five times, then every tenth of a second. Once `status.N` exists
+/// ten times, then every tenth of a second. Once `status.N` exists
 /// (the job writes it after the sentinel line) it copies the rest of the log
 /// and then `response.N`, and exits 0. Exit 3: the work dir is gone (the job
 /// ended); 4: the request could not be written; 5: stdout was closed; 6:
@@ -97,7 +97,7 @@ while :; do
     [ -d "$W" ] || exit 3
     # Quick looks first: most builds a pooled job serves end within a
     # fraction of a second, and each look later costs that build its wait.
-    if [ "$looks" -lt 5 ]; then
+    if [ "$looks" -lt 10 ]; then
         looks=$((looks + 1))
         sleep 0.02
     else
