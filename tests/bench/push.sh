@@ -33,6 +33,9 @@ trap 'rm -rf "$work"' EXIT
 # to be done, and the wipes below would make its record wrong).
 sed 's/^\[cluster\.test\]$/[cluster.test]\nlinger = 0/' "$NSH_CONFIG" > "$work/nsh.toml"
 export NSH_CONFIG=$work/nsh.toml
+# A runtime dir of its own: its ssh masters are the ones closed below.
+runtime=$work/run
+export NSH_RUNTIME_DIR=$runtime
 salt=$(date +%s%N)
 cat > "$work/closure.nix" <<NIX
 let
@@ -91,29 +94,48 @@ check() {
 # Every command runs ROUNDS times (interleaved, so that the machine's other
 # load spreads over all of them); the table shows the median and the best.
 rounds=${ROUNDS:-3}
-declare -A times
+declare -A times cpus
 declare -a names
+# CPU seconds the whole machine spent busy (every process: both ends of the
+# copy run here, the node's sshd and nix-store included).
+busy() { awk '/^cpu / {print ($2 + $3 + $4 + $7 + $8) / 100}' /proc/stat; }
 timed() { # name command...
     local name=$1; shift
-    local start end
+    local start end cpu0 cpu1
+    cpu0=$(busy)
     start=$(date +%s.%N)
     "$@" > "$work/out" 2> "$work/err" || { cat "$work/err" >&2; exit 1; }
     end=$(date +%s.%N)
+    cpu1=$(busy)
     [ -n "${times[$name]:-}" ] || names+=("$name")
     times[$name]="${times[$name]:-} $(echo "$end - $start" | bc)"
+    cpus[$name]="${cpus[$name]:-} $(echo "$cpu1 - $cpu0" | bc)"
 }
 
+median_of() { # list of numbers
+    local sorted
+    sorted=$(tr ' ' '\n' <<< "$1" | grep . | sort -g)
+    sed -n "$(( ($(wc -l <<< "$sorted") + 1) / 2 ))p" <<< "$sorted"
+}
 row() { # name
-    local name=$1 sorted median best mbs
-    sorted=$(tr ' ' '\n' <<< "${times[$name]}" | grep . | sort -g)
-    best=$(head -1 <<< "$sorted")
-    median=$(sed -n "$(( ($(wc -l <<< "$sorted") + 1) / 2 ))p" <<< "$sorted")
+    local name=$1 median best mbs cpu
+    best=$(tr ' ' '\n' <<< "${times[$name]}" | grep . | sort -g | head -1)
+    median=$(median_of "${times[$name]}")
+    cpu=$(median_of "${cpus[$name]}")
     mbs=-
     case $name in *again*) ;; *) mbs=$(echo "scale=1; $bytes / 1048576 / $median" | bc) ;; esac
-    printf '| %-46s | %8.2f | %8.2f | %8s |\n' "$name" "$median" "$best" "$mbs"
+    printf '| %-46s | %8.2f | %8.2f | %8s | %8.2f |\n' "$name" "$median" "$best" "$mbs" "$cpu"
 }
 
-close_master() { ssh -o "ControlPath=/tmp/nsh-$(id -u)/test-$1" -O exit "$node" 2>/dev/null || true; }
+# The node's ssh masters nsh-push started (one per node, shared by every job
+# there: `<runtime dir>/ssh/test-<destination>`).
+close_master() {
+    local socket
+    for socket in "$runtime"/ssh/test-*; do
+        [ -S "$socket" ] || continue
+        ssh -o "ControlPath=$socket" -O exit "$node" 2>/dev/null || true
+    done
+}
 
 nsh_push() { # job [args]
     local job=$1; shift
@@ -164,6 +186,6 @@ echo
 echo "closure: $count paths, $(echo "scale=1; $bytes / 1048576" | bc) MiB NAR; node $node; $rounds rounds; $(date -u '+%Y-%m-%d %H:%M UTC')"
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -sr), $(nix-store --version 2>/dev/null)"
 echo
-echo "| what                                           | median s |   best s | MiB/s (median) |"
-echo "|------------------------------------------------|---------:|---------:|---------:|"
+echo "| what                                           | median s |   best s | MiB/s (median) | CPU s, all processes (median) |"
+echo "|------------------------------------------------|---------:|---------:|---------:|---------:|"
 for name in "${names[@]}"; do row "$name"; done
