@@ -58,11 +58,7 @@ pub fn note<P: AsRef<str>>(dir: &Path, node: &str, paths: &[P]) -> Result<(), Fa
         return Ok(());
     }
     let keep_from = lines.len().saturating_sub(MAX_PATHS_PER_NODE);
-    let mut out = lines[keep_from..].join("\n");
-    out.push('\n');
-    let tmp = file.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, out).or_fail(Kind::Transient, || format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, &file).or_fail(Kind::Transient, || format!("renaming {}", tmp.display()))
+    replace(&file, &lines[keep_from..])
 }
 
 /// Takes `paths` out of what `node` holds: the node was found without them
@@ -77,13 +73,19 @@ pub fn forget<P: AsRef<str>>(dir: &Path, node: &str, paths: &[P]) -> Result<(), 
     if kept.len() == text.lines().count() {
         return Ok(());
     }
-    let mut out = kept.join("\n");
+    replace(&file, &kept)
+}
+
+/// Writes `lines` as the node's record, whole (a temporary file renamed
+/// over it: a reader without the lock sees the old record or the new one).
+fn replace(file: &Path, lines: &[&str]) -> Result<(), Failure> {
+    let mut out = lines.join("\n");
     if !out.is_empty() {
         out.push('\n');
     }
     let tmp = file.with_extension(format!("tmp{}", std::process::id()));
     std::fs::write(&tmp, out).or_fail(Kind::Transient, || format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, &file).or_fail(Kind::Transient, || format!("renaming {}", tmp.display()))
+    std::fs::rename(&tmp, file).or_fail(Kind::Transient, || format!("renaming {}", tmp.display()))
 }
 
 #[cfg(test)]

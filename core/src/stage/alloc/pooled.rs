@@ -477,14 +477,19 @@ pub fn forget(alloc: &AllocSection) {
     }
 }
 
+/// Whether the ticket's cluster keeps jobs in a pool (its `linger` > 0).
+pub fn is_pooled(config: &Config, alloc: &AllocSection) -> bool {
+    config
+        .clusters
+        .get(&alloc.cluster)
+        .is_some_and(|c| c.linger_s > 0)
+}
+
 /// Whether the pool knows the ticket's node to hold every one of `paths`
 /// (what nsh pushed there or fetched from there). Only where the pool is on.
 pub fn known_on_node<P: AsRef<str>>(config: &Config, alloc: &AllocSection, paths: &[P]) -> bool {
-    let pooled = config
-        .clusters
-        .get(&alloc.cluster)
-        .is_some_and(|c| c.linger_s > 0);
-    pooled && Pool::open(&alloc.cluster).is_ok_and(|pool| pool.knows_all(&alloc.node, paths))
+    is_pooled(config, alloc)
+        && Pool::open(&alloc.cluster).is_ok_and(|pool| pool.knows_all(&alloc.node, paths))
 }
 
 /// Notes, for locality, that the ticket's node lacks `paths` after all;
@@ -500,11 +505,7 @@ pub fn forget_paths<P: AsRef<str>>(alloc: &AllocSection, paths: &[P]) {
 /// Notes, for locality, that the ticket's node now holds `paths`. Only
 /// where the pool is on; best effort.
 pub fn note_paths<P: AsRef<str>>(config: &Config, alloc: &AllocSection, paths: &[P]) {
-    let pooled = config
-        .clusters
-        .get(&alloc.cluster)
-        .is_some_and(|c| c.linger_s > 0);
-    if !pooled {
+    if !is_pooled(config, alloc) {
         return;
     }
     let noted = Pool::open(&alloc.cluster).and_then(|pool| pool.note_paths(&alloc.node, paths));

@@ -73,6 +73,7 @@ use crate::nix::signing::SecretKey;
 use crate::nix::store_path::StorePath;
 use crate::nix::temp_roots::TempRoots;
 use crate::pool::node::{self, Answer};
+use crate::stage::alloc::pooled::is_pooled;
 use crate::stage::progress::{human_bytes, Reporting, TransferProgress};
 use crate::stage::release::release;
 use crate::stage::retry;
@@ -160,7 +161,7 @@ pub fn fetch(
     let local = LocalStore::new(ticket.store_uri(), "")?;
     // A pooled job is given back in the fetch's own ssh session, once its
     // `nix-store --serve` ended well: one ssh session fewer per build.
-    let give_back = !options.keep_job && pooled(config, &alloc);
+    let give_back = !options.keep_job && is_pooled(config, &alloc);
     let mut told = None;
     let result = choose_way(options.method, config, &local).and_then(|way| {
         let fetched = fetch_with(
@@ -208,14 +209,6 @@ struct Fetched {
 /// What one attempt did: paths imported, their NAR bytes, the give-back's
 /// answer.
 type Attempt = (Vec<StorePath>, u64, Option<Answer>);
-
-/// Whether the ticket's cluster keeps jobs in a pool (`linger` > 0).
-fn pooled(config: &Config, alloc: &AllocSection) -> bool {
-    config
-        .clusters
-        .get(&alloc.cluster)
-        .is_some_and(|c| c.linger_s > 0)
-}
 
 /// How this nsh-fetch imports: the method, the store it writes directly
 /// (`load-db`, `held-locks`), the signing key (`signed`).
@@ -323,7 +316,7 @@ fn fetch_with(
 /// `told`: what the node answered to a give-back already asked in the
 /// fetch's session.
 fn end_use(config: &Config, alloc: &mut AllocSection, told: Option<Answer>) {
-    let pooled = pooled(config, alloc);
+    let pooled = is_pooled(config, alloc);
     let ssh = match Ssh::ensure_master(alloc, config) {
         Ok(ssh) => ssh,
         Err(failure) => {
