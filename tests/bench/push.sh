@@ -32,6 +32,11 @@ trap 'rm -rf "$work"' EXIT
 # the node every time (with the pool on, it would skip a push the pool knows
 # to be done, and the wipes below would make its record wrong).
 sed 's/^\[cluster\.test\]$/[cluster.test]\nlinger = 0/' "$NSH_CONFIG" > "$work/nsh.toml"
+# The same with ssh's own cipher choice (`[ssh] ciphers = ""`), to show what
+# nsh's default (AES-GCM first on a CPU with AES instructions) saves.
+sed 's/^\[ssh\]$/[ssh]\nciphers = ""/' "$work/nsh.toml" > "$work/nsh-ssh-ciphers.toml"
+grep -q '^ciphers = ""' "$work/nsh-ssh-ciphers.toml" ||
+    { echo "bench: no [ssh] section in $NSH_CONFIG" >&2; exit 1; }
 export NSH_CONFIG=$work/nsh.toml
 # A runtime dir of its own: its ssh masters are the ones closed below.
 runtime=$work/run
@@ -142,6 +147,10 @@ nsh_push() { # job [args]
     ticket "$job" | NSH_LOG=warn "$push_bin" "$@"
 }
 
+nsh_push_ssh_ciphers() { # job [args]
+    NSH_CONFIG=$work/nsh-ssh-ciphers.toml nsh_push "$@"
+}
+
 sshopts="-F $state/ssh/config"
 
 for round in $(seq "$rounds"); do
@@ -161,6 +170,11 @@ for round in $(seq "$rounds"); do
     close_master $((job + 4))
 
     wipe
+    timed "nsh-push, ssh's own cipher (ciphers = \"\")" nsh_push_ssh_ciphers $((job + 5))
+    check "nsh-push, ssh's own cipher"
+    close_master
+
+    wipe
     timed "nsh-push --method import-export" nsh_push $((job + 2)) --method import-export
     check "nsh-push --method import-export"
     close_master $((job + 2))
@@ -174,6 +188,12 @@ for round in $(seq "$rounds"); do
     timed "nix-copy-closure --to" env NIX_SSHOPTS="$sshopts" nix-copy-closure --to "$node" "$out"
     check nix-copy-closure
     timed "nix-copy-closure --to again (all present)" env NIX_SSHOPTS="$sshopts" nix-copy-closure --to "$node" "$out"
+
+    # What nsh's cipher choice gives, given to nix-copy-closure by hand.
+    wipe
+    timed "nix-copy-closure --to, NIX_SSHOPTS=\"-c aes128-gcm…\"" \
+        env NIX_SSHOPTS="$sshopts -c aes128-gcm@openssh.com" nix-copy-closure --to "$node" "$out"
+    check "nix-copy-closure with AES-GCM"
 
     wipe
     timed "nix copy --to ssh://" env NIX_SSHOPTS="$sshopts" nix copy --to "ssh://$node" "$out"

@@ -353,6 +353,26 @@ pub struct Ssh {
     /// How many sessions one ssh connection may carry at once: the nodes'
     /// sshd `MaxSessions`.
     pub max_sessions: u32,
+    /// Which ciphers the connection prefers (`ssh -o Ciphers=`).
+    pub ciphers: Ciphers,
+}
+
+/// `[ssh] ciphers`: the cipher preference nsh hands ssh.
+///
+/// Bulk copies (a closure pushed, outputs fetched) are bound by the CPU at
+/// both ends, and OpenSSH's first choice, chacha20-poly1305, costs several
+/// times what AES-GCM costs on a CPU with AES instructions: on the test
+/// machine it was a third of a push's CPU time (docs/benchmarks.md).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Ciphers {
+    /// AES-GCM first when this machine's CPU has AES instructions, else
+    /// ssh's own choice.
+    #[default]
+    Auto,
+    /// Whatever ssh and its `ssh_config` choose (`ciphers = ""`).
+    SshDefault,
+    /// This list, as for `ssh -o Ciphers=` (`+`, `-`, `^` prefixes included).
+    List(String),
 }
 
 impl Default for Ssh {
@@ -363,6 +383,7 @@ impl Default for Ssh {
             config_file: None,
             options: Vec::new(),
             max_sessions: DEFAULT_MAX_SESSIONS,
+            ciphers: Ciphers::Auto,
         }
     }
 }
@@ -640,6 +661,7 @@ fn ssh_settings(raw: raw::RawSsh, problems: &Problems) -> Result<Ssh, Failure> {
         config_file: raw.config_file,
         options: raw.options,
         max_sessions: raw.max_sessions.unwrap_or(DEFAULT_MAX_SESSIONS),
+        ciphers: ciphers_setting(raw.ciphers.as_deref(), problems)?,
     };
     if ssh.max_sessions == 0 {
         return Err(problems.at("ssh.max_sessions", "0: expected at least 1"));
@@ -653,6 +675,34 @@ fn ssh_settings(raw: raw::RawSsh, problems: &Problems) -> Result<Ssh, Failure> {
         }
     }
     Ok(ssh)
+}
+
+/// `[ssh] ciphers`: "auto" (the default), "" (ssh's own choice) or a cipher
+/// list as `ssh -o Ciphers=` takes it.
+fn ciphers_setting(raw: Option<&str>, problems: &Problems) -> Result<Ciphers, Failure> {
+    let list = match raw {
+        None | Some("auto") => return Ok(Ciphers::Auto),
+        Some("") => return Ok(Ciphers::SshDefault),
+        Some(list) => list,
+    };
+    let names = list.strip_prefix(['+', '-', '^']).unwrap_or(list);
+    let is_name = |name: &str| {
+        !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "@.-_*?!".contains(c))
+    };
+    if names.split(',').all(is_name) {
+        Ok(Ciphers::List(list.to_string()))
+    } else {
+        Err(problems.at(
+            "ssh.ciphers",
+            format!(
+                "{list:?}: expected \"auto\", \"\" (ssh's own choice) or a comma-separated \
+                 cipher list as for ssh -o Ciphers= (see ssh -Q cipher)"
+            ),
+        ))
+    }
 }
 
 /// `[fetch]`: a key file is named by its absolute path.
@@ -955,9 +1005,26 @@ request_timeout = "5m"
         assert_eq!(for_b.identity, Some("/etc/nsh/id_b".into()));
         assert_eq!(for_b.user.as_deref(), Some("other"));
         assert_eq!(for_b.options, ["A=b"]);
+        assert_eq!(for_b.ciphers, Ciphers::Auto);
         assert_eq!(a.submit.submit_as.as_deref(), Some("builder"));
         assert!(!a.submit.allow_root);
         assert_eq!((a.priority, b.priority), (0, 0));
+    }
+
+    #[test]
+    fn ssh_ciphers_are_auto_ssh_s_own_or_a_list() {
+        let ciphers = |value: &str| {
+            parse(&format!("{MINIMAL}[ssh]\nciphers = \"{value}\"\n"))
+                .unwrap()
+                .ssh
+                .ciphers
+        };
+        assert_eq!(ciphers("auto"), Ciphers::Auto);
+        assert_eq!(ciphers(""), Ciphers::SshDefault);
+        assert_eq!(
+            ciphers("^aes256-gcm@openssh.com,aes128-ctr"),
+            Ciphers::List("^aes256-gcm@openssh.com,aes128-ctr".into())
+        );
     }
 
     #[test]
@@ -1117,6 +1184,10 @@ request_timeout = "5m"
             ),
             ("relative_work_root", format!("{MINIMAL}[remote]\nwork_root = \"tmp\"\n")),
             ("bad_ssh_option", format!("{MINIMAL}[ssh]\noptions = [\"-v\"]\n")),
+            (
+                "bad_ssh_ciphers",
+                format!("{MINIMAL}[ssh]\nciphers = \"aes128-gcm -c none\"\n"),
+            ),
             (
                 "submit_as_on_rest",
                 "[cluster.c]\nurl = \"unix:/s\"\nsystems = [\"x\"]\nsubmit_as = \"u\"\n".into(),

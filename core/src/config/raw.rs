@@ -93,6 +93,7 @@ pub(super) struct RawSsh {
     #[serde(default)]
     pub(super) options: Vec<String>,
     pub(super) max_sessions: Option<u32>,
+    pub(super) ciphers: Option<String>,
 }
 
 #[derive(Deserialize, Default)]

@@ -47,6 +47,39 @@ pub const CONTROL_PERSIST_SECS: u64 = 120;
 /// `ConnectTimeout`, a node that accepts the connection and then stalls.
 pub const MASTER_SETUP_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// OpenSSH's default cipher set with AES-GCM moved to the front.
+pub const AES_GCM_FIRST: &str = "aes128-gcm@openssh.com,aes256-gcm@openssh.com,\
+chacha20-poly1305@openssh.com,aes128-ctr,aes192-ctr,aes256-ctr";
+
+/// The `Ciphers=` value to pass, if any.
+fn cipher_preference(setting: &config::Ciphers) -> Option<&str> {
+    match setting {
+        config::Ciphers::Auto => cpu_has_aes().then_some(AES_GCM_FIRST),
+        config::Ciphers::SshDefault => None,
+        config::Ciphers::List(list) => Some(list),
+    }
+}
+
+/// Whether this machine's CPU has AES instructions (`/proc/cpuinfo`, read
+/// once per process). Without them AES-GCM is slower than chacha20, which is
+/// why OpenSSH puts chacha20 first; the nodes are assumed alike.
+fn cpu_has_aes() -> bool {
+    static HAS_AES: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS_AES.get_or_init(|| {
+        std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|text| cpuinfo_lists_aes(&text))
+    })
+}
+
+/// Whether a `/proc/cpuinfo` text lists the `aes` feature: the `flags` line
+/// on x86 (AES-NI), `Features` on arm64 (the crypto extension).
+fn cpuinfo_lists_aes(cpuinfo: &str) -> bool {
+    cpuinfo
+        .lines()
+        .filter_map(|line| line.split_once(':'))
+        .filter(|(key, _)| matches!(key.trim(), "flags" | "Features"))
+        .any(|(_, features)| features.split_whitespace().any(|f| f == "aes"))
+}
+
 /// The ssh transport to one node.
 #[derive(Debug, Clone)]
 pub struct Ssh {
@@ -105,6 +138,12 @@ impl Ssh {
         for option in &self.settings.options {
             args.push("-o".into());
             args.push(option.into());
+        }
+        // After the site's own `-o`: ssh keeps the first value it is given,
+        // so `options = ["Ciphers=…"]` still wins.
+        if let Some(ciphers) = cipher_preference(&self.settings.ciphers) {
+            args.push("-o".into());
+            args.push(format!("Ciphers={ciphers}").into());
         }
         // Never prompt: a hook has no terminal, and a prompt would hang it.
         for option in [
@@ -464,6 +503,7 @@ mod tests {
         };
         let settings = config::Ssh {
             config_file: Some("/etc/nsh/ssh_config".into()),
+            ciphers: config::Ciphers::List("aes256-gcm@openssh.com".into()),
             ..config::Ssh::default()
         };
         let cmd = Ssh::for_alloc(&alloc, &settings).command(&["nix-store", "--serve", "--write"]);
@@ -477,6 +517,8 @@ mod tests {
                 "-F",
                 "/etc/nsh/ssh_config",
                 "-o",
+                "Ciphers=aes256-gcm@openssh.com",
+                "-o",
                 "BatchMode=yes",
                 "-o",
                 "ConnectTimeout=15",
@@ -489,6 +531,45 @@ mod tests {
                 "nixbuild@node1",
                 "--",
                 "nix-store --serve --write"
+            ]
+        );
+    }
+
+    #[test]
+    fn aes_gcm_goes_first_only_where_the_cpu_has_aes() {
+        let x86 = "processor\t: 0\nflags\t\t: fpu sse2 aes avx2 sha_ni\n";
+        let x86_without = "processor\t: 0\nflags\t\t: fpu sse2 avx2 aesx\n";
+        let arm64 = "processor\t: 0\nFeatures\t: fp asimd aes pmull sha1 sha2\n";
+        let ppc = "processor\t: 0\ncpu\t\t: POWER9 (raw), altivec supported\n";
+        assert!(cpuinfo_lists_aes(x86));
+        assert!(!cpuinfo_lists_aes(x86_without));
+        assert!(cpuinfo_lists_aes(arm64));
+        assert!(!cpuinfo_lists_aes(ppc));
+        assert_eq!(cipher_preference(&config::Ciphers::SshDefault), None);
+        assert_eq!(
+            cipher_preference(&config::Ciphers::List("^aes128-ctr".into())),
+            Some("^aes128-ctr")
+        );
+    }
+
+    #[test]
+    fn the_sites_own_cipher_option_comes_first_and_so_wins() {
+        let settings = config::Ssh {
+            options: vec!["Ciphers=chacha20-poly1305@openssh.com".into()],
+            ciphers: config::Ciphers::List(AES_GCM_FIRST.into()),
+            ..config::Ssh::default()
+        };
+        let cmd = Ssh::new("node1", &settings).command(&["true"]);
+        let ciphers: Vec<String> = cmd
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .filter(|a| a.starts_with("Ciphers="))
+            .collect();
+        assert_eq!(
+            ciphers,
+            [
+                "Ciphers=chacha20-poly1305@openssh.com".to_string(),
+                format!("Ciphers={AES_GCM_FIRST}")
             ]
         );
     }
