@@ -132,22 +132,28 @@ mod tests {
         FailureLine::of(&failed, None, time).unwrap().to_json() + "\n"
     }
 
-    #[test]
-    fn a_retried_attempt_marks_the_stages_line_and_adds_none() {
-        let attempt = Attempt::new(&first(), 100);
-        let failed = with_job(&first(), 42, "node1");
-        let earlier = stage_line(&failed, 50);
-        let text = format!("{earlier}{}", stage_line(&failed, 101));
-        let mut last = failed.clone();
+    /// The end of an attempt that began at 100 and whose nsh-run failed at
+    /// 101 (job 42 on node1 cancelled, status 75); `retried`: the hook
+    /// tries again.
+    fn run_cancelled_at_102(retried: bool) -> AttemptEnd {
+        let mut last = with_job(&first(), 42, "node1");
         last.fail("run", &Failure::transient("job 42 was cancelled"));
-        let end = attempt
+        Attempt::new(&first(), 100)
             .end(
                 &outcome(Some(last), &[("nsh-run", Some(75))]),
                 "x",
-                true,
+                retried,
                 102,
             )
-            .unwrap();
+            .unwrap()
+    }
+
+    #[test]
+    fn a_retried_attempt_marks_the_stages_line_and_adds_none() {
+        let failed = with_job(&first(), 42, "node1");
+        let earlier = stage_line(&failed, 50);
+        let text = format!("{earlier}{}", stage_line(&failed, 101));
+        let end = run_cancelled_at_102(true);
         let text = settle_attempt(&text, &end, 100);
         assert!(
             text.starts_with(&earlier),
@@ -208,19 +214,8 @@ mod tests {
 
     #[test]
     fn the_final_failure_a_stage_recorded_is_left_alone() {
-        let attempt = Attempt::new(&first(), 100);
-        let failed = with_job(&first(), 42, "node1");
-        let text = stage_line(&failed, 101);
-        let mut last = failed.clone();
-        last.fail("run", &Failure::transient("job 42 was cancelled"));
-        let end = attempt
-            .end(
-                &outcome(Some(last), &[("nsh-run", Some(75))]),
-                "x",
-                false,
-                102,
-            )
-            .unwrap();
+        let text = stage_line(&with_job(&first(), 42, "node1"), 101);
+        let end = run_cancelled_at_102(false);
         assert_eq!(settle_attempt(&text, &end, 100), text);
     }
 }

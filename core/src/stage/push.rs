@@ -4,8 +4,9 @@
 //! over the ticket's shared ssh connection): QueryValidPaths with `lock` (the
 //! node keeps temporary GC roots on what it already has, so nothing we rely on
 //! is collected before the build), then the missing paths in dependency
-//! order, each NAR read from the local store's DumpStorePath and relayed as
-//! it arrives, never held whole here.
+//! order, each NAR made here from the local store's files as it is sent
+//! ([`crate::nix::dump`], as `nix-copy-closure` does), never held whole.
+//! A store whose files nsh cannot read sends through its DumpStorePath.
 //!
 //! How they travel depends on what the node's serve protocol has, known from
 //! the version the handshake agreed on (never from `nix-store --version`):
@@ -36,6 +37,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::error::{Failure, Kind, KindOf, ResultExt};
+use crate::nix::dump::{self, DumpError};
 use crate::nix::local_store::LocalStore;
 use crate::nix::nar::{self, NarError};
 use crate::nix::serve::client::{ServeClient, ServeProcess};
@@ -236,13 +238,15 @@ fn push_once(
         Route::ImportPathsFromExportProcess => {
             send_from_export_process(&mut remote, local, &infos, progress)?;
         }
-        Route::AddToStoreNar | Route::ImportPaths => send_paths(
-            &mut remote.client,
-            &mut local_serve.client,
-            &infos,
-            route,
-            progress,
-        )?,
+        Route::AddToStoreNar | Route::ImportPaths => {
+            let real_dir = local.real_dir();
+            let mut source = if real_dir.is_dir() {
+                NarSource::Files(&real_dir)
+            } else {
+                NarSource::Serve(&mut local_serve.client)
+            };
+            send_paths(&mut remote.client, &mut source, &infos, route, progress)?;
+        }
     }
     progress.end();
     remote.finish()?;
@@ -308,11 +312,35 @@ fn local_path_infos<R: Read, W: Write>(
     Ok(missing.iter().filter_map(|p| infos.remove(*p)).collect())
 }
 
+/// Where the NARs sent come from.
+enum NarSource<'a, R: Read, W: Write> {
+    /// The store's files in this directory (its real location), read here.
+    Files(&'a std::path::Path),
+    /// DumpStorePath of a local `nix-store --serve`.
+    Serve(&'a mut ServeClient<R, W>),
+}
+
+impl<R: Read, W: Write> NarSource<'_, R, W> {
+    /// Writes the NAR of `path` to `to`; its size.
+    fn dump(&mut self, path: &StorePath, to: &mut dyn Write) -> Result<u64, Failure> {
+        match self {
+            NarSource::Serve(local) => local.dump_store_path(path, to),
+            NarSource::Files(dir) => dump::dump(&dir.join(path.basename()), to).map_err(|e| {
+                let kind = match e {
+                    DumpError::Write(_) => Kind::Transient,
+                    _ => Kind::Permanent,
+                };
+                Failure::caused_by(kind, format!("the NAR of {path}: {e}"), e)
+            }),
+        }
+    }
+}
+
 /// Sends `infos` (in dependency order) to `remote` with AddToStoreNar or
-/// one ImportPaths stream, each NAR streamed from `local`'s DumpStorePath.
+/// one ImportPaths stream, each NAR streamed from `source`.
 fn send_paths<RR: Read, RW: Write, LR: Read, LW: Write>(
     remote: &mut ServeClient<RR, RW>,
-    local: &mut ServeClient<LR, LW>,
+    source: &mut NarSource<'_, LR, LW>,
     infos: &[&PathInfo],
     route: Route,
     progress: &mut dyn TransferProgress,
@@ -324,7 +352,7 @@ fn send_paths<RR: Read, RW: Write, LR: Read, LW: Write>(
             inner: to,
             to: &progress,
         };
-        let size = local.dump_store_path(&info.path, &mut counting)?;
+        let size = source.dump(&info.path, &mut counting)?;
         progress.borrow_mut().path_done();
         Ok(size)
     };
@@ -529,7 +557,7 @@ mod tests {
         let mut tally = Tally::default();
         send_paths(
             &mut node_client,
-            &mut local_client,
+            &mut NarSource::Serve(&mut local_client),
             &infos,
             route,
             &mut tally,

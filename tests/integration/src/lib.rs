@@ -7,6 +7,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+mod site;
+pub use site::PrivateSite;
+
 /// The running test cluster, as `tests/cluster/cluster up` describes it in
 /// `$NSH_CLUSTER_DIR/env.json`.
 pub struct Cluster {
@@ -300,6 +303,20 @@ pub fn instantiate(c: &Cluster, expr: &str) -> String {
     .to_string()
 }
 
+/// Builds here the one input derivation of `drv` (so that a build of
+/// `drv` has a path to push, and an output that refers to it); returns the
+/// input's output path.
+pub fn build_input_here(c: &Cluster, drv: &str) -> String {
+    let input_drv = run_ok(c.command("nix-store").args(["-q", "--references", drv]))
+        .lines()
+        .find(|l| l.ends_with(".drv"))
+        .unwrap_or_else(|| panic!("{drv} has no input derivation"))
+        .to_string();
+    run_ok(c.command("nix-store").args(["-r", &input_drv]))
+        .trim()
+        .to_string()
+}
+
 /// The ticket `nsh-closure` writes for `drv`, with build `options` added
 /// (`null` for none).
 pub fn closure_ticket(c: &Cluster, drv: &str, options: serde_json::Value) -> serde_json::Value {
@@ -472,15 +489,20 @@ pub fn pipeline_script() -> String {
     .join(" | ")
 }
 
-/// Waits for `child` to end, killing it (and failing) after `limit`.
+/// Waits for `child`, killing it (and failing, with its stderr) after
+/// `limit`: a deadlock must fail the test, not hang it.
 pub fn wait_bounded(mut child: std::process::Child, limit: std::time::Duration) -> Output {
     let deadline = std::time::Instant::now() + limit;
     while child.try_wait().unwrap().is_none() {
         if std::time::Instant::now() > deadline {
             let _ = child.kill();
-            panic!("{child:?} took more than {limit:?}");
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "still running after {limit:?} (deadlock?); stderr:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
-        std::thread::sleep(std::time::Duration::from_millis(100));
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
     child.wait_with_output().unwrap()
 }

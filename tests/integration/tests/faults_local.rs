@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use nsh_cluster_tests::{unique_salt, Cluster};
+use nsh_cluster_tests::{unique_salt, wait_bounded, Cluster};
 use serde_json::{json, Value};
 
 const NODE: &str = "node1";
@@ -82,25 +82,6 @@ fn spawn_fetch(c: &Cluster, config: &Path, ticket: &Value) -> Child {
     let mut stdin = child.stdin.take().unwrap();
     writeln!(stdin, "{ticket}").unwrap();
     child
-}
-
-/// Waits for `child`, killing it (and failing) after `limit`.
-fn wait_bounded(mut child: Child, limit: Duration) -> Output {
-    let deadline = Instant::now() + limit;
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            return child.wait_with_output().unwrap();
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "still running after {limit:?}; stderr:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// (exit code, ticket out, stderr).

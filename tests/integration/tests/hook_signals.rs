@@ -262,6 +262,23 @@ fn eventually(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
     }
 }
 
+/// Waits until the job named `nsh-<name>` is in `state` (squeue's `%T`);
+/// its id.
+fn job_in_state(c: &Cluster, name: &str, state: &str, limit: Duration) -> u64 {
+    let job_name = format!("nsh-{name}");
+    let mut job = None;
+    eventually(&format!("the job to be {state}"), limit, || {
+        let out = slurm_cmd(c, "squeue", &["-h", "-n", &job_name, "-o", "%i %T"]);
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        job = text
+            .split_whitespace()
+            .next()
+            .and_then(|id| id.parse::<u64>().ok());
+        text.contains(state)
+    });
+    job.unwrap()
+}
+
 /// Waits until the build reaches `stage`; the Slurm job.
 fn reach(
     c: &Cluster,
@@ -270,39 +287,16 @@ fn reach(
     name: &str,
 ) -> u64 {
     match stage {
-        Stage::WaitingForAllocation => {
-            let job_name = format!("nsh-{name}");
-            let mut job = None;
-            eventually("the job to be queued", Duration::from_secs(30), || {
-                let out = slurm_cmd(c, "squeue", &["-h", "-n", &job_name, "-o", "%i %T"]);
-                let text = String::from_utf8_lossy(&out.stdout).to_string();
-                job = text
-                    .split_whitespace()
-                    .next()
-                    .and_then(|id| id.parse::<u64>().ok());
-                text.contains("PENDING")
-            });
-            job.unwrap()
-        }
+        Stage::WaitingForAllocation => job_in_state(c, name, "PENDING", Duration::from_secs(30)),
         Stage::Building if pipeline == Pipeline::Command => {
             // The hook shows no stage of a pipeline command: the job by name.
-            let job_name = format!("nsh-{name}");
-            let mut job = None;
-            eventually("the job to run", Duration::from_secs(60), || {
-                let out = slurm_cmd(c, "squeue", &["-h", "-n", &job_name, "-o", "%i %T"]);
-                let text = String::from_utf8_lossy(&out.stdout).to_string();
-                job = text
-                    .split_whitespace()
-                    .next()
-                    .and_then(|id| id.parse::<u64>().ok());
-                text.contains("RUNNING")
-            });
+            let job = job_in_state(c, name, "RUNNING", Duration::from_secs(60));
             eventually("the builder to start", Duration::from_secs(60), || {
                 fs::read_to_string(&hook.log)
                     .unwrap_or_default()
                     .contains("started")
             });
-            job.unwrap()
+            job
         }
         Stage::Building => {
             let job = hook.wait_for_line(Duration::from_secs(60), |line| {

@@ -22,8 +22,8 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use nsh_cluster_tests::{
-    as_ci_user, ci_config, pipeline_script, run_ok, uid_of, unique_salt, wait_bounded, Cluster,
-    NixVersion, CI_SIGNER as SIGNER, CI_TRUSTED as TRUSTED,
+    as_ci_user, build_input_here, ci_config, instantiate, pipeline_script, run_ok, uid_of,
+    unique_salt, wait_bounded, Cluster, NixVersion, CI_SIGNER as SIGNER, CI_TRUSTED as TRUSTED,
 };
 use serde_json::Value;
 
@@ -43,15 +43,8 @@ fn derivation(c: &Cluster, tag: &str) -> (String, String) {
              args = [ "-c" "mkdir $out; echo ${{a}} > $out/input; cat /proc/sys/kernel/hostname > $out/host" ];
            }}"#
     );
-    let drv = run_ok(c.command("nix-instantiate").args(["-E", &expr]))
-        .trim()
-        .to_string();
-    let input_drv = run_ok(c.command("nix-store").args(["-q", "--references", &drv]))
-        .lines()
-        .find(|l| l.ends_with(".drv"))
-        .unwrap()
-        .to_string();
-    run_ok(c.command("nix-store").args(["-r", &input_drv]));
+    let drv = instantiate(c, &expr);
+    build_input_here(c, &drv);
     let out = run_ok(c.command("nix-store").args(["-q", "--outputs", &drv]))
         .trim()
         .to_string();

@@ -11,75 +11,41 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::missing_panics_doc)]
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nsh_cluster_tests::{closure_ticket, instantiate, nsh_tool, slurm_cmd, unique_salt, Cluster};
+use nsh_cluster_tests::{
+    closure_ticket, instantiate, slurm_cmd, unique_salt, Cluster, PrivateSite,
+};
 use serde_json::{json, Value};
 
-/// One test's pool: its runtime directory, its configuration, the jobs it
-/// saw (drained, then cancelled, when the test ends whatever happened).
+/// One test's pool: a site of its own (configuration, runtime directory,
+/// the jobs it saw: drained, then cancelled, when the test ends whatever
+/// happened), its tools logging at debug level.
 struct Pool {
-    c: Cluster,
-    dir: tempfile::TempDir,
-    config: PathBuf,
-    jobs: std::cell::RefCell<Vec<u64>>,
+    site: PrivateSite,
+}
+
+impl std::ops::Deref for Pool {
+    type Target = PrivateSite;
+    fn deref(&self) -> &PrivateSite {
+        &self.site
+    }
 }
 
 impl Pool {
     /// `cluster_keys` go into `[cluster.test]`, `remote_keys` into
     /// `[remote]` of the cluster's configuration.
     fn new(cluster_keys: &str, remote_keys: &str) -> Pool {
-        let c = Cluster::get();
-        let dir = tempfile::Builder::new()
-            .prefix("nsh-pool-test")
-            .tempdir()
-            .unwrap();
-        let text = std::fs::read_to_string(c.nsh_config()).unwrap();
-        // A key set here replaces the cluster's own.
-        let ours: Vec<&str> = cluster_keys
-            .lines()
-            .chain(remote_keys.lines())
-            .filter_map(|l| l.split('=').next())
-            .map(str::trim)
-            .collect();
-        let text: String = text
-            .lines()
-            .filter(|l| {
-                !ours
-                    .iter()
-                    .any(|k| l.split('=').next().map(str::trim) == Some(k))
-            })
-            .map(|l| format!("{l}\n"))
-            .collect();
-        let text = text
-            .replacen(
-                "[cluster.test]\n",
-                &format!("[cluster.test]\n{cluster_keys}\n"),
-                1,
-            )
-            .replacen("[remote]\n", &format!("[remote]\n{remote_keys}\n"), 1);
-        let config = dir.path().join("nsh.toml");
-        std::fs::write(&config, text).unwrap();
         Pool {
-            c,
-            dir,
-            config,
-            jobs: std::cell::RefCell::new(Vec::new()),
+            site: PrivateSite::new("nsh-pool-test", cluster_keys, remote_keys),
         }
-    }
-
-    fn runtime(&self) -> PathBuf {
-        self.dir.path().join("run")
     }
 
     /// A tool with this pool's configuration and runtime directory.
     fn tool(&self, name: &str) -> Command {
-        let mut cmd = self.c.command(nsh_tool(name));
-        cmd.env("NSH_CONFIG", &self.config)
-            .env("NSH_RUNTIME_DIR", self.runtime())
-            .env("NSH_LOG", "debug");
+        let mut cmd = self.site.tool(name);
+        cmd.env("NSH_LOG", "debug");
         cmd
     }
 
@@ -107,7 +73,7 @@ impl Pool {
     fn allocate(&self, ticket: &Value, owner: Option<u32>) -> Value {
         let step = self.pipe("nsh-alloc", &[], ticket, owner);
         step.ok();
-        self.jobs.borrow_mut().push(job_of(&step.ticket));
+        self.note_job(job_of(&step.ticket));
         step.ticket
     }
 
@@ -136,42 +102,6 @@ impl Pool {
             .map(|l| serde_json::from_str(l).unwrap())
             .collect()
     }
-
-    /// Closes this pool's ssh masters: nothing of nsh is left running on
-    /// the login side.
-    fn stop_masters(&self) {
-        let Ok(entries) = std::fs::read_dir(self.runtime().join("ssh")) else {
-            return;
-        };
-        for entry in entries.filter_map(Result::ok) {
-            let path = entry.path();
-            if path.extension().is_some() || !is_socket(&path) {
-                continue;
-            }
-            let _ = Command::new("ssh")
-                .args(["-F", &self.c.ssh_config(), "-o"])
-                .arg(format!("ControlPath={}", path.display()))
-                .args(["-O", "exit", "node"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
-        }
-    }
-}
-
-impl Drop for Pool {
-    fn drop(&mut self) {
-        let _ = self.tool("nsh-alloc").arg("--pool-drain").output();
-        for job in self.jobs.borrow().iter() {
-            let _ = slurm_cmd(&self.c, "scancel", &[&job.to_string()]);
-        }
-        self.stop_masters();
-    }
-}
-
-fn is_socket(path: &Path) -> bool {
-    use std::os::unix::fs::FileTypeExt;
-    std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket())
 }
 
 /// What one tool did.

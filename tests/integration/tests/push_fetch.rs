@@ -15,7 +15,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use nsh_cluster_tests::{run_ok, unique_salt, Cluster, NixVersion};
+use nsh_cluster_tests::{
+    build_input_here, instantiate, run_ok, unique_salt, wait_bounded, Cluster, NixVersion,
+};
 use serde_json::{json, Value};
 
 const NODE: &str = "node1";
@@ -141,26 +143,6 @@ fn parse(out: &Output) -> (i32, Value, String) {
     (out.status.code().unwrap_or(-1), ticket, stderr)
 }
 
-/// Waits for `child`, killing it (and failing) after `limit`: a deadlock
-/// must fail the test, not hang it.
-fn wait_bounded(mut child: Child, limit: Duration) -> Output {
-    let deadline = Instant::now() + limit;
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            return child.wait_with_output().unwrap();
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "still running after {limit:?} (deadlock?); stderr:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn node_valid(c: &Cluster, paths: &[String]) -> bool {
     c.ssh(
         NODE,
@@ -231,6 +213,41 @@ fn push_copies_what_is_missing_and_a_repush_moves_nothing() {
         "{:?}",
         started.elapsed()
     );
+}
+
+/// nsh-push reads the local store's files itself: the NAR it makes of a
+/// tree with directories, an executable, an empty file and symlinks is the
+/// one whose hash the local store recorded, and the node holds the same.
+#[test]
+fn a_pushed_tree_is_the_nar_the_local_store_recorded() {
+    let c = Cluster::get();
+    let salt = unique_salt();
+    let expr = format!(
+        r#"builtins.derivation {{
+             name = "nsh-pf-tree-{salt}"; system = builtins.currentSystem;
+             builder = "/bin/sh"; PATH = "/usr/bin:/bin";
+             args = [ "-c" "mkdir -p $out/bin $out/share/z; printf '#!/bin/sh\\n' > $out/bin/run;
+                            chmod 555 $out/bin/run; : > $out/empty; head -c 300000 /dev/urandom > $out/B;
+                            echo a > $out/a; ln -s bin/run $out/link; ln -s /nowhere $out/share/z/dangling" ];
+           }}"#
+    );
+    let out = run_ok(c.command("nix-build").args(["--no-out-link", "-E", &expr]));
+    let closure = vec![out.trim().to_string()];
+    let (code, pushed, stderr) = run_tool(&c, "nsh-push", &[], &ticket(&closure, None, job_id()));
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(pushed["push"]["copied"], 1, "{pushed}");
+    // The node took the NAR only if it matched the hash the local store
+    // recorded for it; its files hash the same again.
+    assert!(node_verified(&c, &closure));
+    let node_dump = c.ssh(
+        NODE,
+        &format!("nix-store --dump {} | sha256sum", closure[0]),
+    );
+    let local_dump = run_ok(c.command("sh").args([
+        "-c",
+        &format!("nix-store --dump {} | sha256sum", closure[0]),
+    ]));
+    assert_eq!(String::from_utf8_lossy(&node_dump.stdout), local_dump);
 }
 
 #[test]
@@ -636,18 +653,9 @@ fn the_whole_pipeline_builds_on_a_node_and_the_job_ends() {
              args = [ "-c" "mkdir $out; cp ${{a}} $out/copy; cat /proc/sys/kernel/hostname > $out/host" ];
            }}"#
     );
-    let drv = run_ok(c.command("nix-instantiate").args(["-E", &expr]))
-        .trim()
-        .to_string();
+    let drv = instantiate(&c, &expr);
     // Build the input here (only the input: the output is the cluster's job).
-    let input_drv = run_ok(c.command("nix-store").args(["-q", "--references", &drv]))
-        .lines()
-        .find(|l| l.ends_with(".drv"))
-        .unwrap()
-        .to_string();
-    let input = run_ok(c.command("nix-store").args(["-r", &input_drv]))
-        .trim()
-        .to_string();
+    let input = build_input_here(&c, &drv);
 
     let script = TOOLS
         .iter()

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use nsh_cluster_tests::{
     as_ci_user, ci_config, instantiate, nsh_tool, pipeline_script, run_ok, runnable_by_anyone,
-    slurm_cmd, uid_of, unique_salt, wait_bounded, Cluster, CI_TRUSTED,
+    slurm_cmd, uid_of, unique_salt, wait_bounded, Cluster, PrivateSite, CI_TRUSTED,
 };
 use serde_json::Value;
 
@@ -41,47 +41,31 @@ fn drv(c: &Cluster, name: &str, script: &str) -> String {
     )
 }
 
-/// One test's site: a configuration whose jobs linger in the pool, a
-/// runtime directory, and the jobs seen (let go when the test ends).
+/// One test's site: a configuration whose jobs linger in the pool
+/// (`linger = 20`), a runtime directory, and the jobs seen (let go when the
+/// test ends).
 struct Site {
-    c: Cluster,
-    dir: tempfile::TempDir,
-    config: PathBuf,
-    jobs: std::cell::RefCell<Vec<u64>>,
+    site: PrivateSite,
+}
+
+impl std::ops::Deref for Site {
+    type Target = PrivateSite;
+    fn deref(&self) -> &PrivateSite {
+        &self.site
+    }
 }
 
 impl Site {
-    /// `edit` changes the cluster's nsh.toml (which gets `linger = 20`).
-    fn new(edit: impl Fn(String) -> String) -> Site {
-        let c = Cluster::get();
-        let dir = tempfile::Builder::new()
-            .prefix("nsh-status-test")
-            .tempdir()
-            .unwrap();
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let text = std::fs::read_to_string(c.nsh_config()).unwrap();
-        let text = text.replacen("[cluster.test]\n", "[cluster.test]\nlinger = 20\n", 1);
-        let config = dir.path().join("nsh.toml");
-        std::fs::write(&config, edit(text)).unwrap();
-        std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    /// `cluster_keys` (one `key = value` per line) replace the cluster's own
+    /// in `[cluster.test]`.
+    fn new(cluster_keys: &str) -> Site {
         Site {
-            c,
-            dir,
-            config,
-            jobs: std::cell::RefCell::new(Vec::new()),
+            site: PrivateSite::new(
+                "nsh-status-test",
+                &format!("linger = 20\n{cluster_keys}"),
+                "",
+            ),
         }
-    }
-
-    fn runtime(&self) -> PathBuf {
-        self.dir.path().join("run")
-    }
-
-    /// A tool with this site's configuration and runtime directory.
-    fn tool(&self, name: &str) -> Command {
-        let mut cmd = self.c.command(nsh_tool(name));
-        cmd.env("NSH_CONFIG", &self.config)
-            .env("NSH_RUNTIME_DIR", self.runtime());
-        cmd
     }
 
     /// Starts the whole pipeline for `drv`, as a shell runs it by hand:
@@ -118,7 +102,7 @@ impl Site {
             )
         });
         if let Some(job) = ticket["alloc"]["job"].as_u64() {
-            self.jobs.borrow_mut().push(job);
+            self.note_job(job);
         }
         ticket
     }
@@ -137,15 +121,6 @@ impl Site {
         let (status, stdout) = self.status(&[&["--json"], args].concat());
         assert_eq!(status, 0, "{stdout}");
         json_rows(&stdout)
-    }
-}
-
-impl Drop for Site {
-    fn drop(&mut self) {
-        let _ = self.tool("nsh-alloc").arg("--pool-drain").output();
-        for job in self.jobs.borrow().iter() {
-            let _ = slurm_cmd(&self.c, "scancel", &[&job.to_string()]);
-        }
     }
 }
 
@@ -226,7 +201,7 @@ fn squeue(c: &Cluster, job: u64) -> (String, String) {
 
 #[test]
 fn status_shows_a_running_build_as_json_and_as_a_table_then_its_job_in_the_pool() {
-    let site = Site::new(|t| t);
+    let site = Site::new("");
     let c = &site.c;
     let drv = drv(c, "status-slow", "/bin/sleep 12; echo built > $out");
     let build = site.start_build(&drv);
@@ -276,7 +251,7 @@ fn status_shows_a_running_build_as_json_and_as_a_table_then_its_job_in_the_pool(
 
 #[test]
 fn status_shows_a_failed_build_with_its_reason_and_says_when_slurm_is_down() {
-    let site = Site::new(|t| t);
+    let site = Site::new("");
     let c = &site.c;
     let drv = drv(c, "status-fails", "echo about to fail; exit 3");
     let ticket = site.finish_build(site.start_build(&drv));
@@ -306,18 +281,7 @@ fn status_shows_a_failed_build_with_its_reason_and_says_when_slurm_is_down() {
 
     // With slurmrestd out of reach, what nsh recorded is shown all the
     // same, each job's Slurm state unknown, and the status says so (75).
-    let down = Site::new(|t| {
-        t.lines()
-            .map(|l| {
-                if l.starts_with("url = ") {
-                    "url = \"http://127.0.0.1:9\"".to_string()
-                } else {
-                    l.to_string()
-                }
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
-    });
+    let down = Site::new("url = \"http://127.0.0.1:9\"");
     std::fs::create_dir_all(down.runtime()).unwrap();
     std::fs::copy(
         site.runtime().join("failures.jsonl"),
@@ -424,10 +388,7 @@ impl AsUser<'_> {
 #[test]
 fn status_of_a_user_other_than_root_is_its_own() {
     // One job at most: a second build waits in nsh-alloc for the first's.
-    let site = Site::new(|t| {
-        t.replace("backend = \"rest\"", "backend = \"cli\"")
-            .replace("max_jobs = 8", "max_jobs = 1")
-    });
+    let site = Site::new("backend = \"cli\"\nmax_jobs = 1");
     let c = &site.c;
     let xdg = site.dir.path().join("xdg");
     std::fs::create_dir(&xdg).unwrap();
@@ -458,7 +419,7 @@ fn status_of_a_user_other_than_root_is_its_own() {
     let job = serde_json::from_str::<Value>(allocated.trim()).unwrap()["alloc"]["job"]
         .as_u64()
         .unwrap();
-    site.jobs.borrow_mut().push(job);
+    site.note_job(job);
     // A build in flight: waiting for the only job.
     let waits = ticket("status-waits", &[]);
     let mut waiting = user.spawn("nsh-alloc", &[], &waits.to_string(), Some(owner.id()));

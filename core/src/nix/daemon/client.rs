@@ -116,6 +116,9 @@ impl<R: Read, W: Write> DaemonClient<R, W> {
     }
 }
 
+/// How long one read or write on the daemon's socket may wait.
+pub const DAEMON_IO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// Connects to the daemon at `socket` and says hello. `None` when there is
 /// no daemon to talk to there (no socket, or nothing listening): the caller
 /// asks some other way. A daemon that answers wrongly is a failure.
@@ -128,6 +131,12 @@ pub fn connect(socket: &Path) -> Result<Option<DaemonConnection>, Failure> {
         }
     };
     let peer = format!("the Nix daemon at {}", socket.display());
+    // A daemon that accepts and then stalls (a worker stuck on a lock)
+    // fails the question instead of hanging the tool.
+    stream
+        .set_read_timeout(Some(DAEMON_IO_TIMEOUT))
+        .and_then(|()| stream.set_write_timeout(Some(DAEMON_IO_TIMEOUT)))
+        .map_err(|e| io_fail(&peer, "setting the socket's time limits", &e))?;
     let reader = stream
         .try_clone()
         .map_err(|e| io_fail(&peer, "duplicating the socket", &e))?;

@@ -6,11 +6,10 @@ use crate::sys::process::stdin_of;
 use std::io::{self, BufRead, BufWriter, Read, Write};
 use std::process::{Child, Command, ExitStatus, Stdio};
 
+use super::receive_checked;
 use super::trust::Declared;
-use super::{nar_error, read_checked};
 use crate::error::{Failure, Kind, ResultExt};
 use crate::nix::local_store::LocalStore;
-use crate::nix::nar::{self, Bounds, NarError};
 use crate::nix::serve::client::ServeClient;
 use crate::nix::serve::{self, ExportTrailer, PathInfo};
 use crate::nix::store_path::StorePath;
@@ -159,22 +158,7 @@ pub(super) fn relay_checked<R: Read, W: Write, T: Write>(
     let mut paths = Vec::new();
     for info in needed {
         to.write_all(&1u64.to_le_bytes()).map_err(write_fail)?;
-        remote.receive_nar(&info.path, |nar| {
-            let mut copy =
-                |from: &mut dyn Read, bounds: Bounds<'_>| nar::copy_nar_bounded(from, to, bounds);
-            let fail = |e: NarError| match e {
-                NarError::Write(e) => write_fail(e),
-                other => nar_error(&info.path, other),
-            };
-            read_checked(
-                nar,
-                info,
-                declared.fixed(&info.path),
-                progress,
-                &mut copy,
-                &fail,
-            )
-        })?;
+        receive_checked(remote, info, declared, &mut *to, progress, &write_fail)?;
         serve::write_export_trailer(
             &mut WireWriter::new(&mut *to),
             &ExportTrailer::for_path(info),

@@ -573,6 +573,36 @@ pub(super) fn check_nar(info: &PathInfo, digest: &[u8; 32], size: u64) -> Result
     Ok(())
 }
 
+/// DumpStorePath of `info` from `remote`, its NAR copied to `to` as it
+/// arrives and checked as [`read_checked`] does; a failed write to `to` is
+/// `write_fail`'s to describe. Returns the NAR's SHA-256.
+pub(super) fn receive_checked<R: Read, W: Write>(
+    remote: &mut ServeClient<R, W>,
+    info: &PathInfo,
+    declared: &trust::Declared,
+    to: &mut dyn Write,
+    progress: &mut dyn TransferProgress,
+    write_fail: &dyn Fn(std::io::Error) -> Failure,
+) -> Result<[u8; 32], Failure> {
+    remote.receive_nar(&info.path, |nar| {
+        let mut copy = |from: &mut dyn Read, bounds: Bounds<'_>| {
+            crate::nix::nar::copy_nar_bounded(from, &mut *to, bounds)
+        };
+        let fail = |e: NarError| match e {
+            NarError::Write(e) => write_fail(e),
+            other => nar_error(&info.path, other),
+        };
+        read_checked(
+            nar,
+            info,
+            declared.fixed(&info.path),
+            progress,
+            &mut copy,
+            &fail,
+        )
+    })
+}
+
 /// A failure reading the NAR of `path` from the node.
 pub(super) fn nar_error(path: &StorePath, e: NarError) -> Failure {
     let message = match &e {

@@ -16,12 +16,11 @@ use std::process::{Command, Stdio};
 
 use super::daemon::import_refused;
 use super::held_locks::relay_stderr_tail;
+use super::receive_checked;
 use super::trust::Declared;
-use super::{nar_error, read_checked};
 use crate::error::{Failure, Kind, ResultExt};
 use crate::nix::hash;
 use crate::nix::local_store::store_arg;
-use crate::nix::nar::{self, Bounds, NarError};
 use crate::nix::serve::client::ServeClient;
 use crate::nix::serve::PathInfo;
 use crate::nix::signing::{fingerprint, SecretKey};
@@ -94,22 +93,8 @@ fn receive_into<R: Read, W: Write>(
         .create_new(true)
         .open(file)
         .or_fail(Kind::Transient, || format!("creating {}", file.display()))?;
-    remote.receive_nar(&info.path, |nar| {
-        let mut copy =
-            |from: &mut dyn Read, bounds: Bounds<'_>| nar::copy_nar_bounded(from, &mut out, bounds);
-        let fail = |e: NarError| match e {
-            NarError::Write(e) => Failure::transient(format!("writing {}: {e}", file.display())),
-            other => nar_error(&info.path, other),
-        };
-        read_checked(
-            nar,
-            info,
-            declared.fixed(&info.path),
-            progress,
-            &mut copy,
-            &fail,
-        )
-    })
+    let write_fail = |e| Failure::transient(format!("writing {}: {e}", file.display()));
+    receive_checked(remote, info, declared, &mut out, progress, &write_fail)
 }
 
 /// The `.narinfo` of `info` (whose NAR, uncompressed, is at

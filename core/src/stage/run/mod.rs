@@ -241,6 +241,7 @@ impl Runner<'_> {
             ssh: &ssh,
             slurm,
             alloc: &alloc,
+            pooled: crate::stage::alloc::pooled::is_pooled(self.config, &alloc),
             place: format!(
                 "{} (cluster {}, Slurm job {})",
                 alloc.node, alloc.cluster, alloc.job
@@ -282,6 +283,8 @@ struct Job<'a> {
     ssh: &'a Ssh,
     slurm: &'a Slurm,
     alloc: &'a AllocSection,
+    /// Whether the job is the pool's (so its node's locality record counts).
+    pooled: bool,
     /// `node (cluster c, Slurm job n)`, for messages.
     place: String,
 }
@@ -374,7 +377,9 @@ impl Build {
         let Some(first) = missing.first() else {
             return response.result;
         };
-        crate::stage::alloc::pooled::forget_paths(job.alloc, &missing);
+        if job.pooled {
+            crate::stage::alloc::pooled::forget_paths(job.alloc, &missing);
+        }
         Err(Failure::transient(format!(
             "{} lacked {} of the build's {} input paths when the build began ({first}{}); \
              its result is not used",
