@@ -55,8 +55,13 @@ struct HoldPartition<'c> {
 }
 
 impl<'c> HoldPartition<'c> {
-    fn new(cluster: &'c Cluster, salt: &str) -> HoldPartition<'c> {
-        let name = format!("nsh-hold-{}", &salt[salt.len() - 8..]);
+    fn new(cluster: &'c Cluster, _salt: &str) -> HoldPartition<'c> {
+        // Unique among this process's tests (they run at once) and across
+        // processes: the salt's last digits are not (two tests in one
+        // process collided on them, and Slurm refuses a duplicate name).
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("nsh-hold-{}-{n}", std::process::id());
         let spec = format!("PartitionName={name}");
         run_ok(
             cluster
